@@ -1,0 +1,91 @@
+"""Loading (or JIT-building) the compiled CUDA extension ``fusedres._C``.
+
+``setup.py`` builds it when CUDA torch and nvcc are present. When it is missing, importing
+fusedres still works: the CUDA backend is reported unavailable (with the reason) and the
+Triton or PyTorch backends run instead. ``build_extension()`` compiles it on demand with
+``torch.utils.cpp_extension.load`` (ninja), for installs made without a compiler.
+"""
+
+import functools
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+_JIT_NAME = "fusedres_C_jit"
+_jit_module: ModuleType | None = None
+
+
+def _source_dir() -> Path | None:
+    """csrc/ of a source checkout (editable install), or the copy shipped inside the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "csrc", here / "_csrc"):
+        if (candidate / "bn_act.cu").is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _import_built() -> tuple[ModuleType | None, str]:
+    if os.environ.get("FUSEDRES_DISABLE_CUDA_EXT", "0") == "1":
+        return None, "disabled by FUSEDRES_DISABLE_CUDA_EXT=1"
+    try:
+        import torch  # noqa: F401  (the extension links against torch's libraries)
+
+        return importlib.import_module("fusedres._C"), "compiled extension fusedres._C"
+    except ImportError as exc:
+        return None, (
+            f"fusedres._C is not built ({exc}); install with CUDA torch and nvcc present, "
+            "or call fusedres.build_extension()"
+        )
+
+
+def extension_status() -> tuple[ModuleType | None, str]:
+    """(extension module or None, a sentence saying what was loaded or why not)."""
+    if _jit_module is not None:
+        return _jit_module, f"JIT-built extension {_JIT_NAME}"
+    module, reason = _import_built()
+    if module is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "fusedres._C is built, but torch sees no CUDA device"
+    return module, reason
+
+
+def build_extension(verbose: bool = True) -> ModuleType:
+    """Compile csrc/ now with torch.utils.cpp_extension.load and use it for the CUDA backend.
+
+    Honours CUDA_HOME, TORCH_CUDA_ARCH_LIST and MAX_JOBS like ``pip install`` does. The
+    build is cached by torch (TORCH_EXTENSIONS_DIR), so a second call is quick.
+    """
+    global _jit_module
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    sources = _source_dir()
+    problems = []
+    if sources is None:
+        problems.append("the CUDA sources (csrc/bn_act.cu) are not shipped with this install")
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build")
+    if CUDA_HOME is None:
+        problems.append("no CUDA toolkit found (set CUDA_HOME to the directory holding bin/nvcc)")
+    if problems:
+        raise RuntimeError("fusedres.build_extension: cannot build: " + "; ".join(problems))
+    if verbose:
+        print(f"fusedres: JIT-building the CUDA extension from {sources} (about a minute)...",
+              file=sys.stderr)
+    _jit_module = load(
+        name=_JIT_NAME,
+        sources=[str(sources / "bn_act.cu")],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
+        verbose=verbose,
+    )
+    from .ops import backends
+
+    backends.refresh()
+    return _jit_module
+

@@ -1,0 +1,94 @@
+"""Which implementation of the four stage kernels runs a call.
+
+A backend is a namespace with ``channel_stats``, ``act_forward``, ``backward_reduce`` and
+``backward_apply`` as specified in ``torch_backend.py``:
+
+- ``cuda``:   the compiled extension ``fusedres._C`` (csrc/), CUDA tensors, fp32/fp16/bf16.
+- ``triton``: ``fusedres.triton.bn_act``, CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
+- ``torch``:  ``torch_backend``, any device and dtype.
+
+The choice is made at call time: an explicit backend name wins; ``"auto"`` reads the
+``FUSEDRES_BACKEND`` environment variable and otherwise takes the first available of
+cuda, triton, torch for the tensor's device and dtype. A dtype a kernel does not support
+(fp64) falls back to ``torch``. Asking by name for a backend that cannot run raises.
+"""
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from . import torch_backend
+
+BACKENDS = ("cuda", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    """(module or None, reason it is unavailable); imported once per process."""
+    if name == "torch":
+        return torch_backend, "pure PyTorch, always available"
+    if name == "cuda":
+        from .._extension import extension_status
+
+        return extension_status()
+    try:
+        module = importlib.import_module("fusedres.triton.bn_act")
+    except Exception as exc:  # triton missing or broken: report why, never fail the import
+        return None, f"cannot import triton kernels: {type(exc).__name__}: {exc}"
+    return module, f"triton {importlib.import_module('triton').__version__}"
+
+
+def refresh() -> None:
+    """Forget cached availability (after ``fusedres.build_extension()``)."""
+    _load.cache_clear()
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
+    if name not in BACKENDS:
+        raise ValueError(f"fusedres: unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
+    module, reason = _load(name)
+    if module is None:
+        return reason
+    if name == "cuda" and device.type != "cuda":
+        return f"the CUDA extension runs on CUDA tensors, got a tensor on {device}"
+    if name == "triton" and device.type != "cuda" and not _triton_interpreted():
+        return f"triton kernels run on CUDA tensors (or CPU with TRITON_INTERPRET=1), got {device}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def select(requested: str, tensor: torch.Tensor) -> ModuleType:
+    """The backend namespace that runs a call on ``tensor``."""
+    name = requested
+    if name == "auto":
+        name = os.environ.get("FUSEDRES_BACKEND", "auto")
+    if name == "auto":
+        if tensor.is_cuda and _load("cuda")[0] is None:
+            _warn_once(f"fusedres: CUDA backend unavailable ({_load('cuda')[1]}); using Triton/PyTorch.")
+        for candidate in BACKENDS:
+            if unavailable_reason(candidate, tensor.device) is None and (
+                candidate == "torch" or tensor.dtype in KERNEL_DTYPES
+            ):
+                if candidate == "triton" and tensor.device.type != "cuda":
+                    continue  # the interpreter is for tests, never an automatic choice
+                return _load(candidate)[0]
+    reason = unavailable_reason(name, tensor.device)
+    if reason is not None:
+        raise RuntimeError(f"fusedres: backend {name!r} is not available: {reason}")
+    if tensor.dtype not in KERNEL_DTYPES:
+        return torch_backend
+    return _load(name)[0]

@@ -1,0 +1,188 @@
+"""The public functional API: input checks, layout and dtype normalisation, then the ops.
+
+A unit's conv output is carried as a ``PendingBN``: the raw conv output ``y`` plus the
+per-channel statistics its BatchNorm will use. The BatchNorm (+ residual + ReLU) is applied
+only by whoever consumes it: ``bn_act`` (materialises the activation) or ``bn_act_conv2d``
+(the next conv applies it while loading its input, and nothing normalised is ever saved).
+
+Bad input raises here, before any kernel runs, with torch-style messages that name the
+argument.
+"""
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import registry
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class PendingBN(NamedTuple):
+    """bn(y) = (y - mean) * invstd * weight + bias, not yet applied."""
+
+    y: Tensor
+    mean: Tensor
+    invstd: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    batch_stats: bool
+
+
+def _kernel_layout(t: Tensor) -> Tensor:
+    """t itself when contiguous NCHW or channels_last, else a contiguous copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _same_layout(t: Tensor, like: Tensor) -> Tensor:
+    if like.is_contiguous():
+        return t.contiguous()
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _check_activation(fn: str, name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: expected {name} to be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{fn}: expected {name} to be a 4D (N, C, H, W) tensor, got {t.dim()}D "
+                         f"input of size {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: expected {name} to have a floating dtype (float16, bfloat16, "
+                        f"float32 or float64), got {t.dtype}")
+
+
+def _check_channel_vector(fn: str, name: str, v: Optional[Tensor], y: Tensor) -> None:
+    if v is None:
+        return
+    if v.device != y.device:
+        raise RuntimeError(f"{fn}: expected {name} to be on {y.device} like the input, "
+                           f"got {v.device}")
+    if v.numel() != y.shape[1]:
+        raise ValueError(f"{fn}: {name} should contain {y.shape[1]} elements (one per input "
+                         f"channel), not {v.numel()}")
+
+
+def _check_like(fn: str, name: str, t: Tensor, y: Tensor) -> None:
+    _check_activation(fn, name, t)
+    if t.device != y.device:
+        raise RuntimeError(f"{fn}: expected {name} to be on {y.device} like the input, got {t.device}")
+    if t.shape != y.shape:
+        raise ValueError(f"{fn}: {name} of size {tuple(t.shape)} does not match the conv output "
+                         f"of size {tuple(y.shape)}")
+
+
+def batch_norm_stats(
+    y: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+    backend: str = "auto",
+) -> PendingBN:
+    """Statistics of the conv output ``y`` for its BatchNorm; running stats updated in place.
+
+    ``batch_stats`` and ``momentum`` are what ``nn.BatchNorm2d.forward`` would use
+    (see ``fusedres.reference.batch_norm_momentum``).
+    """
+    fn = "fusedres.batch_norm_stats"
+    _check_activation(fn, "input", y)
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_channel_vector(fn, name, v, y)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must be given together")
+    if not batch_stats and running_mean is None:
+        raise ValueError(f"{fn}: running statistics are required when batch_stats=False")
+    if batch_stats and y.numel() // max(y.shape[1], 1) <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
+    y = _kernel_layout(y)
+    with torch.no_grad():  # the consumer op owns the whole BatchNorm backward
+        mean, invstd = torch.ops.fusedres.batch_norm_stats(
+            y, running_mean, running_var, batch_stats, float(momentum), float(eps), backend)
+    return PendingBN(y, mean, invstd, weight, bias, batch_stats)
+
+
+def bn_act(
+    pending: PendingBN,
+    residual: Union[Tensor, PendingBN, None] = None,
+    *,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """act(bn(y) + residual); ``residual`` may be a tensor or another pending BatchNorm."""
+    fn = "fusedres.bn_act"
+    y = pending.y
+    identity = sc = None
+    if isinstance(residual, PendingBN):
+        _check_like(fn, "shortcut", residual.y, y)
+        if residual.batch_stats != pending.batch_stats:
+            raise ValueError(f"{fn}: both BatchNorms must use batch statistics, or neither")
+        sc = residual._replace(y=_same_layout(residual.y, y))
+    elif residual is not None:
+        _check_like(fn, "residual", residual, y)
+        identity = _same_layout(residual, y)
+    sc_args = (None,) * 5 if sc is None else (sc.y, sc.mean, sc.invstd, sc.weight, sc.bias)
+    return torch.ops.fusedres.bn_act(
+        y, pending.mean, pending.invstd, pending.weight, pending.bias, identity, *sc_args,
+        pending.batch_stats, relu, backend)
+
+
+def _conv_tuple(fn: str, name: str, value: Union[int, Sequence[int]]) -> list[int]:
+    if isinstance(value, str):
+        raise ValueError(f"{fn}: padding={value!r} is not supported; give explicit integers")
+    values = [value, value] if isinstance(value, int) else list(value)
+    if len(values) != 2:
+        raise ValueError(f"{fn}: expected {name} to have 2 elements, got {values}")
+    return values
+
+
+def bn_act_conv2d(
+    pending: PendingBN,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor] = None,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    *,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """conv2d(act(bn(y))) with the activation recomputed in backward instead of saved."""
+    fn = "fusedres.bn_act_conv2d"
+    y = pending.y
+    in_channels = y.shape[1]
+    if conv_weight.dim() != 4:
+        raise ValueError(f"{fn}: expected a 4D conv weight, got size {tuple(conv_weight.shape)}")
+    if conv_weight.device != y.device:
+        raise RuntimeError(f"{fn}: expected conv_weight to be on {y.device} like the input, "
+                           f"got {conv_weight.device}")
+    if groups < 1 or in_channels % groups or conv_weight.shape[0] % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide the {in_channels} input and "
+                         f"{conv_weight.shape[0]} output channels")
+    if conv_weight.shape[1] * groups != in_channels:
+        raise RuntimeError(f"{fn}: weight of size {tuple(conv_weight.shape)} expects "
+                           f"{conv_weight.shape[1] * groups} input channels, got {in_channels}")
+    if conv_bias is not None and conv_bias.shape != (conv_weight.shape[0],):
+        raise ValueError(f"{fn}: conv_bias should have size ({conv_weight.shape[0]},), "
+                         f"got {tuple(conv_bias.shape)}")
+    device_type = y.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What autocast does to conv2d: weights (and the input, inside the op) in its dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        conv_weight = conv_weight.to(dtype)
+        conv_bias = None if conv_bias is None else conv_bias.to(dtype)
+    elif conv_weight.dtype != y.dtype:
+        raise RuntimeError(f"{fn}: input type ({y.dtype}) and weight type ({conv_weight.dtype}) "
+                           "should be the same")
+    return torch.ops.fusedres.bn_act_conv2d(
+        y, pending.mean, pending.invstd, pending.weight, pending.bias, conv_weight, conv_bias,
+        _conv_tuple(fn, "stride", stride), _conv_tuple(fn, "padding", padding),
+        _conv_tuple(fn, "dilation", dilation), groups, pending.batch_stats, relu, backend)

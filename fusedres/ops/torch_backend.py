@@ -1,0 +1,146 @@
+"""Pure-PyTorch implementation of the four stage kernels; runs on any device and dtype.
+
+This file is also the contract every backend (``cuda_backend``, ``fusedres.triton``) meets:
+the same four functions, the same arguments, the same results up to rounding.
+
+Notation, for an activation ``y`` of shape (N, C, H, W) and per-channel (C,) vectors:
+
+    r   = 0                                  if residual is None
+        = residual                           if res_scale is None      (identity shortcut)
+        = residual * res_scale + res_shift   otherwise                 (shortcut is a BN output)
+    z   = y * scale + shift + r
+    out = relu(z) if relu else z
+    dz  = grad_out * (z > 0) if relu else grad_out
+
+Layout contract (the dispatcher in ``registry.py`` guarantees it): ``y`` is contiguous in
+either NCHW or channels_last; ``residual`` and ``grad_out`` have ``y``'s shape and memory
+format; per-channel vectors are contiguous fp32 (fp64 when ``y`` is fp64). Results have
+``y``'s (or ``residual``'s) dtype and ``y``'s memory format. All arithmetic is done in fp32
+(fp64 for fp64 inputs) whatever the storage dtype.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_REDUCE_DIMS = (0, 2, 3)
+
+
+def _compute_dtype(y: Tensor) -> torch.dtype:
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _pre_activation(y, scale, shift, residual, res_scale, res_shift) -> Tensor:
+    """z in the compute dtype."""
+    cdt = _compute_dtype(y)
+    z = y.to(cdt) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        r = residual.to(cdt)
+        if res_scale is not None:
+            r = r * _per_channel(res_scale) + _per_channel(res_shift)
+        z = z + r
+    return z
+
+
+def channel_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``y`` over (N, H, W), in the compute dtype.
+
+    Two-pass (mean, then centred second moment), so large means do not cancel.
+    """
+    yc = y.to(_compute_dtype(y))
+    mean = yc.mean(dim=_REDUCE_DIMS)
+    var = (yc - _per_channel(mean)).square().mean(dim=_REDUCE_DIMS)
+    return mean, var
+
+
+def act_forward(
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor],
+    res_scale: Optional[Tensor],
+    res_shift: Optional[Tensor],
+    relu: bool,
+) -> Tensor:
+    """out = act(y * scale + shift + r), stored in y's dtype and memory format."""
+    z = _pre_activation(y, scale, shift, residual, res_scale, res_shift)
+    if relu:
+        z = z.clamp_min(0)
+    return z.to(y.dtype)
+
+
+def _masked_grad(grad_out, y, scale, shift, residual, res_scale, res_shift, relu) -> Tensor:
+    dz = grad_out.to(_compute_dtype(y))
+    if relu:
+        z = _pre_activation(y, scale, shift, residual, res_scale, res_shift)
+        dz = dz * (z > 0)
+    return dz
+
+
+def backward_reduce(
+    grad_out: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor],
+    res_scale: Optional[Tensor],
+    res_shift: Optional[Tensor],
+    relu: bool,
+    mean: Tensor,
+    res_mean: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Per-channel sums for BN backward, ReLU mask recomputed from y (and the residual).
+
+    Returns (sum dz, sum dz * (y - mean), sum dz * (residual - res_mean) or None); the third
+    only when the shortcut is a BN output (res_mean given).
+    """
+    dz = _masked_grad(grad_out, y, scale, shift, residual, res_scale, res_shift, relu)
+    cdt = dz.dtype
+    sum_dz = dz.sum(dim=_REDUCE_DIMS)
+    sum_dz_yc = (dz * (y.to(cdt) - _per_channel(mean))).sum(dim=_REDUCE_DIMS)
+    sum_dz_rc = None
+    if res_mean is not None:
+        sum_dz_rc = (dz * (residual.to(cdt) - _per_channel(res_mean))).sum(dim=_REDUCE_DIMS)
+    return sum_dz, sum_dz_yc, sum_dz_rc
+
+
+def backward_apply(
+    grad_out: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor],
+    res_scale: Optional[Tensor],
+    res_shift: Optional[Tensor],
+    relu: bool,
+    coef: Tensor,
+    res_coef: Optional[Tensor],
+    want_residual_grad: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Input gradients from the per-channel coefficients the caller derived from the sums.
+
+    coef is (3, C): dy = dz * coef[0] + y * coef[1] + coef[2]  (stored in y's dtype).
+    d_residual (only if want_residual_grad, stored in residual's dtype):
+        = dz                                                       if res_coef is None
+        = dz * res_coef[0] + residual * res_coef[1] + res_coef[2]  otherwise
+    """
+    dz = _masked_grad(grad_out, y, scale, shift, residual, res_scale, res_shift, relu)
+    cdt = dz.dtype
+    dy = dz * _per_channel(coef[0]) + y.to(cdt) * _per_channel(coef[1]) + _per_channel(coef[2])
+    d_residual = None
+    if want_residual_grad:
+        if res_coef is None:
+            d_residual = dz
+        else:
+            d_residual = (
+                dz * _per_channel(res_coef[0])
+                + residual.to(cdt) * _per_channel(res_coef[1])
+                + _per_channel(res_coef[2])
+            )
+        d_residual = d_residual.to(residual.dtype)
+    return dy.to(y.dtype), d_residual
