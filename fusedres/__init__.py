@@ -1,0 +1,19 @@
+"""fusedres: fused conv + BatchNorm + ReLU + residual-add for ResNets, forward and backward.
+
+    import fusedres
+    report = fusedres.convert(model)   # swaps torchvision/timm ResNet blocks in place
+    print(report)
+    fusedres.info()                    # versions, GPU, which backends are available and why
+
+Importing never fails because the CUDA extension is missing: the Triton or pure-PyTorch
+backend runs instead (``fusedres.info()`` says which and why).
+"""
+
+from . import nn, ops, reference
+from ._extension import build_extension
+from ._info import info
+from .convert import ConversionReport, convert, revert
+
+__version__ = "0.1.0"
+__all__ = ["ConversionReport", "build_extension", "convert", "info", "nn", "ops", "reference",
+           "revert"]

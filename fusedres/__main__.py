@@ -1,0 +1,73 @@
+"""Command line: ``python -m fusedres info`` and ``python -m fusedres demo``."""
+
+import argparse
+import copy
+import time
+
+import torch
+
+import fusedres
+
+
+def demo(model_name: str, steps: int, batch: int | None, size: int | None) -> None:
+    """Convert a torchvision ResNet, train it a few SGD steps next to the original, compare."""
+    import torchvision
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    batch = batch or (64 if cuda else 4)
+    size = size or (224 if cuda else 64)
+    torch.manual_seed(0)
+    eager = getattr(torchvision.models, model_name)(num_classes=100).to(device)
+    if cuda:
+        eager = eager.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(eager)
+    print(fusedres.convert(fused))
+    x = torch.randn(batch, 3, size, size, device=device)
+    if cuda:
+        x = x.to(memory_format=torch.channels_last)
+    target = torch.randint(0, 100, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    print(f"\n{model_name}, batch {batch}, {size}x{size}, {device}"
+          f"{' (bf16 autocast, channels_last)' if cuda else ' (fp32; CPU timings)'}")
+    print(f"{'step':>4} {'eager loss':>11} {'fused loss':>11} {'eager ms':>9} {'fused ms':>9}")
+    optims = {m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (eager, fused)}
+    for step in range(steps):
+        row = []
+        for model in (eager, fused):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optims[model].step()
+            optims[model].zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            row.append((loss.item(), 1e3 * (time.perf_counter() - start)))
+        (le, te), (lf, tf) = row
+        print(f"{step:>4} {le:>11.5f} {lf:>11.5f} {te:>9.1f} {tf:>9.1f}")
+    print("\nFor trustworthy timings (warm-up, medians, torch.compile, memory) run the benchmarks.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m fusedres")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, GPU, and which backends are available and why not")
+    demo_parser = sub.add_parser("demo", help="convert a torchvision ResNet and train it beside the original")
+    demo_parser.add_argument("--model", default="resnet18")
+    demo_parser.add_argument("--steps", type=int, default=5)
+    demo_parser.add_argument("--batch", type=int)
+    demo_parser.add_argument("--size", type=int)
+    args = parser.parse_args()
+    if args.command == "info":
+        fusedres.info()
+    else:
+        fusedres.info()
+        print()
+        demo(args.model, args.steps, args.batch, args.size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Drop-in fused ResNet blocks with torchvision's parameter and buffer names.
+
+A fused block keeps the very same child modules as the block it replaces (``conv1``, ``bn1``,
+..., ``downsample.0`` / ``downsample.1``), so its ``state_dict`` is the original's, key for
+key, and loads both ways. Only ``forward`` changes: every conv output is carried as a
+``PendingBN`` and its BatchNorm + ReLU is applied by the next conv (``bn_act_conv2d``), or, in
+the last unit, together with the shortcut add and the final ReLU in one ``bn_act`` pass.
+
+Supported source blocks (``from_module``) are torchvision's and timm's BasicBlock and
+Bottleneck whose optional parts are absent: every activation a ReLU, no squeeze-excitation,
+drop-path, drop-block or anti-aliasing, zero-padded convs; the downsample shortcut is
+Sequential(parameter-free modules such as AvgPool2d..., Conv2d, BatchNorm2d).
+"""
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.functional import PendingBN
+from ..reference import batch_norm_momentum
+
+_SOURCE_CLASSES = {
+    "torchvision.models.resnet.BasicBlock": "basic",
+    "torchvision.models.resnet.Bottleneck": "bottleneck",
+    "timm.models.resnet.BasicBlock": "basic",
+    "timm.models.resnet.Bottleneck": "bottleneck",
+}
+
+
+def _qualified_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def pending_bn(y: Tensor, bn: nn.modules.batchnorm._BatchNorm, backend: str) -> PendingBN:
+    """Statistics for ``bn`` applied to ``y``, with nn.BatchNorm2d's buffer bookkeeping."""
+    batch_stats, momentum = batch_norm_momentum(bn)
+    track = not bn.training or bn.track_running_stats
+    return ops.batch_norm_stats(
+        y, bn.weight, bn.bias,
+        bn.running_mean if track else None, bn.running_var if track else None,
+        batch_stats=batch_stats, momentum=momentum, eps=bn.eps, backend=backend)
+
+
+def _conv_unsupported(name: str, conv: nn.Module) -> Optional[str]:
+    if type(conv) is not nn.Conv2d:
+        return f"{name} is {type(conv).__name__}, not nn.Conv2d"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"{name} uses padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+    return None
+
+
+def _bn_unsupported(name: str, bn: nn.Module) -> Optional[str]:
+    if type(bn) is not nn.BatchNorm2d:
+        return f"{name} is {type(bn).__name__}, not nn.BatchNorm2d"
+    return None
+
+
+def _shortcut_parts(downsample: nn.Sequential) -> tuple[list[nn.Module], nn.Conv2d, nn.Module]:
+    """(parameter-free modules applied first, the conv, the BatchNorm) of a downsample."""
+    parts = [m for m in downsample if not isinstance(m, nn.Identity)]
+    return parts[:-2], parts[-2], parts[-1]
+
+
+def _downsample_unsupported(downsample: Optional[nn.Module]) -> Optional[str]:
+    if downsample is None:
+        return None
+    if not isinstance(downsample, nn.Sequential):
+        return f"downsample is {type(downsample).__name__}, not Sequential(..., Conv2d, BatchNorm2d)"
+    parts = [m for m in downsample if not isinstance(m, nn.Identity)]
+    if len(parts) < 2:
+        return "downsample is not Sequential(..., Conv2d, BatchNorm2d)"
+    prefix, conv, bn = parts[:-2], parts[-2], parts[-1]
+    for module in prefix:
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            return f"downsample holds {type(module).__name__} with parameters before its conv"
+    return _conv_unsupported("downsample conv", conv) or _bn_unsupported("downsample norm", bn)
+
+
+class _FusedResidualBlock(nn.Module):
+    """relu(unit_k(...unit_1(x)) + shortcut(x)), each unit conv -> BatchNorm (-> ReLU)."""
+
+    unit_names: tuple[tuple[str, str], ...] = ()
+    expansion: int = 1
+
+    def __init__(self, convs_and_bns: dict[str, nn.Module], downsample: Optional[nn.Module] = None,
+                 *, backend: str = "auto", memory_efficient: bool = True):
+        super().__init__()
+        for conv_name, bn_name in self.unit_names:
+            setattr(self, conv_name, convs_and_bns[conv_name])
+            setattr(self, bn_name, convs_and_bns[bn_name])
+        self.downsample = downsample
+        self.backend = backend
+        self.memory_efficient = memory_efficient
+        self._source = None  # (class, plain attributes, parameter-free children) for to_module
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def unsupported_reason(cls, block: nn.Module) -> Optional[str]:
+        """None when ``from_module(block)`` can convert it, else why it cannot."""
+        kind = _SOURCE_CLASSES.get(_qualified_name(block))
+        if kind is None:
+            return f"{type(block).__name__} is not a known torchvision/timm ResNet block"
+        if kind != cls.kind:
+            return f"{type(block).__name__} is a {kind} block, not a {cls.kind} block"
+        fused_names = {name for unit in cls.unit_names for name in unit} | {"downsample"}
+        for conv_name, bn_name in cls.unit_names:
+            reason = (_conv_unsupported(conv_name, getattr(block, conv_name))
+                      or _bn_unsupported(bn_name, getattr(block, bn_name)))
+            if reason:
+                return reason
+        for name, child in block.named_children():
+            if name in fused_names or isinstance(child, nn.Identity):
+                continue
+            if type(child) is not nn.ReLU:
+                return f"{name} ({type(child).__name__}) is not fused"
+        return _downsample_unsupported(getattr(block, "downsample", None))
+
+    @classmethod
+    def from_module(cls, block: nn.Module, *, backend: str = "auto",
+                    memory_efficient: bool = True) -> "_FusedResidualBlock":
+        """A fused block sharing ``block``'s conv/BN/downsample modules (weights, buffers, device)."""
+        reason = cls.unsupported_reason(block)
+        if reason is not None:
+            raise ValueError(f"{cls.__name__}.from_module: cannot convert: {reason}")
+        children = dict(block.named_children())
+        fused = cls(children, children.get("downsample"), backend=backend,
+                    memory_efficient=memory_efficient)
+        fused.train(block.training)
+        fused._source = (
+            type(block),
+            {k: v for k, v in vars(block).items() if not k.startswith("_") and k != "training"},
+            {k: v for k, v in children.items() if k not in fused._modules},
+        )
+        return fused
+
+    def to_module(self) -> nn.Module:
+        """The original torchvision/timm block, holding this block's current modules."""
+        if self._source is None:
+            raise RuntimeError(f"{type(self).__name__}.to_module: this block was not made by "
+                               "from_module, so there is no original block class to return")
+        source_cls, attributes, extra_children = self._source
+        block = source_cls.__new__(source_cls)
+        nn.Module.__init__(block)
+        vars(block).update(attributes)
+        for name, child in {**extra_children, **self._modules}.items():
+            setattr(block, name, child)
+        return block.train(self.training)
+
+    # ------------------------------------------------------------------ forward
+    def _conv(self, source: Union[Tensor, PendingBN], conv: nn.Conv2d) -> Tensor:
+        if isinstance(source, Tensor):
+            return conv(source)
+        if self.memory_efficient:
+            return ops.bn_act_conv2d(source, conv.weight, conv.bias, conv.stride, conv.padding,
+                                     conv.dilation, conv.groups, backend=self.backend)
+        return conv(ops.bn_act(source, relu=True, backend=self.backend))
+
+    def _shortcut(self, x: Tensor) -> Union[Tensor, PendingBN]:
+        if self.downsample is None:
+            return x
+        prefix, conv, bn = _shortcut_parts(self.downsample)
+        for module in prefix:
+            x = module(x)
+        return pending_bn(conv(x), bn, self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        source: Union[Tensor, PendingBN] = x
+        for conv_name, bn_name in self.unit_names:
+            y = self._conv(source, getattr(self, conv_name))
+            source = pending_bn(y, getattr(self, bn_name), self.backend)
+        return ops.bn_act(source, self._shortcut(x), relu=True, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, memory_efficient={self.memory_efficient}"
+
+
+class FusedBasicBlock(_FusedResidualBlock):
+    """torchvision BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), fused."""
+
+    kind = "basic"
+    unit_names = (("conv1", "bn1"), ("conv2", "bn2"))
+    expansion = 1
+
+
+class FusedBottleneck(_FusedResidualBlock):
+    """torchvision Bottleneck: three units, the last with the residual add and ReLU, fused."""
+
+    kind = "bottleneck"
+    unit_names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    expansion = 4
