@@ -93,7 +93,7 @@ class _FusedResidualBlock(nn.Module):
         self.downsample = downsample
         self.backend = backend
         self.memory_efficient = memory_efficient
-        self._source = None  # (class, plain attributes, parameter-free children) for to_module
+        self._source = None  # (class, plain attributes, children in their order) for to_module
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -131,7 +131,7 @@ class _FusedResidualBlock(nn.Module):
         fused._source = (
             type(block),
             {k: v for k, v in vars(block).items() if not k.startswith("_") and k != "training"},
-            {k: v for k, v in children.items() if k not in fused._modules},
+            {k: (None if k in fused._modules else v) for k, v in children.items()},
         )
         return fused
 
@@ -140,12 +140,12 @@ class _FusedResidualBlock(nn.Module):
         if self._source is None:
             raise RuntimeError(f"{type(self).__name__}.to_module: this block was not made by "
                                "from_module, so there is no original block class to return")
-        source_cls, attributes, extra_children = self._source
+        source_cls, attributes, children = self._source
         block = source_cls.__new__(source_cls)
         nn.Module.__init__(block)
         vars(block).update(attributes)
-        for name, child in {**extra_children, **self._modules}.items():
-            setattr(block, name, child)
+        for name, stateless_child in children.items():  # fused children: this block's current ones
+            setattr(block, name, self._modules[name] if name in self._modules else stateless_child)
         return block.train(self.training)
 
     # ------------------------------------------------------------------ forward

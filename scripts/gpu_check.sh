@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU check in one go, for a CUDA machine with torch preinstalled and no network:
+#   builds the extension, runs the whole test suite (GPU tests included), a short benchmark,
+#   optionally compute-sanitizer, and prints a summary table last.
+# Usage: scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu_check_out)
+#   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
+#   GPU_CHECK_BENCH_ARGS    arguments for python -m benchmarks (default: --quick)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$out"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} FUSEDRES_BUILD_CUDA=1 PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+declare -A result
+
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+start=$SECONDS
+"$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
+result[build]="rc=$? in $((SECONDS - start)) s"
+"$py" -m fusedres info 2>&1 | tee "$out/info.txt"
+
+"$py" -m pytest tests -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+result[tests]="rc=$? $(tail -1 "$out/tests.log")"
+
+if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 99 "$py" -m pytest tests/test_cuda_backend.py -q -x \
+      -k "not large" > "$out/sanitizer_$tool.log" 2>&1
+    result[$tool]="rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
+  done
+fi
+
+# shellcheck disable=SC2086
+"$py" -m benchmarks ${GPU_CHECK_BENCH_ARGS:---quick} --out "$out" > "$out/bench.log" 2>&1
+result[bench]="rc=$? (table: $out/results.md)"
+
+echo
+cat "$out/results.md" 2>/dev/null | head -60
+echo
+echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
+for step in build tests memcheck racecheck bench; do
+  [ -n "${result[$step]:-}" ] && printf '%-10s %s\n' "$step" "${result[$step]}"
+done

@@ -1,0 +1,254 @@
+"""fusedres.convert / revert and the fused blocks on whole torchvision and timm ResNets (CPU).
+
+The converted model must be a drop-in: same state_dict keys, same outputs, loss, every
+parameter gradient and running statistics after a few SGD steps as the unconverted model.
+"""
+
+import copy
+import io
+import pickle
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import fusedres
+from fusedres.nn import FusedBasicBlock, FusedBottleneck
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> None:
+    """Non-trivial BN affine parameters and running stats, so nothing hides behind 1s and 0s."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+
+
+def _training_record(model, x, target, steps, lr=0.05) -> dict[str, torch.Tensor]:
+    """Losses, last step's gradients, final state_dict and eval output after SGD steps."""
+    optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    record, losses = {}, []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), target)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        losses.append(loss.detach())
+        record.update({f"grad of {n}": p.grad.clone() for n, p in model.named_parameters()
+                       if p.grad is not None})
+        optim.step()
+    record["losses"] = torch.stack(losses)
+    record.update(model.state_dict())
+    with torch.no_grad():
+        record["eval output"] = model.eval()(x)
+    return record
+
+
+def _rel_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected||: whole-tensor error, robust to tiny elements."""
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def _assert_same_training(eager, fused, x, target, steps, tol):
+    """Same losses, gradients, buffers and eval outputs, within ``tol`` relative error."""
+    expected = _training_record(eager, x, target, steps)
+    actual = _training_record(fused, x, target, steps)
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        assert _rel_error(actual[name], value) <= tol, f"{name}: {_rel_error(actual[name], value):.3g}"
+
+
+def _grouped(record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """All gradients as one vector, all buffers/parameters as one, losses, eval output."""
+    groups = {"gradients": [], "state": []}
+    for name, value in record.items():
+        if name.startswith("grad of "):
+            groups["gradients"].append(value.double().flatten())
+        elif name not in ("losses", "eval output"):
+            groups["state"].append(value.double().flatten())
+    grouped = {k: torch.cat(v) for k, v in groups.items()}
+    return {**grouped, "losses": record["losses"], "eval output": record["eval output"]}
+
+
+def _assert_no_worse_than_eager(eager, fused, x, target, steps):
+    """Low precision: fused's error against an fp64 run at most 2x eager's own, plus 1e-5.
+
+    Compared over all gradients together (and all buffers together): per tensor, the errors of
+    a randomly initialised fp32 ResNet are noisy (eager itself is ~1% off fp64 on some). A small
+    learning rate keeps those gradient errors from dominating the weights after the step.
+    """
+    exact = _grouped(_training_record(copy.deepcopy(eager).double(), x.double(), target, steps, lr=1e-3))
+    eager_record = _grouped(_training_record(eager, x, target, steps, lr=1e-3))
+    fused_record = _grouped(_training_record(fused, x, target, steps, lr=1e-3))
+    for name, value in exact.items():
+        eager_error = _rel_error(eager_record[name], value)
+        fused_error = _rel_error(fused_record[name], value)
+        assert fused_error <= 2 * eager_error + 1e-5, f"{name}: {fused_error:.3g} vs eager {eager_error:.3g}"
+
+
+TRAINING_CASES = {
+    # name: (constructor, converted blocks, dtype, channels_last, SGD steps)
+    # 64x64 inputs: at 32x32 the last stage is 1x1 and its BNs see 3 values per channel, which
+    # amplifies fp64 rounding (1e-12 after one step) to 1e-7 over three SGD steps.
+    "tv-resnet18-fp64": (lambda: torchvision.models.resnet18(num_classes=10), 8, torch.float64, False, 3),
+    "tv-resnet18-fp64-cl": (lambda: torchvision.models.resnet18(num_classes=10), 8, torch.float64, True, 2),
+    "tv-resnet50-fp64": (lambda: torchvision.models.resnet50(num_classes=10), 16, torch.float64, False, 2),
+    "tv-resnet50-fp32-cl": (lambda: torchvision.models.resnet50(num_classes=10), 16, torch.float32, True, 1),
+    "tv-resnext50-fp32": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), 16, torch.float32, False, 1),
+    "timm-resnet18-fp64-cl": (lambda: timm.create_model("resnet18", num_classes=10), 8, torch.float64, True, 2),
+    "timm-resnet26d-fp64": (lambda: timm.create_model("resnet26d", num_classes=10), 8, torch.float64, False, 2),
+}
+
+
+@pytest.mark.parametrize("case", TRAINING_CASES)
+def test_converted_model_trains_like_eager(case):
+    build, expected_blocks, dtype, channels_last, steps = TRAINING_CASES[case]
+    torch.manual_seed(len(case))
+    eager = build().to(dtype)
+    _randomise_bn(eager, seed=len(case))
+    fused = copy.deepcopy(eager)
+    report = fusedres.convert(fused)
+    assert len(report.converted) == expected_blocks, str(report)
+    assert report.skipped == []
+    assert list(fused.state_dict()) == list(eager.state_dict())
+    x = torch.randn(3, 3, 64, 64, dtype=dtype)
+    if channels_last:
+        eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
+        x = x.to(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (3,))
+    if dtype == torch.float64:
+        _assert_same_training(eager, fused, x, target, steps, tol=1e-10)
+    else:
+        _assert_no_worse_than_eager(eager, fused, x, target, steps)
+
+
+@pytest.mark.parametrize("name,blocks,fused_cls", [
+    ("resnet34", 16, FusedBasicBlock),
+    ("resnet101", 33, FusedBottleneck),
+    ("resnet152", 50, FusedBottleneck),
+    ("wide_resnet50_2", 16, FusedBottleneck),
+])
+def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls):
+    torch.manual_seed(0)
+    eager = getattr(torchvision.models, name)(num_classes=10).eval()
+    _randomise_bn(eager, seed=1)
+    report = fusedres.convert(eager, inplace=False)
+    fused = report.model
+    assert fused is not eager
+    assert len(report.converted) == blocks
+    assert all(isinstance(m, fused_cls) for m in fused.modules() if "Fused" in type(m).__name__)
+    assert not fused.training
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_timm_blocks_are_left_alone_with_a_reason():
+    model = timm.create_model("seresnet18", num_classes=10)
+    before = {n: type(m) for n, m in model.named_modules()}
+    report = fusedres.convert(model)
+    assert report.converted == []
+    assert len(report.skipped) == 8
+    assert all("se" in why for _, why in report.skipped), str(report)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_unknown_module_with_block_like_children_is_never_touched():
+    class LookAlike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.downsample = None
+
+        def forward(self, x):
+            return self.bn2(self.conv2(self.bn1(self.conv1(x)))) - x
+
+    model = nn.Sequential(LookAlike())
+    report = fusedres.convert(model)
+    assert report.converted == [] and type(model[0]) is LookAlike
+    assert "not a known torchvision/timm ResNet block" in report.skipped[0][1]
+
+
+def test_revert_restores_original_classes_and_state():
+    eager = torchvision.models.resnet18(num_classes=10)
+    model = copy.deepcopy(eager)
+    fusedres.convert(model)
+    model.eval()
+    reverted = fusedres.revert(model)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in eager.modules()]
+    assert not any(m.training for m in reverted.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(x), eager.eval()(x))
+
+
+def test_filter_fn_and_root_block_conversion():
+    model = torchvision.models.resnet18(num_classes=10)
+    report = fusedres.convert(model, filter_fn=lambda module, name: name.startswith("layer1"))
+    assert [name for name, _ in report.converted] == ["layer1.0", "layer1.1"]
+    assert len([why for _, why in report.skipped if why == "rejected by filter_fn"]) == 6
+    block = torchvision.models.resnet.BasicBlock(8, 8)
+    fused = fusedres.convert(block).model
+    assert isinstance(fused, FusedBasicBlock)
+    assert fusedres.revert(fused).__class__ is torchvision.models.resnet.BasicBlock
+
+
+def test_state_dict_loads_both_ways():
+    eager = torchvision.models.resnet18(num_classes=10)
+    _randomise_bn(eager, seed=3)
+    fused = fusedres.convert(torchvision.models.resnet18(num_classes=10)).model
+    fused.load_state_dict(eager.state_dict())
+    back = torchvision.models.resnet18(num_classes=10)
+    back.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), eager.eval()(x))
+        torch.testing.assert_close(fused.eval()(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_blocks_pickle_deepcopy_and_no_grad():
+    fused = fusedres.convert(torchvision.models.resnet18(num_classes=10)).model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = fused(x)
+        buffer = io.BytesIO()
+        torch.save(fused, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(loaded(x), expected)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(fused))(x), expected)
+        torch.testing.assert_close(copy.deepcopy(fused)(x), expected)
+    assert isinstance(fusedres.revert(loaded).layer1[0], torchvision.models.resnet.BasicBlock)
+
+
+def test_requires_grad_false_on_parts_and_memory_efficient_off():
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(num_classes=10).double()
+    fused = fusedres.convert(copy.deepcopy(eager), memory_efficient=False).model
+    for model in (eager, fused):
+        model.layer1.requires_grad_(False)
+        model.layer2[0].bn1.requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.randint(0, 10, (2,))
+    _assert_same_training(eager, fused, x, target, steps=1, tol=1e-10)
+    assert fused.layer1[0].conv1.weight.grad is None
+
+
+def test_torch_compile_has_no_graph_breaks_on_fused_block():
+    torch.manual_seed(0)
+    block = fusedres.convert(torchvision.models.resnet.Bottleneck(
+        16, 4, downsample=nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)))).model
+    x = torch.randn(2, 16, 8, 8)
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(copy.deepcopy(block), backend="aot_eager", fullgraph=True)
+    eager_block = copy.deepcopy(block)
+    torch.testing.assert_close(compiled(x), eager_block(x))

@@ -1,0 +1,237 @@
+"""fusedres.triton.bn_act against the torch backend evaluated in fp64.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors, so TRITON_INTERPRET must
+be set before triton is imported; with CUDA the same tests run on the GPU.
+"""
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fusedres.ops import torch_backend as ref  # noqa: E402
+from fusedres.triton import bn_act  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# rtol of results stored in each dtype: about one rounding step of that dtype. The interpreter
+# rounds fp32 -> bf16 by truncation (GPUs round to nearest), hence two bf16 ulps.
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = 1e-5  # fp32 arithmetic on O(1) terms
+SUM_TOL = dict(rtol=1e-5, atol=1e-4)  # fp32 per-channel sums of <= 200 O(1) terms
+SHAPES = [(3, 5, 7, 9), (2, 16, 1, 1), (2, 19, 6, 5), (1, 1, 3, 4)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: tuple
+    dtype: torch.dtype
+    res_dtype: torch.dtype
+    channels_last: bool
+    residual: str  # "none", "identity" or "bn"
+    relu: bool
+    want_residual_grad: bool
+
+    def __str__(self):
+        return (f"{'x'.join(map(str, self.shape))}-{str(self.dtype)[6:]}-{'cl' if self.channels_last else 'nchw'}"
+                f"-res_{self.residual}{'' if self.residual == 'none' else '_' + str(self.res_dtype)[6:]}"
+                f"-{'relu' if self.relu else 'linear'}{'-dres' if self.want_residual_grad else ''}")
+
+
+def _cases():
+    """Every (layout, residual kind, relu) once; dtypes, shapes and residual dtypes rotate through
+    them, so each layout sees every dtype, shape, and residual kind with and without d_residual."""
+    cases = []
+    for channels_last in (False, True):
+        for residual in ("none", "identity", "bn"):
+            for relu in (False, True):
+                i = len(cases)
+                cases.append(Case(SHAPES[i % 4], DTYPES[i % 3], DTYPES[(i // 3) % 3], channels_last, residual, relu,
+                                  want_residual_grad=residual != "none" and relu != channels_last))
+    return cases
+
+
+CASES = _cases()
+
+
+@dataclass
+class Inputs:
+    y: torch.Tensor
+    grad_out: torch.Tensor
+    residual: torch.Tensor | None
+    scale: torch.Tensor
+    shift: torch.Tensor
+    res_scale: torch.Tensor | None
+    res_shift: torch.Tensor | None
+    mean: torch.Tensor
+    res_mean: torch.Tensor | None
+    coef: torch.Tensor
+    res_coef: torch.Tensor | None
+
+
+def _make_inputs(case: Case) -> Inputs:
+    """Random non-zero inputs, seeded by the case id."""
+    gen = torch.Generator().manual_seed(zlib.crc32(str(case).encode()))
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    c = case.shape[1]
+
+    def act(dtype):
+        return torch.randn(case.shape, generator=gen).to(DEVICE, dtype).contiguous(memory_format=fmt)
+
+    def vec(*lead):
+        return torch.randn(*lead, c, generator=gen).to(DEVICE)
+
+    bn = case.residual == "bn"
+    return Inputs(
+        y=act(case.dtype), grad_out=act(case.dtype),
+        residual=None if case.residual == "none" else act(case.res_dtype),
+        scale=vec(), shift=vec(), res_scale=vec() if bn else None, res_shift=vec() if bn else None,
+        mean=vec(), res_mean=vec() if bn else None, coef=vec(3), res_coef=vec(3) if bn else None)
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _check_activation(got, expected, like):
+    """got: a kernel output that should match `like`'s dtype and layout and fp64 `expected`."""
+    assert got.dtype == like.dtype
+    assert got.shape == like.shape and got.stride() == like.stride()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=RTOL[like.dtype], atol=ATOL)
+
+
+def _check_channel_vector(got, expected, **tol):
+    assert got.dtype == torch.float32 and got.shape == expected.shape and got.device == torch.device(DEVICE)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, **tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_channel_stats(case):
+    x = _make_inputs(case)
+    for got, expected in zip(bn_act.channel_stats(x.y), ref.channel_stats(_f64(x.y))):
+        _check_channel_vector(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_act_forward(case):
+    x = _make_inputs(case)
+    args = (x.y, x.scale, x.shift, x.residual, x.res_scale, x.res_shift)
+    out = bn_act.act_forward(*args, case.relu)
+    _check_activation(out, ref.act_forward(*map(_f64, args), case.relu), x.y)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_reduce(case):
+    x = _make_inputs(case)
+    args = (x.grad_out, x.y, x.scale, x.shift, x.residual, x.res_scale, x.res_shift)
+    got = bn_act.backward_reduce(*args, case.relu, x.mean, x.res_mean)
+    expected = ref.backward_reduce(*map(_f64, args), case.relu, _f64(x.mean), _f64(x.res_mean))
+    assert (got[2] is None) == (case.residual != "bn")
+    for g, e in zip(got, expected):
+        if e is not None:
+            _check_channel_vector(g, e, **SUM_TOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_apply(case):
+    x = _make_inputs(case)
+    args = (x.grad_out, x.y, x.scale, x.shift, x.residual, x.res_scale, x.res_shift)
+    dy, dres = bn_act.backward_apply(*args, case.relu, x.coef, x.res_coef, case.want_residual_grad)
+    exp_dy, exp_dres = ref.backward_apply(*map(_f64, args), case.relu, _f64(x.coef), _f64(x.res_coef),
+                                          case.want_residual_grad)
+    _check_activation(dy, exp_dy, x.y)
+    if case.want_residual_grad:
+        _check_activation(dres, exp_dres, x.residual)
+    else:
+        assert dres is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_small_tiles_many_programs(monkeypatch, channels_last):
+    """Tiny tiles: several hw tiles per image with tails, several row tiles per reduction program,
+    masked tiles past the last image, and many partials for the host-side merge."""
+    monkeypatch.setattr(bn_act, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(bn_act, "_MIN_REDUCE_PROGRAMS", 1)
+    case = Case((3, 3, 9, 11), torch.float32, torch.float16, channels_last, "bn", True, True)
+    x = _make_inputs(case)
+    args = (x.grad_out, x.y, x.scale, x.shift, x.residual, x.res_scale, x.res_shift)
+    f64_args = tuple(map(_f64, args))
+    for got, expected in zip(bn_act.channel_stats(x.y), ref.channel_stats(_f64(x.y))):
+        _check_channel_vector(got, expected, rtol=1e-5, atol=1e-6)
+    _check_activation(bn_act.act_forward(*args[1:], True), ref.act_forward(*f64_args[1:], True), x.y)
+    got = bn_act.backward_reduce(*args, True, x.mean, x.res_mean)
+    for g, e in zip(got, ref.backward_reduce(*f64_args, True, _f64(x.mean), _f64(x.res_mean))):
+        _check_channel_vector(g, e, **SUM_TOL)
+    dy, dres = bn_act.backward_apply(*args, True, x.coef, x.res_coef, True)
+    exp_dy, exp_dres = ref.backward_apply(*f64_args, True, _f64(x.coef), _f64(x.res_coef), True)
+    _check_activation(dy, exp_dy, x.y)
+    _check_activation(dres, exp_dres, x.residual)
+
+
+@pytest.mark.parametrize("tile_elems", [None, 64], ids=["default_tiles", "tiny_tiles"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_channel_stats_large_mean(monkeypatch, channels_last, tile_elems):
+    """|mean| >> std in fp32 (mean/std = 1e3 and 3e5): naive sum / sum-of-squares loses 2% of the
+    first variance and all of the second; the kernel's shifted Chan merge keeps ~1e-6."""
+    if tile_elems is not None:
+        monkeypatch.setattr(bn_act, "_TILE_ELEMS", tile_elems)
+        monkeypatch.setattr(bn_act, "_MIN_REDUCE_PROGRAMS", 1)
+    gen = torch.Generator().manual_seed(1234)
+    y = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y[:, 0] += 1000.0
+    y[:, 1] = y[:, 1] * 1e-2 - 3000.0
+    y = y.float().to(DEVICE)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    mean, var = bn_act.channel_stats(y)
+    exp_mean, exp_var = ref.channel_stats(y.double())
+    torch.testing.assert_close(mean.double(), exp_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), exp_var, rtol=1e-4, atol=0)
+
+
+def test_rejects_unsupported_inputs():
+    y = torch.randn(2, 3, 4, 5, device=DEVICE)
+    v = torch.randn(3, device=DEVICE)
+    with pytest.raises(TypeError, match="y has dtype torch.float64"):
+        bn_act.channel_stats(y.double())
+    with pytest.raises(TypeError, match="residual has dtype torch.float64"):
+        bn_act.act_forward(y, v, v, y.double(), None, None, True)
+    with pytest.raises(TypeError, match="scale must be a float32 tensor"):
+        bn_act.act_forward(y, v.double(), v, None, None, None, True)
+    with pytest.raises(ValueError, match="y must be contiguous NCHW or channels_last"):
+        bn_act.channel_stats(y.transpose(2, 3))
+    with pytest.raises(ValueError, match="residual must have y's shape"):
+        bn_act.act_forward(y, v, v, y.contiguous(memory_format=torch.channels_last), None, None, True)
+    with pytest.raises(ValueError, match="grad_out must have y's shape"):
+        bn_act.backward_reduce(y[:1], y, v, v, None, None, None, True, v, None)
+    with pytest.raises(ValueError, match="coef must be a contiguous"):
+        bn_act.backward_apply(y, y, v, v, None, None, None, True, v, None, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with > 9 GiB free; the interpreter would take minutes")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_int64_offsets(channels_last):
+    """More than 2**31 elements: the last elements of channel 1 lie past int32 offsets."""
+    shape = (1, 2, 2**15, 2**15 + 8)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.ones(shape, device=DEVICE, dtype=torch.float16).contiguous(memory_format=fmt)
+    y[0, 1] = 2.0
+    y[0, 1, -1, -1] = 6.0
+    scale = torch.tensor([1.0, 3.0], device=DEVICE)
+    shift = torch.tensor([0.5, -0.5], device=DEVICE)
+    out = bn_act.act_forward(y, scale, shift, None, None, None, False)
+    assert out[0, 1, -1, -2].item() == 5.5 and out[0, 1, -1, -1].item() == 17.5 and out[0, 0, -1, -1].item() == 1.5
+    del out
+    mean, var = bn_act.channel_stats(y)
+    count = shape[2] * shape[3]
+    torch.testing.assert_close(mean.cpu(), torch.tensor([1.0, 2.0 + 4.0 / count]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.cpu(), torch.tensor([0.0, 16.0 / count - 16.0 / count**2]), rtol=1e-3, atol=1e-12)
