@@ -92,7 +92,7 @@ def _make_inputs(case: Case) -> Inputs:
         y=act(case.dtype), grad_out=act(case.dtype),
         residual=None if case.residual == "none" else act(case.res_dtype),
         scale=vec(), shift=vec(), res_scale=vec() if bn else None, res_shift=vec() if bn else None,
-        mean=vec(), res_mean=vec() if bn else None, coef=vec(3), res_coef=vec(3) if bn else None)
+        mean=vec(), res_mean=vec() if bn else None, coef=vec(4), res_coef=vec(4) if bn else None)
 
 
 def _f64(t):

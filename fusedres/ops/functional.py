@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import registry
+from .registry import same_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,12 +36,6 @@ def _kernel_layout(t: Tensor) -> Tensor:
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return t
     return t.contiguous()
-
-
-def _same_layout(t: Tensor, like: Tensor) -> Tensor:
-    if like.is_contiguous():
-        return t.contiguous()
-    return t.contiguous(memory_format=torch.channels_last)
 
 
 def _check_activation(fn: str, name: str, t: Tensor) -> None:
@@ -124,10 +119,10 @@ def bn_act(
         _check_like(fn, "shortcut", residual.y, y)
         if residual.batch_stats != pending.batch_stats:
             raise ValueError(f"{fn}: both BatchNorms must use batch statistics, or neither")
-        sc = residual._replace(y=_same_layout(residual.y, y))
+        sc = residual._replace(y=same_layout(residual.y, y))
     elif residual is not None:
         _check_like(fn, "residual", residual, y)
-        identity = _same_layout(residual, y)
+        identity = same_layout(residual, y)
     sc_args = (None,) * 5 if sc is None else (sc.y, sc.mean, sc.invstd, sc.weight, sc.bias)
     return torch.ops.fusedres.bn_act(
         y, pending.mean, pending.invstd, pending.weight, pending.bias, identity, *sc_args,

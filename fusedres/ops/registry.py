@@ -46,6 +46,13 @@ def compute_dtype(y: Tensor) -> torch.dtype:
     return torch.float64 if y.dtype == torch.float64 else torch.float32
 
 
+def same_layout(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` contiguous in ``like``'s memory format (NCHW or channels_last); no copy if it is."""
+    if like.is_contiguous():
+        return t.contiguous()
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     """(scale, shift) with bn(y) = y * scale + shift."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
@@ -56,18 +63,20 @@ def _affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Option
 
 
 def _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, weight, batch_stats: bool, count: int):
-    """(3, C) coefficients with dy = dz * c0 + y * c1 + c2 (BatchNorm's input gradient).
+    """(4, C) coefficients with dy = dz * c0 + (y - c3) * c1 + c2 (BatchNorm's input gradient).
 
-    Batch statistics: dy = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)).
-    Running statistics: dy = w * invstd * dz.
+    Batch statistics: dy = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), so
+    c0 = w * invstd, c1 = -c0 * invstd^2 * mean(dz * (y - mean)), c2 = -c0 * mean(dz), c3 = mean.
+    Running statistics: dy = w * invstd * dz. Kept centred on the mean: folding c3 into c2
+    cancels catastrophically when |mean| >> std.
     """
     c0 = invstd if weight is None else invstd * weight.to(invstd.dtype)
     if not batch_stats:
         zero = torch.zeros_like(c0)
-        return torch.stack([c0, zero, zero])
+        return torch.stack([c0, zero, zero, zero])
     c1 = -c0 * invstd * invstd * sum_dz_yc / count
-    c2 = -c0 * sum_dz / count - mean * c1
-    return torch.stack([c0, c1, c2])
+    c2 = -c0 * sum_dz / count
+    return torch.stack([c0, c1, c2, mean])
 
 
 # --------------------------------------------------------------------------- batch_norm_stats
@@ -156,7 +165,7 @@ def bn_act_backward(
 ) -> list[Tensor]:
     """[dy, dweight, dbias] + [d_residual if want_residual_grad] + [dsc_y, dsc_weight, dsc_bias if sc_y]."""
     kernels = backends.select(backend, y)
-    grad_out = grad_out.to(y.dtype)
+    grad_out = same_layout(grad_out.to(y.dtype), y)  # autograd's gradient may have any strides
     count = y.numel() // y.shape[1]
     scale, shift = _affine(mean, invstd, weight, bias)
     res, res_scale, res_shift, res_mean = _residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias)

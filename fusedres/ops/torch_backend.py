@@ -124,23 +124,23 @@ def backward_apply(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Input gradients from the per-channel coefficients the caller derived from the sums.
 
-    coef is (3, C): dy = dz * coef[0] + y * coef[1] + coef[2]  (stored in y's dtype).
+    coef is (4, C): dy = dz * coef[0] + (y - coef[3]) * coef[1] + coef[2]  (in y's dtype);
+    coef[3] is the mean, so the terms do not cancel when |mean| >> std.
     d_residual (only if want_residual_grad, stored in residual's dtype):
-        = dz                                                       if res_coef is None
-        = dz * res_coef[0] + residual * res_coef[1] + res_coef[2]  otherwise
+        = dz                                                                   if res_coef is None
+        = dz * res_coef[0] + (residual - res_coef[3]) * res_coef[1] + res_coef[2]  otherwise
     """
     dz = _masked_grad(grad_out, y, scale, shift, residual, res_scale, res_shift, relu)
     cdt = dz.dtype
-    dy = dz * _per_channel(coef[0]) + y.to(cdt) * _per_channel(coef[1]) + _per_channel(coef[2])
+
+    def centred(t: Tensor, c: Tensor) -> Tensor:
+        return dz * _per_channel(c[0]) + (t.to(cdt) - _per_channel(c[3])) * _per_channel(c[1]) + _per_channel(c[2])
+
+    dy = centred(y, coef)
     d_residual = None
     if want_residual_grad:
         if res_coef is None:
-            d_residual = dz
+            d_residual = dz.to(residual.dtype, copy=True)  # a new tensor, never grad_out itself
         else:
-            d_residual = (
-                dz * _per_channel(res_coef[0])
-                + residual.to(cdt) * _per_channel(res_coef[1])
-                + _per_channel(res_coef[2])
-            )
-        d_residual = d_residual.to(residual.dtype)
+            d_residual = centred(residual, res_coef).to(residual.dtype)
     return dy.to(y.dtype), d_residual

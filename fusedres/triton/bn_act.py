@@ -26,7 +26,7 @@ stage serves every variant:
 Assumptions (checked on the host: TypeError for dtypes, ValueError otherwise): y is 4-D and
 contiguous NCHW or channels_last; residual and grad_out have y's shape, device and memory format;
 activations are fp32, fp16 or bf16 (fp64 belongs to the torch backend) and the residual's dtype may
-differ from y's; per-channel vectors are contiguous fp32, (C,) or (3, C) for coef / res_coef.
+differ from y's; per-channel vectors are contiguous fp32, (C,) or (4, C) for coef / res_coef.
 Arithmetic is fp32 and offsets are int64, so tensors with more than 2**31 elements work. Empty
 tensors are handed to the torch backend.
 """
@@ -207,7 +207,7 @@ def _backward_apply_kernel(
     dy_ptr,  # (N, C, HW) out, y's dtype and strides
     dres_ptr,  # (N, C, HW) out, residual's dtype, y's strides (written unless _DRES_NONE)
     scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,  # (C,) fp32 (res_* read only if _RES_BN)
-    coef_ptr, res_coef_ptr,  # (3, C) fp32 contiguous (res_coef read only if _DRES_AFFINE)
+    coef_ptr, res_coef_ptr,  # (4, C) fp32 contiguous (res_coef read only if _DRES_AFFINE)
     N, C, HW, ROWS, stride_n, stride_c, stride_hw,
     RES: tl.constexpr, RELU: tl.constexpr, DRES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -218,13 +218,16 @@ def _backward_apply_kernel(
     y, r, z = _pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
                               offs, mask, cols, cmask, RES)
     dz = _grad_z(g_ptr, offs, mask, z, RELU)
-    dy = (dz * _per_channel(coef_ptr, cols, cmask) + y * _per_channel(coef_ptr + C, cols, cmask)
+    # centred on coef[3] (the mean) so nothing cancels when |mean| >> std
+    dy = (dz * _per_channel(coef_ptr, cols, cmask)
+          + (y - _per_channel(coef_ptr + 3 * C, cols, cmask)) * _per_channel(coef_ptr + C, cols, cmask)
           + _per_channel(coef_ptr + 2 * C, cols, cmask))
     tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
     if DRES == _DRES_DZ:
         tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
     elif DRES == _DRES_AFFINE:
-        dres = (dz * _per_channel(res_coef_ptr, cols, cmask) + r * _per_channel(res_coef_ptr + C, cols, cmask)
+        dres = (dz * _per_channel(res_coef_ptr, cols, cmask)
+                + (r - _per_channel(res_coef_ptr + 3 * C, cols, cmask)) * _per_channel(res_coef_ptr + C, cols, cmask)
                 + _per_channel(res_coef_ptr + 2 * C, cols, cmask))
         tl.store(dres_ptr + offs, dres.to(dres_ptr.dtype.element_ty), mask=mask)
 
@@ -378,14 +381,14 @@ def backward_apply(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, re
                    res_coef: Optional[Tensor], want_residual_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(dy in y's dtype, d_residual in residual's dtype or None), both in y's memory format."""
     channels_last, res = _check_inputs(y, scale, shift, residual, res_scale, res_shift, grad_out)
-    _check_vec("coef", coef, y, rows=3)
+    _check_vec("coef", coef, y, rows=4)
     dres_kind = _DRES_NONE.value
     if want_residual_grad:
         if residual is None:
             raise ValueError("fusedres.triton: want_residual_grad needs a residual")
         dres_kind = _DRES_DZ.value
         if res_coef is not None:
-            _check_vec("res_coef", res_coef, y, rows=3)
+            _check_vec("res_coef", res_coef, y, rows=4)
             dres_kind = _DRES_AFFINE.value
     if y.numel() == 0:
         return torch_backend.backward_apply(grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
