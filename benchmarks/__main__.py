@@ -1,0 +1,239 @@
+"""``python -m benchmarks``: fused vs eager vs torch.compile, from single ops to whole ResNets.
+
+    PYTHONPATH=. python -m benchmarks                    # everything, sizes for the device
+    PYTHONPATH=. python -m benchmarks --quick            # small smoke subset (< 1 min on CPU)
+    PYTHONPATH=. python -m benchmarks --levels blocks --models resnet50 --compile-mode max-autotune
+    PYTHONPATH=. python -m benchmarks.plot bench_out/results.json
+
+On a GPU: batch 256 at 224 px, bf16 autocast, channels_last, torch.compile included. On CPU
+everything shrinks (batch 2, 64 px, fp32, one thread) and torch.compile is skipped unless
+--compile is given; CPU timings say nothing about GPU performance.
+"""
+
+import argparse
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fusedres._info import collect
+from fusedres.ops.backends import BACKENDS
+
+from . import cases, harness
+from .harness import agree_text, ceiling_pct, fmt, ratio
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _csv(choices=None, cast=str):
+    def parse(text: str):
+        values = [cast(v) for v in text.split(",") if v.strip()]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {choices}, got {text!r}")
+        return values
+    return parse
+
+
+def _model_name(text: str) -> list[str]:
+    import torchvision
+
+    names = _csv()(text)
+    for name in names:
+        if not name.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, name):
+            raise argparse.ArgumentTypeError(f"{name!r} is not a torchvision ResNet builder")
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", type=_csv(cases.LEVELS), default=list(cases.LEVELS),
+                   help="comma-separated subset of ops,blocks,models (default: all)")
+    p.add_argument("--models", type=_model_name, default=["resnet18", "resnet50"],
+                   help="torchvision ResNets for the blocks and models levels (default: resnet18,resnet50)")
+    p.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS),
+                   help="fused backends to run, those unavailable are reported and skipped "
+                        f"(default: {','.join(BACKENDS)})")
+    p.add_argument("--dtype", choices=DTYPES, help="bf16/fp16 run under autocast (default: bf16 on "
+                                                   "CUDA, fp32 on CPU)")
+    p.add_argument("--layout", choices=LAYOUTS, default="channels_last")
+    p.add_argument("--batch", type=_csv(cast=int), help="batch size(s) for every level, e.g. 1,32 "
+                   "(default: 256 on CUDA, models inference 1,32,256; CPU: 2, inference 1,4)")
+    p.add_argument("--size", type=int, help="image size in px (default: 224 on CUDA, 64 on CPU)")
+    p.add_argument("--repeats", type=int, help="timed iterations per contender (default: 30 on CUDA, "
+                                               "5 on CPU; --quick: 10 / 3)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default: 5 CUDA, 2 CPU; --quick: 3 / 1)")
+    compile_group = p.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
+                               help="include torch.compile (default on CUDA only)")
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false",
+                               help="skip the torch.compile contender")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default on CPU: 1, the least "
+                                               "noisy on a shared machine; on CUDA: torch's default)")
+    p.add_argument("--quick", action="store_true",
+                   help="small subset (2 op shapes, 1 block per model, first model only, fewer "
+                        "repeats): a smoke run")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
+    return p
+
+
+def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
+    args = parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser().error("--device cuda, but torch sees no CUDA device")
+    cuda, quick = device.type == "cuda", args.quick
+    settings = harness.Settings(
+        device=device,
+        dtype=DTYPES[args.dtype or ("bf16" if cuda else "fp32")],
+        memory_format=LAYOUTS[args.layout],
+        levels=args.levels, models=args.models, batches=args.batch,
+        size=args.size or (224 if cuda else 64),
+        repeats=args.repeats or ((10 if quick else 30) if cuda else (3 if quick else 5)),
+        warmup=args.warmup if args.warmup is not None else ((3 if quick else 5) if cuda else (1 if quick else 2)),
+        compile=cuda if args.compile is None else args.compile,
+        compile_mode=args.compile_mode, backends=args.backends, quick=quick, out=args.out)
+    if cuda:  # let cuDNN pick the fastest conv algorithms (the warm-up pays for the search)
+        torch.backends.cudnn.benchmark = True
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
+    if not cuda:
+        settings.notes.append(f"CPU run: CPU timings ({torch.get_num_threads()} thread(s)) with shrunken "
+                              "sizes, not representative of GPU performance; no peak memory on CPU; small "
+                              "tensors stay in CPU caches, so % of the copy ceiling can exceed 100")
+    last_stage = min(settings.batches or [256 if cuda else 2]) * max(1, settings.size // 32) ** 2
+    if last_stage < 64 and any(level != "ops" for level in settings.levels):
+        settings.notes.append(f"training BatchNorm of the last stage sees only {last_stage} value(s) per "
+                              "channel: gradients are ill-conditioned there (eager fp32 itself can be "
+                              "percents off fp64), so training-row agreement verdicts are weak")
+    for name, skip in harness.contenders(settings):
+        if skip is not None:
+            settings.notes.append(f"{name} skipped: {skip}")
+    if settings.dtype != torch.float32:
+        settings.notes.append(f"{args.dtype or 'bf16'} via torch.autocast (ops level: tensors in that dtype)")
+    return settings
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """One Markdown table per level."""
+    out = []
+    for level, title in harness.LEVEL_TITLES.items():
+        level_rows = [r for r in rows if r["level"] == level]
+        if not level_rows:
+            continue
+        rate = "GB/s" if level == "ops" else "TFLOP/s"
+        out += [f"### {level}", "", title, "",
+                f"| case | shape | mode | batch | contender | median ms (p20–p80) | img/s | {rate} | "
+                "% ceiling | peak MiB | vs eager | vs compile | agree |",
+                "|" + "---|" * 4 + "---|" + "---:|" * 7 + "---|"]
+        for r in level_rows:
+            if r.get("error"):
+                cells = [r["error"].replace("|", "/")] + [""] * 7
+            else:
+                cells = [f"{fmt(r.get('median_ms'), '.3f')} ({fmt(r.get('p20_ms'), '.3f')}–"
+                         f"{fmt(r.get('p80_ms'), '.3f')})", fmt(r.get("images_per_s"), ".1f"),
+                         fmt(r.get("GBps" if level == "ops" else "TFLOPs"), ".1f" if level == "ops" else ".2f"),
+                         fmt(ceiling_pct(r), ".1f"), fmt(r.get("peak_mib"), ".0f"),
+                         ratio(r.get("vs_eager")), ratio(r.get("vs_compile")),
+                         agree_text(r)]
+            out.append(f"| {r['case']} | {r['shape']} | {r['mode']} | {r['batch']} | "
+                       f"{r['contender']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Path]:
+    """results.json (meta + rows) and results.md in ``out_dir``; safe to call after every case."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
+    json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str) + "\n")
+    env = meta["environment"]
+    lines = ["# fusedres benchmark results", "",
+             f"- date: {meta['date']}", f"- command: `{meta['command']}` (git {meta['git']})",
+             f"- timings: {meta['timings']}"]
+    lines += [f"- {k}: {v}" for k, v in env.items() if k != "backends"]
+    lines += [f"- backend {k}: {'available' if v['available'] else 'unavailable'} ({v['detail']})"
+              for k, v in env["backends"].items()]
+    lines += [f"- settings: {json.dumps(meta['settings'])}"]
+    c = meta.get("ceilings")
+    if c:
+        lines += [f"- ceilings ({c['device']}, measured in this run): copy {c['copy_GBps']:.1f} GB/s "
+                  f"({c['copy_what']}); GEMM {c['gemm_TFLOPs']:.2f} TFLOP/s ({c['gemm_what']})"]
+    lines += [f"- note: {n}" for n in meta["notes"]]
+    lines += ["", "Agreement (`agree`): every output and gradient of a contender is compared with one "
+              "run of eager in higher precision (fp32 for bf16/fp16, fp64 for fp32; no autocast, no TF32) "
+              "on the same weights and inputs; `ok` when each tensor's error |got - ref|_2 is at most twice "
+              "eager's own plus a small fraction of |ref|_2. The number is the worst relative error "
+              "|got - ref|_2 / |ref|_2; eager's row (`ref`) shows its own.", "", markdown_tables(rows)]
+    md_path.write_text("\n".join(lines))
+    return json_path, md_path
+
+
+def command_line() -> str:
+    return " ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:])])
+
+
+def git_revision() -> str:
+    """HEAD of the checkout the package was imported from, "+dirty" with local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
+                                        timeout=10, check=True).stdout.strip()
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    settings = make_settings(argv)
+    environment = collect()
+    print(f"fusedres benchmarks on {settings.device} ({environment['GPU']}), torch {torch.__version__}; "
+          f"{'GPU' if settings.cuda else 'CPU'} timings")
+    print(f"settings: {settings.describe()}")
+    for note in settings.notes:
+        print(f"note: {note}")
+    all_cases = cases.build_cases(settings)
+    print("measuring ceilings ...", flush=True)
+    ceilings = harness.measure_ceilings(settings)
+    print(f"ceilings ({ceilings['device']}): copy {ceilings['copy_GBps']:.1f} GB/s "
+          f"({ceilings['copy_what']}); GEMM {ceilings['gemm_TFLOPs']:.2f} TFLOP/s ({ceilings['gemm_what']})")
+    meta = {"command": command_line(), "git": git_revision(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "timings": (f"GPU ({environment['GPU']})" if settings.cuda else
+                        "CPU (shrunken sizes; says nothing about GPU performance)"),
+            "settings": settings.describe(), "environment": environment, "ceilings": ceilings,
+            "notes": settings.notes}
+    rows: list[dict] = []
+    level = None
+    for index, case in enumerate(all_cases, 1):
+        if case.level != level:
+            level = case.level
+            print(f"\n== {level}: {harness.LEVEL_TITLES[level]}\n{harness.CONSOLE_HEADER}")
+        print(f"[{index}/{len(all_cases)}] {case.name} | {case.shape} | {case.mode} | batch {case.batch}",
+              flush=True)
+        rows += harness.run_case(case, settings, ceilings,
+                                 on_row=lambda row: print(harness.console_row(row), flush=True))
+        json_path, md_path = write_results(settings.out, meta, rows)
+    if not all_cases:
+        print("no cases selected")
+        return
+    print("\n" + markdown_tables(rows))
+    print(f"wrote {json_path} and {md_path}")
+    failed = [r for r in rows if r.get("error") or r.get("agree") is False]
+    if failed:
+        sys.exit(f"{len(failed)} row(s) failed or disagreed with eager's reference "
+                 "(ERROR / DIFF in the agree column); exit status 1")
+
+
+if __name__ == "__main__":
+    main()

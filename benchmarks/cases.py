@@ -1,0 +1,348 @@
+"""What each level sets up, and the bytes / FLOPs formulas (the one place they are written).
+
+- ``ops``: BatchNorm (batch statistics) + residual add + ReLU on the ResNet-50 activation shapes
+  where a residual add happens (C = 256, 512, 1024, 2048 at size/4 ... size/32), forward
+  (``fwd``, no autograd) and forward + backward (``fwd+bwd``). Eager is
+  ``relu_(batch_norm(y) += residual)`` as torchvision writes it; fused is
+  ``ops.bn_act(ops.batch_norm_stats(y, ...), residual)``.
+- ``blocks``: every distinct residual block configuration of the selected torchvision ResNets
+  (``train`` = forward + backward in training mode, ``infer`` = eval-mode forward without grad).
+- ``models``: whole torchvision ResNets: ``train`` = one SGD step (forward, cross-entropy,
+  backward, optimizer step), ``infer`` = eval-mode forward without grad.
+
+Every case builds its weights from one seeded pristine model (BatchNorm affine parameters and
+running statistics randomised, so eval-mode folding is exercised) and its inputs from a seed;
+the contenders get deep copies of the same weights and share the inputs.
+"""
+
+import copy
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+import fusedres
+
+from .harness import Case, Settings, Setup, Step
+
+LEVELS = ("ops", "blocks", "models")
+QUICK_BLOCKS = {"resnet18": "layer1.0", "resnet50": "layer2.0"}  # identity basic, downsample bottleneck
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5
+
+
+# ----------------------------------------------------------------------------- formulas
+def tensor_bytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+# Whole-tensor passes over memory that BN (batch statistics) + add + ReLU cannot avoid when it
+# runs on its own (the activation does not fit on chip):
+#   fwd      4 = statistics pass reads y; apply pass reads y and the residual, writes out.
+#   fwd+bwd 12 = fwd + backward reduction pass (reads grad_out, y, residual: the ReLU mask is
+#                recomputed) + backward apply pass (reads the same three, writes dy, d_residual).
+# Per-channel vectors are negligible. Eager moves more than this (it also saves and re-reads the
+# normalised output); the same count is used for every contender so GB/s compare like for like.
+BN_ADD_RELU_PASSES = {"fwd": 4, "fwd+bwd": 12}
+
+
+def bn_add_relu_bytes(shape, dtype: torch.dtype, mode: str) -> int:
+    return BN_ADD_RELU_PASSES[mode] * tensor_bytes(shape, dtype)
+
+
+def conv2d_flops(conv: nn.Conv2d, out_shape) -> int:
+    """2 * N * C_out * H_out * W_out * (C_in / groups) * kh * kw (multiply + add)."""
+    n, c_out, h, w = out_shape
+    kh, kw = conv.kernel_size
+    return 2 * n * c_out * h * w * (conv.in_channels // conv.groups) * kh * kw
+
+
+def linear_flops(linear: nn.Linear, out_shape) -> int:
+    return 2 * math.prod(out_shape[:-1]) * linear.in_features * linear.out_features
+
+
+TRAIN_FLOPS_FACTOR = 3  # training = forward + input gradient + weight gradient (BN etc. not counted)
+
+
+def forward_flops(module: nn.Module, input_shape) -> int:
+    """Conv + linear FLOPs of one forward of ``module`` (run on the meta device: no memory)."""
+    total = 0
+
+    def count(mod, inputs, output):
+        nonlocal total
+        total += (conv2d_flops if isinstance(mod, nn.Conv2d) else linear_flops)(mod, output.shape)
+
+    handles = [m.register_forward_hook(count) for m in module.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            module.eval()(torch.empty(input_shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+# ----------------------------------------------------------------------------- shared set-up
+def default_batches(settings: Settings, level: str, mode: str) -> list[int]:
+    if settings.batches:
+        return settings.batches
+    if level == "models" and mode == "infer":
+        if settings.quick:
+            return [32] if settings.cuda else [1]
+        return [1, 32, 256] if settings.cuda else [1, 4]
+    return [256] if settings.cuda else [2]
+
+
+def activation(shape, settings: Settings, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Seeded random tensor in the benchmark dtype and layout."""
+    fmt = settings.memory_format if len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or settings.dtype, device=settings.device,
+                       memory_format=fmt).normal_()
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_model(name: str) -> nn.Module:
+    with torch.device("meta"):
+        return getattr(torchvision.models, name)()
+
+
+@functools.lru_cache(maxsize=None)
+def pristine_model(name: str) -> nn.Module:
+    """The seeded CPU model every contender's weights are copied from."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _on_device(module: nn.Module, settings: Settings, train: bool) -> nn.Module:
+    return copy.deepcopy(module).to(settings.device, memory_format=settings.memory_format).train(train)
+
+
+def convert_copy(template: nn.Module, backend: str) -> nn.Module:
+    report = fusedres.convert(template, backend=backend, inplace=False)
+    if not report.converted:
+        raise RuntimeError(f"fusedres.convert converted nothing: {report.skipped}")
+    return report.model
+
+
+def _named_params(target: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n.removeprefix("_orig_mod."), p) for n, p in target.named_parameters()]
+
+
+def grad_step(target: nn.Module, inputs: dict[str, Tensor], autocast) -> Step:
+    """Forward + backward of a block on inputs["x"]; returns the output and every gradient."""
+    params, x = _named_params(target), inputs["x"]
+
+    def run():
+        x.grad = None
+        for _, p in params:
+            p.grad = None
+        with autocast():
+            out = target(x)
+        out.backward(inputs["grad"].to(out.dtype))
+        return {"out": out, "grad input": x.grad, **{f"grad {n}": p.grad for n, p in params}}
+    return run
+
+
+def sgd_step(target: nn.Module, inputs: dict[str, Tensor], autocast) -> Step:
+    """One training step: forward, cross-entropy, backward, SGD; returns logits and gradients."""
+    params = _named_params(target)
+    optimizer = torch.optim.SGD([p for _, p in params], lr=0.01, momentum=0.9)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits = target(inputs["x"])
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), inputs["labels"])
+        loss.backward()
+        result = {"logits": logits, **{f"grad {n}": p.grad for n, p in params}}
+        optimizer.step()
+        return result
+    return run
+
+
+def infer_step(target: nn.Module, inputs: dict[str, Tensor], autocast) -> Step:
+    def run():
+        with torch.no_grad(), autocast():
+            return {"out": target(inputs["x"])}
+    return run
+
+
+# ----------------------------------------------------------------------------- ops
+def eager_bn_add_relu(y, residual, weight, bias, running_mean, running_var):
+    out = F.batch_norm(y, running_mean, running_var, weight, bias, True, BN_MOMENTUM, BN_EPS)
+    out += residual
+    return F.relu_(out)
+
+
+def fused_bn_add_relu(y, residual, weight, bias, running_mean, running_var, *, backend):
+    pending = fusedres.ops.batch_norm_stats(y, weight, bias, running_mean, running_var,
+                                            batch_stats=True, momentum=BN_MOMENTUM, eps=BN_EPS,
+                                            backend=backend)
+    return fusedres.ops.bn_act(pending, residual, relu=True, backend=backend)
+
+
+_OP_ARGS = ("y", "residual", "weight", "bias", "running_mean", "running_var")
+
+
+def op_step(target, inputs: dict[str, Tensor], autocast) -> Step:
+    """BN + add + ReLU forward (no autograd), or forward + backward when inputs has "grad"."""
+    args = [inputs[k] for k in _OP_ARGS]
+
+    def run():
+        if "grad" not in inputs:
+            with torch.no_grad():
+                return {"out": target(*args)}
+        out = target(*args)
+        grads = torch.autograd.grad(out, args[:4], inputs["grad"])
+        return {"out": out, **{f"grad {k}": g for k, g in zip(_OP_ARGS, grads)}}
+    return run
+
+
+def _prepare_op(settings: Settings, shape, mode: str) -> Setup:
+    torch.manual_seed(0)
+    channels, dev, train = shape[1], settings.device, mode == "fwd+bwd"
+    inputs = {"y": activation(shape, settings), "residual": activation(shape, settings).relu_(),
+              "weight": torch.rand(channels, device=dev) + 0.5,
+              "bias": 0.1 * torch.randn(channels, device=dev),
+              "running_mean": torch.zeros(channels, device=dev),
+              "running_var": torch.ones(channels, device=dev)}
+    for k in _OP_ARGS[:4]:
+        inputs[k].requires_grad_(train)
+    if train:
+        inputs["grad"] = activation(shape, settings)
+    return Setup(inputs, eager=lambda: eager_bn_add_relu,
+                 fused=lambda backend: functools.partial(fused_bn_add_relu, backend=backend),
+                 step=op_step)
+
+
+def op_cases(settings: Settings) -> list[Case]:
+    cases = []
+    for batch in default_batches(settings, "ops", "fwd+bwd"):
+        shapes = [(batch, 256 << i, max(1, settings.size // (4 << i)), max(1, settings.size // (4 << i)))
+                  for i in range(4)]
+        if settings.quick:
+            shapes = [shapes[0], shapes[-1]]
+        for shape in shapes:
+            for mode in ("fwd", "fwd+bwd"):
+                cases.append(Case(
+                    "ops", f"bn+add+relu C={shape[1]} {shape[2]}x{shape[3]}", mode, batch,
+                    "x".join(map(str, shape)), bn_add_relu_bytes(shape, settings.dtype, mode), None,
+                    functools.partial(_prepare_op, settings, shape, mode)))
+    return cases
+
+
+# ----------------------------------------------------------------------------- blocks
+@dataclass(frozen=True)
+class BlockConfig:
+    model: str
+    names: tuple[str, ...]  # every block of the model with this configuration
+    in_shape: tuple[int, int, int]  # (C, H, W) per image
+    out_shape: tuple[int, int, int]
+    stride: int
+    downsample: bool
+    flops_per_image: int  # forward
+
+    def describe(self) -> str:
+        (ci, h, w), co = self.in_shape, self.out_shape[0]
+        kind = type(_meta_model(self.model).get_submodule(self.names[0])).__name__
+        return (f"{kind} {ci}->{co} {h}x{w} s{self.stride}{' +downsample' if self.downsample else ''}"
+                f" (x{len(self.names)}: {', '.join(self.names)})")
+
+
+def block_configs(model_name: str, size: int) -> list[BlockConfig]:
+    """The distinct residual blocks of a torchvision ResNet at ``size`` px, in network order."""
+    model = _meta_model(model_name)
+    block_types = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
+    seen: dict[tuple, list] = {}
+
+    def record(name, block, inputs, output):
+        key = (type(block).__name__, tuple(inputs[0].shape[1:]), tuple(output.shape[1:]),
+               block.conv1.out_channels, block.stride, block.downsample is not None)
+        seen.setdefault(key, []).append(name)
+
+    handles = [m.register_forward_hook(functools.partial(record, n)) for n, m in model.named_modules()
+               if isinstance(m, block_types)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, 3, size, size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return [BlockConfig(model_name, tuple(names), in_shape, out_shape, stride, ds,
+                        forward_flops(model.get_submodule(names[0]), (1, *in_shape)))
+            for (_, in_shape, out_shape, _, stride, ds), names in seen.items()]
+
+
+def _prepare_block(settings: Settings, cfg: BlockConfig, mode: str, batch: int) -> Setup:
+    torch.manual_seed(0)
+    train = mode == "train"
+    template = _on_device(pristine_model(cfg.model).get_submodule(cfg.names[0]), settings, train)
+    inputs = {"x": activation((batch, *cfg.in_shape), settings).relu_().requires_grad_(train)}
+    if train:
+        inputs["grad"] = activation((batch, *cfg.out_shape), settings)
+    return Setup(inputs, eager=lambda: copy.deepcopy(template),
+                 fused=lambda backend: convert_copy(template, backend),
+                 step=grad_step if train else infer_step)
+
+
+def block_cases(settings: Settings) -> list[Case]:
+    cases = []
+    for model in settings.models:
+        configs = block_configs(model, settings.size)
+        if settings.quick:
+            wanted = QUICK_BLOCKS.get(model)
+            configs = [next((c for c in configs if wanted in c.names), configs[0])]
+        for cfg in configs:
+            for mode in ("train", "infer"):
+                factor = TRAIN_FLOPS_FACTOR if mode == "train" else 1
+                for batch in default_batches(settings, "blocks", mode):
+                    cases.append(Case(
+                        "blocks", f"{model} {cfg.names[0]}", mode, batch, cfg.describe(), None,
+                        factor * cfg.flops_per_image * batch,
+                        functools.partial(_prepare_block, settings, cfg, mode, batch)))
+    return cases
+
+
+# ----------------------------------------------------------------------------- models
+def _prepare_model(settings: Settings, name: str, mode: str, batch: int) -> Setup:
+    torch.manual_seed(0)
+    train = mode == "train"
+    template = _on_device(pristine_model(name), settings, train)
+    inputs = {"x": activation((batch, 3, settings.size, settings.size), settings, dtype=torch.float32),
+              "labels": torch.randint(0, 1000, (batch,), device=settings.device)}
+    return Setup(inputs, eager=lambda: copy.deepcopy(template),
+                 fused=lambda backend: convert_copy(template, backend),
+                 step=sgd_step if train else infer_step)
+
+
+def model_cases(settings: Settings) -> list[Case]:
+    cases = []
+    for name in settings.models[:1] if settings.quick else settings.models:
+        per_image = forward_flops(_meta_model(name), (1, 3, settings.size, settings.size))
+        for mode in ("train", "infer"):
+            factor = TRAIN_FLOPS_FACTOR if mode == "train" else 1
+            for batch in default_batches(settings, "models", mode):
+                cases.append(Case(
+                    "models", name, mode, batch, f"{settings.size}x{settings.size} px, 1000 classes",
+                    None, factor * per_image * batch,
+                    functools.partial(_prepare_model, settings, name, mode, batch)))
+    return cases
+
+
+def build_cases(settings: Settings) -> list[Case]:
+    """Every case of the selected levels, in level order."""
+    makers = {"ops": op_cases, "blocks": block_cases, "models": model_cases}
+    return [case for level in LEVELS if level in settings.levels for case in makers[level](settings)]

@@ -1,0 +1,417 @@
+"""The one harness every level shares: contenders, agreement check, timing, memory, ceilings, output.
+
+A level (``cases.py``) only says what to set up: a ``Case`` whose ``prepare()`` returns a
+``Setup`` with the inputs, the eager target, the fused target per backend, and
+``step(target, inputs, autocast)``, one timed iteration returning named tensors (outputs and
+gradients). From that the harness derives every contender (eager, torch.compile of the eager
+target, fused per backend), runs them on the same weights and inputs, checks each against one
+upcast run of eager (``Reference``), then times it and measures its memory.
+
+Timing: CUDA events around each iteration, the L2 cache flushed before each one (as
+``triton.testing.do_bench`` does), after warm-up; ``time.perf_counter`` on CPU. Reported: median
+and p20/p80 of the per-iteration times. Peak memory (CUDA only): ``max_memory_allocated`` over
+the timed iterations, counted above what was allocated before the contender was built (inputs,
+the pristine weights and the eager reference are not charged to it; its own weight copy, gradients,
+optimizer state and activations are).
+"""
+
+import contextlib
+import gc
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fusedres.ops.backends import unavailable_reason
+
+Step = Callable[[], dict[str, Tensor]]
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Agreement (flash-attention's rule, with norms): against eager run once in REFERENCE_DTYPE without
+# autocast, each output / gradient of a contender may be off by 2x eager's own error + SLACK * |ref|.
+# Errors are L2 norms, |got - ref|_2: maximum errors of tiny-batch random ResNets are dominated by a
+# few ill-conditioned elements (eager fp32 vs fp64 differs by 20% of max|ref| there).
+REFERENCE_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32,
+                   torch.float32: torch.float64}
+SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+    levels: list[str]
+    models: list[str]
+    batches: Optional[list[int]]  # None: each level's defaults
+    size: int
+    repeats: int
+    warmup: int
+    compile: bool
+    compile_mode: str
+    backends: list[str]
+    quick: bool
+    out: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """Autocast to the benchmark dtype (plain fp32 when the dtype is fp32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def describe(self) -> dict:
+        plain = {k: v if isinstance(v, (bool, int, list, type(None))) else str(v)
+                 for k, v in vars(self).items() if k not in ("notes", "memory_format")}
+        return {**plain, "dtype": str(self.dtype).replace("torch.", ""),
+                "layout": "channels_last" if self.memory_format == torch.channels_last else "nchw",
+                "cpu_threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                         "cudnn": torch.backends.cudnn.allow_tf32}}
+
+
+@dataclass
+class Setup:
+    """What one case sets up: inputs, targets, and how to run one iteration of a target."""
+
+    inputs: dict[str, Tensor]  # shared by every contender
+    eager: Callable[[], Any]  # a fresh eager target (module copy or function)
+    fused: Callable[[str], Any]  # the fused target for a backend name
+    step: Callable[[Any, dict[str, Tensor], Callable], Step]  # (target, inputs, autocast) -> step
+
+
+@dataclass
+class Case:
+    level: str  # "ops", "blocks", "models"
+    name: str
+    mode: str  # "fwd", "fwd+bwd", "train", "infer"
+    batch: int
+    shape: str  # human-readable shape / config
+    bytes: Optional[int]  # required bytes per iteration (formulas in cases.py), or None
+    flops: Optional[int]  # FLOPs per iteration (formulas in cases.py), or None
+    prepare: Callable[[], Setup]
+
+    @property
+    def key(self) -> str:
+        return f"{self.level}|{self.name}|{self.mode}|b{self.batch}"
+
+    def row(self, contender: str) -> dict:
+        return {"level": self.level, "case": self.name, "mode": self.mode, "batch": self.batch,
+                "shape": self.shape, "contender": contender}
+
+
+# ----------------------------------------------------------------------------- contenders
+def contenders(settings: Settings) -> list[tuple[str, Optional[str]]]:
+    """(contender name, None or why it is skipped), eager first, then compile, then fused."""
+    compile_skip = None if settings.compile else (
+        "torch.compile skipped on CPU (slow to compile); pass --compile to include it"
+        if not settings.cuda else "torch.compile skipped (--no-compile)")
+    names = [("eager", None), ("compile", compile_skip)]
+    names += [(f"fused[{b}]", unavailable_reason(b, settings.device)) for b in settings.backends]
+    return names
+
+
+def build(setup: Setup, name: str, settings: Settings) -> Step:
+    """The timed step of contender ``name``, on fresh copies of the case's pristine weights."""
+    if name == "eager":
+        return setup.step(setup.eager(), setup.inputs, settings.autocast)
+    if name == "compile":
+        torch._dynamo.reset()  # fresh caches: no recompile limit, no automatic dynamic shapes
+        mode = None if settings.compile_mode == "default" else settings.compile_mode
+        target = torch.compile(setup.eager(), mode=mode, dynamic=False)
+        step = setup.step(target, setup.inputs, settings.autocast)
+        if settings.compile_mode not in CUDAGRAPH_MODES or not settings.cuda:
+            return step
+
+        def cudagraph_step():
+            torch.compiler.cudagraph_mark_step_begin()
+            return step()
+        return cudagraph_step
+    if name.startswith("fused[") and name.endswith("]"):
+        return setup.step(setup.fused(name[len("fused["):-1]), setup.inputs, settings.autocast)
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def release(device: torch.device, compiled: bool = False) -> None:
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- agreement
+@contextlib.contextmanager
+def _exact_fp32():
+    """No TF32 inside: the reference's fp32 is real fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _norm(t: Tensor) -> float:
+    return torch.linalg.vector_norm(t.detach().flatten().to(torch.float64)).item()
+
+
+@dataclass
+class Reference:
+    """Eager run once in REFERENCE_DTYPE (no autocast, no TF32) on upcast copies of the inputs,
+    then eager's own error against it: the yardstick for every other contender."""
+
+    outputs: Optional[dict[str, Tensor]] = None
+    why_not: str = ""  # why there are no outputs
+    eager_err: Optional[list[float]] = None
+
+    @classmethod
+    def of(cls, setup: Setup, settings: Settings) -> "Reference":
+        dtype = REFERENCE_DTYPE[settings.dtype]
+        try:
+            inputs = {k: v.detach().to(dtype).requires_grad_(v.requires_grad) if v.is_floating_point()
+                      else v for k, v in setup.inputs.items()}
+            target = setup.eager()
+            target = target.to(dtype) if isinstance(target, nn.Module) else target
+            with _exact_fp32():
+                outputs = setup.step(target, inputs, contextlib.nullcontext)()
+            return cls({k: v.detach() for k, v in outputs.items()})
+        except Exception as exc:  # e.g. out of memory in fp32/fp64: the timings are still useful
+            return cls(why_not=f"no {dtype} reference ({_error_text(exc)})")
+        finally:
+            release(settings.device)
+
+    def errors(self, got: dict[str, Tensor]) -> list[float]:
+        """|got - ref|_2 / |ref|_2 per tensor (inf where missing, misshapen or not finite)."""
+        if len(got) != len(self.outputs):
+            raise RuntimeError(f"{len(got)} tensors to compare, the reference has {len(self.outputs)}")
+        out = []
+        for r, g in zip(self.outputs.values(), got.values()):
+            err = math.inf if g is None or g.shape != r.shape else _norm(g.detach().to(r.dtype) - r)
+            out.append(err / (_norm(r) or 1.0) if math.isfinite(err) else math.inf)
+        return out
+
+    def check(self, name: str, outputs: dict[str, Tensor], dtype: torch.dtype) -> dict:
+        """Row fields: agree (None for eager, whose own error is recorded), max_err, detail."""
+        if self.outputs is None:
+            return {"agree": None, "agree_detail": f"not checked: {self.why_not}"}
+        ref = f"eager's {str(REFERENCE_DTYPE[dtype]).replace('torch.', '')} run"
+        err = self.errors(outputs)
+        if name == "eager":
+            self.eager_err = err
+            return {"agree": None, "max_err": max(err, default=0.0), "agree_detail": f"vs {ref}: the yardstick"}
+        if self.eager_err is None:
+            return {"agree": None, "agree_detail": "not checked: eager failed"}
+        bad = [f"{n}: rel. err {e:.1e} vs eager's {e0:.1e}"
+               for n, e, e0 in zip(self.outputs, err, self.eager_err) if not e <= 2 * e0 + SLACK[dtype]]
+        detail = "; ".join(bad[:3]) or f"{len(err)} tensors within 2x eager's error + {SLACK[dtype]:g}"
+        return {"agree": not bad, "max_err": max(err, default=0.0), "agree_detail": f"vs {ref}: {detail}"}
+
+
+# ----------------------------------------------------------------------------- timing and memory
+_FLUSH: dict[str, Tensor] = {}
+
+
+def _flush_buffer(device: torch.device) -> Optional[Tensor]:
+    """256 MiB written before each timed CUDA iteration so no iteration starts with a warm L2."""
+    if device.type != "cuda":
+        return None
+    if str(device) not in _FLUSH:
+        _FLUSH[str(device)] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    return _FLUSH[str(device)]
+
+
+def time_ms(fn: Callable, device: torch.device, warmup: int, repeats: int,
+            flush: bool = True) -> list[float]:
+    """Per-iteration times in ms after ``warmup`` untimed iterations."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return times
+    buffer = _flush_buffer(device) if flush else None
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    torch.cuda.synchronize(device)
+    for start, end in events:
+        if buffer is not None:
+            buffer.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile (q in [0, 1])."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def measure_ceilings(settings: Settings) -> dict:
+    """Device copy bandwidth (read + write bytes) and GEMM rate, measured now on this device."""
+    device = settings.device
+    if settings.cuda:
+        numel, copy_dtype, n, gemm_dtype = 2**29, torch.bfloat16, 8192, torch.bfloat16
+    else:
+        numel, copy_dtype, n, gemm_dtype = 2**24, torch.float32, 1024, torch.float32
+    src = torch.empty(numel, dtype=copy_dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy_ms = quantile(time_ms(lambda: dst.copy_(src), device, 3, 20, flush=False), 0.5)
+    copy_bytes = 2 * numel * src.element_size()
+    del src, dst
+    a = torch.randn(n, n, dtype=gemm_dtype, device=device)
+    b = torch.randn(n, n, dtype=gemm_dtype, device=device)
+    gemm_ms = quantile(time_ms(lambda: a @ b, device, 3, 20, flush=False), 0.5)
+    del a, b
+    release(device)
+    name = str(gemm_dtype).replace("torch.", "")
+    return {
+        "device": torch.cuda.get_device_name(device) if settings.cuda else "cpu",
+        "copy_GBps": copy_bytes / copy_ms / 1e6,
+        "copy_what": f"dst.copy_(src), {copy_bytes // 2 / 2**20:.0f} MiB tensor, read+write bytes",
+        "gemm_TFLOPs": 2 * n**3 / gemm_ms / 1e9,
+        "gemm_what": f"{name} GEMM {n}x{n}x{n}, 2*n^3 FLOPs",
+    }
+
+
+# ----------------------------------------------------------------------------- running a case
+def _error_text(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:240]
+
+
+def run_contender(case: Case, setup: Setup, name: str, settings: Settings,
+                  reference: Reference) -> dict:
+    """One contender of one case: check it against the reference, then time it and take its
+    peak memory. Returns its row."""
+    device, row, fn = settings.device, case.row(name), None
+    try:
+        _flush_buffer(device)
+        baseline = torch.cuda.memory_allocated(device) if settings.cuda else 0
+        fn = build(setup, name, settings)
+        outputs = fn()
+        row.update(reference.check(name, outputs, settings.dtype))
+        del outputs
+        if settings.cuda:
+            torch.cuda.synchronize(device)
+            for _ in range(settings.warmup):
+                fn()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_ms(fn, device, 0 if settings.cuda else settings.warmup, settings.repeats)
+        if settings.cuda:
+            row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+        row.update(median_ms=quantile(times, 0.5), p20_ms=quantile(times, 0.2),
+                   p80_ms=quantile(times, 0.8), repeats=len(times))
+    except Exception as exc:  # a failing contender becomes a row saying why, the run goes on
+        row["error"] = _error_text(exc)
+        tb = traceback.format_exc().strip().splitlines()
+        print("\n".join("      | " + line for line in tb[-12:]), flush=True)
+    finally:
+        del fn
+        release(device, compiled=name == "compile")
+    return row
+
+
+def derive(rows: list[dict], case: Case, ceilings: dict) -> None:
+    """Fill throughput, fraction of ceiling and speedups into a case's rows (in place)."""
+    by_name = {r["contender"]: r.get("median_ms") for r in rows}
+    for row in rows:
+        ms = row.get("median_ms")
+        if ms is None:
+            continue
+        if case.level != "ops":
+            row["images_per_s"] = case.batch / ms * 1e3
+        if case.bytes:
+            row["bytes"], row["GBps"] = case.bytes, case.bytes / ms / 1e6
+            row["frac_copy"] = row["GBps"] / ceilings["copy_GBps"] if ceilings else None
+        if case.flops:
+            row["flops"], row["TFLOPs"] = case.flops, case.flops / ms / 1e9
+            row["frac_gemm"] = row["TFLOPs"] / ceilings["gemm_TFLOPs"] if ceilings else None
+        for other in ("eager", "compile"):
+            if by_name.get(other):
+                row[f"vs_{other}"] = by_name[other] / ms
+
+
+def run_case(case: Case, settings: Settings, ceilings: dict,
+             on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every contender of ``case``, eager first; ``on_row`` sees each row when it is done."""
+    rows = []
+    try:
+        setup = case.prepare()
+        reference = Reference.of(setup, settings)
+    except Exception as exc:
+        row = {**case.row("(setup)"), "error": _error_text(exc)}
+        on_row(row)
+        return [row]
+    for name, skip in contenders(settings):
+        if skip is not None:
+            continue
+        rows.append(run_contender(case, setup, name, settings, reference))
+        derive(rows, case, ceilings)
+        on_row(rows[-1])
+    del setup, reference
+    release(settings.device)
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+def fmt(value, spec: str, none: str = "—") -> str:
+    return none if value is None else format(value, spec)
+
+
+def ratio(value) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def agree_text(row: dict) -> str:
+    if row.get("error"):
+        return "ERROR"
+    if row.get("agree") is None:
+        return "—" if row.get("max_err") is None else f"ref {row['max_err']:.0e}"
+    return f"{'ok' if row['agree'] else 'DIFF'} {row['max_err']:.0e}"
+
+
+def ceiling_pct(row: dict) -> Optional[float]:
+    frac = row.get("frac_copy") if row["level"] == "ops" else row.get("frac_gemm")
+    return None if frac is None else 100 * frac
+
+
+CONSOLE_HEADER = (f"    {'contender':<14}{'median ms':>11}{'p20-p80 ms':>19}{'img/s':>10}{'GB/s':>9}"
+                  f"{'TFLOP/s':>9}{'%ceil':>7}{'peak MiB':>10}{'vs eager':>9}{'vs comp':>9}  agree")
+
+
+def console_row(row: dict) -> str:
+    if row.get("error"):
+        return f"    {row['contender']:<14}ERROR {row['error']}"
+    spread = f"{fmt(row.get('p20_ms'), '.3f')}-{fmt(row.get('p80_ms'), '.3f')}"
+    return (f"    {row['contender']:<14}{fmt(row.get('median_ms'), '.3f'):>11}{spread:>19}"
+            f"{fmt(row.get('images_per_s'), '.1f'):>10}{fmt(row.get('GBps'), '.1f'):>9}"
+            f"{fmt(row.get('TFLOPs'), '.2f'):>9}{fmt(ceiling_pct(row), '.1f'):>7}"
+            f"{fmt(row.get('peak_mib'), '.0f'):>10}{ratio(row.get('vs_eager')):>9}"
+            f"{ratio(row.get('vs_compile')):>9}  {agree_text(row)}")
+
+
+LEVEL_TITLES = {
+    "ops": "BN + residual add + ReLU (training-mode BN); bandwidth = required bytes / time, "
+           "% of the measured copy ceiling",
+    "blocks": "Residual blocks; TFLOP/s from conv FLOPs (training = 3x forward), % of the "
+              "measured GEMM ceiling",
+    "models": "Whole ResNets (train = one SGD step incl. loss); TFLOP/s from conv + linear FLOPs, "
+              "% of the measured GEMM ceiling",
+}
