@@ -1,0 +1,160 @@
+"""Fused blocks under autocast, low-precision dtypes, no_grad, and (on GPU) every backend,
+both layouts and CUDA-graph capture. Low-precision results are accepted when their error
+against an fp64 run is at most twice eager PyTorch's own error in the same dtype (+ a small
+absolute term), the rule of STYLE.md."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fusedres
+from fusedres.ops.backends import unavailable_reason
+
+from conftest import requires_cuda
+
+
+def _block(kind: str, seed: int) -> nn.Module:
+    """A torchvision block with a downsample shortcut and non-trivial BN state."""
+    torch.manual_seed(seed)
+    if kind == "basic":
+        ds = nn.Sequential(nn.Conv2d(12, 20, 1, 2, bias=False), nn.BatchNorm2d(20))
+        block = torchvision.models.resnet.BasicBlock(12, 20, stride=2, downsample=ds)
+    else:
+        ds = nn.Sequential(nn.Conv2d(12, 24, 1, 2, bias=False), nn.BatchNorm2d(24))
+        block = torchvision.models.resnet.Bottleneck(12, 6, stride=2, downsample=ds)
+    gen = torch.Generator().manual_seed(seed)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return block
+
+
+def _step(block, x, autocast_dtype=None):
+    """Output, input grad and parameter grads of one forward+backward (sum of squares loss)."""
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        out = block(x)
+    (out.float().square().sum() / out.numel()).backward()
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    return [out.detach()] + grads
+
+
+def _errors(results, exact):
+    return [float((r.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+            for r, e in zip(results, exact)]
+
+
+def _assert_no_worse_than_eager(eager_block, fused_block, x, dtype=None, autocast_dtype=None,
+                                absolute=1e-3):
+    """fused's error vs an fp64 run is at most 2x eager's error in the same precision + absolute."""
+    exact = _step(copy.deepcopy(eager_block).double(), x.double())
+    cast = (lambda m: m) if dtype is None else (lambda m: m.to(dtype))
+    xin = x if dtype is None else x.to(dtype)
+    eager_errors = _errors(_step(cast(eager_block), xin, autocast_dtype), exact)
+    fused_errors = _errors(_step(cast(fused_block), xin, autocast_dtype), exact)
+    names = ["output", "input grad"] + [n for n, _ in eager_block.named_parameters()]
+    for name, fe, ee in zip(names, fused_errors, eager_errors):
+        assert fe <= 2 * ee + absolute, f"{name}: fused error {fe:.3g}, eager {ee:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_cpu_bf16_autocast_matches_eager_within_its_own_error(kind):
+    eager = _block(kind, seed=1)
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    x = torch.randn(3, 12, 9, 7)
+    _assert_no_worse_than_eager(eager, fused, x, autocast_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_cpu_bf16_model_matches_eager_within_its_own_error(kind):
+    eager = _block(kind, seed=2)
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    x = torch.randn(3, 12, 9, 7).to(memory_format=torch.channels_last)
+    _assert_no_worse_than_eager(eager, fused, x, dtype=torch.bfloat16)
+
+
+def test_no_grad_eval_and_train_eval_switching():
+    eager = _block("bottleneck", seed=3)
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    x = torch.randn(2, 12, 8, 8)
+    for training in (True, False, True):
+        eager.train(training), fused.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.bn1.running_mean, eager.bn1.running_mean)
+    assert int(fused.bn1.num_batches_tracked) == int(eager.bn1.num_batches_tracked) == 2
+
+
+# ------------------------------------------------------------------------------- GPU only
+GPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_gpu_blocks_match_eager_every_backend_dtype_layout(backend, dtype, channels_last, kind):
+    reason = unavailable_reason(backend, torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    eager = _block(kind, seed=4).cuda()
+    fused = fusedres.convert(copy.deepcopy(eager), backend=backend).model
+    x = torch.randn(3, 12, 9, 7, device="cuda") + 0.5  # odd sizes, channels not a multiple of 8
+    if channels_last:
+        eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
+        x = x.to(memory_format=torch.channels_last)
+    # fp32 on GPU convolves in TF32 only if allowed; keep eager and fused on the same setting.
+    _assert_no_worse_than_eager(eager, fused, x, dtype=GPU_DTYPES[dtype], absolute=2e-3)
+    for name, buf in eager.named_buffers():
+        torch.testing.assert_close(dict(fused.named_buffers())[name].float(), buf.float(),
+                                   rtol=1e-2, atol=1e-2, msg=name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bf16_autocast_training_step_matches_eager(backend):
+    reason = unavailable_reason(backend, torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    eager = _block("bottleneck", seed=5).cuda().to(memory_format=torch.channels_last)
+    fused = fusedres.convert(copy.deepcopy(eager), backend=backend).model
+    x = torch.randn(4, 12, 14, 14, device="cuda").to(memory_format=torch.channels_last)
+    _assert_no_worse_than_eager(eager, fused, x, autocast_dtype=torch.bfloat16, absolute=2e-3)
+
+
+@requires_cuda
+def test_gpu_cuda_graph_captures_and_replays_a_training_step():
+    torch.manual_seed(6)
+    model = fusedres.convert(torchvision.models.resnet18(num_classes=10)).model.cuda()
+    reference = copy.deepcopy(model)
+    static_x = torch.randn(4, 3, 64, 64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA-graph capture requires
+        for _ in range(2):
+            model(static_x).square().mean().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    reference.load_state_dict(model.state_dict())
+    model.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = model(static_x).square().mean()
+        static_loss.backward()
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    model.zero_grad(set_to_none=False)
+    reference.load_state_dict(model.state_dict())
+    graph.replay()
+    expected = reference(new_x).square().mean()
+    expected.backward()
+    torch.testing.assert_close(static_loss, expected, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
