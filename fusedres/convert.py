@@ -4,6 +4,11 @@
 fused block of the same structure (sharing its conv/BN modules, so weights, buffers, device,
 dtype and train/eval state are kept), leaves every other module untouched, and reports what it
 changed and why it left the rest. ``revert(model)`` puts the original block classes back.
+
+Blocks whose BatchNorms are ``nn.SyncBatchNorm`` convert too, and
+``nn.SyncBatchNorm.convert_sync_batchnorm`` may run before or after ``convert`` (it swaps the
+BatchNorm children, which the fused blocks read at each forward); either way the state_dict is
+the unconverted model's.
 """
 
 import copy

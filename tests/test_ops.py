@@ -270,16 +270,34 @@ BN_ACT_BACKWARD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BN_ACT_BACKWARD_CASES), ids=list(BN_ACT_BACKWARD_CASES))
-def test_opcheck_bn_act_backward(case):
+def bn_act_backward_args(case):
+    """(grad_out, bn_act's 11 tensors, batch_stats, relu, backend, want_residual_grad)."""
     kwargs, want_residual_grad = BN_ACT_BACKWARD_CASES[case]
     gen = torch.Generator().manual_seed(202)
     args = bn_act_args(gen, grad=False, **kwargs)
     y = args[0]
     grad_layout = kwargs.get("channels_last", False) and "nchw-grad" not in case
     grad_out = randn(gen, *y.shape, dtype=y.dtype, channels_last=grad_layout)
-    bwd_args = (grad_out, *args[:-1], want_residual_grad, args[-1])
-    torch.library.opcheck(torch.ops.fusedres.bn_act_backward.default, bwd_args)
+    return grad_out, args[:11], *args[11:], want_residual_grad
+
+
+@pytest.mark.parametrize("case", list(BN_ACT_BACKWARD_CASES), ids=list(BN_ACT_BACKWARD_CASES))
+def test_opcheck_bn_act_backward_reduce(case):
+    grad_out, tensors, batch_stats, relu, backend, _ = bn_act_backward_args(case)
+    torch.library.opcheck(torch.ops.fusedres.bn_act_backward_reduce.default,
+                          (grad_out, *tensors, relu, backend))
+
+
+@pytest.mark.parametrize("case", list(BN_ACT_BACKWARD_CASES), ids=list(BN_ACT_BACKWARD_CASES))
+def test_opcheck_bn_act_backward_apply(case):
+    grad_out, tensors, batch_stats, relu, backend, want_residual_grad = bn_act_backward_args(case)
+    sums = torch.ops.fusedres.bn_act_backward_reduce(grad_out, *tensors, relu, backend)
+    # as if a second rank of a sync group held the same batch: twice the sums and the count
+    y = tensors[0]
+    group_sums, count = [2 * s for s in sums], 2 * (y.numel() // y.shape[1])
+    torch.library.opcheck(torch.ops.fusedres.bn_act_backward_apply.default,
+                          (grad_out, *tensors, sums, group_sums, count, batch_stats, relu,
+                           want_residual_grad, backend))
 
 
 def bn_act_conv2d_args(gen, *, relu=True, affine=True, batch_stats=True, stride=1, padding=1,
@@ -311,40 +329,30 @@ def test_opcheck_bn_act_conv2d(case):
     torch.library.opcheck(torch.ops.fusedres.bn_act_conv2d.default, args)
 
 
-@pytest.mark.parametrize("dtype,channels_last,running,batch_stats,momentum", [
-    (F64, False, True, True, 0.1),
-    (F64, True, False, True, 0.1),
-    (F64, False, True, False, 0.1),
-    (F32, True, True, True, 1.0),
-], ids=["train-running", "train-no-running-cl", "eval-running", "f32-cl-cumulative-first"])
-def test_opcheck_batch_norm_stats(dtype, channels_last, running, batch_stats, momentum):
+@pytest.mark.parametrize("dtype,channels_last", [(F64, False), (F32, True)],
+                         ids=["f64-nchw", "f32-cl"])
+def test_opcheck_channel_stats(dtype, channels_last):
     gen = torch.Generator().manual_seed(404)
     y = randn(gen, 3, 4, 5, 6, dtype=dtype, channels_last=channels_last)
-    rm = rv = None
-    if running:
-        rm = randn(gen, 4, dtype=dtype) * 0.3
-        rv = positive(gen, 4, dtype=dtype)
-    # opcheck calls the op several times; the running stats are mutated each time (declared).
-    torch.library.opcheck(torch.ops.fusedres.batch_norm_stats.default,
-                          (y, rm, rv, batch_stats, momentum, EPS, "auto"))
+    torch.library.opcheck(torch.ops.fusedres.channel_stats.default, (y, "auto"))
 
 
 def test_batch_norm_stats_values():
-    """The op's statistics and running-stat update against F.batch_norm's."""
+    """The statistics and running-stat update against F.batch_norm's."""
     gen = torch.Generator().manual_seed(405)
     y = randn(gen, 3, 4, 5, 6)
     rm, rv = randn(gen, 4) * 0.3, positive(gen, 4)
     rm_ref, rv_ref = rm.clone(), rv.clone()
-    mean, invstd = torch.ops.fusedres.batch_norm_stats(y, rm, rv, True, 0.3, EPS, "auto")
+    p = functional.batch_norm_stats(y, None, None, rm, rv, batch_stats=True, momentum=0.3, eps=EPS)
     F.batch_norm(y, rm_ref, rv_ref, None, None, True, 0.3, EPS)
-    assert_close(mean, y.mean((0, 2, 3)), F64, "mean")
-    assert_close(invstd, torch.rsqrt(y.var((0, 2, 3), unbiased=False) + EPS), F64, "invstd")
+    assert_close(p.mean, y.mean((0, 2, 3)), F64, "mean")
+    assert_close(p.invstd, torch.rsqrt(y.var((0, 2, 3), unbiased=False) + EPS), F64, "invstd")
     assert_close(rm, rm_ref, F64, "running_mean")
     assert_close(rv, rv_ref, F64, "running_var")
-    mean, invstd = torch.ops.fusedres.batch_norm_stats(y, rm, rv, False, 0.3, EPS, "auto")
-    assert_close(mean, rm, F64, "eval mean")
-    assert_close(invstd, torch.rsqrt(rv + EPS), F64, "eval invstd")
-    assert mean.data_ptr() != rm.data_ptr()
+    p = functional.batch_norm_stats(y, None, None, rm, rv, batch_stats=False, momentum=0.3, eps=EPS)
+    assert_close(p.mean, rm, F64, "eval mean")
+    assert_close(p.invstd, torch.rsqrt(rv + EPS), F64, "eval invstd")
+    assert p.mean.data_ptr() != rm.data_ptr()
 
 
 # --------------------------------------------------------------------------- gradcheck

@@ -9,12 +9,15 @@ the last unit, together with the shortcut add and the final ReLU in one ``bn_act
 Supported source blocks (``from_module``) are torchvision's and timm's BasicBlock and
 Bottleneck whose optional parts are absent: every activation a ReLU, no squeeze-excitation,
 drop-path, drop-block or anti-aliasing, zero-padded convs; the downsample shortcut is
-Sequential(parameter-free modules such as AvgPool2d..., Conv2d, BatchNorm2d).
+Sequential(parameter-free modules such as AvgPool2d..., Conv2d, BatchNorm2d). Every BatchNorm
+may be an ``nn.SyncBatchNorm`` (before conversion, or put in afterwards by
+``nn.SyncBatchNorm.convert_sync_batchnorm``: the blocks read their children at each forward);
+it synchronises when and over what torch's would.
 """
 
 from typing import Optional, Union
 
-import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
@@ -33,14 +36,30 @@ def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
+def _sync_group(bn: nn.modules.batchnorm._BatchNorm):
+    """The process group ``nn.SyncBatchNorm.forward`` synchronises ``bn`` over now, or None.
+
+    Torch's SyncBatchNorm synchronises in training mode once torch.distributed is initialised
+    (over ``bn.process_group``, else the default group) and behaves as BatchNorm2d otherwise;
+    a group of one rank is left to ``ops.batch_norm_stats``. Unlike torch's, whose synchronised
+    path needs a GPU, this one runs on any device (CPU with the gloo backend too).
+    """
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available()
+            and dist.is_initialized()):
+        return None
+    return bn.process_group or dist.group.WORLD
+
+
 def pending_bn(y: Tensor, bn: nn.modules.batchnorm._BatchNorm, backend: str) -> PendingBN:
-    """Statistics for ``bn`` applied to ``y``, with nn.BatchNorm2d's buffer bookkeeping."""
+    """Statistics for ``bn`` applied to ``y``, with nn.BatchNorm2d's (or nn.SyncBatchNorm's)
+    buffer bookkeeping and synchronisation."""
     batch_stats, momentum = batch_norm_momentum(bn)
     track = not bn.training or bn.track_running_stats
     return ops.batch_norm_stats(
         y, bn.weight, bn.bias,
         bn.running_mean if track else None, bn.running_var if track else None,
-        batch_stats=batch_stats, momentum=momentum, eps=bn.eps, backend=backend)
+        batch_stats=batch_stats, momentum=momentum, eps=bn.eps, backend=backend,
+        process_group=_sync_group(bn))
 
 
 def _conv_unsupported(name: str, conv: nn.Module) -> Optional[str]:
@@ -52,8 +71,8 @@ def _conv_unsupported(name: str, conv: nn.Module) -> Optional[str]:
 
 
 def _bn_unsupported(name: str, bn: nn.Module) -> Optional[str]:
-    if type(bn) is not nn.BatchNorm2d:
-        return f"{name} is {type(bn).__name__}, not nn.BatchNorm2d"
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return f"{name} is {type(bn).__name__}, not nn.BatchNorm2d or nn.SyncBatchNorm"
     return None
 
 
@@ -170,7 +189,12 @@ class _FusedResidualBlock(nn.Module):
         for conv_name, bn_name in self.unit_names:
             y = self._conv(source, getattr(self, conv_name))
             source = pending_bn(y, getattr(self, bn_name), self.backend)
-        return ops.bn_act(source, self._shortcut(x), relu=True, backend=self.backend)
+        shortcut = self._shortcut(x)
+        if isinstance(shortcut, PendingBN) and not shortcut.normalised_like(source):
+            # e.g. one of the two BatchNorms in eval mode, or only one a SyncBatchNorm:
+            # the shortcut's is applied by a pass of its own.
+            shortcut = ops.bn_act(shortcut, relu=False, backend=self.backend)
+        return ops.bn_act(source, shortcut, relu=True, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, memory_efficient={self.memory_efficient}"

@@ -12,6 +12,7 @@ argument.
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import registry
@@ -21,7 +22,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class PendingBN(NamedTuple):
-    """bn(y) = (y - mean) * invstd * weight + bias, not yet applied."""
+    """bn(y) = (y - mean) * invstd * weight + bias, not yet applied.
+
+    ``sync_group`` and ``count``: the name of the process group whose ranks' batches the
+    statistics were taken over, and the number of values per channel on all those ranks;
+    "" and 0 when the statistics are y's own (or running statistics).
+    """
 
     y: Tensor
     mean: Tensor
@@ -29,6 +35,14 @@ class PendingBN(NamedTuple):
     weight: Optional[Tensor]
     bias: Optional[Tensor]
     batch_stats: bool
+    sync_group: str = ""
+    count: int = 0
+
+    def normalised_like(self, other: "PendingBN") -> bool:
+        """Whether one ``bn_act`` can apply both: batch statistics in both or in neither, and
+        synchronised over the same process group or not at all."""
+        return ((self.batch_stats, self.sync_group, self.count)
+                == (other.batch_stats, other.sync_group, other.count))
 
 
 def _kernel_layout(t: Tensor) -> Tensor:
@@ -69,6 +83,29 @@ def _check_like(fn: str, name: str, t: Tensor, y: Tensor) -> None:
                          f"of size {tuple(y.shape)}")
 
 
+def _group_stats(mean: Tensor, var: Tensor, count: int,
+                 process_group) -> tuple[Tensor, Tensor, int]:
+    """(mean, biased var, count) of the union of all ranks' batches, from each rank's own.
+
+    Chan et al.'s parallel combination over the ranks r, with counts n_r (ranks may hold
+    different batch sizes, or none) and N = sum n_r:
+        mean = sum n_r * mean_r / N,    var = sum n_r * (var_r + (mean_r - mean)^2) / N.
+    All-gathered as one fp64 tensor per rank, so counts stay exact.
+    """
+    if count == 0:  # an empty batch's statistics are NaN; its weight in the sums is 0
+        mean, var = torch.zeros_like(mean), torch.zeros_like(var)
+    local = torch.cat([mean.double(), var.double(),
+                       mean.new_full((1,), count, dtype=torch.float64)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, local, group=process_group)
+    channels = mean.numel()
+    means, variances, counts = torch.stack(gathered).split([channels, channels, 1], dim=1)
+    total = counts.sum()
+    group_mean = (counts * means).sum(0) / total
+    group_var = (counts * (variances + (means - group_mean).square())).sum(0) / total
+    return group_mean.to(mean.dtype), group_var.to(var.dtype), int(total.item())
+
+
 def batch_norm_stats(
     y: Tensor,
     weight: Optional[Tensor],
@@ -80,11 +117,20 @@ def batch_norm_stats(
     momentum: float,
     eps: float,
     backend: str = "auto",
+    process_group=None,
 ) -> PendingBN:
     """Statistics of the conv output ``y`` for its BatchNorm; running stats updated in place.
 
     ``batch_stats`` and ``momentum`` are what ``nn.BatchNorm2d.forward`` would use
-    (see ``fusedres.reference.batch_norm_momentum``).
+    (see ``fusedres.reference.batch_norm_momentum``). With batch statistics the running stats
+    become r = (1 - momentum) * r + momentum * stat, with the unbiased variance
+    var * M / (M - 1) for M values per channel; invstd = 1 / sqrt(var + eps).
+
+    ``process_group`` (a ``torch.distributed`` group of more than one rank; needs batch
+    statistics): the statistics, M and the running stats are those of the union of all its
+    ranks' batches, as ``nn.SyncBatchNorm`` computes them, and the backward of the op that
+    consumes the result all-reduces BatchNorm's gradient sums over the group. Every rank of the
+    group must make the same calls in the same order.
     """
     fn = "fusedres.batch_norm_stats"
     _check_activation(fn, "input", y)
@@ -95,13 +141,31 @@ def batch_norm_stats(
         raise ValueError(f"{fn}: running_mean and running_var must be given together")
     if not batch_stats and running_mean is None:
         raise ValueError(f"{fn}: running statistics are required when batch_stats=False")
-    if batch_stats and y.numel() // max(y.shape[1], 1) <= 1:
+    if process_group is not None and not batch_stats:
+        raise ValueError(f"{fn}: a process_group synchronises batch statistics; "
+                         "it needs batch_stats=True")
+    synced = process_group is not None and dist.get_world_size(process_group) > 1
+    count = y.numel() // max(y.shape[1], 1)
+    if batch_stats and not synced and count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
     y = _kernel_layout(y)
     with torch.no_grad():  # the consumer op owns the whole BatchNorm backward
-        mean, invstd = torch.ops.fusedres.batch_norm_stats(
-            y, running_mean, running_var, batch_stats, float(momentum), float(eps), backend)
-    return PendingBN(y, mean, invstd, weight, bias, batch_stats)
+        if batch_stats:
+            mean, var = torch.ops.fusedres.channel_stats(y, backend)
+            if synced:
+                mean, var, count = _group_stats(mean, var, count, process_group)
+                if count <= 1:
+                    raise ValueError("Expected more than 1 value per channel when training, got "
+                                     f"{count} over the process group's ranks")
+            if running_mean is not None:
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        else:
+            mean = running_mean.to(registry.compute_dtype(y), copy=True)
+            var = running_var.to(mean.dtype)
+        invstd = torch.rsqrt(var + eps)
+    sync = (process_group.group_name, count) if synced else ()
+    return PendingBN(y, mean, invstd, weight, bias, batch_stats, *sync)
 
 
 def bn_act(
@@ -117,8 +181,9 @@ def bn_act(
     identity = sc = None
     if isinstance(residual, PendingBN):
         _check_like(fn, "shortcut", residual.y, y)
-        if residual.batch_stats != pending.batch_stats:
-            raise ValueError(f"{fn}: both BatchNorms must use batch statistics, or neither")
+        if not residual.normalised_like(pending):
+            raise ValueError(f"{fn}: both BatchNorms must use batch statistics, or neither, and be "
+                             "synchronised over the same process group, or neither")
         sc = residual._replace(y=same_layout(residual.y, y))
     elif residual is not None:
         _check_like(fn, "residual", residual, y)
@@ -126,7 +191,7 @@ def bn_act(
     sc_args = (None,) * 5 if sc is None else (sc.y, sc.mean, sc.invstd, sc.weight, sc.bias)
     return torch.ops.fusedres.bn_act(
         y, pending.mean, pending.invstd, pending.weight, pending.bias, identity, *sc_args,
-        pending.batch_stats, relu, backend)
+        pending.batch_stats, relu, backend, pending.sync_group, pending.count)
 
 
 def _conv_tuple(fn: str, name: str, value: Union[int, Sequence[int]]) -> list[int]:
@@ -180,4 +245,5 @@ def bn_act_conv2d(
     return torch.ops.fusedres.bn_act_conv2d(
         y, pending.mean, pending.invstd, pending.weight, pending.bias, conv_weight, conv_bias,
         _conv_tuple(fn, "stride", stride), _conv_tuple(fn, "padding", padding),
-        _conv_tuple(fn, "dilation", dilation), groups, pending.batch_stats, relu, backend)
+        _conv_tuple(fn, "dilation", dilation), groups, pending.batch_stats, relu, backend,
+        pending.sync_group, pending.count)

@@ -3,29 +3,47 @@
 The ops (all in the ``fusedres`` namespace, so ``torch.compile`` sees them without graph
 breaks) and their maths; "act" is ReLU or identity, per-channel vectors broadcast over (N, H, W):
 
-``batch_norm_stats(y, running_mean?, running_var?, batch_stats, momentum, eps, backend)``
-    -> (mean, invstd). With ``batch_stats``: the batch's per-channel mean and
-    1/sqrt(var + eps) (biased var), and the running stats (if given) updated in place as torch
-    does: r = (1 - momentum) * r + momentum * stat, with the unbiased variance. Otherwise the
-    running stats themselves. Outputs carry no gradient: the consumer op below owns the
-    whole BatchNorm backward, the statistics path included.
+``channel_stats(y, backend)``
+    -> (mean, var): the per-channel mean and biased variance of ``y`` over (N, H, W), in the
+    compute dtype. Combining them across ranks, the running-stat update and invstd are plain
+    torch ops in ``functional.batch_norm_stats``, so synchronised BatchNorm is an all-gather
+    between stages (the staging of In-Place ABN, mapillary/inplace_abn).
 
 ``bn_act(y, mean, invstd, weight?, bias?, residual?, sc_y?, sc_mean?, sc_invstd?, sc_weight?,
-sc_bias?, batch_stats, relu, backend)``
+sc_bias?, batch_stats, relu, backend, sync_group="", count=0)``
     out = act(bn(y) + r), bn(y) = (y - mean) * invstd * weight + bias, and r = 0, the
     identity ``residual``, or a second BatchNorm bn_sc(sc_y) (the downsample shortcut).
     Saves for backward: y, sc_y, per-channel vectors, and the identity residual only when
     relu needs it for its mask. Never the normalised or activated tensor.
+    ``sync_group`` names the process group (``ProcessGroup.group_name``) over whose ranks the
+    batch statistics were taken, and ``count`` is the number of values per channel on all
+    those ranks together; "" (and ``count`` unused) when the statistics are this rank's own,
+    whose count is N * H * W. Only the backward uses them.
 
 ``bn_act_conv2d(y, mean, invstd, weight?, bias?, conv_weight, conv_bias?, stride, padding,
-dilation, groups, batch_stats, relu, backend)``
+dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     out = conv2d(act(bn(y)), conv_weight, conv_bias): the next unit's conv with the
     previous unit's BatchNorm + act as its prologue. Saves y and per-channel vectors; the
     activation is recomputed in backward for the weight gradient, never kept.
 
-``bn_act_backward(...)``: the backward of bn_act, one reduction pass (sums of dz and
-dz * (y - mean), the ReLU mask recomputed from y) and one elementwise pass writing dy (and
-the residual's gradient).
+The backward of bn_act (and of bn_act_conv2d's prologue), with dz = d out * act'(z)
+(the ReLU mask recomputed from y) and sums over (N, H, W):
+
+``bn_act_backward_reduce(grad_out, y, <bn_act's tensors>, relu, backend)``
+    -> [sum dz, sum dz * (y - mean)] + [sum dz * (sc_y - sc_mean) with a shortcut BatchNorm]:
+    one reduction pass, this rank's sums.
+
+``bn_act_backward_apply(grad_out, y, <bn_act's tensors>, sums, group_sums, count,
+batch_stats, relu, want_residual_grad, backend)``
+    -> [dy, dweight, dbias] + [d_residual if want_residual_grad] + [dsc_y, dsc_weight,
+    dsc_bias with a shortcut BatchNorm]: one elementwise pass. With M = ``count`` values per
+    channel and S = ``group_sums`` (the reduce's sums added over the ranks of the sync group,
+    or ``sums`` itself unsynchronised),
+        dy = weight * invstd * (dz - S[0] / M - (y - mean) * invstd^2 * S[1] / M)
+    (batch statistics; weight * invstd * dz with running statistics), and alike for dsc_y with
+    S[2]. dweight = invstd * sums[1] and dbias = sums[0] are this rank's own, as torch's
+    SyncBatchNorm returns them: DistributedDataParallel adds them up across ranks.
+    Between the two ops the autograd formula all-reduces the sums over ``sync_group``.
 
 Inputs reach these ops already validated and in kernel layout (see ``functional.py``).
 """
@@ -33,6 +51,7 @@ Inputs reach these ops already validated and in kernel layout (see ``functional.
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
@@ -79,30 +98,14 @@ def _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, weight, batch_stats: bool,
     return torch.stack([c0, c1, c2, mean])
 
 
-# --------------------------------------------------------------------------- batch_norm_stats
-@custom_op(f"{_LIB}::batch_norm_stats", mutates_args=("running_mean", "running_var"))
-def batch_norm_stats(
-    y: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    batch_stats: bool,
-    momentum: float,
-    eps: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    if not batch_stats:
-        mean = running_mean.to(compute_dtype(y), copy=True)
-        return mean, torch.rsqrt(running_var.to(mean.dtype) + eps)
-    mean, var = backends.select(backend, y).channel_stats(y)
-    if running_mean is not None:
-        count = y.numel() // y.shape[1]
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
-    return mean, torch.rsqrt(var + eps)
+# --------------------------------------------------------------------------- channel_stats
+@custom_op(f"{_LIB}::channel_stats", mutates_args=())
+def channel_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return backends.select(backend, y).channel_stats(y)
 
 
-@batch_norm_stats.register_fake
-def _(y, running_mean, running_var, batch_stats, momentum, eps, backend):
+@channel_stats.register_fake
+def _(y, backend):
     stat = y.new_empty((y.shape[1],), dtype=compute_dtype(y))
     return stat, torch.empty_like(stat)
 
@@ -132,6 +135,8 @@ def bn_act(
     batch_stats: bool,
     relu: bool,
     backend: str,
+    sync_group: str = "",
+    count: int = 0,
 ) -> Tensor:
     scale, shift = _affine(mean, invstd, weight, bias)
     res, res_scale, res_shift, _ = _residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias)
@@ -140,12 +145,21 @@ def bn_act(
 
 @bn_act.register_fake
 def _(y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias,
-      batch_stats, relu, backend):
+      batch_stats, relu, backend, sync_group="", count=0):
     return torch.empty_like(y)
 
 
-@custom_op(f"{_LIB}::bn_act_backward", mutates_args=())
-def bn_act_backward(
+def _backward_stage_args(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean,
+                         sc_invstd, sc_weight, sc_bias, backend):
+    """(kernels, grad_out in y's layout, scale, shift, res, res_scale, res_shift, res_mean)."""
+    grad_out = same_layout(grad_out.to(y.dtype), y)  # autograd's gradient may have any strides
+    scale, shift = _affine(mean, invstd, weight, bias)
+    return (backends.select(backend, y), grad_out, scale, shift,
+            *_residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias))
+
+
+@custom_op(f"{_LIB}::bn_act_backward_reduce", mutates_args=())
+def bn_act_backward_reduce(
     grad_out: Tensor,
     y: Tensor,
     mean: Tensor,
@@ -158,37 +172,67 @@ def bn_act_backward(
     sc_invstd: Optional[Tensor],
     sc_weight: Optional[Tensor],
     sc_bias: Optional[Tensor],
+    relu: bool,
+    backend: str,
+) -> list[Tensor]:
+    kernels, grad_out, scale, shift, res, res_scale, res_shift, res_mean = _backward_stage_args(
+        grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
+        sc_bias, backend)
+    sums = kernels.backward_reduce(grad_out, y, scale, shift, res, res_scale, res_shift, relu,
+                                   mean, res_mean)
+    return [s for s in sums if s is not None]
+
+
+@bn_act_backward_reduce.register_fake
+def _(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
+      sc_bias, relu, backend):
+    return [torch.empty_like(mean) for _ in range(2 if sc_y is None else 3)]
+
+
+@custom_op(f"{_LIB}::bn_act_backward_apply", mutates_args=())
+def bn_act_backward_apply(
+    grad_out: Tensor,
+    y: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    sc_y: Optional[Tensor],
+    sc_mean: Optional[Tensor],
+    sc_invstd: Optional[Tensor],
+    sc_weight: Optional[Tensor],
+    sc_bias: Optional[Tensor],
+    sums: list[Tensor],
+    group_sums: list[Tensor],
+    count: int,
     batch_stats: bool,
     relu: bool,
     want_residual_grad: bool,
     backend: str,
 ) -> list[Tensor]:
-    """[dy, dweight, dbias] + [d_residual if want_residual_grad] + [dsc_y, dsc_weight, dsc_bias if sc_y]."""
-    kernels = backends.select(backend, y)
-    grad_out = same_layout(grad_out.to(y.dtype), y)  # autograd's gradient may have any strides
-    count = y.numel() // y.shape[1]
-    scale, shift = _affine(mean, invstd, weight, bias)
-    res, res_scale, res_shift, res_mean = _residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias)
-    sum_dz, sum_dz_yc, sum_dz_rc = kernels.backward_reduce(
-        grad_out, y, scale, shift, res, res_scale, res_shift, relu, mean, res_mean)
-    coef = _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, weight, batch_stats, count)
+    kernels, grad_out, scale, shift, res, res_scale, res_shift, _ = _backward_stage_args(
+        grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
+        sc_bias, backend)
+    coef = _input_grad_coef(group_sums[0], group_sums[1], mean, invstd, weight, batch_stats, count)
     res_coef = None
     if sc_y is not None:
-        res_coef = _input_grad_coef(sum_dz, sum_dz_rc, sc_mean, sc_invstd, sc_weight, batch_stats, count)
+        res_coef = _input_grad_coef(group_sums[0], group_sums[2], sc_mean, sc_invstd, sc_weight,
+                                    batch_stats, count)
     want_res = want_residual_grad or sc_y is not None
     dy, d_res = kernels.backward_apply(
         grad_out, y, scale, shift, res, res_scale, res_shift, relu, coef, res_coef, want_res)
-    grads = [dy, sum_dz_yc * invstd, sum_dz.clone()]
+    grads = [dy, sums[1] * invstd, sums[0].clone()]
     if want_residual_grad and sc_y is None:
         grads.append(d_res)
     if sc_y is not None:
-        grads += [d_res, sum_dz_rc * sc_invstd, sum_dz.clone()]
+        grads += [d_res, sums[2] * sc_invstd, sums[0].clone()]
     return grads
 
 
-@bn_act_backward.register_fake
+@bn_act_backward_apply.register_fake
 def _(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
-      sc_bias, batch_stats, relu, want_residual_grad, backend):
+      sc_bias, sums, group_sums, count, batch_stats, relu, want_residual_grad, backend):
     grads = [torch.empty_like(y), torch.empty_like(mean), torch.empty_like(mean)]
     if want_residual_grad and sc_y is None:
         grads.append(torch.empty_like(residual))
@@ -197,24 +241,49 @@ def _(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invst
     return grads
 
 
+def _all_reduce_sums(sums: list[Tensor], sync_group: str) -> list[Tensor]:
+    """``sums`` added up over the ranks of the process group named ``sync_group``."""
+    # Imported here: it exists only where torch.distributed.is_available().
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    total = torch.cat(sums)
+    dist.all_reduce(total, group=_resolve_process_group(sync_group))
+    return list(total.chunk(len(sums)))
+
+
+def _bn_act_grads(grad_out, bn_tensors, batch_stats, relu, want_residual_grad, backend,
+                  sync_group, count) -> list[Tensor]:
+    """bn_act_backward_apply's gradients; ``bn_tensors`` are bn_act's first 11 arguments."""
+    sums = torch.ops.fusedres.bn_act_backward_reduce(grad_out, *bn_tensors, relu, backend)
+    if sync_group:
+        group_sums = _all_reduce_sums(sums, sync_group)
+    else:
+        y = bn_tensors[0]
+        group_sums, count = sums, y.numel() // y.shape[1]
+    return torch.ops.fusedres.bn_act_backward_apply(
+        grad_out, *bn_tensors, sums, group_sums, count, batch_stats, relu, want_residual_grad,
+        backend)
+
+
 def _bn_act_setup_context(ctx, inputs, output):
     (y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias,
-     batch_stats, relu, backend) = inputs
+     batch_stats, relu, backend, sync_group, count) = inputs
     # The identity residual is only needed to recompute the ReLU mask.
     ctx.save_for_backward(y, mean, invstd, weight, bias, residual if relu else None,
                           sc_y, sc_mean, sc_invstd, sc_weight, sc_bias)
-    ctx.flags = (batch_stats, relu, backend)
+    ctx.flags = (batch_stats, relu, backend, sync_group, count)
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
 def _bn_act_backward(ctx, grad_out):
-    y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias = ctx.saved_tensors
-    batch_stats, relu, backend = ctx.flags
+    bn_tensors = ctx.saved_tensors
+    (y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
+     sc_bias) = bn_tensors
+    batch_stats, relu, backend, sync_group, count = ctx.flags
     residual_given = ctx.residual_dtype is not None
     want_res_kernel = residual_given and relu and ctx.needs_input_grad[5]
-    grads = torch.ops.fusedres.bn_act_backward(
-        grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
-        sc_bias, batch_stats, relu, want_res_kernel, backend)
+    grads = _bn_act_grads(grad_out, bn_tensors, batch_stats, relu, want_res_kernel, backend,
+                          sync_group, count)
     dy, dweight, dbias = grads[:3]
     d_res = None
     if want_res_kernel:
@@ -230,7 +299,7 @@ def _bn_act_backward(ctx, grad_out):
             d_res, dsc_y, None, None,
             None if sc_weight is None else dsc_weight.to(sc_weight.dtype),
             None if sc_bias is None else dsc_bias.to(sc_bias.dtype),
-            None, None, None)
+            None, None, None, None, None)
 
 
 bn_act.register_autograd(_bn_act_backward, setup_context=_bn_act_setup_context)
@@ -253,6 +322,8 @@ def bn_act_conv2d(
     batch_stats: bool,
     relu: bool,
     backend: str,
+    sync_group: str = "",
+    count: int = 0,
 ) -> Tensor:
     scale, shift = _affine(mean, invstd, weight, bias)
     act = backends.select(backend, y).act_forward(y, scale, shift, None, None, None, relu)
@@ -261,24 +332,24 @@ def bn_act_conv2d(
 
 @bn_act_conv2d.register_fake
 def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
-      batch_stats, relu, backend):
+      batch_stats, relu, backend, sync_group="", count=0):
     act = torch.empty_like(y, dtype=conv_weight.dtype)
     return F.conv2d(act, conv_weight, conv_bias, stride, padding, dilation, groups)
 
 
 def _bn_act_conv2d_setup_context(ctx, inputs, output):
     (y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
-     batch_stats, relu, backend) = inputs
+     batch_stats, relu, backend, sync_group, count) = inputs
     ctx.save_for_backward(y, mean, invstd, weight, bias, conv_weight)
     ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.flags = (batch_stats, relu, backend)
+    ctx.flags = (batch_stats, relu, backend, sync_group, count)
     ctx.conv_bias_dtype = None if conv_bias is None else conv_bias.dtype
 
 
 def _bn_act_conv2d_backward(ctx, grad_out):
     y, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
-    batch_stats, relu, backend = ctx.flags
+    batch_stats, relu, backend, sync_group, count = ctx.flags
     need = ctx.needs_input_grad
     need_bn_side = need[0] or need[3] or need[4]
     has_conv_bias = ctx.conv_bias_dtype is not None
@@ -291,15 +362,15 @@ def _bn_act_conv2d_backward(ctx, grad_out):
         [need_bn_side, need[5], has_conv_bias and need[6]])
     dy = dweight = dbias = None
     if need_bn_side:
-        dy, dweight, dbias = torch.ops.fusedres.bn_act_backward(
-            d_act, y, mean, invstd, weight, bias, None, None, None, None, None, None,
-            batch_stats, relu, False, backend)
+        bn_tensors = (y, mean, invstd, weight, bias) + (None,) * 6
+        dy, dweight, dbias = _bn_act_grads(d_act, bn_tensors, batch_stats, relu, False, backend,
+                                           sync_group, count)
         dweight = None if weight is None else dweight.to(weight.dtype)
         dbias = None if bias is None else dbias.to(bias.dtype)
     if d_conv_bias is not None:
         d_conv_bias = d_conv_bias.to(ctx.conv_bias_dtype)
     return (dy, None, None, dweight, dbias, d_conv_weight, d_conv_bias,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 bn_act_conv2d.register_autograd(_bn_act_conv2d_backward, setup_context=_bn_act_conv2d_setup_context)
