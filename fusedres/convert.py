@@ -5,6 +5,10 @@ fused block of the same structure (sharing its conv/BN modules, so weights, buff
 dtype and train/eval state are kept), leaves every other module untouched, and reports what it
 changed and why it left the rest. ``revert(model)`` puts the original block classes back.
 
+Outside the blocks it fuses a BatchNorm2d with the ReLU that follows it (the stem of
+torchvision's and timm's ResNet, and any BatchNorm2d -> ReLU pair inside an nn.Sequential, such
+as timm's deep stems) into a ``FusedBatchNormAct2d``, the ReLU's place taken by nn.Identity.
+
 Blocks whose BatchNorms are ``nn.SyncBatchNorm`` convert too, and
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` may run before or after ``convert`` (it swaps the
 BatchNorm children, which the fused blocks read at each forward); either way the state_dict is
@@ -15,12 +19,19 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock
-from .ops.backends import BACKENDS
+from .nn.norm import FusedBatchNormAct2d
+from .ops.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
 
 FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck)
+# Model classes whose forward applies the stem as ... -> bn -> act -> ...: (bn, act) attributes.
+_STEM_PAIRS = {
+    "torchvision.models.resnet.ResNet": ("bn1", "relu"),
+    "timm.models.resnet.ResNet": ("bn1", "act1"),
+}
 
 
 @dataclass
@@ -30,10 +41,11 @@ class ConversionReport:
     model: nn.Module
     converted: list[tuple[str, str]] = field(default_factory=list)  # (name, "A -> B")
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    backend_note: str = ""  # which backend "auto" runs for the model's device and dtype, and why
 
     def __str__(self) -> str:
-        lines = [f"fusedres.convert: {len(self.converted)} block(s) converted, "
-                 f"{len(self.skipped)} left as they are"]
+        lines = [f"fusedres.convert: {len(self.converted)} module(s) converted, "
+                 f"{len(self.skipped)} left as they are; {self.backend_note}"]
         lines += [f"  converted {name}: {what}" for name, what in self.converted]
         lines += [f"  left      {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -94,14 +106,75 @@ def convert(
         fused = fused_cls.from_module(module, backend=backend, memory_efficient=memory_efficient)
         report.model = _replace(report.model, name, fused)
         report.converted.append((name, f"{type(module).__name__} -> {fused_cls.__name__}"))
+    _convert_bn_relu_pairs(report, backend, filter_fn)
+    report.backend_note = _backend_note(report.model, backend)
     return report
 
 
+def _bn_relu_pairs(model: nn.Module):
+    """(parent name, parent, bn attribute, act attribute) of each BatchNorm -> ReLU in sequence."""
+    for name, module in model.named_modules():
+        if isinstance(module, _FusedResidualBlock):
+            continue
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for bn_name, act_name in zip(names, names[1:]):
+                if isinstance(module._modules[bn_name], nn.BatchNorm2d):
+                    yield name, module, bn_name, act_name
+        pair = _STEM_PAIRS.get(f"{type(module).__module__}.{type(module).__qualname__}")
+        if pair is not None and hasattr(module, pair[0]) and hasattr(module, pair[1]):
+            yield name, module, *pair
+
+
+def _convert_bn_relu_pairs(report, backend, filter_fn) -> None:
+    for parent_name, parent, bn_name, act_name in list(_bn_relu_pairs(report.model)):
+        name = f"{parent_name}.{bn_name}" if parent_name else bn_name
+        bn, act = getattr(parent, bn_name), getattr(parent, act_name)
+        if type(act) is not nn.ReLU:
+            continue  # not a BatchNorm + ReLU pair (e.g. BN then conv in a Sequential)
+        if type(bn) is not nn.BatchNorm2d:
+            report.skipped.append((name, f"{type(bn).__name__} outside residual blocks is not fused"))
+            continue
+        if filter_fn is not None and not filter_fn(bn, name):
+            report.skipped.append((name, "rejected by filter_fn"))
+            continue
+        fused = FusedBatchNormAct2d.from_module(bn, relu=True, backend=backend,
+                                                displaced_activation=(act_name, act))
+        setattr(parent, bn_name, fused)
+        setattr(parent, act_name, nn.Identity())
+        report.converted.append((name, f"BatchNorm2d + {act_name} (ReLU) -> FusedBatchNormAct2d"))
+
+
+def _backend_note(model: nn.Module, backend: str) -> str:
+    """Which backend runs on the model's parameters' device and dtype, and why not the others."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return "no parameters"
+    if backend != "auto":
+        return f"backend {backend!r} requested"
+    reasons = {name: unavailable_reason(name, param.device) for name in BACKENDS}
+    if param.device.type == "cpu":
+        reasons["triton"] = reasons["triton"] or "the Triton interpreter is never chosen automatically"
+    if param.dtype not in KERNEL_DTYPES:
+        reasons = {name: reasons[name] or f"kernels do not support {param.dtype}" for name in BACKENDS[:-1]}
+    chosen = next(name for name in BACKENDS if name == "torch" or reasons.get(name) is None)
+    why_not = "; ".join(f"{name}: {reasons[name]}" for name in BACKENDS[:BACKENDS.index(chosen)])
+    return (f"on {param.device.type} {param.dtype} the {chosen!r} backend runs"
+            + (f" ({why_not})" if why_not else ""))
+
+
 def revert(model: nn.Module) -> nn.Module:
-    """Put the original block back in place of every fused block (in place); returns model."""
+    """Put the original modules back in place of every fused one (in place); returns model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, _FusedResidualBlock):
             model = _replace(model, name, module.to_module())
+        elif isinstance(module, FusedBatchNormAct2d):
+            model = _replace(model, name, module.to_module())
+            if module.displaced_activation is not None:
+                act_name, act = module.displaced_activation
+                parent_name = name.rpartition(".")[0]
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, act_name, act.train(module.training))
     return model
 
 

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 import fusedres
-from fusedres.nn import FusedBasicBlock, FusedBottleneck
+from fusedres.nn import FusedBasicBlock, FusedBatchNormAct2d, FusedBottleneck
 
 
 def _randomise_bn(model: nn.Module, seed: int) -> None:
@@ -94,16 +94,16 @@ def _assert_no_worse_than_eager(eager, fused, x, target, steps):
 
 
 TRAINING_CASES = {
-    # name: (constructor, converted blocks, dtype, channels_last, SGD steps)
+    # name: (constructor, converted modules (blocks + stem BN+ReLU pairs), dtype, channels_last, SGD steps)
     # 64x64 inputs: at 32x32 the last stage is 1x1 and its BNs see 3 values per channel, which
     # amplifies fp64 rounding (1e-12 after one step) to 1e-7 over three SGD steps.
-    "tv-resnet18-fp64": (lambda: torchvision.models.resnet18(num_classes=10), 8, torch.float64, False, 3),
-    "tv-resnet18-fp64-cl": (lambda: torchvision.models.resnet18(num_classes=10), 8, torch.float64, True, 2),
-    "tv-resnet50-fp64": (lambda: torchvision.models.resnet50(num_classes=10), 16, torch.float64, False, 2),
-    "tv-resnet50-fp32-cl": (lambda: torchvision.models.resnet50(num_classes=10), 16, torch.float32, True, 1),
-    "tv-resnext50-fp32": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), 16, torch.float32, False, 1),
-    "timm-resnet18-fp64-cl": (lambda: timm.create_model("resnet18", num_classes=10), 8, torch.float64, True, 2),
-    "timm-resnet26d-fp64": (lambda: timm.create_model("resnet26d", num_classes=10), 8, torch.float64, False, 2),
+    "tv-resnet18-fp64": (lambda: torchvision.models.resnet18(num_classes=10), 9, torch.float64, False, 3),
+    "tv-resnet18-fp64-cl": (lambda: torchvision.models.resnet18(num_classes=10), 9, torch.float64, True, 2),
+    "tv-resnet50-fp64": (lambda: torchvision.models.resnet50(num_classes=10), 17, torch.float64, False, 2),
+    "tv-resnet50-fp32-cl": (lambda: torchvision.models.resnet50(num_classes=10), 17, torch.float32, True, 1),
+    "tv-resnext50-fp32": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), 17, torch.float32, False, 1),
+    "timm-resnet18-fp64-cl": (lambda: timm.create_model("resnet18", num_classes=10), 9, torch.float64, True, 2),
+    "timm-resnet26d-fp64": (lambda: timm.create_model("resnet26d", num_classes=10), 11, torch.float64, False, 2),
 }
 
 
@@ -130,10 +130,10 @@ def test_converted_model_trains_like_eager(case):
 
 
 @pytest.mark.parametrize("name,blocks,fused_cls", [
-    ("resnet34", 16, FusedBasicBlock),
-    ("resnet101", 33, FusedBottleneck),
-    ("resnet152", 50, FusedBottleneck),
-    ("wide_resnet50_2", 16, FusedBottleneck),
+    ("resnet34", 17, FusedBasicBlock),
+    ("resnet101", 34, FusedBottleneck),
+    ("resnet152", 51, FusedBottleneck),
+    ("wide_resnet50_2", 17, FusedBottleneck),
 ])
 def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls):
     torch.manual_seed(0)
@@ -143,7 +143,8 @@ def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls)
     fused = report.model
     assert fused is not eager
     assert len(report.converted) == blocks
-    assert all(isinstance(m, fused_cls) for m in fused.modules() if "Fused" in type(m).__name__)
+    assert all(isinstance(m, (fused_cls, FusedBatchNormAct2d)) for m in fused.modules()
+               if "Fused" in type(m).__name__)
     assert not fused.training
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -153,10 +154,10 @@ def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls)
 def test_unsupported_timm_blocks_are_left_alone_with_a_reason():
     model = timm.create_model("seresnet18", num_classes=10)
     before = {n: type(m) for n, m in model.named_modules()}
-    report = fusedres.convert(model)
+    report = fusedres.convert(model, filter_fn=lambda module, name: name != "bn1")
     assert report.converted == []
-    assert len(report.skipped) == 8
-    assert all("se" in why for _, why in report.skipped), str(report)
+    assert len(report.skipped) == 9
+    assert all("se" in why for name, why in report.skipped if name != "bn1"), str(report)
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
@@ -194,7 +195,7 @@ def test_filter_fn_and_root_block_conversion():
     model = torchvision.models.resnet18(num_classes=10)
     report = fusedres.convert(model, filter_fn=lambda module, name: name.startswith("layer1"))
     assert [name for name, _ in report.converted] == ["layer1.0", "layer1.1"]
-    assert len([why for _, why in report.skipped if why == "rejected by filter_fn"]) == 6
+    assert len([why for _, why in report.skipped if why == "rejected by filter_fn"]) == 7
     block = torchvision.models.resnet.BasicBlock(8, 8)
     fused = fusedres.convert(block).model
     assert isinstance(fused, FusedBasicBlock)
@@ -252,3 +253,30 @@ def test_torch_compile_has_no_graph_breaks_on_fused_block():
     compiled = torch.compile(copy.deepcopy(block), backend="aot_eager", fullgraph=True)
     eager_block = copy.deepcopy(block)
     torch.testing.assert_close(compiled(x), eager_block(x))
+
+
+def test_stem_batchnorm_relu_is_fused_and_reverted():
+    torch.manual_seed(0)
+    eager = timm.create_model("resnet26d", num_classes=10)
+    _randomise_bn(eager, seed=4)
+    model = copy.deepcopy(eager)
+    report = fusedres.convert(model)
+    stems = [name for name, what in report.converted if "FusedBatchNormAct2d" in what]
+    assert stems == ["bn1", "conv1.1", "conv1.4"]  # timm's deep stem has two inner BN+ReLU
+    assert isinstance(model.bn1, FusedBatchNormAct2d) and isinstance(model.act1, nn.Identity)
+    assert model.bn1.weight is eager.bn1.weight or list(model.state_dict()) == list(eager.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)  # training mode
+    torch.testing.assert_close(model.bn1.running_mean, eager.bn1.running_mean)
+    fusedres.revert(model)
+    assert type(model.bn1) is nn.BatchNorm2d and type(model.act1) is nn.ReLU
+    assert type(model.conv1[1]) is nn.BatchNorm2d and type(model.conv1[2]) is nn.ReLU
+    assert [type(m) for m in model.modules()] == [type(m) for m in eager.modules()]
+
+
+def test_report_says_which_backend_runs_and_why():
+    report = fusedres.convert(torchvision.models.resnet18(num_classes=10).double())
+    assert "the 'torch' backend runs" in report.backend_note
+    assert "cuda:" in report.backend_note and "triton:" in report.backend_note
+    assert report.backend_note in str(report)
