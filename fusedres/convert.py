@@ -7,7 +7,8 @@ changed and why it left the rest. ``revert(model)`` puts the original block clas
 
 Outside the blocks it fuses a BatchNorm2d with the ReLU that follows it (the stem of
 torchvision's and timm's ResNet, and any BatchNorm2d -> ReLU pair inside an nn.Sequential, such
-as timm's deep stems) into a ``FusedBatchNormAct2d``, the ReLU's place taken by nn.Identity.
+as timm's deep stems) into a ``FusedBatchNormAct2d`` (see ``fusedres/nn/norm.py`` for what takes the
+ReLU's place, and why).
 
 Blocks whose BatchNorms are ``nn.SyncBatchNorm`` convert too, and
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` may run before or after ``convert`` (it swaps the
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock
-from .nn.norm import FusedBatchNormAct2d
+from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .ops.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
 
 FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck)
@@ -138,10 +139,9 @@ def _convert_bn_relu_pairs(report, backend, filter_fn) -> None:
         if filter_fn is not None and not filter_fn(bn, name):
             report.skipped.append((name, "rejected by filter_fn"))
             continue
-        fused = FusedBatchNormAct2d.from_module(bn, relu=True, backend=backend,
-                                                displaced_activation=(act_name, act))
+        fused = FusedBatchNormAct2d.from_module(bn, relu=True, backend=backend)
         setattr(parent, bn_name, fused)
-        setattr(parent, act_name, nn.Identity())
+        setattr(parent, act_name, ReLUFusedIntoNorm(parent, bn_name, fused, act).train(act.training))
         report.converted.append((name, f"BatchNorm2d + {act_name} (ReLU) -> FusedBatchNormAct2d"))
 
 
@@ -170,11 +170,8 @@ def revert(model: nn.Module) -> nn.Module:
             model = _replace(model, name, module.to_module())
         elif isinstance(module, FusedBatchNormAct2d):
             model = _replace(model, name, module.to_module())
-            if module.displaced_activation is not None:
-                act_name, act = module.displaced_activation
-                parent_name = name.rpartition(".")[0]
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, act_name, act.train(module.training))
+        elif isinstance(module, ReLUFusedIntoNorm):
+            model = _replace(model, name, module.original.train(module.training))
     return model
 
 

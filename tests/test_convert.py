@@ -16,6 +16,7 @@ from torch import nn
 
 import fusedres
 from fusedres.nn import FusedBasicBlock, FusedBatchNormAct2d, FusedBottleneck
+from fusedres.nn.norm import ReLUFusedIntoNorm
 
 
 def _randomise_bn(model: nn.Module, seed: int) -> None:
@@ -263,7 +264,7 @@ def test_stem_batchnorm_relu_is_fused_and_reverted():
     report = fusedres.convert(model)
     stems = [name for name, what in report.converted if "FusedBatchNormAct2d" in what]
     assert stems == ["bn1", "conv1.1", "conv1.4"]  # timm's deep stem has two inner BN+ReLU
-    assert isinstance(model.bn1, FusedBatchNormAct2d) and isinstance(model.act1, nn.Identity)
+    assert isinstance(model.bn1, FusedBatchNormAct2d) and isinstance(model.act1, ReLUFusedIntoNorm)
     assert model.bn1.weight is eager.bn1.weight or list(model.state_dict()) == list(eager.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -280,3 +281,20 @@ def test_report_says_which_backend_runs_and_why():
     assert "the 'torch' backend runs" in report.backend_note
     assert "cuda:" in report.backend_note and "triton:" in report.backend_note
     assert report.backend_note in str(report)
+
+
+def test_sync_batchnorm_conversion_after_convert_never_loses_the_stem_relu():
+    """convert_sync_batchnorm replaces our fused stem norm by a plain SyncBatchNorm: the ReLU
+    placeholder must turn back into a ReLU (timm's converter once lost such activations)."""
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(num_classes=10).eval()
+    _randomise_bn(eager, seed=5)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model.bn1) is nn.SyncBatchNorm
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # eval: SyncBatchNorm runs as a plain BatchNorm on CPU
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)
+        relu_input = -torch.ones(1, 64, 2, 2)
+        assert model.relu(relu_input).eq(0).all()
+    assert type(fusedres.revert(model).relu) is nn.ReLU

@@ -315,7 +315,12 @@ def ddp_sync_batchnorm(rank: int) -> None:
             report = fusedres.convert(model)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         freeze_stem_and_one_shortcut(model)
-        assert len(report.converted) == 8 and not report.skipped, f"{order}: {report}"
+        blocks = [name for name, what in report.converted if "Block" in what]
+        assert len(blocks) == 8, f"{order}: {report}"
+        # The stem's BN+ReLU is fused only if it was still a plain BatchNorm2d; after
+        # convert_sync_batchnorm it is torch's SyncBatchNorm again, its ReLU placeholder a ReLU.
+        assert report.skipped == ([("bn1", "SyncBatchNorm outside residual blocks is not fused")]
+                                  if order == "sync-then-convert" else []), f"{order}: {report}"
         norms = [m for b in model.modules() if isinstance(b, FusedBasicBlock)
                  for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert len(norms) == 19 and all(type(m) is nn.SyncBatchNorm for m in norms), order
@@ -335,7 +340,7 @@ def ddp_plain_batchnorm(rank: int) -> None:
     x, target = global_batch(image_size=64)
     mine = rank_slice(rank)
     ref, model = resnet18(), resnet18()
-    assert len(fusedres.convert(model).converted) == 8
+    assert len(fusedres.convert(model).converted) == 9  # 8 blocks and the stem's BN + ReLU
     for m in (ref, model):  # a frozen shortcut BatchNorm: that block applies it on its own
         m.layer3[0].downsample[1].eval()
     ref_losses = train(DDP(ref), (x[mine], target[mine]), F.cross_entropy)

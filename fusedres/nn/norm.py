@@ -1,8 +1,11 @@
 """BatchNorm2d + ReLU in one fused pass, for BatchNorms outside residual blocks (the stem).
 
 ``FusedBatchNormAct2d`` *is* an ``nn.BatchNorm2d`` (same parameters, buffers, state_dict keys
-and constructor), whose forward also applies the ReLU that followed it; the converter puts an
-``nn.Identity`` where that ReLU was and remembers it, so ``revert`` restores both.
+and constructor), whose forward also applies the ReLU that followed it. Where that ReLU was, the
+converter puts a ``ReLUFusedIntoNorm``: it passes its input through while the fused norm is
+still in place, and is a ReLU again once anything replaced that norm (for instance
+``nn.SyncBatchNorm.convert_sync_batchnorm``, which turns every BatchNorm2d, ours included, into
+a plain SyncBatchNorm), so the activation is never lost. ``revert`` restores both modules.
 """
 
 from typing import Optional
@@ -22,11 +25,10 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.relu = relu
         self.backend = backend
-        self.displaced_activation: Optional[tuple[str, nn.Module]] = None  # (attribute, module)
 
     @classmethod
-    def from_module(cls, bn: nn.BatchNorm2d, *, relu: bool = True, backend: str = "auto",
-                    displaced_activation: Optional[tuple[str, nn.Module]] = None) -> "FusedBatchNormAct2d":
+    def from_module(cls, bn: nn.BatchNorm2d, *, relu: bool = True,
+                    backend: str = "auto") -> "FusedBatchNormAct2d":
         """A fused module sharing ``bn``'s parameters and buffers (the same tensor objects)."""
         if type(bn) is not nn.BatchNorm2d:
             raise ValueError(f"{cls.__name__}.from_module: expected nn.BatchNorm2d, got {type(bn).__name__}")
@@ -42,7 +44,6 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             fused.register_buffer(name, getattr(bn, name))
         fused.relu, fused.backend = relu, backend
-        fused.displaced_activation = displaced_activation
         return fused
 
     def to_module(self) -> nn.BatchNorm2d:
@@ -62,3 +63,23 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
+
+
+class ReLUFusedIntoNorm(nn.ReLU):
+    """Stands where a ReLU was fused into the norm ``parent.<norm_name>``.
+
+    Identity while that attribute is still the fused norm; a ReLU if the norm was replaced.
+    ``original`` is the ReLU module it stands for, which ``revert`` puts back.
+    """
+
+    def __init__(self, parent: nn.Module, norm_name: str, fused_norm: FusedBatchNormAct2d,
+                 original: nn.Module):
+        super().__init__()
+        self.norm_name = norm_name
+        # Plain references, not submodules: the state_dict and module tree stay the original's.
+        vars(self).update(_parent=parent, _fused_norm=fused_norm, original=original)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if getattr(self._parent, self.norm_name) is self._fused_norm:
+            return x
+        return super().forward(x)
