@@ -144,7 +144,7 @@ def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls)
     fused = report.model
     assert fused is not eager
     assert len(report.converted) == blocks
-    assert all(isinstance(m, (fused_cls, FusedBatchNormAct2d)) for m in fused.modules()
+    assert all(isinstance(m, (fused_cls, FusedBatchNormAct2d, ReLUFusedIntoNorm)) for m in fused.modules()
                if "Fused" in type(m).__name__)
     assert not fused.training
     x = torch.randn(1, 3, 32, 32)
