@@ -20,7 +20,7 @@
 // accumulators belong to fixed channels) and grid-strides over (outer, inner), kUnroll vectors
 // per trip, without divisions in the loop. VEC = 16 bytes / element size when the vectorised
 // extent (C, or H*W) is a multiple of it and every pointer is aligned, else 1. Grid x covers
-// the units `tpr` per block, grid y splits (outer, inner) into one wave of resident blocks.
+// the units `tpr` per block, grid y splits (outer, inner) so that blocks fill whole waves.
 //
 // Assumes: y contiguous NCHW or channels_last; residual and grad_out of y's shape and memory
 // format; per-channel vectors contiguous fp32 (C,), coef / res_coef (4, C). Mixed storage
@@ -471,18 +471,39 @@ Plan make_plan(const at::Tensor& y, const Args& a) {
   return p;
 }
 
-// Launches k with as many slices of (outer, inner) as fit one wave of resident blocks; for a
-// reduction (Acc = Welford or Sums) then merges the per-slice partials into outs.
-template <class Acc = void>
-void run(Kernel k, const Plan& p, Args a, Outs outs = {}) {
-  TORCH_INTERNAL_ASSERT(k != nullptr, "fusedres: no kernel for this combination of flags");
+// Slices of (outer, inner) per tile of units. Blocks of a grid-stride loop all take about as
+// long, so pick the count whose blocks fill whole waves of resident blocks best (and whose
+// slices split the rows evenly), preferring fewer slices.
+int choose_splits(Kernel k, const Plan& p, int dev) {
   int per_sm = 0, sms = 0;
-  const int dev = c10::cuda::current_device();
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, p.block, 0));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t wave = int64_t{sms} * std::max(per_sm, 1);
-  const int64_t rows = ceil_div(p.g.outer * p.g.inner, p.block / p.g.tpr);
-  const int splits = static_cast<int>(std::clamp<int64_t>(wave / p.tiles, 1, std::min<int64_t>(rows, 65535)));
+  const int64_t rows = ceil_div(p.g.outer * p.g.inner, p.block / p.g.tpr);  // thread rows
+  const int64_t most = std::min<int64_t>({rows, 65535, std::max<int64_t>(1, 8 * wave / p.tiles)});
+  int64_t best = 1;
+  double best_fill = 0;
+  auto consider = [&](int64_t s) {
+    const int64_t blocks = p.tiles * s;
+    const double fill = double(blocks) / double(ceil_div(blocks, wave) * wave) *
+                        (double(rows) / double(s * ceil_div(rows, s)));
+    if (fill > best_fill + 1e-3) {
+      best = s;
+      best_fill = fill;
+    }
+  };
+  for (int64_t s = 1; s <= std::min<int64_t>(most, 64); ++s) consider(s);
+  for (int64_t m = 1; m <= 8; ++m) consider(std::clamp<int64_t>(m * wave / p.tiles, 1, most));
+  return static_cast<int>(best);
+}
+
+// Launches k over the plan's tiles and choose_splits slices; for a reduction (Acc = Welford or
+// Sums) then merges the per-slice partials into outs.
+template <class Acc = void>
+void run(Kernel k, const Plan& p, Args a, Outs outs = {}) {
+  TORCH_INTERNAL_ASSERT(k != nullptr, "fusedres: no kernel for this combination of flags");
+  const int dev = c10::cuda::current_device();
+  const int splits = choose_splits(k, p, dev);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor ws;
   if constexpr (!std::is_void_v<Acc>) {
@@ -532,8 +553,8 @@ const float* channel(const char* fn, const char* name, const OptTensor& t, const
   const int64_t C = y.size(1);
   TORCH_CHECK(rows == 0 ? t->dim() == 1 && t->size(0) == C
                         : t->dim() == 2 && t->size(0) == rows && t->size(1) == C,
-              fn, ": ", name, " has shape ", t->sizes(), ", expected ", rows == 0 ? "(C,)" : "(4, C)",
-              " with C = ", C);
+              fn, ": ", name, " has shape ", t->sizes(), ", expected ",
+              rows == 0 ? "(C,)" : "(4, C)", " with C = ", C);
   TORCH_CHECK(t->is_contiguous(), fn, ": ", name, " must be contiguous");
   return t->data_ptr<float>();
 }
