@@ -3,7 +3,9 @@
 Build switches (environment variables):
   FUSEDRES_BUILD_CUDA   unset/"auto": build the extension when torch has CUDA and nvcc is found;
                         "1": build it or fail; "0": pure-Python/Triton install, no compiler needed.
-  CUDA_HOME             the CUDA toolkit (bin/nvcc inside); e.g. /usr/local/cuda.
+  CUDA_HOME             the CUDA toolkit (bin/nvcc inside); e.g. /usr/local/cuda. When unset, the
+                        toolkit of the nvcc on PATH or /usr/local/cuda (see
+                        fusedres/_extension.py: cuda_toolkit_root).
   TORCH_CUDA_ARCH_LIST  GPU architectures, e.g. "9.0" (Hopper, sm_90) or "8.0;9.0". When unset
                         and no GPU is visible, "9.0" is used (torch's own default would compile
                         every architecture the toolkit knows, which is slow).
@@ -12,6 +14,7 @@ Build switches (environment variables):
 Users build against the torch they already have: pip install --no-build-isolation .
 """
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -34,11 +37,23 @@ class BuildPyWithSources(build_py):
             shutil.copy2(ROOT / source, target / Path(source).name)
 
 
+def _load_extension_helpers():
+    """fusedres/_extension.py by path (stdlib-only at import), without importing fusedres."""
+    spec = importlib.util.spec_from_file_location("fusedres_extension_helpers",
+                                                  ROOT / "fusedres" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_extension_or_reason():
     """(list of extensions, build_ext command class or None, message)."""
     mode = os.environ.get("FUSEDRES_BUILD_CUDA", "auto").lower()
     if mode in ("0", "false", "no"):
         return [], None, "FUSEDRES_BUILD_CUDA=0: skipping the CUDA extension"
+    toolkit = _load_extension_helpers().cuda_toolkit_root()
+    if toolkit is not None:
+        os.environ.setdefault("CUDA_HOME", toolkit)  # before cpp_extension reads it at import
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

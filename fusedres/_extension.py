@@ -9,12 +9,33 @@ Triton or PyTorch backends run instead. ``build_extension()`` compiles it on dem
 import functools
 import importlib
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 
 _JIT_NAME = "fusedres_C_jit"
 _jit_module: ModuleType | None = None
+
+
+def cuda_toolkit_root() -> str | None:
+    """CUDA_HOME, else the first CUDA toolkit found that holds both bin/nvcc and lib64/libcudart.
+
+    Candidates after CUDA_HOME: the directory above the real path of the nvcc on PATH, then
+    /usr/local/cuda. torch's own guess takes /usr/local when nvcc is linked or wrapped into
+    /usr/local/bin, and then fails to link cudart. Standard library only: setup.py loads this.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for root in candidates:
+        if (root / "bin" / "nvcc").exists() and any((root / "lib64").glob("libcudart.so*")):
+            return str(root)
+    return None
 
 
 def _source_dir() -> Path | None:
@@ -62,7 +83,11 @@ def build_extension(verbose: bool = True) -> ModuleType:
     """
     global _jit_module
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    toolkit = cuda_toolkit_root()
+    if toolkit is not None:
+        os.environ.setdefault("CUDA_HOME", toolkit)  # read when cpp_extension is first imported
+    from torch.utils.cpp_extension import load
 
     sources = _source_dir()
     problems = []
@@ -70,7 +95,7 @@ def build_extension(verbose: bool = True) -> ModuleType:
         problems.append("the CUDA sources (csrc/bn_act.cu) are not shipped with this install")
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU-only build")
-    if CUDA_HOME is None:
+    if toolkit is None or not (Path(toolkit) / "bin" / "nvcc").exists():
         problems.append("no CUDA toolkit found (set CUDA_HOME to the directory holding bin/nvcc)")
     if problems:
         raise RuntimeError("fusedres.build_extension: cannot build: " + "; ".join(problems))
@@ -82,6 +107,7 @@ def build_extension(verbose: bool = True) -> ModuleType:
         sources=[str(sources / "bn_act.cu")],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_ldflags=[f"-L{Path(toolkit) / 'lib64'}"],  # even if torch guessed another CUDA_HOME
         verbose=verbose,
     )
     from .ops import backends
