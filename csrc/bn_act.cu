@@ -44,7 +44,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;     // vectors in flight per thread and loop trip
-constexpr int kMinBlocks = 2;  // resident blocks per SM the main kernels allow (<= 128 regs)
+// Resident blocks per SM the main kernels allow (<= 128 registers). The heaviest variants
+// (channels_last fp16/bf16 backward with a BN residual) then keep some per-channel parameters
+// in L1-resident local memory rather than drop to one block per SM.
+constexpr int kMinBlocks = 2;
 enum ResKind : int { kNoRes, kIdRes, kBnRes };
 enum ResGrad : int { kNoResGrad, kResGradDz, kResGradAffine };
 
