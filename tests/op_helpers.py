@@ -11,6 +11,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from fusedres.ops import functional
 from fusedres.reference import batch_norm_momentum
 
+# Relative tolerance per dtype; the absolute term is the same fraction of the reference's
+# largest magnitude (gradients of a sum over a batch grow with its size).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 F64 = torch.float64
 F32 = torch.float32

@@ -19,10 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fusedres import reference
-
-# Relative tolerance per dtype; the absolute term is the same fraction of the reference's
-# largest magnitude (gradients of a sum over a batch grow with its size).
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+from op_helpers import assert_close, compare_modules, to_format
 
 # BatchNorm variants: constructor kwargs and whether the module runs in eval mode.
 BN_VARIANTS = {
@@ -33,13 +30,6 @@ BN_VARIANTS = {
     "eval": (dict(momentum=0.1), True),
     "eval_untracked": (dict(track_running_stats=False), True),  # eval, yet batch statistics
 }
-
-
-def assert_close(actual, expected, dtype, what):
-    tol = TOL[dtype]
-    scale = max(1.0, expected.detach().abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def randomize_bn(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:
@@ -63,26 +53,9 @@ def prepare(module: nn.Module, dtype, eval_mode: bool, gen: torch.Generator) -> 
     return module.train(not eval_mode)
 
 
-def to_format(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
-
-
 def leaf(shape, dtype, channels_last, gen):
     t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
     return to_format(t, channels_last).requires_grad_()
-
-
-def compare_modules(mod, ref_mod, dtype, step):
-    for (name, p), (_, q) in zip(mod.named_parameters(), ref_mod.named_parameters()):
-        assert (p.grad is None) == (q.grad is None), name
-        if q.grad is not None:
-            assert_close(p.grad, q.grad, dtype, f"step {step}: grad of {name}")
-    for (name, b), (_, c) in zip(mod.named_buffers(), ref_mod.named_buffers()):
-        if c.dtype == torch.long:
-            assert torch.equal(b, c), f"step {step}: {name} {b} != {c}"
-        else:
-            assert_close(b, c, dtype, f"step {step}: {name}")
 
 
 def run_steps(module, torch_forward, ref_forward, in_shapes, dtype, channels_last, seed,
