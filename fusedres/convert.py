@@ -17,17 +17,23 @@ the unconverted model's.
 """
 
 import copy
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock
+from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock, _qualified_name
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
+from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
 from .ops.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
 
-FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck)
+FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck)
+# timm's normalisation layers other than BatchNormAct2d (GroupNormAct, EvoNorm, FRN, ...) live in
+# these modules: reported and left alone when they stand outside a residual block.
+_TIMM_NORM_MODULES = ("timm.layers.norm_act", "timm.layers.evo_norm",
+                      "timm.layers.filter_response_norm", "timm.layers.norm")
 # Model classes whose forward applies the stem as ... -> bn -> act -> ...: (bn, act) attributes.
 _STEM_PAIRS = {
     "torchvision.models.resnet.ResNet": ("bn1", "relu"),
@@ -57,15 +63,15 @@ def _candidate_reason(module: nn.Module) -> Optional[tuple[type, Optional[str]]]
     None for modules that are not residual blocks at all (not reported)."""
     if isinstance(module, _FusedResidualBlock):
         return None
-    reasons = []
+    name = _qualified_name(module)
     for fused_cls in FUSED_BLOCK_TYPES:
-        reason = fused_cls.unsupported_reason(module)
-        if reason is None:
-            return fused_cls, None
-        reasons.append(reason)
-    looks_like_block = hasattr(module, "conv1") and hasattr(module, "bn1") and hasattr(module, "conv2")
+        if fused_cls.source_classes.get(name) == fused_cls.kind:
+            reason = fused_cls.unsupported_reason(module)
+            return (fused_cls, None) if reason is None else (None, reason)
+    looks_like_block = (not isinstance(module, nn.Sequential) and hasattr(module, "conv1") and hasattr(module, "conv2")
+                        and (hasattr(module, "bn1") or hasattr(module, "norm1")))
     if looks_like_block:
-        return None, "; ".join(dict.fromkeys(reasons))
+        return None, f"{type(module).__name__} is not a known torchvision/timm ResNet block"
     return None
 
 
@@ -108,6 +114,8 @@ def convert(
         report.model = _replace(report.model, name, fused)
         report.converted.append((name, f"{type(module).__name__} -> {fused_cls.__name__}"))
     _convert_bn_relu_pairs(report, backend, filter_fn)
+    if "timm" in sys.modules:  # a model holding timm modules has imported timm
+        _convert_timm_norms(report, backend, filter_fn)
     report.backend_note = _backend_note(report.model, backend)
     return report
 
@@ -122,7 +130,7 @@ def _bn_relu_pairs(model: nn.Module):
             for bn_name, act_name in zip(names, names[1:]):
                 if isinstance(module._modules[bn_name], nn.BatchNorm2d):
                     yield name, module, bn_name, act_name
-        pair = _STEM_PAIRS.get(f"{type(module).__module__}.{type(module).__qualname__}")
+        pair = _STEM_PAIRS.get(_qualified_name(module))
         if pair is not None and hasattr(module, pair[0]) and hasattr(module, pair[1]):
             yield name, module, *pair
 
@@ -143,6 +151,30 @@ def _convert_bn_relu_pairs(report, backend, filter_fn) -> None:
         setattr(parent, bn_name, fused)
         setattr(parent, act_name, ReLUFusedIntoNorm(parent, bn_name, fused, act).train(act.training))
         report.converted.append((name, f"BatchNorm2d + {act_name} (ReLU) -> FusedBatchNormAct2d"))
+
+
+def _convert_timm_norms(report, backend, filter_fn) -> None:
+    """timm BatchNormAct2d (with ReLU or no act) outside residual blocks -> FusedTimmBatchNormAct2d;
+    timm's other norm layers there are reported and left alone."""
+    from .nn.timm_norm import FusedTimmBatchNormAct2d, unsupported_reason
+
+    blocks = [name + "." for name, _ in report.converted + report.skipped]
+    for name, module in list(report.model.named_modules()):
+        if any(name.startswith(block) for block in blocks) or isinstance(module, FusedBatchNormAct2d):
+            continue
+        if _qualified_name(module) == "timm.layers.norm_act.BatchNormAct2d":
+            reason = unsupported_reason(module)
+        elif type(module).__module__ in _TIMM_NORM_MODULES:
+            reason = f"{type(module).__name__} is not a BatchNorm + ReLU we fuse"
+        else:
+            continue
+        if reason is None and filter_fn is not None and not filter_fn(module, name):
+            reason = "rejected by filter_fn"
+        if reason is not None:
+            report.skipped.append((name, reason))
+            continue
+        report.model = _replace(report.model, name, FusedTimmBatchNormAct2d.from_module(module, backend=backend))
+        report.converted.append((name, f"BatchNormAct2d -> {FusedTimmBatchNormAct2d.__name__}"))
 
 
 def _backend_note(model: nn.Module, backend: str) -> str:

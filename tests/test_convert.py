@@ -17,81 +17,7 @@ from torch import nn
 import fusedres
 from fusedres.nn import FusedBasicBlock, FusedBatchNormAct2d, FusedBottleneck
 from fusedres.nn.norm import ReLUFusedIntoNorm
-
-
-def _randomise_bn(model: nn.Module, seed: int) -> None:
-    """Non-trivial BN affine parameters and running stats, so nothing hides behind 1s and 0s."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
-                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-
-
-def _training_record(model, x, target, steps, lr=0.05) -> dict[str, torch.Tensor]:
-    """Losses, last step's gradients, final state_dict and eval output after SGD steps."""
-    optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    record, losses = {}, []
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), target)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        losses.append(loss.detach())
-        record.update({f"grad of {n}": p.grad.clone() for n, p in model.named_parameters()
-                       if p.grad is not None})
-        optim.step()
-    record["losses"] = torch.stack(losses)
-    record.update(model.state_dict())
-    with torch.no_grad():
-        record["eval output"] = model.eval()(x)
-    return record
-
-
-def _rel_error(actual, expected) -> float:
-    """||actual - expected|| / ||expected||: whole-tensor error, robust to tiny elements."""
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-def _assert_same_training(eager, fused, x, target, steps, tol):
-    """Same losses, gradients, buffers and eval outputs, within ``tol`` relative error."""
-    expected = _training_record(eager, x, target, steps)
-    actual = _training_record(fused, x, target, steps)
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        assert _rel_error(actual[name], value) <= tol, f"{name}: {_rel_error(actual[name], value):.3g}"
-
-
-def _grouped(record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """All gradients as one vector, all buffers/parameters as one, losses, eval output."""
-    groups = {"gradients": [], "state": []}
-    for name, value in record.items():
-        if name.startswith("grad of "):
-            groups["gradients"].append(value.double().flatten())
-        elif name not in ("losses", "eval output"):
-            groups["state"].append(value.double().flatten())
-    grouped = {k: torch.cat(v) for k, v in groups.items()}
-    return {**grouped, "losses": record["losses"], "eval output": record["eval output"]}
-
-
-def _assert_no_worse_than_eager(eager, fused, x, target, steps):
-    """Low precision: fused's error against an fp64 run at most 2x eager's own, plus 1e-5.
-
-    Compared over all gradients together (and all buffers together): per tensor, the errors of
-    a randomly initialised fp32 ResNet are noisy (eager itself is ~1% off fp64 on some). A small
-    learning rate keeps those gradient errors from dominating the weights after the step.
-    """
-    exact = _grouped(_training_record(copy.deepcopy(eager).double(), x.double(), target, steps, lr=1e-3))
-    eager_record = _grouped(_training_record(eager, x, target, steps, lr=1e-3))
-    fused_record = _grouped(_training_record(fused, x, target, steps, lr=1e-3))
-    for name, value in exact.items():
-        eager_error = _rel_error(eager_record[name], value)
-        fused_error = _rel_error(fused_record[name], value)
-        assert fused_error <= 2 * eager_error + 1e-5, f"{name}: {fused_error:.3g} vs eager {eager_error:.3g}"
+from model_helpers import assert_no_worse_than_eager, assert_same_training, randomise_bn
 
 
 TRAINING_CASES = {
@@ -113,7 +39,7 @@ def test_converted_model_trains_like_eager(case):
     build, expected_blocks, dtype, channels_last, steps = TRAINING_CASES[case]
     torch.manual_seed(len(case))
     eager = build().to(dtype)
-    _randomise_bn(eager, seed=len(case))
+    randomise_bn(eager, seed=len(case))
     fused = copy.deepcopy(eager)
     report = fusedres.convert(fused)
     assert len(report.converted) == expected_blocks, str(report)
@@ -125,9 +51,9 @@ def test_converted_model_trains_like_eager(case):
         x = x.to(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (3,))
     if dtype == torch.float64:
-        _assert_same_training(eager, fused, x, target, steps, tol=1e-10)
+        assert_same_training(eager, fused, x, target, steps, tol=1e-10)
     else:
-        _assert_no_worse_than_eager(eager, fused, x, target, steps)
+        assert_no_worse_than_eager(eager, fused, x, target, steps)
 
 
 @pytest.mark.parametrize("name,blocks,fused_cls", [
@@ -139,7 +65,7 @@ def test_converted_model_trains_like_eager(case):
 def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls):
     torch.manual_seed(0)
     eager = getattr(torchvision.models, name)(num_classes=10).eval()
-    _randomise_bn(eager, seed=1)
+    randomise_bn(eager, seed=1)
     report = fusedres.convert(eager, inplace=False)
     fused = report.model
     assert fused is not eager
@@ -205,7 +131,7 @@ def test_filter_fn_and_root_block_conversion():
 
 def test_state_dict_loads_both_ways():
     eager = torchvision.models.resnet18(num_classes=10)
-    _randomise_bn(eager, seed=3)
+    randomise_bn(eager, seed=3)
     fused = fusedres.convert(torchvision.models.resnet18(num_classes=10)).model
     fused.load_state_dict(eager.state_dict())
     back = torchvision.models.resnet18(num_classes=10)
@@ -240,7 +166,7 @@ def test_requires_grad_false_on_parts_and_memory_efficient_off():
         model.layer2[0].bn1.requires_grad_(False)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     target = torch.randint(0, 10, (2,))
-    _assert_same_training(eager, fused, x, target, steps=1, tol=1e-10)
+    assert_same_training(eager, fused, x, target, steps=1, tol=1e-10)
     assert fused.layer1[0].conv1.weight.grad is None
 
 
@@ -259,7 +185,7 @@ def test_torch_compile_has_no_graph_breaks_on_fused_block():
 def test_stem_batchnorm_relu_is_fused_and_reverted():
     torch.manual_seed(0)
     eager = timm.create_model("resnet26d", num_classes=10)
-    _randomise_bn(eager, seed=4)
+    randomise_bn(eager, seed=4)
     model = copy.deepcopy(eager)
     report = fusedres.convert(model)
     stems = [name for name, what in report.converted if "FusedBatchNormAct2d" in what]
@@ -288,7 +214,7 @@ def test_sync_batchnorm_conversion_after_convert_never_loses_the_stem_relu():
     placeholder must turn back into a ReLU (timm's converter once lost such activations)."""
     torch.manual_seed(0)
     eager = torchvision.models.resnet18(num_classes=10).eval()
-    _randomise_bn(eager, seed=5)
+    randomise_bn(eager, seed=5)
     model = fusedres.convert(copy.deepcopy(eager)).model
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert type(model.bn1) is nn.SyncBatchNorm

@@ -1,4 +1,5 @@
-"""End to end on real data (CPU): a small torchvision ResNet trained on scikit-learn's digits.
+"""End to end on real data (CPU): small ResNets trained on scikit-learn's digits, a
+torchvision (post-activation) ResNet and a timm pre-activation ResNetV2.
 
 An eager copy and a ``fusedres.convert``-ed copy start from the same weights and see the same
 batches in the same order. Both must learn the task, reach the same test accuracy within noise
@@ -16,14 +17,18 @@ and buffers are in test_convert.py.
 import copy
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
+from timm.layers import BatchNormAct2d, create_conv2d
+from timm.models.resnetv2 import ResNetV2
 from torchvision.models.resnet import BasicBlock, ResNet
 
 import fusedres
 from fusedres.nn import FusedBasicBlock, FusedBatchNormAct2d
+from fusedres.nn.preact import FusedPreActBasic
 
 IMAGE_SIZE = 32
 N_TRAIN = 1400  # of 1797 digits; the other 397 are the test set
@@ -71,6 +76,24 @@ def _small_resnet(width: int) -> ResNet:
     return model
 
 
+def _small_resnetv2(width: int) -> ResNetV2:
+    """timm's pre-activation ResNetV2 (its forward and initialisation), PreActBasic blocks, one
+    per stage at ``width``/64 of resnetv2_18's channels, a 3x3 stride-1 stem and no max-pool."""
+    model = ResNetV2(layers=[1, 1, 1, 1], channels=tuple(width * 2**i for i in range(4)),
+                     num_classes=10, in_chans=1, stem_chs=width, basic=True, bottle_ratio=1.0,
+                     conv_layer=create_conv2d, norm_layer=BatchNormAct2d)
+    model.stem = nn.Sequential(nn.Conv2d(1, width, kernel_size=3, stride=1, padding=1, bias=False))
+    nn.init.kaiming_normal_(model.stem[0].weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+# name: (builder, modules converted, fused block class)
+MODELS = {
+    "torchvision-resnet": (_small_resnet, 5, FusedBasicBlock),  # 4 blocks + the stem BN + ReLU
+    "timm-resnetv2": (_small_resnetv2, 5, FusedPreActBasic),  # 4 blocks + the final norm
+}
+
+
 def _train(model: nn.Module, data, order_seed: int) -> tuple[torch.Tensor, float]:
     """Per-step training losses (fp64 copies of the fp32 losses) and the final test accuracy."""
     x_train, y_train, x_test, y_test = data
@@ -94,18 +117,20 @@ def _train(model: nn.Module, data, order_seed: int) -> tuple[torch.Tensor, float
     return torch.tensor(losses, dtype=torch.float64), accuracy
 
 
-def test_converted_resnet_learns_digits_like_eager():
+@pytest.mark.parametrize("model_name", MODELS)
+def test_converted_resnet_learns_digits_like_eager(model_name):
+    build, converted, fused_block = MODELS[model_name]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steadier time on busy shared cores; results independent of core count
     try:
         data = _digits()
         torch.manual_seed(0)
-        eager = _small_resnet(WIDTH)
+        eager = build(WIDTH)
         fused = copy.deepcopy(eager)
         report = fusedres.convert(fused)
-        assert report.skipped == [] and len(report.converted) == 5, str(report)  # 4 blocks + stem
-        assert sum(isinstance(m, FusedBasicBlock) for m in fused.modules()) == 4
-        assert isinstance(fused.bn1, FusedBatchNormAct2d)
+        assert report.skipped == [] and len(report.converted) == converted, str(report)
+        assert sum(isinstance(m, fused_block) for m in fused.modules()) == 4
+        assert sum(isinstance(m, FusedBatchNormAct2d) for m in fused.modules()) == 1
 
         eager_losses, eager_accuracy = _train(eager, data, order_seed=1)
         fused_losses, fused_accuracy = _train(fused, data, order_seed=1)

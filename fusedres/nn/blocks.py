@@ -24,14 +24,6 @@ from .. import ops
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 
-_SOURCE_CLASSES = {
-    "torchvision.models.resnet.BasicBlock": "basic",
-    "torchvision.models.resnet.Bottleneck": "bottleneck",
-    "timm.models.resnet.BasicBlock": "basic",
-    "timm.models.resnet.Bottleneck": "bottleneck",
-}
-
-
 def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
@@ -98,18 +90,23 @@ def _downsample_unsupported(downsample: Optional[nn.Module]) -> Optional[str]:
 
 
 class _FusedResidualBlock(nn.Module):
-    """relu(unit_k(...unit_1(x)) + shortcut(x)), each unit conv -> BatchNorm (-> ReLU)."""
+    """Base of every fused block: holds the very children of the block it replaces.
 
-    unit_names: tuple[tuple[str, str], ...] = ()
-    expansion: int = 1
+    Subclasses say which source classes they convert (``source_classes``: qualified class name
+    -> kind), which ``kind`` they are, the names of the children they take over
+    (``child_names``), and why a given block cannot be fused (``_structure_reason``).
+    """
 
-    def __init__(self, convs_and_bns: dict[str, nn.Module], downsample: Optional[nn.Module] = None,
-                 *, backend: str = "auto", memory_efficient: bool = True):
+    family: str = ""
+    source_classes: dict[str, str] = {}
+    kind: str = ""
+    child_names: tuple[str, ...] = ()
+
+    def __init__(self, children: dict[str, Optional[nn.Module]], *, backend: str = "auto",
+                 memory_efficient: bool = True):
         super().__init__()
-        for conv_name, bn_name in self.unit_names:
-            setattr(self, conv_name, convs_and_bns[conv_name])
-            setattr(self, bn_name, convs_and_bns[bn_name])
-        self.downsample = downsample
+        for name in self.child_names:
+            setattr(self, name, children.get(name))
         self.backend = backend
         self.memory_efficient = memory_efficient
         self._source = None  # (class, plain attributes, children in their order) for to_module
@@ -118,23 +115,16 @@ class _FusedResidualBlock(nn.Module):
     @classmethod
     def unsupported_reason(cls, block: nn.Module) -> Optional[str]:
         """None when ``from_module(block)`` can convert it, else why it cannot."""
-        kind = _SOURCE_CLASSES.get(_qualified_name(block))
+        kind = cls.source_classes.get(_qualified_name(block))
         if kind is None:
-            return f"{type(block).__name__} is not a known torchvision/timm ResNet block"
+            return f"{type(block).__name__} is not a known {cls.family} block"
         if kind != cls.kind:
             return f"{type(block).__name__} is a {kind} block, not a {cls.kind} block"
-        fused_names = {name for unit in cls.unit_names for name in unit} | {"downsample"}
-        for conv_name, bn_name in cls.unit_names:
-            reason = (_conv_unsupported(conv_name, getattr(block, conv_name))
-                      or _bn_unsupported(bn_name, getattr(block, bn_name)))
-            if reason:
-                return reason
-        for name, child in block.named_children():
-            if name in fused_names or isinstance(child, nn.Identity):
-                continue
-            if type(child) is not nn.ReLU:
-                return f"{name} ({type(child).__name__}) is not fused"
-        return _downsample_unsupported(getattr(block, "downsample", None))
+        return cls._structure_reason(block)
+
+    @classmethod
+    def _structure_reason(cls, block: nn.Module) -> Optional[str]:
+        raise NotImplementedError
 
     @classmethod
     def from_module(cls, block: nn.Module, *, backend: str = "auto",
@@ -144,8 +134,7 @@ class _FusedResidualBlock(nn.Module):
         if reason is not None:
             raise ValueError(f"{cls.__name__}.from_module: cannot convert: {reason}")
         children = dict(block.named_children())
-        fused = cls(children, children.get("downsample"), backend=backend,
-                    memory_efficient=memory_efficient)
+        fused = cls(children, backend=backend, memory_efficient=memory_efficient)
         fused.train(block.training)
         fused._source = (
             type(block),
@@ -168,13 +157,44 @@ class _FusedResidualBlock(nn.Module):
         return block.train(self.training)
 
     # ------------------------------------------------------------------ forward
-    def _conv(self, source: Union[Tensor, PendingBN], conv: nn.Conv2d) -> Tensor:
+    def _conv(self, source: Union[Tensor, PendingBN], conv: nn.Conv2d, relu: bool = True) -> Tensor:
+        """conv(source), or conv(act(bn(y))) for a pending BatchNorm source (act: ReLU or none)."""
         if isinstance(source, Tensor):
             return conv(source)
         if self.memory_efficient:
             return ops.bn_act_conv2d(source, conv.weight, conv.bias, conv.stride, conv.padding,
-                                     conv.dilation, conv.groups, backend=self.backend)
-        return conv(ops.bn_act(source, relu=True, backend=self.backend))
+                                     conv.dilation, conv.groups, relu=relu, backend=self.backend)
+        return conv(ops.bn_act(source, relu=relu, backend=self.backend))
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, memory_efficient={self.memory_efficient}"
+
+
+class _FusedPostActBlock(_FusedResidualBlock):
+    """relu(unit_k(...unit_1(x)) + shortcut(x)), each unit conv -> BatchNorm (-> ReLU)."""
+
+    family = "torchvision/timm ResNet"
+    source_classes = {
+        "torchvision.models.resnet.BasicBlock": "basic",
+        "torchvision.models.resnet.Bottleneck": "bottleneck",
+        "timm.models.resnet.BasicBlock": "basic",
+        "timm.models.resnet.Bottleneck": "bottleneck",
+    }
+    unit_names: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def _structure_reason(cls, block: nn.Module) -> Optional[str]:
+        for conv_name, bn_name in cls.unit_names:
+            reason = (_conv_unsupported(conv_name, getattr(block, conv_name))
+                      or _bn_unsupported(bn_name, getattr(block, bn_name)))
+            if reason:
+                return reason
+        for name, child in block.named_children():
+            if name in cls.child_names or isinstance(child, nn.Identity):
+                continue
+            if type(child) is not nn.ReLU:
+                return f"{name} ({type(child).__name__}) is not fused"
+        return _downsample_unsupported(getattr(block, "downsample", None))
 
     def _shortcut(self, x: Tensor) -> Union[Tensor, PendingBN]:
         if self.downsample is None:
@@ -196,21 +216,20 @@ class _FusedResidualBlock(nn.Module):
             shortcut = ops.bn_act(shortcut, relu=False, backend=self.backend)
         return ops.bn_act(source, shortcut, relu=True, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, memory_efficient={self.memory_efficient}"
 
-
-class FusedBasicBlock(_FusedResidualBlock):
+class FusedBasicBlock(_FusedPostActBlock):
     """torchvision BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), fused."""
 
     kind = "basic"
     unit_names = (("conv1", "bn1"), ("conv2", "bn2"))
+    child_names = ("conv1", "bn1", "conv2", "bn2", "downsample")
     expansion = 1
 
 
-class FusedBottleneck(_FusedResidualBlock):
+class FusedBottleneck(_FusedPostActBlock):
     """torchvision Bottleneck: three units, the last with the residual add and ReLU, fused."""
 
     kind = "bottleneck"
     unit_names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    child_names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
     expansion = 4

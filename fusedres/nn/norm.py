@@ -17,7 +17,11 @@ from .blocks import pending_bn
 
 
 class FusedBatchNormAct2d(nn.BatchNorm2d):
-    """relu(batch_norm(x)) (or batch_norm(x) with ``relu=False``), with nn.BatchNorm2d's state."""
+    """act(batch_norm(x) + residual) with nn.BatchNorm2d's state; act is ReLU (``relu=True``) or
+    none, the residual optional (``forward(x, residual=None)``, as apex's NHWC BatchNorm)."""
+
+    source_class: type = nn.BatchNorm2d  # what from_module takes and to_module gives back
+    carried_children: tuple[str, ...] = ()  # stateless children kept for to_module
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
@@ -30,39 +34,41 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
     def from_module(cls, bn: nn.BatchNorm2d, *, relu: bool = True,
                     backend: str = "auto") -> "FusedBatchNormAct2d":
         """A fused module sharing ``bn``'s parameters and buffers (the same tensor objects)."""
-        if type(bn) is not nn.BatchNorm2d:
-            raise ValueError(f"{cls.__name__}.from_module: expected nn.BatchNorm2d, got {type(bn).__name__}")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for key in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
-            setattr(fused, key, getattr(bn, key))
-        for name, param in bn.named_parameters(recurse=False):
-            fused.register_parameter(name, param)
-        for name in ("weight", "bias"):
-            if name not in fused._parameters:
-                fused.register_parameter(name, None)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            fused.register_buffer(name, getattr(bn, name))
+        if type(bn) is not cls.source_class:
+            raise ValueError(f"{cls.__name__}.from_module: expected {cls.source_class.__name__}, "
+                             f"got {type(bn).__name__}")
+        fused = _copy_batch_norm_state(bn, cls.__new__(cls))
+        for name in cls.carried_children:
+            setattr(fused, name, getattr(bn, name))
         fused.relu, fused.backend = relu, backend
         return fused
 
     def to_module(self) -> nn.BatchNorm2d:
-        """A plain nn.BatchNorm2d holding this module's parameters and buffers."""
-        bn = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
-        nn.Module.__init__(bn)
-        for key in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
-            setattr(bn, key, getattr(self, key))
-        for name in ("weight", "bias"):
-            bn.register_parameter(name, self._parameters[name])
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            bn.register_buffer(name, self._buffers[name])
+        """The source module (plain nn.BatchNorm2d here) holding this module's parameters and buffers."""
+        bn = _copy_batch_norm_state(self, self.source_class.__new__(self.source_class))
+        for name in self.carried_children:
+            setattr(bn, name, getattr(self, name))
         return bn
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.bn_act(pending_bn(x, self, self.backend), relu=self.relu, backend=self.backend)
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return ops.bn_act(pending_bn(x, self, self.backend), residual, relu=self.relu,
+                          backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
+
+
+def _copy_batch_norm_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """Initialise the bare module ``target`` with ``source``'s settings and the very same
+    parameter and buffer objects."""
+    nn.Module.__init__(target)
+    for key in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+        setattr(target, key, getattr(source, key))
+    for name in ("weight", "bias"):
+        target.register_parameter(name, source._parameters.get(name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        target.register_buffer(name, source._buffers.get(name))
+    return target
 
 
 class ReLUFusedIntoNorm(nn.ReLU):

@@ -1,0 +1,152 @@
+"""Fused pre-activation (ResNet v2) blocks with timm's parameter and buffer names.
+
+He et al.'s "Identity Mappings in Deep Residual Networks" puts BatchNorm + ReLU in front of
+each conv (timm's ``PreActBasic`` / ``PreActBottleneck``, used by ``resnetv2_*``):
+
+    a   = act(norm1(x))
+    out = drop_path(conv_k(act(norm_k(... conv1(a))))) + shortcut,
+    shortcut = x, or downsample.conv(pool(a)) (timm's DownsampleConv / DownsampleAvg)
+
+Every BatchNorm + act here is exactly the prologue of the conv that follows it, so each conv
+runs as ``bn_act_conv2d`` on the previous conv's (pending) output: autograd keeps only the
+pre-BN tensors (x and each conv's output) and the per-channel statistics, and recomputes the
+normalised activation in backward. The shortcut conv reads the same pending ``norm1`` as
+``conv1`` (no activation is materialised), except after an average pool, which needs ``a``
+itself: then ``a`` is materialised once and both convs read it.
+
+Like the post-activation blocks (``blocks.py``) a fused block holds the very children of the
+block it replaces (``norm1``, ``conv1``, ..., ``downsample``, ``drop_path``), so its state_dict
+is the original's, and reads them at each forward. A norm's activation is read from its ``act``
+child: ReLU, or none (``nn.Identity``); the norms may be timm's ``BatchNormAct2d`` or
+``SyncBatchNormAct``, or the ``nn.SyncBatchNorm`` that torch's ``convert_sync_batchnorm``
+makes of a ``BatchNormAct2d`` (it keeps the ``act`` child but never calls it: the fused block
+still applies it). A norm this block cannot fuse at forward time is called as a module.
+"""
+
+from typing import NamedTuple, Optional, Union
+
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.functional import PendingBN
+from .blocks import _conv_unsupported, _FusedResidualBlock, _qualified_name, pending_bn
+
+_DOWNSAMPLE_CLASSES = ("timm.models.resnetv2.DownsampleConv", "timm.models.resnetv2.DownsampleAvg")
+_DROP_PATH_CLASSES = ("timm.layers.drop.DropPath",)
+
+
+class _PreActivation(NamedTuple):
+    """act(bn(y)) not yet applied: a pending BatchNorm and whether act is a ReLU."""
+
+    pending: PendingBN
+    relu: bool
+
+
+def _norm_relu(norm: nn.Module) -> Optional[bool]:
+    """Whether the fused BatchNorm + act ``norm`` ends in a ReLU (True) or nothing (False);
+    None when it is not a BatchNorm followed only by a ReLU or nothing."""
+    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        return None
+    if not isinstance(getattr(norm, "drop", nn.Identity()), nn.Identity):
+        return None
+    act = getattr(norm, "act", nn.Identity())
+    if type(act) is nn.ReLU:
+        return True
+    return False if type(act) is nn.Identity else None
+
+
+def _norm_unsupported(name: str, norm: nn.Module) -> Optional[str]:
+    if _norm_relu(norm) is None:
+        return (f"{name} is {type(norm).__name__}"
+                f"{'(act=' + type(norm.act).__name__ + ')' if hasattr(norm, 'act') else ''}, "
+                "not a BatchNorm followed by ReLU or nothing")
+    return None
+
+
+def _downsample_unsupported(downsample: Optional[nn.Module]) -> Optional[str]:
+    if downsample is None:
+        return None
+    if _qualified_name(downsample) not in _DOWNSAMPLE_CLASSES:
+        return f"downsample is {type(downsample).__name__}, not timm's DownsampleConv/DownsampleAvg"
+    if not isinstance(downsample.norm, nn.Identity):
+        return "downsample has a norm of its own (preact=False)"
+    pool = getattr(downsample, "pool", nn.Identity())
+    if any(True for _ in pool.parameters()) or any(True for _ in pool.buffers()):
+        return f"downsample pool {type(pool).__name__} holds parameters"
+    return _conv_unsupported("downsample conv", downsample.conv)
+
+
+class _FusedPreActBlock(_FusedResidualBlock):
+    """x_or_shortcut + drop_path(conv_k(act(norm_k(...conv1(act(norm1(x))))))), fused."""
+
+    family = "timm pre-activation ResNet (resnetv2)"
+    source_classes = {
+        "timm.models.resnetv2.PreActBasic": "basic",
+        "timm.models.resnetv2.PreActBottleneck": "bottleneck",
+    }
+    unit_names: tuple[tuple[str, str], ...] = ()  # (norm, conv) in order
+
+    @classmethod
+    def _structure_reason(cls, block: nn.Module) -> Optional[str]:
+        for norm_name, conv_name in cls.unit_names:
+            reason = (_norm_unsupported(norm_name, getattr(block, norm_name))
+                      or _conv_unsupported(conv_name, getattr(block, conv_name)))
+            if reason:
+                return reason
+        drop_path = block.drop_path
+        if not (isinstance(drop_path, nn.Identity) or _qualified_name(drop_path) in _DROP_PATH_CLASSES):
+            return f"drop_path is {type(drop_path).__name__}, not timm's DropPath"
+        extra = [name for name in dict(block.named_children()) if name not in cls.child_names]
+        if extra:
+            return f"{', '.join(extra)} not fused"
+        return _downsample_unsupported(block.downsample)
+
+    def _pre_activation(self, y: Tensor, norm: nn.Module) -> Union[Tensor, _PreActivation]:
+        relu = _norm_relu(norm)
+        if relu is None:  # replaced by something we do not fuse: run it as it is
+            return norm(y)
+        return _PreActivation(pending_bn(y, norm, self.backend), relu)
+
+    def _conv_of(self, source: Union[Tensor, _PreActivation], conv: nn.Conv2d) -> Tensor:
+        if isinstance(source, Tensor):
+            return conv(source)
+        return self._conv(source.pending, conv, relu=source.relu)
+
+    def _materialised(self, source: Union[Tensor, _PreActivation]) -> Tensor:
+        if isinstance(source, Tensor):
+            return source
+        return ops.bn_act(source.pending, relu=source.relu, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm1_name = self.unit_names[0][0]
+        source = self._pre_activation(x, getattr(self, norm1_name))
+        shortcut = x
+        downsample = self.downsample
+        if downsample is not None:
+            pool = getattr(downsample, "pool", nn.Identity())
+            if not isinstance(pool, nn.Identity):
+                source = self._materialised(source)  # the pool and conv1 both read act(norm1(x))
+                shortcut = downsample.norm(downsample.conv(pool(source)))
+            else:
+                shortcut = downsample.norm(self._conv_of(source, downsample.conv))
+        for index, (norm_name, conv_name) in enumerate(self.unit_names):
+            if index:
+                source = self._pre_activation(y, getattr(self, norm_name))
+            y = self._conv_of(source, getattr(self, conv_name))
+        return self.drop_path(y) + shortcut
+
+
+class FusedPreActBasic(_FusedPreActBlock):
+    """timm PreActBasic: x + conv2(act(norm2(conv1(act(norm1(x)))))), fused."""
+
+    kind = "basic"
+    unit_names = (("norm1", "conv1"), ("norm2", "conv2"))
+    child_names = ("downsample", "norm1", "conv1", "norm2", "conv2", "drop_path")
+
+
+class FusedPreActBottleneck(_FusedPreActBlock):
+    """timm PreActBottleneck: three pre-activated convs and the shortcut add, fused."""
+
+    kind = "bottleneck"
+    unit_names = (("norm1", "conv1"), ("norm2", "conv2"), ("norm3", "conv3"))
+    child_names = ("downsample", "norm1", "conv1", "norm2", "conv2", "norm3", "conv3", "drop_path")
