@@ -47,8 +47,14 @@ def _model_name(text: str) -> list[str]:
 
     names = _csv()(text)
     for name in names:
-        if not name.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, name):
-            raise argparse.ArgumentTypeError(f"{name!r} is not a torchvision ResNet builder")
+        if cases.is_timm_model(name):
+            import timm
+
+            if name not in timm.list_models("resnetv2*"):
+                raise argparse.ArgumentTypeError(f"{name!r} is not a timm resnetv2 model")
+        elif not name.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, name):
+            raise argparse.ArgumentTypeError(f"{name!r} is not a torchvision ResNet builder or "
+                                             "timm resnetv2 model")
     return names
 
 
@@ -57,8 +63,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", type=_csv(cases.LEVELS), default=list(cases.LEVELS),
                    help="comma-separated subset of ops,blocks,models (default: all)")
-    p.add_argument("--models", type=_model_name, default=["resnet18", "resnet50"],
-                   help="torchvision ResNets for the blocks and models levels (default: resnet18,resnet50)")
+    p.add_argument("--models", type=_model_name, default=["resnet18", "resnet50", "resnetv2_50"],
+                   help="torchvision ResNets and timm pre-activation resnetv2_* models for the blocks "
+                        "and models levels (default: resnet18,resnet50,resnetv2_50)")
     p.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS),
                    help="fused backends to run, those unavailable are reported and skipped "
                         f"(default: {','.join(BACKENDS)})")

@@ -5,10 +5,10 @@
   (``fwd``, no autograd) and forward + backward (``fwd+bwd``). Eager is
   ``relu_(batch_norm(y) += residual)`` as torchvision writes it; fused is
   ``ops.bn_act(ops.batch_norm_stats(y, ...), residual)``.
-- ``blocks``: every distinct residual block configuration of the selected torchvision ResNets
+- ``blocks``: every distinct residual block configuration of the selected models
   (``train`` = forward + backward in training mode, ``infer`` = eval-mode forward without grad).
-- ``models``: whole torchvision ResNets: ``train`` = one SGD step (forward, cross-entropy,
-  backward, optimizer step), ``infer`` = eval-mode forward without grad.
+- ``models``: whole torchvision ResNets and timm ``resnetv2_*``: ``train`` = one SGD step
+  (forward, cross-entropy, backward, optimizer step), ``infer`` = eval-mode forward without grad.
 
 Every case builds its weights from one seeded pristine model (BatchNorm affine parameters and
 running statistics randomised, so eval-mode folding is exercised) and its inputs from a seed;
@@ -31,7 +31,8 @@ import fusedres
 from .harness import Case, Settings, Setup, Step
 
 LEVELS = ("ops", "blocks", "models")
-QUICK_BLOCKS = {"resnet18": "layer1.0", "resnet50": "layer2.0"}  # identity basic, downsample bottleneck
+# identity basic, downsample bottleneck, downsample pre-activation bottleneck
+QUICK_BLOCKS = {"resnet18": "layer1.0", "resnet50": "layer2.0", "resnetv2_50": "stages.1.blocks.0"}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
 
 
@@ -105,17 +106,30 @@ def activation(shape, settings: Settings, dtype: Optional[torch.dtype] = None) -
                        memory_format=fmt).normal_()
 
 
+def is_timm_model(name: str) -> bool:
+    """timm's pre-activation ResNets (``resnetv2_*``); every other name is a torchvision builder."""
+    return name.startswith("resnetv2")
+
+
+def build_model(name: str) -> nn.Module:
+    if is_timm_model(name):
+        import timm
+
+        return timm.create_model(name)
+    return getattr(torchvision.models, name)()
+
+
 @functools.lru_cache(maxsize=None)
 def _meta_model(name: str) -> nn.Module:
     with torch.device("meta"):
-        return getattr(torchvision.models, name)()
+        return build_model(name)
 
 
 @functools.lru_cache(maxsize=None)
 def pristine_model(name: str) -> nn.Module:
     """The seeded CPU model every contender's weights are copied from."""
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)()
+    model = build_model(name)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -262,15 +276,25 @@ class BlockConfig:
                 f" (x{len(self.names)}: {', '.join(self.names)})")
 
 
+def _block_types(model_name: str) -> tuple[type, ...]:
+    if is_timm_model(model_name):
+        from timm.models.resnetv2 import PreActBasic, PreActBottleneck
+
+        return PreActBasic, PreActBottleneck
+    return torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck
+
+
 def block_configs(model_name: str, size: int) -> list[BlockConfig]:
-    """The distinct residual blocks of a torchvision ResNet at ``size`` px, in network order."""
+    """The distinct residual blocks of a torchvision ResNet or timm ResNetV2 at ``size`` px, in
+    network order."""
     model = _meta_model(model_name)
-    block_types = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
+    block_types = _block_types(model_name)
     seen: dict[tuple, list] = {}
 
     def record(name, block, inputs, output):
-        key = (type(block).__name__, tuple(inputs[0].shape[1:]), tuple(output.shape[1:]),
-               block.conv1.out_channels, block.stride, block.downsample is not None)
+        in_shape, out_shape = tuple(inputs[0].shape[1:]), tuple(output.shape[1:])
+        key = (type(block).__name__, in_shape, out_shape, block.conv1.out_channels,
+               in_shape[1] // out_shape[1], block.downsample is not None)
         seen.setdefault(key, []).append(name)
 
     handles = [m.register_forward_hook(functools.partial(record, n)) for n, m in model.named_modules()
