@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import timm
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -31,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fusedres
 from fusedres.nn import FusedBasicBlock
+from fusedres.nn.preact import FusedPreActBasic
 from fusedres.ops import functional
 
 pytestmark = pytest.mark.skipif(
@@ -236,7 +238,16 @@ def functional_bn_act_conv2d(rank: int) -> None:
 def resnet18() -> nn.Module:
     """The same fp64 torchvision ResNet-18 on every call, non-trivial BN parameters and stats."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).double()
+    return with_random_batch_norms(torchvision.models.resnet18(num_classes=10).double())
+
+
+def resnetv2_18() -> nn.Module:
+    """The same fp64 timm pre-activation resnetv2_18 on every call, BN state as resnet18()'s."""
+    torch.manual_seed(0)
+    return with_random_batch_norms(timm.create_model("resnetv2_18", num_classes=10).double())
+
+
+def with_random_batch_norms(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -349,12 +360,45 @@ def ddp_plain_batchnorm(rank: int) -> None:
     assert_same_model(model, ref, "model", 1e-9)
 
 
+def ddp_sync_preact(rank: int) -> None:
+    """A converted pre-activation resnetv2_18 after timm's convert_sync_batchnorm (every block
+    norm a SyncBatchNormAct), under DDP on each rank's shard == the unconverted model with plain
+    BatchNorm on the whole batch. The final norm stands outside the blocks: timm's
+    SyncBatchNormAct there is torch's SyncBatchNorm, which cannot synchronise on CPU, so it is
+    frozen (eval mode) in both."""
+    x, target = global_batch()
+    mine = rank_slice(rank)
+    ref = resnetv2_18()
+    ref.norm.eval()
+    ref_losses = []
+
+    def mean_of_rank_losses(out, t):
+        losses = [F.cross_entropy(out[rank_slice(r)], t[rank_slice(r)]) for r in range(WORLD_SIZE)]
+        ref_losses.append(losses[rank].detach())
+        return sum(losses) / WORLD_SIZE
+
+    train(ref, (x, target), mean_of_rank_losses)
+    model = resnetv2_18()
+    assert len(fusedres.convert(model).converted) == 9  # 8 blocks and the final norm
+    model = timm.layers.convert_sync_batchnorm(model)
+    model.norm.eval()
+    norms = [m for b in model.modules() if isinstance(b, FusedPreActBasic) for m in b.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 16 and all(type(m) is timm.layers.SyncBatchNormAct for m in norms)
+    with mock.patch.object(DDP, "_passing_sync_batchnorm_handle", lambda self, module: None):
+        ddp_model = DDP(model)
+    losses = train(ddp_model, (x[mine], target[mine]), F.cross_entropy)
+    assert_close(torch.stack(losses), torch.stack(ref_losses), "losses", 1e-9)
+    assert_same_model(model, ref, "resnetv2_18", 1e-9)
+
+
 def functional_ops(rank: int) -> None:
     functional_bn_act(rank)
     functional_bn_act_conv2d(rank)
 
 
-SCENARIOS = {f.__name__: f for f in (functional_ops, ddp_sync_batchnorm, ddp_plain_batchnorm)}
+SCENARIOS = {f.__name__: f for f in (functional_ops, ddp_sync_batchnorm, ddp_plain_batchnorm,
+                                     ddp_sync_preact)}
 
 
 # --------------------------------------------------------------------------- tests
@@ -368,3 +412,7 @@ def test_sync_batchnorm_resnet_under_ddp_matches_whole_batch_training():
 
 def test_converted_resnet_under_ddp_matches_unconverted():
     run_on_two_ranks("ddp_plain_batchnorm")
+
+
+def test_converted_preact_resnet_with_timm_sync_batchnorm_matches_whole_batch_training():
+    run_on_two_ranks("ddp_sync_preact")
