@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 import torchvision
+from timm.layers import BatchNormAct2d, create_conv2d
+from timm.models.resnetv2 import DownsampleConv, PreActBasic, PreActBottleneck
 from torch import nn
 
 import fusedres
@@ -16,10 +18,18 @@ from fusedres.ops.backends import unavailable_reason
 from conftest import requires_cuda
 
 
+KINDS = ["basic", "bottleneck", "preact-basic", "preact-bottleneck"]
+
+
 def _block(kind: str, seed: int) -> nn.Module:
-    """A torchvision block with a downsample shortcut and non-trivial BN state."""
+    """A torchvision block, or a timm pre-activation block ("preact-*"), with a downsample
+    shortcut (12 -> 20 or 24 channels, stride 2) and non-trivial BN state."""
     torch.manual_seed(seed)
-    if kind == "basic":
+    if kind.startswith("preact-"):
+        cls = PreActBasic if kind == "preact-basic" else PreActBottleneck
+        block = cls(12, 20 if kind == "preact-basic" else 24, stride=2, conv_layer=create_conv2d,
+                    norm_layer=BatchNormAct2d, proj_layer=DownsampleConv)
+    elif kind == "basic":
         ds = nn.Sequential(nn.Conv2d(12, 20, 1, 2, bias=False), nn.BatchNorm2d(20))
         block = torchvision.models.resnet.BasicBlock(12, 20, stride=2, downsample=ds)
     else:
@@ -64,7 +74,7 @@ def _assert_no_worse_than_eager(eager_block, fused_block, x, dtype=None, autocas
         assert fe <= 2 * ee + absolute, f"{name}: fused error {fe:.3g}, eager {ee:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_cpu_bf16_autocast_matches_eager_within_its_own_error(kind):
     eager = _block(kind, seed=1)
     fused = fusedres.convert(copy.deepcopy(eager)).model
@@ -72,7 +82,7 @@ def test_cpu_bf16_autocast_matches_eager_within_its_own_error(kind):
     _assert_no_worse_than_eager(eager, fused, x, autocast_dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_cpu_bf16_model_matches_eager_within_its_own_error(kind):
     eager = _block(kind, seed=2)
     fused = fusedres.convert(copy.deepcopy(eager)).model
@@ -88,8 +98,9 @@ def test_no_grad_eval_and_train_eval_switching():
         eager.train(training), fused.train(training)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused.bn1.running_mean, eager.bn1.running_mean)
-    assert int(fused.bn1.num_batches_tracked) == int(eager.bn1.num_batches_tracked) == 2
+    for (name, buffer), fused_buffer in zip(eager.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(fused_buffer, buffer, msg=name)
+    assert int(fused.bn1.num_batches_tracked) == 2
 
 
 # ------------------------------------------------------------------------------- GPU only
@@ -100,7 +111,7 @@ GPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gpu_blocks_match_eager_every_backend_dtype_layout(backend, dtype, channels_last, kind):
     reason = unavailable_reason(backend, torch.device("cuda"))
     if reason:
@@ -120,11 +131,12 @@ def test_gpu_blocks_match_eager_every_backend_dtype_layout(backend, dtype, chann
 
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_bf16_autocast_training_step_matches_eager(backend):
+@pytest.mark.parametrize("kind", ["bottleneck", "preact-bottleneck"])
+def test_gpu_bf16_autocast_training_step_matches_eager(backend, kind):
     reason = unavailable_reason(backend, torch.device("cuda"))
     if reason:
         pytest.skip(reason)
-    eager = _block("bottleneck", seed=5).cuda().to(memory_format=torch.channels_last)
+    eager = _block(kind, seed=5).cuda().to(memory_format=torch.channels_last)
     fused = fusedres.convert(copy.deepcopy(eager), backend=backend).model
     x = torch.randn(4, 12, 14, 14, device="cuda").to(memory_format=torch.channels_last)
     _assert_no_worse_than_eager(eager, fused, x, autocast_dtype=torch.bfloat16, absolute=2e-3)
