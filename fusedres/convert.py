@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock, _qualified_name

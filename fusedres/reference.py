@@ -16,7 +16,6 @@ The fused unit (DESIGN.md):
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -13,6 +13,7 @@ from timm.models.resnetv2 import DownsampleConv, PreActBasic, PreActBottleneck
 from torch import nn
 
 import fusedres
+from fusedres.ops import inference
 from fusedres.ops.backends import unavailable_reason
 
 from conftest import requires_cuda
@@ -101,6 +102,37 @@ def test_no_grad_eval_and_train_eval_switching():
     for (name, buffer), fused_buffer in zip(eager.named_buffers(), fused.buffers()):
         torch.testing.assert_close(fused_buffer, buffer, msg=name)
     assert int(fused.bn1.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_forward_folds_batchnorm_and_refolds_after_a_training_step(kind, monkeypatch):
+    """Eval mode under no_grad runs each conv with its BatchNorm folded in (fusedres::conv_bias_act),
+    and the folded weights follow the model through a training step and load_state_dict."""
+    eager = _block(kind, seed=7).double()
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    calls = []
+    monkeypatch.setattr(inference, "conv_bias_act",
+                        lambda *args, **kw: calls.append(1) or original_conv_bias_act(*args, **kw))
+    x = torch.randn(2, 12, 8, 8, dtype=torch.float64)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, fused)]
+    for step in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-12, atol=1e-12)
+        assert len(calls) == (4 if "bottleneck" in kind else 3), calls  # the shortcut conv too
+        calls.clear()
+        for model, optimizer in zip((eager, fused), optimizers):
+            model.train()(x).square().mean().backward()
+            optimizer.step()
+    fused.load_state_dict(_block(kind, seed=8).double().state_dict())
+    eager.load_state_dict(_block(kind, seed=8).double().state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-12, atol=1e-12)
+    calls.clear()
+    fused.eval()(x.requires_grad_()).sum().backward()  # eval with autograd: the unfolded path
+    assert not calls
+
+
+original_conv_bias_act = inference.conv_bias_act
 
 
 # ------------------------------------------------------------------------------- GPU only

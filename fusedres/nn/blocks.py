@@ -17,10 +17,12 @@ it synchronises when and over what torch's would.
 
 from typing import Optional, Union
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import inference
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 
@@ -156,6 +158,35 @@ class _FusedResidualBlock(nn.Module):
             setattr(block, name, self._modules[name] if name in self._modules else stateless_child)
         return block.train(self.training)
 
+    # ------------------------------------------------------------------ inference
+    def _folding_applies(self, norms) -> bool:
+        """Whether this forward may fold ``norms`` into their convs: eval mode, running
+        statistics in every one, and no autograd (the folded path has no backward)."""
+        return (not self.training and not torch.is_grad_enabled()
+                and all(not bn.training and bn.running_mean is not None for bn in norms))
+
+    def _conv_bias_act(self, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module] = None,
+                       residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+        """act(conv(source) [BatchNorm ``bn`` folded in] + residual) in one launch (inference)."""
+        if bn is None:
+            weight, bias = conv.weight, conv.bias
+        else:
+            cache = self.__dict__.setdefault("_folded", {})  # plain attribute: not in state_dict
+            folded = cache.setdefault((id(conv), id(bn)), inference.FoldedWeights())
+            device_type = source.device.type
+            autocast = torch.is_autocast_enabled(device_type) and conv.weight.dtype != torch.float64
+            weight, bias = folded.get(conv, bn, torch.get_autocast_dtype(device_type) if autocast
+                                      else conv.weight.dtype)
+        return inference.conv_bias_act(
+            source, weight, bias, residual, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, relu=relu,
+            backend="torch" if self.backend == "torch" else "auto")
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_folded", None)  # a cache of derived tensors, rebuilt on first use
+        return state
+
     # ------------------------------------------------------------------ forward
     def _conv(self, source: Union[Tensor, PendingBN], conv: nn.Conv2d, relu: bool = True) -> Tensor:
         """conv(source), or conv(act(bn(y))) for a pending BatchNorm source (act: ReLU or none)."""
@@ -204,7 +235,29 @@ class _FusedPostActBlock(_FusedResidualBlock):
             x = module(x)
         return pending_bn(conv(x), bn, self.backend)
 
+    def _inference_forward(self, x: Tensor) -> Tensor:
+        """Every BatchNorm folded into its conv; each unit (and the add + ReLU) one launch."""
+        if self.downsample is None:
+            shortcut = x
+        else:
+            prefix, conv, bn = _shortcut_parts(self.downsample)
+            shortcut = x
+            for module in prefix:
+                shortcut = module(shortcut)
+            shortcut = self._conv_bias_act(shortcut, conv, bn, relu=False)
+        out = x
+        for index, (conv_name, bn_name) in enumerate(self.unit_names):
+            last = index == len(self.unit_names) - 1
+            out = self._conv_bias_act(out, getattr(self, conv_name), getattr(self, bn_name),
+                                      residual=shortcut if last else None)
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
+        norms = [getattr(self, bn_name) for _, bn_name in self.unit_names]
+        if self.downsample is not None:
+            norms.append(_shortcut_parts(self.downsample)[2])
+        if self._folding_applies(norms):
+            return self._inference_forward(x)
         source: Union[Tensor, PendingBN] = x
         for conv_name, bn_name in self.unit_names:
             y = self._conv(source, getattr(self, conv_name))

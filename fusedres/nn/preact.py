@@ -117,9 +117,27 @@ class _FusedPreActBlock(_FusedResidualBlock):
             return source
         return ops.bn_act(source.pending, relu=source.relu, backend=self.backend)
 
+    def _inference_forward(self, x: Tensor) -> Tensor:
+        """Eval mode without autograd: norm_k+1 (+ act) folded into conv_k as its bias and ReLU
+        epilogue, the last conv with the shortcut add as its epilogue; norm1 one bn_act pass."""
+        source = self._materialised(self._pre_activation(x, self.norm1))
+        shortcut = x
+        if self.downsample is not None:
+            pool = getattr(self.downsample, "pool", nn.Identity())
+            shortcut = self.downsample.norm(
+                self._conv_bias_act(pool(source), self.downsample.conv, relu=False))
+        units = self.unit_names
+        for (_, conv_name), (next_norm_name, _) in zip(units, units[1:]):
+            next_norm = getattr(self, next_norm_name)
+            source = self._conv_bias_act(source, getattr(self, conv_name), next_norm,
+                                         relu=_norm_relu(next_norm))
+        return self._conv_bias_act(source, getattr(self, units[-1][1]), residual=shortcut, relu=False)
+
     def forward(self, x: Tensor) -> Tensor:
-        norm1_name = self.unit_names[0][0]
-        source = self._pre_activation(x, getattr(self, norm1_name))
+        norms = [getattr(self, norm_name) for norm_name, _ in self.unit_names]
+        if all(_norm_relu(norm) is not None for norm in norms) and self._folding_applies(norms):
+            return self._inference_forward(x)
+        source = self._pre_activation(x, self.norm1)
         shortcut = x
         downsample = self.downsample
         if downsample is not None:
@@ -129,10 +147,9 @@ class _FusedPreActBlock(_FusedResidualBlock):
                 shortcut = downsample.norm(downsample.conv(pool(source)))
             else:
                 shortcut = downsample.norm(self._conv_of(source, downsample.conv))
-        for index, (norm_name, conv_name) in enumerate(self.unit_names):
-            if index:
-                source = self._pre_activation(y, getattr(self, norm_name))
-            y = self._conv_of(source, getattr(self, conv_name))
+        y = self._conv_of(source, getattr(self, self.unit_names[0][1]))
+        for norm_name, conv_name in self.unit_names[1:]:
+            y = self._conv_of(self._pre_activation(y, getattr(self, norm_name)), getattr(self, conv_name))
         return self.drop_path(y) + shortcut
 
 

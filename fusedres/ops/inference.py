@@ -1,0 +1,365 @@
+"""Inference path of one conv unit: BatchNorm folded into the conv once, then one launch.
+
+Eval-mode BatchNorm is a per-channel affine map, so it folds into the conv before it (per output
+channel o; gamma = 1 and beta = 0 without affine, b = 0 without a conv bias):
+
+    g[o] = gamma[o] / sqrt(running_var[o] + eps),   W'[o] = W[o] * g[o],
+    b'[o] = (b[o] - running_mean[o]) * g[o] + beta[o]
+    out  = act(conv2d(x, W', b') + residual)        (op fusedres::conv_bias_act; act = ReLU or identity)
+
+Implementations: ``cudnn`` = ``torch.cudnn_convolution_relu`` / ``_add_relu``, one cuDNN graph conv ->
++ alpha * z -> + bias -> ReLU in fp32 (ATen native/cudnn/Conv_v8.cpp ``build_opgraph_fused``; the entry
+points in ConvShared.cpp check no shapes, not even z's): CUDA, ReLU only, fp32/fp16/bf16, bias in x's
+dtype. ``triton`` = ``fusedres.triton.conv.conv2d_fused``, the bias (fp32) as its epilogue shift.
+``torch`` = F.conv2d, add, ReLU: any device and dtype, the reference.
+
+``backend="auto"``: torch on CPU. On CUDA the first call per (GPU, dtype, layout, shapes, conv arguments,
+bias / residual / ReLU) times every available implementation (CUDA events, median after warm-up) and the
+process keeps the fastest (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>`` keeps them in a JSON
+file across processes). Nothing is timed while a CUDA graph is captured: a known choice, else the first
+available of cudnn, triton, torch; warm up before capturing (as ``torch.cuda.graph`` asks) to capture
+the measured one. The output is dense in x's memory format (channels_last when x is channels_last and
+not also NCHW-contiguous) whichever implementation ran.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import statistics
+import weakref
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.library import custom_op
+
+from .functional import _check_activation, _conv_tuple
+
+IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
+CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
+_CUDNN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_WARMUP, _REPS = 3, 10
+_TABLE: dict[str, dict] = {}  # dispatch key -> {"choice": name, "ms": {name: median ms or why not}}
+
+
+# --------------------------------------------------------------------------- folding
+def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], running_mean: Tensor,
+                    running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                    eps: float, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(W', b') of a conv followed by an eval-mode BatchNorm, as in the module docstring.
+
+    Computed in float32 (float64 for a float64 weight), cast to ``dtype`` (default: the conv weight's)
+    only at the end. ``bn_weight`` and ``bn_bias`` are None for ``affine=False``.
+    """
+    out_channels = conv_weight.shape[0]
+    for name, v in (("conv_bias", conv_bias), ("running_mean", running_mean), ("running_var", running_var),
+                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if v is not None and v.numel() != out_channels:
+            raise ValueError(f"fold_batch_norm: {name} should contain {out_channels} elements (one per "
+                             f"output channel), not {v.numel()}")
+    cdt = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(cdt) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(cdt)
+    shift = (-running_mean.to(cdt) if conv_bias is None else conv_bias.to(cdt) - running_mean.to(cdt)) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(cdt)
+    dtype = conv_weight.dtype if dtype is None else dtype
+    return (conv_weight.to(cdt) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
+
+
+def _fingerprint(t: Optional[Tensor]):
+    """t's object, storage, version counter (None for inference tensors: they have none), device, dtype."""
+    if t is None:
+        return None
+    return weakref.ref(t), t.data_ptr(), None if t.is_inference() else t._version, t.device, t.dtype
+
+
+def _unchanged(fingerprint, t: Optional[Tensor]) -> bool:
+    if fingerprint is None or t is None:
+        return fingerprint is t
+    now = _fingerprint(t)
+    return fingerprint[0]() is t and now[2] is not None and fingerprint[1:] == now[1:]
+
+
+class FoldedWeights:
+    """Cached ``fold_batch_norm`` of one (conv, bn) pair, for a module to own; inference only.
+
+    ``get`` folds again when a source tensor was replaced (object or storage: ``.to``, a new Parameter)
+    or changed in place (version counter: optimizer steps, ``load_state_dict``; not writes through
+    ``.data``), or ``bn.eps`` or the dtype asked for changed; else it returns the very same tensors.
+    Tensors made under ``torch.inference_mode`` have no version counter and are folded on every call,
+    as is everything under ``torch.compile`` (traced into the graph). Plain attributes: the owner's
+    state_dict is unchanged, nothing is allocated before the first ``get``, no autograd graph is kept.
+    ``get`` raises for a BatchNorm in training mode, and in grad mode if a source requires grad.
+    """
+
+    def __init__(self):
+        self._fingerprints: tuple = ()
+        self._key = None
+        self._folded: Optional[tuple[Tensor, Tensor]] = None
+
+    def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+            dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """(W', b') in ``dtype`` (default: the conv weight's dtype)."""
+        if bn.training:
+            raise RuntimeError("FoldedWeights.get: the BatchNorm is in training mode; folding uses running "
+                               "statistics and is for eval mode only")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("FoldedWeights.get: the BatchNorm keeps no running statistics "
+                             "(track_running_stats=False), so it has nothing to fold")
+        sources = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+            raise RuntimeError("FoldedWeights.get is for inference: call it under torch.no_grad() or "
+                               "torch.inference_mode(), or with parameters that do not require grad")
+        key = (conv.weight.dtype if dtype is None else dtype, bn.eps)
+        if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
+            return fold_batch_norm(*sources, bn.eps, key[0])
+        # BatchNorm's forward updates the running stats below autograd, without moving their version
+        # counters, but it moves num_batches_tracked's (a Python add_): that one is watched too.
+        watched = sources + (bn.num_batches_tracked,)
+        if self._folded is None or key != self._key or not all(map(_unchanged, self._fingerprints, watched)):
+            with torch.no_grad():
+                self._folded = fold_batch_norm(*sources, bn.eps, key[0])
+            self._key, self._fingerprints = key, tuple(map(_fingerprint, watched))
+        return self._folded
+
+
+# --------------------------------------------------------------------------- implementations
+def _channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _out_shape(x_shape, w_shape, stride, padding, dilation) -> list:
+    return [x_shape[0], w_shape[0]] + [
+        (x_shape[i] + 2 * padding[i - 2] - dilation[i - 2] * (w_shape[i] - 1) - 1) // stride[i - 2] + 1
+        for i in (2, 3)]
+
+
+def _dense_strides(shape, channels_last: bool) -> tuple:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+
+
+def _run_torch(x, weight, bias, residual, conv, relu):
+    out = F.conv2d(x, weight, bias, *conv)
+    if residual is not None:
+        out = out.add_(residual)
+    return out.relu_() if relu else out
+
+
+def _run_cudnn(x, weight, bias, residual, conv, relu):
+    # relu(conv(x, w) + alpha * z + bias); cudnn_convolution_relu is the same graph with alpha = 0.
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, *conv)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, *conv)
+
+
+def _run_triton(x, weight, bias, residual, conv, relu):
+    stride, padding, dilation, groups = conv
+    return _triton_conv()[0].conv2d_fused(
+        x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups, in_relu=False,
+        out_shift=None if bias is None else bias.float(), residual=residual, out_relu=relu)[0]
+
+
+_IMPLS = {"cudnn": _run_cudnn, "triton": _run_triton, "torch": _run_torch}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_conv():
+    """(fusedres.triton.conv or None, why not); imported once per process."""
+    try:
+        from ..triton import conv
+    except Exception as exc:  # triton missing or broken: that implementation is unavailable
+        return None, f"cannot import fusedres.triton.conv: {type(exc).__name__}: {exc}"
+    return conv, ""
+
+
+def unavailable_reason(name: str, x, weight, bias, residual, conv, relu) -> Optional[str]:
+    """None when implementation ``name`` can run this call (the op's arguments, conv = (stride,
+    padding, dilation, groups)), else a sentence saying why not."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"fusedres.conv_bias_act: unknown backend {name!r}; expected one of "
+                         f"{IMPLEMENTATIONS} or 'auto'")
+    if name == "triton":
+        module, reason = _triton_conv()
+        return reason if module is None else module.unsupported_reason(x, weight, *conv)
+    if name == "torch":
+        return None
+    if x.device.type != "cuda":
+        return f"cuDNN runs on CUDA tensors, got a tensor on {x.device}"
+    if not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
+        return "cuDNN is not available, or torch.backends.cudnn.enabled is False"
+    if not relu:
+        return "cuDNN's fused convolutions (cudnn_convolution_relu / _add_relu) always apply ReLU"
+    if x.dtype not in _CUDNN_DTYPES:
+        return f"cuDNN's fused convolutions take float32, float16 or bfloat16, got {x.dtype}"
+    return None
+
+
+# --------------------------------------------------------------------------- dispatch
+_gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        return entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):  # no file yet, or unreadable: measure again
+        return {}
+
+
+_disk_entries = functools.lru_cache(maxsize=None)(_read_cache)  # read once per path
+
+
+def _save(path: str, key: str, entry: dict) -> None:
+    entries = _read_cache(path)  # again: keep what other processes wrote meanwhile
+    entries[key] = entry
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _time_ms(fn, args) -> float:
+    for _ in range(_WARMUP):
+        fn(*args)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_REPS)]
+    for start, end in events:
+        start.record()
+        fn(*args)
+        end.record()
+    events[-1][1].synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _measure(args) -> dict:
+    times: dict[str, Union[float, str]] = {}
+    for name in IMPLEMENTATIONS:
+        reason = unavailable_reason(name, *args)
+        try:
+            times[name] = f"unavailable: {reason}" if reason else _time_ms(_IMPLS[name], args)
+        except Exception as exc:  # e.g. no cuDNN engine for this graph: never chosen
+            times[name] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    ran = {name: t for name, t in times.items() if isinstance(t, float)}
+    return {"choice": min(ran, key=ran.get) if ran else "torch", "ms": times}
+
+
+def _choose(backend: str, channels_last: bool, args) -> str:
+    if backend != "auto":
+        reason = unavailable_reason(backend, *args)
+        if reason is not None:
+            raise RuntimeError(f"fusedres.conv_bias_act: backend {backend!r} cannot run this call: {reason}")
+        return backend
+    x, weight, bias, residual, (stride, padding, dilation, groups), relu = args
+    if x.device.type != "cuda":
+        return "torch"
+    key = (f"{_gpu_name(x.device.index)}|{str(x.dtype)[6:]}|{'cl' if channels_last else 'nchw'}|"
+           f"x{list(x.shape)}|w{list(weight.shape)}|s{stride}p{padding}d{dilation}g{groups}|"
+           f"bias{int(bias is not None)}|res{int(residual is not None)}|relu{int(relu)}")
+    entry = _TABLE.get(key)
+    if entry is not None:
+        return entry["choice"]
+    path = os.environ.get(CACHE_ENV)
+    entry = _disk_entries(path).get(key) if path else None
+    if isinstance(entry, dict) and entry.get("choice") in IMPLEMENTATIONS \
+            and unavailable_reason(entry["choice"], *args) is None:
+        _TABLE[key] = entry
+        return entry["choice"]
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        # Timing would be captured (or traced): the fixed order, and nothing kept.
+        return next(name for name in IMPLEMENTATIONS if unavailable_reason(name, *args) is None)
+    _TABLE[key] = entry = _measure(args)
+    if path:
+        _save(path, key, entry)
+    return entry["choice"]
+
+
+def dispatch_table() -> dict[str, dict]:
+    """This process's choices: key -> {"choice": name, "ms": {name: median ms, or why not}}."""
+    return {key: dict(entry) for key, entry in _TABLE.items()}
+
+
+# --------------------------------------------------------------------------- the op
+@custom_op("fusedres::conv_bias_act", mutates_args=())
+def conv_bias_act_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+                     backend: str) -> Tensor:
+    channels_last = _channels_last(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, weight = x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+    residual = None if residual is None else residual.contiguous(memory_format=fmt)
+    args = (x, weight, bias, residual, (stride, padding, dilation, groups), relu)
+    # Autocast reaches into a custom op's body; the op computes in its inputs' dtype.
+    device_type = x.device.type
+    with (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
+          else contextlib.nullcontext()):
+        out = _IMPLS[_choose(backend, channels_last, args)](*args)
+    strides = _dense_strides(out.shape, channels_last)
+    if out.stride() != strides:  # only where the layout is ambiguous (size-1 C or H * W)
+        out = torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
+    return out
+
+
+@conv_bias_act_op.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    shape = _out_shape(x.shape, weight.shape, stride, padding, dilation)
+    return x.new_empty_strided(shape, _dense_strides(shape, _channels_last(x)))
+
+
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                  *, stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
+                  dilation: Union[int, Sequence[int]] = 1, groups: int = 1, relu: bool = True,
+                  backend: str = "auto") -> Tensor:
+    """act(conv2d(x, weight, bias) + residual) in one launch; inference only (there is no backward).
+
+    ``weight`` and ``bias`` are typically ``fold_batch_norm``'s. Under autocast the tensors are cast to
+    autocast's dtype first, as autocast does for conv2d. ``backend``: "auto", "cudnn", "triton" or
+    "torch" (see the module docstring); a named one that cannot run this call raises RuntimeError.
+    """
+    fn = "fusedres.conv_bias_act"
+    _check_activation(fn, "input", x)
+    if residual is not None:
+        _check_activation(fn, "residual", residual)
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"{fn}: expected a 4D weight (out_channels, in_channels / groups, kH, kW), got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    stride, padding, dilation = (_conv_tuple(fn, name, value) for name, value in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    if min(stride + dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{fn}: stride and dilation must be positive and padding non-negative, got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    out_channels, in_channels = weight.shape[0], x.shape[1]
+    if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide the {in_channels} input and {out_channels} "
+                         "output channels")
+    if weight.shape[1] * groups != in_channels:
+        raise RuntimeError(f"{fn}: weight of size {tuple(weight.shape)} expects {weight.shape[1] * groups} "
+                           f"input channels, got {in_channels}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{fn}: expected {name} to be on {x.device} like the input, got {t.device}")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, residual = (t if t is None or t.dtype == torch.float64 else t.to(dtype)
+                                     for t in (x, weight, bias, residual))  # autocast leaves fp64 alone
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"{fn}: input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
+    if bias is not None and (bias.shape != (out_channels,) or bias.dtype != x.dtype):
+        raise RuntimeError(f"{fn}: expected bias of size ({out_channels},) and type {x.dtype}, got size "
+                           f"{tuple(bias.shape)} and type {bias.dtype}")
+    out_shape = _out_shape(x.shape, weight.shape, stride, padding, dilation)
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"{fn}: input of size {tuple(x.shape)} is too small for a weight of size "
+                         f"{tuple(weight.shape)} (output size {tuple(out_shape)})")
+    if residual is not None and (list(residual.shape) != out_shape or residual.dtype != x.dtype):
+        raise ValueError(f"{fn}: residual of size {tuple(residual.shape)} and type {residual.dtype} does not "
+                         f"match the conv output of size {tuple(out_shape)} and type {x.dtype}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        raise RuntimeError(f"{fn} is inference-only (it has no backward): call it under torch.no_grad() "
+                           "or torch.inference_mode()")
+    return torch.ops.fusedres.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups,
+                                            relu, backend)

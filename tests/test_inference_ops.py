@@ -1,0 +1,586 @@
+"""The inference path (fusedres.ops.inference): BatchNorm folding, the folded-weight cache and
+the one-launch conv + bias (+ residual) (+ ReLU) op, its backends and its dispatch.
+
+On CPU the torch backend runs, the Triton one under the interpreter (when fusedres.triton.conv
+exists); cuDNN and the measured dispatch are tested on a GPU.
+"""
+
+import copy
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import requires_cuda
+from fusedres.ops import inference
+from fusedres.ops.inference import FoldedWeights, conv_bias_act, fold_batch_norm
+from op_helpers import F32, F64, assert_close, positive, randn, to_format
+
+BF16 = torch.bfloat16
+OP = torch.ops.fusedres.conv_bias_act.default
+
+
+def make_pair(gen, in_ch=4, out_ch=6, *, bias=True, affine=True, eps=1e-5, dtype=F32, var_scale=1.0):
+    """A conv and an eval-mode BatchNorm with random weights and running statistics."""
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
+    bn = nn.BatchNorm2d(out_ch, eps=eps, affine=affine)
+    with torch.no_grad():
+        conv.weight.copy_(randn(gen, *conv.weight.shape) * 0.3)
+        if bias:
+            conv.bias.copy_(randn(gen, out_ch))
+        if affine:
+            bn.weight.copy_(positive(gen, out_ch))
+            bn.bias.copy_(randn(gen, out_ch))
+        bn.running_mean.copy_(randn(gen, out_ch))
+        bn.running_var.copy_(positive(gen, out_ch) * var_scale)
+    return conv.to(dtype).eval(), bn.to(dtype).eval()
+
+
+def fold(conv, bn, eps=None, dtype=None):
+    return fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
+                           bn.bias, bn.eps if eps is None else eps, dtype)
+
+
+# --------------------------------------------------------------------------- fold_batch_norm
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["conv_bias", "no_conv_bias"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_fold_matches_bn_of_conv(dtype, conv_bias, affine):
+    gen = torch.Generator().manual_seed(10 + 2 * conv_bias + affine)
+    conv, bn = make_pair(gen, bias=conv_bias, affine=affine, dtype=dtype)
+    x = randn(gen, 2, 4, 7, 5, dtype=dtype)
+    weight, bias = fold(conv, bn)
+    assert weight.dtype == bias.dtype == dtype
+    with torch.no_grad():
+        assert_close(F.conv2d(x, weight, bias, padding=1), bn(conv(x)), dtype, "folded conv")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
+def test_fold_includes_eps(dtype):
+    """eps = 0.1 against running variances of 0.005..0.015: leaving eps out is far off."""
+    gen = torch.Generator().manual_seed(11)
+    conv, bn = make_pair(gen, eps=1e-1, var_scale=0.01, dtype=dtype)
+    x = randn(gen, 2, 4, 6, 6, dtype=dtype)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        assert_close(F.conv2d(x, *fold(conv, bn), padding=1), expected, dtype, "with eps")
+        without_eps = F.conv2d(x, *fold(conv, bn, eps=0.0), padding=1)
+    assert (without_eps - expected).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("source_dtype", [BF16, F32], ids=["bf16_weights", "fp32_weights_to_bf16"])
+def test_fold_in_fp32_then_cast(source_dtype):
+    """bf16 results equal the fp64 fold rounded once to bf16 (up to a double-rounding ulp),
+    not a fold computed in bf16 arithmetic."""
+    gen = torch.Generator().manual_seed(12)
+    conv, bn = make_pair(gen, in_ch=16, out_ch=32, dtype=source_dtype)
+    weight, bias = fold(conv, bn, dtype=BF16)
+    conv64, bn64 = copy.deepcopy(conv).to(F64), copy.deepcopy(bn).to(F64)
+    ref_weight, ref_bias = (t.to(BF16) for t in fold(conv64, bn64))
+    for name, ours, ref in (("weight", weight, ref_weight), ("bias", bias, ref_bias)):
+        assert ours.dtype == BF16
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=2 ** -7, atol=0, msg=name)
+        assert (ours == ref).float().mean() > 0.98, name
+
+
+def test_fold_rejects_wrong_channel_count():
+    gen = torch.Generator().manual_seed(13)
+    conv, bn = make_pair(gen)
+    with pytest.raises(ValueError, match="running_var should contain 6 elements.*not 5"):
+        fold_batch_norm(conv.weight, None, bn.running_mean, bn.running_var[:5], None, None, 1e-5)
+
+
+# --------------------------------------------------------------------------- FoldedWeights
+@pytest.fixture
+def pair():
+    return make_pair(torch.Generator().manual_seed(20))
+
+
+def assert_fold_of(folded, conv, bn):
+    expected = fold(conv, bn)
+    for got, want in zip(folded, expected):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cache_returns_same_tensors_when_unchanged(pair):
+    conv, bn = pair
+    cache = FoldedWeights()
+    with torch.no_grad():
+        first = cache.get(conv, bn)
+        second = cache.get(conv, bn)
+    assert first[0] is second[0] and first[1] is second[1]
+    assert_fold_of(first, conv, bn)
+    assert first[0].grad_fn is None and not first[0].requires_grad
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["for_loop", "foreach"])
+def test_cache_refolds_after_optimizer_step(pair, foreach):
+    conv, bn = pair
+    cache = FoldedWeights()
+    with torch.no_grad():
+        before = cache.get(conv, bn)
+    optimizer = torch.optim.SGD([*conv.parameters(), *bn.parameters()], lr=0.1, foreach=foreach)
+    bn(conv(torch.randn(2, 4, 5, 5))).square().sum().backward()  # eval mode: running stats kept
+    optimizer.step()
+    with torch.no_grad():
+        after = cache.get(conv, bn)
+    assert after[0] is not before[0] and not torch.equal(after[0], before[0])
+    assert_fold_of(after, conv, bn)
+
+
+def test_cache_refolds_after_running_stats_update(pair):
+    conv, bn = pair
+    cache = FoldedWeights()
+    with torch.no_grad():
+        before = cache.get(conv, bn)
+        bn.train()(torch.randn(4, 6, 3, 3) * 3 + 1)  # a training step updates the stats in place
+        bn.eval()
+        after = cache.get(conv, bn)
+    assert not torch.equal(after[1], before[1])
+    assert_fold_of(after, conv, bn)
+
+
+def test_cache_refolds_after_load_state_dict(pair):
+    conv, bn = pair
+    unit = nn.Sequential(conv, bn)
+    other = nn.Sequential(*make_pair(torch.Generator().manual_seed(21)))
+    cache = FoldedWeights()
+    with torch.no_grad():
+        cache.get(conv, bn)
+        unit.load_state_dict(other.state_dict())
+        after = cache.get(conv, bn)
+    assert_fold_of(after, other[0], other[1])
+
+
+def test_cache_refolds_after_dtype_change_and_new_parameter(pair):
+    conv, bn = pair
+    cache = FoldedWeights()
+    with torch.no_grad():
+        cache.get(conv, bn)
+        conv.to(F64), bn.to(F64)
+        after = cache.get(conv, bn)
+        assert after[0].dtype == after[1].dtype == F64
+        assert_fold_of(after, conv, bn)
+        conv.weight = nn.Parameter(conv.weight * 2)
+        assert_fold_of(cache.get(conv, bn), conv, bn)
+        bn.eps = 0.5
+        assert_fold_of(cache.get(conv, bn), conv, bn)
+        assert cache.get(conv, bn, BF16)[0].dtype == BF16
+
+
+def test_cache_keeps_state_dict_and_holds_no_buffers(pair):
+    conv, bn = pair
+
+    class Unit(nn.Module):
+        def __init__(self, cache):
+            super().__init__()
+            self.conv, self.bn = conv, bn
+            if cache:
+                self.folded = FoldedWeights()
+
+    unit = Unit(cache=True)
+    with torch.no_grad():
+        unit.folded.get(unit.conv, unit.bn)
+    assert list(unit.state_dict()) == list(Unit(cache=False).state_dict())
+    assert list(unit.buffers()) == list(bn.buffers())
+
+
+def test_cache_refuses_training(pair):
+    conv, bn = pair
+    cache = FoldedWeights()
+    with pytest.raises(RuntimeError, match="is for inference.*torch.no_grad"):
+        cache.get(conv, bn)  # grad mode on and the parameters require grad
+    bn.train()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="training mode"):
+        cache.get(conv, bn)
+    untracked = nn.BatchNorm2d(6, track_running_stats=False).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="no running statistics"):
+        cache.get(conv, untracked)
+
+
+def test_cache_refolds_inference_tensors_every_call():
+    """Tensors made under inference_mode have no version counter: never trusted unchanged."""
+    with torch.inference_mode():
+        conv, bn = make_pair(torch.Generator().manual_seed(22))
+        cache = FoldedWeights()
+        first = cache.get(conv, bn)
+        bn.running_mean.add_(1.0)
+        second = cache.get(conv, bn)
+        assert second[1] is not first[1]
+        assert_fold_of(second, conv, bn)
+
+
+# --------------------------------------------------------------------------- conv_bias_act
+@dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    channels_last: bool
+    residual: bool
+    relu: bool
+    stride: int
+    groups: int
+
+    def __str__(self):
+        return (f"{str(self.dtype)[6:]}-{'cl' if self.channels_last else 'nchw'}"
+                f"-{'res' if self.residual else 'nores'}-{'relu' if self.relu else 'linear'}"
+                f"-s{self.stride}-g{self.groups}")
+
+
+def _cases():
+    """Every (layout, residual, relu) once; dtype, stride 1 / 2 and groups 1 / 2 rotate."""
+    cases = []
+    for channels_last in (False, True):
+        for residual in (False, True):
+            for relu in (False, True):
+                i = len(cases)
+                cases.append(Case([F64, F32][i % 2], channels_last, residual, relu,
+                                  stride=1 + (i // 2) % 2, groups=1 + (i // 4 + i) % 2))
+    return cases
+
+
+CASES = _cases()
+
+
+def case_inputs(case, seed=0, shape=(2, 4, 7, 6), out_ch=6, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = randn(gen, *shape, dtype=case.dtype, channels_last=case.channels_last)
+    weight = randn(gen, out_ch, c // case.groups, 3, 3, dtype=case.dtype,
+                   channels_last=case.channels_last)
+    b = randn(gen, out_ch, dtype=case.dtype) if bias else None
+    out_hw = [(s + 2 - 3) // case.stride + 1 for s in (h, w)]
+    residual = (randn(gen, n, out_ch, *out_hw, dtype=case.dtype, channels_last=case.channels_last)
+                if case.residual else None)
+    return x, weight, b, residual
+
+
+def reference(x, weight, bias, residual, case):
+    """act(conv2d + residual) in fp64."""
+    up = (lambda t: None if t is None else t.double())
+    out = F.conv2d(up(x), up(weight), up(bias), case.stride, 1, 1, case.groups)
+    if residual is not None:
+        out = out + up(residual)
+    return out.relu() if case.relu else out
+
+
+def call(case, x, weight, bias, residual, backend="torch"):
+    return conv_bias_act(x, weight, bias, residual, stride=case.stride, padding=1,
+                         groups=case.groups, relu=case.relu, backend=backend)
+
+
+def assert_layout(out, x):
+    if inference._channels_last(x):
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv_bias_act_torch_backend(case):
+    x, weight, bias, residual = case_inputs(case)
+    out = call(case, x, weight, bias, residual)
+    assert out.dtype == case.dtype
+    assert_layout(out, x)
+    assert_close(out, reference(x, weight, bias, residual, case).to(case.dtype), case.dtype, str(case))
+
+
+def test_conv_bias_act_auto_on_cpu_is_torch_and_measures_nothing(monkeypatch):
+    monkeypatch.setattr(inference, "_TABLE", {})
+    case = CASES[-1]
+    x, weight, bias, residual = case_inputs(case)
+    out = call(case, x, weight, bias, residual, backend="auto")
+    torch.testing.assert_close(out, call(case, x, weight, bias, residual), rtol=0, atol=0)
+    assert inference.dispatch_table() == {}
+
+
+def test_conv_bias_act_layout_normalised():
+    """Residual and weight in another layout than x, and a non-contiguous x: the output is
+    dense in x's (normalised) layout."""
+    case = Case(F32, True, True, True, 1, 1)
+    x, weight, bias, residual = case_inputs(case, seed=1)
+    nchw_res, nchw_weight = residual.contiguous(), weight.contiguous()
+    out = call(case, x, nchw_weight, bias, nchw_res)
+    assert_layout(out, x)
+    assert_close(out, reference(x, weight, bias, residual, case).float(), F32, "mixed layouts")
+    strided = torch.randn(2, 4, 7, 12)[..., ::2]
+    out = call(case, strided, nchw_weight, bias, nchw_res)
+    assert out.is_contiguous()
+
+
+def test_conv_bias_act_autocast_casts_like_conv2d():
+    case = Case(F32, True, True, True, 1, 1)
+    x, weight, bias, residual = case_inputs(case, seed=2)
+    with torch.autocast("cpu", dtype=BF16):
+        out = call(case, x, weight, bias, residual)
+        expected = (F.conv2d(x, weight, bias, 1, 1) + residual.to(BF16)).relu()
+    assert out.dtype == BF16
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
+
+
+# ambiguous layouts: a single output channel, and a 1 x 1 output
+OPCHECK_SHAPES = [((2, 4, 7, 6), 6, 3, 1), ((2, 4, 5, 5), 1, 3, 1), ((2, 4, 3, 3), 6, 3, 0)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=["6ch", "1ch", "1x1"])
+@pytest.mark.parametrize("bias_residual", [(True, True), (False, False)], ids=["bias_res", "plain"])
+def test_opcheck(channels_last, shape, bias_residual):
+    (n, c, h, w), out_ch, k, pad = shape
+    gen = torch.Generator().manual_seed(3)
+    x = randn(gen, n, c, h, w, dtype=F32, channels_last=channels_last)
+    weight = randn(gen, out_ch, c, k, k, dtype=F32)
+    out_hw = (h + 2 * pad - k + 1, w + 2 * pad - k + 1)
+    bias = randn(gen, out_ch, dtype=F32) if bias_residual[0] else None
+    residual = (randn(gen, n, out_ch, *out_hw, dtype=F32, channels_last=channels_last)
+                if bias_residual[1] else None)
+    torch.library.opcheck(OP, (x, weight, bias, residual, [1, 1], [pad, pad], [1, 1], 1, True, "torch"))
+
+
+def test_torch_compile_fullgraph_with_folding():
+    """A unit folding its BatchNorm through FoldedWeights and calling the op compiles as one
+    graph (the fold is traced into it) and matches eager."""
+
+    class Unit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = make_pair(torch.Generator().manual_seed(4))
+            self.folded = FoldedWeights()
+
+        def forward(self, x, residual):
+            weight, bias = self.folded.get(self.conv, self.bn)
+            return conv_bias_act(x, weight, bias, residual, padding=1)
+
+    unit = Unit().eval()
+    gen = torch.Generator().manual_seed(5)
+    x = to_format(randn(gen, 2, 4, 6, 5, dtype=F32), True)
+    residual = to_format(randn(gen, 2, 6, 6, 5, dtype=F32), True)
+    compiled = torch.compile(unit, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x, residual)
+        expected = (unit.bn(unit.conv(x)) + residual).relu()
+    assert_layout(out, x)
+    assert_close(out, expected, F32, "compiled")
+
+
+def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path):
+    """The measured dispatch's bookkeeping without a GPU: CUDA-looking arguments, fake timings."""
+    monkeypatch.setattr(inference, "_TABLE", {})
+    monkeypatch.setattr(inference, "_gpu_name", lambda index: "FakeGPU")
+    monkeypatch.setattr(inference, "_triton_conv", lambda: (None, "no triton here"))
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    timings = {"cudnn": 2.0, "torch": 3.0}
+
+    def fake_time_ms(fn, args):
+        result = timings[next(name for name, impl in inference._IMPLS.items() if impl is fn)]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(inference, "_time_ms", fake_time_ms)
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv(inference.CACHE_ENV, str(path))
+    weight = SimpleNamespace(shape=(64, 64, 3, 3))
+    conv_args = ([1, 1], [1, 1], [1, 1], 1)
+
+    def args(height, relu=True):
+        x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16, shape=(8, 64, height, 14))
+        return x, weight, None, None, conv_args, relu
+
+    assert inference._choose("auto", True, args(14)) == "cudnn"
+    (key, entry), = inference.dispatch_table().items()
+    assert entry["ms"] == {"cudnn": 2.0, "triton": "unavailable: no triton here", "torch": 3.0}
+    assert json.loads(path.read_text()) == {key: entry}
+    timings["cudnn"] = RuntimeError("GET was unable to find an engine to execute this computation\n...")
+    assert inference._choose("auto", True, args(14)) == "cudnn"  # known: not timed again
+    assert inference._choose("auto", True, args(15)) == "torch"  # cuDNN fails there: never chosen
+    assert inference.dispatch_table()[key.replace("14, 14", "15, 14")]["ms"]["cudnn"] == (
+        "failed: RuntimeError: GET was unable to find an engine to execute this computation")
+    assert inference._choose("auto", True, args(14, relu=False)) == "torch"
+    assert len(json.loads(path.read_text())) == 3
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert inference._choose("auto", True, args(16)) == "cudnn"  # the fixed order; nothing kept
+    assert len(inference.dispatch_table()) == 3
+    monkeypatch.setattr(inference, "_TABLE", {})  # a new process, capturing at once: the file answers
+    inference._disk_entries.cache_clear()
+    assert inference._choose("auto", True, args(15)) == "torch"
+    assert list(inference.dispatch_table()) == [key.replace("14, 14", "15, 14")]
+
+
+# --------------------------------------------------------------------------- triton backend
+def triton_conv_or_skip():
+    module, reason = inference._triton_conv()
+    if module is None:
+        pytest.skip(reason)
+    return module
+
+
+@pytest.mark.parametrize("case", [Case(F32, False, False, True, 1, 1), Case(F32, True, True, False, 2, 1)],
+                         ids=str)
+def test_conv_bias_act_triton_backend(case):
+    triton_conv_or_skip()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, weight, bias, residual = (t if t is None else t.to(device)
+                                 for t in case_inputs(case, seed=6, shape=(1, 4, 5, 5), out_ch=8))
+    reason = inference.unavailable_reason("triton", x, weight, bias, residual,
+                                          ([case.stride] * 2, [1, 1], [1, 1], 1), case.relu)
+    if reason is not None:
+        pytest.skip(reason)
+    out = call(case, x, weight, bias, residual, backend="triton")
+    assert_layout(out, x)
+    expected = reference(x, weight, bias, residual, case)
+    if x.is_cuda:  # fp32 runs as TF32 on a GPU (the interpreter's dot is exact fp32)
+        torch.testing.assert_close(out.double(), expected, rtol=5e-3, atol=5e-3 * expected.abs().max().item())
+    else:
+        assert_close(out, expected.float(), F32, str(case))
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Any implementation running fails the test: errors must come before kernels."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel ran before the input was rejected")
+
+    monkeypatch.setattr(inference, "_IMPLS", {name: forbidden for name in inference.IMPLEMENTATIONS})
+
+
+def good_args():
+    gen = torch.Generator().manual_seed(7)
+    return dict(x=randn(gen, 2, 4, 6, 6, dtype=F32), weight=randn(gen, 6, 4, 3, 3, dtype=F32),
+                bias=randn(gen, 6, dtype=F32), residual=randn(gen, 2, 6, 6, 6, dtype=F32),
+                padding=1)
+
+
+ERRORS = {
+    "3d_input": (dict(x=torch.randn(4, 6, 6)), ValueError, r"4D \(N, C, H, W\).*got 3D"),
+    "int_input": (dict(x=torch.ones(2, 4, 6, 6, dtype=torch.long)), TypeError, "floating dtype"),
+    "3d_weight": (dict(weight=torch.randn(6, 4, 3)), ValueError, "expected a 4D weight"),
+    "weight_dtype": (dict(weight=torch.randn(6, 4, 3, 3, dtype=F64)), RuntimeError,
+                     r"input type \(torch.float32\) and weight type \(torch.float64\) should be the same"),
+    "weight_device": (dict(weight=torch.randn(6, 4, 3, 3, device="meta")), RuntimeError,
+                      "expected weight to be on cpu like the input, got meta"),
+    "in_channels": (dict(weight=torch.randn(6, 3, 3, 3)), RuntimeError,
+                    r"weight of size \(6, 3, 3, 3\) expects 3 input channels, got 4"),
+    "groups": (dict(groups=3), ValueError, "groups=3 must divide the 4 input and 6 output channels"),
+    "bias_size": (dict(bias=torch.randn(5)), RuntimeError, r"bias of size \(6,\).*got size \(5,\)"),
+    "bias_dtype": (dict(bias=torch.randn(6, dtype=F64)), RuntimeError, "type torch.float32.*torch.float64"),
+    "residual_size": (dict(residual=torch.randn(2, 6, 5, 6)), ValueError,
+                      r"residual of size \(2, 6, 5, 6\).*does not match the conv output of size \(2, 6, 6, 6\)"),
+    "residual_dtype": (dict(residual=torch.randn(2, 6, 6, 6, dtype=BF16)), ValueError,
+                       "type torch.bfloat16 does not match"),
+    "residual_3d": (dict(residual=torch.randn(6, 6, 6)), ValueError, "expected residual to be a 4D"),
+    "stride_pair": (dict(stride=(1, 1, 1)), ValueError, "expected stride to have 2 elements"),
+    "stride_zero": (dict(stride=0), ValueError, "stride and dilation must be positive"),
+    "padding_string": (dict(padding="same"), ValueError, "padding='same' is not supported"),
+    "too_small": (dict(padding=0, x=torch.randn(2, 4, 2, 6)), ValueError, "is too small for a weight"),
+    "requires_grad": (dict(weight=torch.randn(6, 4, 3, 3, requires_grad=True)), RuntimeError,
+                      "inference-only"),
+    "unknown_backend": (dict(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_errors(name, no_kernels):
+    changes, error, match = ERRORS[name]
+    args = good_args()
+    args.update(changes)
+    if name == "too_small":
+        args["residual"] = None
+    x, weight = args.pop("x"), args.pop("weight")
+    with pytest.raises(error, match=match):
+        conv_bias_act(x, weight, **args)
+
+
+def test_cudnn_backend_on_cpu_raises_clearly(no_kernels):
+    args = good_args()
+    with pytest.raises(RuntimeError, match="backend 'cudnn' cannot run this call: cuDNN runs on "
+                                           "CUDA tensors, got a tensor on cpu"):
+        conv_bias_act(args.pop("x"), args.pop("weight"), **args, backend="cudnn")
+
+
+# --------------------------------------------------------------------------- GPU
+RTOL = {torch.float16: 1e-3, BF16: 8e-3}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+def test_cudnn_matches_torch_channels_last(dtype, residual):
+    """cuDNN's error against fp64 is at most about twice eager torch's in the same dtype."""
+    case = Case(dtype, True, residual, True, 1, 1)
+    inputs = [t if t is None else t.cuda() for t in case_inputs(case, seed=8, shape=(4, 32, 14, 14), out_ch=64)]
+    expected = reference(*inputs, case)
+    ours, eager = call(case, *inputs, backend="cudnn"), call(case, *inputs, backend="torch")
+    assert_layout(ours, inputs[0])
+    scale = expected.abs().max().item()
+    err_ours = (ours.double() - expected).abs().max().item()
+    err_eager = (eager.double() - expected).abs().max().item()
+    assert err_ours <= 2 * err_eager + RTOL[dtype] * scale, (err_ours, err_eager)
+
+
+@requires_cuda
+def test_measured_dispatch_picks_and_caches(monkeypatch, tmp_path):
+    monkeypatch.setattr(inference, "_TABLE", {})
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv(inference.CACHE_ENV, str(path))
+    case = Case(torch.float16, True, True, True, 1, 1)
+    inputs = [t.cuda() for t in case_inputs(case, seed=9, shape=(8, 64, 14, 14), out_ch=64)]
+    out = call(case, *inputs, backend="auto")
+    table = inference.dispatch_table()
+    assert len(table) == 1
+    (key, entry), = table.items()
+    assert entry["choice"] in inference.IMPLEMENTATIONS
+    assert isinstance(entry["ms"][entry["choice"]], float)
+    assert isinstance(entry["ms"]["torch"], float)
+    assert json.loads(path.read_text())[key] == entry
+    expected = reference(*inputs, case)
+    torch.testing.assert_close(out.double(), expected, rtol=RTOL[torch.float16], atol=1e-2)
+
+    def no_measuring(args):
+        raise AssertionError("measured twice")
+
+    monkeypatch.setattr(inference, "_measure", no_measuring)
+    call(case, *inputs, backend="auto")
+    monkeypatch.setattr(inference, "_TABLE", {})  # a new process: the file answers
+    inference._disk_entries.cache_clear()
+    call(case, *inputs, backend="auto")
+    assert inference.dispatch_table()[key]["choice"] == entry["choice"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("measured_first", [False, True], ids=["cold", "warmed_up"])
+def test_cuda_graph_capture(monkeypatch, measured_first):
+    monkeypatch.setattr(inference, "_TABLE", {})
+    case = Case(BF16, True, True, True, 1, 1)
+    inputs = [t.cuda() for t in case_inputs(case, seed=10, shape=(4, 32, 8, 8), out_ch=32)]
+    conv_args = ([1, 1], [1, 1], [1, 1], 1)
+    fixed = next(name for name in inference.IMPLEMENTATIONS
+                 if inference.unavailable_reason(name, *inputs, conv_args, True) is None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: measures, or only runs what capture will pick
+        call(case, *inputs, backend="auto" if measured_first else fixed)
+    torch.cuda.current_stream().wait_stream(stream)
+    measured = inference.dispatch_table()
+
+    def no_measuring(args):
+        raise AssertionError("measured while capturing")
+
+    monkeypatch.setattr(inference, "_measure", no_measuring)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(case, *inputs, backend="auto")
+    assert inference.dispatch_table() == measured  # capturing records nothing
+    with torch.no_grad():
+        inputs[0].mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = reference(*inputs, case)
+    torch.testing.assert_close(out.double(), expected, rtol=RTOL[BF16], atol=5e-2)
