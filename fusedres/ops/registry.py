@@ -45,6 +45,10 @@ batch_stats, relu, want_residual_grad, backend)``
     SyncBatchNorm returns them: DistributedDataParallel adds them up across ranks.
     Between the two ops the autograd formula all-reduces the sums over ``sync_group``.
 
+One more op lives beside its dispatch in ``inference.py``: ``conv_bias_act(x, weight, bias?,
+residual?, stride, padding, dilation, groups, relu, backend)`` = act(conv2d(x, weight, bias) +
+residual), the eval-mode unit with BatchNorm folded into the conv, inference only (no autograd).
+
 Inputs reach these ops already validated and in kernel layout (see ``functional.py``).
 """
 
