@@ -135,6 +135,21 @@ def test_eval_forward_folds_batchnorm_and_refolds_after_a_training_step(kind, mo
 original_conv_bias_act = inference.conv_bias_act
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the triton backend on the GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
+    """Every Triton kernel of a training step (BN stages, the prologue conv) on CPU, fp32."""
+    from fusedres.triton import conv
+
+    calls = []
+    original = conv.conv2d_fused
+    monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: calls.append(1) or original(*a, **k))
+    eager = _block(kind, seed=4)
+    fused = fusedres.convert(copy.deepcopy(eager), backend="triton").model
+    _assert_no_worse_than_eager(eager, fused, torch.randn(3, 12, 9, 7) + 0.5)
+    assert calls, "no conv ran on Triton"
+
+
 # ------------------------------------------------------------------------------- GPU only
 GPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

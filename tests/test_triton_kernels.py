@@ -235,3 +235,36 @@ def test_int64_offsets(channels_last):
     count = shape[2] * shape[3]
     torch.testing.assert_close(mean.cpu(), torch.tensor([1.0, 2.0 + 4.0 / count]), rtol=1e-6, atol=0)
     torch.testing.assert_close(var.cpu(), torch.tensor([0.0, 16.0 / count - 16.0 / count**2]), rtol=1e-3, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_bn_act_conv2d_on_triton_runs_the_prologue_conv_and_matches_the_torch_backend(
+        dtype, channels_last, monkeypatch):
+    """The op's triton backend: one Triton conv applying relu(bn(y)) while loading y (forward),
+    torch's convolution_backward on the recomputed activation plus the Triton BN stages (backward)."""
+    from fusedres.ops import functional
+    from fusedres.triton import conv
+
+    calls = []
+    original = conv.conv2d_fused
+    monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: calls.append(k) or original(*a, **k))
+    gen = torch.Generator().manual_seed(31)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = (torch.randn(2, 6, 7, 5, generator=gen) + 0.3).to(DEVICE, dtype).contiguous(memory_format=fmt)
+    weight, bias = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    conv_weight = (torch.randn(5, 6, 3, 3, generator=gen) / 6).to(DEVICE, dtype)
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().clone().to(DEVICE).requires_grad_() for t in (y, weight, bias, conv_weight)]
+        pending = functional.batch_norm_stats(leaves[0], leaves[1], leaves[2], None, None,
+                                              batch_stats=True, momentum=0.1, eps=1e-5)
+        out = functional.bn_act_conv2d(pending, leaves[3], None, 2, 1, backend=backend)
+        out.float().square().sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    assert len(calls) == 1 and calls[0]["in_scale"] is not None  # the triton run's forward
+    assert results[0][0].is_contiguous(memory_format=fmt)
+    for name, actual, expected in zip(["out", "dy", "dweight", "dbias", "dconv_weight"], *results):
+        # whole-tensor relative error: the sums behind the gradients round in bf16 storage
+        error = float((actual.double() - expected.double()).norm() / expected.double().norm())
+        assert error <= RTOL[dtype], f"{name}: relative error {error:.3g}"

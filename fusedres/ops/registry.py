@@ -24,7 +24,11 @@ sc_bias?, batch_stats, relu, backend, sync_group="", count=0)``
 dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     out = conv2d(act(bn(y)), conv_weight, conv_bias): the next unit's conv with the
     previous unit's BatchNorm + act as its prologue. Saves y and per-channel vectors; the
-    activation is recomputed in backward for the weight gradient, never kept.
+    activation is recomputed in backward for the weight gradient, never kept. With the triton
+    backend the forward is one launch of the Triton implicit-GEMM conv (``triton/conv.py``)
+    applying the prologue as it loads y, where that conv supports the shape; otherwise (and with
+    the cuda backend) one BN-apply pass and torch's (cuDNN's) conv. The backward uses torch's
+    convolution_backward on the recomputed activation plus the BN backward stages.
 
 The backward of bn_act (and of bn_act_conv2d's prologue), with dz = d out * act'(z)
 (the ReLU mask recomputed from y) and sums over (N, H, W):
@@ -330,8 +334,28 @@ def bn_act_conv2d(
     count: int = 0,
 ) -> Tensor:
     scale, shift = _affine(mean, invstd, weight, bias)
-    act = backends.select(backend, y).act_forward(y, scale, shift, None, None, None, relu)
+    kernels = backends.select(backend, y)
+    conv = _triton_prologue_conv(kernels, y, conv_weight, stride, padding, dilation, groups)
+    if conv is not None:  # one launch: the activation is made while the conv loads y
+        return conv.conv2d_fused(
+            y, conv_weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            in_scale=scale, in_shift=shift, in_relu=relu,
+            out_shift=None if conv_bias is None else conv_bias.float())[0]
+    act = kernels.act_forward(y, scale, shift, None, None, None, relu)
     return F.conv2d(act.to(conv_weight.dtype), conv_weight, conv_bias, stride, padding, dilation, groups)
+
+
+def _triton_prologue_conv(kernels, y, conv_weight, stride, padding, dilation, groups):
+    """``fusedres.triton.conv`` when the BN stages run on Triton and its conv takes this call
+    (y already in the weight's dtype, a shape and dtype it supports); else None: cuDNN's conv
+    after one BN-apply pass."""
+    if getattr(kernels, "__name__", "") != "fusedres.triton.bn_act" or y.dtype != conv_weight.dtype:
+        return None
+    from ..triton import conv
+
+    if conv.unsupported_reason(y, conv_weight, stride, padding, dilation, groups) is not None:
+        return None
+    return conv
 
 
 @bn_act_conv2d.register_fake

@@ -1,0 +1,377 @@
+"""Implicit-GEMM 2-D convolution in Triton with a fused per-channel prologue and epilogue.
+
+    x'  = act_in(x * in_scale + in_shift)                 (optional prologue, per input channel)
+    y   = conv2d(x', W, stride, padding, dilation, groups)
+    out = act_out(y * out_scale + out_shift + residual)   (each term optional, per output channel)
+
+or, with compute_stats=True (the training forward), out = y and the per-output-channel sum and sum
+of squares of y as stored, from which BatchNorm's batch statistics follow without a pass over y.
+
+The prologue runs on every loaded input element before zero padding, so padded positions add 0
+(as ``F.conv2d(F.relu(x * s + t), W, padding=p)`` does), never relu(t). It is fp32 arithmetic
+whose result is rounded to x's dtype before the dot, as the unfused computation feeds the conv a
+tensor in x's dtype. Products accumulate in fp32 on tensor cores: fp16/bf16 as they are, fp32 as
+TF32, which only runs where torch's conv would use TF32 too (``torch.backends.cudnn.allow_tf32``,
+or ``torch.backends.cudnn.conv.fp32_precision`` on torch >= 2.9); otherwise ``unsupported_reason``
+says so and the caller uses cuDNN. Under TRITON_INTERPRET=1 the dot is exact fp32 ("ieee") on fp32
+copies of its operands: the interpreter's tl.dot multiplies bf16 bit patterns as integers (triton
+3.8), and fp32 copies give the same sums.
+
+GEMM view (per group g of G): rows m = (n, p, q) are the M = N*P*Q output positions, columns are
+the Kg = K/G output channels of the group, and the reduction runs over (r, s, c) with c one of the
+Cg = C/G input channels of the group. The weight is packed on the host to (G, R*S*Cg, Kg), row
+(r*S + s)*Cg + c, so each (BLOCK_K, BLOCK_N) weight tile is contiguous along its columns; packed
+weights are cached per weight tensor and version counter. x, residual and out are addressed
+through their four strides, so NCHW, channels_last and other layouts all work; out takes x's
+memory format, as with F.conv2d. channels_last is the fast case: with channels contiguous along the
+reduction (and C/G, K/G multiples of 16) the compiler turns the input loads into pipelined async
+copies; NCHW gathers them element by element.
+
+Tiles: a program computes a (BLOCK_M, BLOCK_N) output tile of one group (grid axis 0: tiles in
+GROUP_M-row bands so a weight column tile stays in L2 while it is reused; axis 1: groups). Each
+reduction step loads a (BLOCK_M, BLOCK_K) input tile, gathered with the padding masks, and a
+(BLOCK_K, BLOCK_N) weight tile. With Cg >= _FLAT_K_BELOW a step is one (r, s) and a block of
+channels, so the spatial index math is per row; with fewer channels (the stem's C = 3) the
+reduction is one flat axis of R*S*Cg and each column decodes its own (r, s, c), so no step is
+mostly masked-off channels. Every tail (M, channels, spatial edges) is masked; offsets into x, out, residual
+and the workspace are int64, while M itself is capped at 2**30 output positions.
+
+Statistics without a second pass: each program reduces its tile in registers into sums over
+runs of WS_BLOCK_M rows (a divisor of every BLOCK_M) and writes them to an fp32 workspace of
+shape (2, cdiv(M, WS_BLOCK_M), K); every workspace row is written by exactly one program, so no
+atomics and no zero-fill are needed, and the host sums the rows with torch (deterministic).
+
+Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and fused flags
+(``triton.autotune``, cached per process). FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning
+results on disk (``cache_results``, triton >= 3.2) so later processes skip the benchmarking.
+Under TRITON_INTERPRET=1 one small config runs, without tuning.
+"""
+
+import inspect
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_GROUP_CHANNELS = 16  # grouped convs with fewer input or output channels per group go to cuDNN
+_FLAT_K_BELOW = 16  # per-group input channels below which the reduction is one flat (r, s, c) axis
+_MAX_M = 2**30  # output positions N*P*Q; row indices stay int32
+_PACK_CACHE_SIZE = 256  # packed weights kept (ResNet-152 has 155 convs)
+_PACK_CACHE: dict = {}
+
+_DOT_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32")  # TF32 only matters for fp32
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+
+if _INTERPRET:  # WS_BLOCK_M < BLOCK_M, so CPU tests cover a tile feeding several workspace rows
+    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    _WS_BLOCK_M = 16
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                  (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)]
+    ]
+    _WS_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
+
+_AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
+                 "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
+                 "COMPUTE_STATS", "FLAT_K"]
+_STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on", "stride_ok", "stride_op",
+                 "stride_oq", "stride_rn", "stride_rk", "stride_rp", "stride_rq")
+_AUTOTUNE_EXTRA = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
+                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+
+
+@triton.autotune(configs=_CONFIGS, key=_AUTOTUNE_KEY, **_AUTOTUNE_EXTRA)
+@triton.jit
+def _conv_kernel(
+    x_ptr,  # (N, C, H, W) input, any strides
+    w_ptr,  # (G, R*S*Cg, Kg) packed weight, contiguous, x's dtype
+    out_ptr,  # (N, K, P, Q) out, x's dtype: y if COMPUTE_STATS, else the epilogue's result
+    in_scale_ptr, in_shift_ptr,  # (C,) fp32, read if PROLOGUE
+    out_scale_ptr, out_shift_ptr,  # (K,) fp32, read if HAS_OUT_SCALE / HAS_OUT_SHIFT
+    res_ptr,  # (N, K, P, Q) residual, any float dtype and strides, read if HAS_RESIDUAL
+    ws_ptr,  # (2, cdiv(M, WS_BLOCK_M), K) fp32 out if COMPUTE_STATS: sums of y and y*y over row runs
+    N, C, H, W, K, P, Q, M, Cg, Kg,  # M = N*P*Q, Cg = C/G, Kg = K/G (N and C: autotune key only)
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_on, stride_ok, stride_op, stride_oq,
+    stride_rn, stride_rk, stride_rp, stride_rq,
+    SH, SW, PH, PW, DH, DW,  # conv stride, padding, dilation
+    R: tl.constexpr, S: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, FLAT_K: tl.constexpr,
+    WS_BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # (pid_m, pid_n) from the flat tile index, bands of GROUP_M row tiles per column tile
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    band = GROUP_M * tl.cdiv(Kg, BLOCK_N)
+    first_m = (pid // band) * GROUP_M
+    band_rows = tl.minimum(m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_rows
+    pid_n = (pid % band) // band_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output positions m = (n, p, q)
+    row_mask = rows < M
+    n = (rows // (P * Q)).to(tl.int64)
+    p = (rows // Q) % P
+    q = rows % Q
+    ih0 = p * SH - PH
+    iw0 = q * SW - PW
+    x_rows = x_ptr + n * stride_xn
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels of group g
+    col_mask = cols < Kg
+    w_cols = w_ptr + g.to(tl.int64) * (R * S * Cg * Kg) + cols[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_blocks = tl.cdiv(Cg, BLOCK_K)
+    if FLAT_K:
+        steps = tl.cdiv(R * S * Cg, BLOCK_K)
+    else:
+        steps = R * S * c_blocks
+    for step in range(steps):
+        if FLAT_K:  # every column decodes its own (r, s, c): (1, BLOCK_K) spatial offsets
+            kk = step * BLOCK_K + tl.arange(0, BLOCK_K)  # packed weight rows
+            k_mask = kk < R * S * Cg
+            c = kk % Cg
+            r = (kk // Cg // S)[None, :]
+            s = (kk // Cg % S)[None, :]
+        else:  # one (r, s) per step and a block of channels: scalar spatial offsets
+            rs = step // c_blocks
+            c = (step % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = c < Cg
+            kk = rs * Cg + c
+            r = rs // S
+            s = rs % S
+        ih = ih0[:, None] + r * DH  # (BLOCK_M, 1), or (BLOCK_M, BLOCK_K) if FLAT_K
+        iw = iw0[:, None] + s * DW
+        a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ch = g * Cg + c  # input channels
+        a_ptrs = (x_rows[:, None] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                  + ch.to(tl.int64)[None, :] * stride_xc)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if PROLOGUE:
+            v = (a.to(tl.float32) * tl.load(in_scale_ptr + ch, mask=k_mask, other=0.0)[None, :]
+                 + tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :])
+            if IN_RELU:
+                v = tl.where(v < 0, 0.0, v)  # like clamp_min(0): NaN propagates
+            a = tl.where(a_mask, v, 0.0).to(x_ptr.dtype.element_ty)  # padding stays 0
+        b = tl.load(w_cols + kk.to(tl.int64)[:, None] * Kg, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if _UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=_DOT_PRECISION)
+
+    k_out = g * Kg + cols  # output channels
+    mask = row_mask[:, None] & col_mask[None, :]
+    out_offs = ((n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq)[:, None]
+                + k_out.to(tl.int64)[None, :] * stride_ok)
+    if COMPUTE_STATS:
+        y = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offs, y, mask=mask)
+        yf = tl.where(mask, y.to(tl.float32), 0.0)  # statistics of y as stored
+        # workspace rows pid_m * RUNS + i, i < RUNS = BLOCK_M // WS_BLOCK_M: sums over WS_BLOCK_M positions each
+        ws_rows = pid_m * (BLOCK_M // WS_BLOCK_M) + tl.arange(0, BLOCK_M // WS_BLOCK_M)
+        ws_count = tl.cdiv(M, WS_BLOCK_M)
+        ws_offs = ws_rows.to(tl.int64)[:, None] * K + k_out[None, :]
+        ws_mask = (ws_rows < ws_count)[:, None] & col_mask[None, :]
+        part = tl.sum(tl.reshape(yf, (BLOCK_M // WS_BLOCK_M, WS_BLOCK_M, BLOCK_N)), axis=1)
+        part_sq = tl.sum(tl.reshape(yf * yf, (BLOCK_M // WS_BLOCK_M, WS_BLOCK_M, BLOCK_N)), axis=1)
+        tl.store(ws_ptr + ws_offs, part, mask=ws_mask)
+        tl.store(ws_ptr + ws_count.to(tl.int64) * K + ws_offs, part_sq, mask=ws_mask)
+    else:
+        z = acc
+        if HAS_OUT_SCALE:
+            z = z * tl.load(out_scale_ptr + k_out, mask=col_mask, other=0.0)[None, :]
+        if HAS_OUT_SHIFT:
+            z = z + tl.load(out_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
+        if HAS_RESIDUAL:
+            res_offs = ((n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq)[:, None]
+                        + k_out.to(tl.int64)[None, :] * stride_rk)
+            z = z + tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
+        if OUT_RELU:
+            z = tl.where(z < 0, 0.0, z)
+        tl.store(out_ptr + out_offs, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _pair(name: str, v, least: int) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and i >= least for i in t):
+        raise ValueError(f"conv2d_fused: {name} must be an int or a pair of ints >= {least}, got {v}")
+    return t
+
+
+def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> dict:
+    """Validated conv geometry: the kernel's shape, stride, padding and dilation arguments."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"conv2d_fused: x has dtype {x.dtype}; supported are float16, bfloat16 and float32")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv2d_fused: weight has dtype {weight.dtype}, expected x's dtype {x.dtype}")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d_fused: expected 4-D x (N, C, H, W) and weight (K, C/groups, R, S), got shapes "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"conv2d_fused: weight is on {weight.device}, x on {x.device}")
+    (n, c, h, w), (k, cg, r, s) = x.shape, weight.shape
+    if not isinstance(groups, int) or groups < 1 or c % groups or k % groups or cg != c // groups:
+        raise ValueError(f"conv2d_fused: weight of shape {tuple(weight.shape)} with groups={groups} does not fit "
+                         f"x with {c} channels (expected weight.shape[1] == C / groups and K divisible by groups)")
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    dh, dw = _pair("dilation", dilation, 1)
+    p = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1
+    q = (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    if p < 1 or q < 1:
+        raise ValueError(f"conv2d_fused: output size ({p}, {q}) is too small for input {tuple(x.shape)} and "
+                         f"weight {tuple(weight.shape)}")
+    return dict(N=n, C=c, H=h, W=w, K=k, P=p, Q=q, M=n * p * q, Cg=cg, Kg=k // groups,
+                SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, R=r, S=s)
+
+
+def _conv_allows_tf32() -> bool:
+    """Whether torch's own conv may use TF32: torch >= 2.9 resolves cudnn.conv.fp32_precision through its
+    parents ("none" inherits, and reading the legacy cudnn.allow_tf32 raises once the two APIs were mixed);
+    older torch has only cudnn.allow_tf32."""
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):
+        return bool(cudnn.allow_tf32)
+    for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def _limit(geo: dict, x: Tensor, groups: int) -> Optional[str]:
+    """Why a valid conv with this geometry is left to torch, or None."""
+    if not (x.is_cuda or _INTERPRET):
+        return f"x is on {x.device}; the Triton conv needs a CUDA tensor (or TRITON_INTERPRET=1)"
+    if x.dtype == torch.float32 and not _INTERPRET and not _conv_allows_tf32():
+        return "float32 runs as TF32, which torch's flags forbid for convs (torch.backends.cudnn.allow_tf32)"
+    if groups > 1 and min(geo["Cg"], geo["Kg"]) < _MIN_GROUP_CHANNELS:
+        return (f"{geo['Cg']} input / {geo['Kg']} output channels per group; the Triton conv needs at least "
+                f"{_MIN_GROUP_CHANNELS} of each")
+    if geo["M"] == 0 or geo["Cg"] * geo["R"] * geo["S"] == 0 or geo["K"] == 0:
+        return "the conv is empty"
+    if geo["M"] > _MAX_M:
+        return f"N*P*Q = {geo['M']} output positions exceed {_MAX_M}"
+    return None
+
+
+def unsupported_reason(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> Optional[str]:
+    """None when conv2d_fused can run this conv, else a short sentence saying why not (the caller then uses
+    torch's conv / cuDNN)."""
+    try:
+        geo = _geometry(x, weight, stride, padding, dilation, groups)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return _limit(geo, x, groups)
+
+
+def _packed_weight(weight: Tensor, groups: int) -> Tensor:
+    """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g.
+
+    Cached per (data_ptr, shape, strides, dtype, device) and checked against the version counter, so
+    in-place updates repack. An entry holds its weight tensor, so its memory cannot be reused by
+    another tensor while cached. Not seen: writes through ``.data`` (a separate version counter) and
+    inference tensors (none at all; they are packed on every call)."""
+    k, cg, r, s = weight.shape
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups)
+    version = None if weight.is_inference() else weight._version
+    hit = _PACK_CACHE.get(key)
+    if hit is not None and version is not None and hit[1] == version:
+        return hit[2]
+    packed = (weight.detach().reshape(groups, k // groups, cg, r, s).permute(0, 3, 4, 2, 1)
+              .reshape(groups, r * s * cg, k // groups).contiguous())
+    if version is not None:
+        _PACK_CACHE.pop(key, None)
+        if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
+            _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # oldest first
+        _PACK_CACHE[key] = (weight, version, packed)
+    return packed
+
+
+def _vector(name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
+    if v.dtype != torch.float32:
+        raise TypeError(f"conv2d_fused: {name} must be a float32 tensor, got {v.dtype}")
+    if tuple(v.shape) != (length,) or v.device != x.device:
+        raise ValueError(f"conv2d_fused: {name} must have shape ({length},) on {x.device}, got shape "
+                         f"{tuple(v.shape)} on {v.device}")
+    return v.contiguous()
+
+
+def conv2d_fused(
+    x: Tensor, weight: Tensor, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+    in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = True,
+    out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+    out_relu: bool = False, compute_stats: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """out = act_out(conv2d(act_in(x*in_scale+in_shift)) * out_scale + out_shift + residual); returns
+    (out, sum, sumsq).
+
+    x: (N, C, H, W) fp16/bf16/fp32, any strides; weight: (K, C/groups, R, S) in x's dtype. in_scale and
+    in_shift: (C,) fp32, given together or not at all (then x' = x and in_relu is ignored); act_in is
+    ReLU if in_relu. out_scale (default 1), out_shift (default 0; a conv bias goes here): (K,) fp32;
+    residual: (N, K, P, Q) of any supported float dtype; act_out is ReLU if out_relu. out has x's dtype
+    and memory format. With compute_stats, out is the raw conv output y (no epilogue arguments
+    allowed) and sum / sumsq are fp32 (K,) sums over (N, P, Q) of y as stored in x's dtype; else both
+    are None. Raises TypeError / ValueError for invalid arguments and RuntimeError with
+    ``unsupported_reason``'s sentence for valid convs this kernel does not run.
+    """
+    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    reason = _limit(geo, x, groups)
+    if reason is not None:
+        raise RuntimeError(f"conv2d_fused: {reason}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("conv2d_fused: in_scale and in_shift must be given together")
+    if compute_stats and (out_scale is not None or out_shift is not None or residual is not None or out_relu):
+        raise ValueError("conv2d_fused: compute_stats returns the raw conv output; out_scale, out_shift, residual "
+                         "and out_relu must be absent")
+    n, k, p, q = geo["N"], geo["K"], geo["P"], geo["Q"]
+    if in_scale is not None:
+        in_scale, in_shift = _vector("in_scale", in_scale, geo["C"], x), _vector("in_shift", in_shift, geo["C"], x)
+    if out_scale is not None:
+        out_scale = _vector("out_scale", out_scale, k, x)
+    if out_shift is not None:
+        out_shift = _vector("out_shift", out_shift, k, x)
+    if residual is not None:
+        if residual.dtype not in _DTYPES:
+            raise TypeError(f"conv2d_fused: residual has dtype {residual.dtype}; supported are float16, bfloat16 "
+                            "and float32")
+        if tuple(residual.shape) != (n, k, p, q) or residual.device != x.device:
+            raise ValueError(f"conv2d_fused: residual must have the output's shape {(n, k, p, q)} on {x.device}, "
+                             f"got {tuple(residual.shape)} on {residual.device}")
+
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=fmt)
+    ws_count = triton.cdiv(geo["M"], _WS_BLOCK_M)
+    ws = torch.empty((2, ws_count, k), device=x.device, dtype=torch.float32) if compute_stats else out
+    res = out if residual is None else residual
+    strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
+
+    def grid(meta):
+        return triton.cdiv(geo["M"], meta["BLOCK_M"]) * triton.cdiv(geo["Kg"], meta["BLOCK_N"]), groups
+
+    _conv_kernel[grid](
+        x, _packed_weight(weight, groups), out,
+        in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
+        out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res, ws,
+        PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
+        HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None, HAS_RESIDUAL=residual is not None,
+        OUT_RELU=bool(out_relu), COMPUTE_STATS=bool(compute_stats), FLAT_K=geo["Cg"] < _FLAT_K_BELOW,
+        WS_BLOCK_M=_WS_BLOCK_M, GROUP_M=8,
+        **geo, **strides)
+    if not compute_stats:
+        return out, None, None
+    total, total_sq = ws.sum(1).unbind(0)
+    return out, total, total_sq

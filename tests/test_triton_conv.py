@@ -1,0 +1,394 @@
+"""fusedres.triton.conv against F.conv2d evaluated in fp64.
+
+Without CUDA the kernel runs under the Triton interpreter on CPU tensors, so TRITON_INTERPRET must be
+set before triton is imported; with CUDA the same tests run on the GPU. An output passes when its
+largest error against the fp64 reference is at most twice that of eager torch computing the same
+thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitude.
+"""
+
+import os
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from conftest import requires_cuda  # noqa: E402
+from fusedres.triton import conv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+# Half an ulp at the largest magnitude (relative spacing 2**-23, 2**-10, 2**-7). Under the interpreter
+# bf16 gets two whole ulps: it rounds fp32 -> bf16 by truncation (GPUs round to nearest), both the
+# output and the prologue's result, which biases every input of the dot towards zero.
+ATOL = {F32: 1e-6, F16: 2.0**-11, BF16: 2.0**-8 if DEVICE == "cuda" else 2.0**-6}
+
+
+@dataclass(frozen=True)
+class Case:
+    c: int
+    k: int
+    hw: tuple
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dtype: torch.dtype
+    channels_last: bool
+    prologue: str  # "none", "relu" or "linear" (in_relu=False)
+    epilogue: str  # "none", "affine" (scale, shift), "full" (+ residual, relu) or "stats"
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    n: int = 2
+
+    def __str__(self):
+        geo = (f"c{self.c}k{self.k}-{self.hw[0]}x{self.hw[1]}-r{self.kernel[0]}x{self.kernel[1]}"
+               f"-s{self.stride[0]}{self.stride[1]}-p{self.padding[0]}{self.padding[1]}")
+        extra = (f"-d{self.dilation[0]}" if self.dilation != (1, 1) else "") + (
+            f"-g{self.groups}" if self.groups > 1 else "")
+        return (f"{geo}{extra}-{str(self.dtype)[6:]}-{'cl' if self.channels_last else 'nchw'}"
+                f"-in_{self.prologue}-out_{self.epilogue}")
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _case(c, k, hw, kernel, stride, padding, dtype, channels_last, prologue, epilogue, dilation=1, groups=1, n=2):
+    return Case(c, k, _pair(hw), _pair(kernel), _pair(stride), _pair(padding), dtype, channels_last, prologue,
+                epilogue, _pair(dilation), groups, n)
+
+
+def _out_hw(case):
+    return tuple((size + 2 * p - d * (r - 1) - 1) // s + 1
+                 for size, p, d, r, s in zip(case.hw, case.padding, case.dilation, case.kernel, case.stride))
+
+
+# C, K in {3, 8, 20, 32, 40, 48}: channel tails of the 16-wide interpreter blocks, and the flat (r, s, c)
+# reduction for C / groups < 16. Every dtype meets both layouts, every prologue kind and the stats path.
+CASES = [
+    _case(8, 20, 7, 1, 1, 0, F32, False, "relu", "none"),
+    _case(20, 8, 9, 1, 2, 0, BF16, True, "none", "full"),
+    _case(20, 20, 7, 3, 1, 1, F16, True, "relu", "stats"),
+    _case(8, 20, 9, 3, 2, 1, BF16, False, "linear", "affine"),
+    _case(3, 8, 9, 7, 2, 3, F32, True, "none", "full"),
+    _case(3, 20, 9, 7, 2, 3, BF16, True, "none", "stats"),
+    _case(20, 8, 9, 3, 1, 2, F32, False, "relu", "stats", dilation=2),
+    _case(20, 20, (5, 7), (3, 5), (2, 1), (1, 2), F32, True, "linear", "affine"),
+    _case(8, 20, (7, 6), (5, 3), (1, 2), (2, 0), F16, False, "relu", "full", dilation=(1, 2)),
+    _case(20, 20, 7, 3, 1, 1, F32, False, "relu", "full"),
+    _case(8, 8, 5, 3, 1, 1, F16, False, "none", "full"),
+    _case(20, 8, 5, 1, 1, 0, F16, True, "linear", "none"),
+    _case(20, 20, 5, 3, 2, 1, BF16, False, "relu", "none"),
+    _case(8, 40, 13, 1, 1, 0, F32, True, "none", "stats"),  # 11 row tiles: more than one GROUP_M band
+    _case(32, 32, 5, 3, 1, 1, BF16, True, "relu", "full", groups=2),
+    _case(32, 48, 5, 1, 2, 0, F16, False, "linear", "stats", groups=2),
+]
+
+
+def _gen(tag):
+    return torch.Generator().manual_seed(zlib.crc32(str(tag).encode()))
+
+
+def _act(gen, shape, dtype, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype).contiguous(memory_format=fmt)
+
+
+def _vec(gen, n, positive=False):
+    v = torch.rand(n, generator=gen) + 0.5 if positive else torch.randn(n, generator=gen)
+    return v.to(DEVICE)
+
+
+def _make(case):
+    """Random non-zero x, weight and the fused arguments, seeded by the case id."""
+    gen = _gen(case)
+    x = _act(gen, (case.n, case.c, *case.hw), case.dtype, case.channels_last)
+    w = _act(gen, (case.k, case.c // case.groups, *case.kernel), case.dtype) / (case.c // case.groups) ** 0.5
+    kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+    if case.prologue != "none":
+        kw.update(in_scale=_vec(gen, case.c, positive=True), in_shift=_vec(gen, case.c) * 0.5,
+                  in_relu=case.prologue == "relu")
+    if case.epilogue in ("affine", "full"):
+        kw.update(out_scale=_vec(gen, case.k, positive=True), out_shift=_vec(gen, case.k))
+    if case.epilogue == "full":
+        kw.update(residual=_act(gen, (case.n, case.k, *_out_hw(case)), case.dtype, case.channels_last), out_relu=True)
+    if case.epilogue == "stats":
+        kw.update(compute_stats=True)
+    return x, w, kw
+
+
+def _unfused(x, w, kw, dtype):
+    """The fused op computed by torch: fp64 throughout (dtype=F64), or eager in x's dtype (fp32 epilogue)."""
+    xp = x
+    if kw.get("in_scale") is not None:
+        v = x.double() * kw["in_scale"].double()[:, None, None] + kw["in_shift"].double()[:, None, None]
+        xp = (v.relu() if kw.get("in_relu", True) else v).to(x.dtype)  # what the conv is fed
+    y = F.conv2d(xp.to(dtype), w.to(dtype), None, kw.get("stride", 1), kw.get("padding", 0),
+                 kw.get("dilation", 1), kw.get("groups", 1))
+    cdt = F64 if dtype == F64 else F32
+    z = y.to(cdt)
+    if kw.get("out_scale") is not None:
+        z = z * kw["out_scale"].to(cdt)[:, None, None]
+    if kw.get("out_shift") is not None:
+        z = z + kw["out_shift"].to(cdt)[:, None, None]
+    if kw.get("residual") is not None:
+        z = z + kw["residual"].to(cdt)
+    if kw.get("out_relu"):
+        z = z.relu()
+    return z.to(dtype)
+
+
+def _check_out(out, x, w, kw, what=""):
+    """out has x's dtype and memory format and meets the error rule against the fp64 reference."""
+    ref = _unfused(x, w, kw, F64)
+    eager = _unfused(x, w, kw, x.dtype)
+    assert out.dtype == x.dtype and out.shape == ref.shape and out.device == x.device
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max().item()
+    eager_err = (eager.double() - ref).abs().max().item()
+    bound = 2 * eager_err + ATOL[x.dtype] * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager's error {eager_err:.3g})"
+
+
+def _check_stats(out, total, total_sq):
+    """fp32 per-channel sum and sum of squares of out as stored."""
+    y = out.double()
+    for got, expected, size in ((total, y.sum((0, 2, 3)), y.abs().sum((0, 2, 3))),
+                                (total_sq, y.square().sum((0, 2, 3)), y.square().sum((0, 2, 3)))):
+        assert got.dtype == F32 and got.shape == (out.shape[1],) and got.device == out.device
+        assert ((got.double() - expected).abs() <= 1e-5 * size + 1e-6).all(), f"{got} != {expected}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv2d_fused(case):
+    x, w, kw = _make(case)
+    assert conv.unsupported_reason(x, w, case.stride, case.padding, case.dilation, case.groups) is None
+    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    _check_out(out, x, w, kw, str(case))
+    if case.epilogue == "stats":
+        _check_stats(out, total, total_sq)
+    else:
+        assert total is None and total_sq is None
+
+
+@pytest.mark.parametrize("in_relu", [True, False], ids=["relu", "linear"])
+def test_padding_after_prologue(in_relu):
+    """A large positive shift: relu(0 * s + t) = t at padded positions would move every border output."""
+    gen = _gen(f"padding-{in_relu}")
+    x = _act(gen, (2, 8, 5, 5), F32, channels_last=True)
+    w = _act(gen, (20, 8, 3, 3), F32)
+    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=_vec(gen, 8, positive=True),
+              in_shift=_vec(gen, 8, positive=True) + 3.0, in_relu=in_relu)
+    out, _, _ = conv.conv2d_fused(x, w, **kw)
+    _check_out(out, x, w, kw)
+    s, t = kw["in_scale"].double()[:, None, None], kw["in_shift"].double()[:, None, None]
+    v = F.pad(x.double(), (1, 1, 2, 2)) * s + t  # the prologue applied after padding
+    wrong = F.conv2d(v.relu() if in_relu else v, w.double(), dilation=(2, 1))
+    assert (out.double() - wrong).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_prologue_rounds_to_dtype_before_the_dot(channels_last):
+    """out[:, k] = x'[:, k] + x'[:, k + 1] exactly, with x' = relu(x * s + t) computed in fp32 and rounded to
+    fp16 (the sum of two fp16 values is exact in fp32; torch and the interpreter round fp16 to nearest)."""
+    gen = _gen(f"rounding-{channels_last}")
+    x = _act(gen, (2, 20, 5, 3), F16, channels_last)
+    eye = torch.eye(20, device=DEVICE, dtype=F16)
+    w = (eye + eye.roll(1, dims=1))[:, :, None, None]
+    s, t = _vec(gen, 20, positive=True), _vec(gen, 20)
+    out, _, _ = conv.conv2d_fused(x, w, in_scale=s, in_shift=t)
+    xp = (x.float() * s[:, None, None] + t[:, None, None]).relu().half()
+    assert torch.equal(out, F.conv2d(xp.double(), w.double()).half())
+
+
+def test_residual_layout_and_dtype():
+    """bf16 channels_last output with an fp32 NCHW residual that is a strided view."""
+    gen = _gen("residual")
+    x = _act(gen, (2, 20, 7, 7), BF16, channels_last=True)
+    w = _act(gen, (8, 20, 3, 3), BF16) / 20**0.5
+    residual = _act(gen, (2, 16, 7, 7), F32)[:, ::2]
+    kw = dict(padding=1, out_shift=_vec(gen, 8), residual=residual, out_relu=True)
+    out, _, _ = conv.conv2d_fused(x, w, **kw)
+    _check_out(out, x, w, kw)
+
+
+def test_small_groups_when_allowed(monkeypatch):
+    """Groups of 5 input and 3 output channels (flat reduction, column tails) once the minimum is lifted."""
+    gen = _gen("small-groups")
+    x = _act(gen, (2, 20, 6, 6), F16, channels_last=True)
+    w = _act(gen, (12, 5, 3, 3), F16)
+    assert "per group" in conv.unsupported_reason(x, w, 1, 1, 1, 4)
+    monkeypatch.setattr(conv, "_MIN_GROUP_CHANNELS", 1)
+    assert conv.unsupported_reason(x, w, 1, 1, 1, 4) is None
+    kw = dict(padding=1, groups=4, in_scale=_vec(gen, 20, positive=True), in_shift=_vec(gen, 20), compute_stats=True)
+    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    _check_out(out, x, w, kw)
+    _check_stats(out, total, total_sq)
+
+
+def test_unsupported_reason(monkeypatch):
+    x = torch.randn(2, 32, 5, 5, device=DEVICE)
+    w = torch.randn(16, 32, 3, 3, device=DEVICE)
+    assert conv.unsupported_reason(x, w, 1, 1, 1, 1) is None
+    assert "dtype torch.float64" in conv.unsupported_reason(x.double(), w.double(), 1, 1, 1, 1)
+    assert "expected x's dtype" in conv.unsupported_reason(x.half(), w, 1, 1, 1, 1)
+    assert "does not fit" in conv.unsupported_reason(x, w[:, :16], 1, 1, 1, 1)
+    assert "per group" in conv.unsupported_reason(x, torch.randn(16, 4, 3, 3, device=DEVICE), 1, 1, 1, 8)
+    assert "too small" in conv.unsupported_reason(x, w, 1, 0, 3, 1)
+    assert "empty" in conv.unsupported_reason(x[:0], w, 1, 1, 1, 1)
+    assert "padding" in conv.unsupported_reason(x, w, 1, -1, 1, 1)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(conv, "_INTERPRET", False)
+        assert "CUDA tensor" in conv.unsupported_reason(x, w, 1, 1, 1, 1)
+
+
+def test_tf32_follows_torch_conv_flags(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not conv._conv_allows_tf32()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert conv._conv_allows_tf32()
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the per-operator precision wins
+        old = torch.backends.cudnn.conv.fp32_precision  # a property of the module's class: no monkeypatch
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        try:
+            assert not conv._conv_allows_tf32()
+        finally:
+            torch.backends.cudnn.conv.fp32_precision = old
+
+
+def test_rejects_bad_inputs():
+    x = torch.randn(2, 8, 5, 5, device=DEVICE)
+    w = torch.randn(4, 8, 3, 3, device=DEVICE)
+    v8, v4 = torch.ones(8, device=DEVICE), torch.ones(4, device=DEVICE)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        conv.conv2d_fused(x.double(), w.double())
+    with pytest.raises(TypeError, match="weight has dtype torch.float16"):
+        conv.conv2d_fused(x, w.half())
+    with pytest.raises(ValueError, match="does not fit x with 8 channels"):
+        conv.conv2d_fused(x, w[:, :4])
+    with pytest.raises(ValueError, match="given together"):
+        conv.conv2d_fused(x, w, in_scale=v8)
+    with pytest.raises(TypeError, match="in_shift must be a float32 tensor"):
+        conv.conv2d_fused(x, w, in_scale=v8, in_shift=v8.half())
+    with pytest.raises(ValueError, match=r"out_scale must have shape \(4,\)"):
+        conv.conv2d_fused(x, w, out_scale=v8)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        conv.conv2d_fused(x, w, residual=torch.zeros(2, 4, 5, 5, device=DEVICE))
+    residual = torch.zeros(2, 4, 3, 3, device=DEVICE)
+    for epilogue in (dict(out_scale=v4), dict(out_shift=v4), dict(residual=residual), dict(out_relu=True)):
+        with pytest.raises(ValueError, match="compute_stats returns the raw conv output"):
+            conv.conv2d_fused(x, w, compute_stats=True, **epilogue)
+    with pytest.raises(RuntimeError, match="per group"):
+        conv.conv2d_fused(torch.randn(2, 16, 5, 5, device=DEVICE), w[:, :4], groups=4)
+
+
+def test_packed_weight_cache_follows_in_place_updates():
+    gen = _gen("cache")
+    x = _act(gen, (2, 8, 5, 5), F32)
+    w = _act(gen, (4, 8, 3, 3), F32)
+    assert conv._packed_weight(w, 1) is conv._packed_weight(w, 1)
+    first, _, _ = conv.conv2d_fused(x, w, padding=1)
+    w.mul_(-2.0)
+    second, _, _ = conv.conv2d_fused(x, w, padding=1)
+    _check_out(second, x, w, dict(padding=1))
+    torch.testing.assert_close(second, -2.0 * first, rtol=1e-6, atol=1e-5)
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedres.triton import conv
+
+fn = conv._conv_kernel.fn
+off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
+           OUT_RELU=False, COMPUTE_STATS=False, FLAT_K=False)
+for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
+              dict(off, FLAT_K=True, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, HAS_RESIDUAL=True, OUT_RELU=True)):
+    config = conv._CONFIGS[0]
+    consts = dict(R=3, S=3, WS_BLOCK_M=conv._WS_BLOCK_M, GROUP_M=8, **flags, **config.kwargs)
+    bf16 = ("x_ptr", "w_ptr", "out_ptr", "res_ptr")
+    sig = {a: "constexpr" if a in consts else "*bf16" if a in bf16 else "*fp32" if a.endswith("_ptr") else "i32"
+           for a in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile the kernel for real")
+def test_kernel_compiles_for_sm90_on_cpu():
+    """The interpreter runs code the compiler rejects (a reshape to a shape held in a tuple variable, say):
+    compile two variants for an H100 with the wheel's ptxas, in a process without TRITON_INTERPRET."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding) of torchvision ResNet-50 convs
+    "stem": (3, 64, 224, 7, 2, 3),
+    "l1_3x3": (64, 64, 56, 3, 1, 1),
+    "l1_expand": (64, 256, 56, 1, 1, 0),
+    "l2_3x3_s2": (128, 128, 56, 3, 2, 1),
+    "l3_downsample": (512, 1024, 28, 1, 2, 0),
+}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("epilogue", ["full", "stats"])
+@pytest.mark.parametrize("name", list(RESNET50_CONVS))
+def test_gpu_resnet50_shapes_bf16(name, epilogue):
+    c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
+    case = _case(c, k, h, kernel, stride, padding, BF16, True, "none" if name == "stem" else "relu", epilogue, n=8)
+    x, w, kw = _make(case)
+    assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
+    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    _check_out(out, x, w, kw, name)
+    if epilogue == "stats":
+        _check_stats(out, total, total_sq)
+        mean = total / out[:, 0].numel()
+        var = total_sq / out[:, 0].numel() - mean.square()
+        torch.testing.assert_close(mean, out.float().mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(var, out.float().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_fp32_follows_cudnn_tf32_flag(monkeypatch):
+    case = _case(64, 64, 28, 3, 1, 1, F32, True, "relu", "full", n=4)
+    x, w, kw = _make(case)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert "allow_tf32" in conv.unsupported_reason(x, w, 1, 1, 1, 1)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert conv.unsupported_reason(x, w, 1, 1, 1, 1) is None
+    out, _, _ = conv.conv2d_fused(x, w, **kw)
+    # TF32 keeps 10 of fp32's 23 mantissa bits: each product is off by at most about 2**-9 of its size
+    # (truncated operands), whatever algorithm cuDNN would pick
+    xp = (x.double() * kw["in_scale"].double()[:, None, None] + kw["in_shift"].double()[:, None, None]).relu()
+    size = F.conv2d(xp, w.double().abs(), padding=1) * kw["out_scale"].double()[:, None, None]
+    err = (out.double() - _unfused(x, w, kw, F64)).abs()
+    assert (err <= 2.0**-8 * size + 1e-5).all()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_grouped_resnext_shape():
+    case = _case(256, 256, 28, 3, 2, 1, BF16, True, "relu", "stats", groups=8, n=4)
+    x, w, kw = _make(case)
+    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    _check_out(out, x, w, kw)
+    _check_stats(out, total, total_sq)
