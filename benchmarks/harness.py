@@ -5,11 +5,14 @@ A level (``cases.py``) only says what to set up: a ``Case`` whose ``prepare()`` 
 ``step(target, inputs, autocast)``, one timed iteration returning named tensors (outputs and
 gradients). From that the harness derives every contender (eager, torch.compile of the eager
 target, fused per backend), runs them on the same weights and inputs, checks each against one
-upcast run of eager (``Reference``), then times it and measures its memory.
+upcast run of eager (``Reference``), then times it and measures its memory. A level may name its
+own contenders instead (``Case.contenders``, the first one the anchor in eager's role; the convs
+level), built by ``Setup.fused(name)`` and checked against ``Setup.reference``'s outputs by name.
 
 Timing: CUDA events around each iteration, the L2 cache flushed before each one (as
 ``triton.testing.do_bench`` does), after warm-up; ``time.perf_counter`` on CPU. Reported: median
-and p20/p80 of the per-iteration times. Peak memory (CUDA only): ``max_memory_allocated`` over
+and p20/p80 of the per-iteration times, and apart the wall-clock time of the first call
+(synchronised; it pays one-off costs: compilation, autotuning, cuDNN's algorithm search). Peak memory (CUDA only): ``max_memory_allocated`` over
 the timed iterations, counted above what was allocated before the contender was built (inputs,
 the pristine weights and the eager reference are not charged to it; its own weight copy, gradients,
 optimizer state and activations are).
@@ -46,7 +49,7 @@ class Settings:
     dtype: torch.dtype
     memory_format: torch.memory_format
     levels: list[str]
-    models: list[str]
+    models: Optional[list[str]]  # None: each level's defaults
     batches: Optional[list[int]]  # None: each level's defaults
     size: int
     repeats: int
@@ -82,8 +85,11 @@ class Setup:
 
     inputs: dict[str, Tensor]  # shared by every contender
     eager: Callable[[], Any]  # a fresh eager target (module copy or function)
-    fused: Callable[[str], Any]  # the fused target for a backend name
+    fused: Callable[[str], Any]  # the fused target for a backend name (or a level's own contender)
     step: Callable[[Any, dict[str, Tensor], Callable], Step]  # (target, inputs, autocast) -> step
+    # The target run upcast for the reference, when not eager: it returns every kind of output
+    # the contenders return, and each contender's outputs are matched to it by name.
+    reference: Optional[Callable[[], Any]] = None
 
 
 @dataclass
@@ -96,6 +102,10 @@ class Case:
     bytes: Optional[int]  # required bytes per iteration (formulas in cases.py), or None
     flops: Optional[int]  # FLOPs per iteration (formulas in cases.py), or None
     prepare: Callable[[], Setup]
+    # The level's own (contender, None or why it is skipped on this case), anchor first; None:
+    # eager, compile and fused per backend (``contenders``)
+    contenders: Optional[list[tuple[str, Optional[str]]]] = None
+    extra: dict = field(default_factory=dict)  # more fields for the case's rows (JSON)
 
     @property
     def key(self) -> str:
@@ -103,12 +113,15 @@ class Case:
 
     def row(self, contender: str) -> dict:
         return {"level": self.level, "case": self.name, "mode": self.mode, "batch": self.batch,
-                "shape": self.shape, "contender": contender}
+                "shape": self.shape, "contender": contender, **self.extra}
 
 
 # ----------------------------------------------------------------------------- contenders
-def contenders(settings: Settings) -> list[tuple[str, Optional[str]]]:
-    """(contender name, None or why it is skipped), eager first, then compile, then fused."""
+def contenders(settings: Settings, case: Optional[Case] = None) -> list[tuple[str, Optional[str]]]:
+    """(contender name, None or why it is skipped), the anchor first: the case's own, or eager,
+    then compile, then fused."""
+    if case is not None and case.contenders is not None:
+        return case.contenders
     compile_skip = None if settings.compile else (
         "torch.compile skipped on CPU (slow to compile); pass --compile to include it"
         if not settings.cuda else "torch.compile skipped (--no-compile)")
@@ -134,8 +147,8 @@ def build(setup: Setup, name: str, settings: Settings) -> Step:
             return step()
         return cudagraph_step
     if name.startswith("fused[") and name.endswith("]"):
-        return setup.step(setup.fused(name[len("fused["):-1]), setup.inputs, settings.autocast)
-    raise ValueError(f"unknown contender {name!r}")
+        name = name[len("fused["):-1]
+    return setup.step(setup.fused(name), setup.inputs, settings.autocast)  # else a level's own
 
 
 def release(device: torch.device, compiled: bool = False) -> None:
@@ -164,12 +177,15 @@ def _norm(t: Tensor) -> float:
 
 @dataclass
 class Reference:
-    """Eager run once in REFERENCE_DTYPE (no autocast, no TF32) on upcast copies of the inputs,
-    then eager's own error against it: the yardstick for every other contender."""
+    """Eager (or ``Setup.reference``) run once in REFERENCE_DTYPE (no autocast, no TF32) on upcast
+    copies of the inputs, then the anchor's (eager's) own error against it: the yardstick for every
+    other contender. A tensor the anchor does not return (``Setup.reference``'s other kinds) is held
+    to the anchor's largest error."""
 
     outputs: Optional[dict[str, Tensor]] = None
     why_not: str = ""  # why there are no outputs
-    eager_err: Optional[list[float]] = None
+    by_name: bool = False  # contenders return some of the outputs, matched by name (else all, in order)
+    eager_err: Optional[dict[str, float]] = None
 
     @classmethod
     def of(cls, setup: Setup, settings: Settings) -> "Reference":
@@ -177,41 +193,52 @@ class Reference:
         try:
             inputs = {k: v.detach().to(dtype).requires_grad_(v.requires_grad) if v.is_floating_point()
                       else v for k, v in setup.inputs.items()}
-            target = setup.eager()
+            target = (setup.reference or setup.eager)()
             target = target.to(dtype) if isinstance(target, nn.Module) else target
             with _exact_fp32():
                 outputs = setup.step(target, inputs, contextlib.nullcontext)()
-            return cls({k: v.detach() for k, v in outputs.items()})
+            return cls({k: v.detach() for k, v in outputs.items()}, by_name=setup.reference is not None)
         except Exception as exc:  # e.g. out of memory in fp32/fp64: the timings are still useful
             return cls(why_not=f"no {dtype} reference ({_error_text(exc)})")
         finally:
             release(settings.device)
 
-    def errors(self, got: dict[str, Tensor]) -> list[float]:
-        """|got - ref|_2 / |ref|_2 per tensor (inf where missing, misshapen or not finite)."""
-        if len(got) != len(self.outputs):
+    def errors(self, got: dict[str, Tensor]) -> dict[str, float]:
+        """|got - ref|_2 / |ref|_2 per tensor, by the reference's name (inf where missing,
+        misshapen or not finite)."""
+        if self.by_name:
+            unknown = set(got) - set(self.outputs)
+            if unknown:
+                raise RuntimeError(f"no reference for {sorted(unknown)}; it has {list(self.outputs)}")
+            pairs = [(n, self.outputs[n], g) for n, g in got.items()]
+        elif len(got) != len(self.outputs):
             raise RuntimeError(f"{len(got)} tensors to compare, the reference has {len(self.outputs)}")
-        out = []
-        for r, g in zip(self.outputs.values(), got.values()):
+        else:
+            pairs = [(n, r, g) for (n, r), g in zip(self.outputs.items(), got.values())]
+        out = {}
+        for n, r, g in pairs:
             err = math.inf if g is None or g.shape != r.shape else _norm(g.detach().to(r.dtype) - r)
-            out.append(err / (_norm(r) or 1.0) if math.isfinite(err) else math.inf)
+            out[n] = err / (_norm(r) or 1.0) if math.isfinite(err) else math.inf
         return out
 
-    def check(self, name: str, outputs: dict[str, Tensor], dtype: torch.dtype) -> dict:
-        """Row fields: agree (None for eager, whose own error is recorded), max_err, detail."""
+    def check(self, outputs: dict[str, Tensor], dtype: torch.dtype, anchor: bool = False) -> dict:
+        """Row fields: agree (None for the anchor, whose own error is recorded), max_err, detail."""
         if self.outputs is None:
             return {"agree": None, "agree_detail": f"not checked: {self.why_not}"}
-        ref = f"eager's {str(REFERENCE_DTYPE[dtype]).replace('torch.', '')} run"
+        who = "the reference" if self.by_name else "eager's"
+        ref = f"{who} {str(REFERENCE_DTYPE[dtype]).replace('torch.', '')} run"
         err = self.errors(outputs)
-        if name == "eager":
+        max_err = max(err.values(), default=0.0)
+        if anchor:
             self.eager_err = err
-            return {"agree": None, "max_err": max(err, default=0.0), "agree_detail": f"vs {ref}: the yardstick"}
+            return {"agree": None, "max_err": max_err, "agree_detail": f"vs {ref}: the yardstick"}
         if self.eager_err is None:
-            return {"agree": None, "agree_detail": "not checked: eager failed"}
-        bad = [f"{n}: rel. err {e:.1e} vs eager's {e0:.1e}"
-               for n, e, e0 in zip(self.outputs, err, self.eager_err) if not e <= 2 * e0 + SLACK[dtype]]
-        detail = "; ".join(bad[:3]) or f"{len(err)} tensors within 2x eager's error + {SLACK[dtype]:g}"
-        return {"agree": not bad, "max_err": max(err, default=0.0), "agree_detail": f"vs {ref}: {detail}"}
+            return {"agree": None, "agree_detail": "not checked: the anchor (eager) failed"}
+        worst = max(self.eager_err.values(), default=0.0)
+        bad = [f"{n}: rel. err {e:.1e} vs the anchor's {self.eager_err.get(n, worst):.1e}"
+               for n, e in err.items() if not e <= 2 * self.eager_err.get(n, worst) + SLACK[dtype]]
+        detail = "; ".join(bad[:3]) or f"{len(err)} tensors within 2x the anchor's error + {SLACK[dtype]:g}"
+        return {"agree": not bad, "max_err": max_err, "agree_detail": f"vs {ref}: {detail}"}
 
 
 # ----------------------------------------------------------------------------- timing and memory
@@ -251,6 +278,17 @@ def time_ms(fn: Callable, device: torch.device, warmup: int, repeats: int,
         end.record()
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) for start, end in events]
+
+
+def first_call(fn: Callable, device: torch.device) -> tuple[Any, float]:
+    """(fn(), its wall-clock seconds), the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -304,8 +342,8 @@ def run_contender(case: Case, setup: Setup, name: str, settings: Settings,
         _flush_buffer(device)
         baseline = torch.cuda.memory_allocated(device) if settings.cuda else 0
         fn = build(setup, name, settings)
-        outputs = fn()
-        row.update(reference.check(name, outputs, settings.dtype))
+        outputs, row["first_call_s"] = first_call(fn, device)
+        row.update(reference.check(outputs, settings.dtype, anchor=name == contenders(settings, case)[0][0]))
         del outputs
         if settings.cuda:
             torch.cuda.synchronize(device)
@@ -335,7 +373,7 @@ def derive(rows: list[dict], case: Case, ceilings: dict) -> None:
         ms = row.get("median_ms")
         if ms is None:
             continue
-        if case.level != "ops":
+        if case.level in ("blocks", "models"):
             row["images_per_s"] = case.batch / ms * 1e3
         if case.bytes:
             row["bytes"], row["GBps"] = case.bytes, case.bytes / ms / 1e6
@@ -343,9 +381,10 @@ def derive(rows: list[dict], case: Case, ceilings: dict) -> None:
         if case.flops:
             row["flops"], row["TFLOPs"] = case.flops, case.flops / ms / 1e9
             row["frac_gemm"] = row["TFLOPs"] / ceilings["gemm_TFLOPs"] if ceilings else None
-        for other in ("eager", "compile"):
+        # vs_eager: vs the anchor (the first contender: eager, or the level's own, e.g. cudnn)
+        for key, other in (("vs_eager", rows[0]["contender"]), ("vs_compile", "compile")):
             if by_name.get(other):
-                row[f"vs_{other}"] = by_name[other] / ms
+                row[key] = by_name[other] / ms
 
 
 def run_case(case: Case, settings: Settings, ceilings: dict,
@@ -359,8 +398,11 @@ def run_case(case: Case, settings: Settings, ceilings: dict,
         row = {**case.row("(setup)"), "error": _error_text(exc)}
         on_row(row)
         return [row]
-    for name, skip in contenders(settings):
-        if skip is not None:
+    for name, skip in contenders(settings, case):
+        if skip is not None:  # the level's own contenders say per case why not; others in the notes
+            if case.contenders is not None:
+                rows.append({**case.row(name), "skipped": skip})
+                on_row(rows[-1])
             continue
         rows.append(run_contender(case, setup, name, settings, reference))
         derive(rows, case, ceilings)
@@ -392,19 +434,45 @@ def ceiling_pct(row: dict) -> Optional[float]:
     return None if frac is None else 100 * frac
 
 
-CONSOLE_HEADER = (f"    {'contender':<14}{'median ms':>11}{'p20-p80 ms':>19}{'img/s':>10}{'GB/s':>9}"
-                  f"{'TFLOP/s':>9}{'%ceil':>7}{'peak MiB':>10}{'vs eager':>9}{'vs comp':>9}  agree")
+def columns(level: str, anchor: str = "eager") -> list[tuple[str, int, Callable[[dict], str]]]:
+    """The result columns after the contender: (header, console width, cell text of a row)."""
+    ops = level == "ops"
+    cols = [
+        ("median ms (p20–p80)", 26, lambda r: f"{fmt(r.get('median_ms'), '.3f')} "
+                                              f"({fmt(r.get('p20_ms'), '.3f')}–{fmt(r.get('p80_ms'), '.3f')})"),
+        ("img/s", 10, lambda r: fmt(r.get("images_per_s"), ".1f")),
+        ("GB/s" if ops else "TFLOP/s", 9,
+         lambda r: fmt(r.get("GBps"), ".1f") if ops else fmt(r.get("TFLOPs"), ".2f")),
+        ("% ceiling", 10, lambda r: fmt(ceiling_pct(r), ".1f")),
+        ("peak MiB", 9, lambda r: fmt(r.get("peak_mib"), ".0f")),
+        (f"vs {anchor}", 10, lambda r: ratio(r.get("vs_eager"))),
+        ("vs compile", 11, lambda r: ratio(r.get("vs_compile"))),
+        ("first call s", 13, lambda r: fmt(r.get("first_call_s"), ".3f")),
+        ("agree", 0, agree_text),
+    ]
+    hidden = ("img/s", "vs compile") if level == "convs" else ("first call s",)
+    return [c for c in cols if c[0] not in hidden]
+
+
+def not_run(row: dict) -> Optional[str]:
+    """Why a row has no measurements (an error, or the contender skipped on this case), or None."""
+    if row.get("error"):
+        return f"ERROR {row['error']}"
+    return f"skipped: {row['skipped']}" if row.get("skipped") else None
+
+
+CONTENDER_WIDTH = 18
+
+
+def console_header(level: str, anchor: str = "eager") -> str:
+    cols = columns(level, anchor)
+    return "    " + f"{'contender':<{CONTENDER_WIDTH}}" + "".join(f"{h:>{w}}" for h, w, _ in cols[:-1]) + "  agree"
 
 
 def console_row(row: dict) -> str:
-    if row.get("error"):
-        return f"    {row['contender']:<14}ERROR {row['error']}"
-    spread = f"{fmt(row.get('p20_ms'), '.3f')}-{fmt(row.get('p80_ms'), '.3f')}"
-    return (f"    {row['contender']:<14}{fmt(row.get('median_ms'), '.3f'):>11}{spread:>19}"
-            f"{fmt(row.get('images_per_s'), '.1f'):>10}{fmt(row.get('GBps'), '.1f'):>9}"
-            f"{fmt(row.get('TFLOPs'), '.2f'):>9}{fmt(ceiling_pct(row), '.1f'):>7}"
-            f"{fmt(row.get('peak_mib'), '.0f'):>10}{ratio(row.get('vs_eager')):>9}"
-            f"{ratio(row.get('vs_compile')):>9}  {agree_text(row)}")
+    cells = not_run(row) or "".join(f"{cell(row):>{w}}" for _, w, cell in columns(row["level"])[:-1]) \
+        + "  " + agree_text(row)
+    return f"    {row['contender']:<{CONTENDER_WIDTH}}{cells}"
 
 
 LEVEL_TITLES = {
@@ -414,4 +482,17 @@ LEVEL_TITLES = {
               "measured GEMM ceiling",
     "models": "Whole ResNets (train = one SGD step incl. loss); TFLOP/s from conv + linear FLOPs, "
               "% of the measured GEMM ceiling",
+    "convs": "Every distinct conv of the selected models (default resnet50), forward only, no autograd. "
+             "cudnn = F.conv2d(x, w), the anchor (`vs cudnn` = its time / this one's); "
+             "prologue[B] = fusedres.ops.bn_act_conv2d, conv(relu(x * scale + shift)) with BN + ReLU "
+             "as the conv's prologue (cuda: a BN-apply pass, then cuDNN; triton: one Triton conv "
+             "applying it while loading x); triton = the bare Triton conv; triton+stats = the Triton "
+             "conv with that prologue and a per-channel sum / sum-of-squares epilogue (the training "
+             "forward unit); cudnn+stats = F.conv2d, then fusedres channel_stats. TFLOP/s from "
+             "2*N*P*Q*K*R*S*C/groups, % of the measured GEMM ceiling. Agreement compares the conv "
+             "output only, with fp32 (fp64) F.conv2d(x) or F.conv2d(relu(x * scale + shift)). "
+             "`first call s`: wall clock of the contender's first call on the shape, synchronised: "
+             "Triton autotuning (and compilation, unless in Triton's disk cache), cuDNN's algorithm "
+             "search. Autotuning results are kept per process, so a shape tuned by an earlier level "
+             "of the same run shows none: run `--levels convs` alone for the first-use cost.",
 }
