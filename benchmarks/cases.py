@@ -9,6 +9,11 @@
   (``train`` = forward + backward in training mode, ``infer`` = eval-mode forward without grad).
 - ``models``: whole torchvision ResNets and timm ``resnetv2_*``: ``train`` = one SGD step
   (forward, cross-entropy, backward, optimizer step), ``infer`` = eval-mode forward without grad.
+- ``convs``: every distinct conv shape of the selected models (default resnet50), forward only:
+  cuDNN (the anchor) vs fusedres' prologue conv (``bn_act_conv2d``) per backend vs the Triton
+  implicit-GEMM conv bare and as the training forward unit (BN + ReLU prologue, statistics
+  epilogue) vs cuDNN + fusedres ``channel_stats``; the issue's targets for the Triton conv are
+  ``CONV_TARGETS``.
 
 Every case builds its weights from one seeded pristine model (BatchNorm affine parameters and
 running statistics randomised, so eval-mode folding is exercised) and its inputs from a seed;
@@ -27,10 +32,12 @@ import torchvision
 from torch import Tensor, nn
 
 import fusedres
+from fusedres.ops.backends import unavailable_reason
 
 from .harness import Case, Settings, Setup, Step
 
-LEVELS = ("ops", "blocks", "models")
+LEVELS = ("ops", "blocks", "models", "convs")
+DEFAULT_MODELS = {"convs": ["resnet50"], None: ["resnet18", "resnet50", "resnetv2_50"]}
 # identity basic, downsample bottleneck, downsample pre-activation bottleneck
 QUICK_BLOCKS = {"resnet18": "layer1.0", "resnet50": "layer2.0", "resnetv2_50": "stages.1.blocks.0"}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
@@ -69,22 +76,28 @@ def linear_flops(linear: nn.Linear, out_shape) -> int:
 TRAIN_FLOPS_FACTOR = 3  # training = forward + input gradient + weight gradient (BN etc. not counted)
 
 
-def forward_flops(module: nn.Module, input_shape) -> int:
-    """Conv + linear FLOPs of one forward of ``module`` (run on the meta device: no memory)."""
-    total = 0
-
-    def count(mod, inputs, output):
-        nonlocal total
-        total += (conv2d_flops if isinstance(mod, nn.Conv2d) else linear_flops)(mod, output.shape)
-
-    handles = [m.register_forward_hook(count) for m in module.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
+def hooked_forward(module: nn.Module, types: tuple[type, ...], hook, input_shape) -> None:
+    """One eval-mode forward of a meta-device ``module`` on an ``input_shape`` input (no memory),
+    calling ``hook(name, submodule, inputs, output)`` after each submodule of one of ``types``."""
+    handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in module.named_modules()
+               if isinstance(m, types)]
     try:
         with torch.no_grad():
             module.eval()(torch.empty(input_shape, device="meta"))
     finally:
         for h in handles:
             h.remove()
+
+
+def forward_flops(module: nn.Module, input_shape) -> int:
+    """Conv + linear FLOPs of one forward of ``module`` (run on the meta device: no memory)."""
+    total = 0
+
+    def count(name, mod, inputs, output):
+        nonlocal total
+        total += (conv2d_flops if isinstance(mod, nn.Conv2d) else linear_flops)(mod, output.shape)
+
+    hooked_forward(module, (nn.Conv2d, nn.Linear), count, input_shape)
     return total
 
 
@@ -96,7 +109,13 @@ def default_batches(settings: Settings, level: str, mode: str) -> list[int]:
         if settings.quick:
             return [32] if settings.cuda else [1]
         return [1, 32, 256] if settings.cuda else [1, 4]
+    if level == "convs" and settings.quick:
+        return [32] if settings.cuda else [2]
     return [256] if settings.cuda else [2]
+
+
+def default_models(settings: Settings, level: str) -> list[str]:
+    return settings.models or DEFAULT_MODELS.get(level, DEFAULT_MODELS[None])
 
 
 def activation(shape, settings: Settings, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -288,7 +307,6 @@ def block_configs(model_name: str, size: int) -> list[BlockConfig]:
     """The distinct residual blocks of a torchvision ResNet or timm ResNetV2 at ``size`` px, in
     network order."""
     model = _meta_model(model_name)
-    block_types = _block_types(model_name)
     seen: dict[tuple, list] = {}
 
     def record(name, block, inputs, output):
@@ -297,14 +315,7 @@ def block_configs(model_name: str, size: int) -> list[BlockConfig]:
                in_shape[1] // out_shape[1], block.downsample is not None)
         seen.setdefault(key, []).append(name)
 
-    handles = [m.register_forward_hook(functools.partial(record, n)) for n, m in model.named_modules()
-               if isinstance(m, block_types)]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.empty(1, 3, size, size, device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, _block_types(model_name), record, (1, 3, size, size))
     return [BlockConfig(model_name, tuple(names), in_shape, out_shape, stride, ds,
                         forward_flops(model.get_submodule(names[0]), (1, *in_shape)))
             for (_, in_shape, out_shape, _, stride, ds), names in seen.items()]
@@ -324,7 +335,7 @@ def _prepare_block(settings: Settings, cfg: BlockConfig, mode: str, batch: int) 
 
 def block_cases(settings: Settings) -> list[Case]:
     cases = []
-    for model in settings.models:
+    for model in default_models(settings, "blocks"):
         configs = block_configs(model, settings.size)
         if settings.quick:
             wanted = QUICK_BLOCKS.get(model)
@@ -354,7 +365,8 @@ def _prepare_model(settings: Settings, name: str, mode: str, batch: int) -> Setu
 
 def model_cases(settings: Settings) -> list[Case]:
     cases = []
-    for name in settings.models[:1] if settings.quick else settings.models:
+    models = default_models(settings, "models")
+    for name in models[:1] if settings.quick else models:
         per_image = forward_flops(_meta_model(name), (1, 3, settings.size, settings.size))
         for mode in ("train", "infer"):
             factor = TRAIN_FLOPS_FACTOR if mode == "train" else 1

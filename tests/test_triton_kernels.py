@@ -266,5 +266,6 @@ def test_bn_act_conv2d_on_triton_runs_the_prologue_conv_and_matches_the_torch_ba
     assert results[0][0].is_contiguous(memory_format=fmt)
     for name, actual, expected in zip(["out", "dy", "dweight", "dbias", "dconv_weight"], *results):
         # whole-tensor relative error: the sums behind the gradients round in bf16 storage
-        error = float((actual.detach().double() - expected.double()).norm() / expected.double().norm())
+        actual, expected = actual.detach().double(), expected.detach().double()
+        error = float((actual - expected).norm() / expected.norm())
         assert error <= RTOL[dtype], f"{name}: relative error {error:.3g}"
