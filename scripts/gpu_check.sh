@@ -4,7 +4,10 @@
 #   optionally compute-sanitizer, and prints a summary table last.
 # Usage: scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu_check_out)
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
-#   GPU_CHECK_BENCH_ARGS    arguments for python -m benchmarks (default: --quick)
+#   GPU_CHECK_TESTS         pytest targets (default: tests), e.g. "tests/test_triton_conv.py tests/test_modules.py"
+#   GPU_CHECK_BENCH_ARGS    arguments for python -m benchmarks (default: --quick), e.g.
+#                           "--levels convs --models resnet50" (Triton conv vs cuDNN per ResNet-50 conv),
+#                           "--levels models --models resnet50,resnetv2_50" (pre-activation target)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check_out}}
@@ -19,7 +22,8 @@ start=$SECONDS
 result[build]="rc=$? in $((SECONDS - start)) s"
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
-"$py" -m pytest tests -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+# shellcheck disable=SC2086
+"$py" -m pytest ${GPU_CHECK_TESTS:-tests} -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
 result[tests]="rc=$? $(tail -1 "$out/tests.log")"
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
