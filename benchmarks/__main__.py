@@ -3,6 +3,7 @@
     PYTHONPATH=. python -m benchmarks                    # everything, sizes for the device
     PYTHONPATH=. python -m benchmarks --quick            # small smoke subset (< 1 min on CPU)
     PYTHONPATH=. python -m benchmarks --levels blocks --models resnet50 --compile-mode max-autotune
+    PYTHONPATH=. python -m benchmarks --levels convs     # every ResNet-50 conv: cuDNN vs Triton
     PYTHONPATH=. python -m benchmarks.plot bench_out/results.json
 
 On a GPU: batch 256 at 224 px, bf16 autocast, channels_last, torch.compile included. On CPU
@@ -25,7 +26,6 @@ from fusedres._info import collect
 from fusedres.ops.backends import BACKENDS
 
 from . import cases, harness
-from .harness import agree_text, ceiling_pct, fmt, ratio
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
@@ -62,10 +62,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", type=_csv(cases.LEVELS), default=list(cases.LEVELS),
-                   help="comma-separated subset of ops,blocks,models (default: all)")
-    p.add_argument("--models", type=_model_name, default=["resnet18", "resnet50", "resnetv2_50"],
-                   help="torchvision ResNets and timm pre-activation resnetv2_* models for the blocks "
-                        "and models levels (default: resnet18,resnet50,resnetv2_50)")
+                   help=f"comma-separated subset of {','.join(cases.LEVELS)} (default: all)")
+    p.add_argument("--models", type=_model_name,
+                   help="torchvision ResNets and timm pre-activation resnetv2_* models for the blocks, "
+                        f"models and convs levels (default: {','.join(cases.DEFAULT_MODELS[None])}; "
+                        f"convs: {','.join(cases.DEFAULT_MODELS['convs'])})")
     p.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS),
                    help="fused backends to run, those unavailable are reported and skipped "
                         f"(default: {','.join(BACKENDS)})")
@@ -73,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
                                                    "CUDA, fp32 on CPU)")
     p.add_argument("--layout", choices=LAYOUTS, default="channels_last")
     p.add_argument("--batch", type=_csv(cast=int), help="batch size(s) for every level, e.g. 1,32 "
-                   "(default: 256 on CUDA, models inference 1,32,256; CPU: 2, inference 1,4)")
+                   "(default: 256 on CUDA, models inference 1,32,256, --quick convs 32; CPU: 2, "
+                   "inference 1,4)")
     p.add_argument("--size", type=int, help="image size in px (default: 224 on CUDA, 64 on CPU)")
     p.add_argument("--repeats", type=int, help="timed iterations per contender (default: 30 on CUDA, "
                                                "5 on CPU; --quick: 10 / 3)")
@@ -88,8 +90,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default on CPU: 1, the least "
                                                "noisy on a shared machine; on CUDA: torch's default)")
     p.add_argument("--quick", action="store_true",
-                   help="small subset (2 op shapes, 1 block per model, first model only, fewer "
-                        "repeats): a smoke run")
+                   help="small subset (2 op shapes, 1 block per model, first model only, one 1x1 "
+                        "and one 3x3 conv at batch 32, fewer repeats): a smoke run")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
     return p
 
@@ -119,43 +121,38 @@ def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
                               "sizes, not representative of GPU performance; no peak memory on CPU; small "
                               "tensors stay in CPU caches, so % of the copy ceiling can exceed 100")
     last_stage = min(settings.batches or [256 if cuda else 2]) * max(1, settings.size // 32) ** 2
-    if last_stage < 64 and any(level != "ops" for level in settings.levels):
+    if last_stage < 64 and any(level in ("blocks", "models") for level in settings.levels):
         settings.notes.append(f"training BatchNorm of the last stage sees only {last_stage} value(s) per "
                               "channel: gradients are ill-conditioned there (eager fp32 itself can be "
                               "percents off fp64), so training-row agreement verdicts are weak")
-    for name, skip in harness.contenders(settings):
+    for name, skip in harness.contenders(settings) if set(settings.levels) - {"convs"} else []:
         if skip is not None:
             settings.notes.append(f"{name} skipped: {skip}")
+    if "convs" in settings.levels:
+        settings.notes += cases.conv_notes(settings)
     if settings.dtype != torch.float32:
-        settings.notes.append(f"{args.dtype or 'bf16'} via torch.autocast (ops level: tensors in that dtype)")
+        settings.notes.append(f"{args.dtype or 'bf16'} via torch.autocast (ops and convs levels: tensors in that dtype)")
     return settings
 
 
 def markdown_tables(rows: list[dict]) -> str:
-    """One Markdown table per level."""
+    """One Markdown table per level, and the level's summary lines under it."""
     out = []
     for level, title in harness.LEVEL_TITLES.items():
         level_rows = [r for r in rows if r["level"] == level]
         if not level_rows:
             continue
-        rate = "GB/s" if level == "ops" else "TFLOP/s"
+        anchor = next((r["contender"] for r in level_rows if r["contender"] != "(setup)"), "eager")
+        cols = harness.columns(level, anchor)
         out += [f"### {level}", "", title, "",
-                f"| case | shape | mode | batch | contender | median ms (p20–p80) | img/s | {rate} | "
-                "% ceiling | peak MiB | vs eager | vs compile | agree |",
-                "|" + "---|" * 4 + "---|" + "---:|" * 7 + "---|"]
+                "| case | shape | mode | batch | contender | " + " | ".join(h for h, _, _ in cols) + " |",
+                "|" + "---|" * 5 + "---:|" * (len(cols) - 1) + "---|"]
         for r in level_rows:
-            if r.get("error"):
-                cells = [r["error"].replace("|", "/")] + [""] * 7
-            else:
-                cells = [f"{fmt(r.get('median_ms'), '.3f')} ({fmt(r.get('p20_ms'), '.3f')}–"
-                         f"{fmt(r.get('p80_ms'), '.3f')})", fmt(r.get("images_per_s"), ".1f"),
-                         fmt(r.get("GBps" if level == "ops" else "TFLOPs"), ".1f" if level == "ops" else ".2f"),
-                         fmt(ceiling_pct(r), ".1f"), fmt(r.get("peak_mib"), ".0f"),
-                         ratio(r.get("vs_eager")), ratio(r.get("vs_compile")),
-                         agree_text(r)]
+            why = harness.not_run(r)
+            cells = [why.replace("|", "/")] + [""] * (len(cols) - 1) if why else [c(r) for _, _, c in cols]
             out.append(f"| {r['case']} | {r['shape']} | {r['mode']} | {r['batch']} | "
                        f"{r['contender']} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += [""] + [line + "\n" for line in cases.LEVEL_SUMMARIES.get(level, lambda _: [])(level_rows)]
     return "\n".join(out)
 
 
@@ -181,7 +178,10 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
               "run of eager in higher precision (fp32 for bf16/fp16, fp64 for fp32; no autocast, no TF32) "
               "on the same weights and inputs; `ok` when each tensor's error |got - ref|_2 is at most twice "
               "eager's own plus a small fraction of |ref|_2. The number is the worst relative error "
-              "|got - ref|_2 / |ref|_2; eager's row (`ref`) shows its own.", "", markdown_tables(rows)]
+              "|got - ref|_2 / |ref|_2; eager's row (`ref`) shows its own. In the convs level cudnn takes "
+              "eager's role, and the reference is F.conv2d upcast (of x, or of relu(x * scale + shift) "
+              "for the contenders with the BN + ReLU prologue), on the conv output only.", "",
+              markdown_tables(rows)]
     md_path.write_text("\n".join(lines))
     return json_path, md_path
 
@@ -225,7 +225,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for index, case in enumerate(all_cases, 1):
         if case.level != level:
             level = case.level
-            print(f"\n== {level}: {harness.LEVEL_TITLES[level]}\n{harness.CONSOLE_HEADER}")
+            anchor = harness.contenders(settings, case)[0][0]
+            print(f"\n== {level}: {harness.LEVEL_TITLES[level]}\n{harness.console_header(level, anchor)}")
         print(f"[{index}/{len(all_cases)}] {case.name} | {case.shape} | {case.mode} | batch {case.batch}",
               flush=True)
         rows += harness.run_case(case, settings, ceilings,

@@ -22,9 +22,10 @@ the contenders get deep copies of the same weights and share the inputs.
 
 import copy
 import functools
+import importlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -378,7 +379,205 @@ def model_cases(settings: Settings) -> list[Case]:
     return cases
 
 
+# ----------------------------------------------------------------------------- convs
+CONV_CONTENDERS = ("cudnn", "prologue[cuda]", "prologue[triton]", "triton", "triton+stats", "cudnn+stats")
+TRITON_CONV_CONTENDERS = ("prologue[triton]", "triton", "triton+stats")  # run fusedres.triton.conv
+# The issue's targets: time at most this factor of cudnn's, on the 1x1 and 3x3 convs
+CONV_TARGETS = {"triton+stats": 1.15, "triton": 1 / 0.9}
+BARE, PROLOGUE = "conv(x)", "conv(relu(x*scale+shift))"  # what a contender's output is
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    uses: tuple[str, ...]  # "model:module" of every conv with this shape, in network order
+    in_shape: tuple[int, int, int]  # (C, H, W) per image
+    out_shape: tuple[int, int, int]  # (K, P, Q)
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def args(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_shape[0], self.in_shape[0] // self.groups, *self.kernel)
+
+    def module(self) -> nn.Conv2d:
+        model, name = self.uses[0].split(":")
+        return _meta_model(model).get_submodule(name)
+
+    def geometry(self) -> dict:
+        (c, h, w), (k, p, q), (r, s) = self.in_shape, self.out_shape, self.kernel
+        return dict(C=c, H=h, W=w, K=k, P=p, Q=q, R=r, S=s, **self.args, uses=len(self.uses))
+
+    def describe(self) -> str:
+        (c, h, w), (k, p, q), (r, s) = self.in_shape, self.out_shape, self.kernel
+        pair = lambda v: str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+        tags = f" s{pair(self.stride)} p{pair(self.padding)}" + (
+            f" d{pair(self.dilation)}" if self.dilation != (1, 1) else "") + (
+            f" g{self.groups}" if self.groups > 1 else "")
+        names = [u.replace(":", " ") for u in self.uses]
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"{c}->{k} {r}x{s} {h}x{w}->{p}x{q}{tags} (x{len(names)}: {listed})"
+
+
+def conv_specs(model_names: list[str], size: int) -> list[ConvSpec]:
+    """The distinct convs of the models at ``size`` px (network order, first model first)."""
+    seen: dict[tuple, list[str]] = {}
+
+    def record(model_name, name, conv, inputs, output):
+        key = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]), conv.kernel_size, conv.stride,
+               conv.padding, conv.dilation, conv.groups)
+        seen.setdefault(key, []).append(f"{model_name}:{name}")
+
+    for model_name in model_names:
+        hooked_forward(_meta_model(model_name), (nn.Conv2d,), functools.partial(record, model_name),
+                       (1, 3, size, size))
+    return [ConvSpec(tuple(uses), *key) for key, uses in seen.items()]
+
+
+def conv_run_skips(settings: Settings) -> dict[str, Optional[str]]:
+    """Per conv contender, None or why it cannot run at all in this run (noted once, not per case)."""
+    triton = "Triton conv runs on CUDA (the interpreter is for tests)" if not settings.cuda else (
+        unavailable_reason("triton", settings.device))
+    if triton is None:
+        try:
+            importlib.import_module("fusedres.triton.conv")
+        except Exception as exc:
+            triton = f"cannot import fusedres.triton.conv: {type(exc).__name__}: {exc}"
+    skips = {name: triton if name in TRITON_CONV_CONTENDERS else None for name in CONV_CONTENDERS}
+    for backend in ("cuda", "triton"):
+        if backend not in settings.backends:
+            skips[f"prologue[{backend}]"] = f"backend {backend} not selected (--backends)"
+    if skips["prologue[cuda]"] is None:
+        skips["prologue[cuda]"] = unavailable_reason("cuda", settings.device)
+    return skips
+
+
+def stats_backend(settings: Settings) -> str:
+    """channel_stats' backend in cudnn+stats: the CUDA extension, else Triton, on CUDA; else torch."""
+    usable = [b for b in ("cuda", "triton")
+              if settings.cuda and unavailable_reason(b, settings.device) is None]
+    return (usable or ["torch"])[0]
+
+
+def conv_notes(settings: Settings) -> list[str]:
+    return [f"convs: {name} skipped: {why}" for name, why in conv_run_skips(settings).items() if why] + [
+        f"convs: cudnn+stats takes the channel statistics with fusedres' {stats_backend(settings)} backend"]
+
+
+def _triton_conv_skip(settings: Settings, spec: ConvSpec, batch: int) -> Optional[str]:
+    """Why fusedres.triton.conv does not take this conv (prologue[triton] would fall back to
+    BN-apply + cuDNN), or None. Checked on expanded 0-d tensors: no memory."""
+    from fusedres.triton.conv import unsupported_reason
+
+    like = lambda shape: torch.empty((), dtype=settings.dtype, device=settings.device).expand(shape)
+    why = unsupported_reason(like((batch, *spec.in_shape)), like(spec.weight_shape), **spec.args)
+    return None if why is None else f"the Triton conv does not take this conv: {why}"
+
+
+def _bn_relu(i: dict[str, Tensor]) -> Tensor:
+    return F.relu(i["x"] * i["scale"].view(1, -1, 1, 1) + i["shift"].view(1, -1, 1, 1))
+
+
+def conv_target(name: str, spec: ConvSpec, stats: str) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """Contender ``name``'s forward on the inputs (x, weight, scale, shift, mean): its conv output,
+    named BARE or PROLOGUE; "reference" (run upcast) returns both."""
+    args = spec.args
+    if name == "reference":
+        return lambda i: {BARE: F.conv2d(i["x"], i["weight"], **args),
+                          PROLOGUE: F.conv2d(_bn_relu(i), i["weight"], **args)}
+    if name in ("cudnn", "cudnn+stats"):
+        def cudnn(i):
+            y = F.conv2d(i["x"], i["weight"], **args)
+            if name == "cudnn+stats":
+                torch.ops.fusedres.channel_stats(y, stats)
+            return {BARE: y}
+        return cudnn
+    if name.startswith("prologue["):  # BatchNorm as y * scale + shift: mean 0, invstd scale, bias shift
+        backend = name[len("prologue["):-1]
+        return lambda i: {PROLOGUE: fusedres.ops.bn_act_conv2d(
+            fusedres.ops.PendingBN(i["x"], i["mean"], i["scale"], None, i["shift"], batch_stats=False),
+            i["weight"], None, **args, backend=backend)}
+    from fusedres.triton.conv import conv2d_fused
+
+    if name == "triton":
+        return lambda i: {BARE: conv2d_fused(i["x"], i["weight"], **args)[0]}
+    if name == "triton+stats":
+        return lambda i: {PROLOGUE: conv2d_fused(i["x"], i["weight"], **args, in_scale=i["scale"],
+                                                 in_shift=i["shift"], in_relu=True, compute_stats=True)[0]}
+    raise ValueError(f"unknown conv contender {name!r}")
+
+
+def conv_step(target, inputs: dict[str, Tensor], autocast) -> Step:
+    """One forward, no autograd, on tensors already in the benchmark dtype (no autocast)."""
+    def run():
+        with torch.no_grad():
+            return target(inputs)
+    return run
+
+
+def _prepare_conv(settings: Settings, spec: ConvSpec, batch: int, stats: str) -> Setup:
+    torch.manual_seed(0)
+    channels, dev = spec.in_shape[0], settings.device
+    fan_in = math.prod(spec.weight_shape[1:])
+    inputs = {"x": activation((batch, *spec.in_shape), settings),
+              "weight": activation(spec.weight_shape, settings).mul_(fan_in ** -0.5),
+              "scale": torch.rand(channels, device=dev) + 0.5,
+              "shift": 0.5 * torch.randn(channels, device=dev), "mean": torch.zeros(channels, device=dev)}
+    target = functools.partial(conv_target, spec=spec, stats=stats)
+    return Setup(inputs, eager=lambda: target("cudnn"), fused=target, step=conv_step,
+                 reference=lambda: target("reference"))
+
+
+def conv_cases(settings: Settings) -> list[Case]:
+    run_skips, stats = conv_run_skips(settings), stats_backend(settings)
+    specs = conv_specs(default_models(settings, "convs"), settings.size)
+    if settings.quick:  # the first 1x1 and the first 3x3 conv
+        quick = [next((s for s in specs if s.kernel == k), None) for k in ((1, 1), (3, 3))]
+        specs = [s for s in quick if s] or specs[:1]
+    cases = []
+    for spec in specs:
+        for batch in default_batches(settings, "convs", "fwd"):
+            shape_skip = None if run_skips["triton"] else _triton_conv_skip(settings, spec, batch)
+            cases.append(Case(
+                "convs", spec.uses[0].replace(":", " "), "fwd", batch, spec.describe(), None,
+                conv2d_flops(spec.module(), (batch, *spec.out_shape)),
+                functools.partial(_prepare_conv, settings, spec, batch, stats),
+                contenders=[(n, shape_skip if n in TRITON_CONV_CONTENDERS else None)
+                            for n, why in run_skips.items() if why is None],
+                extra={"conv": spec.geometry()}))
+    return cases
+
+
+def conv_summary(rows: list[dict]) -> list[str]:
+    """Under the convs table: the targets met, and the first calls summed over the shapes."""
+    counted = [r for r in rows if r.get("vs_eager") and (r["conv"]["R"], r["conv"]["S"]) in ((1, 1), (3, 3))]
+    parts = []
+    for name, limit in CONV_TARGETS.items():
+        got = [r for r in counted if r["contender"] == name]
+        missed = [f"{r['case']} b{r['batch']} {1 / r['vs_eager']:.2f}x"
+                  for r in got if 1 / r["vs_eager"] > limit]
+        verdict = "not measured" if not got else f"met on {len(got) - len(missed)}/{len(got)}" + (
+            f" (missed: {', '.join(missed)})" if missed else "")
+        parts.append(f"{name} time <= {limit:.2f}x cudnn's: {verdict}")
+    first: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("first_call_s") is not None:
+            first.setdefault(r["contender"], []).append(r["first_call_s"])
+    return ["Targets (1x1 and 3x3 convs): " + "; ".join(parts) + ".",
+            "First calls summed over the shapes (s): "
+            + ", ".join(f"{n} {sum(v):.2f} ({len(v)} shapes)" for n, v in first.items()) + "."]
+
+
+LEVEL_SUMMARIES = {"convs": conv_summary}
+
+
 def build_cases(settings: Settings) -> list[Case]:
     """Every case of the selected levels, in level order."""
-    makers = {"ops": op_cases, "blocks": block_cases, "models": model_cases}
+    makers = {"ops": op_cases, "blocks": block_cases, "models": model_cases, "convs": conv_cases}
     return [case for level in LEVELS if level in settings.levels for case in makers[level](settings)]

@@ -482,17 +482,16 @@ LEVEL_TITLES = {
               "measured GEMM ceiling",
     "models": "Whole ResNets (train = one SGD step incl. loss); TFLOP/s from conv + linear FLOPs, "
               "% of the measured GEMM ceiling",
-    "convs": "Every distinct conv of the selected models (default resnet50), forward only, no autograd. "
-             "cudnn = F.conv2d(x, w), the anchor (`vs cudnn` = its time / this one's); "
-             "prologue[B] = fusedres.ops.bn_act_conv2d, conv(relu(x * scale + shift)) with BN + ReLU "
-             "as the conv's prologue (cuda: a BN-apply pass, then cuDNN; triton: one Triton conv "
-             "applying it while loading x); triton = the bare Triton conv; triton+stats = the Triton "
-             "conv with that prologue and a per-channel sum / sum-of-squares epilogue (the training "
-             "forward unit); cudnn+stats = F.conv2d, then fusedres channel_stats. TFLOP/s from "
-             "2*N*P*Q*K*R*S*C/groups, % of the measured GEMM ceiling. Agreement compares the conv "
-             "output only, with fp32 (fp64) F.conv2d(x) or F.conv2d(relu(x * scale + shift)). "
-             "`first call s`: wall clock of the contender's first call on the shape, synchronised: "
-             "Triton autotuning (and compilation, unless in Triton's disk cache), cuDNN's algorithm "
-             "search. Autotuning results are kept per process, so a shape tuned by an earlier level "
-             "of the same run shows none: run `--levels convs` alone for the first-use cost.",
+    "convs": "Every distinct conv of the selected models (default resnet50), forward, no autograd. "
+             "cudnn = F.conv2d(x, w) (on CPU torch's own conv), the anchor (`vs cudnn` = its time / this "
+             "one's); prologue[B] = fusedres.ops.bn_act_conv2d = conv(relu(x * scale + shift)) (cuda: a "
+             "BN-apply pass, then cuDNN; triton: one Triton conv applying BN + ReLU as it loads x); "
+             "triton = the bare Triton conv; triton+stats = the Triton conv with that prologue and a "
+             "per-channel sum / sum-of-squares epilogue (the training forward unit); cudnn+stats = "
+             "F.conv2d, then fusedres channel_stats. TFLOP/s from 2*N*P*Q*K*R*S*C/groups, % of the "
+             "measured GEMM ceiling; agreement on the conv output only, vs F.conv2d(x) or "
+             "F.conv2d(relu(x * scale + shift)) in fp32 (fp64 for fp32). `first call s`: the first "
+             "call's wall clock, synchronised (Triton autotuning and compilation unless cached, cuDNN's "
+             "algorithm search); autotuning is cached per process, so a shape an earlier level tuned "
+             "shows none: run `--levels convs` alone for the first-use cost.",
 }

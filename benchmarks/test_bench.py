@@ -24,7 +24,13 @@ _DEFAULT_ARGS = "--quick" if torch.cuda.is_available() else "--quick --batch 2 -
 SETTINGS = make_settings(shlex.split(os.environ.get("FUSEDRES_BENCH_ARGS") or _DEFAULT_ARGS))
 CASES = cases.build_cases(SETTINGS)
 PARAMS = [pytest.param(case, name, skip, id=f"{case.key}|{name}".replace(" ", "_"))
-          for case in CASES for name, skip in harness.contenders(SETTINGS)]
+          for case in CASES for name, skip in harness.contenders(SETTINGS, case)]
+
+
+def anchor(case: harness.Case) -> str:
+    """The contender the others are checked and compared against: eager, or the level's own."""
+    return harness.contenders(SETTINGS, case)[0][0]
+
 
 def synchronized(fn, device: torch.device):
     """fn followed by a device synchronisation: pytest-benchmark reads the host clock."""
@@ -41,14 +47,14 @@ _prepared: dict[str, tuple] = {}  # one case at a time: its Setup and its Refere
 
 
 def _prepare(case: harness.Case) -> tuple:
-    """The case's inputs and its upcast reference, with eager's own error already recorded."""
+    """The case's inputs and its upcast reference, with the anchor's own error already recorded."""
     if case.key not in _prepared:
         _prepared.clear()
         harness.release(SETTINGS.device)
         setup = case.prepare()
         reference = harness.Reference.of(setup, SETTINGS)
         if reference.outputs is not None:
-            reference.check("eager", harness.build(setup, "eager", SETTINGS)(), SETTINGS.dtype)
+            reference.check(harness.build(setup, anchor(case), SETTINGS)(), SETTINGS.dtype, anchor=True)
         harness.release(SETTINGS.device)
         _prepared[case.key] = (setup, reference)
     return _prepared[case.key]
@@ -60,7 +66,7 @@ def test_bench(benchmark, case, contender, skip):
         pytest.skip(skip)
     setup, reference = _prepare(case)
     fn = harness.build(setup, contender, SETTINGS)
-    agreement = reference.check(contender, fn(), SETTINGS.dtype)
+    agreement = reference.check(fn(), SETTINGS.dtype, anchor=contender == anchor(case))
     assert agreement["agree"] is not False, f"{contender} disagrees: {agreement['agree_detail']}"
     benchmark.group = f"{case.level} | {case.name} | {case.mode} | batch {case.batch}"
     benchmark.extra_info.update(

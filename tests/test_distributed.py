@@ -291,6 +291,20 @@ def assert_same_model(model, ref, what, tol):
             assert_close(value, expected, f"{what}: {name}", tol)
 
 
+def train_on_whole_batch(ref: nn.Module, x, target, rank: int) -> list[torch.Tensor]:
+    """Train ``ref`` on the whole batch with the mean of the ranks' losses (what DDP's gradient
+    averaging optimises); the losses of this rank's shard."""
+    ref_losses = []
+
+    def mean_of_rank_losses(out, t):
+        losses = [F.cross_entropy(out[rank_slice(r)], t[rank_slice(r)]) for r in range(WORLD_SIZE)]
+        ref_losses.append(losses[rank].detach())
+        return sum(losses) / WORLD_SIZE
+
+    train(ref, (x, target), mean_of_rank_losses)
+    return ref_losses
+
+
 def freeze_stem_and_one_shortcut(model: nn.Module) -> nn.Module:
     model.bn1.eval()
     model.layer2[0].downsample[1].eval()
@@ -308,14 +322,7 @@ def ddp_sync_batchnorm(rank: int) -> None:
     # synchronise on CPU. Frozen (eval mode, as in fine-tuning) it needs no synchronisation.
     # And one shortcut BatchNorm frozen: that block applies it in a pass of its own.
     ref = freeze_stem_and_one_shortcut(resnet18())
-    ref_losses = []
-
-    def mean_of_rank_losses(out, t):
-        losses = [F.cross_entropy(out[rank_slice(r)], t[rank_slice(r)]) for r in range(WORLD_SIZE)]
-        ref_losses.append(losses[rank].detach())
-        return sum(losses) / WORLD_SIZE
-
-    train(ref, (x, target), mean_of_rank_losses)
+    ref_losses = train_on_whole_batch(ref, x, target, rank)
 
     for order in ("sync-then-convert", "convert-then-sync"):
         model = resnet18()
@@ -370,14 +377,7 @@ def ddp_sync_preact(rank: int) -> None:
     mine = rank_slice(rank)
     ref = resnetv2_18()
     ref.norm.eval()
-    ref_losses = []
-
-    def mean_of_rank_losses(out, t):
-        losses = [F.cross_entropy(out[rank_slice(r)], t[rank_slice(r)]) for r in range(WORLD_SIZE)]
-        ref_losses.append(losses[rank].detach())
-        return sum(losses) / WORLD_SIZE
-
-    train(ref, (x, target), mean_of_rank_losses)
+    ref_losses = train_on_whole_batch(ref, x, target, rank)
     model = resnetv2_18()
     assert len(fusedres.convert(model).converted) == 9  # 8 blocks and the final norm
     model = timm.layers.convert_sync_batchnorm(model)
