@@ -159,11 +159,12 @@ class _FusedResidualBlock(nn.Module):
         return block.train(self.training)
 
     # ------------------------------------------------------------------ inference
-    def _folding_applies(self, norms) -> bool:
-        """Whether this forward may fold ``norms`` into their convs: eval mode, running
-        statistics in every one, and no autograd (the folded path has no backward)."""
+    def _folding_applies(self) -> bool:
+        """Whether this forward may fold the block's BatchNorms into their convs: eval mode,
+        running statistics in every one, and no autograd (the folded path has no backward)."""
         return (not self.training and not torch.is_grad_enabled()
-                and all(not bn.training and bn.running_mean is not None for bn in norms))
+                and all(not bn.training and bn.running_mean is not None for bn in self.modules()
+                        if isinstance(bn, nn.modules.batchnorm._BatchNorm)))
 
     def _conv_bias_act(self, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module] = None,
                        residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
@@ -227,24 +228,24 @@ class _FusedPostActBlock(_FusedResidualBlock):
                 return f"{name} ({type(child).__name__}) is not fused"
         return _downsample_unsupported(getattr(block, "downsample", None))
 
-    def _shortcut(self, x: Tensor) -> Union[Tensor, PendingBN]:
-        if self.downsample is None:
-            return x
+    def _downsample_conv_input(self, x: Tensor) -> tuple[Tensor, nn.Conv2d, nn.Module]:
+        """(x through the downsample's parameter-free modules, its conv, its BatchNorm)."""
         prefix, conv, bn = _shortcut_parts(self.downsample)
         for module in prefix:
             x = module(x)
+        return x, conv, bn
+
+    def _shortcut(self, x: Tensor) -> Union[Tensor, PendingBN]:
+        if self.downsample is None:
+            return x
+        x, conv, bn = self._downsample_conv_input(x)
         return pending_bn(conv(x), bn, self.backend)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
         """Every BatchNorm folded into its conv; each unit (and the add + ReLU) one launch."""
-        if self.downsample is None:
-            shortcut = x
-        else:
-            prefix, conv, bn = _shortcut_parts(self.downsample)
-            shortcut = x
-            for module in prefix:
-                shortcut = module(shortcut)
-            shortcut = self._conv_bias_act(shortcut, conv, bn, relu=False)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self._conv_bias_act(*self._downsample_conv_input(x), relu=False)
         out = x
         for index, (conv_name, bn_name) in enumerate(self.unit_names):
             last = index == len(self.unit_names) - 1
@@ -253,10 +254,7 @@ class _FusedPostActBlock(_FusedResidualBlock):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        norms = [getattr(self, bn_name) for _, bn_name in self.unit_names]
-        if self.downsample is not None:
-            norms.append(_shortcut_parts(self.downsample)[2])
-        if self._folding_applies(norms):
+        if self._folding_applies():
             return self._inference_forward(x)
         source: Union[Tensor, PendingBN] = x
         for conv_name, bn_name in self.unit_names:

@@ -134,8 +134,8 @@ class _FusedPreActBlock(_FusedResidualBlock):
         return self._conv_bias_act(source, getattr(self, units[-1][1]), residual=shortcut, relu=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        norms = [getattr(self, norm_name) for norm_name, _ in self.unit_names]
-        if all(_norm_relu(norm) is not None for norm in norms) and self._folding_applies(norms):
+        if self._folding_applies() and all(_norm_relu(getattr(self, norm_name)) is not None
+                                           for norm_name, _ in self.unit_names):
             return self._inference_forward(x)
         source = self._pre_activation(x, self.norm1)
         shortcut = x
