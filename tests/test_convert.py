@@ -17,7 +17,7 @@ from torch import nn
 import fusedres
 from fusedres.nn import FusedBasicBlock, FusedBatchNormAct2d, FusedBottleneck
 from fusedres.nn.norm import ReLUFusedIntoNorm
-from model_helpers import assert_no_worse_than_eager, assert_same_training, randomise_bn
+from model_helpers import assert_converted_trains_like_eager, assert_same_training, randomise_bn
 
 
 TRAINING_CASES = {
@@ -38,22 +38,8 @@ TRAINING_CASES = {
 def test_converted_model_trains_like_eager(case):
     build, expected_blocks, dtype, channels_last, steps = TRAINING_CASES[case]
     torch.manual_seed(len(case))
-    eager = build().to(dtype)
-    randomise_bn(eager, seed=len(case))
-    fused = copy.deepcopy(eager)
-    report = fusedres.convert(fused)
-    assert len(report.converted) == expected_blocks, str(report)
-    assert report.skipped == []
-    assert list(fused.state_dict()) == list(eager.state_dict())
-    x = torch.randn(3, 3, 64, 64, dtype=dtype)
-    if channels_last:
-        eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
-        x = x.to(memory_format=torch.channels_last)
-    target = torch.randint(0, 10, (3,))
-    if dtype == torch.float64:
-        assert_same_training(eager, fused, x, target, steps, tol=1e-10)
-    else:
-        assert_no_worse_than_eager(eager, fused, x, target, steps)
+    assert_converted_trains_like_eager(build().to(dtype), len(case), expected_blocks, dtype,
+                                       channels_last, steps)
 
 
 @pytest.mark.parametrize("name,blocks,fused_cls", [

@@ -16,7 +16,7 @@ from torch import nn
 import fusedres
 from fusedres.nn.preact import FusedPreActBasic, FusedPreActBottleneck
 from fusedres.nn.timm_norm import FusedTimmBatchNormAct2d
-from model_helpers import assert_no_worse_than_eager, assert_same_training, randomise_bn
+from model_helpers import assert_converted_trains_like_eager, assert_same_training, randomise_bn
 from test_op_contracts import same_tensor, saved_tensors_of
 
 F64 = torch.float64
@@ -36,21 +36,8 @@ TRAINING_CASES = {
 def test_converted_resnetv2_trains_like_timm(case):
     name, kwargs, expected, dtype, channels_last, steps = TRAINING_CASES[case]
     torch.manual_seed(len(case))
-    eager = timm.create_model(name, num_classes=10, **kwargs).to(dtype)
-    randomise_bn(eager, seed=len(case))
-    fused = copy.deepcopy(eager)
-    report = fusedres.convert(fused)
-    assert len(report.converted) == expected and report.skipped == [], str(report)
-    assert list(fused.state_dict()) == list(eager.state_dict())
-    x = torch.randn(3, 3, 64, 64, dtype=dtype)
-    if channels_last:
-        eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
-        x = x.to(memory_format=torch.channels_last)
-    target = torch.randint(0, 10, (3,))
-    if dtype == F64:
-        assert_same_training(eager, fused, x, target, steps, tol=1e-10)
-    else:
-        assert_no_worse_than_eager(eager, fused, x, target, steps)
+    assert_converted_trains_like_eager(timm.create_model(name, num_classes=10, **kwargs).to(dtype),
+                                       len(case), expected, dtype, channels_last, steps)
 
 
 def test_resnetv2_101_converts_and_matches_in_eval_and_reverts():
