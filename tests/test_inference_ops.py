@@ -2,7 +2,8 @@
 the one-launch conv + bias (+ residual) (+ ReLU) op, its backends and its dispatch.
 
 On CPU the torch backend runs, the Triton one under the interpreter (when fusedres.triton.conv
-exists); cuDNN and the measured dispatch are tested on a GPU.
+exists); cuDNN and the measured dispatch are tested on a GPU (its mechanism, on CPU too, in
+test_dispatch.py).
 """
 
 import copy
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import requires_cuda
-from fusedres.ops import inference
+from conftest import pretend_capturing, requires_cuda
+from fusedres.ops import dispatch, inference
 from fusedres.ops.inference import FoldedWeights, conv_bias_act, fold_batch_norm
 from op_helpers import F32, F64, assert_close, positive, randn, to_format
 
@@ -289,13 +290,12 @@ def test_conv_bias_act_torch_backend(case):
     assert_close(out, reference(x, weight, bias, residual, case).to(case.dtype), case.dtype, str(case))
 
 
-def test_conv_bias_act_auto_on_cpu_is_torch_and_measures_nothing(monkeypatch):
-    monkeypatch.setattr(inference, "_TABLE", {})
+def test_conv_bias_act_auto_on_cpu_is_torch_and_measures_nothing(fresh_dispatch):
     case = CASES[-1]
     x, weight, bias, residual = case_inputs(case)
     out = call(case, x, weight, bias, residual, backend="auto")
     torch.testing.assert_close(out, call(case, x, weight, bias, residual), rtol=0, atol=0)
-    assert inference.dispatch_table() == {}
+    assert inference.dispatch_table() == dispatch.dispatch_table() == {}
 
 
 def test_conv_bias_act_layout_normalised():
@@ -367,24 +367,25 @@ def test_torch_compile_fullgraph_with_folding():
     assert_close(out, expected, F32, "compiled")
 
 
-def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path):
-    """The measured dispatch's bookkeeping without a GPU: CUDA-looking arguments, fake timings."""
-    monkeypatch.setattr(inference, "_TABLE", {})
-    monkeypatch.setattr(inference, "_gpu_name", lambda index: "FakeGPU")
+def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path, fresh_dispatch):
+    """conv_bias_act's measured dispatch without a GPU: CUDA-looking arguments, and implementations
+    that return their fake timing, which the patched timer takes from one run."""
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "FakeGPU")
+    monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
     monkeypatch.setattr(inference, "_triton_conv", lambda: (None, "no triton here"))
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     timings = {"cudnn": 2.0, "torch": 3.0}
 
-    def fake_time_ms(fn, args):
-        result = timings[next(name for name, impl in inference._IMPLS.items() if impl is fn)]
-        if isinstance(result, Exception):
-            raise result
-        return result
+    def fake_impl(name):
+        def run(*args):
+            if isinstance(timings[name], Exception):
+                raise timings[name]
+            return timings[name]
+        return run
 
-    monkeypatch.setattr(inference, "_time_ms", fake_time_ms)
+    monkeypatch.setattr(inference, "_IMPLS", {name: fake_impl(name) for name in inference.IMPLEMENTATIONS})
     path = tmp_path / "dispatch.json"
-    monkeypatch.setenv(inference.CACHE_ENV, str(path))
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
     weight = SimpleNamespace(shape=(64, 64, 3, 3))
     conv_args = ([1, 1], [1, 1], [1, 1], 1)
 
@@ -394,6 +395,8 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path):
 
     assert inference._choose("auto", True, args(14)) == "cudnn"
     (key, entry), = inference.dispatch_table().items()
+    assert key == ("conv_bias_act|FakeGPU|float16|cl|x[8, 64, 14, 14]|w[64, 64, 3, 3]|"
+                   "s[1, 1]p[1, 1]d[1, 1]g1|bias0|res0|relu1")
     assert entry["ms"] == {"cudnn": 2.0, "triton": "unavailable: no triton here", "torch": 3.0}
     assert json.loads(path.read_text()) == {key: entry}
     timings["cudnn"] = RuntimeError("GET was unable to find an engine to execute this computation\n...")
@@ -404,11 +407,10 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path):
     assert inference._choose("auto", True, args(14, relu=False)) == "torch"
     assert len(json.loads(path.read_text())) == 3
 
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    pretend_capturing(monkeypatch)
     assert inference._choose("auto", True, args(16)) == "cudnn"  # the fixed order; nothing kept
     assert len(inference.dispatch_table()) == 3
-    monkeypatch.setattr(inference, "_TABLE", {})  # a new process, capturing at once: the file answers
-    inference._disk_entries.cache_clear()
+    dispatch.reset()  # a new process, capturing at once: the file answers
     assert inference._choose("auto", True, args(15)) == "torch"
     assert list(inference.dispatch_table()) == [key.replace("14, 14", "15, 14")]
 
@@ -526,10 +528,9 @@ def test_cudnn_matches_torch_channels_last(dtype, residual):
 
 
 @requires_cuda
-def test_measured_dispatch_picks_and_caches(monkeypatch, tmp_path):
-    monkeypatch.setattr(inference, "_TABLE", {})
+def test_measured_dispatch_picks_and_caches(monkeypatch, tmp_path, fresh_dispatch):
     path = tmp_path / "dispatch.json"
-    monkeypatch.setenv(inference.CACHE_ENV, str(path))
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
     case = Case(torch.float16, True, True, True, 1, 1)
     inputs = [t.cuda() for t in case_inputs(case, seed=9, shape=(8, 64, 14, 14), out_ch=64)]
     out = call(case, *inputs, backend="auto")
@@ -543,21 +544,19 @@ def test_measured_dispatch_picks_and_caches(monkeypatch, tmp_path):
     expected = reference(*inputs, case)
     torch.testing.assert_close(out.double(), expected, rtol=RTOL[torch.float16], atol=1e-2)
 
-    def no_measuring(args):
+    def no_measuring(*args):
         raise AssertionError("measured twice")
 
-    monkeypatch.setattr(inference, "_measure", no_measuring)
+    monkeypatch.setattr(inference._DISPATCH, "_measure", no_measuring)
     call(case, *inputs, backend="auto")
-    monkeypatch.setattr(inference, "_TABLE", {})  # a new process: the file answers
-    inference._disk_entries.cache_clear()
+    dispatch.reset()  # a new process: the file answers
     call(case, *inputs, backend="auto")
     assert inference.dispatch_table()[key]["choice"] == entry["choice"]
 
 
 @requires_cuda
 @pytest.mark.parametrize("measured_first", [False, True], ids=["cold", "warmed_up"])
-def test_cuda_graph_capture(monkeypatch, measured_first):
-    monkeypatch.setattr(inference, "_TABLE", {})
+def test_cuda_graph_capture(monkeypatch, measured_first, fresh_dispatch):
     case = Case(BF16, True, True, True, 1, 1)
     inputs = [t.cuda() for t in case_inputs(case, seed=10, shape=(4, 32, 8, 8), out_ch=32)]
     conv_args = ([1, 1], [1, 1], [1, 1], 1)
@@ -570,10 +569,10 @@ def test_cuda_graph_capture(monkeypatch, measured_first):
     torch.cuda.current_stream().wait_stream(stream)
     measured = inference.dispatch_table()
 
-    def no_measuring(args):
+    def no_measuring(*args):
         raise AssertionError("measured while capturing")
 
-    monkeypatch.setattr(inference, "_measure", no_measuring)
+    monkeypatch.setattr(inference._DISPATCH, "_measure", no_measuring)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = call(case, *inputs, backend="auto")

@@ -4,7 +4,8 @@
   (outputs, input and parameter gradients, running statistics);
 - ``torch.library.opcheck`` on every op (schema, autograd registration, fake kernel,
   AOT dispatch);
-- ``gradcheck`` in fp64 through batch_norm_stats -> bn_act / bn_act_conv2d;
+- ``gradcheck`` in fp64 through batch_norm_stats -> bn_act / bn_act_conv2d, and
+  conv_batch_norm_stats -> bn_act;
 - ``torch.compile(fullgraph=True)`` of compositions, forward and backward;
 
 Input validation, backend selection and the memory and kernel contracts are in
@@ -195,6 +196,35 @@ def test_opcheck_bn_act_conv2d(case):
     torch.library.opcheck(torch.ops.fusedres.bn_act_conv2d.default, args)
 
 
+CONV2D_STATS_CASES = {
+    "prologue-relu-3x3-shift": dict(shift=True),
+    "prologue-norelu-s2-convbias": dict(relu=False, stride=2, conv_bias=True),
+    "eval-prologue": dict(batch_stats=False),
+    "no-prologue-cl-shift": dict(dtype=F32, channels_last=True, prologue=False, shift=True),
+    "no-prologue-grouped": dict(prologue=False, groups=3, cout=6),
+}
+
+
+def conv2d_stats_args(gen, *, prologue=True, shift=False, **kwargs):
+    args = bn_act_conv2d_args(gen, **kwargs)
+    if not prologue:
+        args = args[:1] + (None,) * 4 + args[5:]
+    stats_shift = randn(gen, args[5].shape[0], dtype=args[0].dtype) if shift else None
+    return args + ("", 0, stats_shift)
+
+
+@pytest.mark.parametrize("case", list(CONV2D_STATS_CASES), ids=list(CONV2D_STATS_CASES))
+def test_opcheck_conv2d_stats(case):
+    gen = torch.Generator().manual_seed(304)
+    args = conv2d_stats_args(gen, **CONV2D_STATS_CASES[case])
+    torch.library.opcheck(torch.ops.fusedres.conv2d_stats.default, args)
+    out, mean, var = torch.ops.fusedres.conv2d_stats(*args)
+    assert not (mean.requires_grad or var.requires_grad)
+    expected = out.detach()
+    assert_close(mean, expected.mean((0, 2, 3)), args[0].dtype, "mean")
+    assert_close(var, expected.var((0, 2, 3), unbiased=False), args[0].dtype, "var")
+
+
 @pytest.mark.parametrize("dtype,channels_last", [(F64, False), (F32, True)],
                          ids=["f64-nchw", "f32-cl"])
 def test_opcheck_channel_stats(dtype, channels_last):
@@ -297,6 +327,53 @@ def test_gradcheck_bn_act_conv2d(case):
                                     fast_mode=fast_mode)
 
 
+def composed_conv_bn_act(x, weight, bias, conv_weight, conv_bias, weight2, bias2, *, prologue,
+                         relu, running):
+    """conv_batch_norm_stats on x (or on a pending BatchNorm of x) -> bn_act."""
+    source = x
+    if prologue:
+        source = functional.batch_norm_stats(x, weight, bias, None, None, batch_stats=True,
+                                             momentum=0.1, eps=EPS)
+    p = functional.conv_batch_norm_stats(source, conv_weight, conv_bias, 2, 1, 1, 1, weight2, bias2,
+                                         *running, batch_stats=True, momentum=0.1, eps=EPS, relu=relu)
+    return functional.bn_act(p, relu=True)
+
+
+@pytest.mark.parametrize("prologue,relu", [(False, True), (True, True), (True, False)],
+                         ids=["tensor", "pending-relu", "pending-linear"])
+def test_gradcheck_conv_batch_norm_stats(prologue, relu):
+    gen = torch.Generator().manual_seed(607)
+    (y, _, _, w, b, cw, cb, *_) = bn_act_conv2d_args(gen, shape=(2, 3, 3, 4), cout=2,
+                                                       conv_bias=True)
+    w2, b2 = positive(gen, 2, dtype=F64, requires_grad=True), randn(gen, 2, requires_grad=True)
+    running = running_stats(gen, 2)
+    fn = functools.partial(composed_conv_bn_act, prologue=prologue, relu=relu, running=running)
+    assert torch.autograd.gradcheck(fn, (y, w, b, cw, cb, w2, b2), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_conv_batch_norm_stats_matches_conv_then_batch_norm_stats():
+    """Same PendingBN and running statistics as the two-step composition, source tensor or pending."""
+    gen = torch.Generator().manual_seed(608)
+    x = randn(gen, 3, 4, 6, 5, channels_last=True)
+    cw, w, b = randn(gen, 6, 4, 3, 3), positive(gen, 6), randn(gen, 6)
+    first = functional.batch_norm_stats(x, positive(gen, 4), randn(gen, 4), None, None,
+                                        batch_stats=True, momentum=0.1, eps=EPS)
+    for source in (x, first):
+        running, running_ref = running_stats(gen, 6), None
+        running_ref = tuple(t.clone() for t in running)
+        p = functional.conv_batch_norm_stats(source, cw, None, 1, 1, 1, 1, w, b, *running,
+                                             batch_stats=True, momentum=0.2, eps=EPS)
+        y = (F.conv2d(x, cw, None, 1, 1) if source is x
+             else functional.bn_act_conv2d(first, cw, None, 1, 1))
+        p_ref = functional.batch_norm_stats(y, w, b, *running_ref, batch_stats=True, momentum=0.2,
+                                            eps=EPS)
+        for name in ("y", "mean", "invstd"):
+            assert_close(getattr(p, name), getattr(p_ref, name), F64, name)
+        assert p.batch_stats and p.y.is_contiguous(memory_format=torch.channels_last)
+        for got, want in zip(running, running_ref):
+            assert_close(got, want, F64, "running stats")
+
+
 # --------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("kind,downsample,eval_mode,channels_last", [
     ("bottleneck", True, False, True),
@@ -333,9 +410,8 @@ def test_compile_fullgraph_inductor():
     def f(y, w1, b1, cw, w2, b2, res, rm, rv):
         p1 = functional.batch_norm_stats(y, w1, b1, rm, rv, batch_stats=True, momentum=0.1,
                                          eps=EPS)
-        y2 = functional.bn_act_conv2d(p1, cw, None, 1, 1)
-        p2 = functional.batch_norm_stats(y2, w2, b2, None, None, batch_stats=True, momentum=0.1,
-                                         eps=EPS)
+        p2 = functional.conv_batch_norm_stats(p1, cw, None, 1, 1, 1, 1, w2, b2, None, None,
+                                              batch_stats=True, momentum=0.1, eps=EPS)
         return functional.bn_act(p2, res)
 
     gen = torch.Generator().manual_seed(10)

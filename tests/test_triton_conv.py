@@ -159,25 +159,27 @@ def _check_out(out, x, w, kw, what=""):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager's error {eager_err:.3g})"
 
 
-def _check_stats(out, total, total_sq):
-    """fp32 per-channel sum and sum of squares of out as stored."""
+def _check_stats(out, mean, var):
+    """fp32 per-channel mean and biased variance of out as stored."""
     y = out.double()
-    for got, expected, size in ((total, y.sum((0, 2, 3)), y.abs().sum((0, 2, 3))),
-                                (total_sq, y.square().sum((0, 2, 3)), y.square().sum((0, 2, 3)))):
+    want_mean, want_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    for got in (mean, var):
         assert got.dtype == F32 and got.shape == (out.shape[1],) and got.device == out.device
-        assert ((got.double() - expected).abs() <= 1e-5 * size + 1e-6).all(), f"{got} != {expected}"
+    spread = y.abs().amax((0, 2, 3))
+    assert ((mean.double() - want_mean).abs() <= 1e-5 * spread + 1e-6).all(), f"{mean} != {want_mean}"
+    assert ((var.double() - want_var).abs() <= 1e-5 * spread.square() + 1e-6).all(), f"{var} != {want_var}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_conv2d_fused(case):
     x, w, kw = _make(case)
     assert conv.unsupported_reason(x, w, case.stride, case.padding, case.dilation, case.groups) is None
-    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw, str(case))
     if case.epilogue == "stats":
-        _check_stats(out, total, total_sq)
+        _check_stats(out, mean, var)
     else:
-        assert total is None and total_sq is None
+        assert mean is None and var is None
 
 
 @pytest.mark.parametrize("in_relu", [True, False], ids=["relu", "linear"])
@@ -210,6 +212,30 @@ def test_prologue_rounds_to_dtype_before_the_dot(channels_last):
     assert torch.equal(out, F.conv2d(xp.double(), w.double()).half())
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_stats_about_a_shift_near_the_mean(channels_last):
+    """|mean| ~ 1000 std: sum(y*y)/M - mean^2 about 0 cancels most of fp32's digits; about a shift near
+    the mean (a running mean) the variance is exact to fp32 rounding, and the mean the same either way."""
+    gen = _gen(f"shifted-stats-{channels_last}")
+    x = _act(gen, (2, 16, 7, 5), F32, channels_last) + 1000.0
+    w = _act(gen, (24, 16, 1, 1), F32) / 64 + 1 / 16  # every output ~ 1000 + O(1)
+    y = F.conv2d(x.double(), w.double())
+    want_mean, want_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    shift = (want_mean + torch.randn(24, generator=gen, dtype=F64).to(DEVICE)).float()  # within ~1 std
+    out, mean, var = conv.conv2d_fused(x, w, compute_stats=True, stats_shift=shift)
+    _check_out(out, x, w, {})
+    stored = out.double()
+    want_mean, want_var = stored.mean((0, 2, 3)), stored.var((0, 2, 3), unbiased=False)
+    assert ((var.double() - want_var).abs() <= 1e-5 * want_var + 1e-6).all(), f"{var} != {want_var}"
+    assert ((mean.double() - want_mean).abs() <= 1e-6 * want_mean.abs()).all()
+    _, mean_unshifted, _ = conv.conv2d_fused(x, w, compute_stats=True)
+    torch.testing.assert_close(mean_unshifted, mean, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="stats_shift is only used with compute_stats=True"):
+        conv.conv2d_fused(x, w, stats_shift=shift)
+    with pytest.raises(ValueError, match=r"stats_shift must have shape \(24,\)"):
+        conv.conv2d_fused(x, w, compute_stats=True, stats_shift=shift[:3])
+
+
 def test_residual_layout_and_dtype():
     """bf16 channels_last output with an fp32 NCHW residual that is a strided view."""
     gen = _gen("residual")
@@ -230,9 +256,9 @@ def test_small_groups_when_allowed(monkeypatch):
     monkeypatch.setattr(conv, "_MIN_GROUP_CHANNELS", 1)
     assert conv.unsupported_reason(x, w, 1, 1, 1, 4) is None
     kw = dict(padding=1, groups=4, in_scale=_vec(gen, 20, positive=True), in_shift=_vec(gen, 20), compute_stats=True)
-    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
-    _check_stats(out, total, total_sq)
+    _check_stats(out, mean, var)
 
 
 def test_unsupported_reason(monkeypatch):
@@ -315,7 +341,7 @@ off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=Fal
 for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
               dict(off, FLAT_K=True, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, HAS_RESIDUAL=True, OUT_RELU=True)):
     config = conv._CONFIGS[0]
-    consts = dict(R=3, S=3, WS_BLOCK_M=conv._WS_BLOCK_M, GROUP_M=8, **flags, **config.kwargs)
+    consts = dict(R=3, S=3, GROUP_M=8, **flags, **config.kwargs)
     bf16 = ("x_ptr", "w_ptr", "out_ptr", "res_ptr")
     sig = {a: "constexpr" if a in consts else "*bf16" if a in bf16 else "*fp32" if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}
@@ -356,12 +382,10 @@ def test_gpu_resnet50_shapes_bf16(name, epilogue):
     case = _case(c, k, h, kernel, stride, padding, BF16, True, "none" if name == "stem" else "relu", epilogue, n=8)
     x, w, kw = _make(case)
     assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
-    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
-        _check_stats(out, total, total_sq)
-        mean = total / out[:, 0].numel()
-        var = total_sq / out[:, 0].numel() - mean.square()
+        _check_stats(out, mean, var)
         torch.testing.assert_close(mean, out.float().mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(var, out.float().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
 
@@ -389,6 +413,6 @@ def test_gpu_fp32_follows_cudnn_tf32_flag(monkeypatch):
 def test_gpu_grouped_resnext_shape():
     case = _case(256, 256, 28, 3, 2, 1, BF16, True, "relu", "stats", groups=8, n=4)
     x, w, kw = _make(case)
-    out, total, total_sq = conv.conv2d_fused(x, w, **kw)
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
-    _check_stats(out, total, total_sq)
+    _check_stats(out, mean, var)

@@ -269,3 +269,60 @@ def test_bn_act_conv2d_on_triton_runs_the_prologue_conv_and_matches_the_torch_ba
         actual, expected = actual.detach().double(), expected.detach().double()
         error = float((actual - expected).norm() / expected.norm())
         assert error <= RTOL[dtype], f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("source", ["tensor", "pending"])
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["f32-nchw", "bf16-cl"])
+def test_conv_batch_norm_stats_on_triton_is_one_launch_and_matches_the_torch_backend(
+        source, dtype, channels_last, monkeypatch):
+    """A training unit on the triton backend: the Triton conv (with the pending BatchNorm's
+    prologue) computes the next BatchNorm's statistics as it stores its output, about the running
+    mean, and no statistics pass reads the conv output. Outputs, gradients and running statistics
+    are as close to the fp64 computation as the torch backend's in the same dtype."""
+    from fusedres.ops import functional
+    from fusedres.triton import conv
+
+    conv_calls, stats_calls = [], []
+    conv_fused, channel_stats = conv.conv2d_fused, bn_act.channel_stats
+    monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: conv_calls.append(
+        dict(k, stats_shift=k["stats_shift"].clone())) or conv_fused(*a, **k))  # before the running stats move
+    monkeypatch.setattr(bn_act, "channel_stats", lambda y: stats_calls.append(y.shape) or channel_stats(y))
+    gen = torch.Generator().manual_seed(32)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(2, 6, 7, 5, generator=gen) + 0.3).to(DEVICE, dtype).contiguous(memory_format=fmt)
+    params = [torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen),  # source BN
+              (torch.randn(5, 6, 3, 3, generator=gen) / 6).to(dtype),  # conv
+              torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen)]  # the conv's BN
+    running = (torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5)
+    results = []
+    for backend, run_dtype in (("triton", dtype), ("torch", dtype), ("torch", torch.float64)):
+        leaves = [t.detach().clone().to(DEVICE, run_dtype if t.dtype == dtype else None).requires_grad_()
+                  for t in [x] + params]
+        stats = [t.clone().to(DEVICE) for t in running]
+        first = leaves[0]
+        if source == "pending":
+            first = functional.batch_norm_stats(leaves[0], leaves[1], leaves[2], None, None,
+                                                batch_stats=True, momentum=0.1, eps=1e-5, backend=backend)
+        pending = functional.conv_batch_norm_stats(
+            first, leaves[3], None, 2, 1, 1, 1, leaves[4], leaves[5], *stats, batch_stats=True,
+            momentum=0.1, eps=1e-5, backend=backend)
+        out = functional.bn_act(pending, relu=True, backend=backend)
+        out.float().square().sum().backward()
+        grads = [t.grad for t in leaves if t.grad is not None]
+        results.append([out, pending.mean, pending.invstd, *stats, *grads])
+    (call,) = conv_calls  # the triton run's forward
+    assert call["compute_stats"] and (call["in_scale"] is not None) == (source == "pending")
+    torch.testing.assert_close(call["stats_shift"], running[0].to(DEVICE))  # the running mean
+    assert stats_calls == ([(2, 6, 7, 5)] if source == "pending" else [])  # x's statistics only
+    assert results[0][0].is_contiguous(memory_format=fmt)
+    names = ["out", "mean", "invstd", "running_mean", "running_var", "dx", "d_params..."]
+    # The interpreter rounds fp32 -> bf16 by truncation: the prologue's result and the stored output each
+    # move towards 0 by up to one ulp (2**-8 relative), a bias round-to-nearest does not have, which the
+    # statistics inherit.
+    bias = 2.0**-7 if dtype == torch.bfloat16 and DEVICE == "cpu" else RTOL[torch.float32]
+    for i, (actual, same_dtype, exact) in enumerate(zip(*results)):
+        exact = exact.detach()
+        errors = [float((t.detach().double() - exact).norm() / exact.norm()) for t in (actual, same_dtype)]
+        assert errors[0] <= 2 * errors[1] + bias, (
+            f"{names[min(i, 6)]} ({i}): relative error {errors[0]:.3g}, the torch backend's {errors[1]:.3g}")

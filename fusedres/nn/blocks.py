@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import inference
-from ..ops.functional import PendingBN
+from ..ops.functional import PendingBN, conv_batch_norm_stats
 from ..reference import batch_norm_momentum
 
 def _qualified_name(module: nn.Module) -> str:
@@ -44,16 +44,31 @@ def _sync_group(bn: nn.modules.batchnorm._BatchNorm):
     return bn.process_group or dist.group.WORLD
 
 
-def pending_bn(y: Tensor, bn: nn.modules.batchnorm._BatchNorm, backend: str) -> PendingBN:
-    """Statistics for ``bn`` applied to ``y``, with nn.BatchNorm2d's (or nn.SyncBatchNorm's)
-    buffer bookkeeping and synchronisation."""
+def _batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple[tuple, dict]:
+    """The BatchNorm arguments of ``ops.batch_norm_stats`` / ``conv_batch_norm_stats`` that make
+    them do what ``bn``'s forward would: nn.BatchNorm2d's (or nn.SyncBatchNorm's) buffer
+    bookkeeping and synchronisation."""
     batch_stats, momentum = batch_norm_momentum(bn)
     track = not bn.training or bn.track_running_stats
-    return ops.batch_norm_stats(
-        y, bn.weight, bn.bias,
-        bn.running_mean if track else None, bn.running_var if track else None,
-        batch_stats=batch_stats, momentum=momentum, eps=bn.eps, backend=backend,
-        process_group=_sync_group(bn))
+    return ((bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None),
+            dict(batch_stats=batch_stats, momentum=momentum, eps=bn.eps, process_group=_sync_group(bn)))
+
+
+def pending_bn(y: Tensor, bn: nn.modules.batchnorm._BatchNorm, backend: str) -> PendingBN:
+    """Statistics for ``bn`` applied to ``y``."""
+    args, kwargs = _batch_norm_args(bn)
+    return ops.batch_norm_stats(y, *args, backend=backend, **kwargs)
+
+
+def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
+                    bn: nn.modules.batchnorm._BatchNorm, backend: str, relu: bool = True) -> PendingBN:
+    """Statistics for ``bn`` applied to ``conv(source)``; a pending source is applied (with
+    ``relu``) as the conv's prologue. The conv and the statistics are one op
+    (``conv_batch_norm_stats``)."""
+    args, kwargs = _batch_norm_args(bn)
+    return conv_batch_norm_stats(source, conv.weight, conv.bias, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups, *args, relu=relu, backend=backend,
+                                 **kwargs)
 
 
 def _conv_unsupported(name: str, conv: nn.Module) -> Optional[str]:
@@ -198,6 +213,13 @@ class _FusedResidualBlock(nn.Module):
                                      conv.dilation, conv.groups, relu=relu, backend=self.backend)
         return conv(ops.bn_act(source, relu=relu, backend=self.backend))
 
+    def _conv_bn(self, source: Union[Tensor, PendingBN], conv: nn.Conv2d, bn: nn.Module,
+                 relu: bool = True) -> PendingBN:
+        """``_conv``, then the statistics of ``bn`` on its output, in one op where a backend can."""
+        if isinstance(source, PendingBN) and not self.memory_efficient:
+            source = ops.bn_act(source, relu=relu, backend=self.backend)
+        return conv_pending_bn(source, conv, bn, self.backend, relu)
+
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, memory_efficient={self.memory_efficient}"
 
@@ -238,8 +260,7 @@ class _FusedPostActBlock(_FusedResidualBlock):
     def _shortcut(self, x: Tensor) -> Union[Tensor, PendingBN]:
         if self.downsample is None:
             return x
-        x, conv, bn = self._downsample_conv_input(x)
-        return pending_bn(conv(x), bn, self.backend)
+        return conv_pending_bn(*self._downsample_conv_input(x), self.backend)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
         """Every BatchNorm folded into its conv; each unit (and the add + ReLU) one launch."""
@@ -258,8 +279,7 @@ class _FusedPostActBlock(_FusedResidualBlock):
             return self._inference_forward(x)
         source: Union[Tensor, PendingBN] = x
         for conv_name, bn_name in self.unit_names:
-            y = self._conv(source, getattr(self, conv_name))
-            source = pending_bn(y, getattr(self, bn_name), self.backend)
+            source = self._conv_bn(source, getattr(self, conv_name), getattr(self, bn_name))
         shortcut = self._shortcut(x)
         if isinstance(shortcut, PendingBN) and not shortcut.normalised_like(source):
             # e.g. one of the two BatchNorms in eval mode, or only one a SyncBatchNorm:

@@ -107,6 +107,17 @@ class _FusedPreActBlock(_FusedResidualBlock):
             return norm(y)
         return _PreActivation(pending_bn(y, norm, self.backend), relu)
 
+    def _conv_pre_activation(self, source: Union[Tensor, _PreActivation], conv: nn.Conv2d,
+                             norm: nn.Module) -> Union[Tensor, _PreActivation]:
+        """``_pre_activation(_conv_of(source, conv), norm)``, the conv and norm's statistics in
+        one op where a backend can."""
+        relu = _norm_relu(norm)
+        if relu is None:
+            return norm(self._conv_of(source, conv))
+        if isinstance(source, Tensor):
+            return _PreActivation(self._conv_bn(source, conv, norm), relu)
+        return _PreActivation(self._conv_bn(source.pending, conv, norm, relu=source.relu), relu)
+
     def _conv_of(self, source: Union[Tensor, _PreActivation], conv: nn.Conv2d) -> Tensor:
         if isinstance(source, Tensor):
             return conv(source)
@@ -147,10 +158,11 @@ class _FusedPreActBlock(_FusedResidualBlock):
                 shortcut = downsample.norm(downsample.conv(pool(source)))
             else:
                 shortcut = downsample.norm(self._conv_of(source, downsample.conv))
-        y = self._conv_of(source, getattr(self, self.unit_names[0][1]))
-        for norm_name, conv_name in self.unit_names[1:]:
-            y = self._conv_of(self._pre_activation(y, getattr(self, norm_name)), getattr(self, conv_name))
-        return self.drop_path(y) + shortcut
+        units = self.unit_names
+        for (_, conv_name), (next_norm_name, _) in zip(units, units[1:]):
+            source = self._conv_pre_activation(source, getattr(self, conv_name),
+                                               getattr(self, next_norm_name))
+        return self.drop_path(self._conv_of(source, getattr(self, units[-1][1]))) + shortcut
 
 
 class FusedPreActBasic(_FusedPreActBlock):

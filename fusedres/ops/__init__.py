@@ -1,9 +1,10 @@
 """The op registry (``registry``; the inference op in ``inference``), backend choice
-(``backends``) and the functional API."""
+(``backends``; per call signature, measured, in ``dispatch``) and the functional API."""
 
 from . import registry  # noqa: F401  (registers the torch.ops.fusedres.* ops)
+from .dispatch import dispatch_table
 from .functional import PendingBN, batch_norm_stats, bn_act, bn_act_conv2d
 from .inference import conv_bias_act, fold_batch_norm
 
 __all__ = ["PendingBN", "batch_norm_stats", "bn_act", "bn_act_conv2d", "conv_bias_act",
-           "fold_batch_norm"]
+           "dispatch_table", "fold_batch_norm"]

@@ -9,6 +9,7 @@ Bad input raises here, before any kernel runs, with torch-style messages that na
 argument.
 """
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -63,15 +64,15 @@ def _check_activation(fn: str, name: str, t: Tensor) -> None:
                         f"float32 or float64), got {t.dtype}")
 
 
-def _check_channel_vector(fn: str, name: str, v: Optional[Tensor], y: Tensor) -> None:
+def _check_channel_vector(fn: str, name: str, v: Optional[Tensor], channels: int,
+                          device: torch.device) -> None:
     if v is None:
         return
-    if v.device != y.device:
-        raise RuntimeError(f"{fn}: expected {name} to be on {y.device} like the input, "
-                           f"got {v.device}")
-    if v.numel() != y.shape[1]:
-        raise ValueError(f"{fn}: {name} should contain {y.shape[1]} elements (one per input "
-                         f"channel), not {v.numel()}")
+    if v.device != device:
+        raise RuntimeError(f"{fn}: expected {name} to be on {device} like the input, got {v.device}")
+    if v.numel() != channels:
+        raise ValueError(f"{fn}: {name} should contain {channels} elements (one per channel of "
+                         f"the BatchNorm's input), not {v.numel()}")
 
 
 def _check_like(fn: str, name: str, t: Tensor, y: Tensor) -> None:
@@ -134,9 +135,20 @@ def batch_norm_stats(
     """
     fn = "fusedres.batch_norm_stats"
     _check_activation(fn, "input", y)
+    _check_batch_norm_args(fn, y.shape, y.device, weight, bias, running_mean, running_var,
+                           batch_stats, process_group)
+    y = _kernel_layout(y)
+    with torch.no_grad():
+        stats = torch.ops.fusedres.channel_stats(y, backend) if batch_stats else None
+    return _pending_bn(y, stats, weight, bias, running_mean, running_var, momentum, eps, process_group)
+
+
+def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, weight, bias,
+                           running_mean, running_var, batch_stats: bool, process_group) -> None:
+    """Raises for BatchNorm arguments that do not fit its input of size ``shape`` on ``device``."""
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        _check_channel_vector(fn, name, v, y)
+        _check_channel_vector(fn, name, v, shape[1], device)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together")
     if not batch_stats and running_mean is None:
@@ -145,13 +157,20 @@ def batch_norm_stats(
         raise ValueError(f"{fn}: a process_group synchronises batch statistics; "
                          "it needs batch_stats=True")
     synced = process_group is not None and dist.get_world_size(process_group) > 1
+    if batch_stats and not synced and math.prod(shape) // max(shape[1], 1) <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(shape)}")
+
+
+def _pending_bn(y: Tensor, stats: Optional[tuple[Tensor, Tensor]], weight, bias, running_mean,
+                running_var, momentum: float, eps: float, process_group) -> PendingBN:
+    """The PendingBN of y from this rank's batch statistics ``stats`` = (mean, biased var), or
+    from the running statistics when ``stats`` is None; see ``batch_norm_stats``."""
+    synced = process_group is not None and dist.get_world_size(process_group) > 1
     count = y.numel() // max(y.shape[1], 1)
-    if batch_stats and not synced and count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
-    y = _kernel_layout(y)
     with torch.no_grad():  # the consumer op owns the whole BatchNorm backward
-        if batch_stats:
-            mean, var = torch.ops.fusedres.channel_stats(y, backend)
+        if stats is not None:
+            mean, var = stats
             if synced:
                 mean, var, count = _group_stats(mean, var, count, process_group)
                 if count <= 1:
@@ -165,7 +184,7 @@ def batch_norm_stats(
             var = running_var.to(mean.dtype)
         invstd = torch.rsqrt(var + eps)
     sync = (process_group.group_name, count) if synced else ()
-    return PendingBN(y, mean, invstd, weight, bias, batch_stats, *sync)
+    return PendingBN(y, mean, invstd, weight, bias, stats is not None, *sync)
 
 
 def bn_act(
@@ -203,21 +222,18 @@ def _conv_tuple(fn: str, name: str, value: Union[int, Sequence[int]]) -> list[in
     return values
 
 
-def bn_act_conv2d(
-    pending: PendingBN,
-    conv_weight: Tensor,
-    conv_bias: Optional[Tensor] = None,
-    stride: Union[int, Sequence[int]] = 1,
-    padding: Union[int, Sequence[int]] = 0,
-    dilation: Union[int, Sequence[int]] = 1,
-    groups: int = 1,
-    *,
-    relu: bool = True,
-    backend: str = "auto",
-) -> Tensor:
-    """conv2d(act(bn(y))) with the activation recomputed in backward instead of saved."""
-    fn = "fusedres.bn_act_conv2d"
-    y = pending.y
+def conv_output_size(x_size: Sequence[int], weight_size: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    """(N, K, P, Q) of conv2d(x, weight) for 4-D sizes and two-int stride, padding, dilation."""
+    return [x_size[0], weight_size[0]] + [
+        (x_size[i] + 2 * padding[i - 2] - dilation[i - 2] * (weight_size[i] - 1) - 1) // stride[i - 2] + 1
+        for i in (2, 3)]
+
+
+def _checked_conv_args(fn: str, y: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                       stride, padding, dilation, groups: int) -> tuple:
+    """(conv_weight, conv_bias, stride, padding, dilation) checked against the conv input ``y``,
+    in autocast's dtype under autocast, as lists of two ints."""
     in_channels = y.shape[1]
     if conv_weight.dim() != 4:
         raise ValueError(f"{fn}: expected a 4D conv weight, got size {tuple(conv_weight.shape)}")
@@ -242,8 +258,88 @@ def bn_act_conv2d(
     elif conv_weight.dtype != y.dtype:
         raise RuntimeError(f"{fn}: input type ({y.dtype}) and weight type ({conv_weight.dtype}) "
                            "should be the same")
+    return (conv_weight, conv_bias, _conv_tuple(fn, "stride", stride),
+            _conv_tuple(fn, "padding", padding), _conv_tuple(fn, "dilation", dilation))
+
+
+def bn_act_conv2d(
+    pending: PendingBN,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor] = None,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    *,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """conv2d(act(bn(y))) with the activation recomputed in backward instead of saved."""
+    conv_args = _checked_conv_args("fusedres.bn_act_conv2d", pending.y, conv_weight, conv_bias,
+                                   stride, padding, dilation, groups)
     return torch.ops.fusedres.bn_act_conv2d(
-        y, pending.mean, pending.invstd, pending.weight, pending.bias, conv_weight, conv_bias,
-        _conv_tuple(fn, "stride", stride), _conv_tuple(fn, "padding", padding),
-        _conv_tuple(fn, "dilation", dilation), groups, pending.batch_stats, relu, backend,
-        pending.sync_group, pending.count)
+        pending.y, pending.mean, pending.invstd, pending.weight, pending.bias, *conv_args, groups,
+        pending.batch_stats, relu, backend, pending.sync_group, pending.count)
+
+
+def conv_batch_norm_stats(
+    source: Union[Tensor, PendingBN],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    stride: Union[int, Sequence[int]],
+    padding: Union[int, Sequence[int]],
+    dilation: Union[int, Sequence[int]],
+    groups: int,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+    relu: bool = True,
+    backend: str = "auto",
+    process_group=None,
+) -> PendingBN:
+    """One unit up to its BatchNorm: ``batch_norm_stats(conv2d(x))`` for a tensor source x, or
+    ``batch_norm_stats(bn_act_conv2d(source))`` for a pending BatchNorm (applied with ``relu``
+    as the conv's prologue, recomputed in backward), with the arguments of those two.
+
+    With batch statistics the conv and the statistics of its output are one op (``conv2d_stats``):
+    on the triton backend one launch of the Triton conv where it supports the conv, which also
+    reduces its output to the statistics as it stores it (about the running mean, when tracked);
+    elsewhere the conv, then the statistics pass.
+    """
+    fn = "fusedres.conv_batch_norm_stats"
+    if isinstance(source, PendingBN):
+        y = source.y
+        prologue = (source.mean, source.invstd, source.weight, source.bias)
+        flags = (source.batch_stats, relu, backend, source.sync_group, source.count)
+    else:
+        _check_activation(fn, "input", source)
+        y = _kernel_layout(source)
+        prologue = (None,) * 4
+        flags = (False, False, backend, "", 0)
+    conv_weight, conv_bias, stride, padding, dilation = _checked_conv_args(
+        fn, y, conv_weight, conv_bias, stride, padding, dilation, groups)
+    if not isinstance(source, PendingBN) and y.dtype != conv_weight.dtype:
+        y = y.to(conv_weight.dtype)  # autocast's cast of a conv input
+    conv = (*prologue, conv_weight, conv_bias, stride, padding, dilation, groups)
+    if not batch_stats:
+        if isinstance(source, PendingBN):
+            out = torch.ops.fusedres.bn_act_conv2d(y, *conv, *flags)
+        else:
+            out = torch.nn.functional.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
+        return batch_norm_stats(out, weight, bias, running_mean, running_var, batch_stats=False,
+                                momentum=momentum, eps=eps, backend=backend, process_group=process_group)
+    out_size = conv_output_size(y.shape, conv_weight.shape, stride, padding, dilation)
+    if min(out_size[2:]) < 1:
+        raise ValueError(f"{fn}: input of size {tuple(y.shape)} is too small for a conv weight of size "
+                         f"{tuple(conv_weight.shape)} (output size {tuple(out_size)})")
+    _check_batch_norm_args(fn, out_size, y.device, weight, bias, running_mean, running_var, True,
+                           process_group)
+    stats_shift = None if running_mean is None else running_mean.detach()
+    out, mean, var = torch.ops.fusedres.conv2d_stats(y, *conv, *flags, stats_shift)
+    return _pending_bn(out, (mean, var), weight, bias, running_mean, running_var, momentum, eps,
+                       process_group)

@@ -13,20 +13,16 @@ points in ConvShared.cpp check no shapes, not even z's): CUDA, ReLU only, fp32/f
 dtype. ``triton`` = ``fusedres.triton.conv.conv2d_fused``, the bias (fp32) as its epilogue shift.
 ``torch`` = F.conv2d, add, ReLU: any device and dtype, the reference.
 
-``backend="auto"``: torch on CPU. On CUDA the first call per (GPU, dtype, layout, shapes, conv arguments,
-bias / residual / ReLU) times every available implementation (CUDA events, median after warm-up) and the
-process keeps the fastest (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>`` keeps them in a JSON
-file across processes). Nothing is timed while a CUDA graph is captured: a known choice, else the first
-available of cudnn, triton, torch; warm up before capturing (as ``torch.cuda.graph`` asks) to capture
-the measured one. The output is dense in x's memory format (channels_last when x is channels_last and
-not also NCHW-contiguous) whichever implementation ran.
+``backend="auto"``: torch on CPU. On CUDA, ``dispatch.MeasuredDispatch`` (see ``dispatch.py``) times
+every available implementation on the first call per (GPU, dtype, layout, shapes, conv arguments,
+bias / residual / ReLU) and keeps the fastest (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>``
+shares them across processes); while a CUDA graph is captured, a known choice, else the first
+available of cudnn, triton, torch. The output is dense in x's memory format (channels_last when x is
+channels_last and not also NCHW-contiguous) whichever implementation ran.
 """
 
 import contextlib
 import functools
-import json
-import os
-import statistics
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -35,13 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.library import custom_op
 
+from . import dispatch
 from .functional import _check_activation, _conv_tuple
 
 IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
-CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
 _CUDNN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_WARMUP, _REPS = 3, 10
-_TABLE: dict[str, dict] = {}  # dispatch key -> {"choice": name, "ms": {name: median ms or why not}}
 
 
 # --------------------------------------------------------------------------- folding
@@ -200,52 +194,7 @@ def unavailable_reason(name: str, x, weight, bias, residual, conv, relu) -> Opti
 
 
 # --------------------------------------------------------------------------- dispatch
-_gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
-
-
-def _read_cache(path: str) -> dict:
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-        return entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError):  # no file yet, or unreadable: measure again
-        return {}
-
-
-_disk_entries = functools.lru_cache(maxsize=None)(_read_cache)  # read once per path
-
-
-def _save(path: str, key: str, entry: dict) -> None:
-    entries = _read_cache(path)  # again: keep what other processes wrote meanwhile
-    entries[key] = entry
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _time_ms(fn, args) -> float:
-    for _ in range(_WARMUP):
-        fn(*args)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_REPS)]
-    for start, end in events:
-        start.record()
-        fn(*args)
-        end.record()
-    events[-1][1].synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
-def _measure(args) -> dict:
-    times: dict[str, Union[float, str]] = {}
-    for name in IMPLEMENTATIONS:
-        reason = unavailable_reason(name, *args)
-        try:
-            times[name] = f"unavailable: {reason}" if reason else _time_ms(_IMPLS[name], args)
-        except Exception as exc:  # e.g. no cuDNN engine for this graph: never chosen
-            times[name] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-    ran = {name: t for name, t in times.items() if isinstance(t, float)}
-    return {"choice": min(ran, key=ran.get) if ran else "torch", "ms": times}
+_DISPATCH = dispatch.MeasuredDispatch("conv_bias_act", IMPLEMENTATIONS)
 
 
 def _choose(backend: str, channels_last: bool, args) -> str:
@@ -257,30 +206,17 @@ def _choose(backend: str, channels_last: bool, args) -> str:
     x, weight, bias, residual, (stride, padding, dilation, groups), relu = args
     if x.device.type != "cuda":
         return "torch"
-    key = (f"{_gpu_name(x.device.index)}|{str(x.dtype)[6:]}|{'cl' if channels_last else 'nchw'}|"
-           f"x{list(x.shape)}|w{list(weight.shape)}|s{stride}p{padding}d{dilation}g{groups}|"
-           f"bias{int(bias is not None)}|res{int(residual is not None)}|relu{int(relu)}")
-    entry = _TABLE.get(key)
-    if entry is not None:
-        return entry["choice"]
-    path = os.environ.get(CACHE_ENV)
-    entry = _disk_entries(path).get(key) if path else None
-    if isinstance(entry, dict) and entry.get("choice") in IMPLEMENTATIONS \
-            and unavailable_reason(entry["choice"], *args) is None:
-        _TABLE[key] = entry
-        return entry["choice"]
-    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-        # Timing would be captured (or traced): the fixed order, and nothing kept.
-        return next(name for name in IMPLEMENTATIONS if unavailable_reason(name, *args) is None)
-    _TABLE[key] = entry = _measure(args)
-    if path:
-        _save(path, key, entry)
-    return entry["choice"]
+    signature = (f"{str(x.dtype)[6:]}|{'cl' if channels_last else 'nchw'}|x{list(x.shape)}|"
+                 f"w{list(weight.shape)}|s{stride}p{padding}d{dilation}g{groups}|"
+                 f"bias{int(bias is not None)}|res{int(residual is not None)}|relu{int(relu)}")
+    return _DISPATCH.choose(x.device, signature, lambda name: unavailable_reason(name, *args),
+                            lambda name: _IMPLS[name](*args))
 
 
 def dispatch_table() -> dict[str, dict]:
-    """This process's choices: key -> {"choice": name, "ms": {name: median ms, or why not}}."""
-    return {key: dict(entry) for key, entry in _TABLE.items()}
+    """conv_bias_act's choices in this process: key -> {"choice": name, "ms": {name: median ms, or why
+    not}}; ``dispatch.dispatch_table()`` has every op's."""
+    return _DISPATCH.table()
 
 
 # --------------------------------------------------------------------------- the op

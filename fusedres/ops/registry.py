@@ -20,15 +20,24 @@ sc_bias?, batch_stats, relu, backend, sync_group="", count=0)``
     those ranks together; "" (and ``count`` unused) when the statistics are this rank's own,
     whose count is N * H * W. Only the backward uses them.
 
-``bn_act_conv2d(y, mean, invstd, weight?, bias?, conv_weight, conv_bias?, stride, padding,
+``bn_act_conv2d(y, mean?, invstd?, weight?, bias?, conv_weight, conv_bias?, stride, padding,
 dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     out = conv2d(act(bn(y)), conv_weight, conv_bias): the next unit's conv with the
-    previous unit's BatchNorm + act as its prologue. Saves y and per-channel vectors; the
-    activation is recomputed in backward for the weight gradient, never kept. With the triton
-    backend the forward is one launch of the Triton implicit-GEMM conv (``triton/conv.py``)
-    applying the prologue as it loads y, where that conv supports the shape; otherwise (and with
-    the cuda backend) one BN-apply pass and torch's (cuDNN's) conv. The backward uses torch's
-    convolution_backward on the recomputed activation plus the BN backward stages.
+    previous unit's BatchNorm + act as its prologue (no prologue, out = conv2d(y), when ``mean``
+    is None). Saves y and per-channel vectors; the activation is recomputed in backward for the
+    weight gradient, never kept. With the triton backend the forward is one launch of the Triton
+    implicit-GEMM conv (``triton/conv.py``) applying the prologue as it loads y, where that conv
+    supports the shape; otherwise (and with the cuda backend) one BN-apply pass and torch's
+    (cuDNN's) conv. The backward uses torch's convolution_backward on the recomputed activation
+    plus the BN backward stages.
+
+``conv2d_stats(<bn_act_conv2d's arguments>, stats_shift?)``
+    -> (out, out_mean, out_var): bn_act_conv2d's out and the per-channel mean and biased
+    variance of out (as channel_stats gives them, not differentiable), the start of the next
+    BatchNorm. With the triton backend one launch: the Triton conv reduces its output tiles to
+    per-channel sums about ``stats_shift`` (the BatchNorm's running mean: any value is exact up to
+    rounding, one near the mean avoids cancellation) as it stores them; otherwise the conv, then
+    channel_stats. Same backward as bn_act_conv2d.
 
 The backward of bn_act (and of bn_act_conv2d's prologue), with dz = d out * act'(z)
 (the ReLU mask recomputed from y) and sums over (N, H, W):
@@ -313,12 +322,12 @@ def _bn_act_backward(ctx, grad_out):
 bn_act.register_autograd(_bn_act_backward, setup_context=_bn_act_setup_context)
 
 
-# --------------------------------------------------------------------------- bn_act_conv2d
+# --------------------------------------------------------------------------- bn_act_conv2d, conv2d_stats
 @custom_op(f"{_LIB}::bn_act_conv2d", mutates_args=())
 def bn_act_conv2d(
     y: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
+    mean: Optional[Tensor],
+    invstd: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     conv_weight: Tensor,
@@ -333,23 +342,63 @@ def bn_act_conv2d(
     sync_group: str = "",
     count: int = 0,
 ) -> Tensor:
-    scale, shift = _affine(mean, invstd, weight, bias)
+    return _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding,
+                            dilation, groups, relu, backend, compute_stats=False)[0]
+
+
+@custom_op(f"{_LIB}::conv2d_stats", mutates_args=())
+def conv2d_stats(
+    y: Tensor,
+    mean: Optional[Tensor],
+    invstd: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    batch_stats: bool,
+    relu: bool,
+    backend: str,
+    sync_group: str = "",
+    count: int = 0,
+    stats_shift: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding,
+                            dilation, groups, relu, backend, compute_stats=True, stats_shift=stats_shift)
+
+
+def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation,
+                     groups, relu, backend, *, compute_stats, stats_shift=None):
+    """(out, out_mean, out_var) of bn_act_conv2d / conv2d_stats; the statistics are None unless
+    ``compute_stats``. No prologue when ``mean`` is None."""
     kernels = backends.select(backend, y)
-    conv = _triton_prologue_conv(kernels, y, conv_weight, stride, padding, dilation, groups)
-    if conv is not None:  # one launch: the activation is made while the conv loads y
+    prologue = None if mean is None else _affine(mean, invstd, weight, bias)
+    conv = _triton_conv(kernels, y, conv_weight, conv_bias, stride, padding, dilation, groups,
+                        compute_stats)
+    if conv is not None:  # one launch: the prologue as it loads y, the statistics as it stores out
+        in_scale, in_shift = prologue if prologue is not None else (None, None)
         return conv.conv2d_fused(
             y, conv_weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-            in_scale=scale, in_shift=shift, in_relu=relu,
-            out_shift=None if conv_bias is None else conv_bias.float())[0]
-    act = kernels.act_forward(y, scale, shift, None, None, None, relu)
-    return F.conv2d(act.to(conv_weight.dtype), conv_weight, conv_bias, stride, padding, dilation, groups)
+            in_scale=in_scale, in_shift=in_shift, in_relu=relu,
+            out_shift=None if conv_bias is None else conv_bias.float(),
+            compute_stats=compute_stats, stats_shift=None if stats_shift is None else stats_shift.float())
+    act = y if prologue is None else kernels.act_forward(y, *prologue, None, None, None, relu)
+    out = F.conv2d(act.to(conv_weight.dtype), conv_weight, conv_bias, stride, padding, dilation, groups)
+    if not compute_stats:
+        return out, None, None
+    return (out, *backends.select(backend, out).channel_stats(out))
 
 
-def _triton_prologue_conv(kernels, y, conv_weight, stride, padding, dilation, groups):
+def _triton_conv(kernels, y, conv_weight, conv_bias, stride, padding, dilation, groups, compute_stats):
     """``fusedres.triton.conv`` when the BN stages run on Triton and its conv takes this call
-    (y already in the weight's dtype, a shape and dtype it supports); else None: cuDNN's conv
-    after one BN-apply pass."""
+    (y already in the weight's dtype, a shape and dtype it supports, no conv bias with statistics);
+    else None: cuDNN's conv, after one BN-apply pass for a prologue and before a statistics pass."""
     if getattr(kernels, "__name__", "") != "fusedres.triton.bn_act" or y.dtype != conv_weight.dtype:
+        return None
+    if compute_stats and conv_bias is not None:
         return None
     from ..triton import conv
 
@@ -358,38 +407,54 @@ def _triton_prologue_conv(kernels, y, conv_weight, stride, padding, dilation, gr
     return conv
 
 
-@bn_act_conv2d.register_fake
-def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
-      batch_stats, relu, backend, sync_group="", count=0):
+def _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups):
     act = torch.empty_like(y, dtype=conv_weight.dtype)
     return F.conv2d(act, conv_weight, conv_bias, stride, padding, dilation, groups)
 
 
-def _bn_act_conv2d_setup_context(ctx, inputs, output):
+@bn_act_conv2d.register_fake
+def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
+      batch_stats, relu, backend, sync_group="", count=0):
+    return _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups)
+
+
+@conv2d_stats.register_fake
+def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
+      batch_stats, relu, backend, sync_group="", count=0, stats_shift=None):
+    out = _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups)
+    stat = out.new_empty((out.shape[1],), dtype=compute_dtype(out))
+    return out, stat, torch.empty_like(stat)
+
+
+def _prologue_conv2d_setup_context(ctx, inputs, output):
     (y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
-     batch_stats, relu, backend, sync_group, count) = inputs
+     batch_stats, relu, backend, sync_group, count) = inputs[:16]
     ctx.save_for_backward(y, mean, invstd, weight, bias, conv_weight)
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.flags = (batch_stats, relu, backend, sync_group, count)
     ctx.conv_bias_dtype = None if conv_bias is None else conv_bias.dtype
+    if isinstance(output, tuple):  # conv2d_stats: BatchNorm's consumer op owns its backward
+        ctx.mark_non_differentiable(*output[1:])
 
 
-def _bn_act_conv2d_backward(ctx, grad_out):
+def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
     y, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     batch_stats, relu, backend, sync_group, count = ctx.flags
     need = ctx.needs_input_grad
-    need_bn_side = need[0] or need[3] or need[4]
+    has_prologue = mean is not None
+    need_input_side = need[0] or need[3] or need[4]
     has_conv_bias = ctx.conv_bias_dtype is not None
-    # Recompute the prologue's activation: it was never saved.
-    act = torch.ops.fusedres.bn_act(y, mean, invstd, weight, bias, None, None, None, None, None,
-                                    None, batch_stats, relu, backend).to(conv_weight.dtype)
+    act = y
+    if has_prologue:  # recompute the prologue's activation: it was never saved
+        act = torch.ops.fusedres.bn_act(y, mean, invstd, weight, bias, None, None, None, None, None,
+                                        None, batch_stats, relu, backend).to(conv_weight.dtype)
     d_act, d_conv_weight, d_conv_bias = torch.ops.aten.convolution_backward(
         grad_out, act, conv_weight, [conv_weight.shape[0]] if has_conv_bias else None,
         stride, padding, dilation, False, [0, 0], groups,
-        [need_bn_side, need[5], has_conv_bias and need[6]])
-    dy = dweight = dbias = None
-    if need_bn_side:
+        [need_input_side, need[5], has_conv_bias and need[6]])
+    dy, dweight, dbias = d_act, None, None
+    if need_input_side and has_prologue:
         bn_tensors = (y, mean, invstd, weight, bias) + (None,) * 6
         dy, dweight, dbias = _bn_act_grads(d_act, bn_tensors, batch_stats, relu, False, backend,
                                            sync_group, count)
@@ -397,8 +462,9 @@ def _bn_act_conv2d_backward(ctx, grad_out):
         dbias = None if bias is None else dbias.to(bias.dtype)
     if d_conv_bias is not None:
         d_conv_bias = d_conv_bias.to(ctx.conv_bias_dtype)
-    return (dy, None, None, dweight, dbias, d_conv_weight, d_conv_bias,
-            None, None, None, None, None, None, None, None, None)
+    grads = (dy, None, None, dweight, dbias, d_conv_weight, d_conv_bias)
+    return grads + (None,) * (len(need) - len(grads))
 
 
-bn_act_conv2d.register_autograd(_bn_act_conv2d_backward, setup_context=_bn_act_conv2d_setup_context)
+for _op in (bn_act_conv2d, conv2d_stats):
+    _op.register_autograd(_prologue_conv2d_backward, setup_context=_prologue_conv2d_setup_context)

@@ -36,10 +36,12 @@ reduction is one flat axis of R*S*Cg and each column decodes its own (r, s, c), 
 mostly masked-off channels. Every tail (M, channels, spatial edges) is masked; offsets into x, out, residual
 and the workspace are int64, while M itself is capped at 2**30 output positions.
 
-Statistics without a second pass: each program reduces its tile in registers into sums over
-runs of WS_BLOCK_M rows (a divisor of every BLOCK_M) and writes them to an fp32 workspace of
-shape (2, cdiv(M, WS_BLOCK_M), K); every workspace row is written by exactly one program, so no
-atomics and no zero-fill are needed, and the host sums the rows with torch (deterministic).
+Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
+x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
+of an fp32 workspace (2, rows, K); every row is written by exactly one program, so no atomics and no
+zero-fill are needed, and the host adds the rows with torch (deterministic) to mean = shift + sum(d)/M
+and var = sum(d*d)/M - (sum(d)/M)^2. Any shift gives these up to rounding; one near the mean (a
+BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std.
 
 Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and fused flags
 (``triton.autotune``, cached per process). FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning
@@ -67,16 +69,15 @@ _PACK_CACHE: dict = {}
 _DOT_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32")  # TF32 only matters for fp32
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
 
-if _INTERPRET:  # WS_BLOCK_M < BLOCK_M, so CPU tests cover a tile feeding several workspace rows
+if _INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    _WS_BLOCK_M = 16
 else:
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
         for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                                   (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)]
     ]
-    _WS_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the statistics workspace
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
@@ -96,8 +97,9 @@ def _conv_kernel(
     in_scale_ptr, in_shift_ptr,  # (C,) fp32, read if PROLOGUE
     out_scale_ptr, out_shift_ptr,  # (K,) fp32, read if HAS_OUT_SCALE / HAS_OUT_SHIFT
     res_ptr,  # (N, K, P, Q) residual, any float dtype and strides, read if HAS_RESIDUAL
-    ws_ptr,  # (2, cdiv(M, WS_BLOCK_M), K) fp32 out if COMPUTE_STATS: sums of y and y*y over row runs
-    N, C, H, W, K, P, Q, M, Cg, Kg,  # M = N*P*Q, Cg = C/G, Kg = K/G (N and C: autotune key only)
+    stats_shift_ptr,  # (K,) fp32, read if COMPUTE_STATS
+    ws_ptr,  # (2, WS_ROWS, K) fp32 out if COMPUTE_STATS: row pid_m = this tile's sums of d, d*d (WS_ROWS >= m_tiles)
+    N, C, H, W, K, P, Q, M, Cg, Kg, WS_ROWS,  # M = N*P*Q, Cg = C/G, Kg = K/G (N and C: autotune key only)
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_on, stride_ok, stride_op, stride_oq,
     stride_rn, stride_rk, stride_rp, stride_rq,
@@ -105,7 +107,7 @@ def _conv_kernel(
     R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, FLAT_K: tl.constexpr,
-    WS_BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # (pid_m, pid_n) from the flat tile index, bands of GROUP_M row tiles per column tile
@@ -176,16 +178,12 @@ def _conv_kernel(
     if COMPUTE_STATS:
         y = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_offs, y, mask=mask)
-        yf = tl.where(mask, y.to(tl.float32), 0.0)  # statistics of y as stored
-        # workspace rows pid_m * RUNS + i, i < RUNS = BLOCK_M // WS_BLOCK_M: sums over WS_BLOCK_M positions each
-        ws_rows = pid_m * (BLOCK_M // WS_BLOCK_M) + tl.arange(0, BLOCK_M // WS_BLOCK_M)
-        ws_count = tl.cdiv(M, WS_BLOCK_M)
-        ws_offs = ws_rows.to(tl.int64)[:, None] * K + k_out[None, :]
-        ws_mask = (ws_rows < ws_count)[:, None] & col_mask[None, :]
-        part = tl.sum(tl.reshape(yf, (BLOCK_M // WS_BLOCK_M, WS_BLOCK_M, BLOCK_N)), axis=1)
-        part_sq = tl.sum(tl.reshape(yf * yf, (BLOCK_M // WS_BLOCK_M, WS_BLOCK_M, BLOCK_N)), axis=1)
-        tl.store(ws_ptr + ws_offs, part, mask=ws_mask)
-        tl.store(ws_ptr + ws_count.to(tl.int64) * K + ws_offs, part_sq, mask=ws_mask)
+        shift = tl.load(stats_shift_ptr + k_out, mask=col_mask, other=0.0)
+        d = tl.where(mask, y.to(tl.float32) - shift[None, :], 0.0)  # statistics of y as stored
+        ws_offs = pid_m.to(tl.int64) * K + k_out
+        tl.store(ws_ptr + ws_offs, tl.sum(d, axis=0), mask=col_mask)
+        tl.store(ws_ptr + WS_ROWS.to(tl.int64) * K + ws_offs, tl.sum(d * d, axis=0),
+                 mask=col_mask)
     else:
         z = acc
         if HAS_OUT_SCALE:
@@ -313,18 +311,19 @@ def conv2d_fused(
     x: Tensor, weight: Tensor, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
     in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = True,
     out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-    out_relu: bool = False, compute_stats: bool = False,
+    out_relu: bool = False, compute_stats: bool = False, stats_shift: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """out = act_out(conv2d(act_in(x*in_scale+in_shift)) * out_scale + out_shift + residual); returns
-    (out, sum, sumsq).
+    (out, mean, var).
 
     x: (N, C, H, W) fp16/bf16/fp32, any strides; weight: (K, C/groups, R, S) in x's dtype. in_scale and
     in_shift: (C,) fp32, given together or not at all (then x' = x and in_relu is ignored); act_in is
     ReLU if in_relu. out_scale (default 1), out_shift (default 0; a conv bias goes here): (K,) fp32;
     residual: (N, K, P, Q) of any supported float dtype; act_out is ReLU if out_relu. out has x's dtype
     and memory format. With compute_stats, out is the raw conv output y (no epilogue arguments
-    allowed) and sum / sumsq are fp32 (K,) sums over (N, P, Q) of y as stored in x's dtype; else both
-    are None. Raises TypeError / ValueError for invalid arguments and RuntimeError with
+    allowed) and mean / var are the fp32 (K,) mean and biased variance over (N, P, Q) of y as stored in
+    x's dtype, accumulated about ``stats_shift`` ((K,) fp32, default 0; see the module docstring);
+    else both are None. Raises TypeError / ValueError for invalid arguments and RuntimeError with
     ``unsupported_reason``'s sentence for valid convs this kernel does not run.
     """
     geo = _geometry(x, weight, stride, padding, dilation, groups)
@@ -336,6 +335,8 @@ def conv2d_fused(
     if compute_stats and (out_scale is not None or out_shift is not None or residual is not None or out_relu):
         raise ValueError("conv2d_fused: compute_stats returns the raw conv output; out_scale, out_shift, residual "
                          "and out_relu must be absent")
+    if stats_shift is not None and not compute_stats:
+        raise ValueError("conv2d_fused: stats_shift is only used with compute_stats=True")
     n, k, p, q = geo["N"], geo["K"], geo["P"], geo["Q"]
     if in_scale is not None:
         in_scale, in_shift = _vector("in_scale", in_scale, geo["C"], x), _vector("in_shift", in_shift, geo["C"], x)
@@ -343,6 +344,9 @@ def conv2d_fused(
         out_scale = _vector("out_scale", out_scale, k, x)
     if out_shift is not None:
         out_shift = _vector("out_shift", out_shift, k, x)
+    if compute_stats:
+        stats_shift = (x.new_zeros(k, dtype=torch.float32) if stats_shift is None
+                       else _vector("stats_shift", stats_shift, k, x))
     if residual is not None:
         if residual.dtype not in _DTYPES:
             raise TypeError(f"conv2d_fused: residual has dtype {residual.dtype}; supported are float16, bfloat16 "
@@ -354,8 +358,8 @@ def conv2d_fused(
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=fmt)
-    ws_count = triton.cdiv(geo["M"], _WS_BLOCK_M)
-    ws = torch.empty((2, ws_count, k), device=x.device, dtype=torch.float32) if compute_stats else out
+    ws_rows = triton.cdiv(geo["M"], _MIN_BLOCK_M)  # row tiles of the smallest tile config
+    ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     res = out if residual is None else residual
     strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
 
@@ -365,13 +369,15 @@ def conv2d_fused(
     _conv_kernel[grid](
         x, _packed_weight(weight, groups), out,
         in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
-        out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res, ws,
+        out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
+        stats_shift if compute_stats else out, ws,
         PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
         HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None, HAS_RESIDUAL=residual is not None,
         OUT_RELU=bool(out_relu), COMPUTE_STATS=bool(compute_stats), FLAT_K=geo["Cg"] < _FLAT_K_BELOW,
-        WS_BLOCK_M=_WS_BLOCK_M, GROUP_M=8,
-        **geo, **strides)
+        WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides)
     if not compute_stats:
         return out, None, None
-    total, total_sq = ws.sum(1).unbind(0)
-    return out, total, total_sq
+    # the rows the launch wrote: one per row tile of the config the autotuner ran
+    m_tiles = triton.cdiv(geo["M"], _conv_kernel.best_config.kwargs["BLOCK_M"])
+    mean_d, mean_dd = (ws[:, :m_tiles].sum(1) / geo["M"]).unbind(0)
+    return out, stats_shift + mean_d, (mean_dd - mean_d.square()).clamp_min_(0.0)

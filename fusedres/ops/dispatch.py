@@ -1,0 +1,147 @@
+"""Measured dispatch: per call signature, run the implementation of an op that was fastest when timed.
+
+An op with several implementations of the same result (say cuDNN, Triton and plain torch) owns one
+``MeasuredDispatch``. Its ``choose`` is called on CUDA with a signature describing the call (dtype,
+layout, shapes, flags: everything the choice depends on). The first call per key
+``f"{op}|{gpu name}|{signature}"`` times every available implementation on the call's own inputs (CUDA
+events, the median of ``_REPS`` runs after ``_WARMUP``); the process keeps the fastest for that key.
+An implementation that raises while timed is recorded as ``"failed: ..."`` and never chosen, one that
+cannot run the call as ``"unavailable: <why>"``; when none ran, ``choose`` raises RuntimeError with
+every reason and records nothing.
+
+``FUSEDRES_DISPATCH_CACHE=<path>`` also keeps the entries in a JSON file shared by processes: read once
+per process, read again before each write so that other processes' entries stay, replaced atomically.
+An entry from the file is trusted only while its choice is still available for the call; otherwise
+the call is measured again.
+
+Nothing is timed or recorded while a CUDA graph is being captured or under ``torch.compile`` (the
+timing would be captured or traced): a known choice, else the first available implementation in the
+op's fixed order. Warm up before capturing (as ``torch.cuda.graph`` asks) to capture the measured one.
+
+``dispatch_table()`` gives every op's entries, ``MeasuredDispatch.table()`` one op's, and ``reset()``
+forgets this process's entries and file reads (for tests).
+"""
+
+import copy
+import functools
+import json
+import os
+import statistics
+from typing import Callable, Optional, Union
+
+import torch
+
+CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
+_WARMUP, _REPS = 3, 10
+_TABLE: dict[str, dict] = {}  # every op's: key -> {"choice": name, "ms": {name: median ms or why not}}
+
+_gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        return entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):  # no file yet, or unreadable: measure again
+        return {}
+
+
+_disk_entries = functools.lru_cache(maxsize=None)(_read_cache)  # read once per path
+
+
+def _save(path: str, key: str, entry: dict) -> None:
+    entries = _read_cache(path)  # again: keep what other processes wrote meanwhile
+    entries[key] = entry
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream, after a warm-up."""
+    for _ in range(_WARMUP):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_REPS)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    events[-1][1].synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _capturing_or_compiling() -> bool:
+    # No capture can be under way before CUDA is initialised, and asking would fail without a driver.
+    return torch.compiler.is_compiling() or (torch.cuda.is_initialized()
+                                             and torch.cuda.is_current_stream_capturing())
+
+
+def reset() -> None:
+    """Forget this process's entries and file reads, as a new process would start."""
+    _TABLE.clear()
+    _disk_entries.cache_clear()
+
+
+class MeasuredDispatch:
+    """Per-call-signature choice among the implementations of one op, made from timings."""
+
+    def __init__(self, op: str, implementations: tuple[str, ...]):
+        """``implementations`` in the fixed order used when nothing may be measured."""
+        if "|" in op or not implementations:
+            raise ValueError(f"MeasuredDispatch: expected an op name without '|' and at least one "
+                             f"implementation, got {op!r} and {implementations!r}")
+        self.op, self.implementations = op, tuple(implementations)
+
+    def choose(self, device: torch.device, signature: str, unavailable_reason: Callable[[str], Optional[str]],
+               run: Callable[[str], object]) -> str:
+        """The implementation to run on CUDA device ``device`` for a call described by ``signature``.
+
+        ``unavailable_reason(name)`` is None when ``name`` can run this call, else why not; ``run(name)``
+        runs it once on the call's own inputs (timed).
+        """
+        key = f"{self.op}|{_gpu_name(device.index)}|{signature}"
+        entry = _TABLE.get(key)
+        if entry is not None:
+            return entry["choice"]
+        path = os.environ.get(CACHE_ENV)
+        entry = _disk_entries(path).get(key) if path else None
+        if isinstance(entry, dict) and entry.get("choice") in self.implementations \
+                and unavailable_reason(entry["choice"]) is None:
+            _TABLE[key] = entry
+            return entry["choice"]
+        if _capturing_or_compiling():
+            available = [name for name in self.implementations if unavailable_reason(name) is None]
+            if not available:
+                raise RuntimeError(f"{self.op}: no implementation can run this call ({signature})")
+            return available[0]
+        _TABLE[key] = entry = self._measure(signature, unavailable_reason, run)
+        if path:
+            _save(path, key, entry)
+        return entry["choice"]
+
+    def _measure(self, signature: str, unavailable_reason: Callable[[str], Optional[str]],
+                 run: Callable[[str], object]) -> dict:
+        ms: dict[str, Union[float, str]] = {}
+        for name in self.implementations:
+            reason = unavailable_reason(name)
+            try:
+                ms[name] = f"unavailable: {reason}" if reason else _time_ms(functools.partial(run, name))
+            except Exception as exc:  # e.g. no cuDNN engine for this graph: never chosen
+                ms[name] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        ran = {name: t for name, t in ms.items() if not isinstance(t, str)}
+        if not ran:
+            raise RuntimeError(f"{self.op}: no implementation could run this call ({signature}): "
+                               + "; ".join(f"{name}: {why}" for name, why in ms.items()))
+        return {"choice": min(ran, key=ran.get), "ms": ms}
+
+    def table(self) -> dict[str, dict]:
+        """This op's entries in this process: key -> {"choice": name, "ms": {name: median ms or why not}}."""
+        prefix = f"{self.op}|"
+        return {key: copy.deepcopy(entry) for key, entry in _TABLE.items() if key.startswith(prefix)}
+
+
+def dispatch_table() -> dict[str, dict]:
+    """Every op's entries in this process (copies), keyed as ``MeasuredDispatch.table``'s."""
+    return copy.deepcopy(_TABLE)

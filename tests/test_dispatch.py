@@ -1,0 +1,161 @@
+"""fusedres.ops.dispatch.MeasuredDispatch, on CPU: a fake GPU name, and a timer that runs an
+implementation once and takes what it returns as its time, so choosing touches no CUDA. The real
+timer is tested on a GPU; conv_bias_act's use of the dispatch in test_inference_ops.py.
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import pretend_capturing, requires_cuda
+from fusedres.ops.dispatch import MeasuredDispatch
+
+DEVICE = torch.device("cuda", 0)
+IMPLEMENTATIONS = ("a", "b", "c")
+
+
+@pytest.fixture
+def dispatch(fresh_dispatch, monkeypatch):
+    monkeypatch.setattr(fresh_dispatch, "_gpu_name", lambda index: f"FakeGPU{index}")
+    monkeypatch.setattr(fresh_dispatch, "_time_ms", lambda fn: fn())
+    return fresh_dispatch
+
+
+@pytest.fixture
+def cache_path(dispatch, monkeypatch, tmp_path):
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
+    return path
+
+
+class Fake:
+    """One call's implementations: each one's fake time (or the exception it raises), the reasons
+    some cannot run it, and the names run, in order."""
+
+    def __init__(self, timings, unavailable=None):
+        self.timings, self.unavailable, self.runs = timings, unavailable or {}, []
+
+    def choose(self, op, signature="sig", device=DEVICE):
+        return op.choose(device, signature, self.unavailable.get, self.run)
+
+    def run(self, name):
+        self.runs.append(name)
+        if isinstance(self.timings[name], Exception):
+            raise self.timings[name]
+        return self.timings[name]
+
+
+def test_picks_the_fastest_once_per_key(dispatch):
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    fake = Fake({"a": 3.0, "b": 1.0, "c": 2.0})
+    assert fake.choose(op) == "b"
+    assert fake.runs == ["a", "b", "c"]
+    entry = {"choice": "b", "ms": {"a": 3.0, "b": 1.0, "c": 2.0}}
+    assert op.table() == dispatch.dispatch_table() == {"op|FakeGPU0|sig": entry}
+    assert fake.choose(op) == "b" and len(fake.runs) == 3  # known: not timed again
+    fake.timings = {"a": 1.0, "b": 3.0, "c": 2.0}
+    assert fake.choose(op, device=torch.device("cuda", 1)) == "a"  # another GPU is another key
+    assert op.table()["op|FakeGPU1|sig"]["choice"] == "a"
+    op.table()["op|FakeGPU0|sig"]["ms"]["b"] = 9.0  # tables are copies
+    dispatch.dispatch_table()["op|FakeGPU0|sig"]["choice"] = "c"
+    assert op.table()["op|FakeGPU0|sig"] == entry
+
+
+def test_failing_implementation_recorded_and_never_chosen(dispatch):
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    fake = Fake({"a": RuntimeError("no engine for this graph\nmore lines"), "b": 2.0, "c": 3.0})
+    assert fake.choose(op) == "b"
+    assert op.table()["op|FakeGPU0|sig"]["ms"]["a"] == "failed: RuntimeError: no engine for this graph"
+    fake.timings = {name: ValueError(f"{name} broke") for name in IMPLEMENTATIONS}
+    with pytest.raises(RuntimeError, match=r"op: no implementation could run this call \(other\): "
+                                           "a: failed: ValueError: a broke; b: failed: .*; c: failed"):
+        fake.choose(op, "other")
+    assert list(op.table()) == ["op|FakeGPU0|sig"]  # nothing recorded for the failed call
+
+
+def test_unavailable_recorded_with_reason_and_never_run(dispatch):
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    fake = Fake({"a": 3.0, "b": 1.0, "c": 2.0}, unavailable={"b": "b needs a newer GPU"})
+    assert fake.choose(op) == "c"
+    assert fake.runs == ["a", "c"]
+    assert op.table()["op|FakeGPU0|sig"]["ms"] == {"a": 3.0, "b": "unavailable: b needs a newer GPU", "c": 2.0}
+
+
+def test_ops_with_the_same_signature_keep_separate_entries(dispatch):
+    first, second = MeasuredDispatch("first", ("a", "b")), MeasuredDispatch("second", ("a", "b"))
+    assert Fake({"a": 1.0, "b": 2.0}).choose(first) == "a"
+    assert Fake({"a": 2.0, "b": 1.0}).choose(second) == "b"
+    assert first.table() == {"first|FakeGPU0|sig": {"choice": "a", "ms": {"a": 1.0, "b": 2.0}}}
+    assert second.table() == {"second|FakeGPU0|sig": {"choice": "b", "ms": {"a": 2.0, "b": 1.0}}}
+    assert dispatch.dispatch_table() == {**first.table(), **second.table()}
+
+
+@pytest.mark.parametrize("op, implementations", [("a|b", ("a",)), ("op", ())], ids=["bar", "empty"])
+def test_rejects_bad_construction(op, implementations):
+    with pytest.raises(ValueError, match="expected an op name without '|' and at least one implementation"):
+        MeasuredDispatch(op, implementations)
+
+
+def test_disk_cache_round_trip_across_processes(dispatch, cache_path):
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    assert Fake({"a": 3.0, "b": 1.0, "c": 2.0}).choose(op) == "b"
+    entries = json.loads(cache_path.read_text())
+    assert entries == op.table()
+    # Another process adds an entry after this one read the file: writing keeps it.
+    cache_path.write_text(json.dumps({**entries, "op|FakeGPU0|theirs": {"choice": "c", "ms": {}}}))
+    assert Fake({"a": 1.0, "b": 2.0, "c": 3.0}).choose(op, "mine") == "a"
+    assert sorted(json.loads(cache_path.read_text())) == ["op|FakeGPU0|mine", "op|FakeGPU0|sig",
+                                                          "op|FakeGPU0|theirs"]
+    assert [p.name for p in cache_path.parent.iterdir()] == [cache_path.name]  # no temporary file left
+
+    dispatch.reset()  # a new process: the file answers, nothing is timed
+    fake = Fake({"a": 1.0, "b": 2.0, "c": 3.0})
+    assert [fake.choose(op, signature) for signature in ("sig", "theirs")] == ["b", "c"]
+    assert fake.runs == []
+    assert op.table()["op|FakeGPU0|sig"] == entries["op|FakeGPU0|sig"]
+
+
+@pytest.mark.parametrize("stale", ["now_unavailable", "unknown_choice", "not_an_entry", "not_json"])
+def test_untrusted_disk_entry_measured_again(dispatch, cache_path, stale):
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    entry = {"now_unavailable": {"choice": "b", "ms": {}}, "unknown_choice": {"choice": "d", "ms": {}},
+             "not_an_entry": "b"}.get(stale)
+    cache_path.write_text("{not json" if stale == "not_json" else json.dumps({"op|FakeGPU0|sig": entry}))
+    fake = Fake({"a": 2.0, "b": 1.0, "c": 3.0}, unavailable={"b": "gone"} if stale == "now_unavailable" else {})
+    expected = "a" if stale == "now_unavailable" else "b"
+    assert fake.choose(op) == expected
+    assert fake.runs == (["a", "c"] if stale == "now_unavailable" else ["a", "b", "c"])
+    assert json.loads(cache_path.read_text()) == op.table()
+    assert op.table()["op|FakeGPU0|sig"]["choice"] == expected
+
+
+@pytest.mark.parametrize("mode", ["capturing", "compiling"])
+def test_capturing_or_compiling_takes_the_fixed_order_and_records_nothing(dispatch, cache_path, monkeypatch,
+                                                                          mode):
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    fake = Fake({"a": 3.0, "b": 2.0, "c": 1.0}, unavailable={"a": "no a here"})
+    assert fake.choose(op, "known") == "c"
+    fake.runs.clear()
+    if mode == "capturing":
+        pretend_capturing(monkeypatch)
+    else:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fake.choose(op, "new") == "b"  # the first available, though "c" is faster
+    assert fake.choose(op, "known") == "c"  # a known choice still answers
+    dispatch.reset()
+    assert fake.choose(op, "known") == "c"  # also one from the file
+    assert fake.runs == []
+    assert list(op.table()) == list(json.loads(cache_path.read_text())) == ["op|FakeGPU0|known"]
+    fake.unavailable = {name: "none here" for name in IMPLEMENTATIONS}
+    with pytest.raises(RuntimeError, match=r"op: no implementation can run this call \(new\)"):
+        fake.choose(op, "new")
+
+
+@requires_cuda
+def test_time_ms_warms_up_then_takes_the_median(fresh_dispatch):
+    calls = []
+    x = torch.randn(256, 256, device="cuda")
+    ms = fresh_dispatch._time_ms(lambda: calls.append(x @ x))
+    assert len(calls) == fresh_dispatch._WARMUP + fresh_dispatch._REPS
+    assert isinstance(ms, float) and ms > 0
