@@ -372,7 +372,7 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path, fresh_disp
     that return their fake timing, which the patched timer takes from one run."""
     monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "FakeGPU")
     monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
-    monkeypatch.setattr(inference, "_triton_conv", lambda: (None, "no triton here"))
+    monkeypatch.setattr(inference.backends, "triton_conv", lambda: (None, "no triton here"))
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
     timings = {"cudnn": 2.0, "torch": 3.0}
 
@@ -417,7 +417,7 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path, fresh_disp
 
 # --------------------------------------------------------------------------- triton backend
 def triton_conv_or_skip():
-    module, reason = inference._triton_conv()
+    module, reason = inference.backends.triton_conv()
     if module is None:
         pytest.skip(reason)
     return module

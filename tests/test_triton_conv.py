@@ -392,6 +392,32 @@ def test_gpu_resnet50_shapes_bf16(name, epilogue):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("prologue", [False, True], ids=["conv", "prologue-conv"])
+def test_gpu_auto_times_the_training_conv_and_keeps_the_faster(prologue, monkeypatch):
+    """conv2d_stats on "auto": both convs timed once per signature (ops/dispatch.py), the faster
+    kept, and its output and statistics those of the cuDNN path."""
+    from fusedres.ops import dispatch
+
+    monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
+    monkeypatch.delenv(dispatch.CACHE_ENV, raising=False)
+    gen = _gen(f"auto-{prologue}")
+    x = _act(gen, (8, 64, 28, 28), BF16, channels_last=True)
+    w = _act(gen, (128, 64, 3, 3), BF16) / 24
+    bn = (_vec(gen, 64), (_vec(gen, 64, positive=True)), _vec(gen, 64, positive=True), _vec(gen, 64)) \
+        if prologue else (None,) * 4
+    args = (x, *bn, w, None, [1, 1], [1, 1], [1, 1], 1, True, True)
+    results = {backend: torch.ops.fusedres.conv2d_stats(*args, backend) for backend in ("auto", "cuda")}
+    (entry,) = [e for key, e in dispatch.dispatch_table().items() if key.startswith("unit_conv2d|")
+                and f"prologue{int(prologue)}" in key]
+    assert set(entry["ms"]) == {"cudnn", "triton"}
+    assert all(isinstance(ms, float) for ms in entry["ms"].values()), entry
+    assert entry["choice"] == min(entry["ms"], key=entry["ms"].get)
+    for got, want in zip(results["auto"], results["cuda"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_fp32_follows_cudnn_tf32_flag(monkeypatch):
     case = _case(64, 64, 28, 3, 1, 1, F32, True, "relu", "full", n=4)
     x, w, kw = _make(case)

@@ -326,3 +326,28 @@ def test_conv_batch_norm_stats_on_triton_is_one_launch_and_matches_the_torch_bac
         errors = [float((t.detach().double() - exact).norm() / exact.norm()) for t in (actual, same_dtype)]
         assert errors[0] <= 2 * errors[1] + bias, (
             f"{names[min(i, 6)]} ({i}): relative error {errors[0]:.3g}, the torch backend's {errors[1]:.3g}")
+
+
+def test_which_conv_runs_a_unit(monkeypatch):
+    """The triton backend takes the Triton conv wherever it runs the call; cuda and torch take
+    cuDNN's; "auto" measures only on CUDA tensors (never the interpreter); FUSEDRES_BACKEND stands
+    in for "auto"."""
+    from fusedres.ops import registry
+
+    def choice(backend, *, bias=False, stats=True, dtype=torch.float32):
+        y = torch.randn(2, 16, 5, 5, device=DEVICE)
+        weight = torch.randn(8, 16, 3, 3, device=DEVICE, dtype=dtype)
+        conv_bias = torch.randn(8, device=DEVICE) if bias else None
+        return registry._conv_implementation(backend, y, weight, conv_bias, ([1, 1], [1, 1], [1, 1], 1),
+                                             True, True, stats, run=None)
+
+    monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
+    assert choice("triton") == "triton"
+    assert choice("triton", bias=True, stats=False) == "triton"
+    assert choice("triton", bias=True) == "cudnn"  # the statistics epilogue takes no conv bias
+    assert choice("triton", dtype=torch.float16) == "cudnn"  # input and weight dtypes differ
+    assert choice("cuda") == choice("torch") == "cudnn"
+    if DEVICE == "cpu":
+        assert choice("auto") == "cudnn"
+        monkeypatch.setenv("FUSEDRES_BACKEND", "triton")
+        assert choice("auto") == "triton"

@@ -43,6 +43,21 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
     return module, f"triton {importlib.import_module('triton').__version__}"
 
 
+@functools.lru_cache(maxsize=None)
+def triton_conv() -> tuple[ModuleType | None, str]:
+    """(``fusedres.triton.conv`` or None, why it is unavailable); imported once per process. The
+    conv is not a backend of the four stages: the ops that run a conv choose it separately."""
+    try:
+        return importlib.import_module("fusedres.triton.conv"), ""
+    except Exception as exc:  # triton missing or broken: that implementation is unavailable
+        return None, f"cannot import fusedres.triton.conv: {type(exc).__name__}: {exc}"
+
+
+def requested_backend(name: str) -> str:
+    """The backend a call asking for ``name`` asks for: ``FUSEDRES_BACKEND`` stands in for "auto"."""
+    return os.environ.get("FUSEDRES_BACKEND", "auto") if name == "auto" else name
+
+
 def refresh() -> None:
     """Forget cached availability (after ``fusedres.build_extension()``)."""
     _load.cache_clear()
@@ -73,9 +88,7 @@ def _warn_once(message: str) -> None:
 
 def select(requested: str, tensor: torch.Tensor) -> ModuleType:
     """The backend namespace that runs a call on ``tensor``."""
-    name = requested
-    if name == "auto":
-        name = os.environ.get("FUSEDRES_BACKEND", "auto")
+    name = requested_backend(requested)
     if name == "auto":
         if tensor.is_cuda and _load("cuda")[0] is None:
             _warn_once(f"fusedres: CUDA backend unavailable ({_load('cuda')[1]}); using Triton/PyTorch.")

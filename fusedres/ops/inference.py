@@ -22,7 +22,6 @@ channels_last and not also NCHW-contiguous) whichever implementation ran.
 """
 
 import contextlib
-import functools
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.library import custom_op
 
-from . import dispatch
+from . import backends, dispatch
 from .functional import _check_activation, _conv_tuple
 
 IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
@@ -153,22 +152,12 @@ def _run_cudnn(x, weight, bias, residual, conv, relu):
 
 def _run_triton(x, weight, bias, residual, conv, relu):
     stride, padding, dilation, groups = conv
-    return _triton_conv()[0].conv2d_fused(
+    return backends.triton_conv()[0].conv2d_fused(
         x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups, in_relu=False,
         out_shift=None if bias is None else bias.float(), residual=residual, out_relu=relu)[0]
 
 
 _IMPLS = {"cudnn": _run_cudnn, "triton": _run_triton, "torch": _run_torch}
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_conv():
-    """(fusedres.triton.conv or None, why not); imported once per process."""
-    try:
-        from ..triton import conv
-    except Exception as exc:  # triton missing or broken: that implementation is unavailable
-        return None, f"cannot import fusedres.triton.conv: {type(exc).__name__}: {exc}"
-    return conv, ""
 
 
 def unavailable_reason(name: str, x, weight, bias, residual, conv, relu) -> Optional[str]:
@@ -178,7 +167,7 @@ def unavailable_reason(name: str, x, weight, bias, residual, conv, relu) -> Opti
         raise ValueError(f"fusedres.conv_bias_act: unknown backend {name!r}; expected one of "
                          f"{IMPLEMENTATIONS} or 'auto'")
     if name == "triton":
-        module, reason = _triton_conv()
+        module, reason = backends.triton_conv()
         return reason if module is None else module.unsupported_reason(x, weight, *conv)
     if name == "torch":
         return None

@@ -25,19 +25,20 @@ dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     out = conv2d(act(bn(y)), conv_weight, conv_bias): the next unit's conv with the
     previous unit's BatchNorm + act as its prologue (no prologue, out = conv2d(y), when ``mean``
     is None). Saves y and per-channel vectors; the activation is recomputed in backward for the
-    weight gradient, never kept. With the triton backend the forward is one launch of the Triton
-    implicit-GEMM conv (``triton/conv.py``) applying the prologue as it loads y, where that conv
-    supports the shape; otherwise (and with the cuda backend) one BN-apply pass and torch's
-    (cuDNN's) conv. The backward uses torch's convolution_backward on the recomputed activation
-    plus the BN backward stages.
+    weight gradient, never kept. The conv is either the Triton implicit-GEMM conv
+    (``triton/conv.py``: one launch, applying the prologue as it loads y) or torch's (cuDNN's)
+    after one BN-apply pass: the triton backend takes the Triton conv wherever it supports the
+    call, cuda and torch take cuDNN's, and "auto" on CUDA times both per call signature and keeps
+    the faster (``_conv_implementation``). The backward uses torch's convolution_backward on the
+    recomputed activation plus the BN backward stages.
 
 ``conv2d_stats(<bn_act_conv2d's arguments>, stats_shift?)``
     -> (out, out_mean, out_var): bn_act_conv2d's out and the per-channel mean and biased
     variance of out (as channel_stats gives them, not differentiable), the start of the next
-    BatchNorm. With the triton backend one launch: the Triton conv reduces its output tiles to
-    per-channel sums about ``stats_shift`` (the BatchNorm's running mean: any value is exact up to
-    rounding, one near the mean avoids cancellation) as it stores them; otherwise the conv, then
-    channel_stats. Same backward as bn_act_conv2d.
+    BatchNorm. With the Triton conv (chosen as for bn_act_conv2d) one launch: it reduces its output
+    tiles to per-channel sums about ``stats_shift`` (the BatchNorm's running mean: any value is
+    exact up to rounding, one near the mean avoids cancellation) as it stores them; with cuDNN's,
+    the conv and then channel_stats. Same backward as bn_act_conv2d.
 
 The backward of bn_act (and of bn_act_conv2d's prologue), with dz = d out * act'(z)
 (the ReLU mask recomputed from y) and sums over (N, H, W):
@@ -73,7 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from . import backends
+from . import backends, dispatch
 
 _LIB = "fusedres"
 
@@ -376,35 +377,65 @@ def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stri
     ``compute_stats``. No prologue when ``mean`` is None."""
     kernels = backends.select(backend, y)
     prologue = None if mean is None else _affine(mean, invstd, weight, bias)
-    conv = _triton_conv(kernels, y, conv_weight, conv_bias, stride, padding, dilation, groups,
-                        compute_stats)
-    if conv is not None:  # one launch: the prologue as it loads y, the statistics as it stores out
-        in_scale, in_shift = prologue if prologue is not None else (None, None)
-        return conv.conv2d_fused(
-            y, conv_weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-            in_scale=in_scale, in_shift=in_shift, in_relu=relu,
-            out_shift=None if conv_bias is None else conv_bias.float(),
-            compute_stats=compute_stats, stats_shift=None if stats_shift is None else stats_shift.float())
-    act = y if prologue is None else kernels.act_forward(y, *prologue, None, None, None, relu)
-    out = F.conv2d(act.to(conv_weight.dtype), conv_weight, conv_bias, stride, padding, dilation, groups)
-    if not compute_stats:
-        return out, None, None
-    return (out, *backends.select(backend, out).channel_stats(out))
+    conv_args = (stride, padding, dilation, groups)
+
+    def run(implementation: str):
+        if implementation == "triton":  # one launch: the prologue as it loads y, the statistics as it stores out
+            in_scale, in_shift = prologue if prologue is not None else (None, None)
+            return backends.triton_conv()[0].conv2d_fused(
+                y, conv_weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                in_scale=in_scale, in_shift=in_shift, in_relu=relu,
+                out_shift=None if conv_bias is None else conv_bias.float(), compute_stats=compute_stats,
+                stats_shift=None if stats_shift is None else stats_shift.float())
+        act = y if prologue is None else kernels.act_forward(y, *prologue, None, None, None, relu)
+        out = F.conv2d(act.to(conv_weight.dtype), conv_weight, conv_bias, *conv_args)
+        if not compute_stats:
+            return out, None, None
+        return (out, *backends.select(backend, out).channel_stats(out))
+
+    return run(_conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue is not None,
+                                    relu, compute_stats, run))
 
 
-def _triton_conv(kernels, y, conv_weight, conv_bias, stride, padding, dilation, groups, compute_stats):
-    """``fusedres.triton.conv`` when the BN stages run on Triton and its conv takes this call
-    (y already in the weight's dtype, a shape and dtype it supports, no conv bias with statistics);
-    else None: cuDNN's conv, after one BN-apply pass for a prologue and before a statistics pass."""
-    if getattr(kernels, "__name__", "") != "fusedres.triton.bn_act" or y.dtype != conv_weight.dtype:
-        return None
+_CONV_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d", ("cudnn", "triton"))
+
+
+def _triton_conv_unavailable(y, conv_weight, conv_bias, conv_args, compute_stats) -> Optional[str]:
+    """None when ``fusedres.triton.conv`` can run this bn_act_conv2d / conv2d_stats call, else why not."""
+    module, reason = backends.triton_conv()
+    if module is None:
+        return reason
+    if y.dtype != conv_weight.dtype:
+        return f"the conv input ({y.dtype}) is not in the weight's dtype ({conv_weight.dtype})"
     if compute_stats and conv_bias is not None:
-        return None
-    from ..triton import conv
+        return "its statistics epilogue takes no conv bias"
+    return module.unsupported_reason(y, conv_weight, *conv_args)
 
-    if conv.unsupported_reason(y, conv_weight, stride, padding, dilation, groups) is not None:
-        return None
-    return conv
+
+def _conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue, relu, compute_stats,
+                         run) -> str:
+    """Which conv runs a bn_act_conv2d / conv2d_stats call: "triton" (``fusedres.triton.conv``, the
+    prologue and the statistics inside its one launch) or "cudnn" (torch's conv, after a BN-apply
+    pass for a prologue and before a statistics pass).
+
+    The triton backend takes the Triton conv wherever it can run the call, cuda and torch take
+    cuDNN's, and "auto" on a CUDA tensor times both on the first call per signature and keeps the
+    faster (``dispatch.py``).
+    """
+    name = backends.requested_backend(backend)
+    if name not in ("triton", "auto") or (name == "auto" and not y.is_cuda):
+        return "cudnn"
+    triton_reason = _triton_conv_unavailable(y, conv_weight, conv_bias, conv_args, compute_stats)
+    if triton_reason is not None:
+        return "cudnn"
+    if name == "triton":
+        return "triton"
+    stride, padding, dilation, groups = conv_args
+    layout = "cl" if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() else "nchw"
+    signature = (f"{str(y.dtype)[6:]}|{layout}|x{list(y.shape)}|w{list(conv_weight.shape)}|"
+                 f"s{stride}p{padding}d{dilation}g{groups}|prologue{int(prologue)}relu{int(relu)}|"
+                 f"stats{int(compute_stats)}|bias{int(conv_bias is not None)}")
+    return _CONV_DISPATCH.choose(y.device, signature, lambda implementation: None, run)
 
 
 def _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups):
