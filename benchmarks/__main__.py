@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from fusedres._info import collect
+from fusedres.ops import dispatch_table
 from fusedres.ops.backends import BACKENDS
 
 from . import cases, harness
@@ -30,6 +31,7 @@ from . import cases, harness
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BENCH_BACKENDS = ("auto",) + BACKENDS  # auto: what a user gets by default
 
 
 def _csv(choices=None, cast=str):
@@ -67,9 +69,11 @@ def parser() -> argparse.ArgumentParser:
                    help="torchvision ResNets and timm pre-activation resnetv2_* models for the blocks, "
                         f"models and convs levels (default: {','.join(cases.DEFAULT_MODELS[None])}; "
                         f"convs: {','.join(cases.DEFAULT_MODELS['convs'])})")
-    p.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS),
-                   help="fused backends to run, those unavailable are reported and skipped "
-                        f"(default: {','.join(BACKENDS)})")
+    p.add_argument("--backends", type=_csv(BENCH_BACKENDS), default=list(BENCH_BACKENDS),
+                   help="fused backends to run, those unavailable are reported and skipped; auto is "
+                        "the package default (the CUDA extension's stages, each training conv the "
+                        "Triton or cuDNN one as timed on first use) "
+                        f"(default: {','.join(BENCH_BACKENDS)})")
     p.add_argument("--dtype", choices=DTYPES, help="bf16/fp16 run under autocast (default: bf16 on "
                                                    "CUDA, fp32 on CPU)")
     p.add_argument("--layout", choices=LAYOUTS, default="channels_last")
@@ -160,7 +164,8 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
     """results.json (meta + rows) and results.md in ``out_dir``; safe to call after every case."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str) + "\n")
+    dispatch = dispatch_table()  # the implementations "auto" measured and chose, per call signature
+    json_path.write_text(json.dumps({**meta, "dispatch": dispatch, "rows": rows}, indent=1, default=str) + "\n")
     env = meta["environment"]
     lines = ["# fusedres benchmark results", "",
              f"- date: {meta['date']}", f"- command: `{meta['command']}` (git {meta['git']})",
@@ -174,6 +179,13 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
         lines += [f"- ceilings ({c['device']}, measured in this run): copy {c['copy_GBps']:.1f} GB/s "
                   f"({c['copy_what']}); GEMM {c['gemm_TFLOPs']:.2f} TFLOP/s ({c['gemm_what']})"]
     lines += [f"- note: {n}" for n in meta["notes"]]
+    chosen: dict[str, dict[str, int]] = {}
+    for key, entry in dispatch.items():
+        counts = chosen.setdefault(key.split("|")[0], {})
+        counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
+    lines += [f"- measured dispatch ({op}, per call signature; every timing in results.json): "
+              + ", ".join(f"{name} chosen {n}x" for name, n in sorted(counts.items()))
+              for op, counts in sorted(chosen.items())]
     lines += ["", "Agreement (`agree`): every output and gradient of a contender is compared with one "
               "run of eager in higher precision (fp32 for bf16/fp16, fp64 for fp32; no autocast, no TF32) "
               "on the same weights and inputs; `ok` when each tensor's error |got - ref|_2 is at most twice "

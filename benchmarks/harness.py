@@ -126,7 +126,8 @@ def contenders(settings: Settings, case: Optional[Case] = None) -> list[tuple[st
         "torch.compile skipped on CPU (slow to compile); pass --compile to include it"
         if not settings.cuda else "torch.compile skipped (--no-compile)")
     names = [("eager", None), ("compile", compile_skip)]
-    names += [(f"fused[{b}]", unavailable_reason(b, settings.device)) for b in settings.backends]
+    names += [(f"fused[{b}]", None if b == "auto" else unavailable_reason(b, settings.device))
+              for b in settings.backends]
     return names
 
 
