@@ -177,9 +177,16 @@ class _FusedResidualBlock(nn.Module):
     def _folding_applies(self) -> bool:
         """Whether this forward may fold the block's BatchNorms into their convs: eval mode,
         running statistics in every one, and no autograd (the folded path has no backward)."""
-        return (not self.training and not torch.is_grad_enabled()
-                and all(not bn.training and bn.running_mean is not None for bn in self.modules()
-                        if isinstance(bn, nn.modules.batchnorm._BatchNorm)))
+        if self.training or torch.is_grad_enabled():
+            return False
+        # the BatchNorms are children or grandchildren (in the downsample); a flat loop, not
+        # self.modules(): this runs at every inference forward
+        for child in self._modules.values():
+            for module in (child, *(child._modules.values() if child is not None else ())):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                        module.training or module.running_mean is None):
+                    return False
+        return True
 
     def _conv_bias_act(self, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module] = None,
                        residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:

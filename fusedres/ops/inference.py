@@ -22,7 +22,7 @@ channels_last and not also NCHW-contiguous) whichever implementation ran.
 """
 
 import contextlib
-import weakref
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -63,18 +63,18 @@ def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], running_me
     return (conv_weight.to(cdt) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
-def _fingerprint(t: Optional[Tensor]):
-    """t's object, storage, version counter (None for inference tensors: they have none), device, dtype."""
-    if t is None:
-        return None
-    return weakref.ref(t), t.data_ptr(), None if t.is_inference() else t._version, t.device, t.dtype
-
-
-def _unchanged(fingerprint, t: Optional[Tensor]) -> bool:
-    if fingerprint is None or t is None:
-        return fingerprint is t
-    now = _fingerprint(t)
-    return fingerprint[0]() is t and now[2] is not None and fingerprint[1:] == now[1:]
+def _state(tensors: tuple) -> Optional[tuple]:
+    """Storage, version counter, dtype and device of each tensor (None entries stay None); None when one
+    is an inference tensor, which has no version counter, so a change could not be seen."""
+    state = []
+    for t in tensors:
+        if t is None:
+            state.append(None)
+        elif t.is_inference():
+            return None
+        else:
+            state.append((t.data_ptr(), t._version, t.dtype, t.device))
+    return tuple(state)
 
 
 class FoldedWeights:
@@ -85,12 +85,14 @@ class FoldedWeights:
     ``.data``), or ``bn.eps`` or the dtype asked for changed; else it returns the very same tensors.
     Tensors made under ``torch.inference_mode`` have no version counter and are folded on every call,
     as is everything under ``torch.compile`` (traced into the graph). Plain attributes: the owner's
-    state_dict is unchanged, nothing is allocated before the first ``get``, no autograd graph is kept.
+    state_dict is unchanged, nothing is allocated before the first ``get``, no autograd graph is kept;
+    the source tensors last folded are held (so their identity can be checked) until the next fold.
     ``get`` raises for a BatchNorm in training mode, and in grad mode if a source requires grad.
     """
 
     def __init__(self):
-        self._fingerprints: tuple = ()
+        self._sources: tuple = ()  # the tensors last folded (held until the next fold replaces them)
+        self._state: Optional[tuple] = None
         self._key = None
         self._folded: Optional[tuple[Tensor, Tensor]] = None
 
@@ -113,10 +115,12 @@ class FoldedWeights:
         # BatchNorm's forward updates the running stats below autograd, without moving their version
         # counters, but it moves num_batches_tracked's (a Python add_): that one is watched too.
         watched = sources + (bn.num_batches_tracked,)
-        if self._folded is None or key != self._key or not all(map(_unchanged, self._fingerprints, watched)):
+        state = _state(watched)
+        if (state is None or state != self._state or key != self._key
+                or not all(map(operator.is_, watched, self._sources))):
             with torch.no_grad():
                 self._folded = fold_batch_norm(*sources, bn.eps, key[0])
-            self._key, self._fingerprints = key, tuple(map(_fingerprint, watched))
+            self._key, self._sources, self._state = key, watched, state
         return self._folded
 
 
@@ -209,8 +213,7 @@ def dispatch_table() -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------- the op
-@custom_op("fusedres::conv_bias_act", mutates_args=())
-def conv_bias_act_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
                      backend: str) -> Tensor:
     channels_last = _channels_last(x)
@@ -227,6 +230,11 @@ def conv_bias_act_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual
     if out.stride() != strides:  # only where the layout is ambiguous (size-1 C or H * W)
         out = torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
     return out
+
+
+# The op, for torch.compile and the dispatcher; eager calls from ``conv_bias_act`` run ``_conv_bias_act``
+# itself, skipping the custom-op machinery (tens of microseconds a call: batch-1 latency is host-bound).
+conv_bias_act_op = custom_op("fusedres::conv_bias_act", mutates_args=())(_conv_bias_act)
 
 
 @conv_bias_act_op.register_fake
@@ -286,5 +294,5 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         raise RuntimeError(f"{fn} is inference-only (it has no backward): call it under torch.no_grad() "
                            "or torch.inference_mode()")
-    return torch.ops.fusedres.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups,
-                                            relu, backend)
+    op = torch.ops.fusedres.conv_bias_act if torch.compiler.is_compiling() else _conv_bias_act
+    return op(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
