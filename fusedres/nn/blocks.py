@@ -2,9 +2,12 @@
 
 A fused block keeps the very same child modules as the block it replaces (``conv1``, ``bn1``,
 ..., ``downsample.0`` / ``downsample.1``), so its ``state_dict`` is the original's, key for
-key, and loads both ways. Only ``forward`` changes: every conv output is carried as a
-``PendingBN`` and its BatchNorm + ReLU is applied by the next conv (``bn_act_conv2d``), or, in
-the last unit, together with the shortcut add and the final ReLU in one ``bn_act`` pass.
+key, and loads both ways. Only ``forward`` changes: each conv and its BatchNorm's statistics are
+one op (``conv_batch_norm_stats``: one launch with the Triton conv), every conv output is carried
+as a ``PendingBN`` and its BatchNorm + ReLU is applied by the next conv as it loads its input, or,
+in the last unit, together with the shortcut add and the final ReLU in one ``bn_act`` pass. In
+eval mode without autograd each BatchNorm is folded into its conv and a unit is one
+``conv_bias_act`` launch.
 
 Supported source blocks (``from_module``) are torchvision's and timm's BasicBlock and
 Bottleneck whose optional parts are absent: every activation a ReLU, no squeeze-excitation,
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import inference
-from ..ops.functional import PendingBN, conv_batch_norm_stats
+from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 
 def _qualified_name(module: nn.Module) -> str:
@@ -66,7 +69,7 @@ def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
     ``relu``) as the conv's prologue. The conv and the statistics are one op
     (``conv_batch_norm_stats``)."""
     args, kwargs = _batch_norm_args(bn)
-    return conv_batch_norm_stats(source, conv.weight, conv.bias, conv.stride, conv.padding,
+    return ops.conv_batch_norm_stats(source, conv.weight, conv.bias, conv.stride, conv.padding,
                                  conv.dilation, conv.groups, *args, relu=relu, backend=backend,
                                  **kwargs)
 

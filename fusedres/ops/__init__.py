@@ -3,8 +3,8 @@
 
 from . import registry  # noqa: F401  (registers the torch.ops.fusedres.* ops)
 from .dispatch import dispatch_table
-from .functional import PendingBN, batch_norm_stats, bn_act, bn_act_conv2d
+from .functional import PendingBN, batch_norm_stats, bn_act, bn_act_conv2d, conv_batch_norm_stats
 from .inference import conv_bias_act, fold_batch_norm
 
-__all__ = ["PendingBN", "batch_norm_stats", "bn_act", "bn_act_conv2d", "conv_bias_act",
+__all__ = ["PendingBN", "batch_norm_stats", "bn_act", "bn_act_conv2d", "conv_batch_norm_stats", "conv_bias_act",
            "dispatch_table", "fold_batch_norm"]
