@@ -42,7 +42,7 @@ class Case:
     dtype: torch.dtype
     channels_last: bool
     prologue: str  # "none", "relu" or "linear" (in_relu=False)
-    epilogue: str  # "none", "affine" (scale, shift), "full" (+ residual, relu) or "stats"
+    epilogue: str  # "none", "affine" (scale, shift), "full" (+ residual, relu), "stats" or "stats_bias" (+ shift)
     dilation: tuple = (1, 1)
     groups: int = 1
     n: int = 2
@@ -89,6 +89,7 @@ CASES = [
     _case(8, 40, 13, 1, 1, 0, F32, True, "none", "stats"),  # 11 row tiles: more than one GROUP_M band
     _case(32, 32, 5, 3, 1, 1, BF16, True, "relu", "full", groups=2),
     _case(32, 48, 5, 1, 2, 0, F16, False, "linear", "stats", groups=2),
+    _case(20, 8, 9, 3, 2, 1, BF16, True, "relu", "stats_bias"),
 ]
 
 
@@ -119,8 +120,10 @@ def _make(case):
         kw.update(out_scale=_vec(gen, case.k, positive=True), out_shift=_vec(gen, case.k))
     if case.epilogue == "full":
         kw.update(residual=_act(gen, (case.n, case.k, *_out_hw(case)), case.dtype, case.channels_last), out_relu=True)
-    if case.epilogue == "stats":
+    if case.epilogue.startswith("stats"):
         kw.update(compute_stats=True)
+    if case.epilogue == "stats_bias":
+        kw.update(out_shift=_vec(gen, case.k))
     return x, w, kw
 
 
@@ -176,7 +179,7 @@ def test_conv2d_fused(case):
     assert conv.unsupported_reason(x, w, case.stride, case.padding, case.dilation, case.groups) is None
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw, str(case))
-    if case.epilogue == "stats":
+    if case.epilogue.startswith("stats"):
         _check_stats(out, mean, var)
     else:
         assert mean is None and var is None
@@ -310,8 +313,8 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="residual must have the output's shape"):
         conv.conv2d_fused(x, w, residual=torch.zeros(2, 4, 5, 5, device=DEVICE))
     residual = torch.zeros(2, 4, 3, 3, device=DEVICE)
-    for epilogue in (dict(out_scale=v4), dict(out_shift=v4), dict(residual=residual), dict(out_relu=True)):
-        with pytest.raises(ValueError, match="compute_stats returns the raw conv output"):
+    for epilogue in (dict(out_scale=v4), dict(residual=residual), dict(out_relu=True)):
+        with pytest.raises(ValueError, match="compute_stats returns the conv output"):
             conv.conv2d_fused(x, w, compute_stats=True, **epilogue)
     with pytest.raises(RuntimeError, match="per group"):
         conv.conv2d_fused(torch.randn(2, 16, 5, 5, device=DEVICE), w[:, :4], groups=4)

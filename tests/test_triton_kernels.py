@@ -344,7 +344,7 @@ def test_which_conv_runs_a_unit(monkeypatch):
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
     assert choice("triton") == "triton"
     assert choice("triton", bias=True, stats=False) == "triton"
-    assert choice("triton", bias=True) == "cudnn"  # the statistics epilogue takes no conv bias
+    assert choice("triton", bias=True) == "triton"  # a conv bias before the statistics
     assert choice("triton", dtype=torch.float16) == "cudnn"  # input and weight dtypes differ
     assert choice("cuda") == choice("torch") == "cudnn"
     if DEVICE == "cpu":

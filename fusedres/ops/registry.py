@@ -400,15 +400,13 @@ def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stri
 _CONV_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d", ("cudnn", "triton"))
 
 
-def _triton_conv_unavailable(y, conv_weight, conv_bias, conv_args, compute_stats) -> Optional[str]:
+def _triton_conv_unavailable(y, conv_weight, conv_args) -> Optional[str]:
     """None when ``fusedres.triton.conv`` can run this bn_act_conv2d / conv2d_stats call, else why not."""
     module, reason = backends.triton_conv()
     if module is None:
         return reason
     if y.dtype != conv_weight.dtype:
         return f"the conv input ({y.dtype}) is not in the weight's dtype ({conv_weight.dtype})"
-    if compute_stats and conv_bias is not None:
-        return "its statistics epilogue takes no conv bias"
     return module.unsupported_reason(y, conv_weight, *conv_args)
 
 
@@ -425,8 +423,7 @@ def _conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue
     name = backends.requested_backend(backend)
     if name not in ("triton", "auto") or (name == "auto" and not y.is_cuda):
         return "cudnn"
-    triton_reason = _triton_conv_unavailable(y, conv_weight, conv_bias, conv_args, compute_stats)
-    if triton_reason is not None:
+    if _triton_conv_unavailable(y, conv_weight, conv_args) is not None:
         return "cudnn"
     if name == "triton":
         return "triton"

@@ -4,8 +4,9 @@
     y   = conv2d(x', W, stride, padding, dilation, groups)
     out = act_out(y * out_scale + out_shift + residual)   (each term optional, per output channel)
 
-or, with compute_stats=True (the training forward), out = y and the per-output-channel sum and sum
-of squares of y as stored, from which BatchNorm's batch statistics follow without a pass over y.
+or, with compute_stats=True (the training forward), out = y (+ out_shift, a conv bias) and the
+per-output-channel mean and variance of it as stored: BatchNorm's batch statistics without a pass
+over y.
 
 The prologue runs on every loaded input element before zero padding, so padded positions add 0
 (as ``F.conv2d(F.relu(x * s + t), W, padding=p)`` does), never relu(t). It is fp32 arithmetic
@@ -176,6 +177,8 @@ def _conv_kernel(
     out_offs = ((n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq)[:, None]
                 + k_out.to(tl.int64)[None, :] * stride_ok)
     if COMPUTE_STATS:
+        if HAS_OUT_SHIFT:  # a conv bias
+            acc = acc + tl.load(out_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
         y = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_offs, y, mask=mask)
         shift = tl.load(stats_shift_ptr + k_out, mask=col_mask, other=0.0)
@@ -320,8 +323,8 @@ def conv2d_fused(
     in_shift: (C,) fp32, given together or not at all (then x' = x and in_relu is ignored); act_in is
     ReLU if in_relu. out_scale (default 1), out_shift (default 0; a conv bias goes here): (K,) fp32;
     residual: (N, K, P, Q) of any supported float dtype; act_out is ReLU if out_relu. out has x's dtype
-    and memory format. With compute_stats, out is the raw conv output y (no epilogue arguments
-    allowed) and mean / var are the fp32 (K,) mean and biased variance over (N, P, Q) of y as stored in
+    and memory format. With compute_stats, out is the conv output y (+ out_shift, a conv bias; no
+    other epilogue argument allowed) and mean / var are the fp32 (K,) mean and biased variance over (N, P, Q) of y as stored in
     x's dtype, accumulated about ``stats_shift`` ((K,) fp32, default 0; see the module docstring);
     else both are None. Raises TypeError / ValueError for invalid arguments and RuntimeError with
     ``unsupported_reason``'s sentence for valid convs this kernel does not run.
@@ -332,9 +335,9 @@ def conv2d_fused(
         raise RuntimeError(f"conv2d_fused: {reason}")
     if (in_scale is None) != (in_shift is None):
         raise ValueError("conv2d_fused: in_scale and in_shift must be given together")
-    if compute_stats and (out_scale is not None or out_shift is not None or residual is not None or out_relu):
-        raise ValueError("conv2d_fused: compute_stats returns the raw conv output; out_scale, out_shift, residual "
-                         "and out_relu must be absent")
+    if compute_stats and (out_scale is not None or residual is not None or out_relu):
+        raise ValueError("conv2d_fused: compute_stats returns the conv output (+ out_shift, a conv bias); "
+                         "out_scale, residual and out_relu must be absent")
     if stats_shift is not None and not compute_stats:
         raise ValueError("conv2d_fused: stats_shift is only used with compute_stats=True")
     n, k, p, q = geo["N"], geo["K"], geo["P"], geo["Q"]
