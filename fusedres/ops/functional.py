@@ -307,9 +307,9 @@ def conv_batch_norm_stats(
     as the conv's prologue, recomputed in backward), with the arguments of those two.
 
     With batch statistics the conv and the statistics of its output are one op (``conv2d_stats``):
-    on the triton backend one launch of the Triton conv where it supports the conv, which also
-    reduces its output to the statistics as it stores it (about the running mean, when tracked);
-    elsewhere the conv, then the statistics pass.
+    with the Triton conv (the triton backend where it supports the conv; "auto" on CUDA when it
+    measured faster) one launch that also reduces its output to the statistics as it stores it
+    (about the running mean, when tracked); with cuDNN's, the conv and then the statistics pass.
     """
     fn = "fusedres.conv_batch_norm_stats"
     if isinstance(source, PendingBN):

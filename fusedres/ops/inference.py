@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.library import custom_op
 
 from . import backends, dispatch
-from .functional import _check_activation, _conv_tuple
+from .functional import _check_activation, _conv_tuple, conv_output_size
 
 IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
 _CUDNN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -127,12 +127,6 @@ class FoldedWeights:
 # --------------------------------------------------------------------------- implementations
 def _channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def _out_shape(x_shape, w_shape, stride, padding, dilation) -> list:
-    return [x_shape[0], w_shape[0]] + [
-        (x_shape[i] + 2 * padding[i - 2] - dilation[i - 2] * (w_shape[i] - 1) - 1) // stride[i - 2] + 1
-        for i in (2, 3)]
 
 
 def _dense_strides(shape, channels_last: bool) -> tuple:
@@ -239,7 +233,7 @@ conv_bias_act_op = custom_op("fusedres::conv_bias_act", mutates_args=())(_conv_b
 
 @conv_bias_act_op.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
-    shape = _out_shape(x.shape, weight.shape, stride, padding, dilation)
+    shape = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
     return x.new_empty_strided(shape, _dense_strides(shape, _channels_last(x)))
 
 
@@ -284,7 +278,7 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     if bias is not None and (bias.shape != (out_channels,) or bias.dtype != x.dtype):
         raise RuntimeError(f"{fn}: expected bias of size ({out_channels},) and type {x.dtype}, got size "
                            f"{tuple(bias.shape)} and type {bias.dtype}")
-    out_shape = _out_shape(x.shape, weight.shape, stride, padding, dilation)
+    out_shape = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
     if min(out_shape[2:]) < 1:
         raise ValueError(f"{fn}: input of size {tuple(x.shape)} is too small for a weight of size "
                          f"{tuple(weight.shape)} (output size {tuple(out_shape)})")
