@@ -359,7 +359,7 @@ def test_conv_batch_norm_stats_matches_conv_then_batch_norm_stats():
     first = functional.batch_norm_stats(x, positive(gen, 4), randn(gen, 4), None, None,
                                         batch_stats=True, momentum=0.1, eps=EPS)
     for source in (x, first):
-        running, running_ref = running_stats(gen, 6), None
+        running = running_stats(gen, 6)
         running_ref = tuple(t.clone() for t in running)
         p = functional.conv_batch_norm_stats(source, cw, None, 1, 1, 1, 1, w, b, *running,
                                              batch_stats=True, momentum=0.2, eps=EPS)

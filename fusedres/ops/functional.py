@@ -143,6 +143,11 @@ def batch_norm_stats(
     return _pending_bn(y, stats, weight, bias, running_mean, running_var, momentum, eps, process_group)
 
 
+def _synchronises(process_group) -> bool:
+    """Whether batch statistics are combined over ``process_group``: a group of more than one rank."""
+    return process_group is not None and dist.get_world_size(process_group) > 1
+
+
 def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, weight, bias,
                            running_mean, running_var, batch_stats: bool, process_group) -> None:
     """Raises for BatchNorm arguments that do not fit its input of size ``shape`` on ``device``."""
@@ -156,8 +161,7 @@ def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, 
     if process_group is not None and not batch_stats:
         raise ValueError(f"{fn}: a process_group synchronises batch statistics; "
                          "it needs batch_stats=True")
-    synced = process_group is not None and dist.get_world_size(process_group) > 1
-    if batch_stats and not synced and math.prod(shape) // max(shape[1], 1) <= 1:
+    if batch_stats and not _synchronises(process_group) and math.prod(shape) // max(shape[1], 1) <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(shape)}")
 
@@ -166,7 +170,7 @@ def _pending_bn(y: Tensor, stats: Optional[tuple[Tensor, Tensor]], weight, bias,
                 running_var, momentum: float, eps: float, process_group) -> PendingBN:
     """The PendingBN of y from this rank's batch statistics ``stats`` = (mean, biased var), or
     from the running statistics when ``stats`` is None; see ``batch_norm_stats``."""
-    synced = process_group is not None and dist.get_world_size(process_group) > 1
+    synced = _synchronises(process_group)
     count = y.numel() // max(y.shape[1], 1)
     with torch.no_grad():  # the consumer op owns the whole BatchNorm backward
         if stats is not None:
@@ -312,7 +316,8 @@ def conv_batch_norm_stats(
     (about the running mean, when tracked); with cuDNN's, the conv and then the statistics pass.
     """
     fn = "fusedres.conv_batch_norm_stats"
-    if isinstance(source, PendingBN):
+    pending = isinstance(source, PendingBN)
+    if pending:
         y = source.y
         prologue = (source.mean, source.invstd, source.weight, source.bias)
         flags = (source.batch_stats, relu, backend, source.sync_group, source.count)
@@ -323,11 +328,11 @@ def conv_batch_norm_stats(
         flags = (False, False, backend, "", 0)
     conv_weight, conv_bias, stride, padding, dilation = _checked_conv_args(
         fn, y, conv_weight, conv_bias, stride, padding, dilation, groups)
-    if not isinstance(source, PendingBN) and y.dtype != conv_weight.dtype:
+    if not pending and y.dtype != conv_weight.dtype:
         y = y.to(conv_weight.dtype)  # autocast's cast of a conv input
     conv = (*prologue, conv_weight, conv_bias, stride, padding, dilation, groups)
     if not batch_stats:
-        if isinstance(source, PendingBN):
+        if pending:
             out = torch.ops.fusedres.bn_act_conv2d(y, *conv, *flags)
         else:
             out = torch.nn.functional.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
