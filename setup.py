@@ -23,7 +23,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-CUDA_SOURCES = ["csrc/bn_act.cu"]
+CUDA_SOURCES = ["csrc/bn_act.cu"]  # one translation unit; it includes the csrc/*.cuh headers
+CUDA_HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cuh"))
 
 
 class BuildPyWithSources(build_py):
@@ -33,7 +34,7 @@ class BuildPyWithSources(build_py):
         super().run()
         target = Path(self.build_lib) / "fusedres" / "_csrc"
         target.mkdir(parents=True, exist_ok=True)
-        for source in CUDA_SOURCES:
+        for source in CUDA_SOURCES + CUDA_HEADERS:
             shutil.copy2(ROOT / source, target / Path(source).name)
 
 
@@ -75,6 +76,7 @@ def cuda_extension_or_reason():
     extension = CUDAExtension(
         name="fusedres._C",
         sources=CUDA_SOURCES,
+        depends=CUDA_HEADERS,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     message = (f"building the CUDA extension with {CUDA_HOME}/bin/nvcc for "
