@@ -144,7 +144,10 @@ class _FusedResidualBlock(nn.Module):
 
     @classmethod
     def _structure_reason(cls, block: nn.Module) -> Optional[str]:
-        raise NotImplementedError
+        """Why ``block``, of one of ``source_classes``, has a part this family does not fuse, or
+        None. Each family implements it (``_FusedPostActBlock``, ``preact._FusedPreActBlock``);
+        the base is never asked, having no source classes."""
+        raise NotImplementedError(f"{cls.__name__} does not say which blocks it can fuse")
 
     @classmethod
     def from_module(cls, block: nn.Module, *, backend: str = "auto",
