@@ -1,6 +1,7 @@
 """fusedres.ops.dispatch.MeasuredDispatch, on CPU: a fake GPU name, and a timer that runs an
 implementation once and takes what it returns as its time, so choosing touches no CUDA. The real
-timer is tested on a GPU; conv_bias_act's use of the dispatch in test_inference_ops.py.
+timer is tested on a GPU; conv_bias_act's use of the dispatch in test_inference_ops.py, the training
+unit's conv choice here.
 """
 
 import json
@@ -150,6 +151,49 @@ def test_capturing_or_compiling_takes_the_fixed_order_and_records_nothing(dispat
     fake.unavailable = {name: "none here" for name in IMPLEMENTATIONS}
     with pytest.raises(RuntimeError, match=r"op: no implementation can run this call \(new\)"):
         fake.choose(op, "new")
+
+
+def test_a_known_signature_is_answered_without_describing_or_checking_it(dispatch):
+    described = []
+    op = MeasuredDispatch("op", IMPLEMENTATIONS, lambda signature: described.append(signature) or "-".join(signature))
+    fake = Fake({"a": 3.0, "b": 1.0, "c": 2.0})
+    assert fake.choose(op, ("x", "y")) == "b"
+    assert list(op.table()) == ["op|FakeGPU0|x-y"]
+    fake.unavailable = {"b": "would raise if asked"}  # the signature says everything: not asked again
+    assert fake.choose(op, ("x", "y")) == "b"
+    assert described == [("x", "y")] and fake.runs == ["a", "b", "c"]
+    dispatch.reset()
+    assert fake.choose(op, ("x", "y")) == "c" and described == [("x", "y")] * 2
+
+
+def test_training_conv_choice_measures_again_when_torch_conv_flags_change(dispatch, monkeypatch):
+    """The training unit's conv ("unit_conv2d"): a CUDA call on "auto" is measured once per signature, which
+    holds torch's TF32 and cuDNN flags, so a Triton (TF32) choice stops once TF32 is forbidden."""
+    from fusedres.ops import registry
+
+    monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
+    monkeypatch.setattr(registry, "_triton_conv_unavailable", lambda y, w, conv_args: (
+        None if registry.backends.conv_allows_tf32() else "TF32 is forbidden"))
+    y = torch.empty(2, 16, 5, 5).to(memory_format=torch.channels_last)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: DEVICE))
+    weight = torch.empty(8, 16, 3, 3)
+    timings = {"cudnn": 2.0, "triton": 1.0}
+
+    def choice():
+        return registry._conv_implementation("auto", y, weight, None, ([1, 1], [1, 1], [1, 1], 1), True, True,
+                                             True, timings.get)
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert choice() == "triton"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert choice() == "cudnn"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert choice() == "triton"
+    table = dispatch.dispatch_table()
+    assert list(table) == ["unit_conv2d|FakeGPU0|float32|cl|x[2, 16, 5, 5]|w[8, 16, 3, 3]|s[1, 1]p[1, 1]d[1, 1]g1|"
+                           f"prologue1relu1|stats1|bias0|cudnn1|tf32{allowed}" for allowed in (1, 0)]
+    assert table[list(table)[1]]["ms"] == {"cudnn": 2.0, "triton": "unavailable: TF32 is forbidden"}
 
 
 @requires_cuda

@@ -396,7 +396,7 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path, fresh_disp
     assert inference._choose("auto", True, args(14)) == "cudnn"
     (key, entry), = inference.dispatch_table().items()
     assert key == ("conv_bias_act|FakeGPU|float16|cl|x[8, 64, 14, 14]|w[64, 64, 3, 3]|"
-                   "s[1, 1]p[1, 1]d[1, 1]g1|bias0|res0|relu1")
+                   "s[1, 1]p[1, 1]d[1, 1]g1|bias0|res0|relu1|cudnn1")
     assert entry["ms"] == {"cudnn": 2.0, "triton": "unavailable: no triton here", "torch": 3.0}
     assert json.loads(path.read_text()) == {key: entry}
     timings["cudnn"] = RuntimeError("GET was unable to find an engine to execute this computation\n...")
@@ -413,6 +413,35 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path, fresh_disp
     dispatch.reset()  # a new process, capturing at once: the file answers
     assert inference._choose("auto", True, args(15)) == "torch"
     assert list(inference.dispatch_table()) == [key.replace("14, 14", "15, 14")]
+
+
+def test_auto_dispatch_measures_again_when_torch_conv_flags_change(monkeypatch, fresh_dispatch):
+    """A known choice is not checked again, so torch's cuDNN and TF32 flags are part of the signature: a
+    Triton choice made while TF32 was allowed must not keep running fp32 as TF32 once it is forbidden,
+    nor a cuDNN choice once cuDNN is disabled."""
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "FakeGPU")
+    monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
+    fake_triton = SimpleNamespace(unsupported_reason=lambda x, w, *conv: (
+        None if inference.backends.conv_allows_tf32() else "TF32 is forbidden"))
+    monkeypatch.setattr(inference.backends, "triton_conv", lambda: (fake_triton, ""))
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    timings = {"triton": 1.0, "cudnn": 2.0, "torch": 3.0}
+    monkeypatch.setattr(inference, "_IMPLS", {name: (lambda *args, name=name: timings[name])
+                                              for name in inference.IMPLEMENTATIONS})
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32, shape=(8, 64, 14, 14))
+    args = (x, SimpleNamespace(shape=(64, 64, 3, 3)), None, None, ([1, 1], [1, 1], [1, 1], 1), True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert inference._choose("auto", True, args) == "triton"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert inference._choose("auto", True, args) == "cudnn"
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    assert inference._choose("auto", True, args) == "torch"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert inference._choose("auto", True, args) == "triton"
+    table = inference.dispatch_table()
+    assert [key.split("relu1|")[1] for key in table] == ["cudnn1|tf321", "cudnn1|tf320", "cudnn0|tf320",
+                                                         "cudnn0|tf321"]
+    assert table[next(iter(table)).replace("tf321", "tf320")]["ms"]["triton"] == "unavailable: TF32 is forbidden"
 
 
 # --------------------------------------------------------------------------- triton backend

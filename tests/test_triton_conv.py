@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest import requires_cuda  # noqa: E402
+from fusedres.ops.backends import conv_allows_tf32, conv_flags  # noqa: E402
 from fusedres.triton import conv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,14 +283,15 @@ def test_unsupported_reason(monkeypatch):
 
 def test_tf32_follows_torch_conv_flags(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert not conv._conv_allows_tf32()
+    assert not conv_allows_tf32()
+    assert conv_flags(F32) == (torch.backends.cudnn.enabled, False) and conv_flags(BF16)[1] is None
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert conv._conv_allows_tf32()
+    assert conv_allows_tf32() and conv_flags(F32)[1]
     if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the per-operator precision wins
         old = torch.backends.cudnn.conv.fp32_precision  # a property of the module's class: no monkeypatch
         torch.backends.cudnn.conv.fp32_precision = "ieee"
         try:
-            assert not conv._conv_allows_tf32()
+            assert not conv_allows_tf32()
         finally:
             torch.backends.cudnn.conv.fp32_precision = old
 

@@ -18,6 +18,7 @@ import importlib
 import os
 import warnings
 from types import ModuleType
+from typing import Optional
 
 import torch
 
@@ -56,6 +57,31 @@ def triton_conv() -> tuple[ModuleType | None, str]:
 def requested_backend(name: str) -> str:
     """The backend a call asking for ``name`` asks for: ``FUSEDRES_BACKEND`` stands in for "auto"."""
     return os.environ.get("FUSEDRES_BACKEND", "auto") if name == "auto" else name
+
+
+def conv_allows_tf32() -> bool:
+    """Whether torch's own conv may use TF32: torch >= 2.9 resolves cudnn.conv.fp32_precision through its
+    parents ("none" inherits, and reading the legacy cudnn.allow_tf32 raises once the two APIs were mixed);
+    older torch has only cudnn.allow_tf32."""
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):
+        return bool(cudnn.allow_tf32)
+    for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def conv_flags(dtype: torch.dtype) -> tuple[bool, Optional[bool]]:
+    """torch's flags that decide which convs may run a call in ``dtype``, for measured-dispatch signatures:
+    (cuDNN enabled, TF32 allowed for convs; None unless ``dtype`` is float32)."""
+    return torch.backends.cudnn.enabled, conv_allows_tf32() if dtype == torch.float32 else None
+
+
+def describe_conv_flags(flags: tuple[bool, Optional[bool]]) -> str:
+    """``conv_flags``' text in a dispatch key: "cudnn1", or "cudnn1|tf32{0,1}" for float32."""
+    cudnn_enabled, tf32 = flags
+    return f"cudnn{int(cudnn_enabled)}" + ("" if tf32 is None else f"|tf32{int(tf32)}")
 
 
 def refresh() -> None:

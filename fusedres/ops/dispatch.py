@@ -1,10 +1,13 @@
 """Measured dispatch: per call signature, run the implementation of an op that was fastest when timed.
 
 An op with several implementations of the same result (say cuDNN, Triton and plain torch) owns one
-``MeasuredDispatch``. Its ``choose`` is called on CUDA with a signature describing the call (dtype,
-layout, shapes, flags: everything the choice depends on). The first call per key
-``f"{op}|{gpu name}|{signature}"`` times every available implementation on the call's own inputs (CUDA
-events, the median of ``_REPS`` runs after ``_WARMUP``); the process keeps the fastest for that key.
+``MeasuredDispatch``. Its ``choose`` is called on CUDA with a signature describing the call: a hashable
+value holding everything the choice depends on (dtype, layout, shapes, flags), including whatever
+decides whether an implementation can run the call at all (torch's TF32 and cuDNN flags, say): a known
+signature is answered from a dict, without asking again. The first call per key
+``f"{op}|{gpu name}|{describe(signature)}"`` times every available implementation on the call's own
+inputs (CUDA events, the median of ``_REPS`` runs after ``_WARMUP``); the process keeps the fastest for
+that key.
 An implementation that raises while timed is recorded as ``"failed: ..."`` and never chosen, one that
 cannot run the call as ``"unavailable: <why>"``; when none ran, ``choose`` raises RuntimeError with
 every reason and records nothing.
@@ -27,13 +30,14 @@ import functools
 import json
 import os
 import statistics
-from typing import Callable, Optional, Union
+from typing import Callable, Hashable, Optional, Union
 
 import torch
 
 CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
 _WARMUP, _REPS = 3, 10
 _TABLE: dict[str, dict] = {}  # every op's: key -> {"choice": name, "ms": {name: median ms or why not}}
+_CHOSEN: dict[tuple, str] = {}  # (op, device index, signature) -> choice: known calls skip building the key
 
 _gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
 
@@ -81,44 +85,50 @@ def _capturing_or_compiling() -> bool:
 def reset() -> None:
     """Forget this process's entries and file reads, as a new process would start."""
     _TABLE.clear()
+    _CHOSEN.clear()
     _disk_entries.cache_clear()
 
 
 class MeasuredDispatch:
     """Per-call-signature choice among the implementations of one op, made from timings."""
 
-    def __init__(self, op: str, implementations: tuple[str, ...]):
-        """``implementations`` in the fixed order used when nothing may be measured."""
+    def __init__(self, op: str, implementations: tuple[str, ...], describe: Callable[[Hashable], str] = str):
+        """``implementations`` in the fixed order used when nothing may be measured; ``describe(signature)``
+        is a signature's text in the keys of the table and the file."""
         if "|" in op or not implementations:
             raise ValueError(f"MeasuredDispatch: expected an op name without '|' and at least one "
                              f"implementation, got {op!r} and {implementations!r}")
-        self.op, self.implementations = op, tuple(implementations)
+        self.op, self.implementations, self.describe = op, tuple(implementations), describe
 
-    def choose(self, device: torch.device, signature: str, unavailable_reason: Callable[[str], Optional[str]],
-               run: Callable[[str], object]) -> str:
+    def choose(self, device: torch.device, signature: Hashable,
+               unavailable_reason: Callable[[str], Optional[str]], run: Callable[[str], object]) -> str:
         """The implementation to run on CUDA device ``device`` for a call described by ``signature``.
 
         ``unavailable_reason(name)`` is None when ``name`` can run this call, else why not; ``run(name)``
         runs it once on the call's own inputs (timed).
         """
-        key = f"{self.op}|{_gpu_name(device.index)}|{signature}"
+        chosen = _CHOSEN.get((self.op, device.index, signature))
+        if chosen is not None:
+            return chosen
+        text = self.describe(signature)
+        key = f"{self.op}|{_gpu_name(device.index)}|{text}"
         entry = _TABLE.get(key)
-        if entry is not None:
-            return entry["choice"]
-        path = os.environ.get(CACHE_ENV)
-        entry = _disk_entries(path).get(key) if path else None
-        if isinstance(entry, dict) and entry.get("choice") in self.implementations \
-                and unavailable_reason(entry["choice"]) is None:
-            _TABLE[key] = entry
-            return entry["choice"]
-        if _capturing_or_compiling():
-            available = [name for name in self.implementations if unavailable_reason(name) is None]
-            if not available:
-                raise RuntimeError(f"{self.op}: no implementation can run this call ({signature})")
-            return available[0]
-        _TABLE[key] = entry = self._measure(signature, unavailable_reason, run)
-        if path:
-            _save(path, key, entry)
+        if entry is None:
+            path = os.environ.get(CACHE_ENV)
+            entry = _disk_entries(path).get(key) if path else None
+            if isinstance(entry, dict) and entry.get("choice") in self.implementations \
+                    and unavailable_reason(entry["choice"]) is None:
+                _TABLE[key] = entry
+            elif _capturing_or_compiling():
+                available = [name for name in self.implementations if unavailable_reason(name) is None]
+                if not available:
+                    raise RuntimeError(f"{self.op}: no implementation can run this call ({text})")
+                return available[0]  # not kept: measured once capturing or compiling is over
+            else:
+                _TABLE[key] = entry = self._measure(text, unavailable_reason, run)
+                if path:
+                    _save(path, key, entry)
+        _CHOSEN[self.op, device.index, signature] = entry["choice"]
         return entry["choice"]
 
     def _measure(self, signature: str, unavailable_reason: Callable[[str], Optional[str]],

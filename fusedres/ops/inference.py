@@ -15,7 +15,7 @@ dtype. ``triton`` = ``fusedres.triton.conv.conv2d_fused``, the bias (fp32) as it
 
 ``backend="auto"``: torch on CPU. On CUDA, ``dispatch.MeasuredDispatch`` (see ``dispatch.py``) times
 every available implementation on the first call per (GPU, dtype, layout, shapes, conv arguments,
-bias / residual / ReLU) and keeps the fastest (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>``
+bias / residual / ReLU, torch's cuDNN-enabled and TF32 flags) and keeps the fastest (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>``
 shares them across processes); while a CUDA graph is captured, a known choice, else the first
 available of cudnn, triton, torch. The output is dense in x's memory format (channels_last when x is
 channels_last and not also NCHW-contiguous) whichever implementation ran.
@@ -181,7 +181,22 @@ def unavailable_reason(name: str, x, weight, bias, residual, conv, relu) -> Opti
 
 
 # --------------------------------------------------------------------------- dispatch
-_DISPATCH = dispatch.MeasuredDispatch("conv_bias_act", IMPLEMENTATIONS)
+def _signature(args, channels_last: bool) -> tuple:
+    """Everything conv_bias_act's choice depends on, torch's conv flags included (a cached choice is not
+    checked again: a cached Triton choice must not keep running TF32 once the user forbids it)."""
+    x, weight, bias, residual, (stride, padding, dilation, groups), relu = args
+    return (x.dtype, channels_last, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding),
+            tuple(dilation), groups, bias is not None, residual is not None, relu, backends.conv_flags(x.dtype))
+
+
+def _describe(signature: tuple) -> str:
+    dtype, channels_last, x_shape, w_shape, stride, padding, dilation, groups, bias, residual, relu, flags = signature
+    return (f"{str(dtype)[6:]}|{'cl' if channels_last else 'nchw'}|x{list(x_shape)}|w{list(w_shape)}|"
+            f"s{list(stride)}p{list(padding)}d{list(dilation)}g{groups}|bias{int(bias)}|res{int(residual)}|"
+            f"relu{int(relu)}|{backends.describe_conv_flags(flags)}")
+
+
+_DISPATCH = dispatch.MeasuredDispatch("conv_bias_act", IMPLEMENTATIONS, _describe)
 
 
 def _choose(backend: str, channels_last: bool, args) -> str:
@@ -190,13 +205,10 @@ def _choose(backend: str, channels_last: bool, args) -> str:
         if reason is not None:
             raise RuntimeError(f"fusedres.conv_bias_act: backend {backend!r} cannot run this call: {reason}")
         return backend
-    x, weight, bias, residual, (stride, padding, dilation, groups), relu = args
+    x = args[0]
     if x.device.type != "cuda":
         return "torch"
-    signature = (f"{str(x.dtype)[6:]}|{'cl' if channels_last else 'nchw'}|x{list(x.shape)}|"
-                 f"w{list(weight.shape)}|s{stride}p{padding}d{dilation}g{groups}|"
-                 f"bias{int(bias is not None)}|res{int(residual is not None)}|relu{int(relu)}")
-    return _DISPATCH.choose(x.device, signature, lambda name: unavailable_reason(name, *args),
+    return _DISPATCH.choose(x.device, _signature(args, channels_last), lambda name: unavailable_reason(name, *args),
                             lambda name: _IMPLS[name](*args))
 
 

@@ -397,9 +397,6 @@ def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stri
                                     relu, compute_stats, run))
 
 
-_CONV_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d", ("cudnn", "triton"))
-
-
 def _triton_conv_unavailable(y, conv_weight, conv_args) -> Optional[str]:
     """None when ``fusedres.triton.conv`` can run this bn_act_conv2d / conv2d_stats call, else why not."""
     module, reason = backends.triton_conv()
@@ -410,6 +407,18 @@ def _triton_conv_unavailable(y, conv_weight, conv_args) -> Optional[str]:
     return module.unsupported_reason(y, conv_weight, *conv_args)
 
 
+def _describe_conv_signature(signature: tuple) -> str:
+    (dtype, weight_dtype, channels_last, y_shape, w_shape, stride, padding, dilation, groups, prologue, relu,
+     compute_stats, bias, flags) = signature
+    dtypes = str(dtype)[6:] + ("" if weight_dtype == dtype else f"->{str(weight_dtype)[6:]}")
+    return (f"{dtypes}|{'cl' if channels_last else 'nchw'}|x{list(y_shape)}|w{list(w_shape)}|"
+            f"s{list(stride)}p{list(padding)}d{list(dilation)}g{groups}|prologue{int(prologue)}relu{int(relu)}|"
+            f"stats{int(compute_stats)}|bias{int(bias)}|{backends.describe_conv_flags(flags)}")
+
+
+_CONV_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d", ("cudnn", "triton"), _describe_conv_signature)
+
+
 def _conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue, relu, compute_stats,
                          run) -> str:
     """Which conv runs a bn_act_conv2d / conv2d_stats call: "triton" (``fusedres.triton.conv``, the
@@ -418,21 +427,23 @@ def _conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue
 
     The triton backend takes the Triton conv wherever it can run the call, cuda and torch take
     cuDNN's, and "auto" on a CUDA tensor times both on the first call per signature and keeps the
-    faster (``dispatch.py``).
+    faster (``dispatch.py``; the signature holds everything the Triton conv's availability depends on,
+    so a known one is answered without checking the call again).
     """
     name = backends.requested_backend(backend)
-    if name not in ("triton", "auto") or (name == "auto" and not y.is_cuda):
-        return "cudnn"
-    if _triton_conv_unavailable(y, conv_weight, conv_args) is not None:
-        return "cudnn"
     if name == "triton":
-        return "triton"
+        return "cudnn" if _triton_conv_unavailable(y, conv_weight, conv_args) else "triton"
+    if name != "auto" or not y.is_cuda:
+        return "cudnn"
     stride, padding, dilation, groups = conv_args
-    layout = "cl" if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() else "nchw"
-    signature = (f"{str(y.dtype)[6:]}|{layout}|x{list(y.shape)}|w{list(conv_weight.shape)}|"
-                 f"s{stride}p{padding}d{dilation}g{groups}|prologue{int(prologue)}relu{int(relu)}|"
-                 f"stats{int(compute_stats)}|bias{int(conv_bias is not None)}")
-    return _CONV_DISPATCH.choose(y.device, signature, lambda implementation: None, run)
+    channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    signature = (y.dtype, conv_weight.dtype, channels_last, tuple(y.shape), tuple(conv_weight.shape),
+                 tuple(stride), tuple(padding), tuple(dilation), groups, prologue, relu, compute_stats,
+                 conv_bias is not None, backends.conv_flags(y.dtype))
+    return _CONV_DISPATCH.choose(
+        y.device, signature,
+        lambda implementation: _triton_conv_unavailable(y, conv_weight, conv_args) if implementation == "triton"
+        else None, run)
 
 
 def _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups):

@@ -59,6 +59,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..ops.backends import conv_allows_tf32
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_GROUP_CHANNELS = 16  # grouped convs with fewer input or output channels per group go to cuDNN
@@ -239,24 +241,11 @@ def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int)
                 SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, R=r, S=s)
 
 
-def _conv_allows_tf32() -> bool:
-    """Whether torch's own conv may use TF32: torch >= 2.9 resolves cudnn.conv.fp32_precision through its
-    parents ("none" inherits, and reading the legacy cudnn.allow_tf32 raises once the two APIs were mixed);
-    older torch has only cudnn.allow_tf32."""
-    cudnn = torch.backends.cudnn
-    if not hasattr(cudnn, "conv"):
-        return bool(cudnn.allow_tf32)
-    for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
-        if precision != "none":
-            return precision == "tf32"
-    return False
-
-
 def _limit(geo: dict, x: Tensor, groups: int) -> Optional[str]:
     """Why a valid conv with this geometry is left to torch, or None."""
     if not (x.is_cuda or _INTERPRET):
         return f"x is on {x.device}; the Triton conv needs a CUDA tensor (or TRITON_INTERPRET=1)"
-    if x.dtype == torch.float32 and not _INTERPRET and not _conv_allows_tf32():
+    if x.dtype == torch.float32 and not _INTERPRET and not conv_allows_tf32():
         return "float32 runs as TF32, which torch's flags forbid for convs (torch.backends.cudnn.allow_tf32)"
     if groups > 1 and min(geo["Cg"], geo["Kg"]) < _MIN_GROUP_CHANNELS:
         return (f"{geo['Cg']} input / {geo['Kg']} output channels per group; the Triton conv needs at least "
