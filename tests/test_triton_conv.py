@@ -322,6 +322,92 @@ def test_rejects_bad_inputs():
         conv.conv2d_fused(torch.randn(2, 16, 5, 5, device=DEVICE), w[:, :4], groups=4)
 
 
+# ----------------------------------------------------------------------------- input gradient
+
+# (C, K, hw, kernel, padding, dilation, groups, dtype, x channels_last, grad_out channels_last, prologue)
+INPUT_GRAD_CASES = [
+    (20, 8, 7, 3, 1, 1, 1, F32, True, True, "relu"),
+    (8, 20, (5, 7), 3, 1, 1, 1, F32, False, False, "relu"),
+    (20, 20, 6, 1, 0, 1, 1, BF16, True, True, "relu"),
+    (8, 20, 7, 3, 1, 1, 1, BF16, False, True, "linear"),
+    (20, 8, 9, 3, 2, 2, 1, F16, True, False, "relu"),
+    (3, 20, 9, 7, 3, 1, 1, F32, True, True, "relu"),  # the stem's shape: 3 output channels of the gradient
+    (32, 32, 5, 3, 1, 1, 2, F16, True, True, "relu"),
+    (20, 20, 5, 3, 0, 1, 1, BF16, True, True, "linear"),  # no padding: the gradient conv pads by 2
+    (8, 40, 13, 1, 0, 1, 1, F32, True, True, "relu"),  # several GROUP_M bands of row tiles
+]
+
+
+def _input_grad_case_id(case):
+    c, k, hw, r, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
+    return (f"c{c}k{k}-{hw}-r{r}p{pad}d{dil}g{groups}-{str(dtype)[6:]}-x{'cl' if x_cl else 'nchw'}"
+            f"-g{'cl' if g_cl else 'nchw'}-{prologue}")
+
+
+def _input_grad_reference(grad_out, w, x, kw, dtype):
+    """(dz, [sum dz, sum dz * (x - mean)], [sum |dz|, sum |dz * (x - mean)|]) by torch: fp64 throughout,
+    or eager in ``dtype`` (the input gradient conv in dtype, the mask and sums in fp32 as BatchNorm's
+    backward computes them)."""
+    z = x.double() * kw["in_scale"].double()[:, None, None] + kw["in_shift"].double()[:, None, None]
+    d_act = torch.ops.aten.convolution_backward(
+        grad_out.to(dtype), z.to(dtype), w.to(dtype), None, [1, 1], list(_pair(kw["padding"])),
+        list(_pair(kw["dilation"])), False, [0, 0], kw["groups"], [True, False, False])[0]
+    dz = torch.where(z > 0, d_act, 0) if kw["in_relu"] else d_act
+    cdt = F64 if dtype == F64 else F32
+    centred = x.to(cdt) - kw["mean"].to(cdt)[:, None, None]
+    terms = (dz.to(cdt), dz.to(cdt) * centred)
+    return dz, torch.stack([t.sum((0, 2, 3)) for t in terms]), torch.stack([t.abs().sum((0, 2, 3)) for t in terms])
+
+
+@pytest.mark.parametrize("case", INPUT_GRAD_CASES, ids=_input_grad_case_id)
+def test_conv2d_input_grad(case):
+    """dz = d act * ReLU'(z) and BatchNorm backward's two sums, against fp64: the module's error rule, where
+    for a sum ATOL applies to each summand (the sums are taken of dz as stored, rounded in dz's dtype)."""
+    c, k, hw, r, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
+    gen = _gen(case)
+    x = _act(gen, (2, c, *_pair(hw)), dtype, x_cl)
+    w = _act(gen, (k, c // groups, r, r), dtype) / (c // groups) ** 0.5
+    kw = dict(padding=pad, dilation=dil, groups=groups, in_scale=_vec(gen, c, positive=True),
+              in_shift=_vec(gen, c) * 0.5, in_relu=prologue == "relu", mean=_vec(gen, c))
+    out_hw = [(size + 2 * pad - dil * (r - 1) - 1) + 1 for size in _pair(hw)]
+    grad_out = _act(gen, (2, k, *out_hw), dtype, g_cl)
+    assert conv.input_grad_unsupported_reason(grad_out, w, x, 1, pad, dil, groups) is None
+    dz, sums = conv.conv2d_input_grad(grad_out, w, x, **kw)
+
+    ref_dz, ref_sums, ref_abs_sums = _input_grad_reference(grad_out, w, x, kw, F64)
+    eager_dz, eager_sums, _ = _input_grad_reference(grad_out, w, x, kw, dtype)
+    assert dz.dtype == dtype and dz.shape == x.shape and sums.dtype == F32 and sums.shape == (2, c)
+    assert dz.is_contiguous(memory_format=torch.channels_last if x_cl else torch.contiguous_format)
+    if prologue == "relu":  # the mask is exact: no gradient where z <= 0
+        assert (dz.double()[ref_dz == 0] == 0).all()
+    for what, got, ref, eager, scale in (
+            ("dz", dz.double(), ref_dz, eager_dz.double(), max(1.0, ref_dz.abs().max().item())),
+            ("sums", sums.double(), ref_sums, eager_sums.double(), ref_abs_sums)):
+        err, eager_err = (got - ref).abs(), (eager - ref).abs().max().item()
+        excess = (err - 2 * eager_err - ATOL[dtype] * scale).max().item()
+        assert excess <= 0, f"{what}: max error {err.max().item():.3g} exceeds the bound by {excess:.3g}"
+
+
+def test_input_grad_unsupported_and_bad_arguments():
+    gen = _gen("input-grad-args")
+    x, w = _act(gen, (2, 16, 6, 6), F32), _act(gen, (16, 16, 3, 3), F32)
+    grad = _act(gen, (2, 16, 6, 6), F32)
+    vec = dict(in_scale=_vec(gen, 16), in_shift=_vec(gen, 16), in_relu=True, mean=_vec(gen, 16))
+    strided = _act(gen, (2, 16, 3, 3), F32)
+    assert "strided conv's input gradient" in conv.input_grad_unsupported_reason(strided, w, x, 2, 1, 1, 1)
+    with pytest.raises(RuntimeError, match=r"conv2d_input_grad: stride \(2, 2\)"):
+        conv.conv2d_input_grad(strided, w, x, stride=2, padding=1, **vec)
+    wide = _act(gen, (2, 16, 10, 10), F32)  # padding 3 on a 3x3 kernel: outside the gradient conv's reach
+    assert "exceeds the dilated kernel's reach" in conv.input_grad_unsupported_reason(wide, w, x, 1, 3, 1, 1)
+    assert "conv output's shape (2, 16, 6, 6)" in conv.input_grad_unsupported_reason(grad[:1], w, x, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"conv2d_input_grad: grad_out must have .* dtype torch.float32"):
+        conv.conv2d_input_grad(grad.half(), w, x, padding=1, **vec)
+    with pytest.raises(TypeError, match="conv2d_input_grad: weight has dtype torch.float16"):
+        conv.conv2d_input_grad(grad, w.half(), x, padding=1, **vec)
+    with pytest.raises(ValueError, match=r"conv2d_input_grad: mean must have shape \(16,\)"):
+        conv.conv2d_input_grad(grad, w, x, padding=1, **dict(vec, mean=vec["mean"][:3]))
+
+
 def test_packed_weight_cache_follows_in_place_updates():
     gen = _gen("cache")
     x = _act(gen, (2, 8, 5, 5), F32)
@@ -342,9 +428,11 @@ from fusedres.triton import conv
 
 fn = conv._conv_kernel.fn
 off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
-           OUT_RELU=False, COMPUTE_STATS=False, FLAT_K=False)
+           OUT_RELU=False, COMPUTE_STATS=False, PROLOGUE_GRAD=False, FLAT_K=False)
 for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
-              dict(off, FLAT_K=True, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, HAS_RESIDUAL=True, OUT_RELU=True)):
+              dict(off, FLAT_K=True, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, HAS_RESIDUAL=True, OUT_RELU=True),
+              dict(off, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True, COMPUTE_STATS=True,
+                   PROLOGUE_GRAD=True)):
     config = conv._CONFIGS[0]
     consts = dict(R=3, S=3, GROUP_M=8, **flags, **config.kwargs)
     bf16 = ("x_ptr", "w_ptr", "out_ptr", "res_ptr")

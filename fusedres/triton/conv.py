@@ -44,6 +44,12 @@ zero-fill are needed, and the host adds the rows with torch (deterministic) to m
 and var = sum(d*d)/M - (sum(d)/M)^2. Any shift gives these up to rounding; one near the mean (a
 BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std.
 
+The same kernel runs the input side of the training backward (``conv2d_input_grad``, PROLOGUE_GRAD):
+for a stride-1 conv the gradient of its input is a conv of grad_out with the flipped, channel-swapped
+weight, and its epilogue applies the prologue's ReLU mask, recomputed from the unit's input x (read
+where a residual would be), and sums dz and dz * (x - mean) into the same workspace: BatchNorm's
+backward reduction without a pass over d act, which is never stored.
+
 Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and fused flags
 (``triton.autotune``, cached per process). FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning
 results on disk (``cache_results``, triton >= 3.2) so later processes skip the benchmarking.
@@ -84,7 +90,7 @@ _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the statistic
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
-                 "COMPUTE_STATS", "FLAT_K"]
+                 "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K"]
 _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on", "stride_ok", "stride_op",
                  "stride_oq", "stride_rn", "stride_rk", "stride_rp", "stride_rq")
 _AUTOTUNE_EXTRA = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
@@ -96,12 +102,12 @@ _AUTOTUNE_EXTRA = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") =
 def _conv_kernel(
     x_ptr,  # (N, C, H, W) input, any strides
     w_ptr,  # (G, R*S*Cg, Kg) packed weight, contiguous, x's dtype
-    out_ptr,  # (N, K, P, Q) out, x's dtype: y if COMPUTE_STATS, else the epilogue's result
+    out_ptr,  # (N, K, P, Q) out, x's dtype: y or dz if COMPUTE_STATS, else the epilogue's result
     in_scale_ptr, in_shift_ptr,  # (C,) fp32, read if PROLOGUE
     out_scale_ptr, out_shift_ptr,  # (K,) fp32, read if HAS_OUT_SCALE / HAS_OUT_SHIFT
-    res_ptr,  # (N, K, P, Q) residual, any float dtype and strides, read if HAS_RESIDUAL
+    res_ptr,  # (N, K, P, Q) any float dtype and strides: the residual if HAS_RESIDUAL, the unit input if PROLOGUE_GRAD
     stats_shift_ptr,  # (K,) fp32, read if COMPUTE_STATS
-    ws_ptr,  # (2, WS_ROWS, K) fp32 out if COMPUTE_STATS: row pid_m = this tile's sums of d, d*d (WS_ROWS >= m_tiles)
+    ws_ptr,  # (2, WS_ROWS, K) fp32 out if COMPUTE_STATS: row pid_m = this tile's sums of d, d*e (WS_ROWS >= m_tiles)
     N, C, H, W, K, P, Q, M, Cg, Kg, WS_ROWS,  # M = N*P*Q, Cg = C/G, Kg = K/G (N and C: autotune key only)
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_on, stride_ok, stride_op, stride_oq,
@@ -109,7 +115,8 @@ def _conv_kernel(
     SH, SW, PH, PW, DH, DW,  # conv stride, padding, dilation
     R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, FLAT_K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, PROLOGUE_GRAD: tl.constexpr,
+    FLAT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -178,17 +185,29 @@ def _conv_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     out_offs = ((n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq)[:, None]
                 + k_out.to(tl.int64)[None, :] * stride_ok)
-    if COMPUTE_STATS:
-        if HAS_OUT_SHIFT:  # a conv bias
+    res_offs = ((n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq)[:, None]
+                + k_out.to(tl.int64)[None, :] * stride_rk)  # unused (and dropped) without a residual or x_in
+    if COMPUTE_STATS:  # store y (or dz) and this tile's per-channel sums of d and d*e
+        if PROLOGUE_GRAD:  # acc = d act: dz = acc * act'(z), z = x*out_scale + out_shift recomputed from the input x
+            x_in = tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
+            if OUT_RELU:
+                z = (x_in * tl.load(out_scale_ptr + k_out, mask=col_mask, other=0.0)[None, :]
+                     + tl.load(out_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :])
+                acc = tl.where(z > 0, acc, 0.0)  # as torch's threshold_backward: NaN z passes no gradient
+        elif HAS_OUT_SHIFT:  # a conv bias
             acc = acc + tl.load(out_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
         y = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_offs, y, mask=mask)
-        shift = tl.load(stats_shift_ptr + k_out, mask=col_mask, other=0.0)
-        d = tl.where(mask, y.to(tl.float32) - shift[None, :], 0.0)  # statistics of y as stored
+        shift = tl.load(stats_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
+        if PROLOGUE_GRAD:  # sum dz and sum dz * (x - mean): BatchNorm's backward reduction
+            d = tl.where(mask, y.to(tl.float32), 0.0)
+            e = x_in - shift
+        else:  # sum d and sum d*d, d = y - shift: the batch statistics of y as stored
+            d = tl.where(mask, y.to(tl.float32) - shift, 0.0)
+            e = d
         ws_offs = pid_m.to(tl.int64) * K + k_out
         tl.store(ws_ptr + ws_offs, tl.sum(d, axis=0), mask=col_mask)
-        tl.store(ws_ptr + WS_ROWS.to(tl.int64) * K + ws_offs, tl.sum(d * d, axis=0),
-                 mask=col_mask)
+        tl.store(ws_ptr + WS_ROWS.to(tl.int64) * K + ws_offs, tl.sum(d * e, axis=0), mask=col_mask)
     else:
         z = acc
         if HAS_OUT_SCALE:
@@ -196,8 +215,6 @@ def _conv_kernel(
         if HAS_OUT_SHIFT:
             z = z + tl.load(out_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
         if HAS_RESIDUAL:
-            res_offs = ((n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq)[:, None]
-                        + k_out.to(tl.int64)[None, :] * stride_rk)
             z = z + tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
         if OUT_RELU:
             z = tl.where(z < 0, 0.0, z)
@@ -267,21 +284,27 @@ def unsupported_reason(x: Tensor, weight: Tensor, stride, padding, dilation, gro
     return _limit(geo, x, groups)
 
 
-def _packed_weight(weight: Tensor, groups: int) -> Tensor:
-    """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g.
+def _packed_weight(weight: Tensor, groups: int, transposed: bool = False) -> Tensor:
+    """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g; or
+    ``transposed``, the weight of the input-gradient conv: (G, R*S*Kg, Cg), row (r*S + s)*Kg + k holding
+    weight[g*Kg + k, :, R-1-r, S-1-s] (the kernel flipped, input and output channels swapped).
 
-    Cached per (data_ptr, shape, strides, dtype, device) and checked against the version counter, so
-    in-place updates repack. An entry holds its weight tensor, so its memory cannot be reused by
-    another tensor while cached. Not seen: writes through ``.data`` (a separate version counter) and
-    inference tensors (none at all; they are packed on every call)."""
+    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed) and checked against the
+    version counter, so in-place updates repack. An entry holds its weight tensor, so its memory cannot be
+    reused by another tensor while cached. Not seen: writes through ``.data`` (a separate version
+    counter) and inference tensors (none at all; they are packed on every call)."""
     k, cg, r, s = weight.shape
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups)
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed)
     version = None if weight.is_inference() else weight._version
     hit = _PACK_CACHE.get(key)
     if hit is not None and version is not None and hit[1] == version:
         return hit[2]
-    packed = (weight.detach().reshape(groups, k // groups, cg, r, s).permute(0, 3, 4, 2, 1)
-              .reshape(groups, r * s * cg, k // groups).contiguous())
+    grouped = weight.detach().reshape(groups, k // groups, cg, r, s)
+    if transposed:
+        packed = grouped.flip(3, 4).permute(0, 3, 4, 1, 2).reshape(groups, r * s * (k // groups), cg)
+    else:
+        packed = grouped.permute(0, 3, 4, 2, 1).reshape(groups, r * s * cg, k // groups)
+    packed = packed.contiguous()
     if version is not None:
         _PACK_CACHE.pop(key, None)
         if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
@@ -290,13 +313,50 @@ def _packed_weight(weight: Tensor, groups: int) -> Tensor:
     return packed
 
 
-def _vector(name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
+def _vector(fn: str, name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
     if v.dtype != torch.float32:
-        raise TypeError(f"conv2d_fused: {name} must be a float32 tensor, got {v.dtype}")
+        raise TypeError(f"{fn}: {name} must be a float32 tensor, got {v.dtype}")
     if tuple(v.shape) != (length,) or v.device != x.device:
-        raise ValueError(f"conv2d_fused: {name} must have shape ({length},) on {x.device}, got shape "
+        raise ValueError(f"{fn}: {name} must have shape ({length},) on {x.device}, got shape "
                          f"{tuple(v.shape)} on {v.device}")
     return v.contiguous()
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out_format: torch.memory_format, *,
+            in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
+            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None):
+    """Run _conv_kernel on validated arguments: (out, None) or, with compute_stats, (out, sums), sums the
+    (2, K) fp32 per-channel sums of d and d*e over all M rows (see the kernel)."""
+    k = geo["K"]
+    out = torch.empty((geo["N"], k, geo["P"], geo["Q"]), device=x.device, dtype=x.dtype, memory_format=out_format)
+    ws_rows = triton.cdiv(geo["M"], _MIN_BLOCK_M)  # row tiles of the smallest tile config
+    ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
+    res = out if residual is None else residual
+    strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
+
+    def grid(meta):
+        return triton.cdiv(geo["M"], meta["BLOCK_M"]) * triton.cdiv(geo["Kg"], meta["BLOCK_N"]), groups
+
+    _conv_kernel[grid](
+        x, packed_weight, out,
+        in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
+        out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
+        stats_shift if compute_stats else out, ws,
+        PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
+        HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
+        HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
+        COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=geo["Cg"] < _FLAT_K_BELOW,
+        WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides)
+    if not compute_stats:
+        return out, None
+    # the rows the launch wrote: one per row tile of the config the autotuner ran
+    m_tiles = triton.cdiv(geo["M"], _conv_kernel.best_config.kwargs["BLOCK_M"])
+    return out, ws[:, :m_tiles].sum(1)
 
 
 def conv2d_fused(
@@ -318,58 +378,107 @@ def conv2d_fused(
     else both are None. Raises TypeError / ValueError for invalid arguments and RuntimeError with
     ``unsupported_reason``'s sentence for valid convs this kernel does not run.
     """
+    fn = "conv2d_fused"
     geo = _geometry(x, weight, stride, padding, dilation, groups)
     reason = _limit(geo, x, groups)
     if reason is not None:
-        raise RuntimeError(f"conv2d_fused: {reason}")
+        raise RuntimeError(f"{fn}: {reason}")
     if (in_scale is None) != (in_shift is None):
-        raise ValueError("conv2d_fused: in_scale and in_shift must be given together")
+        raise ValueError(f"{fn}: in_scale and in_shift must be given together")
     if compute_stats and (out_scale is not None or residual is not None or out_relu):
-        raise ValueError("conv2d_fused: compute_stats returns the conv output (+ out_shift, a conv bias); "
+        raise ValueError(f"{fn}: compute_stats returns the conv output (+ out_shift, a conv bias); "
                          "out_scale, residual and out_relu must be absent")
     if stats_shift is not None and not compute_stats:
-        raise ValueError("conv2d_fused: stats_shift is only used with compute_stats=True")
+        raise ValueError(f"{fn}: stats_shift is only used with compute_stats=True")
     n, k, p, q = geo["N"], geo["K"], geo["P"], geo["Q"]
     if in_scale is not None:
-        in_scale, in_shift = _vector("in_scale", in_scale, geo["C"], x), _vector("in_shift", in_shift, geo["C"], x)
+        in_scale, in_shift = (_vector(fn, "in_scale", in_scale, geo["C"], x),
+                              _vector(fn, "in_shift", in_shift, geo["C"], x))
     if out_scale is not None:
-        out_scale = _vector("out_scale", out_scale, k, x)
+        out_scale = _vector(fn, "out_scale", out_scale, k, x)
     if out_shift is not None:
-        out_shift = _vector("out_shift", out_shift, k, x)
+        out_shift = _vector(fn, "out_shift", out_shift, k, x)
     if compute_stats:
         stats_shift = (x.new_zeros(k, dtype=torch.float32) if stats_shift is None
-                       else _vector("stats_shift", stats_shift, k, x))
+                       else _vector(fn, "stats_shift", stats_shift, k, x))
     if residual is not None:
         if residual.dtype not in _DTYPES:
-            raise TypeError(f"conv2d_fused: residual has dtype {residual.dtype}; supported are float16, bfloat16 "
+            raise TypeError(f"{fn}: residual has dtype {residual.dtype}; supported are float16, bfloat16 "
                             "and float32")
         if tuple(residual.shape) != (n, k, p, q) or residual.device != x.device:
-            raise ValueError(f"conv2d_fused: residual must have the output's shape {(n, k, p, q)} on {x.device}, "
+            raise ValueError(f"{fn}: residual must have the output's shape {(n, k, p, q)} on {x.device}, "
                              f"got {tuple(residual.shape)} on {residual.device}")
 
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=fmt)
-    ws_rows = triton.cdiv(geo["M"], _MIN_BLOCK_M)  # row tiles of the smallest tile config
-    ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
-    res = out if residual is None else residual
-    strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
-
-    def grid(meta):
-        return triton.cdiv(geo["M"], meta["BLOCK_M"]) * triton.cdiv(geo["Kg"], meta["BLOCK_N"]), groups
-
-    _conv_kernel[grid](
-        x, _packed_weight(weight, groups), out,
-        in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
-        out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
-        stats_shift if compute_stats else out, ws,
-        PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
-        HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None, HAS_RESIDUAL=residual is not None,
-        OUT_RELU=bool(out_relu), COMPUTE_STATS=bool(compute_stats), FLAT_K=geo["Cg"] < _FLAT_K_BELOW,
-        WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides)
+    out, sums = _launch(x, _packed_weight(weight, groups), geo, groups, _memory_format(x), in_scale=in_scale,
+                        in_shift=in_shift, in_relu=in_relu, out_scale=out_scale, out_shift=out_shift,
+                        residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift)
     if not compute_stats:
         return out, None, None
-    # the rows the launch wrote: one per row tile of the config the autotuner ran
-    m_tiles = triton.cdiv(geo["M"], _conv_kernel.best_config.kwargs["BLOCK_M"])
-    mean_d, mean_dd = (ws[:, :m_tiles].sum(1) / geo["M"]).unbind(0)
+    mean_d, mean_dd = (sums / geo["M"]).unbind(0)
     return out, stats_shift + mean_d, (mean_dd - mean_d.square()).clamp_min_(0.0)
+
+
+# ----------------------------------------------------------------------------- input gradient
+
+
+def _input_grad_geometry(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
+                         groups: int) -> tuple[dict, Optional[str]]:
+    """(geometry of the input-gradient conv, None) or (forward geometry, why it cannot run).
+
+    With stride 1, d x'[h] = sum over r of grad_out[h + PH - r*DH] * W[r]: a conv of grad_out with the
+    flipped weight (``_packed_weight(transposed=True)``), padding DH*(R-1) - PH, the forward's dilation,
+    channels swapped, and x's spatial size as its output. A strided conv's input gradient is not a conv.
+    Raises TypeError / ValueError for invalid arguments."""
+    fn = "conv2d_input_grad"
+    try:
+        geo = _geometry(x, weight, stride, padding, dilation, groups)
+    except (TypeError, ValueError) as e:  # the forward's messages, under this function's name
+        raise type(e)(str(e).replace("conv2d_fused", fn, 1)) from None
+    expected = (geo["N"], geo["K"], geo["P"], geo["Q"])
+    if tuple(grad_out.shape) != expected or grad_out.dtype != x.dtype or grad_out.device != x.device:
+        raise ValueError(f"{fn}: grad_out must have the conv output's shape {expected}, dtype {x.dtype} and "
+                         f"device {x.device}, got {tuple(grad_out.shape)}, {grad_out.dtype}, {grad_out.device}")
+    if (geo["SH"], geo["SW"]) != (1, 1):
+        return geo, f"stride {(geo['SH'], geo['SW'])}: a strided conv's input gradient is not a convolution"
+    pad_h, pad_w = geo["DH"] * (geo["R"] - 1) - geo["PH"], geo["DW"] * (geo["S"] - 1) - geo["PW"]
+    if min(pad_h, pad_w) < 0:
+        return geo, f"padding {(geo['PH'], geo['PW'])} exceeds the dilated kernel's reach"
+    grad_geo = dict(geo, C=geo["K"], H=geo["P"], W=geo["Q"], K=geo["C"], P=geo["H"], Q=geo["W"],
+                    M=geo["N"] * geo["H"] * geo["W"], Cg=geo["Kg"], Kg=geo["Cg"], PH=pad_h, PW=pad_w)
+    return grad_geo, _limit(grad_geo, grad_out, groups)
+
+
+def input_grad_unsupported_reason(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
+                                  groups: int) -> Optional[str]:
+    """None when conv2d_input_grad can run, else a short sentence saying why not (invalid arguments too)."""
+    try:
+        return _input_grad_geometry(grad_out, weight, x, stride, padding, dilation, groups)[1]
+    except (TypeError, ValueError) as e:
+        return str(e)
+
+
+def conv2d_input_grad(
+    grad_out: Tensor, weight: Tensor, x: Tensor, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+    groups: int = 1, in_scale: Tensor, in_shift: Tensor, in_relu: bool, mean: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The input side of conv2d_fused's backward with its prologue (one launch), for a training unit:
+    returns (dz, sums).
+
+    d act = the input gradient of conv2d(act, weight) for grad_out (torch's convolution_backward), and
+    dz = d act * act_in'(x*in_scale + in_shift): ReLU's mask (z > 0) if in_relu, else d act itself;
+    dz has grad_out's dtype and x's memory format. sums: (2, C) fp32, over (N, H, W), of dz and of
+    dz * (x - mean), dz as stored: BatchNorm's backward reduction (``bn_act_backward_reduce``'s sums).
+    x: the forward's input (N, C, H, W); grad_out: (N, K, P, Q) in x's dtype, any strides; in_scale,
+    in_shift, mean: (C,) fp32. Stride 1 only; ``input_grad_unsupported_reason`` says why a call cannot run
+    (RuntimeError here), TypeError / ValueError for invalid arguments.
+    """
+    fn = "conv2d_input_grad"
+    geo, reason = _input_grad_geometry(grad_out, weight, x, stride, padding, dilation, groups)
+    if reason is not None:
+        raise RuntimeError(f"{fn}: {reason}")
+    c = geo["K"]
+    in_scale, in_shift, mean = (_vector(fn, name, v, c, x) for name, v in
+                                (("in_scale", in_scale), ("in_shift", in_shift), ("mean", mean)))
+    return _launch(grad_out, _packed_weight(weight, groups, transposed=True), geo, groups, _memory_format(x),
+                   out_scale=in_scale, out_shift=in_shift, residual=x, out_relu=in_relu, compute_stats=True,
+                   prologue_grad=True, stats_shift=mean)
