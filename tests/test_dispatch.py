@@ -192,7 +192,7 @@ def test_training_conv_choice_measures_again_when_torch_conv_flags_change(dispat
     assert choice() == "triton"
     table = dispatch.dispatch_table()
     assert list(table) == ["unit_conv2d|FakeGPU0|float32|cl|x[2, 16, 5, 5]|w[8, 16, 3, 3]|s[1, 1]p[1, 1]d[1, 1]g1|"
-                           f"prologue1relu1|stats1|bias0|cudnn1|tf32{allowed}" for allowed in (1, 0)]
+                           f"prologue1|relu1|stats1|bias0|cudnn1|tf32{allowed}" for allowed in (1, 0)]
     assert table[list(table)[1]]["ms"] == {"cudnn": 2.0, "triton": "unavailable: TF32 is forbidden"}
 
 

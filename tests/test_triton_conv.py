@@ -361,6 +361,10 @@ def _input_grad_reference(grad_out, w, x, kw, dtype):
 
 @pytest.mark.parametrize("case", INPUT_GRAD_CASES, ids=_input_grad_case_id)
 def test_conv2d_input_grad(case):
+    _check_input_grad(case)
+
+
+def _check_input_grad(case):
     """dz = d act * ReLU'(z) and BatchNorm backward's two sums, against fp64: the module's error rule, where
     for a sum ATOL applies to each summand (the sums are taken of dz as stored, rounded in dz's dtype)."""
     c, k, hw, r, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
@@ -535,3 +539,42 @@ def test_gpu_grouped_resnext_shape():
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
     _check_stats(out, mean, var)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", ["l1_3x3", "l1_expand", "stem"])
+def test_gpu_input_grad_resnet50_shapes_bf16(name):
+    """conv2d_input_grad on ResNet-50's stride-1 shapes (and the stem's 7x7 with stride 1), bf16
+    channels_last, against fp64 by the module's error rule."""
+    c, k, h, kernel, _, padding = RESNET50_CONVS[name]
+    _check_input_grad((c, k, min(h, 56), kernel, padding, 1, 1, BF16, True, True, "relu"))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_auto_times_the_training_backward_and_keeps_the_faster(monkeypatch):
+    """A training unit's backward on "auto": torch's convolution_backward + BN reduction and the Triton
+    kernels timed once per signature (op "unit_conv2d_backward"), the faster kept, and the gradients
+    those of the cuda backend."""
+    from fusedres.ops import dispatch, functional
+
+    monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
+    monkeypatch.delenv(dispatch.CACHE_ENV, raising=False)
+    gen = _gen("auto-backward")
+    x = _act(gen, (8, 64, 28, 28), BF16, channels_last=True)
+    params = [_vec(gen, 64, positive=True), _vec(gen, 64), _act(gen, (64, 64, 3, 3), BF16) / 24]
+    grads = {}
+    for backend in ("auto", "cuda"):
+        leaves = [t.detach().clone().requires_grad_() for t in [x] + params]
+        pending = functional.batch_norm_stats(leaves[0], leaves[1], leaves[2], None, None, batch_stats=True,
+                                              momentum=0.1, eps=1e-5, backend=backend)
+        out = functional.bn_act_conv2d(pending, leaves[3], None, 1, 1, backend=backend)
+        out.float().square().mean().backward()
+        grads[backend] = [t.grad for t in leaves]
+    (entry,) = [e for key, e in dispatch.dispatch_table().items() if key.startswith("unit_conv2d_backward|")]
+    assert set(entry["ms"]) == {"cudnn", "triton"}
+    assert all(isinstance(ms, float) for ms in entry["ms"].values()), entry
+    assert entry["choice"] == min(entry["ms"], key=entry["ms"].get)
+    for got, want in zip(grads["auto"], grads["cuda"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.float().abs().max().item())

@@ -241,8 +241,9 @@ def test_int64_offsets(channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_bn_act_conv2d_on_triton_runs_the_prologue_conv_and_matches_the_torch_backend(
         dtype, channels_last, monkeypatch):
-    """The op's triton backend: one Triton conv applying relu(bn(y)) while loading y (forward),
-    torch's convolution_backward on the recomputed activation plus the Triton BN stages (backward)."""
+    """The op's triton backend: one Triton conv applying relu(bn(y)) while loading y (forward); in
+    backward (stride 2) torch's input gradient, the Triton weight gradient recomputing the prologue and
+    the Triton BN stages."""
     from fusedres.ops import functional
     from fusedres.triton import conv
 
@@ -271,23 +272,30 @@ def test_bn_act_conv2d_on_triton_runs_the_prologue_conv_and_matches_the_torch_ba
         assert error <= RTOL[dtype], f"{name}: relative error {error:.3g}"
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("source", ["tensor", "pending"])
 @pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)],
                          ids=["f32-nchw", "bf16-cl"])
 def test_conv_batch_norm_stats_on_triton_is_one_launch_and_matches_the_torch_backend(
-        source, dtype, channels_last, monkeypatch):
+        source, dtype, channels_last, stride, monkeypatch):
     """A training unit on the triton backend: the Triton conv (with the pending BatchNorm's
     prologue) computes the next BatchNorm's statistics as it stores its output, about the running
-    mean, and no statistics pass reads the conv output. Outputs, gradients and running statistics
-    are as close to the fp64 computation as the torch backend's in the same dtype."""
+    mean, and no statistics pass reads the conv output. In backward the Triton weight gradient
+    recomputes the prologue, and with a prologue and stride 1 the Triton input gradient applies the
+    ReLU mask and takes BatchNorm's sums (no reduction pass for the source BatchNorm). Outputs, gradients
+    and running statistics are as close to the fp64 computation as the torch backend's in the same dtype."""
     from fusedres.ops import functional
-    from fusedres.triton import conv
+    from fusedres.triton import conv, conv_wgrad
 
-    conv_calls, stats_calls = [], []
+    conv_calls, stats_calls, backward_calls = [], [], []
     conv_fused, channel_stats = conv.conv2d_fused, bn_act.channel_stats
     monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: conv_calls.append(
         dict(k, stats_shift=k["stats_shift"].clone())) or conv_fused(*a, **k))  # before the running stats move
     monkeypatch.setattr(bn_act, "channel_stats", lambda y: stats_calls.append(y.shape) or channel_stats(y))
+    for module, name in ((conv, "conv2d_input_grad"), (conv_wgrad, "conv2d_weight_grad"), (bn_act, "backward_reduce")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, original=original, name=name, **k: (
+            backward_calls.append((name, k.get("in_scale") is not None)) or original(*a, **k)))
     gen = torch.Generator().manual_seed(32)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(2, 6, 7, 5, generator=gen) + 0.3).to(DEVICE, dtype).contiguous(memory_format=fmt)
@@ -305,7 +313,7 @@ def test_conv_batch_norm_stats_on_triton_is_one_launch_and_matches_the_torch_bac
             first = functional.batch_norm_stats(leaves[0], leaves[1], leaves[2], None, None,
                                                 batch_stats=True, momentum=0.1, eps=1e-5, backend=backend)
         pending = functional.conv_batch_norm_stats(
-            first, leaves[3], None, 2, 1, 1, 1, leaves[4], leaves[5], *stats, batch_stats=True,
+            first, leaves[3], None, stride, 1, 1, 1, leaves[4], leaves[5], *stats, batch_stats=True,
             momentum=0.1, eps=1e-5, backend=backend)
         out = functional.bn_act(pending, relu=True, backend=backend)
         out.float().square().sum().backward()
@@ -315,6 +323,10 @@ def test_conv_batch_norm_stats_on_triton_is_one_launch_and_matches_the_torch_bac
     assert call["compute_stats"] and (call["in_scale"] is not None) == (source == "pending")
     torch.testing.assert_close(call["stats_shift"], running[0].to(DEVICE))  # the running mean
     assert stats_calls == ([(2, 6, 7, 5)] if source == "pending" else [])  # x's statistics only
+    triton_input_side = source == "pending" and stride == 1
+    assert sorted(backward_calls) == sorted(
+        [("backward_reduce", False), ("conv2d_weight_grad", source == "pending")]  # the output bn_act's reduce
+        + [("conv2d_input_grad", True) if triton_input_side else ("backward_reduce", False)] * (source == "pending"))
     assert results[0][0].is_contiguous(memory_format=fmt)
     names = ["out", "mean", "invstd", "running_mean", "running_var", "dx", "d_params..."]
     # The interpreter rounds fp32 -> bf16 by truncation: the prologue's result and the stored output each

@@ -45,13 +45,14 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def triton_conv() -> tuple[ModuleType | None, str]:
-    """(``fusedres.triton.conv`` or None, why it is unavailable); imported once per process. The
-    conv is not a backend of the four stages: the ops that run a conv choose it separately."""
+def triton_conv(module: str = "conv") -> tuple[ModuleType | None, str]:
+    """(``fusedres.triton.<module>`` or None, why it is unavailable), imported once per process: "conv" (the
+    conv and its input gradient) or "conv_wgrad" (its weight gradient). The convs are not a backend of the
+    four stages: the ops that run a conv choose it separately."""
     try:
-        return importlib.import_module("fusedres.triton.conv"), ""
+        return importlib.import_module(f"fusedres.triton.{module}"), ""
     except Exception as exc:  # triton missing or broken: that implementation is unavailable
-        return None, f"cannot import fusedres.triton.conv: {type(exc).__name__}: {exc}"
+        return None, f"cannot import fusedres.triton.{module}: {type(exc).__name__}: {exc}"
 
 
 def requested_backend(name: str) -> str:

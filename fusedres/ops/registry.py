@@ -29,8 +29,12 @@ dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     (``triton/conv.py``: one launch, applying the prologue as it loads y) or torch's (cuDNN's)
     after one BN-apply pass: the triton backend takes the Triton conv wherever it supports the
     call, cuda and torch take cuDNN's, and "auto" on CUDA times both per call signature and keeps
-    the faster (``_conv_implementation``). The backward uses torch's convolution_backward on the
-    recomputed activation plus the BN backward stages.
+    the faster (``_conv_implementation``). The backward chooses the same way (``_CONV_BACKWARD_DISPATCH``)
+    between torch's convolution_backward on the recomputed activation plus the BN backward stages, and
+    the Triton kernels: the weight gradient recomputing the prologue as it loads y
+    (``triton/conv_wgrad.py``) and, stride 1, the input gradient with the ReLU mask and the BN
+    backward's sums in its epilogue (``conv2d_input_grad``), then bn_act_backward_apply. Under
+    torch.compile the backward is traced, so it takes torch's (only ops).
 
 ``conv2d_stats(<bn_act_conv2d's arguments>, stats_shift?)``
     -> (out, out_mean, out_var): bn_act_conv2d's out and the per-channel mean and biased
@@ -66,6 +70,7 @@ residual), the eval-mode unit with BatchNorm folded into the conv, inference onl
 Inputs reach these ops already validated and in kernel layout (see ``functional.py``).
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -270,9 +275,11 @@ def _all_reduce_sums(sums: list[Tensor], sync_group: str) -> list[Tensor]:
 
 
 def _bn_act_grads(grad_out, bn_tensors, batch_stats, relu, want_residual_grad, backend,
-                  sync_group, count) -> list[Tensor]:
-    """bn_act_backward_apply's gradients; ``bn_tensors`` are bn_act's first 11 arguments."""
-    sums = torch.ops.fusedres.bn_act_backward_reduce(grad_out, *bn_tensors, relu, backend)
+                  sync_group, count, sums=None) -> list[Tensor]:
+    """bn_act_backward_apply's gradients; ``bn_tensors`` are bn_act's first 11 arguments, ``sums`` this
+    rank's bn_act_backward_reduce of them when already taken."""
+    if sums is None:
+        sums = torch.ops.fusedres.bn_act_backward_reduce(grad_out, *bn_tensors, relu, backend)
     if sync_group:
         group_sums = _all_reduce_sums(sums, sync_group)
     else:
@@ -407,43 +414,57 @@ def _triton_conv_unavailable(y, conv_weight, conv_args) -> Optional[str]:
     return module.unsupported_reason(y, conv_weight, *conv_args)
 
 
+def _channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _conv_signature(y, conv_weight, conv_args, **flags: bool) -> tuple:
+    """A measured-dispatch signature of a unit's conv on ``y``: everything the choice (and whether the
+    Triton kernels can run it) depends on: dtypes, layout, shapes, conv arguments, torch's conv flags and
+    the call's own ``flags``."""
+    stride, padding, dilation, groups = conv_args
+    return (y.dtype, conv_weight.dtype, _channels_last(y), tuple(y.shape), tuple(conv_weight.shape), tuple(stride),
+            tuple(padding), tuple(dilation), groups, backends.conv_flags(y.dtype), tuple(flags.items()))
+
+
 def _describe_conv_signature(signature: tuple) -> str:
-    (dtype, weight_dtype, channels_last, y_shape, w_shape, stride, padding, dilation, groups, prologue, relu,
-     compute_stats, bias, flags) = signature
+    (dtype, weight_dtype, channels_last, y_shape, w_shape, stride, padding, dilation, groups, conv_flags,
+     flags) = signature
     dtypes = str(dtype)[6:] + ("" if weight_dtype == dtype else f"->{str(weight_dtype)[6:]}")
     return (f"{dtypes}|{'cl' if channels_last else 'nchw'}|x{list(y_shape)}|w{list(w_shape)}|"
-            f"s{list(stride)}p{list(padding)}d{list(dilation)}g{groups}|prologue{int(prologue)}relu{int(relu)}|"
-            f"stats{int(compute_stats)}|bias{int(bias)}|{backends.describe_conv_flags(flags)}")
+            f"s{list(stride)}p{list(padding)}d{list(dilation)}g{groups}|"
+            + "|".join(f"{name}{int(value)}" for name, value in flags) + f"|{backends.describe_conv_flags(conv_flags)}")
 
 
 _CONV_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d", ("cudnn", "triton"), _describe_conv_signature)
+_CONV_BACKWARD_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d_backward", ("cudnn", "triton"),
+                                                    _describe_conv_signature)
+
+
+def _choose_conv(conv_dispatch, backend, y, triton_unavailable, signature, run) -> str:
+    """"triton" or "cudnn" for a unit's conv (forward or backward) on ``y``: the triton backend takes the
+    Triton kernels wherever ``triton_unavailable()`` is None, cuda and torch take torch's (cuDNN's), and
+    "auto" on a CUDA tensor times both on the first call per ``signature()`` and keeps the faster
+    (``dispatch.py``: a known signature is answered without checking the call again)."""
+    name = backends.requested_backend(backend)
+    if name == "triton":
+        return "cudnn" if triton_unavailable() else "triton"
+    if name != "auto" or not y.is_cuda:
+        return "cudnn"
+    return conv_dispatch.choose(
+        y.device, signature(), lambda implementation: triton_unavailable() if implementation == "triton" else None,
+        run)
 
 
 def _conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue, relu, compute_stats,
                          run) -> str:
     """Which conv runs a bn_act_conv2d / conv2d_stats call: "triton" (``fusedres.triton.conv``, the
     prologue and the statistics inside its one launch) or "cudnn" (torch's conv, after a BN-apply
-    pass for a prologue and before a statistics pass).
-
-    The triton backend takes the Triton conv wherever it can run the call, cuda and torch take
-    cuDNN's, and "auto" on a CUDA tensor times both on the first call per signature and keeps the
-    faster (``dispatch.py``; the signature holds everything the Triton conv's availability depends on,
-    so a known one is answered without checking the call again).
-    """
-    name = backends.requested_backend(backend)
-    if name == "triton":
-        return "cudnn" if _triton_conv_unavailable(y, conv_weight, conv_args) else "triton"
-    if name != "auto" or not y.is_cuda:
-        return "cudnn"
-    stride, padding, dilation, groups = conv_args
-    channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    signature = (y.dtype, conv_weight.dtype, channels_last, tuple(y.shape), tuple(conv_weight.shape),
-                 tuple(stride), tuple(padding), tuple(dilation), groups, prologue, relu, compute_stats,
-                 conv_bias is not None, backends.conv_flags(y.dtype))
-    return _CONV_DISPATCH.choose(
-        y.device, signature,
-        lambda implementation: _triton_conv_unavailable(y, conv_weight, conv_args) if implementation == "triton"
-        else None, run)
+    pass for a prologue and before a statistics pass); see ``_choose_conv``."""
+    return _choose_conv(
+        _CONV_DISPATCH, backend, y, lambda: _triton_conv_unavailable(y, conv_weight, conv_args),
+        lambda: _conv_signature(y, conv_weight, conv_args, prologue=prologue, relu=relu, stats=compute_stats,
+                                bias=conv_bias is not None), run)
 
 
 def _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups):
@@ -476,31 +497,101 @@ def _prologue_conv2d_setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
 
 
+def _triton_backward_parts(grad_out, y, conv_weight, conv_args, has_prologue, want_input, want_weight):
+    """(input side, weight gradient, why neither): which parts of a unit's conv backward the Triton kernels
+    can run. The input side only with a prologue (``conv2d_input_grad``: ReLU mask and BatchNorm's sums in
+    its epilogue); the weight gradient recomputing the prologue as it loads y (``conv2d_weight_grad``)."""
+    reasons = []
+    input_side = weight_side = False
+    if want_input and has_prologue:
+        module, reason = backends.triton_conv()
+        reason = reason or module.input_grad_unsupported_reason(grad_out, conv_weight, y, *conv_args)
+        input_side = reason is None
+        reasons.append(f"input gradient: {reason}")
+    if want_weight:
+        module, reason = backends.triton_conv("conv_wgrad")
+        reason = reason or module.unsupported_reason(y, grad_out, tuple(conv_weight.shape), *conv_args)
+        weight_side = reason is None
+        reasons.append(f"weight gradient: {reason}")
+    return input_side, weight_side, "; ".join(reasons) or "no gradient the Triton kernels compute is needed"
+
+
+def _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_weight, conv_args, batch_stats, relu,
+                         backend, want, triton_parts):
+    """This rank's part of a unit's conv backward: (d_input, sums, d_conv_weight, masked).
+
+    d_input is d act (masked False) or, from the Triton input side, dz = d act * ReLU'(z) (masked True);
+    sums are BatchNorm backward's [sum dz, sum dz * (y - mean)] when there is a prologue (``bn_tensors``
+    are bn_act's first 11 arguments, ``prologue`` its (scale, shift)), else None. "cudnn": torch's
+    convolution_backward (on the recomputed activation for the weight gradient) and
+    bn_act_backward_reduce, all ops (traceable by torch.compile); "triton": the Triton kernels, called
+    directly, for the parts ``triton_parts()`` allows.
+    """
+    want_input, want_weight = want
+    triton_input, triton_weight, _ = triton_parts() if implementation == "triton" else (False, False, "")
+    y, mean = bn_tensors[:2]
+    stride, padding, dilation, groups = conv_args
+    d_input = sums = d_conv_weight = None
+    if triton_input:
+        d_input, sums = backends.triton_conv()[0].conv2d_input_grad(
+            grad_out, conv_weight, y, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            in_scale=prologue[0], in_shift=prologue[1], in_relu=relu, mean=mean.float())
+        sums = list(sums.unbind(0))
+    if triton_weight:
+        in_scale, in_shift = prologue if prologue is not None else (None, None)
+        d_conv_weight = backends.triton_conv("conv_wgrad")[0].conv2d_weight_grad(
+            y, grad_out, tuple(conv_weight.shape), stride=stride, padding=padding, dilation=dilation,
+            groups=groups, in_scale=in_scale, in_shift=in_shift, in_relu=relu)
+    torch_input, torch_weight = want_input and not triton_input, want_weight and not triton_weight
+    if torch_input or torch_weight:
+        act = y  # only its shape matters unless the weight gradient is taken here
+        if torch_weight and prologue is not None:  # recompute the prologue's activation: it was never saved
+            act = torch.ops.fusedres.bn_act(*bn_tensors, batch_stats, relu, backend)
+        d_act, d_weight = torch.ops.aten.convolution_backward(
+            grad_out, act.to(conv_weight.dtype), conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [torch_input, torch_weight, False])[:2]
+        if torch_input:
+            d_input = d_act
+            if prologue is not None:
+                sums = torch.ops.fusedres.bn_act_backward_reduce(d_act, *bn_tensors, relu, backend)
+        if torch_weight:
+            d_conv_weight = d_weight
+    return d_input, sums, d_conv_weight, triton_input
+
+
 def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
     y, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv_args
+    conv_args = ctx.conv_args
     batch_stats, relu, backend, sync_group, count = ctx.flags
     need = ctx.needs_input_grad
     has_prologue = mean is not None
-    need_input_side = need[0] or need[3] or need[4]
-    has_conv_bias = ctx.conv_bias_dtype is not None
-    act = y
-    if has_prologue:  # recompute the prologue's activation: it was never saved
-        act = torch.ops.fusedres.bn_act(y, mean, invstd, weight, bias, None, None, None, None, None,
-                                        None, batch_stats, relu, backend).to(conv_weight.dtype)
-    d_act, d_conv_weight, d_conv_bias = torch.ops.aten.convolution_backward(
-        grad_out, act, conv_weight, [conv_weight.shape[0]] if has_conv_bias else None,
-        stride, padding, dilation, False, [0, 0], groups,
-        [need_input_side, need[5], has_conv_bias and need[6]])
-    dy, dweight, dbias = d_act, None, None
-    if need_input_side and has_prologue:
-        bn_tensors = (y, mean, invstd, weight, bias) + (None,) * 6
-        dy, dweight, dbias = _bn_act_grads(d_act, bn_tensors, batch_stats, relu, False, backend,
-                                           sync_group, count)
+    bn_tensors = (y, mean, invstd, weight, bias) + (None,) * 6
+    prologue = _affine(mean, invstd, weight, bias) if has_prologue else None
+    want = (need[0] or need[3] or need[4], need[5])
+    triton_parts = functools.cache(lambda: _triton_backward_parts(grad_out, y, conv_weight, conv_args, has_prologue,
+                                                                  *want))
+
+    def local(implementation: str):
+        return _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_weight, conv_args,
+                                    batch_stats, relu, backend, want, triton_parts)
+
+    if torch.compiler.is_compiling():  # traced into the graph: only ops, and the Triton kernels are called directly
+        implementation = "cudnn"
+    else:
+        implementation = _choose_conv(
+            _CONV_BACKWARD_DISPATCH, backend, y, lambda: None if any(triton_parts()[:2]) else triton_parts()[2],
+            lambda: _conv_signature(y, conv_weight, conv_args, prologue=has_prologue, relu=relu,
+                                    grad_cl=_channels_last(grad_out), input=want[0], weight=want[1]), local)
+    d_input, sums, d_conv_weight, masked = local(implementation)
+    dy, dweight, dbias = d_input, None, None
+    if want[0] and has_prologue:  # BatchNorm's backward: the sums (all-reduced when synchronised), then apply
+        dy, dweight, dbias = _bn_act_grads(d_input, bn_tensors, batch_stats, relu and not masked, False, backend,
+                                           sync_group, count, sums)
         dweight = None if weight is None else dweight.to(weight.dtype)
         dbias = None if bias is None else dbias.to(bias.dtype)
-    if d_conv_bias is not None:
-        d_conv_bias = d_conv_bias.to(ctx.conv_bias_dtype)
+    d_conv_bias = None
+    if ctx.conv_bias_dtype is not None and need[6]:
+        d_conv_bias = grad_out.sum((0, 2, 3), dtype=compute_dtype(grad_out)).to(ctx.conv_bias_dtype)
     grads = (dy, None, None, dweight, dbias, d_conv_weight, d_conv_bias)
     return grads + (None,) * (len(need) - len(grads))
 

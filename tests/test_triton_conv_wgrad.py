@@ -1,0 +1,364 @@
+"""fusedres.triton.conv_wgrad against aten.convolution_backward evaluated in fp64.
+
+Without CUDA the kernel runs under the Triton interpreter on CPU tensors, so TRITON_INTERPRET must be
+set before triton is imported; with CUDA the same tests run on the GPU. A weight gradient passes when
+its largest error against the fp64 reference is at most twice that of eager torch computing the same
+thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitude (the rule of
+test_triton_conv.py). The conv input the reference sees is the prologue computed in fp64 and rounded
+to x's dtype, as the kernel feeds its dot a tensor in x's dtype.
+"""
+
+import os
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from conftest import requires_cuda  # noqa: E402
+from fusedres.triton import conv, conv_wgrad  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+# Half an ulp at the largest magnitude; two whole ulps for bf16 under the interpreter, which rounds the
+# prologue's fp32 -> bf16 by truncation (see test_triton_conv.py).
+ATOL = {F32: 1e-6, F16: 2.0**-11, BF16: 2.0**-8 if DEVICE == "cuda" else 2.0**-6}
+
+
+@dataclass(frozen=True)
+class Case:
+    c: int
+    k: int
+    hw: tuple
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dtype: torch.dtype
+    x_channels_last: bool
+    dy_channels_last: bool
+    prologue: str  # "none", "relu" or "linear" (in_relu=False)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    n: int = 2
+
+    def __str__(self):
+        geo = (f"c{self.c}k{self.k}-{self.hw[0]}x{self.hw[1]}-r{self.kernel[0]}x{self.kernel[1]}"
+               f"-s{self.stride[0]}{self.stride[1]}-p{self.padding[0]}{self.padding[1]}")
+        extra = (f"-d{self.dilation[0]}{self.dilation[1]}" if self.dilation != (1, 1) else "") + (
+            f"-g{self.groups}" if self.groups > 1 else "")
+        layouts = "-".join("cl" if cl else "nchw" for cl in (self.x_channels_last, self.dy_channels_last))
+        return f"n{self.n}{geo}{extra}-{str(self.dtype)[6:]}-x_dy_{layouts}-in_{self.prologue}"
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _case(c, k, hw, kernel, stride, padding, dtype, x_cl, dy_cl, prologue, dilation=1, groups=1, n=2):
+    return Case(c, k, _pair(hw), _pair(kernel), _pair(stride), _pair(padding), dtype, x_cl, dy_cl, prologue,
+                _pair(dilation), groups, n)
+
+
+def _out_hw(case):
+    return tuple((size + 2 * p - d * (r - 1) - 1) // s + 1
+                 for size, p, d, r, s in zip(case.hw, case.padding, case.dilation, case.kernel, case.stride))
+
+
+# C, K in {3, 8, 20, 24, 32, 48}: tails of the interpreter's 16-wide channel blocks, and the flat
+# (r, s, c) columns for C / groups < 16. Every dtype meets every prologue kind and both layouts of x
+# and of dy.
+CASES = [
+    _case(20, 24, 7, 1, 1, 0, F32, False, True, "relu"),
+    _case(24, 20, 9, 1, 2, 0, BF16, True, False, "none"),
+    _case(20, 20, 7, 3, 1, 1, F16, True, True, "relu"),
+    _case(24, 8, 9, 3, 2, 1, BF16, False, False, "linear"),
+    _case(3, 20, 9, 7, 2, 3, F32, True, False, "none"),
+    _case(3, 8, (9, 8), 7, 2, 3, BF16, True, True, "relu"),
+    _case(20, 8, 9, 3, 1, 2, F32, False, True, "relu", dilation=2),
+    _case(20, 20, (5, 7), (3, 5), (2, 1), (1, 2), F32, True, False, "linear"),
+    _case(8, 20, (7, 6), (5, 3), (1, 2), (2, 0), F16, False, False, "relu", dilation=(1, 2)),
+    _case(32, 32, 5, 3, 1, 1, BF16, True, True, "relu", groups=2),
+    _case(32, 48, 5, 1, 2, 0, F16, False, True, "linear", groups=2),
+    _case(8, 8, 5, 3, 1, 1, F16, False, False, "none"),
+    _case(16, 16, 13, 1, 1, 0, F32, False, False, "relu"),  # M = 338: several BLOCK_M steps per split
+]
+
+
+def _gen(tag):
+    return torch.Generator().manual_seed(zlib.crc32(str(tag).encode()))
+
+
+def _act(gen, shape, dtype, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype).contiguous(memory_format=fmt)
+
+
+def _vec(gen, n, positive=False):
+    v = torch.rand(n, generator=gen) + 0.5 if positive else torch.randn(n, generator=gen)
+    return v.to(DEVICE)
+
+
+def _make(case):
+    """Random non-zero x, grad_out, the weight shape and the keyword arguments, seeded by the case id."""
+    gen = _gen(case)
+    x = _act(gen, (case.n, case.c, *case.hw), case.dtype, case.x_channels_last)
+    dy = _act(gen, (case.n, case.k, *_out_hw(case)), case.dtype, case.dy_channels_last)
+    weight_shape = (case.k, case.c // case.groups, *case.kernel)
+    kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+    if case.prologue != "none":
+        kw.update(in_scale=_vec(gen, case.c, positive=True), in_shift=_vec(gen, case.c) * 0.5,
+                  in_relu=case.prologue == "relu")
+    return x, dy, weight_shape, kw
+
+
+def _conv_input(x, kw):
+    """What the conv is fed: the prologue in fp64, rounded to x's dtype."""
+    if kw.get("in_scale") is None:
+        return x
+    v = x.double() * kw["in_scale"].double()[:, None, None] + kw["in_shift"].double()[:, None, None]
+    return (v.relu() if kw.get("in_relu", True) else v).to(x.dtype)
+
+
+def _torch_wgrad(x, dy, weight_shape, kw, dtype):
+    """torch's weight gradient, with x' and dy converted to dtype (F64: the reference; x's dtype: eager)."""
+    xp = _conv_input(x, kw).to(dtype)
+    w = torch.zeros(weight_shape, device=x.device, dtype=dtype)
+    return torch.ops.aten.convolution_backward(
+        dy.to(dtype), xp, w, None, list(_pair(kw.get("stride", 1))), list(_pair(kw.get("padding", 0))),
+        list(_pair(kw.get("dilation", 1))), False, [0, 0], kw.get("groups", 1), [False, True, False])[1]
+
+
+def _check(dw, x, dy, weight_shape, kw, what=""):
+    """dw is contiguous in x's dtype and meets the error rule against the fp64 reference."""
+    ref = _torch_wgrad(x, dy, weight_shape, kw, F64)
+    eager = _torch_wgrad(x, dy, weight_shape, kw, x.dtype)
+    assert dw.dtype == x.dtype and dw.shape == ref.shape and dw.device == x.device and dw.is_contiguous()
+    assert torch.isfinite(dw).all()
+    err = (dw.double() - ref).abs().max().item()
+    eager_err = (eager.double() - ref).abs().max().item()
+    bound = 2 * eager_err + ATOL[x.dtype] * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager's error {eager_err:.3g})"
+
+
+def _geo_args(case):
+    return case.stride, case.padding, case.dilation, case.groups
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv2d_weight_grad(case):
+    x, dy, weight_shape, kw = _make(case)
+    assert conv_wgrad.unsupported_reason(x, dy, weight_shape, *_geo_args(case)) is None
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw)
+    _check(dw, x, dy, weight_shape, kw, str(case))
+
+
+@pytest.mark.parametrize("in_relu", [True, False], ids=["relu", "linear"])
+def test_padding_after_prologue(in_relu):
+    """A large positive shift: relu(0 * s + t) = t at padded positions would move every border column."""
+    gen = _gen(f"padding-{in_relu}")
+    x = _act(gen, (2, 8, 5, 5), F32, channels_last=True)
+    dy = _act(gen, (2, 20, 5, 5), F32)
+    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=_vec(gen, 8, positive=True),
+              in_shift=_vec(gen, 8, positive=True) + 3.0, in_relu=in_relu)
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, (20, 8, 3, 3), **kw)
+    _check(dw, x, dy, (20, 8, 3, 3), kw)
+    s, t = kw["in_scale"].double()[:, None, None], kw["in_shift"].double()[:, None, None]
+    v = F.pad(x.double(), (1, 1, 2, 2)) * s + t  # the prologue applied after padding
+    wrong = _torch_wgrad(v.relu() if in_relu else v, dy, (20, 8, 3, 3), dict(dilation=(2, 1)), F64)
+    assert (dw.double() - wrong).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("c,channels_last", [(20, False), (3, True)], ids=["c20-nchw", "c3-cl"])
+def test_columns_are_the_rounded_prologue(c, channels_last):
+    """dy is one-hot: output channel k sees the gradient 1 at one position m_k (spread over both images),
+    so dW[k, :, r, s] is x' at that position's (r, s) input window, exactly: x' = relu(x * s + t) computed
+    in fp32 and rounded to fp16 (torch and the interpreter round fp16 to nearest), the sum over the
+    other rows adds zeros. Checks the (r, s, c) column decode of both paths and the padding."""
+    gen = _gen(f"one-hot-{c}-{channels_last}")
+    x = _act(gen, (2, c, 5, 4), F16, channels_last)
+    s, t = _vec(gen, c, positive=True), _vec(gen, c)
+    k = 12
+    dy = torch.zeros(2, k, 5, 4, device=DEVICE, dtype=F16)
+    positions = [divmod(3 * i + 1, 20) for i in range(k)]  # (n, p*4 + q) of 40 output positions
+    for i, (n, pq) in enumerate(positions):
+        dy[n, i, pq // 4, pq % 4] = 1.0
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, (k, c, 3, 3), padding=1, in_scale=s, in_shift=t)
+    xp = F.pad((x.float() * s[:, None, None] + t[:, None, None]).relu().half(), (1, 1, 1, 1))
+    want = torch.stack([xp[n, :, pq // 4:pq // 4 + 3, pq % 4:pq % 4 + 3] for n, pq in positions])
+    assert torch.equal(dw, want)
+
+
+def test_nan_propagates_through_the_prologue():
+    """A NaN input passes relu (as clamp_min does) into exactly the weight-gradient entries whose
+    window covers it; padding around it stays 0."""
+    gen = _gen("nan")
+    x = _act(gen, (2, 20, 5, 5), F32, channels_last=True)
+    x[1, 3, 0, 4] = float("nan")
+    dy = _act(gen, (2, 8, 5, 5), F32)
+    kw = dict(padding=1, in_scale=_vec(gen, 20, positive=True), in_shift=_vec(gen, 20))
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, (8, 20, 3, 3), **kw)
+    ref = _torch_wgrad(x, dy, (8, 20, 3, 3), kw, F64)
+    assert ref.isnan().any() and torch.equal(dw.isnan(), ref.isnan())
+    torch.testing.assert_close(dw.double().nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+def test_split_k(monkeypatch):
+    """The rows are reduced in more than one split (under the interpreter 4 of 64 rows for M = 242, so
+    2 BLOCK_M steps each, the very last one partial) and the sum matches a single-split launch up to
+    fp32 rounding; repeated calls give identical bits (no atomics)."""
+    case = _case(16, 20, 11, 3, 1, 1, F32, True, False, "relu")
+    x, dy, weight_shape, kw = _make(case)
+    chosen = []
+
+    def spy(geo, device):
+        chosen.append((geo["M"], real(geo, device)))
+        return chosen[-1][1]
+
+    real = conv_wgrad._rows_per_split
+    monkeypatch.setattr(conv_wgrad, "_rows_per_split", spy)
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw)
+    ((m, rows_per_split),) = chosen
+    assert m == 242 and m > rows_per_split
+    assert rows_per_split % max(cfg.kwargs["BLOCK_M"] for cfg in conv_wgrad._CONFIGS) == 0
+    _check(dw, x, dy, weight_shape, kw)
+    assert torch.equal(dw, conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw))
+    monkeypatch.setattr(conv_wgrad, "_rows_per_split", lambda geo, device: 1 << 20)
+    one_split = conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw)
+    torch.testing.assert_close(dw, one_split, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,c,k,h,split", [(8, 64, 64, 56, True), (1, 64, 64, 8, False), (8, 512, 512, 7, False)],
+                         ids=["many-rows", "few-rows", "many-tiles"])
+def test_gpu_split_heuristic(n, c, k, h, split, monkeypatch):
+    """The split count of a 3x3 conv on a 132-SM GPU (host arithmetic only, with this process's configs):
+    splits cover whole BLOCK_M steps of every config and launch at least _SPLIT_WAVES programs per SM
+    with the largest tiles, unless that leaves fewer than _MIN_ROWS_PER_SPLIT rows per split; M = 64
+    rows or a dW of many tiles is not split."""
+    monkeypatch.setattr(conv_wgrad, "_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    geo = conv._geometry(torch.empty(n, c, h, h), torch.empty(k, c, 3, 3), 1, 1, 1, 1)
+    rows_per_split = conv_wgrad._rows_per_split(geo, "cuda")
+    splits = -(-geo["M"] // rows_per_split)
+    fewest_tiles = conv_wgrad._tiles(geo, *(max(cfg.kwargs[b] for cfg in conv_wgrad._CONFIGS)
+                                            for b in ("BLOCK_N", "BLOCK_K")))
+    assert all(rows_per_split % cfg.kwargs["BLOCK_M"] == 0 for cfg in conv_wgrad._CONFIGS)
+    assert (splits * fewest_tiles >= conv_wgrad._SPLIT_WAVES * 132
+            or rows_per_split <= conv_wgrad._MIN_ROWS_PER_SPLIT)
+    assert (splits > 1) == split
+
+
+def test_unsupported_reason(monkeypatch):
+    x = torch.randn(2, 32, 5, 5, device=DEVICE)
+    dy = torch.randn(2, 16, 5, 5, device=DEVICE)
+    args = (1, 1, 1, 1)
+    assert conv_wgrad.unsupported_reason(x, dy, (16, 32, 3, 3), *args) is None
+    reason = conv_wgrad.unsupported_reason(x.double(), dy.double(), (16, 32, 3, 3), *args)
+    assert reason.startswith("conv2d_weight_grad: x has dtype torch.float64")
+    assert "grad_out has dtype torch.float16" in conv_wgrad.unsupported_reason(x, dy.half(), (16, 32, 3, 3), *args)
+    assert "grad_out must have the conv output's shape (2, 16, 3, 3)" in conv_wgrad.unsupported_reason(
+        x, dy, (16, 32, 3, 3), 1, 0, 1, 1)
+    assert "does not fit" in conv_wgrad.unsupported_reason(x, dy, (16, 16, 3, 3), *args)
+    assert "per group" in conv_wgrad.unsupported_reason(x, dy, (16, 4, 3, 3), 1, 1, 1, 8)
+    assert "too small" in conv_wgrad.unsupported_reason(x, dy, (16, 32, 3, 3), 1, 0, 3, 1)
+    assert "empty" in conv_wgrad.unsupported_reason(x[:0], dy[:0], (16, 32, 3, 3), *args)
+    assert "weight_shape must be 4" in conv_wgrad.unsupported_reason(x, dy, (16, 32, 3), *args)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(conv, "_INTERPRET", False)
+        assert "CUDA tensor" in conv_wgrad.unsupported_reason(x, dy, (16, 32, 3, 3), *args)
+
+
+def test_rejects_bad_inputs():
+    x = torch.randn(2, 8, 5, 5, device=DEVICE)
+    dy = torch.randn(2, 4, 3, 3, device=DEVICE)
+    v8 = torch.ones(8, device=DEVICE)
+    wgrad = conv_wgrad.conv2d_weight_grad
+    with pytest.raises(TypeError, match="conv2d_weight_grad: x has dtype torch.float64"):
+        wgrad(x.double(), dy.double(), (4, 8, 3, 3))
+    with pytest.raises(TypeError, match="grad_out has dtype torch.bfloat16, expected x's dtype torch.float32"):
+        wgrad(x, dy.bfloat16(), (4, 8, 3, 3))
+    with pytest.raises(ValueError, match=r"grad_out must have the conv output's shape \(2, 4, 5, 5\)"):
+        wgrad(x, dy, (4, 8, 3, 3), padding=1)
+    with pytest.raises(ValueError, match="conv2d_weight_grad: weight of shape .* does not fit x with 8 channels"):
+        wgrad(x, dy, (4, 4, 3, 3))
+    with pytest.raises(ValueError, match="weight_shape must be 4 non-negative ints"):
+        wgrad(x, dy, (4, 8, -3, 3))
+    with pytest.raises(ValueError, match="stride must be an int or a pair"):
+        wgrad(x, dy, (4, 8, 3, 3), stride=0)
+    with pytest.raises(ValueError, match="given together"):
+        wgrad(x, dy, (4, 8, 3, 3), in_scale=v8)
+    with pytest.raises(TypeError, match="conv2d_weight_grad: in_shift must be a float32 tensor"):
+        wgrad(x, dy, (4, 8, 3, 3), in_scale=v8, in_shift=v8.half())
+    with pytest.raises(ValueError, match=r"in_scale must have shape \(8,\)"):
+        wgrad(x, dy, (4, 8, 3, 3), in_scale=v8[:4], in_shift=v8)
+    with pytest.raises(RuntimeError, match="conv2d_weight_grad: .* per group"):
+        wgrad(torch.randn(2, 16, 5, 5, device=DEVICE), dy, (4, 4, 3, 3), groups=4)
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedres.triton import conv_wgrad
+
+fn = conv_wgrad._wgrad_kernel.fn
+config = conv_wgrad._CONFIGS[0]
+# bf16 with one (r, s) per column tile and a ReLU prologue; fp32 (a TF32 dot) with flat columns
+for dtype, flags in (("bf16", dict(PROLOGUE=True, IN_RELU=True, FLAT_K=False)),
+                     ("fp32", dict(PROLOGUE=True, IN_RELU=False, FLAT_K=True))):
+    consts = dict(R=3, S=3, **flags, **config.kwargs)
+    sig = {a: "constexpr" if a in consts else f"*{dtype}" if a in ("x_ptr", "dy_ptr") else
+           "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile the kernel for real")
+def test_kernel_compiles_for_sm90_on_cpu():
+    """The interpreter runs code the compiler rejects: compile two variants for an H100 with the wheel's
+    ptxas, in a process without TRITON_INTERPRET (so with the GPU configs)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding, N) of torchvision ResNet-50 convs
+    "stem": (3, 64, 224, 7, 2, 3, 4),
+    "l1_3x3": (64, 64, 56, 3, 1, 1, 8),
+    "l1_reduce": (256, 64, 56, 1, 1, 0, 8),
+    "l2_3x3_s2": (128, 128, 56, 3, 2, 1, 8),
+}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", list(RESNET50_CONVS))
+def test_gpu_resnet50_shapes_bf16(name):
+    c, k, h, kernel, stride, padding, n = RESNET50_CONVS[name]
+    case = _case(c, k, h, kernel, stride, padding, BF16, True, True, "none" if name == "stem" else "relu", n=n)
+    x, dy, weight_shape, kw = _make(case)
+    assert conv_wgrad.unsupported_reason(x, dy, weight_shape, *_geo_args(case)) is None
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw)
+    _check(dw, x, dy, weight_shape, kw, name)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_grouped_resnext_shape_nchw_grad():
+    case = _case(256, 256, 28, 3, 2, 1, BF16, True, False, "relu", groups=8, n=4)
+    x, dy, weight_shape, kw = _make(case)
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw)
+    _check(dw, x, dy, weight_shape, kw)
