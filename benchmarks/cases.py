@@ -9,11 +9,13 @@
   (``train`` = forward + backward in training mode, ``infer`` = eval-mode forward without grad).
 - ``models``: whole torchvision ResNets and timm ``resnetv2_*``: ``train`` = one SGD step
   (forward, cross-entropy, backward, optimizer step), ``infer`` = eval-mode forward without grad.
-- ``convs``: every distinct conv shape of the selected models (default resnet50), forward only:
-  cuDNN (the anchor) vs fusedres' prologue conv (``bn_act_conv2d``) per backend vs the Triton
-  implicit-GEMM conv bare and as the training forward unit (BN + ReLU prologue, statistics
+- ``convs``: every distinct conv shape of the selected models (default resnet50). ``fwd`` (no
+  autograd): cuDNN (the anchor) vs fusedres' prologue conv (``bn_act_conv2d``) per backend vs the
+  Triton implicit-GEMM conv bare and as the training forward unit (BN + ReLU prologue, statistics
   epilogue) vs cuDNN + fusedres ``channel_stats``; the issue's targets for the Triton conv are
-  ``CONV_TARGETS``.
+  ``CONV_TARGETS``. ``bwd``: the training unit's conv backward as the package runs it before
+  BatchNorm's apply pass (``registry._conv_backward_local``: d act or dz, BatchNorm backward's
+  sums, dW), its "cudnn" implementation (the anchor) vs its "triton" one (``CONV_BWD_CONTENDERS``).
 
 Every case builds its weights from one seeded pristine model (BatchNorm affine parameters and
 running statistics randomised, so eval-mode folding is exercised) and its inputs from a seed;
@@ -24,6 +26,7 @@ import copy
 import functools
 import importlib
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -382,6 +385,9 @@ def model_cases(settings: Settings) -> list[Case]:
 # ----------------------------------------------------------------------------- convs
 CONV_CONTENDERS = ("cudnn", "prologue[cuda]", "prologue[triton]", "triton", "triton+stats", "cudnn+stats")
 TRITON_CONV_CONTENDERS = ("prologue[triton]", "triton", "triton+stats")  # run fusedres.triton.conv
+# bwd: the implementations of the package's unit conv backward (_conv_backward_local), anchor first
+CONV_BWD_CONTENDERS = ("cudnn", "triton")
+CONV_MODES = ("fwd", "bwd")
 # The issue's targets: time at most this factor of cudnn's, on the 1x1 and 3x3 convs
 CONV_TARGETS = {"triton+stats": 1.15, "triton": 1 / 0.9}
 BARE, PROLOGUE = "conv(x)", "conv(relu(x*scale+shift))"  # what a contender's output is
@@ -440,15 +446,19 @@ def conv_specs(model_names: list[str], size: int) -> list[ConvSpec]:
     return [ConvSpec(tuple(uses), *key) for key, uses in seen.items()]
 
 
-def conv_run_skips(settings: Settings) -> dict[str, Optional[str]]:
-    """Per conv contender, None or why it cannot run at all in this run (noted once, not per case)."""
+def conv_run_skips(settings: Settings, mode: str = "fwd") -> dict[str, Optional[str]]:
+    """Per conv contender of ``mode``, None or why it cannot run at all in this run (noted once, not
+    per case)."""
     triton = "Triton conv runs on CUDA (the interpreter is for tests)" if not settings.cuda else (
         unavailable_reason("triton", settings.device))
-    if triton is None:
-        try:
-            importlib.import_module("fusedres.triton.conv")
-        except Exception as exc:
-            triton = f"cannot import fusedres.triton.conv: {type(exc).__name__}: {exc}"
+    for module in ("conv",) + (("conv_wgrad",) if mode == "bwd" else ()):
+        if triton is None:
+            try:
+                importlib.import_module(f"fusedres.triton.{module}")
+            except Exception as exc:
+                triton = f"cannot import fusedres.triton.{module}: {type(exc).__name__}: {exc}"
+    if mode == "bwd":
+        return {"cudnn": None, "triton": triton}
     skips = {name: triton if name in TRITON_CONV_CONTENDERS else None for name in CONV_CONTENDERS}
     for backend in ("cuda", "triton"):
         if backend not in settings.backends:
@@ -466,8 +476,14 @@ def stats_backend(settings: Settings) -> str:
 
 
 def conv_notes(settings: Settings) -> list[str]:
-    return [f"convs: {name} skipped: {why}" for name, why in conv_run_skips(settings).items() if why] + [
-        f"convs: cudnn+stats takes the channel statistics with fusedres' {stats_backend(settings)} backend"]
+    return [f"convs {mode}: {name} skipped: {why}" for mode in CONV_MODES
+            for name, why in conv_run_skips(settings, mode).items() if why] + [
+        f"convs: cudnn+stats takes the channel statistics, and the bwd contenders recompute the activation "
+        f"(cudnn) and take BatchNorm backward's sums (cudnn; triton where torch computes its input gradient), "
+        f"with fusedres' {stats_backend(settings)} backend",
+        "convs bwd: each contender is fusedres.ops.registry._conv_backward_local (the conv backward of a "
+        "training unit up to BatchNorm's apply pass: d act or dz, sum dz, sum dz*(x-mean), dW) with its "
+        "cudnn or triton implementation; TFLOP/s from 2x the forward's FLOPs (input + weight gradient)"]
 
 
 def _triton_conv_skip(settings: Settings, spec: ConvSpec, batch: int) -> Optional[str]:
@@ -478,6 +494,20 @@ def _triton_conv_skip(settings: Settings, spec: ConvSpec, batch: int) -> Optiona
     like = lambda shape: torch.empty((), dtype=settings.dtype, device=settings.device).expand(shape)
     why = unsupported_reason(like((batch, *spec.in_shape)), like(spec.weight_shape), **spec.args)
     return None if why is None else f"the Triton conv does not take this conv: {why}"
+
+
+def _triton_bwd_parts(settings: Settings, spec: ConvSpec, batch: int) -> dict[str, Optional[str]]:
+    """Why the Triton backward kernels do not take each part of this conv's backward ("input gradient":
+    ``conv2d_input_grad``, "weight gradient": ``conv2d_weight_grad``), or None per part; the package runs
+    a part they do not take with torch (``registry._triton_backward_parts``). Checked on expanded 0-d
+    tensors: no memory."""
+    from fusedres.triton.conv import input_grad_unsupported_reason
+    from fusedres.triton.conv_wgrad import unsupported_reason
+
+    like = lambda shape: torch.empty((), dtype=settings.dtype, device=settings.device).expand(shape)
+    x, grad, weight = like((batch, *spec.in_shape)), like((batch, *spec.out_shape)), like(spec.weight_shape)
+    return {"input gradient": input_grad_unsupported_reason(grad, weight, x, **spec.args),
+            "weight gradient": unsupported_reason(x, grad, spec.weight_shape, **spec.args)}
 
 
 def _bn_relu(i: dict[str, Tensor]) -> Tensor:
@@ -521,7 +551,69 @@ def conv_step(target, inputs: dict[str, Tensor], autocast) -> Step:
     return run
 
 
-def _prepare_conv(settings: Settings, spec: ConvSpec, batch: int, stats: str) -> Setup:
+# The bwd outputs, by name. A contender returns D_ACT (d act = the input gradient of the conv of act =
+# relu(x * scale + shift)) or DZ (= d act * relu'(x * scale + shift), the Triton input side's), the
+# BatchNorm backward sums over (N, H, W) and D_WEIGHT; the reference returns all of them.
+D_ACT, DZ, SUM_DZ, SUM_DZ_XC, D_WEIGHT = "d act", "dz", "sum dz", "sum dz*(x-mean)", "dW"
+
+
+def _conv_args_lists(spec: ConvSpec) -> tuple:
+    """(stride, padding, dilation, groups) as the custom op hands them to its backward."""
+    return list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups
+
+
+def _bwd_reference(i: dict[str, Tensor], spec: ConvSpec) -> dict[str, Tensor]:
+    """The unit conv's backward written out in torch ops (run upcast: the reference)."""
+    stride, padding, dilation, groups = _conv_args_lists(spec)
+    x, mean = i["x"], i["mean"].view(1, -1, 1, 1)
+    z = x * i["scale"].view(1, -1, 1, 1) + i["shift"].view(1, -1, 1, 1)
+    d_act, d_weight = torch.ops.aten.convolution_backward(
+        i["grad"], z.relu(), i["weight"], None, stride, padding, dilation, False, [0, 0], groups,
+        [True, True, False])[:2]
+    dz = d_act * (z > 0)
+    return {D_ACT: d_act, DZ: dz, SUM_DZ: dz.sum((0, 2, 3)), SUM_DZ_XC: (dz * (x - mean)).sum((0, 2, 3)),
+            D_WEIGHT: d_weight}
+
+
+def conv_bwd_target(name: str, spec: ConvSpec, stats: str) -> Callable[[dict[str, Tensor]], Step]:
+    """Contender ``name``'s backward of a training unit's conv on the inputs (x, weight, scale, shift,
+    mean, grad = the conv output's gradient): a Step for those inputs. "cudnn" / "triton": the package's
+    ``_conv_backward_local`` with that implementation, its arguments built as ``_prologue_conv2d_backward``
+    builds them (BatchNorm as x * scale + shift: mean 0, invstd scale, no weight, bias shift; both the
+    input and the weight gradient wanted), with ``stats`` the backend of its BatchNorm ops; "reference"
+    (run upcast) returns every kind of output."""
+    if name == "reference":
+        return lambda i: functools.partial(_bwd_reference, i, spec)
+    if name not in CONV_BWD_CONTENDERS:
+        raise ValueError(f"unknown conv bwd contender {name!r}")
+    from fusedres.ops import registry
+
+    conv_args = _conv_args_lists(spec)
+
+    def prepare(i: dict[str, Tensor]) -> Step:
+        x, grad, weight = i["x"], i["grad"], i["weight"]
+        bn_tensors = (x, i["mean"], i["scale"], None, i["shift"]) + (None,) * 6
+        prologue = registry._affine(i["mean"], i["scale"], None, i["shift"])  # = (scale, shift)
+
+        def run():
+            # per call, as in the package: which parts the Triton kernels take, asked at most once
+            triton_parts = functools.cache(lambda: registry._triton_backward_parts(
+                grad, x, weight, conv_args, True, True, True))
+            with torch.no_grad():
+                d_input, sums, d_weight, masked = registry._conv_backward_local(
+                    name, grad, bn_tensors, prologue, weight, conv_args, True, True, stats, (True, True),
+                    triton_parts)
+            return {DZ if masked else D_ACT: d_input, SUM_DZ: sums[0], SUM_DZ_XC: sums[1], D_WEIGHT: d_weight}
+        return run
+    return prepare
+
+
+def conv_bwd_step(target, inputs: dict[str, Tensor], autocast) -> Step:
+    """The bwd target's step on the inputs (tensors already in the benchmark dtype, no autocast)."""
+    return target(inputs)
+
+
+def _prepare_conv(settings: Settings, spec: ConvSpec, batch: int, stats: str, mode: str = "fwd") -> Setup:
     torch.manual_seed(0)
     channels, dev = spec.in_shape[0], settings.device
     fan_in = math.prod(spec.weight_shape[1:])
@@ -529,34 +621,77 @@ def _prepare_conv(settings: Settings, spec: ConvSpec, batch: int, stats: str) ->
               "weight": activation(spec.weight_shape, settings).mul_(fan_in ** -0.5),
               "scale": torch.rand(channels, device=dev) + 0.5,
               "shift": 0.5 * torch.randn(channels, device=dev), "mean": torch.zeros(channels, device=dev)}
-    target = functools.partial(conv_target, spec=spec, stats=stats)
-    return Setup(inputs, eager=lambda: target("cudnn"), fused=target, step=conv_step,
-                 reference=lambda: target("reference"))
+    if mode == "bwd":
+        inputs["grad"] = activation((batch, *spec.out_shape), settings)
+    target = functools.partial(conv_bwd_target if mode == "bwd" else conv_target, spec=spec, stats=stats)
+    return Setup(inputs, eager=lambda: target("cudnn"), fused=target,
+                 step=conv_bwd_step if mode == "bwd" else conv_step, reference=lambda: target("reference"))
+
+
+def _conv_bwd_case_info(settings: Settings, spec: ConvSpec, batch: int,
+                        run_skip: Optional[str]) -> tuple[Optional[str], str, dict]:
+    """(why the triton bwd contender is skipped on this case or None, text added to the case's shape,
+    the Triton parts' reasons for the rows' JSON) of a bwd case."""
+    if run_skip is not None:
+        return None, "", {}
+    parts = _triton_bwd_parts(settings, spec, batch)
+    by_torch = [f"{part} by torch ({why})" for part, why in parts.items() if why is not None]
+    if len(by_torch) == len(parts):  # the package runs its cudnn implementation then: nothing to time
+        return "the Triton backward kernels take no part of this conv: " + "; ".join(by_torch), "", parts
+    return None, "".join(f"; triton bwd: {text}" for text in by_torch), parts
 
 
 def conv_cases(settings: Settings) -> list[Case]:
-    run_skips, stats = conv_run_skips(settings), stats_backend(settings)
+    stats = stats_backend(settings)
     specs = conv_specs(default_models(settings, "convs"), settings.size)
     if settings.quick:  # the first 1x1 and the first 3x3 conv
         quick = [next((s for s in specs if s.kernel == k), None) for k in ((1, 1), (3, 3))]
         specs = [s for s in quick if s] or specs[:1]
     cases = []
     for spec in specs:
-        for batch in default_batches(settings, "convs", "fwd"):
-            shape_skip = None if run_skips["triton"] else _triton_conv_skip(settings, spec, batch)
-            cases.append(Case(
-                "convs", spec.uses[0].replace(":", " "), "fwd", batch, spec.describe(), None,
-                conv2d_flops(spec.module(), (batch, *spec.out_shape)),
-                functools.partial(_prepare_conv, settings, spec, batch, stats),
-                contenders=[(n, shape_skip if n in TRITON_CONV_CONTENDERS else None)
-                            for n, why in run_skips.items() if why is None],
-                extra={"conv": spec.geometry()}))
+        for mode in CONV_MODES:
+            run_skips = conv_run_skips(settings, mode)
+            triton_names = TRITON_CONV_CONTENDERS if mode == "fwd" else ("triton",)
+            for batch in default_batches(settings, "convs", mode):
+                shape, extra = spec.describe(), {"conv": spec.geometry()}
+                if mode == "fwd":
+                    shape_skip = None if run_skips["triton"] else _triton_conv_skip(settings, spec, batch)
+                else:
+                    shape_skip, tail, parts = _conv_bwd_case_info(settings, spec, batch, run_skips["triton"])
+                    shape += tail
+                    if parts:
+                        extra["triton_bwd_by_torch"] = parts
+                flops = conv2d_flops(spec.module(), (batch, *spec.out_shape))
+                cases.append(Case(
+                    "convs", spec.uses[0].replace(":", " "), mode, batch, shape, None,
+                    flops * (2 if mode == "bwd" else 1),  # bwd: the input and the weight gradient
+                    functools.partial(_prepare_conv, settings, spec, batch, stats, mode),
+                    contenders=[(n, shape_skip if n in triton_names else None)
+                                for n, why in run_skips.items() if why is None],
+                    extra=extra))
     return cases
 
 
+def conv_bwd_summary(rows: list[dict]) -> str:
+    """The bwd rows' line: on how many shapes triton's backward beats cudnn's (no target in the issue)."""
+    got = [r for r in rows if r["mode"] == "bwd" and r["contender"] == "triton" and r.get("vs_eager")]
+    if not got:
+        return "Backward (bwd), triton vs cudnn: not measured."
+    speed = sorted(r["vs_eager"] for r in got)
+    median = statistics.median(speed)
+    slower = [f"{r['case']} b{r['batch']} {1 / r['vs_eager']:.2f}x" for r in got if r["vs_eager"] < 1]
+    by_torch = sum(1 for r in got if (r.get("triton_bwd_by_torch") or {}).get("input gradient"))
+    return (f"Backward (bwd), triton time vs cudnn's: faster on {len(got) - len(slower)}/{len(got)} shapes, "
+            f"median speedup {median:.2f}x (range {speed[0]:.2f}x-{speed[-1]:.2f}x)"
+            + (f"; slower (time vs cudnn's): {', '.join(slower)}" if slower else "")
+            + (f"; {by_torch} of the shapes with torch's input gradient (stride 2 etc.)" if by_torch else "") + ".")
+
+
 def conv_summary(rows: list[dict]) -> list[str]:
-    """Under the convs table: the targets met, and the first calls summed over the shapes."""
-    counted = [r for r in rows if r.get("vs_eager") and (r["conv"]["R"], r["conv"]["S"]) in ((1, 1), (3, 3))]
+    """Under the convs table: the forward targets met, the backward's speedups, and the first calls summed
+    over the shapes."""
+    counted = [r for r in rows if r.get("vs_eager") and r["mode"] == "fwd"
+               and (r["conv"]["R"], r["conv"]["S"]) in ((1, 1), (3, 3))]
     parts = []
     for name, limit in CONV_TARGETS.items():
         got = [r for r in counted if r["contender"] == name]
@@ -568,8 +703,9 @@ def conv_summary(rows: list[dict]) -> list[str]:
     first: dict[str, list[float]] = {}
     for r in rows:
         if r.get("first_call_s") is not None:
-            first.setdefault(r["contender"], []).append(r["first_call_s"])
-    return ["Targets (1x1 and 3x3 convs): " + "; ".join(parts) + ".",
+            label = r["contender"] + ("" if r["mode"] == "fwd" else f" {r['mode']}")
+            first.setdefault(label, []).append(r["first_call_s"])
+    return ["Targets (fwd, 1x1 and 3x3 convs): " + "; ".join(parts) + ".", conv_bwd_summary(rows),
             "First calls summed over the shapes (s): "
             + ", ".join(f"{n} {sum(v):.2f} ({len(v)} shapes)" for n, v in first.items()) + "."]
 

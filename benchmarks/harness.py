@@ -483,7 +483,7 @@ LEVEL_TITLES = {
               "measured GEMM ceiling",
     "models": "Whole ResNets (train = one SGD step incl. loss); TFLOP/s from conv + linear FLOPs, "
               "% of the measured GEMM ceiling",
-    "convs": "Every distinct conv of the selected models (default resnet50), forward, no autograd. "
+    "convs": "Every distinct conv of the selected models (default resnet50). fwd (no autograd): "
              "cudnn = F.conv2d(x, w) (on CPU torch's own conv), the anchor (`vs cudnn` = its time / this "
              "one's); prologue[B] = fusedres.ops.bn_act_conv2d = conv(relu(x * scale + shift)) (cuda: a "
              "BN-apply pass, then cuDNN; triton: one Triton conv applying BN + ReLU as it loads x); "
@@ -491,7 +491,12 @@ LEVEL_TITLES = {
              "per-channel sum / sum-of-squares epilogue (the training forward unit); cudnn+stats = "
              "F.conv2d, then fusedres channel_stats. TFLOP/s from 2*N*P*Q*K*R*S*C/groups, % of the "
              "measured GEMM ceiling; agreement on the conv output only, vs F.conv2d(x) or "
-             "F.conv2d(relu(x * scale + shift)) in fp32 (fp64 for fp32). `first call s`: the first "
+             "F.conv2d(relu(x * scale + shift)) in fp32 (fp64 for fp32). bwd: a training unit's conv "
+             "backward up to BatchNorm's apply pass (fusedres.ops.registry._conv_backward_local), its "
+             "cudnn implementation (recomputed activation, convolution_backward, BatchNorm's reduction "
+             "pass; the anchor) vs its triton one (weight gradient recomputing the prologue; for stride 1 "
+             "the input gradient with the ReLU mask and BatchNorm's sums in its epilogue); TFLOP/s from "
+             "2x the forward's FLOPs; agreement on d act or dz, the two sums and dW. `first call s`: the first "
              "call's wall clock, synchronised (Triton autotuning and compilation unless cached, cuDNN's "
              "algorithm search); autotuning is cached per process, so a shape an earlier level tuned "
              "shows none: run `--levels convs` alone for the first-use cost.",
