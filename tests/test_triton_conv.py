@@ -6,30 +6,17 @@ largest error against the fp64 reference is at most twice that of eager torch co
 thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitude.
 """
 
-import os
-import subprocess
-import sys
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from conftest import requires_cuda  # noqa: E402
-from fusedres.ops.backends import conv_allows_tf32, conv_flags  # noqa: E402
-from fusedres.triton import conv  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-# Half an ulp at the largest magnitude (relative spacing 2**-23, 2**-10, 2**-7). Under the interpreter
-# bf16 gets two whole ulps: it rounds fp32 -> bf16 by truncation (GPUs round to nearest), both the
-# output and the prologue's result, which biases every input of the dot towards zero.
-ATOL = {F32: 1e-6, F16: 2.0**-11, BF16: 2.0**-8 if DEVICE == "cuda" else 2.0**-6}
+from conftest import requires_cuda
+from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, compile_for_sm90, out_hw, pair, rand_act,
+                                 rand_vec, seeded)
+from fusedres.ops.backends import conv_allows_tf32, conv_flags
+from fusedres.triton import conv
 
 
 @dataclass(frozen=True)
@@ -57,18 +44,9 @@ class Case:
                 f"-in_{self.prologue}-out_{self.epilogue}")
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _case(c, k, hw, kernel, stride, padding, dtype, channels_last, prologue, epilogue, dilation=1, groups=1, n=2):
-    return Case(c, k, _pair(hw), _pair(kernel), _pair(stride), _pair(padding), dtype, channels_last, prologue,
-                epilogue, _pair(dilation), groups, n)
-
-
-def _out_hw(case):
-    return tuple((size + 2 * p - d * (r - 1) - 1) // s + 1
-                 for size, p, d, r, s in zip(case.hw, case.padding, case.dilation, case.kernel, case.stride))
+    return Case(c, k, pair(hw), pair(kernel), pair(stride), pair(padding), dtype, channels_last, prologue,
+                epilogue, pair(dilation), groups, n)
 
 
 # C, K in {3, 8, 20, 32, 40, 48}: channel tails of the 16-wide interpreter blocks, and the flat (r, s, c)
@@ -94,37 +72,23 @@ CASES = [
 ]
 
 
-def _gen(tag):
-    return torch.Generator().manual_seed(zlib.crc32(str(tag).encode()))
-
-
-def _act(gen, shape, dtype, channels_last=False):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.randn(shape, generator=gen).to(DEVICE, dtype).contiguous(memory_format=fmt)
-
-
-def _vec(gen, n, positive=False):
-    v = torch.rand(n, generator=gen) + 0.5 if positive else torch.randn(n, generator=gen)
-    return v.to(DEVICE)
-
-
 def _make(case):
     """Random non-zero x, weight and the fused arguments, seeded by the case id."""
-    gen = _gen(case)
-    x = _act(gen, (case.n, case.c, *case.hw), case.dtype, case.channels_last)
-    w = _act(gen, (case.k, case.c // case.groups, *case.kernel), case.dtype) / (case.c // case.groups) ** 0.5
+    gen = seeded(case)
+    x = rand_act(gen, (case.n, case.c, *case.hw), case.dtype, case.channels_last)
+    w = rand_act(gen, (case.k, case.c // case.groups, *case.kernel), case.dtype) / (case.c // case.groups) ** 0.5
     kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
     if case.prologue != "none":
-        kw.update(in_scale=_vec(gen, case.c, positive=True), in_shift=_vec(gen, case.c) * 0.5,
+        kw.update(in_scale=rand_vec(gen, case.c, positive=True), in_shift=rand_vec(gen, case.c) * 0.5,
                   in_relu=case.prologue == "relu")
     if case.epilogue in ("affine", "full"):
-        kw.update(out_scale=_vec(gen, case.k, positive=True), out_shift=_vec(gen, case.k))
+        kw.update(out_scale=rand_vec(gen, case.k, positive=True), out_shift=rand_vec(gen, case.k))
     if case.epilogue == "full":
-        kw.update(residual=_act(gen, (case.n, case.k, *_out_hw(case)), case.dtype, case.channels_last), out_relu=True)
+        kw.update(residual=rand_act(gen, (case.n, case.k, *out_hw(case)), case.dtype, case.channels_last), out_relu=True)
     if case.epilogue.startswith("stats"):
         kw.update(compute_stats=True)
     if case.epilogue == "stats_bias":
-        kw.update(out_shift=_vec(gen, case.k))
+        kw.update(out_shift=rand_vec(gen, case.k))
     return x, w, kw
 
 
@@ -189,11 +153,11 @@ def test_conv2d_fused(case):
 @pytest.mark.parametrize("in_relu", [True, False], ids=["relu", "linear"])
 def test_padding_after_prologue(in_relu):
     """A large positive shift: relu(0 * s + t) = t at padded positions would move every border output."""
-    gen = _gen(f"padding-{in_relu}")
-    x = _act(gen, (2, 8, 5, 5), F32, channels_last=True)
-    w = _act(gen, (20, 8, 3, 3), F32)
-    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=_vec(gen, 8, positive=True),
-              in_shift=_vec(gen, 8, positive=True) + 3.0, in_relu=in_relu)
+    gen = seeded(f"padding-{in_relu}")
+    x = rand_act(gen, (2, 8, 5, 5), F32, channels_last=True)
+    w = rand_act(gen, (20, 8, 3, 3), F32)
+    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=rand_vec(gen, 8, positive=True),
+              in_shift=rand_vec(gen, 8, positive=True) + 3.0, in_relu=in_relu)
     out, _, _ = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
     s, t = kw["in_scale"].double()[:, None, None], kw["in_shift"].double()[:, None, None]
@@ -206,11 +170,11 @@ def test_padding_after_prologue(in_relu):
 def test_prologue_rounds_to_dtype_before_the_dot(channels_last):
     """out[:, k] = x'[:, k] + x'[:, k + 1] exactly, with x' = relu(x * s + t) computed in fp32 and rounded to
     fp16 (the sum of two fp16 values is exact in fp32; torch and the interpreter round fp16 to nearest)."""
-    gen = _gen(f"rounding-{channels_last}")
-    x = _act(gen, (2, 20, 5, 3), F16, channels_last)
+    gen = seeded(f"rounding-{channels_last}")
+    x = rand_act(gen, (2, 20, 5, 3), F16, channels_last)
     eye = torch.eye(20, device=DEVICE, dtype=F16)
     w = (eye + eye.roll(1, dims=1))[:, :, None, None]
-    s, t = _vec(gen, 20, positive=True), _vec(gen, 20)
+    s, t = rand_vec(gen, 20, positive=True), rand_vec(gen, 20)
     out, _, _ = conv.conv2d_fused(x, w, in_scale=s, in_shift=t)
     xp = (x.float() * s[:, None, None] + t[:, None, None]).relu().half()
     assert torch.equal(out, F.conv2d(xp.double(), w.double()).half())
@@ -220,9 +184,9 @@ def test_prologue_rounds_to_dtype_before_the_dot(channels_last):
 def test_stats_about_a_shift_near_the_mean(channels_last):
     """|mean| ~ 1000 std: sum(y*y)/M - mean^2 about 0 cancels most of fp32's digits; about a shift near
     the mean (a running mean) the variance is exact to fp32 rounding, and the mean the same either way."""
-    gen = _gen(f"shifted-stats-{channels_last}")
-    x = _act(gen, (2, 16, 7, 5), F32, channels_last) + 1000.0
-    w = _act(gen, (24, 16, 1, 1), F32) / 64 + 1 / 16  # every output ~ 1000 + O(1)
+    gen = seeded(f"shifted-stats-{channels_last}")
+    x = rand_act(gen, (2, 16, 7, 5), F32, channels_last) + 1000.0
+    w = rand_act(gen, (24, 16, 1, 1), F32) / 64 + 1 / 16  # every output ~ 1000 + O(1)
     y = F.conv2d(x.double(), w.double())
     want_mean, want_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
     shift = (want_mean + torch.randn(24, generator=gen, dtype=F64).to(DEVICE)).float()  # within ~1 std
@@ -242,24 +206,24 @@ def test_stats_about_a_shift_near_the_mean(channels_last):
 
 def test_residual_layout_and_dtype():
     """bf16 channels_last output with an fp32 NCHW residual that is a strided view."""
-    gen = _gen("residual")
-    x = _act(gen, (2, 20, 7, 7), BF16, channels_last=True)
-    w = _act(gen, (8, 20, 3, 3), BF16) / 20**0.5
-    residual = _act(gen, (2, 16, 7, 7), F32)[:, ::2]
-    kw = dict(padding=1, out_shift=_vec(gen, 8), residual=residual, out_relu=True)
+    gen = seeded("residual")
+    x = rand_act(gen, (2, 20, 7, 7), BF16, channels_last=True)
+    w = rand_act(gen, (8, 20, 3, 3), BF16) / 20**0.5
+    residual = rand_act(gen, (2, 16, 7, 7), F32)[:, ::2]
+    kw = dict(padding=1, out_shift=rand_vec(gen, 8), residual=residual, out_relu=True)
     out, _, _ = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
 
 
 def test_small_groups_when_allowed(monkeypatch):
     """Groups of 5 input and 3 output channels (flat reduction, column tails) once the minimum is lifted."""
-    gen = _gen("small-groups")
-    x = _act(gen, (2, 20, 6, 6), F16, channels_last=True)
-    w = _act(gen, (12, 5, 3, 3), F16)
+    gen = seeded("small-groups")
+    x = rand_act(gen, (2, 20, 6, 6), F16, channels_last=True)
+    w = rand_act(gen, (12, 5, 3, 3), F16)
     assert "per group" in conv.unsupported_reason(x, w, 1, 1, 1, 4)
     monkeypatch.setattr(conv, "_MIN_GROUP_CHANNELS", 1)
     assert conv.unsupported_reason(x, w, 1, 1, 1, 4) is None
-    kw = dict(padding=1, groups=4, in_scale=_vec(gen, 20, positive=True), in_shift=_vec(gen, 20), compute_stats=True)
+    kw = dict(padding=1, groups=4, in_scale=rand_vec(gen, 20, positive=True), in_shift=rand_vec(gen, 20), compute_stats=True)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
     _check_stats(out, mean, var)
@@ -350,8 +314,8 @@ def _input_grad_reference(grad_out, w, x, kw, dtype):
     backward computes them)."""
     z = x.double() * kw["in_scale"].double()[:, None, None] + kw["in_shift"].double()[:, None, None]
     d_act = torch.ops.aten.convolution_backward(
-        grad_out.to(dtype), z.to(dtype), w.to(dtype), None, [1, 1], list(_pair(kw["padding"])),
-        list(_pair(kw["dilation"])), False, [0, 0], kw["groups"], [True, False, False])[0]
+        grad_out.to(dtype), z.to(dtype), w.to(dtype), None, [1, 1], list(pair(kw["padding"])),
+        list(pair(kw["dilation"])), False, [0, 0], kw["groups"], [True, False, False])[0]
     dz = torch.where(z > 0, d_act, 0) if kw["in_relu"] else d_act
     cdt = F64 if dtype == F64 else F32
     centred = x.to(cdt) - kw["mean"].to(cdt)[:, None, None]
@@ -368,13 +332,13 @@ def _check_input_grad(case):
     """dz = d act * ReLU'(z) and BatchNorm backward's two sums, against fp64: the module's error rule, where
     for a sum ATOL applies to each summand (the sums are taken of dz as stored, rounded in dz's dtype)."""
     c, k, hw, r, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
-    gen = _gen(case)
-    x = _act(gen, (2, c, *_pair(hw)), dtype, x_cl)
-    w = _act(gen, (k, c // groups, r, r), dtype) / (c // groups) ** 0.5
-    kw = dict(padding=pad, dilation=dil, groups=groups, in_scale=_vec(gen, c, positive=True),
-              in_shift=_vec(gen, c) * 0.5, in_relu=prologue == "relu", mean=_vec(gen, c))
-    out_hw = [(size + 2 * pad - dil * (r - 1) - 1) + 1 for size in _pair(hw)]
-    grad_out = _act(gen, (2, k, *out_hw), dtype, g_cl)
+    gen = seeded(case)
+    x = rand_act(gen, (2, c, *pair(hw)), dtype, x_cl)
+    w = rand_act(gen, (k, c // groups, r, r), dtype) / (c // groups) ** 0.5
+    kw = dict(padding=pad, dilation=dil, groups=groups, in_scale=rand_vec(gen, c, positive=True),
+              in_shift=rand_vec(gen, c) * 0.5, in_relu=prologue == "relu", mean=rand_vec(gen, c))
+    out_hw = [(size + 2 * pad - dil * (r - 1) - 1) + 1 for size in pair(hw)]
+    grad_out = rand_act(gen, (2, k, *out_hw), dtype, g_cl)
     assert conv.input_grad_unsupported_reason(grad_out, w, x, 1, pad, dil, groups) is None
     dz, sums = conv.conv2d_input_grad(grad_out, w, x, **kw)
 
@@ -393,15 +357,15 @@ def _check_input_grad(case):
 
 
 def test_input_grad_unsupported_and_bad_arguments():
-    gen = _gen("input-grad-args")
-    x, w = _act(gen, (2, 16, 6, 6), F32), _act(gen, (16, 16, 3, 3), F32)
-    grad = _act(gen, (2, 16, 6, 6), F32)
-    vec = dict(in_scale=_vec(gen, 16), in_shift=_vec(gen, 16), in_relu=True, mean=_vec(gen, 16))
-    strided = _act(gen, (2, 16, 3, 3), F32)
+    gen = seeded("input-grad-args")
+    x, w = rand_act(gen, (2, 16, 6, 6), F32), rand_act(gen, (16, 16, 3, 3), F32)
+    grad = rand_act(gen, (2, 16, 6, 6), F32)
+    vec = dict(in_scale=rand_vec(gen, 16), in_shift=rand_vec(gen, 16), in_relu=True, mean=rand_vec(gen, 16))
+    strided = rand_act(gen, (2, 16, 3, 3), F32)
     assert "strided conv's input gradient" in conv.input_grad_unsupported_reason(strided, w, x, 2, 1, 1, 1)
     with pytest.raises(RuntimeError, match=r"conv2d_input_grad: stride \(2, 2\)"):
         conv.conv2d_input_grad(strided, w, x, stride=2, padding=1, **vec)
-    wide = _act(gen, (2, 16, 10, 10), F32)  # padding 3 on a 3x3 kernel: outside the gradient conv's reach
+    wide = rand_act(gen, (2, 16, 10, 10), F32)  # padding 3 on a 3x3 kernel: outside the gradient conv's reach
     assert "exceeds the dilated kernel's reach" in conv.input_grad_unsupported_reason(wide, w, x, 1, 3, 1, 1)
     assert "conv output's shape (2, 16, 6, 6)" in conv.input_grad_unsupported_reason(grad[:1], w, x, 1, 1, 1, 1)
     with pytest.raises(ValueError, match=r"conv2d_input_grad: grad_out must have .* dtype torch.float32"):
@@ -413,9 +377,9 @@ def test_input_grad_unsupported_and_bad_arguments():
 
 
 def test_packed_weight_cache_follows_in_place_updates():
-    gen = _gen("cache")
-    x = _act(gen, (2, 8, 5, 5), F32)
-    w = _act(gen, (4, 8, 3, 3), F32)
+    gen = seeded("cache")
+    x = rand_act(gen, (2, 8, 5, 5), F32)
+    w = rand_act(gen, (4, 8, 3, 3), F32)
     assert conv._packed_weight(w, 1) is conv._packed_weight(w, 1)
     first, _, _ = conv.conv2d_fused(x, w, padding=1)
     w.mul_(-2.0)
@@ -451,11 +415,7 @@ for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
 def test_kernel_compiles_for_sm90_on_cpu():
     """The interpreter runs code the compiler rejects (a reshape to a shape held in a tuple variable, say):
     compile two variants for an H100 with the wheel's ptxas, in a process without TRITON_INTERPRET."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    done = compile_for_sm90(_COMPILE_FOR_SM90)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -497,10 +457,10 @@ def test_gpu_auto_times_the_training_conv_and_keeps_the_faster(prologue, monkeyp
 
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
     monkeypatch.delenv(dispatch.CACHE_ENV, raising=False)
-    gen = _gen(f"auto-{prologue}")
-    x = _act(gen, (8, 64, 28, 28), BF16, channels_last=True)
-    w = _act(gen, (128, 64, 3, 3), BF16) / 24
-    bn = (_vec(gen, 64), (_vec(gen, 64, positive=True)), _vec(gen, 64, positive=True), _vec(gen, 64)) \
+    gen = seeded(f"auto-{prologue}")
+    x = rand_act(gen, (8, 64, 28, 28), BF16, channels_last=True)
+    w = rand_act(gen, (128, 64, 3, 3), BF16) / 24
+    bn = (rand_vec(gen, 64), (rand_vec(gen, 64, positive=True)), rand_vec(gen, 64, positive=True), rand_vec(gen, 64)) \
         if prologue else (None,) * 4
     args = (x, *bn, w, None, [1, 1], [1, 1], [1, 1], 1, True, True)
     results = {backend: torch.ops.fusedres.conv2d_stats(*args, backend) for backend in ("auto", "cuda")}
@@ -561,9 +521,9 @@ def test_gpu_auto_times_the_training_backward_and_keeps_the_faster(monkeypatch):
 
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
     monkeypatch.delenv(dispatch.CACHE_ENV, raising=False)
-    gen = _gen("auto-backward")
-    x = _act(gen, (8, 64, 28, 28), BF16, channels_last=True)
-    params = [_vec(gen, 64, positive=True), _vec(gen, 64), _act(gen, (64, 64, 3, 3), BF16) / 24]
+    gen = seeded("auto-backward")
+    x = rand_act(gen, (8, 64, 28, 28), BF16, channels_last=True)
+    params = [rand_vec(gen, 64, positive=True), rand_vec(gen, 64), rand_act(gen, (64, 64, 3, 3), BF16) / 24]
     grads = {}
     for backend in ("auto", "cuda"):
         leaves = [t.detach().clone().requires_grad_() for t in [x] + params]

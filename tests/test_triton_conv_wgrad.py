@@ -8,29 +8,17 @@ test_triton_conv.py). The conv input the reference sees is the prologue computed
 to x's dtype, as the kernel feeds its dot a tensor in x's dtype.
 """
 
-import os
-import subprocess
-import sys
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from conftest import requires_cuda  # noqa: E402
-from fusedres.triton import conv, conv_wgrad  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-# Half an ulp at the largest magnitude; two whole ulps for bf16 under the interpreter, which rounds the
-# prologue's fp32 -> bf16 by truncation (see test_triton_conv.py).
-ATOL = {F32: 1e-6, F16: 2.0**-11, BF16: 2.0**-8 if DEVICE == "cuda" else 2.0**-6}
+from conftest import requires_cuda
+from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, compile_for_sm90, out_hw, pair, rand_act,
+                                 rand_vec, seeded)
+from fusedres.triton import conv, conv_wgrad
 
 
 @dataclass(frozen=True)
@@ -58,18 +46,9 @@ class Case:
         return f"n{self.n}{geo}{extra}-{str(self.dtype)[6:]}-x_dy_{layouts}-in_{self.prologue}"
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _case(c, k, hw, kernel, stride, padding, dtype, x_cl, dy_cl, prologue, dilation=1, groups=1, n=2):
-    return Case(c, k, _pair(hw), _pair(kernel), _pair(stride), _pair(padding), dtype, x_cl, dy_cl, prologue,
-                _pair(dilation), groups, n)
-
-
-def _out_hw(case):
-    return tuple((size + 2 * p - d * (r - 1) - 1) // s + 1
-                 for size, p, d, r, s in zip(case.hw, case.padding, case.dilation, case.kernel, case.stride))
+    return Case(c, k, pair(hw), pair(kernel), pair(stride), pair(padding), dtype, x_cl, dy_cl, prologue,
+                pair(dilation), groups, n)
 
 
 # C, K in {3, 8, 20, 24, 32, 48}: tails of the interpreter's 16-wide channel blocks, and the flat
@@ -92,29 +71,15 @@ CASES = [
 ]
 
 
-def _gen(tag):
-    return torch.Generator().manual_seed(zlib.crc32(str(tag).encode()))
-
-
-def _act(gen, shape, dtype, channels_last=False):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.randn(shape, generator=gen).to(DEVICE, dtype).contiguous(memory_format=fmt)
-
-
-def _vec(gen, n, positive=False):
-    v = torch.rand(n, generator=gen) + 0.5 if positive else torch.randn(n, generator=gen)
-    return v.to(DEVICE)
-
-
 def _make(case):
     """Random non-zero x, grad_out, the weight shape and the keyword arguments, seeded by the case id."""
-    gen = _gen(case)
-    x = _act(gen, (case.n, case.c, *case.hw), case.dtype, case.x_channels_last)
-    dy = _act(gen, (case.n, case.k, *_out_hw(case)), case.dtype, case.dy_channels_last)
+    gen = seeded(case)
+    x = rand_act(gen, (case.n, case.c, *case.hw), case.dtype, case.x_channels_last)
+    dy = rand_act(gen, (case.n, case.k, *out_hw(case)), case.dtype, case.dy_channels_last)
     weight_shape = (case.k, case.c // case.groups, *case.kernel)
     kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
     if case.prologue != "none":
-        kw.update(in_scale=_vec(gen, case.c, positive=True), in_shift=_vec(gen, case.c) * 0.5,
+        kw.update(in_scale=rand_vec(gen, case.c, positive=True), in_shift=rand_vec(gen, case.c) * 0.5,
                   in_relu=case.prologue == "relu")
     return x, dy, weight_shape, kw
 
@@ -132,8 +97,8 @@ def _torch_wgrad(x, dy, weight_shape, kw, dtype):
     xp = _conv_input(x, kw).to(dtype)
     w = torch.zeros(weight_shape, device=x.device, dtype=dtype)
     return torch.ops.aten.convolution_backward(
-        dy.to(dtype), xp, w, None, list(_pair(kw.get("stride", 1))), list(_pair(kw.get("padding", 0))),
-        list(_pair(kw.get("dilation", 1))), False, [0, 0], kw.get("groups", 1), [False, True, False])[1]
+        dy.to(dtype), xp, w, None, list(pair(kw.get("stride", 1))), list(pair(kw.get("padding", 0))),
+        list(pair(kw.get("dilation", 1))), False, [0, 0], kw.get("groups", 1), [False, True, False])[1]
 
 
 def _check(dw, x, dy, weight_shape, kw, what=""):
@@ -163,11 +128,11 @@ def test_conv2d_weight_grad(case):
 @pytest.mark.parametrize("in_relu", [True, False], ids=["relu", "linear"])
 def test_padding_after_prologue(in_relu):
     """A large positive shift: relu(0 * s + t) = t at padded positions would move every border column."""
-    gen = _gen(f"padding-{in_relu}")
-    x = _act(gen, (2, 8, 5, 5), F32, channels_last=True)
-    dy = _act(gen, (2, 20, 5, 5), F32)
-    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=_vec(gen, 8, positive=True),
-              in_shift=_vec(gen, 8, positive=True) + 3.0, in_relu=in_relu)
+    gen = seeded(f"padding-{in_relu}")
+    x = rand_act(gen, (2, 8, 5, 5), F32, channels_last=True)
+    dy = rand_act(gen, (2, 20, 5, 5), F32)
+    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=rand_vec(gen, 8, positive=True),
+              in_shift=rand_vec(gen, 8, positive=True) + 3.0, in_relu=in_relu)
     dw = conv_wgrad.conv2d_weight_grad(x, dy, (20, 8, 3, 3), **kw)
     _check(dw, x, dy, (20, 8, 3, 3), kw)
     s, t = kw["in_scale"].double()[:, None, None], kw["in_shift"].double()[:, None, None]
@@ -182,9 +147,9 @@ def test_columns_are_the_rounded_prologue(c, channels_last):
     so dW[k, :, r, s] is x' at that position's (r, s) input window, exactly: x' = relu(x * s + t) computed
     in fp32 and rounded to fp16 (torch and the interpreter round fp16 to nearest), the sum over the
     other rows adds zeros. Checks the (r, s, c) column decode of both paths and the padding."""
-    gen = _gen(f"one-hot-{c}-{channels_last}")
-    x = _act(gen, (2, c, 5, 4), F16, channels_last)
-    s, t = _vec(gen, c, positive=True), _vec(gen, c)
+    gen = seeded(f"one-hot-{c}-{channels_last}")
+    x = rand_act(gen, (2, c, 5, 4), F16, channels_last)
+    s, t = rand_vec(gen, c, positive=True), rand_vec(gen, c)
     k = 12
     dy = torch.zeros(2, k, 5, 4, device=DEVICE, dtype=F16)
     positions = [divmod(3 * i + 1, 20) for i in range(k)]  # (n, p*4 + q) of 40 output positions
@@ -199,11 +164,11 @@ def test_columns_are_the_rounded_prologue(c, channels_last):
 def test_nan_propagates_through_the_prologue():
     """A NaN input passes relu (as clamp_min does) into exactly the weight-gradient entries whose
     window covers it; padding around it stays 0."""
-    gen = _gen("nan")
-    x = _act(gen, (2, 20, 5, 5), F32, channels_last=True)
+    gen = seeded("nan")
+    x = rand_act(gen, (2, 20, 5, 5), F32, channels_last=True)
     x[1, 3, 0, 4] = float("nan")
-    dy = _act(gen, (2, 8, 5, 5), F32)
-    kw = dict(padding=1, in_scale=_vec(gen, 20, positive=True), in_shift=_vec(gen, 20))
+    dy = rand_act(gen, (2, 8, 5, 5), F32)
+    kw = dict(padding=1, in_scale=rand_vec(gen, 20, positive=True), in_shift=rand_vec(gen, 20))
     dw = conv_wgrad.conv2d_weight_grad(x, dy, (8, 20, 3, 3), **kw)
     ref = _torch_wgrad(x, dy, (8, 20, 3, 3), kw, F64)
     assert ref.isnan().any() and torch.equal(dw.isnan(), ref.isnan())
@@ -325,11 +290,7 @@ for dtype, flags in (("bf16", dict(PROLOGUE=True, IN_RELU=True, FLAT_K=False)),
 def test_kernel_compiles_for_sm90_on_cpu():
     """The interpreter runs code the compiler rejects: compile two variants for an H100 with the wheel's
     ptxas, in a process without TRITON_INTERPRET (so with the GPU configs)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    done = compile_for_sm90(_COMPILE_FOR_SM90)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
