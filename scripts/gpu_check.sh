@@ -6,7 +6,8 @@
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_TESTS         pytest targets (default: tests), e.g. "tests/test_triton_conv.py tests/test_modules.py"
 #   GPU_CHECK_BENCH_ARGS    arguments for python -m benchmarks (default: --quick), e.g.
-#                           "--levels convs --models resnet50" (Triton conv vs cuDNN per ResNet-50 conv),
+#                           "--levels convs --models resnet50" (Triton conv vs cuDNN per ResNet-50 conv,
+#                           forward and the training unit's conv backward),
 #                           "--levels models --models resnet50,resnetv2_50" (pre-activation target),
 #                           "--levels blocks,models --models resnet50 --backends auto,cuda,triton" (the
 #                           measured conv choice of "auto" against each backend; results.json keeps the
