@@ -275,7 +275,7 @@ def call(case, x, weight, bias, residual, backend="torch"):
 
 
 def assert_layout(out, x):
-    if inference._channels_last(x):
+    if inference.backends.channels_last(x):
         assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     else:
         assert out.is_contiguous()

@@ -84,7 +84,8 @@ def _make(case):
     if case.epilogue in ("affine", "full"):
         kw.update(out_scale=rand_vec(gen, case.k, positive=True), out_shift=rand_vec(gen, case.k))
     if case.epilogue == "full":
-        kw.update(residual=rand_act(gen, (case.n, case.k, *out_hw(case)), case.dtype, case.channels_last), out_relu=True)
+        kw.update(residual=rand_act(gen, (case.n, case.k, *out_hw(case)), case.dtype, case.channels_last),
+                  out_relu=True)
     if case.epilogue.startswith("stats"):
         kw.update(compute_stats=True)
     if case.epilogue == "stats_bias":
@@ -223,7 +224,8 @@ def test_small_groups_when_allowed(monkeypatch):
     assert "per group" in conv.unsupported_reason(x, w, 1, 1, 1, 4)
     monkeypatch.setattr(conv, "_MIN_GROUP_CHANNELS", 1)
     assert conv.unsupported_reason(x, w, 1, 1, 1, 4) is None
-    kw = dict(padding=1, groups=4, in_scale=rand_vec(gen, 20, positive=True), in_shift=rand_vec(gen, 20), compute_stats=True)
+    kw = dict(padding=1, groups=4, in_scale=rand_vec(gen, 20, positive=True), in_shift=rand_vec(gen, 20),
+              compute_stats=True)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
     _check_stats(out, mean, var)

@@ -60,6 +60,12 @@ def requested_backend(name: str) -> str:
     return os.environ.get("FUSEDRES_BACKEND", "auto") if name == "auto" else name
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is dense channels_last and not also NCHW-contiguous (size-1 C or H * W make both
+    formats coincide; those count as NCHW)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def conv_allows_tf32() -> bool:
     """Whether torch's own conv may use TF32: torch >= 2.9 resolves cudnn.conv.fp32_precision through its
     parents ("none" inherits, and reading the legacy cudnn.allow_tf32 raises once the two APIs were mixed);

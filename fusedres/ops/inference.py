@@ -15,8 +15,8 @@ dtype. ``triton`` = ``fusedres.triton.conv.conv2d_fused``, the bias (fp32) as it
 
 ``backend="auto"``: torch on CPU. On CUDA, ``dispatch.MeasuredDispatch`` (see ``dispatch.py``) times
 every available implementation on the first call per (GPU, dtype, layout, shapes, conv arguments,
-bias / residual / ReLU, torch's cuDNN-enabled and TF32 flags) and keeps the fastest (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>``
-shares them across processes); while a CUDA graph is captured, a known choice, else the first
+bias / residual / ReLU, torch's cuDNN-enabled and TF32 flags) and keeps the fastest
+(``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>`` shares them across processes); while a CUDA graph is captured, a known choice, else the first
 available of cudnn, triton, torch. The output is dense in x's memory format (channels_last when x is
 channels_last and not also NCHW-contiguous) whichever implementation ran.
 """
@@ -125,10 +125,6 @@ class FoldedWeights:
 
 
 # --------------------------------------------------------------------------- implementations
-def _channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _dense_strides(shape, channels_last: bool) -> tuple:
     n, c, h, w = shape
     return (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
@@ -222,7 +218,7 @@ def dispatch_table() -> dict[str, dict]:
 def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
                      backend: str) -> Tensor:
-    channels_last = _channels_last(x)
+    channels_last = backends.channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, weight = x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
     residual = None if residual is None else residual.contiguous(memory_format=fmt)
@@ -246,7 +242,7 @@ conv_bias_act_op = custom_op("fusedres::conv_bias_act", mutates_args=())(_conv_b
 @conv_bias_act_op.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
     shape = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
-    return x.new_empty_strided(shape, _dense_strides(shape, _channels_last(x)))
+    return x.new_empty_strided(shape, _dense_strides(shape, backends.channels_last(x)))
 
 
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,

@@ -414,17 +414,13 @@ def _triton_conv_unavailable(y, conv_weight, conv_args) -> Optional[str]:
     return module.unsupported_reason(y, conv_weight, *conv_args)
 
 
-def _channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 def _conv_signature(y, conv_weight, conv_args, **flags: bool) -> tuple:
     """A measured-dispatch signature of a unit's conv on ``y``: everything the choice (and whether the
     Triton kernels can run it) depends on: dtypes, layout, shapes, conv arguments, torch's conv flags and
     the call's own ``flags``."""
     stride, padding, dilation, groups = conv_args
-    return (y.dtype, conv_weight.dtype, _channels_last(y), tuple(y.shape), tuple(conv_weight.shape), tuple(stride),
-            tuple(padding), tuple(dilation), groups, backends.conv_flags(y.dtype), tuple(flags.items()))
+    return (y.dtype, conv_weight.dtype, backends.channels_last(y), tuple(y.shape), tuple(conv_weight.shape),
+            tuple(stride), tuple(padding), tuple(dilation), groups, backends.conv_flags(y.dtype), tuple(flags.items()))
 
 
 def _describe_conv_signature(signature: tuple) -> str:
@@ -581,7 +577,7 @@ def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
         implementation = _choose_conv(
             _CONV_BACKWARD_DISPATCH, backend, y, lambda: None if any(triton_parts()[:2]) else triton_parts()[2],
             lambda: _conv_signature(y, conv_weight, conv_args, prologue=has_prologue, relu=relu,
-                                    grad_cl=_channels_last(grad_out), input=want[0], weight=want[1]), local)
+                                    grad_cl=backends.channels_last(grad_out), input=want[0], weight=want[1]), local)
     d_input, sums, d_conv_weight, masked = local(implementation)
     dy, dweight, dbias = d_input, None, None
     if want[0] and has_prologue:  # BatchNorm's backward: the sums (all-reduced when synchronised), then apply

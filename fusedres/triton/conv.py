@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.backends import conv_allows_tf32
+from ..ops.backends import channels_last, conv_allows_tf32
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -323,8 +323,7 @@ def _vector(fn: str, name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
-    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if channels_last(t) else torch.contiguous_format
 
 
 def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out_format: torch.memory_format, *,
