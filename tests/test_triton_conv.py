@@ -370,7 +370,8 @@ def test_input_grad_unsupported_and_bad_arguments():
     wide = rand_act(gen, (2, 16, 10, 10), F32)  # padding 3 on a 3x3 kernel: outside the gradient conv's reach
     assert "exceeds the dilated kernel's reach" in conv.input_grad_unsupported_reason(wide, w, x, 1, 3, 1, 1)
     assert "conv output's shape (2, 16, 6, 6)" in conv.input_grad_unsupported_reason(grad[:1], w, x, 1, 1, 1, 1)
-    with pytest.raises(ValueError, match=r"conv2d_input_grad: grad_out must have .* dtype torch.float32"):
+    with pytest.raises(TypeError, match="conv2d_input_grad: grad_out has dtype torch.float16, expected x's dtype "
+                                        "torch.float32"):
         conv.conv2d_input_grad(grad.half(), w, x, padding=1, **vec)
     with pytest.raises(TypeError, match="conv2d_input_grad: weight has dtype torch.float16"):
         conv.conv2d_input_grad(grad, w.half(), x, padding=1, **vec)

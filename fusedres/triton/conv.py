@@ -420,6 +420,23 @@ def conv2d_fused(
 # ----------------------------------------------------------------------------- input gradient
 
 
+def _gradient_geometry(fn: str, x: Tensor, weight: Tensor, grad_out: Tensor, stride, padding, dilation,
+                       groups: int) -> dict:
+    """The forward conv's validated geometry (``_geometry``, its messages under gradient function ``fn``'s
+    name), with grad_out checked against the conv output: x's dtype and device, the output's shape."""
+    try:
+        geo = _geometry(x, weight, stride, padding, dilation, groups)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("conv2d_fused", fn, 1)) from None
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"{fn}: grad_out has dtype {grad_out.dtype}, expected x's dtype {x.dtype}")
+    out_shape = (geo["N"], geo["K"], geo["P"], geo["Q"])
+    if tuple(grad_out.shape) != out_shape or grad_out.device != x.device:
+        raise ValueError(f"{fn}: grad_out must have the conv output's shape {out_shape} on {x.device}, "
+                         f"got {tuple(grad_out.shape)} on {grad_out.device}")
+    return geo
+
+
 def _input_grad_geometry(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
                          groups: int) -> tuple[dict, Optional[str]]:
     """(geometry of the input-gradient conv, None) or (forward geometry, why it cannot run).
@@ -428,15 +445,7 @@ def _input_grad_geometry(grad_out: Tensor, weight: Tensor, x: Tensor, stride, pa
     flipped weight (``_packed_weight(transposed=True)``), padding DH*(R-1) - PH, the forward's dilation,
     channels swapped, and x's spatial size as its output. A strided conv's input gradient is not a conv.
     Raises TypeError / ValueError for invalid arguments."""
-    fn = "conv2d_input_grad"
-    try:
-        geo = _geometry(x, weight, stride, padding, dilation, groups)
-    except (TypeError, ValueError) as e:  # the forward's messages, under this function's name
-        raise type(e)(str(e).replace("conv2d_fused", fn, 1)) from None
-    expected = (geo["N"], geo["K"], geo["P"], geo["Q"])
-    if tuple(grad_out.shape) != expected or grad_out.dtype != x.dtype or grad_out.device != x.device:
-        raise ValueError(f"{fn}: grad_out must have the conv output's shape {expected}, dtype {x.dtype} and "
-                         f"device {x.device}, got {tuple(grad_out.shape)}, {grad_out.dtype}, {grad_out.device}")
+    geo = _gradient_geometry("conv2d_input_grad", x, weight, grad_out, stride, padding, dilation, groups)
     if (geo["SH"], geo["SW"]) != (1, 1):
         return geo, f"stride {(geo['SH'], geo['SW'])}: a strided conv's input gradient is not a convolution"
     pad_h, pad_w = geo["DH"] * (geo["R"] - 1) - geo["PH"], geo["DW"] * (geo["S"] - 1) - geo["PW"]

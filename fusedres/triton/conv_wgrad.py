@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import (_AUTOTUNE_EXTRA, _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _geometry, _limit,
-                   _vector)
+from .conv import (_AUTOTUNE_EXTRA, _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _gradient_geometry,
+                   _limit, _vector)
 
 if _INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
@@ -156,17 +156,8 @@ def _checked_geometry(x: Tensor, grad_out: Tensor, weight_shape, stride, padding
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ValueError(f"{_NAME}: weight_shape must be 4 non-negative ints (K, C/groups, R, S), "
                          f"got {weight_shape}")
-    try:  # with a one-element stand-in for the weight: _geometry reads its shape, dtype and device only
-        geo = _geometry(x, x.new_empty(()).expand(shape), stride, padding, dilation, groups)
-    except (TypeError, ValueError) as e:  # the forward's messages, under this function's name
-        raise type(e)(str(e).replace("conv2d_fused", _NAME, 1)) from None
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"{_NAME}: grad_out has dtype {grad_out.dtype}, expected x's dtype {x.dtype}")
-    out_shape = (geo["N"], geo["K"], geo["P"], geo["Q"])
-    if tuple(grad_out.shape) != out_shape or grad_out.device != x.device:
-        raise ValueError(f"{_NAME}: grad_out must have the conv output's shape {out_shape} on "
-                         f"{x.device}, got {tuple(grad_out.shape)} on {grad_out.device}")
-    return geo
+    # with a one-element stand-in for the weight: _geometry reads its shape, dtype and device only
+    return _gradient_geometry(_NAME, x, x.new_empty(()).expand(shape), grad_out, stride, padding, dilation, groups)
 
 
 def unsupported_reason(x: Tensor, grad_out: Tensor, weight_shape, stride, padding, dilation,
