@@ -6,5 +6,6 @@
 - ``pytest benchmarks --benchmark-only``: the same cases under pytest-benchmark.
 
 ``harness.py`` holds everything shared (contenders, agreement check, timing, memory, ceilings,
-output); ``cases.py`` says what each level sets up and holds the bytes / FLOPs formulas.
+output); ``cases.py`` says what the ops, blocks and models levels set up, ``convs.py`` the convs level;
+``common.py`` holds the bytes / FLOPs formulas and the set-up they share.
 """

@@ -26,7 +26,7 @@ from fusedres._info import collect
 from fusedres.ops import dispatch_table
 from fusedres.ops.backends import BACKENDS
 
-from . import cases, harness
+from . import cases, common, convs, harness
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
@@ -49,7 +49,7 @@ def _model_name(text: str) -> list[str]:
 
     names = _csv()(text)
     for name in names:
-        if cases.is_timm_model(name):
+        if common.is_timm_model(name):
             import timm
 
             if name not in timm.list_models("resnetv2*"):
@@ -67,8 +67,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(cases.LEVELS)} (default: all)")
     p.add_argument("--models", type=_model_name,
                    help="torchvision ResNets and timm pre-activation resnetv2_* models for the blocks, "
-                        f"models and convs levels (default: {','.join(cases.DEFAULT_MODELS[None])}; "
-                        f"convs: {','.join(cases.DEFAULT_MODELS['convs'])})")
+                        f"models and convs levels (default: {','.join(common.DEFAULT_MODELS[None])}; "
+                        f"convs: {','.join(common.DEFAULT_MODELS['convs'])})")
     p.add_argument("--backends", type=_csv(BENCH_BACKENDS), default=list(BENCH_BACKENDS),
                    help="fused backends to run, those unavailable are reported and skipped; auto is "
                         "the package default (the CUDA extension's stages, each training conv the "
@@ -133,7 +133,7 @@ def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
         if skip is not None:
             settings.notes.append(f"{name} skipped: {skip}")
     if "convs" in settings.levels:
-        settings.notes += cases.conv_notes(settings)
+        settings.notes += convs.conv_notes(settings)
     if settings.dtype != torch.float32:
         settings.notes.append(f"{args.dtype or 'bf16'} via torch.autocast (ops and convs levels: tensors in that dtype)")
     return settings

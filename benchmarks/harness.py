@@ -1,6 +1,6 @@
 """The one harness every level shares: contenders, agreement check, timing, memory, ceilings, output.
 
-A level (``cases.py``) only says what to set up: a ``Case`` whose ``prepare()`` returns a
+A level (``cases.py``, ``convs.py``) only says what to set up: a ``Case`` whose ``prepare()`` returns a
 ``Setup`` with the inputs, the eager target, the fused target per backend, and
 ``step(target, inputs, autocast)``, one timed iteration returning named tensors (outputs and
 gradients). From that the harness derives every contender (eager, torch.compile of the eager
@@ -99,8 +99,8 @@ class Case:
     mode: str  # "fwd", "fwd+bwd", "train", "infer"
     batch: int
     shape: str  # human-readable shape / config
-    bytes: Optional[int]  # required bytes per iteration (formulas in cases.py), or None
-    flops: Optional[int]  # FLOPs per iteration (formulas in cases.py), or None
+    bytes: Optional[int]  # required bytes per iteration (formulas in common.py), or None
+    flops: Optional[int]  # FLOPs per iteration (formulas in common.py), or None
     prepare: Callable[[], Setup]
     # The level's own (contender, None or why it is skipped on this case), anchor first; None:
     # eager, compile and fused per backend (``contenders``)
@@ -492,7 +492,10 @@ LEVEL_TITLES = {
              "F.conv2d, then fusedres channel_stats. TFLOP/s from 2*N*P*Q*K*R*S*C/groups, % of the "
              "measured GEMM ceiling; agreement on the conv output only, vs F.conv2d(x) or "
              "F.conv2d(relu(x * scale + shift)) in fp32 (fp64 for fp32). bwd: a training unit's conv "
-             "backward up to BatchNorm's apply pass (fusedres.ops.registry._conv_backward_local), its "
+             "backward up to BatchNorm's apply pass (fusedres.ops.registry._conv_backward_local), once per "
+             "way the converted model runs convs of that shape in training (`prologue BN+ReLU`: after the "
+             "previous BatchNorm + ReLU; `no prologue`: on a materialised input, so no BatchNorm sums and "
+             "no Triton input gradient; the stem, left to torch, has no bwd row), its "
              "cudnn implementation (recomputed activation, convolution_backward, BatchNorm's reduction "
              "pass; the anchor) vs its triton one (weight gradient recomputing the prologue; for stride 1 "
              "the input gradient with the ReLU mask and BatchNorm's sums in its epilogue); TFLOP/s from "

@@ -138,16 +138,23 @@ original_conv_bias_act = inference.conv_bias_act
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the triton backend on the GPU")
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
-    """Every Triton kernel of a training step (BN stages, the prologue conv) on CPU, fp32."""
-    from fusedres.triton import conv
+    """Every Triton kernel of a training step (BN stages, the convs forward, the unit convs' input and
+    weight gradients) on CPU, fp32."""
+    from fusedres.triton import conv, conv_wgrad
 
     calls = []
-    original = conv.conv2d_fused
-    monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def count(module, name):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+
+    count(conv, "conv2d_fused")
+    count(conv, "conv2d_input_grad")
+    count(conv_wgrad, "conv2d_weight_grad")
     eager = _block(kind, seed=4)
     fused = fusedres.convert(copy.deepcopy(eager), backend="triton").model
     _assert_no_worse_than_eager(eager, fused, torch.randn(3, 12, 9, 7) + 0.5)
-    assert calls, "no conv ran on Triton"
+    assert {"conv2d_fused", "conv2d_input_grad", "conv2d_weight_grad"} <= set(calls), set(calls)
 
 
 # ------------------------------------------------------------------------------- GPU only
