@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_cuda
-from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, compile_for_sm90, out_hw, pair, rand_act,
-                                 rand_vec, seeded)
+from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
+                                 assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90, named_strides,
+                                 out_hw, pair, rand_act, rand_vec, seeded)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
 from fusedres.triton import conv
 
@@ -420,6 +421,29 @@ def test_kernel_compiles_for_sm90_on_cpu():
     compile two variants for an H100 with the wheel's ptxas, in a process without TRITON_INTERPRET."""
     done = compile_for_sm90(_COMPILE_FOR_SM90)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+_FLAGS_OFF = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
+                  OUT_RELU=False, COMPUTE_STATS=False, PROLOGUE_GRAD=False, FLAT_K=False)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
+    """What the speed of the fast case rests on, checked without a GPU: on channels_last input (the layer1
+    3x3 conv, bf16, the first config) the conv's reduction loop runs on Hopper's warpgroup MMA (wgmma), its
+    tiles arrive by asynchronous copies into shared memory (the bare conv loads nothing synchronously and
+    keeps one buffer per pipeline stage), and the BN + ReLU prologue with the statistics epilogue keeps at
+    least double buffering."""
+    strides = LAYER1_3X3_CHANNELS_LAST_STRIDES
+    ints = dict(LAYER1_3X3, WS_ROWS=LAYER1_3X3["M"] // 64, **named_strides("stride_x", strides),
+                **named_strides("stride_o", strides), **named_strides("stride_r", (0, 0, 0, 0)))
+    found = compile_launch_like_for_sm90(
+        "fusedres.triton.conv", "_conv_kernel", 0, ints, dict(R=3, S=3, GROUP_M=8),
+        {"bare": _FLAGS_OFF, "prologue+stats": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True)},
+        ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
+    block = found["block"]
+    tile_bytes = 2 * (block["BLOCK_M"] + block["BLOCK_N"]) * block["BLOCK_K"]  # bf16 (BLOCK_M + BLOCK_N) x BLOCK_K
+    assert_pipelined(found, "bare", "prologue+stats", tile_bytes)
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_cuda
-from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, compile_for_sm90, out_hw, pair, rand_act,
-                                 rand_vec, seeded)
+from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
+                                 assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90, named_strides,
+                                 out_hw, pair, rand_act, rand_vec, seeded)
 from fusedres.triton import conv, conv_wgrad
 
 
@@ -292,6 +293,23 @@ def test_kernel_compiles_for_sm90_on_cpu():
     ptxas, in a process without TRITON_INTERPRET (so with the GPU configs)."""
     done = compile_for_sm90(_COMPILE_FOR_SM90)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
+    """As for the forward conv: on channels_last x and grad_out (the layer1 3x3 conv, bf16, the first config)
+    the reduction over rows runs on wgmma, fed by asynchronous copies; the bare kernel loads nothing
+    synchronously and keeps one buffer per stage, the prologue variant at least double buffering."""
+    strides = LAYER1_3X3_CHANNELS_LAST_STRIDES
+    ints = dict(LAYER1_3X3, ROWS_PER_SPLIT=8192, **named_strides("stride_x", strides),
+                **named_strides("stride_d", strides))
+    off = dict(PROLOGUE=False, IN_RELU=False, FLAT_K=False)
+    found = compile_launch_like_for_sm90(
+        "fusedres.triton.conv_wgrad", "_wgrad_kernel", 0, ints, dict(R=3, S=3),
+        {"bare": off, "prologue": dict(off, PROLOGUE=True, IN_RELU=True)}, ("x_ptr", "dy_ptr"))
+    block = found["block"]
+    tile_bytes = 2 * block["BLOCK_M"] * (block["BLOCK_N"] + block["BLOCK_K"])  # bf16 BLOCK_M x (BLOCK_N + BLOCK_K)
+    assert_pipelined(found, "bare", "prologue", tile_bytes)
 
 
 # ----------------------------------------------------------------------------- GPU only

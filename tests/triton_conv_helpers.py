@@ -1,10 +1,12 @@
 """Shared by the Triton conv kernel tests (test_triton_conv.py, test_triton_conv_wgrad.py): dtypes and
-tolerances, seeded random tensors, conv output sizes, and the sm_90 compile check.
+tolerances, seeded random tensors, conv output sizes, and the sm_90 compiles (a kernel compiles; what
+the compiled kernel is made of at a launch-like specialisation).
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors: TRITON_INTERPRET is set here
 (conftest does too), before anything imports triton.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +59,75 @@ def compile_for_sm90(script: str) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
+
+
+# A ResNet-50 layer1 3x3 conv (64->64, 56x56, batch 256) as launched: the kernels' geometry arguments, and
+# the (n, c, h, w) strides of its channels_last input and output (the same: C = K, H = P, W = Q)
+LAYER1_3X3 = dict(N=256, C=64, H=56, W=56, K=64, P=56, Q=56, M=256 * 56 * 56, Cg=64, Kg=64,
+                  SH=1, SW=1, PH=1, PW=1, DH=1, DW=1)
+LAYER1_3X3_CHANNELS_LAST_STRIDES = (56 * 56 * 64, 1, 56 * 64, 64)
+
+
+def named_strides(prefix: str, strides) -> dict:
+    """{"<prefix>n": .., "<prefix>c" or "<prefix>k": .., "<prefix>h" or "p": .., "<prefix>w" or "q": ..} from
+    4 strides, for the kernels' stride arguments (x: stride_x{n,c,h,w}; outputs: stride_?{n,k,p,q})."""
+    dims = "nchw" if prefix == "stride_x" else "nkpq"
+    return {prefix + d: v for d, v in zip(dims, strides)}
+
+
+_LAUNCH_LIKE_SCRIPT = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = json.loads(sys.argv[1])
+module = importlib.import_module(spec["module"])
+fn, config = getattr(module, spec["kernel"]).fn, module._CONFIGS[spec["config"]]
+ints = spec["ints"]
+found = {}
+for name, flags in spec["variants"].items():
+    consts = dict(spec["consts"], **flags, **config.kwargs, **{k: 1 for k, v in ints.items() if v == 1})
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in consts:
+            sig[arg] = "constexpr"
+            continue
+        pointer = arg.endswith("_ptr")
+        sig[arg] = ("*bf16" if arg in spec["bf16_pointers"] else "*fp32") if pointer else "i32"
+        if pointer or ints[arg] % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    ptx = kernel.asm["ptx"]
+    found[name] = dict(wgmma=ptx.count("wgmma.mma_async"),
+                       cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                       ld_global=ptx.count("ld.global"), shared=kernel.metadata.shared)
+print(json.dumps(dict(variants=found, stages=config.num_stages, block=config.kwargs)))
+"""
+
+
+def compile_launch_like_for_sm90(module: str, kernel: str, config: int, ints: dict, consts: dict,
+                                 variants: dict, bf16_pointers: tuple) -> dict:
+    """Compile ``module.kernel`` with its ``_CONFIGS[config]`` for an H100 (the wheel's ptxas, no GPU), its
+    int arguments (``ints``: their values at a real launch) specialised as triton's launcher specialises
+    them: ints equal to 1 become constants, pointers and multiples of 16 get a divisibility-16 hint. Per
+    variant (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA),
+    cp_async (asynchronous copies into shared memory) and ld_global instruction counts, and the shared
+    memory in bytes; with the config's stages and block sizes."""
+    spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
+                bf16_pointers=list(bf16_pointers))
+    done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT.replace("sys.argv[1]", repr(json.dumps(spec))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def assert_pipelined(found: dict, bare: str, fused: str, tile_bytes: int) -> None:
+    """``compile_launch_like_for_sm90``'s findings show the fast case's kernel: every variant on wgmma fed by
+    asynchronous copies, the ``bare`` one with no synchronous global load and a buffer of ``tile_bytes``
+    (one step's operand tiles) per stage, the ``fused`` one (prologue) with at least double buffering."""
+    for variant in found["variants"].values():
+        assert variant["wgmma"] > 0 and variant["cp_async"] > 0, found
+    assert found["variants"][bare]["ld_global"] == 0, found
+    assert found["variants"][bare]["shared"] >= found["stages"] * tile_bytes, found
+    assert found["variants"][fused]["shared"] >= 2 * tile_bytes, found
