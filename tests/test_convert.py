@@ -143,6 +143,21 @@ def test_fused_blocks_pickle_deepcopy_and_no_grad():
     assert isinstance(fusedres.revert(loaded).layer1[0], torchvision.models.resnet.BasicBlock)
 
 
+@pytest.mark.parametrize("name", ["resnet50", "resnetv2_50"])
+def test_converted_models_run_on_the_meta_device(name):
+    """Shape inference without memory, as on an unconverted model: training forward + backward, and the
+    eval forward (the folded path) with and without autocast, whose state meta tensors cannot report."""
+    model = timm.create_model(name) if name.startswith("resnetv2") else getattr(torchvision.models, name)()
+    fused = fusedres.convert(model).model.to("meta")
+    x = torch.empty(2, 3, 64, 64, device="meta", requires_grad=True)
+    fused.train()(x).sum().backward()
+    assert x.grad.shape == x.shape
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.eval()(x).shape == (2, 1000)
+    with torch.no_grad():
+        assert fused(x).shape == (2, 1000)
+
+
 def test_requires_grad_false_on_parts_and_memory_efficient_off():
     torch.manual_seed(0)
     eager = torchvision.models.resnet18(num_classes=10).double()

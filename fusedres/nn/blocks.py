@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import inference
+from ..ops import backends, inference
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 
@@ -202,9 +202,8 @@ class _FusedResidualBlock(nn.Module):
         else:
             cache = self.__dict__.setdefault("_folded", {})  # plain attribute: not in state_dict
             folded = cache.setdefault((id(conv), id(bn)), inference.FoldedWeights())
-            device_type = source.device.type
-            autocast = torch.is_autocast_enabled(device_type) and conv.weight.dtype != torch.float64
-            weight, bias = folded.get(conv, bn, torch.get_autocast_dtype(device_type) if autocast
+            autocast = backends.autocast_dtype(source.device.type)
+            weight, bias = folded.get(conv, bn, autocast if autocast and conv.weight.dtype != torch.float64
                                       else conv.weight.dtype)
         return inference.conv_bias_act(
             source, weight, bias, residual, stride=conv.stride, padding=conv.padding,

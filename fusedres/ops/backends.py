@@ -66,6 +66,14 @@ def channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast gives a conv's operands on ``device_type``, or None where autocast is off or does
+    not exist for that device type (meta, say, where ``torch.is_autocast_enabled`` raises)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def conv_allows_tf32() -> bool:
     """Whether torch's own conv may use TF32: torch >= 2.9 resolves cudnn.conv.fp32_precision through its
     parents ("none" inherits, and reading the legacy cudnn.allow_tf32 raises once the two APIs were mixed);

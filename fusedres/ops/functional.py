@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import registry
+from . import backends, registry
 from .registry import same_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -253,10 +253,9 @@ def _checked_conv_args(fn: str, y: Tensor, conv_weight: Tensor, conv_bias: Optio
     if conv_bias is not None and conv_bias.shape != (conv_weight.shape[0],):
         raise ValueError(f"{fn}: conv_bias should have size ({conv_weight.shape[0]},), "
                          f"got {tuple(conv_bias.shape)}")
-    device_type = y.device.type
-    if torch.is_autocast_enabled(device_type):
+    dtype = backends.autocast_dtype(y.device.type)
+    if dtype is not None:
         # What autocast does to conv2d: weights (and the input, inside the op) in its dtype.
-        dtype = torch.get_autocast_dtype(device_type)
         conv_weight = conv_weight.to(dtype)
         conv_bias = None if conv_bias is None else conv_bias.to(dtype)
     elif conv_weight.dtype != y.dtype:

@@ -225,7 +225,7 @@ def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     args = (x, weight, bias, residual, (stride, padding, dilation, groups), relu)
     # Autocast reaches into a custom op's body; the op computes in its inputs' dtype.
     device_type = x.device.type
-    with (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
+    with (torch.autocast(device_type, enabled=False) if backends.autocast_dtype(device_type)
           else contextlib.nullcontext()):
         out = _IMPLS[_choose(backend, channels_last, args)](*args)
     strides = _dense_strides(out.shape, channels_last)
@@ -277,8 +277,8 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{fn}: expected {name} to be on {x.device} like the input, got {t.device}")
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = backends.autocast_dtype(x.device.type)
+    if dtype is not None:
         x, weight, bias, residual = (t if t is None or t.dtype == torch.float64 else t.to(dtype)
                                      for t in (x, weight, bias, residual))  # autocast leaves fp64 alone
     if weight.dtype != x.dtype:
