@@ -158,6 +158,29 @@ def test_converted_models_run_on_the_meta_device(name):
         assert fused(x).shape == (2, 1000)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnetv2_50"])
+def test_empty_batch_behaves_as_in_eager(name):
+    """A batch of 0 images, as eager runs it: an empty output, zero gradients, BatchNorm buffers as eager
+    leaves them (running statistics kept, the batch counted), in training and in eval."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10) if name.startswith("resnetv2") else (
+        getattr(torchvision.models, name)(num_classes=10))
+    randomise_bn(model, seed=1)
+    fused = fusedres.convert(copy.deepcopy(model)).model
+    for train in (True, False):
+        outs = []
+        for m in (model, fused):
+            x = torch.randn(0, 3, 32, 32, requires_grad=True)
+            out = m.train(train)(x)
+            out.sum().backward()
+            outs.append(out)
+        assert outs[1].shape == outs[0].shape == (0, 10)
+        torch.testing.assert_close(dict(fused.named_buffers()), dict(model.named_buffers()), rtol=0, atol=0)
+        for (n, p), (_, q) in zip(fused.named_parameters(), model.named_parameters()):
+            assert p.grad is not None and not p.grad.any(), n
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
 def test_requires_grad_false_on_parts_and_memory_efficient_off():
     torch.manual_seed(0)
     eager = torchvision.models.resnet18(num_classes=10).double()

@@ -179,6 +179,12 @@ class _FusedResidualBlock(nn.Module):
             setattr(block, name, self._modules[name] if name in self._modules else stateless_child)
         return block.train(self.training)
 
+    def _forward_empty_batch(self, x: Tensor) -> Tensor:
+        """An empty ``x`` runs through the original block (``to_module``): torch's own ops give eager's
+        result and side effects (BatchNorm counts the batch and keeps its running statistics), and no
+        fused kernel is launched on an empty tensor."""
+        return self.to_module()(x)
+
     # ------------------------------------------------------------------ inference
     def _folding_applies(self) -> bool:
         """Whether this forward may fold the block's BatchNorms into their convs: eval mode,
@@ -287,6 +293,8 @@ class _FusedPostActBlock(_FusedResidualBlock):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return self._forward_empty_batch(x)
         if self._folding_applies():
             return self._inference_forward(x)
         source: Union[Tensor, PendingBN] = x

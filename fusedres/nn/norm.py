@@ -51,6 +51,10 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         return bn
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if x.numel() == 0:  # torch's own BatchNorm: eager's result and buffers, no kernel on an empty tensor
+            out = nn.BatchNorm2d.forward(self, x)
+            out = out if residual is None else out + residual
+            return out.relu() if self.relu else out
         return ops.bn_act(pending_bn(x, self, self.backend), residual, relu=self.relu,
                           backend=self.backend)
 

@@ -145,6 +145,8 @@ class _FusedPreActBlock(_FusedResidualBlock):
         return self._conv_bias_act(source, getattr(self, units[-1][1]), residual=shortcut, relu=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return self._forward_empty_batch(x)
         if self._folding_applies() and all(_norm_relu(getattr(self, norm_name)) is not None
                                            for norm_name, _ in self.unit_names):
             return self._inference_forward(x)
