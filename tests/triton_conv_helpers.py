@@ -51,13 +51,13 @@ def rand_vec(gen, n, positive=False):
     return v.to(DEVICE)
 
 
-def compile_for_sm90(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` (which compiles kernel variants for an H100 with the wheel's ptxas) in a process
-    without TRITON_INTERPRET: the interpreter runs code the compiler rejects."""
+def compile_for_sm90(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``args`` as its sys.argv[1:] (it compiles kernel variants for an H100 with the
+    wheel's ptxas) in a process without TRITON_INTERPRET: the interpreter runs code the compiler rejects."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -117,7 +117,7 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: int, ints: di
     memory in bytes; with the config's stages and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
-    done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT.replace("sys.argv[1]", repr(json.dumps(spec))))
+    done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -225,7 +225,7 @@ def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     args = (x, weight, bias, residual, (stride, padding, dilation, groups), relu)
     # Autocast reaches into a custom op's body; the op computes in its inputs' dtype.
     device_type = x.device.type
-    with (torch.autocast(device_type, enabled=False) if backends.autocast_dtype(device_type)
+    with (torch.autocast(device_type, enabled=False) if backends.autocast_dtype(device_type) is not None
           else contextlib.nullcontext()):
         out = _IMPLS[_choose(backend, channels_last, args)](*args)
     strides = _dense_strides(out.shape, channels_last)
