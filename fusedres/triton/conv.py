@@ -78,14 +78,18 @@ _PACK_CACHE: dict = {}
 _DOT_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32")  # TF32 only matters for fp32
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
 
-if _INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                  (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)]
-    ]
+
+def _configs(gpu_tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """The autotuning space of a conv kernel: ``gpu_tiles`` as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages), or under TRITON_INTERPRET=1 one small config (nothing to tune)."""
+    if _INTERPRET:
+        gpu_tiles = [(32, 16, 16, 4, 1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in gpu_tiles]
+
+
+_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                     (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)])
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the statistics workspace
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",

@@ -41,17 +41,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import (_AUTOTUNE_EXTRA, _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _gradient_geometry,
-                   _limit, _vector)
+from .conv import (_AUTOTUNE_EXTRA, _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _configs,
+                   _gradient_geometry, _limit, _vector)
 
-if _INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
-                                  (128, 64, 64, 4, 3), (32, 64, 64, 4, 4)]
-    ]
+_CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
+                     (32, 64, 64, 4, 4)])
 # BLOCK_Ms are powers of two, so the largest is a multiple of all of them
 _ROW_QUANTUM = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)
 _SPLIT_WAVES = 2  # programs per SM the split count aims at
