@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from conftest import requires_cuda
 from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
-                                 assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90, named_strides,
-                                 out_hw, pair, rand_act, rand_vec, seeded)
+                                 assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90, geometry_id,
+                                 named_strides, out_hw, pair, rand_act, rand_vec, seeded)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
 from fusedres.triton import conv
 
@@ -37,11 +37,7 @@ class Case:
     n: int = 2
 
     def __str__(self):
-        geo = (f"c{self.c}k{self.k}-{self.hw[0]}x{self.hw[1]}-r{self.kernel[0]}x{self.kernel[1]}"
-               f"-s{self.stride[0]}{self.stride[1]}-p{self.padding[0]}{self.padding[1]}")
-        extra = (f"-d{self.dilation[0]}" if self.dilation != (1, 1) else "") + (
-            f"-g{self.groups}" if self.groups > 1 else "")
-        return (f"{geo}{extra}-{str(self.dtype)[6:]}-{'cl' if self.channels_last else 'nchw'}"
+        return (f"{geometry_id(self)}-{str(self.dtype)[6:]}-{'cl' if self.channels_last else 'nchw'}"
                 f"-in_{self.prologue}-out_{self.epilogue}")
 
 

@@ -36,6 +36,13 @@ def out_hw(case) -> tuple:
                  for size, p, d, r, s in zip(case.hw, case.padding, case.dilation, case.kernel, case.stride))
 
 
+def geometry_id(case) -> str:
+    """A test id's conv part: channels, spatial size, kernel, stride, padding (dilation, groups when set)."""
+    (h, w), (r, s), (sh, sw), (ph, pw), (dh, dw) = case.hw, case.kernel, case.stride, case.padding, case.dilation
+    return (f"c{case.c}k{case.k}-{h}x{w}-r{r}x{s}-s{sh}{sw}-p{ph}{pw}" + (f"-d{dh}{dw}" if (dh, dw) != (1, 1) else "")
+            + (f"-g{case.groups}" if case.groups > 1 else ""))
+
+
 def seeded(tag) -> torch.Generator:
     """A CPU generator seeded by ``tag`` (a case, or its id)."""
     return torch.Generator().manual_seed(zlib.crc32(str(tag).encode()))
