@@ -7,10 +7,6 @@
 
 #include <torch/extension.h>
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE headers
-
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -18,6 +14,40 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
+
+#ifdef FUSEDRES_HOST_EMULATION  // the tests' CPU build: the same source, run by host_emulation.h
+#include "host_emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE headers
+
+// What the launcher needs from the device; host_emulation.h has the CPU stand-ins.
+namespace platform {
+
+constexpr c10::DeviceType kDeviceType = c10::kCUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline c10::DeviceIndex current_device() { return c10::cuda::current_device(); }
+
+// (resident blocks per SM of kernel with `block` threads, SMs of the current device).
+template <class Kernel>
+std::pair<int, int> resident_blocks_and_sms(Kernel kernel, int block) {
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, current_device()));
+  return {per_sm, sms};
+}
+
+// kernel<<<grid, block>>>(args...) on the current stream.
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, const A&... args) {
+  kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace platform
+#endif
 
 #include "bn_act_kernels.cuh"
 
@@ -115,10 +145,8 @@ Plan make_plan(const at::Tensor& y, const Args& a) {
 // Slices of (outer, inner) per tile of units. Blocks of a grid-stride loop all take about as
 // long, so pick the count whose blocks fill whole waves of resident blocks best (and whose
 // slices split the rows evenly), preferring fewer slices.
-int choose_splits(Kernel k, const Plan& p, int dev) {
-  int per_sm = 0, sms = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, p.block, 0));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+int choose_splits(Kernel k, const Plan& p) {
+  const auto [per_sm, sms] = platform::resident_blocks_and_sms(k, p.block);
   const int64_t wave = int64_t{sms} * std::max(per_sm, 1);
   const int64_t rows = ceil_div(p.g.outer * p.g.inner, p.block / p.g.tpr);  // thread rows
   const int64_t most = std::min<int64_t>({rows, 65535, std::max<int64_t>(1, 8 * wave / p.tiles)});
@@ -143,23 +171,20 @@ int choose_splits(Kernel k, const Plan& p, int dev) {
 template <class Acc = void>
 void run(Kernel k, const Plan& p, Args a, Outs outs = {}) {
   TORCH_INTERNAL_ASSERT(k != nullptr, "fusedres: no kernel for this combination of flags");
-  const int dev = c10::cuda::current_device();
-  const int splits = choose_splits(k, p, dev);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int splits = choose_splits(k, p);
   at::Tensor ws;
   if constexpr (!std::is_void_v<Acc>) {
     ws = at::empty({splits, p.g.C, int64_t{sizeof(Acc) / sizeof(float)}},
-                   at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, dev));
+                   at::TensorOptions().dtype(at::kFloat).device(platform::kDeviceType,
+                                                                platform::current_device()));
     a.ws = ws.data_ptr();
   }
   a.g = p.g;
-  k<<<dim3(p.tiles, splits), p.block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  platform::launch(k, dim3(p.tiles, splits), dim3(p.block), a);
   if constexpr (!std::is_void_v<Acc>) {
     const int threads = static_cast<int>(std::min<int64_t>(kThreads, ceil_div(splits, 32) * 32));
-    finalize_kernel<Acc><<<p.g.C, threads, 0, stream>>>(static_cast<const Acc*>(a.ws), splits,
-                                                        p.g.C, outs);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    platform::launch(&finalize_kernel<Acc>, dim3(p.g.C), dim3(threads),
+                     static_cast<const Acc*>(a.ws), splits, p.g.C, outs);
   }
 }
 
@@ -167,7 +192,8 @@ void run(Kernel k, const Plan& p, Args a, Outs outs = {}) {
 using OptTensor = std::optional<at::Tensor>;
 
 void check_device(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& y) {
-  TORCH_CHECK(t.is_cuda(), fn, ": expected ", name, " to be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device().type() == platform::kDeviceType, fn, ": expected ", name, " to be a ",
+              c10::DeviceTypeName(platform::kDeviceType), " tensor, got ", t.device());
   TORCH_CHECK(t.device() == y.device(), fn, ": expected ", name, " on ", y.device(),
               " (like y), got ", t.device());
 }
@@ -231,7 +257,7 @@ float* fptr(const OptTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
 // ------------------------------------------------------------------ host: the four functions
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& y) {
   check_activation("fusedres.channel_stats", "y", y, y);
-  const c10::cuda::CUDAGuard guard(y.device());
+  const platform::DeviceGuard guard(y.device());
   auto mean = at::empty({y.size(1)}, y.options().dtype(at::kFloat));
   auto var = at::empty_like(mean);
   if (y.numel() == 0) {  // like torch's mean over nothing
@@ -255,7 +281,7 @@ at::Tensor act_forward(const at::Tensor& y, const at::Tensor& scale, const at::T
   Args a{};
   const int rk =
       check_common("fusedres.act_forward", a, y, scale, shift, residual, res_scale, res_shift);
-  const c10::cuda::CUDAGuard guard(y.device());
+  const platform::DeviceGuard guard(y.device());
   if (mixed(y, residual, std::nullopt))
     return act_forward(y.to(at::kFloat), scale, shift, to_float(residual), res_scale, res_shift,
                        relu).to(y.scalar_type());
@@ -286,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> backward_reduce(
   a.mean = channel(fn, "mean", mean, y);
   TORCH_CHECK(residual || !res_mean, fn, ": res_mean given without residual");
   a.res_mean = channel(fn, "res_mean", res_mean, y);
-  const c10::cuda::CUDAGuard guard(y.device());
+  const platform::DeviceGuard guard(y.device());
   if (mixed(y, residual, grad_out))
     return backward_reduce(grad_out.to(at::kFloat), y.to(at::kFloat), scale, shift,
                            to_float(residual), res_scale, res_shift, relu, mean, res_mean);
@@ -327,7 +353,7 @@ std::tuple<at::Tensor, OptTensor> backward_apply(
   TORCH_CHECK(residual || (!res_coef && !want_residual_grad), fn,
               ": res_coef and want_residual_grad need a residual");
   a.res_coef = channel(fn, "res_coef", res_coef, y, 4);
-  const c10::cuda::CUDAGuard guard(y.device());
+  const platform::DeviceGuard guard(y.device());
   if (mixed(y, residual, grad_out)) {
     auto [dy, dres] = backward_apply(grad_out.to(at::kFloat), y.to(at::kFloat), scale, shift,
                                      to_float(residual), res_scale, res_shift, relu, coef,

@@ -4,7 +4,8 @@
 #   optionally compute-sanitizer, and prints a summary table last.
 # Usage: scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu_check_out)
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
-#   GPU_CHECK_TESTS         pytest targets (default: tests), e.g. "tests/test_triton_conv.py tests/test_modules.py"
+#   GPU_CHECK_TESTS         pytest targets (default: tests), e.g. "tests/test_triton_conv.py tests/test_modules.py";
+#                           the CPU emulation of the CUDA kernels (marker host_emulation) is left to CI
 #   GPU_CHECK_BENCH_ARGS    arguments for python -m benchmarks (default: --quick), e.g.
 #                           "--levels convs --models resnet50" (Triton conv vs cuDNN per ResNet-50 conv,
 #                           forward and the training unit's conv backward),
@@ -27,12 +28,12 @@ result[build]="rc=$? in $((SECONDS - start)) s"
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
 # shellcheck disable=SC2086
-"$py" -m pytest ${GPU_CHECK_TESTS:-tests} -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+"$py" -m pytest ${GPU_CHECK_TESTS:-tests} -m "not host_emulation" -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
 result[tests]="rc=$? $(tail -1 "$out/tests.log")"
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 99 "$py" -m pytest tests/test_cuda_backend.py -q -x \
+    compute-sanitizer --tool "$tool" --error-exitcode 99 "$py" -m pytest tests/test_cuda_backend.py -q -x -m "not host_emulation" \
       -k "not large" > "$out/sanitizer_$tool.log" 2>&1
     result[$tool]="rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
   done

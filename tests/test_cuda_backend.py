@@ -7,19 +7,25 @@ residual kind, relu on and off. Results are compared with ``torch_backend`` run 
 the error must fit the storage dtype, and be at most twice the error of ``torch_backend`` itself
 run in that dtype, plus a small term scaled by the magnitude of the terms behind each value.
 Outputs are allocated over NaN-poisoned memory and checked finite, of the right dtype and
-memory format. Skipped without a CUDA device or without the built extension.
+memory format.
+
+Every test runs on two backends: "cuda", the built extension on the GPU (skipped without a CUDA
+device or the extension), and "host", the same source built for the CPU with its kernels run by
+csrc/host_emulation.h (tests/host_emulation.py): the kernels' logic is checked on every machine.
 """
 
 import itertools
 import zlib
+from typing import NamedTuple
 
 import pytest
 import torch
 
+import host_emulation
 from fusedres.ops import torch_backend as ref
 
 
-def _extension():
+def _gpu_extension():
     if not torch.cuda.is_available():
         return None, "needs a CUDA device"
     try:
@@ -29,10 +35,25 @@ def _extension():
     return ext, ""
 
 
-EXT, _WHY_NOT = _extension()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(EXT is None, reason=_WHY_NOT)]
+GPU_EXT, _GPU_WHY_NOT = _gpu_extension()
+_HOST_WHY_NOT = host_emulation.unavailable_reason()
 
-DEVICE = "cuda"
+
+class Backend(NamedTuple):
+    ext: object  # the module with channel_stats, act_forward, backward_reduce, backward_apply
+    device: str  # where its tensors live
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(GPU_EXT is None, reason=_GPU_WHY_NOT)]),
+    pytest.param("host", marks=[pytest.mark.host_emulation,
+                                pytest.mark.skipif(_HOST_WHY_NOT is not None, reason=str(_HOST_WHY_NOT))])])
+def backend(request) -> Backend:
+    if request.param == "cuda":
+        return Backend(GPU_EXT, "cuda")
+    return Backend(host_emulation.load(), "cpu")
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 SHAPES = [
@@ -53,15 +74,15 @@ RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ATOL = 1e-5
 
 
-def _seeded(request) -> torch.Generator:
-    gen = torch.Generator(device=DEVICE)
+def _seeded(request, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
     gen.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     return gen
 
 
 def _nonzero(shape, gen, scale=1.0):
     """fp64 N(0, 1) pushed 0.1 away from zero (never zero, also after rounding)."""
-    x = torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float64)
+    x = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float64)
     return torch.where(x >= 0, x + 0.1, x - 0.1) * scale
 
 
@@ -183,10 +204,10 @@ for _p, _i in zip(*_grid(*_LAYOUT, RESIDUALS, [False, True], [False, True])):
 
 
 @pytest.mark.parametrize("dtype,layout,shape", _STATS, ids=_STATS_IDS)
-def test_channel_stats(dtype, layout, shape, request):
-    c = Case(shape, dtype, FORMATS[layout], "none", _seeded(request))
+def test_channel_stats(dtype, layout, shape, backend, request):
+    c = Case(shape, dtype, FORMATS[layout], "none", _seeded(request, backend.device))
     _poison(c.scale, c.scale)
-    mean, var = EXT.channel_stats(c.y)
+    mean, var = backend.ext.channel_stats(c.y)
     want_mean, want_var = ref.channel_stats(c.y.double())
     low_mean, low_var = ref.channel_stats(c.y)
     check("mean", mean, want_mean, low_mean, ref.channel_stats(c.y.double().abs())[0],
@@ -196,12 +217,12 @@ def test_channel_stats(dtype, layout, shape, request):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", list(FORMATS))
-def test_channel_stats_far_from_zero(dtype, layout, request):
+def test_channel_stats_far_from_zero(dtype, layout, backend, request):
     """Mean 1000, spread 4: a single-pass sum / sum-of-squares in fp32 would lose the variance."""
-    gen = _seeded(request)
+    gen = _seeded(request, backend.device)
     y = (_nonzero((8, 16, 32, 32), gen, 4.0) + 1000).to(dtype).contiguous(
         memory_format=FORMATS[layout])
-    mean, var = EXT.channel_stats(y)
+    mean, var = backend.ext.channel_stats(y)
     want_mean, want_var = ref.channel_stats(y.double())
     check("mean", mean, want_mean, None, want_mean.abs(), torch.float32)
     rel = ((var.double() - want_var).abs() / want_var).max()
@@ -209,21 +230,21 @@ def test_channel_stats_far_from_zero(dtype, layout, request):
 
 
 @pytest.mark.parametrize("dtype,layout,shape,residual,relu", _ACT, ids=_ACT_IDS)
-def test_act_forward(dtype, layout, shape, residual, relu, request):
+def test_act_forward(dtype, layout, shape, residual, relu, backend, request):
     fmt = FORMATS[layout]
-    c = Case(shape, dtype, fmt, residual, _seeded(request))
+    c = Case(shape, dtype, fmt, residual, _seeded(request, backend.device))
     _poison(c.y)
-    out = EXT.act_forward(*c.fwd(), relu)
+    out = backend.ext.act_forward(*c.fwd(), relu)
     want = ref.act_forward(*c.fwd(_f64), relu)
     low = ref.act_forward(*c.fwd(), relu)
     check("out", out, want, low, ref.act_forward(*c.fwd(_abs64), False), dtype, fmt)
 
 
 @pytest.mark.parametrize("dtype,layout,shape,residual,relu", _ACT, ids=_ACT_IDS)
-def test_backward_reduce(dtype, layout, shape, residual, relu, request):
-    c = Case(shape, dtype, FORMATS[layout], residual, _seeded(request))
+def test_backward_reduce(dtype, layout, shape, residual, relu, backend, request):
+    c = Case(shape, dtype, FORMATS[layout], residual, _seeded(request, backend.device))
     _poison(c.scale, c.scale, c.scale)
-    got = EXT.backward_reduce(*c.reduce_args(relu))
+    got = backend.ext.backward_reduce(*c.reduce_args(relu))
     want = ref.backward_reduce(*c.reduce_args(relu, _f64))
     low = ref.backward_reduce(*c.reduce_args(relu))
     magnitude = c.reduce_magnitude()
@@ -236,11 +257,11 @@ def test_backward_reduce(dtype, layout, shape, residual, relu, request):
 
 
 @pytest.mark.parametrize("dtype,layout,shape,residual,relu,want_res", _APPLY, ids=_APPLY_IDS)
-def test_backward_apply(dtype, layout, shape, residual, relu, want_res, request):
+def test_backward_apply(dtype, layout, shape, residual, relu, want_res, backend, request):
     fmt = FORMATS[layout]
-    c = Case(shape, dtype, fmt, residual, _seeded(request))
+    c = Case(shape, dtype, fmt, residual, _seeded(request, backend.device))
     _poison(c.y, c.residual)
-    dy, d_res = EXT.backward_apply(*c.apply_args(relu, want_res))
+    dy, d_res = backend.ext.backward_apply(*c.apply_args(relu, want_res))
     want_dy, want_res_grad = ref.backward_apply(*c.apply_args(relu, want_res, _f64))
     low_dy, low_res = ref.backward_apply(*c.apply_args(relu, want_res))
     mag_dy, mag_res = c.apply_magnitude(want_res)
@@ -255,13 +276,13 @@ def test_backward_apply(dtype, layout, shape, residual, relu, want_res, request)
 @pytest.mark.parametrize("residual", ["identity", "bn"])
 @pytest.mark.parametrize("dtype,res_dtype", [(torch.bfloat16, torch.float32),
                                              (torch.float32, torch.float16)])
-def test_residual_of_another_dtype(dtype, res_dtype, residual, layout, request):
+def test_residual_of_another_dtype(dtype, res_dtype, residual, layout, backend, request):
     fmt = FORMATS[layout]
-    c = Case((4, 24, 14, 14), dtype, fmt, residual, _seeded(request), res_dtype=res_dtype)
-    out = EXT.act_forward(*c.fwd(), True)
+    c = Case((4, 24, 14, 14), dtype, fmt, residual, _seeded(request, backend.device), res_dtype=res_dtype)
+    out = backend.ext.act_forward(*c.fwd(), True)
     check("out", out, ref.act_forward(*c.fwd(_f64), True), ref.act_forward(*c.fwd(), True),
           ref.act_forward(*c.fwd(_abs64), False), dtype, fmt)
-    got = EXT.backward_reduce(*c.reduce_args(True))
+    got = backend.ext.backward_reduce(*c.reduce_args(True))
     want = ref.backward_reduce(*c.reduce_args(True, _f64))
     low = ref.backward_reduce(*c.reduce_args(True))
     for name, g, w, lo, m in zip(("sum_dz", "sum_dz_yc", "sum_dz_rc"), got, want, low,
@@ -269,7 +290,7 @@ def test_residual_of_another_dtype(dtype, res_dtype, residual, layout, request):
         assert (g is None) == (w is None), name
         if w is not None:
             check(name, g, w, lo, m, torch.float32)
-    dy, d_res = EXT.backward_apply(*c.apply_args(True, True))
+    dy, d_res = backend.ext.backward_apply(*c.apply_args(True, True))
     want_dy, want_res = ref.backward_apply(*c.apply_args(True, True, _f64))
     low_dy, low_res = ref.backward_apply(*c.apply_args(True, True))
     mag_dy, mag_res = c.apply_magnitude(True)
@@ -277,23 +298,25 @@ def test_residual_of_another_dtype(dtype, res_dtype, residual, layout, request):
     check("d_residual", d_res, want_res, low_res, mag_res, res_dtype, fmt)
 
 
-def test_reductions_are_deterministic(request):
-    c = Case((16, 32, 56, 56), torch.bfloat16, torch.channels_last, "bn", _seeded(request))
-    for first, second in [(EXT.channel_stats(c.y), EXT.channel_stats(c.y)),
-                          (EXT.backward_reduce(*c.reduce_args(True)),
-                           EXT.backward_reduce(*c.reduce_args(True)))]:
+def test_reductions_are_deterministic(backend, request):
+    c = Case((16, 32, 56, 56), torch.bfloat16, torch.channels_last, "bn", _seeded(request, backend.device))
+    for first, second in [(backend.ext.channel_stats(c.y), backend.ext.channel_stats(c.y)),
+                          (backend.ext.backward_reduce(*c.reduce_args(True)),
+                           backend.ext.backward_reduce(*c.reduce_args(True)))]:
         for a, b in zip(first, second):
             assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------ more than 2**31 elements
 def _free_gib():
-    return torch.cuda.mem_get_info()[0] / 2**30 if EXT is not None else 0.0
+    return torch.cuda.mem_get_info()[0] / 2**30 if GPU_EXT is not None else 0.0
 
 
 _CHUNK = 1024  # images per reference chunk
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_EXT is None, reason=_GPU_WHY_NOT)
 @pytest.mark.skipif(_free_gib() < 20, reason="needs >= 20 GiB of free GPU memory")
 @pytest.mark.parametrize("layout", list(FORMATS))
 def test_large_64bit_indexing(layout, request):
@@ -303,22 +326,22 @@ def test_large_64bit_indexing(layout, request):
     and at least 0.018 from 0: the ReLU mask is the same in every precision.
     """
     fmt = FORMATS[layout]
-    gen = _seeded(request)
+    gen = _seeded(request, "cuda")
     shape = (2**31 // (64 * 32 * 32) + 1, 64, 32, 32)
-    y = torch.empty(shape, dtype=torch.bfloat16, device=DEVICE, memory_format=fmt)
+    y = torch.empty(shape, dtype=torch.bfloat16, device="cuda", memory_format=fmt)
     grad = torch.empty_like(y)
     for t in (y, grad):
         for part in t.split(_CHUNK):
             part.copy_(_nonzero(part.shape, gen))
     c = shape[1]
-    pick = torch.randint(0, 6, (c,), generator=gen, device=DEVICE)
-    scale = torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], device=DEVICE)[pick]
-    shift = torch.full((c,), 2.0**-5, device=DEVICE)
+    pick = torch.randint(0, 6, (c,), generator=gen, device="cuda")
+    scale = torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], device="cuda")[pick]
+    shift = torch.full((c,), 2.0**-5, device="cuda")
     mean, coef = _nonzero((c,), gen).float(), _nonzero((4, c), gen).float()
     fwd = (scale, shift, None, None, None)
     fwd64 = [_f64(t) for t in fwd]
 
-    got_mean, got_var = EXT.channel_stats(y)
+    got_mean, got_var = GPU_EXT.channel_stats(y)
     count = y.numel() // c
     s1 = sum(p.double().sum((0, 2, 3)) for p in y.split(_CHUNK))
     want_mean = s1 / count
@@ -328,14 +351,14 @@ def test_large_64bit_indexing(layout, request):
     check("mean", got_mean, want_mean, None, abs_mean, torch.float32)
     check("var", got_var, want_var, None, want_var, torch.float32)
 
-    out = EXT.act_forward(y, *fwd, True)
+    out = GPU_EXT.act_forward(y, *fwd, True)
     for yp, op in zip(y.split(_CHUNK), out.split(_CHUNK)):
         check("out", op, ref.act_forward(yp.double(), *fwd64, True),
               ref.act_forward(yp, *fwd, True), ref.act_forward(yp.double().abs(), *fwd64, False),
               torch.bfloat16, fmt)
     del out
 
-    got = EXT.backward_reduce(grad, y, *fwd, True, mean, None)
+    got = GPU_EXT.backward_reduce(grad, y, *fwd, True, mean, None)
     want = [0.0, 0.0]
     magnitude = [0.0, 0.0]
     for gp, yp in zip(grad.split(_CHUNK), y.split(_CHUNK)):
@@ -348,7 +371,7 @@ def test_large_64bit_indexing(layout, request):
     check("sum_dz", got[0], want[0], None, magnitude[0], torch.float32)
     check("sum_dz_yc", got[1], want[1], None, magnitude[1], torch.float32)
 
-    dy, d_res = EXT.backward_apply(grad, y, *fwd, True, coef, None, False)
+    dy, d_res = GPU_EXT.backward_apply(grad, y, *fwd, True, coef, None, False)
     assert d_res is None
     for gp, yp, dp in zip(grad.split(_CHUNK), y.split(_CHUNK), dy.split(_CHUNK)):
         want_dy, _ = ref.backward_apply(gp.double(), yp.double(), *fwd64, True, coef.double(),
@@ -361,45 +384,50 @@ def test_large_64bit_indexing(layout, request):
 
 
 # ------------------------------------------------------------------ argument errors
-def _small(dtype=torch.float32, device=DEVICE):
-    y = (torch.rand(2, 3, 4, 5, device=DEVICE) + 0.5).to(dtype).to(device)
-    s = (torch.rand(3, device=DEVICE) + 0.5).to(device)
+
+def _small(device, dtype=torch.float32):
+    y = (torch.rand(2, 3, 4, 5) + 0.5).to(dtype).to(device)
+    s = (torch.rand(3) + 0.5).to(device)
     return y, s
 
 
-def test_rejects_cpu_tensors():
-    y, s = _small()
-    y_cpu, s_cpu = _small(device="cpu")
-    with pytest.raises(RuntimeError, match=r"channel_stats: expected y to be a CUDA tensor"):
-        EXT.channel_stats(y_cpu)
-    with pytest.raises(RuntimeError, match=r"act_forward: expected y to be a CUDA tensor"):
-        EXT.act_forward(y_cpu, s, s, None, None, None, True)
-    with pytest.raises(RuntimeError, match=r"act_forward: expected scale to be a CUDA tensor"):
-        EXT.act_forward(y, s_cpu, s, None, None, None, True)
-    with pytest.raises(RuntimeError, match=r"expected residual to be a CUDA tensor"):
-        EXT.act_forward(y, s, s, y_cpu, None, None, True)
-    with pytest.raises(RuntimeError, match=r"backward_reduce: expected grad_out to be a CUDA"):
-        EXT.backward_reduce(y_cpu, y, s, s, None, None, None, True, s, None)
-    with pytest.raises(RuntimeError, match=r"backward_apply: expected coef to be a CUDA tensor"):
-        EXT.backward_apply(y, y, s, s, None, None, None, True, torch.stack([s_cpu] * 4), None,
+def test_rejects_tensors_on_another_device(backend):
+    """The GPU build takes CUDA tensors only (CPU ones are refused), the host build CPU ones only."""
+    ext = backend.ext
+    kind, other = ("CUDA", "cpu") if backend.device == "cuda" else ("CPU", "meta")
+    y, s = _small(backend.device)
+    y_other, s_other = _small(other)
+    with pytest.raises(RuntimeError, match=rf"channel_stats: expected y to be a {kind} tensor, got {other}"):
+        ext.channel_stats(y_other)
+    with pytest.raises(RuntimeError, match=rf"act_forward: expected y to be a {kind} tensor"):
+        ext.act_forward(y_other, s, s, None, None, None, True)
+    with pytest.raises(RuntimeError, match=rf"act_forward: expected scale to be a {kind} tensor"):
+        ext.act_forward(y, s_other, s, None, None, None, True)
+    with pytest.raises(RuntimeError, match=rf"expected residual to be a {kind} tensor"):
+        ext.act_forward(y, s, s, y_other, None, None, True)
+    with pytest.raises(RuntimeError, match=rf"backward_reduce: expected grad_out to be a {kind}"):
+        ext.backward_reduce(y_other, y, s, s, None, None, None, True, s, None)
+    with pytest.raises(RuntimeError, match=rf"backward_apply: expected coef to be a {kind} tensor"):
+        ext.backward_apply(y, y, s, s, None, None, None, True, torch.stack([s_other] * 4), None,
                            False)
 
 
 @pytest.mark.parametrize("bad", [torch.int32, torch.float64])
-def test_rejects_wrong_dtypes(bad):
-    y, s = _small()
+def test_rejects_wrong_dtypes(bad, backend):
+    ext = backend.ext
+    y, s = _small(backend.device)
     y_bad = (y * 10).to(bad)
     s_bad = (s * 10).to(bad)
     with pytest.raises(RuntimeError, match=r"channel_stats: y must be float32, float16 or bf"):
-        EXT.channel_stats(y_bad)
+        ext.channel_stats(y_bad)
     with pytest.raises(RuntimeError, match=r"act_forward: y must be float32, float16 or bfloat16"):
-        EXT.act_forward(y_bad, s, s, None, None, None, False)
+        ext.act_forward(y_bad, s, s, None, None, None, False)
     with pytest.raises(RuntimeError, match=r"act_forward: residual must be float32"):
-        EXT.act_forward(y, s, s, y_bad, None, None, False)
+        ext.act_forward(y, s, s, y_bad, None, None, False)
     with pytest.raises(RuntimeError, match=r"act_forward: shift must be float32, got"):
-        EXT.act_forward(y, s, s_bad, None, None, None, False)
+        ext.act_forward(y, s, s_bad, None, None, None, False)
     with pytest.raises(RuntimeError, match=r"backward_reduce: mean must be float32, got"):
-        EXT.backward_reduce(y, y, s, s, None, None, None, True, s_bad, None)
+        ext.backward_reduce(y, y, s, s, None, None, None, True, s_bad, None)
     with pytest.raises(RuntimeError, match=r"backward_apply: grad_out must be float32, float16"):
-        EXT.backward_apply(y_bad, y, s, s, None, None, None, True, torch.stack([s] * 4), None,
+        ext.backward_apply(y_bad, y, s, s, None, None, None, True, torch.stack([s] * 4), None,
                            False)

@@ -1,0 +1,133 @@
+// CPU stand-ins for the CUDA features that bn_act.cu and bn_act_kernels.cuh use, so the same
+// source compiles with a host C++ compiler and its kernels run on CPU tensors. For the tests
+// only (tests/host_emulation.py builds it with FUSEDRES_HOST_EMULATION defined); the shipped
+// extension never includes this file.
+//
+// A launch runs the grid's blocks one after another. A block's threads are fibers (ucontext)
+// on the calling OS thread, run in thread order: each runs until __syncthreads() or its end,
+// and the barrier opens once every thread still running waits at it (threads that returned no
+// longer count, as on sm_70+). __shared__ variables become function statics, which is right
+// while one block at a time uses them.
+//
+// What this shows: the kernels' indexing, tiling, vector and scalar paths, reductions and the
+// order of their merges, on the host's IEEE fp32 (fmaf fused, 1/x correctly rounded, as
+// __frcp_rn). What it cannot show: races and memory ordering (no two threads run at once),
+// occupancy-dependent plans (an imaginary GPU, below), speed.
+
+#pragma once
+
+#include <math.h>  // fmaf in the global namespace, as device code calls it
+#include <ucontext.h>
+
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// The running thread's coordinates, set by the scheduler before it switches to the thread.
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+inline float __frcp_rn(float x) { return 1.0f / x; }
+
+namespace host_emulation {
+
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  bool done;
+};
+
+inline ucontext_t scheduler;        // where a fiber returns at a barrier or at its end
+inline Fiber* running = nullptr;    // the fiber being run
+inline void (*thread_body)(void*);  // what every thread of the launch runs ...
+inline void* thread_body_arg;       // ... and its argument
+
+inline void fiber_main() {
+  thread_body(thread_body_arg);
+  running->done = true;  // then uc_link resumes the scheduler
+}
+
+// Runs body() once per thread of a (grid.x, grid.y) x block.x launch.
+template <class Body>
+void run_grid(dim3 grid, dim3 block, Body& body) {
+  constexpr std::size_t kStackBytes = 128 * 1024;
+  TORCH_INTERNAL_ASSERT(block.y == 1 && block.z == 1 && grid.z == 1,
+                        "host emulation: 1-D blocks and 2-D grids only");
+  thread_body = [](void* b) { (*static_cast<Body*>(b))(); };
+  thread_body_arg = &body;
+  gridDim = grid;
+  blockDim = block;
+  std::vector<Fiber> fibers(block.x);
+  for (Fiber& f : fibers) f.stack.resize(kStackBytes);
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      blockIdx = dim3(bx, by);
+      for (Fiber& f : fibers) {
+        TORCH_INTERNAL_ASSERT(getcontext(&f.context) == 0, "host emulation: getcontext failed");
+        f.context.uc_stack.ss_sp = f.stack.data();
+        f.context.uc_stack.ss_size = f.stack.size();
+        f.context.uc_link = &scheduler;
+        makecontext(&f.context, fiber_main, 0);
+        f.done = false;
+      }
+      // One pass per barrier phase: every live thread runs to the next barrier or its end.
+      for (unsigned live = block.x; live > 0;) {
+        for (unsigned t = 0; t < block.x; ++t) {
+          if (fibers[t].done) continue;
+          threadIdx = dim3(t);
+          running = &fibers[t];
+          swapcontext(&scheduler, &fibers[t].context);
+          live -= fibers[t].done;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace host_emulation
+
+inline void __syncthreads() { swapcontext(&host_emulation::running->context, &host_emulation::scheduler); }
+
+// ------------------------------------------------------------------ the launcher's platform
+namespace platform {
+
+constexpr c10::DeviceType kDeviceType = c10::kCPU;
+
+struct DeviceGuard {  // one device: nothing to switch
+  explicit DeviceGuard(c10::Device) {}
+};
+
+inline c10::DeviceIndex current_device() { return -1; }
+
+// An imaginary GPU of 3 SMs holding 2 blocks each: small grids (the emulator runs blocks one
+// by one) that still split rows over several blocks and uneven waves.
+template <class Kernel>
+std::pair<int, int> resident_blocks_and_sms(Kernel, int) {
+  return {2, 3};
+}
+
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, const A&... args) {
+  auto body = [&] { kernel(args...); };
+  host_emulation::run_grid(grid, block, body);
+}
+
+}  // namespace platform

@@ -1,0 +1,35 @@
+"""The CUDA backend's kernels on the CPU: csrc/bn_act.cu built by the host C++ compiler with
+csrc/host_emulation.h standing in for the CUDA runtime (tests/bn_act_host.cpp), so
+tests/test_cuda_backend.py checks the kernels' logic on machines without a GPU too.
+
+Built on first use with ninja into build/host_emulation (about a minute on two cores; rebuilt
+only when the sources change). A failed build raises: it is a broken kernel source, not a reason
+to skip.
+"""
+
+import functools
+import os
+import pathlib
+import shutil
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def unavailable_reason():
+    """Why the emulated backend cannot be built here, or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build the host emulation of the CUDA kernels"
+    return None
+
+
+@functools.cache
+def load():
+    """The emulated extension: fusedres._C's functions, on CPU tensors."""
+    from torch.utils import cpp_extension
+
+    build = ROOT / "build" / "host_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name="fusedres_host_emulation", sources=[str(ROOT / "tests" / "bn_act_host.cpp")],
+        extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2"], build_directory=str(build))
