@@ -1,7 +1,9 @@
 """Shared test set-up: Triton runs in its interpreter on machines without CUDA; the measured
-dispatch starts empty where a test asks (``fresh_dispatch``)."""
+dispatch starts empty where a test asks (``fresh_dispatch``); the "cuda" backend runs on CPU
+tensors through the CUDA kernels' host emulation where a test asks (``cuda_backend_on_cpu``)."""
 
 import os
+import types
 
 import pytest
 import torch
@@ -27,3 +29,30 @@ def pretend_capturing(monkeypatch):
     """Make the measured dispatch see a CUDA graph capture under way, also on a machine without CUDA."""
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(monkeypatch):
+    """The "cuda" backend served, for CPU tensors, by the CUDA kernels built for the CPU
+    (tests/host_emulation.py) instead of fusedres._C; returns the list of kernel functions called."""
+    import host_emulation
+    from fusedres.ops import backends
+
+    reason = host_emulation.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    module = host_emulation.load()
+    calls = []
+
+    def recorded(name):
+        function = getattr(module, name)
+        return lambda *args: calls.append(name) or function(*args)
+
+    emulated = types.SimpleNamespace(**{name: recorded(name) for name in (
+        "channel_stats", "act_forward", "backward_reduce", "backward_apply")})
+    load, unavailable_reason = backends._load, backends.unavailable_reason
+    monkeypatch.setattr(backends, "_load",
+                        lambda name: (emulated, "host emulation") if name == "cuda" else load(name))
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: (
+        None if name == "cuda" and device.type == "cpu" else unavailable_reason(name, device)))
+    return calls

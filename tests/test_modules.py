@@ -62,33 +62,52 @@ def _errors(results, exact):
             for r, e in zip(results, exact)]
 
 
-def _assert_no_worse_than_eager(eager_block, fused_block, x, dtype=None, autocast_dtype=None,
-                                absolute=1e-3):
-    """fused's error vs an fp64 run is at most 2x eager's error in the same precision + absolute."""
-    exact = _step(copy.deepcopy(eager_block).double(), x.double())
+# In bf16/fp16 one run's gradient error is mostly luck: it is dominated by the few elements whose ReLU
+# mask the rounding flips. Measured on CPU (bf16, torch backend, 12 seeds per block kind): the fused
+# blocks' error exceeded 2x eager's in 2 or 3 seeds of 12 per kind (5.4x at worst), while summed over
+# the 12 seeds it stayed within 1.14x of eager's. Low-precision checks therefore sum over seeds.
+LOW_PRECISION_SEEDS = tuple(range(8))
+
+
+def _runs(kind, seeds, backend="auto", device="cpu", channels_last=False):
+    """(eager block, its converted copy, input) per seed; inputs (3, 12, 9, 7): odd sizes, channels not a
+    multiple of 8, shifted by 0.5 so that the shortcut and main path do not cancel."""
+    runs = []
+    for seed in seeds:
+        eager = _block(kind, seed).to(device)
+        fused = fusedres.convert(copy.deepcopy(eager), backend=backend).model
+        x = torch.randn(3, 12, 9, 7, generator=torch.Generator().manual_seed(1000 + seed)).to(device) + 0.5
+        if channels_last:
+            eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
+            x = x.to(memory_format=torch.channels_last)
+        runs.append((eager, fused, x))
+    return runs
+
+
+def _assert_no_worse_than_eager(runs, dtype=None, autocast_dtype=None, absolute=1e-3):
+    """For the output and every gradient: fused's error vs an fp64 run, summed over the runs, is at most 2x
+    eager's in the same precision + absolute per run. runs: (eager block, fused block, input) triples."""
     cast = (lambda m: m) if dtype is None else (lambda m: m.to(dtype))
-    xin = x if dtype is None else x.to(dtype)
-    eager_errors = _errors(_step(cast(eager_block), xin, autocast_dtype), exact)
-    fused_errors = _errors(_step(cast(fused_block), xin, autocast_dtype), exact)
-    names = ["output", "input grad"] + [n for n, _ in eager_block.named_parameters()]
-    for name, fe, ee in zip(names, fused_errors, eager_errors):
-        assert fe <= 2 * ee + absolute, f"{name}: fused error {fe:.3g}, eager {ee:.3g}"
+    eager_sum = fused_sum = 0.0
+    for eager_block, fused_block, x in runs:
+        exact = _step(copy.deepcopy(eager_block).double(), x.double())
+        xin = x if dtype is None else x.to(dtype)
+        eager_sum = eager_sum + torch.tensor(_errors(_step(cast(eager_block), xin, autocast_dtype), exact))
+        fused_sum = fused_sum + torch.tensor(_errors(_step(cast(fused_block), xin, autocast_dtype), exact))
+    names = ["output", "input grad"] + [n for n, _ in runs[0][0].named_parameters()]
+    for name, fe, ee in zip(names, fused_sum.tolist(), eager_sum.tolist()):
+        assert fe <= 2 * ee + absolute * len(runs), (
+            f"{name}: fused error {fe / len(runs):.3g}, eager {ee / len(runs):.3g} (mean of {len(runs)} runs)")
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_bf16_autocast_matches_eager_within_its_own_error(kind):
-    eager = _block(kind, seed=1)
-    fused = fusedres.convert(copy.deepcopy(eager)).model
-    x = torch.randn(3, 12, 9, 7)
-    _assert_no_worse_than_eager(eager, fused, x, autocast_dtype=torch.bfloat16)
+    _assert_no_worse_than_eager(_runs(kind, LOW_PRECISION_SEEDS), autocast_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_bf16_model_matches_eager_within_its_own_error(kind):
-    eager = _block(kind, seed=2)
-    fused = fusedres.convert(copy.deepcopy(eager)).model
-    x = torch.randn(3, 12, 9, 7).to(memory_format=torch.channels_last)
-    _assert_no_worse_than_eager(eager, fused, x, dtype=torch.bfloat16)
+    _assert_no_worse_than_eager(_runs(kind, LOW_PRECISION_SEEDS, channels_last=True), dtype=torch.bfloat16)
 
 
 def test_no_grad_eval_and_train_eval_switching():
@@ -151,10 +170,20 @@ def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
     count(conv, "conv2d_fused")
     count(conv, "conv2d_input_grad")
     count(conv_wgrad, "conv2d_weight_grad")
-    eager = _block(kind, seed=4)
-    fused = fusedres.convert(copy.deepcopy(eager), backend="triton").model
-    _assert_no_worse_than_eager(eager, fused, torch.randn(3, 12, 9, 7) + 0.5)
+    _assert_no_worse_than_eager(_runs(kind, [4], backend="triton"))
     assert {"conv2d_fused", "conv2d_input_grad", "conv2d_weight_grad"} <= set(calls), set(calls)
+
+
+@pytest.mark.host_emulation
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_backend_blocks_in_host_emulation(kind, channels_last, dtype, cuda_backend_on_cpu):
+    """The CUDA extension's kernels (built for the CPU) behind converted blocks: a training step no worse
+    than eager in fp32 and bf16, both layouts, all four stage kernels called."""
+    seeds = [4] if dtype == torch.float32 else LOW_PRECISION_SEEDS
+    _assert_no_worse_than_eager(_runs(kind, seeds, backend="cuda", channels_last=channels_last), dtype=dtype)
+    assert set(cuda_backend_on_cpu) == {"channel_stats", "act_forward", "backward_reduce", "backward_apply"}
 
 
 # ------------------------------------------------------------------------------- GPU only
@@ -170,14 +199,11 @@ def test_gpu_blocks_match_eager_every_backend_dtype_layout(backend, dtype, chann
     reason = unavailable_reason(backend, torch.device("cuda"))
     if reason:
         pytest.skip(reason)
-    eager = _block(kind, seed=4).cuda()
-    fused = fusedres.convert(copy.deepcopy(eager), backend=backend).model
-    x = torch.randn(3, 12, 9, 7, device="cuda") + 0.5  # odd sizes, channels not a multiple of 8
-    if channels_last:
-        eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
-        x = x.to(memory_format=torch.channels_last)
+    seeds = [4] if dtype == "fp32" else LOW_PRECISION_SEEDS
+    runs = _runs(kind, seeds, backend=backend, device="cuda", channels_last=channels_last)
     # fp32 on GPU convolves in TF32 only if allowed; keep eager and fused on the same setting.
-    _assert_no_worse_than_eager(eager, fused, x, dtype=GPU_DTYPES[dtype], absolute=2e-3)
+    _assert_no_worse_than_eager(runs, dtype=GPU_DTYPES[dtype], absolute=2e-3)
+    eager, fused, _ = runs[0]
     for name, buf in eager.named_buffers():
         torch.testing.assert_close(dict(fused.named_buffers())[name].float(), buf.float(),
                                    rtol=1e-2, atol=1e-2, msg=name)
@@ -190,10 +216,8 @@ def test_gpu_bf16_autocast_training_step_matches_eager(backend, kind):
     reason = unavailable_reason(backend, torch.device("cuda"))
     if reason:
         pytest.skip(reason)
-    eager = _block(kind, seed=5).cuda().to(memory_format=torch.channels_last)
-    fused = fusedres.convert(copy.deepcopy(eager), backend=backend).model
-    x = torch.randn(4, 12, 14, 14, device="cuda").to(memory_format=torch.channels_last)
-    _assert_no_worse_than_eager(eager, fused, x, autocast_dtype=torch.bfloat16, absolute=2e-3)
+    runs = _runs(kind, LOW_PRECISION_SEEDS, backend=backend, device="cuda", channels_last=True)
+    _assert_no_worse_than_eager(runs, autocast_dtype=torch.bfloat16, absolute=2e-3)
 
 
 @requires_cuda
