@@ -4,15 +4,19 @@
 // extension never includes this file.
 //
 // A launch runs the grid's blocks one after another. A block's threads are fibers (ucontext)
-// on the calling OS thread, run in thread order: each runs until __syncthreads() or its end,
-// and the barrier opens once every thread still running waits at it (threads that returned no
-// longer count, as on sm_70+). __shared__ variables become function statics, which is right
-// while one block at a time uses them.
+// on the calling OS thread: each runs until __syncthreads() or its end, and the barrier opens
+// once every thread still running waits at it (threads that returned no longer count, as on
+// sm_70+). __shared__ variables become function statics, which is right while one block at a
+// time uses them. Between barriers the threads run one after another, in the order
+// FUSEDRES_EMULATION_ORDER names: "forward" (thread 0 first, the default), "reverse", or a
+// number, the seed of a fresh shuffle per barrier phase. A kernel whose results depend on that
+// order reads shared memory that another thread writes in the same phase: a race on the GPU.
 //
 // What this shows: the kernels' indexing, tiling, vector and scalar paths, reductions and the
 // order of their merges, on the host's IEEE fp32 (fmaf fused, 1/x correctly rounded, as
-// __frcp_rn). What it cannot show: races and memory ordering (no two threads run at once),
-// occupancy-dependent plans (an imaginary GPU, below), speed.
+// __frcp_rn), and races between barriers (by comparing orders). What it cannot show: races
+// inside a warp's instruction (no two threads run at once), memory ordering of global memory
+// between blocks, occupancy-dependent plans (an imaginary GPU, below), speed.
 
 #pragma once
 
@@ -22,7 +26,13 @@
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -65,6 +75,35 @@ inline void fiber_main() {
   running->done = true;  // then uc_link resumes the scheduler
 }
 
+// The order of a block's threads within each barrier phase (FUSEDRES_EMULATION_ORDER, above).
+class ThreadOrder {
+ public:
+  explicit ThreadOrder(unsigned threads) : order_(threads) {
+    const char* env = std::getenv("FUSEDRES_EMULATION_ORDER");
+    const std::string name = env == nullptr ? "forward" : env;
+    std::iota(order_.begin(), order_.end(), 0u);
+    if (name == "reverse") {
+      std::reverse(order_.begin(), order_.end());
+    } else if (name != "forward") {
+      shuffle_ = true;
+      try {
+        rng_.seed(std::stoul(name));
+      } catch (const std::exception&) {
+        TORCH_CHECK(false, "FUSEDRES_EMULATION_ORDER must be forward, reverse or a seed, got ", name);
+      }
+    }
+  }
+  const std::vector<unsigned>& next_phase() {
+    if (shuffle_) std::shuffle(order_.begin(), order_.end(), rng_);
+    return order_;
+  }
+
+ private:
+  std::vector<unsigned> order_;
+  bool shuffle_ = false;
+  std::mt19937 rng_;
+};
+
 // Runs body() once per thread of a (grid.x, grid.y) x block.x launch.
 template <class Body>
 void run_grid(dim3 grid, dim3 block, Body& body) {
@@ -77,6 +116,7 @@ void run_grid(dim3 grid, dim3 block, Body& body) {
   blockDim = block;
   std::vector<Fiber> fibers(block.x);
   for (Fiber& f : fibers) f.stack.resize(kStackBytes);
+  ThreadOrder order(block.x);
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       blockIdx = dim3(bx, by);
@@ -90,7 +130,7 @@ void run_grid(dim3 grid, dim3 block, Body& body) {
       }
       // One pass per barrier phase: every live thread runs to the next barrier or its end.
       for (unsigned live = block.x; live > 0;) {
-        for (unsigned t = 0; t < block.x; ++t) {
+        for (unsigned t : order.next_phase()) {
           if (fibers[t].done) continue;
           threadIdx = dim3(t);
           running = &fibers[t];

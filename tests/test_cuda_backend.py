@@ -307,6 +307,30 @@ def test_reductions_are_deterministic(backend, request):
             assert torch.equal(a, b)
 
 
+@pytest.mark.host_emulation
+@pytest.mark.skipif(_HOST_WHY_NOT is not None, reason=str(_HOST_WHY_NOT))
+@pytest.mark.parametrize("layout", list(FORMATS))
+def test_host_results_do_not_depend_on_thread_order(layout, monkeypatch, request):
+    """A block's threads run between barriers in the order FUSEDRES_EMULATION_ORDER names: results that
+    changed with it would come from a thread reading shared memory another writes in the same phase."""
+    ext = host_emulation.load()
+    c = Case((6, 16, 10, 13), torch.float32, FORMATS[layout], "bn", _seeded(request, "cpu"))
+
+    def run_all():
+        return [*ext.channel_stats(c.y), ext.act_forward(*c.fwd(), True),
+                *ext.backward_reduce(*c.reduce_args(True)), *ext.backward_apply(*c.apply_args(True, True))]
+
+    expected = run_all()
+    for order in ("reverse", "1", "2"):
+        monkeypatch.setenv("FUSEDRES_EMULATION_ORDER", order)
+        for name, got, want in zip(("mean", "var", "out", "sum_dz", "sum_dz_yc", "sum_dz_rc", "dy", "d_residual"),
+                                   run_all(), expected):
+            assert torch.equal(got, want), f"{name} differs with thread order {order}"
+    monkeypatch.setenv("FUSEDRES_EMULATION_ORDER", "sideways")
+    with pytest.raises(RuntimeError, match="FUSEDRES_EMULATION_ORDER must be forward, reverse or a seed"):
+        ext.channel_stats(c.y)
+
+
 # ------------------------------------------------------------------ more than 2**31 elements
 def _free_gib():
     return torch.cuda.mem_get_info()[0] / 2**30 if GPU_EXT is not None else 0.0
