@@ -68,8 +68,11 @@ def channels_last(t: torch.Tensor) -> bool:
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast gives a conv's operands on ``device_type``, or None where autocast is off or does
-    not exist for that device type (meta, say, where ``torch.is_autocast_enabled`` raises)."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    not exist for that device type (meta, say, where ``torch.is_autocast_enabled`` raises). Traced by
+    torch.compile, the device is a real one and the availability check is skipped: torch 2.11's dynamo
+    cannot trace ``torch.amp.is_autocast_available`` (a graph break at every call)."""
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+    if not available or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
