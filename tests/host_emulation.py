@@ -5,6 +5,10 @@ tests/test_cuda_backend.py checks the kernels' logic on machines without a GPU t
 Built on first use with ninja into build/host_emulation (about a minute on two cores; rebuilt
 only when the sources change). A failed build raises: it is a broken kernel source, not a reason
 to skip.
+
+FUSEDRES_EMULATION_SANITIZE=address builds it with AddressSanitizer instead (build/host_emulation_asan),
+so every out-of-bounds access of a kernel stops the run with a report: scripts/host_memcheck.sh, the
+CPU stand-in for compute-sanitizer's memcheck.
 """
 
 import functools
@@ -28,8 +32,13 @@ def load():
     """The emulated extension: fusedres._C's functions, on CPU tensors."""
     from torch.utils import cpp_extension
 
-    build = ROOT / "build" / "host_emulation"
+    sanitize = os.environ.get("FUSEDRES_EMULATION_SANITIZE", "")
+    if sanitize not in ("", "address"):
+        raise ValueError(f"FUSEDRES_EMULATION_SANITIZE must be 'address' or unset, got {sanitize!r}")
+    flags = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    name = "fusedres_host_emulation" + ("_asan" if sanitize else "")
+    build = ROOT / "build" / name.removeprefix("fusedres_")
     build.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name="fusedres_host_emulation", sources=[str(ROOT / "tests" / "bn_act_host.cpp")],
-        extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2"], build_directory=str(build))
+        name=name, sources=[str(ROOT / "tests" / "bn_act_host.cpp")], extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=["-O2", *flags], extra_ldflags=flags, build_directory=str(build))
