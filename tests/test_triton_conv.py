@@ -7,6 +7,7 @@ thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitud
 """
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -287,24 +288,33 @@ def test_rejects_bad_inputs():
 
 # ----------------------------------------------------------------------------- input gradient
 
-# (C, K, hw, kernel, padding, dilation, groups, dtype, x channels_last, grad_out channels_last, prologue)
+# (C, K, hw, kernel, stride, padding, dilation, groups, dtype, x channels_last, grad_out channels_last, prologue)
 INPUT_GRAD_CASES = [
-    (20, 8, 7, 3, 1, 1, 1, F32, True, True, "relu"),
-    (8, 20, (5, 7), 3, 1, 1, 1, F32, False, False, "relu"),
-    (20, 20, 6, 1, 0, 1, 1, BF16, True, True, "relu"),
-    (8, 20, 7, 3, 1, 1, 1, BF16, False, True, "linear"),
-    (20, 8, 9, 3, 2, 2, 1, F16, True, False, "relu"),
-    (3, 20, 9, 7, 3, 1, 1, F32, True, True, "relu"),  # the stem's shape: 3 output channels of the gradient
-    (32, 32, 5, 3, 1, 1, 2, F16, True, True, "relu"),
-    (20, 20, 5, 3, 0, 1, 1, BF16, True, True, "linear"),  # no padding: the gradient conv pads by 2
-    (8, 40, 13, 1, 0, 1, 1, F32, True, True, "relu"),  # several GROUP_M bands of row tiles
+    (20, 8, 7, 3, 1, 1, 1, 1, F32, True, True, "relu"),
+    (8, 20, (5, 7), 3, 1, 1, 1, 1, F32, False, False, "relu"),
+    (20, 20, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"),
+    (8, 20, 7, 3, 1, 1, 1, 1, BF16, False, True, "linear"),
+    (20, 8, 9, 3, 1, 2, 2, 1, F16, True, False, "relu"),
+    (3, 20, 9, 7, 1, 3, 1, 1, F32, True, True, "relu"),  # the stem's shape: 3 output channels of the gradient
+    (32, 32, 5, 3, 1, 1, 1, 2, F16, True, True, "relu"),
+    (20, 20, 5, 3, 1, 0, 1, 1, BF16, True, True, "linear"),  # no padding: the gradient conv pads by 2
+    (8, 40, 13, 1, 1, 0, 1, 1, F32, True, True, "relu"),  # several GROUP_M bands of row tiles
+    (16, 16, 6, 3, 1, 3, 1, 1, F32, True, True, "relu"),  # padding beyond the kernel's reach: a crop
+    # strided: one stride-1 conv per phase of the stride, each with its own taps
+    (20, 8, 9, 3, 2, 1, 1, 1, F32, True, True, "relu"),  # ResNet's 3x3/2: phases of 1, 2 and 4 taps
+    (8, 20, (8, 7), 3, 2, 1, 1, 1, BF16, False, True, "relu"),  # even and odd sizes
+    (20, 20, 7, 1, 2, 0, 1, 1, F16, True, True, "relu"),  # 1x1/2: three phases no tap reaches (dz = 0)
+    (8, 16, 11, 3, 2, 2, 2, 1, F32, True, False, "linear"),  # dilation 2 on stride 2: one phase has all taps
+    (16, 8, (10, 12), (5, 3), (3, 2), (2, 1), (1, 2), 1, F32, True, True, "relu"),  # mixed per-axis geometry
+    (32, 32, 9, 3, 2, 1, 1, 2, F16, True, True, "relu"),  # grouped
+    (3, 20, 15, 7, 2, 3, 1, 1, F32, True, True, "relu"),  # the stem's 7x7/2
 ]
 
 
 def _input_grad_case_id(case):
-    c, k, hw, r, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
-    return (f"c{c}k{k}-{hw}-r{r}p{pad}d{dil}g{groups}-{str(dtype)[6:]}-x{'cl' if x_cl else 'nchw'}"
-            f"-g{'cl' if g_cl else 'nchw'}-{prologue}")
+    c, k, hw, r, stride, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
+    return (f"c{c}k{k}-{hw}-r{r}s{stride}p{pad}d{dil}g{groups}-{str(dtype)[6:]}-x{'cl' if x_cl else 'nchw'}"
+            f"-g{'cl' if g_cl else 'nchw'}-{prologue}").replace(" ", "")
 
 
 def _input_grad_reference(grad_out, w, x, kw, dtype):
@@ -313,7 +323,7 @@ def _input_grad_reference(grad_out, w, x, kw, dtype):
     backward computes them)."""
     z = x.double() * kw["in_scale"].double()[:, None, None] + kw["in_shift"].double()[:, None, None]
     d_act = torch.ops.aten.convolution_backward(
-        grad_out.to(dtype), z.to(dtype), w.to(dtype), None, [1, 1], list(pair(kw["padding"])),
+        grad_out.to(dtype), z.to(dtype), w.to(dtype), None, list(pair(kw["stride"])), list(pair(kw["padding"])),
         list(pair(kw["dilation"])), False, [0, 0], kw["groups"], [True, False, False])[0]
     dz = torch.where(z > 0, d_act, 0) if kw["in_relu"] else d_act
     cdt = F64 if dtype == F64 else F32
@@ -330,15 +340,15 @@ def test_conv2d_input_grad(case):
 def _check_input_grad(case):
     """dz = d act * ReLU'(z) and BatchNorm backward's two sums, against fp64: the module's error rule, where
     for a sum ATOL applies to each summand (the sums are taken of dz as stored, rounded in dz's dtype)."""
-    c, k, hw, r, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
+    c, k, hw, r, stride, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
     gen = seeded(case)
     x = rand_act(gen, (2, c, *pair(hw)), dtype, x_cl)
-    w = rand_act(gen, (k, c // groups, r, r), dtype) / (c // groups) ** 0.5
-    kw = dict(padding=pad, dilation=dil, groups=groups, in_scale=rand_vec(gen, c, positive=True),
+    w = rand_act(gen, (k, c // groups, *pair(r)), dtype) / (c // groups) ** 0.5
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups, in_scale=rand_vec(gen, c, positive=True),
               in_shift=rand_vec(gen, c) * 0.5, in_relu=prologue == "relu", mean=rand_vec(gen, c))
-    out_hw = [(size + 2 * pad - dil * (r - 1) - 1) + 1 for size in pair(hw)]
-    grad_out = rand_act(gen, (2, k, *out_hw), dtype, g_cl)
-    assert conv.input_grad_unsupported_reason(grad_out, w, x, 1, pad, dil, groups) is None
+    geometry = SimpleNamespace(hw=pair(hw), kernel=pair(r), stride=pair(stride), padding=pair(pad), dilation=pair(dil))
+    grad_out = rand_act(gen, (2, k, *out_hw(geometry)), dtype, g_cl)
+    assert conv.input_grad_unsupported_reason(grad_out, w, x, stride, pad, dil, groups) is None
     dz, sums = conv.conv2d_input_grad(grad_out, w, x, **kw)
 
     ref_dz, ref_sums, ref_abs_sums = _input_grad_reference(grad_out, w, x, kw, F64)
@@ -360,13 +370,14 @@ def test_input_grad_unsupported_and_bad_arguments():
     x, w = rand_act(gen, (2, 16, 6, 6), F32), rand_act(gen, (16, 16, 3, 3), F32)
     grad = rand_act(gen, (2, 16, 6, 6), F32)
     vec = dict(in_scale=rand_vec(gen, 16), in_shift=rand_vec(gen, 16), in_relu=True, mean=rand_vec(gen, 16))
-    strided = rand_act(gen, (2, 16, 3, 3), F32)
-    assert "strided conv's input gradient" in conv.input_grad_unsupported_reason(strided, w, x, 2, 1, 1, 1)
-    with pytest.raises(RuntimeError, match=r"conv2d_input_grad: stride \(2, 2\)"):
-        conv.conv2d_input_grad(strided, w, x, stride=2, padding=1, **vec)
-    wide = rand_act(gen, (2, 16, 10, 10), F32)  # padding 3 on a 3x3 kernel: outside the gradient conv's reach
-    assert "exceeds the dilated kernel's reach" in conv.input_grad_unsupported_reason(wide, w, x, 1, 3, 1, 1)
+    thin_groups = rand_act(gen, (16, 4, 3, 3), F32)  # 4 channels per group: left to cuDNN, strided or not
+    for stride, grad_size in ((1, 6), (2, 3)):
+        thin_grad = rand_act(gen, (2, 16, grad_size, grad_size), F32)
+        assert "per group" in conv.input_grad_unsupported_reason(thin_grad, thin_groups, x, stride, 1, 1, 4)
+        with pytest.raises(RuntimeError, match="conv2d_input_grad: .* per group"):
+            conv.conv2d_input_grad(thin_grad, thin_groups, x, stride=stride, padding=1, groups=4, **vec)
     assert "conv output's shape (2, 16, 6, 6)" in conv.input_grad_unsupported_reason(grad[:1], w, x, 1, 1, 1, 1)
+    assert "conv output's shape (2, 16, 3, 3)" in conv.input_grad_unsupported_reason(grad, w, x, 2, 1, 1, 1)
     with pytest.raises(TypeError, match="conv2d_input_grad: grad_out has dtype torch.float16, expected x's dtype "
                                         "torch.float32"):
         conv.conv2d_input_grad(grad.half(), w, x, padding=1, **vec)
@@ -526,12 +537,12 @@ def test_gpu_grouped_resnext_shape():
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("name", ["l1_3x3", "l1_expand", "stem"])
+@pytest.mark.parametrize("name", list(RESNET50_CONVS))
 def test_gpu_input_grad_resnet50_shapes_bf16(name):
-    """conv2d_input_grad on ResNet-50's stride-1 shapes (and the stem's 7x7 with stride 1), bf16
-    channels_last, against fp64 by the module's error rule."""
-    c, k, h, kernel, _, padding = RESNET50_CONVS[name]
-    _check_input_grad((c, k, min(h, 56), kernel, padding, 1, 1, BF16, True, True, "relu"))
+    """conv2d_input_grad on ResNet-50's shapes (the stem at 112x112), bf16 channels_last, against fp64 by the
+    module's error rule."""
+    c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
+    _check_input_grad((c, k, min(h, 112), kernel, stride, padding, 1, 1, BF16, True, True, "relu"))
 
 
 @pytest.mark.gpu

@@ -32,8 +32,9 @@ dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     the faster (``_conv_implementation``). The backward chooses the same way (``_CONV_BACKWARD_DISPATCH``)
     between torch's convolution_backward on the recomputed activation plus the BN backward stages, and
     the Triton kernels: the weight gradient recomputing the prologue as it loads y
-    (``triton/conv_wgrad.py``) and, stride 1, the input gradient with the ReLU mask and the BN
-    backward's sums in its epilogue (``conv2d_input_grad``), then bn_act_backward_apply. Under
+    (``triton/conv_wgrad.py``) and the input gradient with the ReLU mask and the BN backward's sums
+    in its epilogue (``conv2d_input_grad``; a strided conv's in one launch per phase of the stride),
+    then bn_act_backward_apply. Under
     torch.compile the backward is traced, so it takes torch's (only ops).
 
 ``conv2d_stats(<bn_act_conv2d's arguments>, stats_shift?)``

@@ -46,9 +46,11 @@ BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >
 
 The same kernel runs the input side of the training backward (``conv2d_input_grad``, PROLOGUE_GRAD):
 for a stride-1 conv the gradient of its input is a conv of grad_out with the flipped, channel-swapped
-weight, and its epilogue applies the prologue's ReLU mask, recomputed from the unit's input x (read
-where a residual would be), and sums dz and dz * (x - mean) into the same workspace: BatchNorm's
-backward reduction without a pass over d act, which is never stored.
+weight; a strided conv's is one such stride-1 conv per phase of the stride (the input positions
+congruent modulo the stride, each reached by its own subset of the taps), written into a strided view.
+The epilogue applies the prologue's ReLU mask, recomputed from the unit's input x (read where a
+residual would be), and sums dz and dz * (x - mean) into the same workspace: BatchNorm's backward
+reduction without a pass over d act, which is never stored.
 
 Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and fused flags
 (``triton.autotune``, cached per process). FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning
@@ -57,7 +59,9 @@ Under TRITON_INTERPRET=1 one small config runs, without tuning.
 """
 
 import inspect
+import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -288,22 +292,25 @@ def unsupported_reason(x: Tensor, weight: Tensor, stride, padding, dilation, gro
     return _limit(geo, x, groups)
 
 
-def _packed_weight(weight: Tensor, groups: int, transposed: bool = False) -> Tensor:
+def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=None) -> Tensor:
     """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g; or
     ``transposed``, the weight of the input-gradient conv: (G, R*S*Kg, Cg), row (r*S + s)*Kg + k holding
-    weight[g*Kg + k, :, R-1-r, S-1-s] (the kernel flipped, input and output channels swapped).
+    weight[g*Kg + k, :, R-1-r, S-1-s] (the kernel flipped, input and output channels swapped). ``taps``
+    ((kernel rows), (kernel columns)) packs only those taps, as if the weight had no others.
 
-    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed) and checked against the
+    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps) and checked against the
     version counter, so in-place updates repack. An entry holds its weight tensor, so its memory cannot be
     reused by another tensor while cached. Not seen: writes through ``.data`` (a separate version
     counter) and inference tensors (none at all; they are packed on every call)."""
-    k, cg, r, s = weight.shape
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed)
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
+           taps)
     version = None if weight.is_inference() else weight._version
     hit = _PACK_CACHE.get(key)
     if hit is not None and version is not None and hit[1] == version:
         return hit[2]
-    grouped = weight.detach().reshape(groups, k // groups, cg, r, s)
+    chosen = weight.detach() if taps is None else weight.detach()[:, :, list(taps[0])][:, :, :, list(taps[1])]
+    k, cg, r, s = chosen.shape
+    grouped = chosen.reshape(groups, k // groups, cg, r, s)
     if transposed:
         packed = grouped.flip(3, 4).permute(0, 3, 4, 1, 2).reshape(groups, r * s * (k // groups), cg)
     else:
@@ -330,13 +337,13 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(t) else torch.contiguous_format
 
 
-def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out_format: torch.memory_format, *,
+def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
             in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
             out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None):
-    """Run _conv_kernel on validated arguments: (out, None) or, with compute_stats, (out, sums), sums the
-    (2, K) fp32 per-channel sums of d and d*e over all M rows (see the kernel)."""
+    """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides): out and
+    None or, with compute_stats, out and sums, the (2, K) fp32 per-channel sums of d and d*e over all M rows
+    (see the kernel)."""
     k = geo["K"]
-    out = torch.empty((geo["N"], k, geo["P"], geo["Q"]), device=x.device, dtype=x.dtype, memory_format=out_format)
     ws_rows = triton.cdiv(geo["M"], _MIN_BLOCK_M)  # row tiles of the smallest tile config
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     res = out if residual is None else residual
@@ -412,7 +419,8 @@ def conv2d_fused(
             raise ValueError(f"{fn}: residual must have the output's shape {(n, k, p, q)} on {x.device}, "
                              f"got {tuple(residual.shape)} on {residual.device}")
 
-    out, sums = _launch(x, _packed_weight(weight, groups), geo, groups, _memory_format(x), in_scale=in_scale,
+    out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    out, sums = _launch(x, _packed_weight(weight, groups), geo, groups, out, in_scale=in_scale,
                         in_shift=in_shift, in_relu=in_relu, out_scale=out_scale, out_shift=out_shift,
                         residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift)
     if not compute_stats:
@@ -441,30 +449,61 @@ def _gradient_geometry(fn: str, x: Tensor, weight: Tensor, grad_out: Tensor, str
     return geo
 
 
-def _input_grad_geometry(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
-                         groups: int) -> tuple[dict, Optional[str]]:
-    """(geometry of the input-gradient conv, None) or (forward geometry, why it cannot run).
+@dataclass(frozen=True)
+class _Phase:
+    """The input positions (rows, cols) congruent to (a, b) modulo the forward's stride, and the stride-1
+    conv giving their gradient: its geometry and the forward taps it uses, or geo None where no tap
+    reaches them (their gradient is 0)."""
+    rows: slice
+    cols: slice
+    geo: Optional[dict]
+    taps: tuple
 
-    With stride 1, d x'[h] = sum over r of grad_out[h + PH - r*DH] * W[r]: a conv of grad_out with the
-    flipped weight (``_packed_weight(transposed=True)``), padding DH*(R-1) - PH, the forward's dilation,
-    channels swapped, and x's spatial size as its output. A strided conv's input gradient is not a conv.
-    Raises TypeError / ValueError for invalid arguments."""
+
+def _phase_taps(a: int, stride: int, pad: int, dil: int, kernel: int) -> tuple[tuple, int, int]:
+    """(taps, dilation, padding) along one dimension of the conv that gives input rows h = a + stride*i
+    their gradient (``_input_grad_phases``); taps () when no tap reaches them."""
+    taps = tuple(r for r in range(kernel) if (a + pad - r * dil) % stride == 0)  # spaced stride / gcd apart
+    if not taps:
+        return taps, 1, 0
+    step_in_grad_out = dil // math.gcd(stride, dil)  # rows of grad_out between consecutive taps
+    first = (a + pad - taps[0] * dil) // stride  # grad_out row of tap taps[0] for i = 0
+    return taps, step_in_grad_out, step_in_grad_out * (len(taps) - 1) - first
+
+
+def _input_grad_phases(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
+                       groups: int) -> tuple[list, Optional[str]]:
+    """(the phases of the input gradient, None), or (the phases, why they cannot run).
+
+    Input row h = a + SH*i receives grad_out[p] * W[r] for the taps r with a + PH - r*DH divisible by SH,
+    equally spaced: r_j = r0 + T*j (T = SH / gcd(SH, DH)), at p = i + f - e*j (f = (a + PH - r0*DH) / SH,
+    e = T*DH / SH). So phase a is a stride-1 conv of grad_out with those taps flipped, dilation e, padding
+    e*(J-1) - f (negative: a crop) and ceil((H - a) / SH) output rows; columns alike, channels swapped. With
+    stride 1 that is one phase with every tap and padding DH*(R-1) - PH. Raises TypeError / ValueError for
+    invalid arguments."""
     geo = _gradient_geometry("conv2d_input_grad", x, weight, grad_out, stride, padding, dilation, groups)
-    if (geo["SH"], geo["SW"]) != (1, 1):
-        return geo, f"stride {(geo['SH'], geo['SW'])}: a strided conv's input gradient is not a convolution"
-    pad_h, pad_w = geo["DH"] * (geo["R"] - 1) - geo["PH"], geo["DW"] * (geo["S"] - 1) - geo["PW"]
-    if min(pad_h, pad_w) < 0:
-        return geo, f"padding {(geo['PH'], geo['PW'])} exceeds the dilated kernel's reach"
-    grad_geo = dict(geo, C=geo["K"], H=geo["P"], W=geo["Q"], K=geo["C"], P=geo["H"], Q=geo["W"],
-                    M=geo["N"] * geo["H"] * geo["W"], Cg=geo["Kg"], Kg=geo["Cg"], PH=pad_h, PW=pad_w)
-    return grad_geo, _limit(grad_geo, grad_out, groups)
+    phases, reason = [], None
+    for a in range(min(geo["SH"], geo["H"])):
+        taps_h, dil_h, pad_h = _phase_taps(a, geo["SH"], geo["PH"], geo["DH"], geo["R"])
+        rows = len(range(a, geo["H"], geo["SH"]))
+        for b in range(min(geo["SW"], geo["W"])):
+            taps_w, dil_w, pad_w = _phase_taps(b, geo["SW"], geo["PW"], geo["DW"], geo["S"])
+            cols = len(range(b, geo["W"], geo["SW"]))
+            phase_geo = None
+            if taps_h and taps_w:
+                phase_geo = dict(geo, C=geo["K"], H=geo["P"], W=geo["Q"], K=geo["C"], P=rows, Q=cols,
+                                 M=geo["N"] * rows * cols, Cg=geo["Kg"], Kg=geo["Cg"], SH=1, SW=1, PH=pad_h,
+                                 PW=pad_w, DH=dil_h, DW=dil_w, R=len(taps_h), S=len(taps_w))
+                reason = reason or _limit(phase_geo, grad_out, groups)
+            phases.append(_Phase(slice(a, None, geo["SH"]), slice(b, None, geo["SW"]), phase_geo, (taps_h, taps_w)))
+    return phases, reason
 
 
 def input_grad_unsupported_reason(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
                                   groups: int) -> Optional[str]:
     """None when conv2d_input_grad can run, else a short sentence saying why not (invalid arguments too)."""
     try:
-        return _input_grad_geometry(grad_out, weight, x, stride, padding, dilation, groups)[1]
+        return _input_grad_phases(grad_out, weight, x, stride, padding, dilation, groups)[1]
     except (TypeError, ValueError) as e:
         return str(e)
 
@@ -481,16 +520,25 @@ def conv2d_input_grad(
     dz has grad_out's dtype and x's memory format. sums: (2, C) fp32, over (N, H, W), of dz and of
     dz * (x - mean), dz as stored: BatchNorm's backward reduction (``bn_act_backward_reduce``'s sums).
     x: the forward's input (N, C, H, W); grad_out: (N, K, P, Q) in x's dtype, any strides; in_scale,
-    in_shift, mean: (C,) fp32. Stride 1 only; ``input_grad_unsupported_reason`` says why a call cannot run
-    (RuntimeError here), TypeError / ValueError for invalid arguments.
+    in_shift, mean: (C,) fp32. A strided conv takes one launch per phase of its stride
+    (``_input_grad_phases``). ``input_grad_unsupported_reason`` says why a call cannot run (RuntimeError
+    here), TypeError / ValueError for invalid arguments.
     """
     fn = "conv2d_input_grad"
-    geo, reason = _input_grad_geometry(grad_out, weight, x, stride, padding, dilation, groups)
+    phases, reason = _input_grad_phases(grad_out, weight, x, stride, padding, dilation, groups)
     if reason is not None:
         raise RuntimeError(f"{fn}: {reason}")
-    c = geo["K"]
+    c = x.shape[1]
     in_scale, in_shift, mean = (_vector(fn, name, v, c, x) for name, v in
                                 (("in_scale", in_scale), ("in_shift", in_shift), ("mean", mean)))
-    return _launch(grad_out, _packed_weight(weight, groups, transposed=True), geo, groups, _memory_format(x),
-                   out_scale=in_scale, out_shift=in_shift, residual=x, out_relu=in_relu, compute_stats=True,
-                   prologue_grad=True, stats_shift=mean)
+    dz = torch.empty(x.shape, device=x.device, dtype=grad_out.dtype, memory_format=_memory_format(x))
+    sums = torch.zeros((2, c), device=x.device, dtype=torch.float32)
+    for phase in phases:
+        dz_part = dz[:, :, phase.rows, phase.cols]
+        if phase.geo is None:  # no tap reaches these positions: no gradient, nothing to sum
+            dz_part.zero_()
+            continue
+        sums += _launch(grad_out, _packed_weight(weight, groups, transposed=True, taps=phase.taps), phase.geo, groups,
+                        dz_part, out_scale=in_scale, out_shift=in_shift, residual=x[:, :, phase.rows, phase.cols],
+                        out_relu=in_relu, compute_stats=True, prologue_grad=True, stats_shift=mean)[1]
+    return dz, sums
