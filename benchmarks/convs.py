@@ -392,7 +392,7 @@ def conv_bwd_summary(rows: list[dict]) -> str:
     return (f"Backward (bwd), triton time vs cudnn's: faster on {len(got) - len(slower)}/{len(got)} shapes, "
             f"median speedup {median:.2f}x (range {speed[0]:.2f}x-{speed[-1]:.2f}x)"
             + (f"; slower (time vs cudnn's): {', '.join(slower)}" if slower else "")
-            + (f"; {by_torch} of the shapes with torch's input gradient (stride 2 etc.)" if by_torch else "") + ".")
+            + (f"; {by_torch} of the shapes with torch's input gradient (no prologue, or a conv the Triton kernel does not take)" if by_torch else "") + ".")
 
 
 def conv_summary(rows: list[dict]) -> list[str]:
