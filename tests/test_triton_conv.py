@@ -399,6 +399,22 @@ def test_packed_weight_cache_follows_in_place_updates():
     torch.testing.assert_close(second, -2.0 * first, rtol=1e-6, atol=1e-5)
 
 
+def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):
+    """A weight used every step stays packed while others come and go (a FIFO cache smaller than a step's
+    working set would repack every weight every step)."""
+    monkeypatch.setattr(conv, "_PACK_CACHE", {})
+    monkeypatch.setattr(conv, "_PACK_CACHE_SIZE", 3)
+    gen = seeded("lru")
+    weights = [rand_act(gen, (4, 8, 3, 3), F32) for _ in range(5)]
+    packed = [conv._packed_weight(w, 1) for w in weights[:3]]
+    assert conv._packed_weight(weights[0], 1) is packed[0]  # used again: now the most recent
+    conv._packed_weight(weights[3], 1)  # full: drops weights[1], the least recently used
+    assert conv._packed_weight(weights[0], 1) is packed[0]
+    assert conv._packed_weight(weights[2], 1) is packed[2]
+    assert conv._packed_weight(weights[1], 1) is not packed[1]  # repacked (equal, a new tensor)
+    assert len(conv._PACK_CACHE) == 3
+
+
 _COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
