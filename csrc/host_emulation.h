@@ -16,7 +16,7 @@
 // order of their merges, on the host's IEEE fp32 (fmaf fused, 1/x correctly rounded, as
 // __frcp_rn), and races between barriers (by comparing orders). What it cannot show: races
 // inside a warp's instruction (no two threads run at once), memory ordering of global memory
-// between blocks, occupancy-dependent plans (an imaginary GPU, below), speed.
+// between blocks, real occupancy (the plans are an imaginary GPU's, below), speed.
 
 #pragma once
 
@@ -157,11 +157,22 @@ struct DeviceGuard {  // one device: nothing to switch
 
 inline c10::DeviceIndex current_device() { return -1; }
 
-// An imaginary GPU of 3 SMs holding 2 blocks each: small grids (the emulator runs blocks one
-// by one) that still split rows over several blocks and uneven waves.
+// An imaginary GPU holding 2 blocks per SM, of 3 SMs (small grids, as the emulator runs blocks
+// one by one, that still split rows over several blocks and uneven waves) or of
+// FUSEDRES_EMULATION_SMS SMs (132: an H100's plans, with hundreds of row slices).
 template <class Kernel>
 std::pair<int, int> resident_blocks_and_sms(Kernel, int) {
-  return {2, 3};
+  const char* env = std::getenv("FUSEDRES_EMULATION_SMS");
+  int sms = 3;
+  if (env != nullptr) {
+    try {
+      sms = std::stoi(env);
+    } catch (const std::exception&) {
+      sms = 0;
+    }
+    TORCH_CHECK(sms > 0, "FUSEDRES_EMULATION_SMS must be a positive number of SMs, got ", env);
+  }
+  return {2, sms};
 }
 
 template <class... P, class... A>

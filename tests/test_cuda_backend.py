@@ -205,9 +205,12 @@ for _p, _i in zip(*_grid(*_LAYOUT, RESIDUALS, [False, True], [False, True])):
 
 @pytest.mark.parametrize("dtype,layout,shape", _STATS, ids=_STATS_IDS)
 def test_channel_stats(dtype, layout, shape, backend, request):
-    c = Case(shape, dtype, FORMATS[layout], "none", _seeded(request, backend.device))
+    _check_channel_stats(backend.ext, Case(shape, dtype, FORMATS[layout], "none", _seeded(request, backend.device)))
+
+
+def _check_channel_stats(ext, c):
     _poison(c.scale, c.scale)
-    mean, var = backend.ext.channel_stats(c.y)
+    mean, var = ext.channel_stats(c.y)
     want_mean, want_var = ref.channel_stats(c.y.double())
     low_mean, low_var = ref.channel_stats(c.y)
     check("mean", mean, want_mean, low_mean, ref.channel_stats(c.y.double().abs())[0],
@@ -242,9 +245,13 @@ def test_act_forward(dtype, layout, shape, residual, relu, backend, request):
 
 @pytest.mark.parametrize("dtype,layout,shape,residual,relu", _ACT, ids=_ACT_IDS)
 def test_backward_reduce(dtype, layout, shape, residual, relu, backend, request):
-    c = Case(shape, dtype, FORMATS[layout], residual, _seeded(request, backend.device))
+    _check_backward_reduce(backend.ext, Case(shape, dtype, FORMATS[layout], residual, _seeded(request, backend.device)),
+                           relu)
+
+
+def _check_backward_reduce(ext, c, relu):
     _poison(c.scale, c.scale, c.scale)
-    got = backend.ext.backward_reduce(*c.reduce_args(relu))
+    got = ext.backward_reduce(*c.reduce_args(relu))
     want = ref.backward_reduce(*c.reduce_args(relu, _f64))
     low = ref.backward_reduce(*c.reduce_args(relu))
     magnitude = c.reduce_magnitude()
@@ -329,6 +336,21 @@ def test_host_results_do_not_depend_on_thread_order(layout, monkeypatch, request
     monkeypatch.setenv("FUSEDRES_EMULATION_ORDER", "sideways")
     with pytest.raises(RuntimeError, match="FUSEDRES_EMULATION_ORDER must be forward, reverse or a seed"):
         ext.channel_stats(c.y)
+
+
+@pytest.mark.host_emulation
+@pytest.mark.skipif(_HOST_WHY_NOT is not None, reason=str(_HOST_WHY_NOT))
+@pytest.mark.parametrize("layout,shape", [("nhwc", (16, 32, 56, 56)), ("nchw", (64, 1, 96, 96))])  # 264 slices
+def test_host_reductions_with_an_h100_launch_plan(layout, shape, monkeypatch, request):
+    """The plan a 132-SM GPU gets: hundreds of row slices per channel, merged by finalize threads that each
+    take several partials (the imaginary 3-SM GPU of the other host cases never needs that)."""
+    monkeypatch.setenv("FUSEDRES_EMULATION_SMS", "132")
+    c = Case(shape, torch.bfloat16, FORMATS[layout], "bn", _seeded(request, "cpu"))
+    _check_channel_stats(host_emulation.load(), c)
+    _check_backward_reduce(host_emulation.load(), c, True)
+    monkeypatch.setenv("FUSEDRES_EMULATION_SMS", "none")
+    with pytest.raises(RuntimeError, match="FUSEDRES_EMULATION_SMS must be a positive number of SMs, got none"):
+        host_emulation.load().channel_stats(c.y)
 
 
 # ------------------------------------------------------------------ more than 2**31 elements
