@@ -7,8 +7,9 @@
 on CPU ``--quick --batch 2 --size 64``). Each test checks its contender (same weights, same
 inputs) against an upcast run of eager, as the CLI does, before timing it; pytest-benchmark
 reads the host clock, so the timed function synchronises the GPU. Skipped tests say why
-(torch.compile off on CPU, a backend that cannot run here). This file lives outside ``tests/``,
-so ``pytest tests`` (and a bare ``pytest``: testpaths) never collects it.
+(torch.compile off on CPU, a backend that cannot run here). This file lives outside ``tests/``
+(a bare ``pytest`` never collects it: testpaths); the README's test command runs it too, in a process of its
+own, as a smoke test of the harness and of every contender's agreement with eager (no timing is asserted).
 """
 
 import os

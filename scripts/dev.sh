@@ -3,7 +3,8 @@
 #
 # Creates .venv (FUSEDRES_VENV overrides) with requirements-dev.txt, installs fusedres editable,
 # building the CUDA extension when nvcc is found (CUDA_HOME, default /usr/local/cuda), then runs
-# the demo (python -m fusedres demo) or the test suite (pytest tests).
+# the demo (python -m fusedres demo) or the test suite (pytest tests [pytest args], then the benchmark
+# suite's quick subset as a smoke test: every contender checked against eager, no timing asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${FUSEDRES_VENV:-.venv}
@@ -38,7 +39,9 @@ fi
 command=${1:-test}
 shift || true
 case "$command" in
-  test) exec "$py" -m pytest tests "$@" ;;
+  # pytest args go to the unit tests. The benchmark smoke runs after them in a process of its own:
+  # tests/conftest.py sets TRITON_INTERPRET=1 on CPU, which would run its Triton contenders interpreted.
+  test) "$py" -m pytest tests "$@" && exec "$py" -m pytest benchmarks -q ;;
   demo) exec "$py" -m fusedres demo "$@" ;;
   *) echo "usage: $0 demo|test [args...]" >&2; exit 2 ;;
 esac
