@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdlib>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -60,10 +61,18 @@ inline float __frcp_rn(float x) { return 1.0f / x; }
 namespace host_emulation {
 
 struct Fiber {
+  static constexpr std::size_t kStackBytes = 128 * 1024;
   ucontext_t context;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack{new char[kStackBytes]};  // left uninitialised: a stack needs no zeros
   bool done;
 };
+
+// At least `threads` fibers, kept for the process: stacks are allocated once, not per launch.
+inline std::vector<Fiber>& fiber_pool(unsigned threads) {
+  static std::vector<Fiber> pool;
+  if (pool.size() < threads) pool.resize(threads);
+  return pool;
+}
 
 inline ucontext_t scheduler;        // where a fiber returns at a barrier or at its end
 inline Fiber* running = nullptr;    // the fiber being run
@@ -107,23 +116,22 @@ class ThreadOrder {
 // Runs body() once per thread of a (grid.x, grid.y) x block.x launch.
 template <class Body>
 void run_grid(dim3 grid, dim3 block, Body& body) {
-  constexpr std::size_t kStackBytes = 128 * 1024;
   TORCH_INTERNAL_ASSERT(block.y == 1 && block.z == 1 && grid.z == 1,
                         "host emulation: 1-D blocks and 2-D grids only");
   thread_body = [](void* b) { (*static_cast<Body*>(b))(); };
   thread_body_arg = &body;
   gridDim = grid;
   blockDim = block;
-  std::vector<Fiber> fibers(block.x);
-  for (Fiber& f : fibers) f.stack.resize(kStackBytes);
+  std::vector<Fiber>& fibers = fiber_pool(block.x);
   ThreadOrder order(block.x);
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       blockIdx = dim3(bx, by);
-      for (Fiber& f : fibers) {
+      for (unsigned t = 0; t < block.x; ++t) {
+        Fiber& f = fibers[t];
         TORCH_INTERNAL_ASSERT(getcontext(&f.context) == 0, "host emulation: getcontext failed");
-        f.context.uc_stack.ss_sp = f.stack.data();
-        f.context.uc_stack.ss_size = f.stack.size();
+        f.context.uc_stack.ss_sp = f.stack.get();
+        f.context.uc_stack.ss_size = Fiber::kStackBytes;
         f.context.uc_link = &scheduler;
         makecontext(&f.context, fiber_main, 0);
         f.done = false;
