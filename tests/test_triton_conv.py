@@ -308,6 +308,7 @@ INPUT_GRAD_CASES = [
     (16, 8, (10, 12), (5, 3), (3, 2), (2, 1), (1, 2), 1, F32, True, True, "relu"),  # mixed per-axis geometry
     (32, 32, 9, 3, 2, 1, 1, 2, F16, True, True, "relu"),  # grouped
     (3, 20, 15, 7, 2, 3, 1, 1, F32, True, True, "relu"),  # the stem's 7x7/2
+    (16, 16, 1, 1, 2, 1, 1, 1, F32, True, True, "relu"),  # 1x1/2 padded on 1x1: no tap reaches x, dz = 0
 ]
 
 

@@ -58,6 +58,7 @@ results on disk (``cache_results``, triton >= 3.2) so later processes skip the b
 Under TRITON_INTERPRET=1 one small config runs, without tuning.
 """
 
+import functools
 import inspect
 import math
 import os
@@ -536,13 +537,14 @@ def conv2d_input_grad(
     in_scale, in_shift, mean = (_vector(fn, name, v, c, x) for name, v in
                                 (("in_scale", in_scale), ("in_shift", in_shift), ("mean", mean)))
     dz = torch.empty(x.shape, device=x.device, dtype=grad_out.dtype, memory_format=_memory_format(x))
-    sums = torch.zeros((2, c), device=x.device, dtype=torch.float32)
+    sums = []  # per launched phase: stride 1's one is returned as it is, no zero-fill and add
     for phase in phases:
         dz_part = dz[:, :, phase.rows, phase.cols]
         if phase.geo is None:  # no tap reaches these positions: no gradient, nothing to sum
             dz_part.zero_()
             continue
-        sums += _launch(grad_out, _packed_weight(weight, groups, transposed=True, taps=phase.taps), phase.geo, groups,
-                        dz_part, out_scale=in_scale, out_shift=in_shift, residual=x[:, :, phase.rows, phase.cols],
-                        out_relu=in_relu, compute_stats=True, prologue_grad=True, stats_shift=mean)[1]
-    return dz, sums
+        sums.append(_launch(
+            grad_out, _packed_weight(weight, groups, transposed=True, taps=phase.taps), phase.geo, groups, dz_part,
+            out_scale=in_scale, out_shift=in_shift, residual=x[:, :, phase.rows, phase.cols], out_relu=in_relu,
+            compute_stats=True, prologue_grad=True, stats_shift=mean)[1])
+    return dz, functools.reduce(torch.add, sums) if sums else x.new_zeros((2, c), dtype=torch.float32)
