@@ -6,6 +6,8 @@ largest error against the fp64 reference is at most twice that of eager torch co
 thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitude.
 """
 
+import json
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -468,6 +470,112 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     block = found["block"]
     tile_bytes = 2 * (block["BLOCK_M"] + block["BLOCK_N"]) * block["BLOCK_K"]  # bf16 (BLOCK_M + BLOCK_N) x BLOCK_K
     assert_pipelined(found, "bare", "prologue+stats", tile_bytes)
+
+
+_PARALLEL_COMPILE = """
+import json, sys, threading
+import torch, triton, triton.compiler
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.errors import PTXASError
+from fusedres.triton import conv
+
+fail_block_n = int(sys.argv[1])  # configs with this BLOCK_N fail to compile, as ptxas may (0: none)
+
+
+class StandInH100:  # what JITFunction.run asks the active driver before it compiles
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+driver.set_active(StandInH100())
+conv._limit = lambda *args: None  # let CPU tensors through to the launch
+kernel = conv._conv_kernel
+compiles = []
+real_compile, block_n_index = triton.compiler.compile, kernel.fn.arg_names.index("BLOCK_N")
+
+
+def compile(src, *args, **kwargs):  # the one JITFunction calls
+    block_n = src.constants[(block_n_index,)]
+    compiles.append(dict(thread=threading.current_thread().name, block_n=block_n))
+    if block_n == fail_block_n:
+        raise PTXASError("stand-in ptxas failure")
+    return real_compile(src, *args, **kwargs)
+
+
+triton.compiler.compile = compile
+real_run = kernel.fn.run
+
+
+def run(*args, grid, warmup, **kwargs):  # compile as a launch would (or take the built kernel), never launch
+    built = real_run(*args, grid=grid, warmup=True, **kwargs)
+    if not warmup and isinstance(built, triton.FutureKernel):
+        built.result()  # a failed compile raises here, as the launch's first use of it would
+    return built
+
+
+def do_bench(call, quantiles):  # the autotuner's timing: call once, every config equally fast
+    call()
+    return [1.0] * 3
+
+
+kernel.fn.run, kernel.do_bench = run, do_bench
+x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+w = torch.randn(128, 64, 3, 3, dtype=torch.bfloat16)
+conv.conv2d_fused(x, w, padding=(1, 1), in_scale=torch.ones(64), in_shift=torch.zeros(64), compute_stats=True)
+print(json.dumps(dict(compiles=compiles, block_ns=[c.kwargs["BLOCK_N"] for c in conv._CONFIGS],
+                      best_block_n=kernel.best_config.kwargs["BLOCK_N"])))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests autotune for real")
+@pytest.mark.parametrize("fail_block_n", [0, 256], ids=["all-compile", "one-fails"])
+def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, monkeypatch, tmp_path):
+    """First use of a conv shape compiles every config on worker threads before the autotuner times them,
+    and those are the kernels the timing loop and the launch use (nothing compiles twice or on the main
+    thread); a config that fails to compile is skipped by the timing loop as it would be without the
+    parallel compile. Run on CPU with a stand-in for the H100's driver (compiled, never launched), in a
+    process without TRITON_INTERPRET; two worker threads even where the machine has one core."""
+    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "2")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real: a cached kernel loads at once
+    done = compile_for_sm90(_PARALLEL_COMPILE, str(fail_block_n))
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    on_workers = [c for c in found["compiles"] if c["thread"].startswith("fusedres-compile")]
+    assert sorted(c["block_n"] for c in on_workers) == sorted(found["block_ns"]), found  # each config once
+    assert len({c["thread"] for c in on_workers}) == 2, found
+    # nothing else compiled, but a failed config again when timed, where triton (< 3.8) did not keep the failure
+    assert all(c["block_n"] == fail_block_n for c in found["compiles"] if c not in on_workers), found
+    assert found["best_block_n"] != fail_block_n
+    assert fail_block_n == 0 or fail_block_n in found["block_ns"]  # the failure case does fail a config
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_compile_threads_rejects_what_is_not_a_positive_count(value, monkeypatch):
+    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", value)
+    with pytest.raises(ValueError, match=f"should be a positive number of threads, got '{value}'"):
+        conv._compile_threads()
+
+
+def test_compile_threads_default_to_the_usable_cores(monkeypatch):
+    monkeypatch.delenv("FUSEDRES_COMPILE_THREADS", raising=False)
+    assert conv._compile_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", " 3 ")
+    assert conv._compile_threads() == 3
+
+
+def test_every_autotuned_conv_kernel_compiles_new_keys_in_parallel():
+    from fusedres.triton import conv_wgrad
+
+    for kernel in (conv._conv_kernel, conv_wgrad._wgrad_kernel):
+        assert kernel.early_config_prune.func is conv._compile_in_parallel
+        assert kernel.early_config_prune.args == (kernel.fn,)
 
 
 # ----------------------------------------------------------------------------- GPU only

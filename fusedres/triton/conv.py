@@ -53,15 +53,20 @@ residual would be), and sums dz and dz * (x - mean) into the same workspace: Bat
 reduction without a pass over d act, which is never stored.
 
 Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and fused flags
-(``triton.autotune``, cached per process). FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning
-results on disk (``cache_results``, triton >= 3.2) so later processes skip the benchmarking.
+(``triton.autotune``, cached per process). A key seen for the first time compiles all its configs at
+once, on a thread per CPU core (``triton.AsyncCompileMode``; FUSEDRES_COMPILE_THREADS=n sets the
+number, 1 compiles them one by one), before they are timed: first use waits for about the slowest
+compile instead of the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the
+tuning results on disk (``cache_results``, triton >= 3.2) so later processes skip the benchmarking.
 Under TRITON_INTERPRET=1 one small config runs, without tuning.
 """
 
+import contextlib
 import functools
 import inspect
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -105,11 +110,50 @@ _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW"
                  "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K"]
 _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on", "stride_ok", "stride_op",
                  "stride_oq", "stride_rn", "stride_rk", "stride_rp", "stride_rq")
-_AUTOTUNE_EXTRA = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
-                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-@triton.autotune(configs=_CONFIGS, key=_AUTOTUNE_KEY, **_AUTOTUNE_EXTRA)
+def _compile_threads() -> int:
+    """FUSEDRES_COMPILE_THREADS, else the CPU cores this process may use."""
+    value = os.environ.get("FUSEDRES_COMPILE_THREADS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FUSEDRES_COMPILE_THREADS should be a positive number of threads, got {value!r}")
+    return int(value)
+
+
+def _compile_in_parallel(jit_fn, configs: list, positional: dict, **launch) -> list:
+    """The autotuner's config hook, called once per new key before the configs are timed: compile every
+    config of this launch at once on a thread pool (triton compiles with the GIL released), so the timing
+    loop finds them built. A config that fails to compile is left for the timing loop to fail and skip,
+    as it would without this. Returns the configs unchanged."""
+    workers = min(len(configs), _compile_threads())
+    async_compile = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
+    if workers < 2 or async_compile is None:
+        return configs
+    meta = {k: v for k, v in launch.items() if k not in ("grid", "warmup")}
+    with ThreadPoolExecutor(workers, thread_name_prefix="fusedres-compile") as pool, contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(async_compile(pool, ignore_errors=True))
+        except RuntimeError:  # the caller runs its own AsyncCompileMode (one at a time): leave compiling to it
+            return configs
+        for config in configs:
+            jit_fn.warmup(*positional.values(), grid=(1,), **meta, **config.all_kwargs())
+    return configs
+
+
+def _autotune(configs: list, key: list):
+    """triton.autotune over ``configs`` keyed by the argument names ``key``, compiling a new key's configs
+    in parallel (``_compile_in_parallel``), with the disk cache if FUSEDRES_AUTOTUNE_CACHE=1."""
+    def decorate(jit_fn):
+        extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
+                 if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+        hook = {"early_config_prune": functools.partial(_compile_in_parallel, jit_fn)}
+        return triton.autotune(configs=configs, key=key, prune_configs_by=hook, **extra)(jit_fn)
+    return decorate
+
+
+@_autotune(_CONFIGS, _AUTOTUNE_KEY)
 @triton.jit
 def _conv_kernel(
     x_ptr,  # (N, C, H, W) input, any strides

@@ -30,6 +30,7 @@ Under TRITON_INTERPRET=1 there are at least _INTERPRET_SPLITS splits where M all
 the split path.
 
 Tile shapes, num_warps and num_stages are autotuned per conv shape, strides, dtype and prologue flags;
+a new key's configs compile in parallel and
 FUSEDRES_AUTOTUNE_CACHE=1 keeps the results on disk, as for conv.py. Under TRITON_INTERPRET=1 one small
 config runs, without tuning.
 """
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import (_AUTOTUNE_EXTRA, _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _configs,
+from .conv import (_DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _autotune, _configs,
                    _gradient_geometry, _limit, _vector)
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
@@ -59,7 +60,7 @@ _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_dn"
                  "stride_dq")
 
 
-@triton.autotune(configs=_CONFIGS, key=_AUTOTUNE_KEY, **_AUTOTUNE_EXTRA)
+@_autotune(_CONFIGS, _AUTOTUNE_KEY)
 @triton.jit
 def _wgrad_kernel(
     x_ptr,  # (N, C, H, W) the forward conv's input before the prologue, any strides
