@@ -174,6 +174,23 @@ def test_cache_refolds_after_dtype_change_and_new_parameter(pair):
         assert cache.get(conv, bn, BF16)[0].dtype == BF16
 
 
+def test_cache_refolds_when_a_new_storage_takes_the_old_address(pair):
+    """``module.half().float()`` gives every weight a new storage and assigns it through ``.data``,
+    which keeps the Parameter and its version counter; a caching allocator may place the new storage
+    at the address the old one was freed from. Emulated exactly: two storages over one numpy buffer."""
+    conv, bn = pair
+    buffer = conv.weight.detach().numpy().copy()
+    conv.weight.data = torch.from_numpy(buffer)
+    cache = FoldedWeights()
+    with torch.no_grad():
+        cache.get(conv, bn)
+        buffer *= 2  # the new values, written below torch
+        address, version = conv.weight.data_ptr(), conv.weight._version
+        conv.weight.data = torch.from_numpy(buffer)  # a new storage at the same address
+        assert (conv.weight.data_ptr(), conv.weight._version) == (address, version)
+        assert_fold_of(cache.get(conv, bn), conv, bn)
+
+
 def test_cache_keeps_state_dict_and_holds_no_buffers(pair):
     conv, bn = pair
 
@@ -322,18 +339,21 @@ def test_conv_bias_act_autocast_casts_like_conv2d():
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
 
 
-# ambiguous layouts: a single output channel, and a 1 x 1 output
-OPCHECK_SHAPES = [((2, 4, 7, 6), 6, 3, 1), ((2, 4, 5, 5), 1, 3, 1), ((2, 4, 3, 3), 6, 3, 0)]
+# ambiguous layouts: a single output channel, a 1 x 1 output, a 1 x 1 input (a ResNet's last stage at 32 px)
+OPCHECK_SHAPES = [((2, 4, 7, 6), 6, 3, 1), ((2, 4, 5, 5), 1, 3, 1), ((2, 4, 3, 3), 6, 3, 0), ((2, 4, 1, 1), 6, 1, 0)]
 
 
+@pytest.mark.parametrize("weight_channels_last", [False, True], ids=["w_nchw", "w_cl"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=["6ch", "1ch", "1x1"])
+@pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=["6ch", "1ch", "1x1", "x1x1"])
 @pytest.mark.parametrize("bias_residual", [(True, True), (False, False)], ids=["bias_res", "plain"])
-def test_opcheck(channels_last, shape, bias_residual):
+def test_opcheck(channels_last, weight_channels_last, shape, bias_residual):
+    """The op against its fake (output strides included) and autograd's rules; the weight in either layout
+    (a channels_last model's weights stay channels_last where x's layout is ambiguous)."""
     (n, c, h, w), out_ch, k, pad = shape
     gen = torch.Generator().manual_seed(3)
     x = randn(gen, n, c, h, w, dtype=F32, channels_last=channels_last)
-    weight = randn(gen, out_ch, c, k, k, dtype=F32)
+    weight = randn(gen, out_ch, c, k, k, dtype=F32, channels_last=weight_channels_last)
     out_hw = (h + 2 * pad - k + 1, w + 2 * pad - k + 1)
     bias = randn(gen, out_ch, dtype=F32) if bias_residual[0] else None
     residual = (randn(gen, n, out_ch, *out_hw, dtype=F32, channels_last=channels_last)

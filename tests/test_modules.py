@@ -125,13 +125,12 @@ def test_no_grad_eval_and_train_eval_switching():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_eval_forward_folds_batchnorm_and_refolds_after_a_training_step(kind, monkeypatch):
-    """Eval mode under no_grad runs each conv with its BatchNorm folded in (fusedres::conv_bias_act),
+    """Eval mode under no_grad runs each conv with its BatchNorm folded in (fusedres::conv_bias_act's body),
     and the folded weights follow the model through a training step and load_state_dict."""
     eager = _block(kind, seed=7).double()
     fused = fusedres.convert(copy.deepcopy(eager)).model
     calls = []
-    monkeypatch.setattr(inference, "conv_bias_act",
-                        lambda *args, **kw: calls.append(1) or original_conv_bias_act(*args, **kw))
+    monkeypatch.setattr(inference, "_run", lambda *args, **kw: calls.append(1) or original_run(*args, **kw))
     x = torch.randn(2, 12, 8, 8, dtype=torch.float64)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, fused)]
     for step in range(2):
@@ -151,7 +150,25 @@ def test_eval_forward_folds_batchnorm_and_refolds_after_a_training_step(kind, mo
     assert not calls
 
 
-original_conv_bias_act = inference.conv_bias_act
+original_run = inference._run  # conv_bias_act's body, whichever entry point is called
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_forward_rejects_a_wrong_input_as_eager_would(kind):
+    """The folded path checks its input on every call (the conv arguments were checked at conversion):
+    a wrong channel count, dtype or rank raises, naming the problem, and the block still works after."""
+    fused = fusedres.convert(_block(kind, seed=9)).model.eval()
+    x = torch.randn(2, 12, 8, 8)
+    with torch.no_grad():
+        expected = fused(x)
+        # a pre-activation block meets its first BatchNorm before any conv
+        with pytest.raises((RuntimeError, ValueError), match=r"expects 12 input channels, got 13|should contain 13 "):
+            fused(torch.randn(2, 13, 8, 8))
+        with pytest.raises(RuntimeError, match=r"input type \(torch.float64\) and weight type \(torch.float32\)"):
+            fused(x.double())
+        with pytest.raises((ValueError, RuntimeError), match=r"4D|dimension|3D"):
+            fused(x[0])
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the triton backend on the GPU")

@@ -207,14 +207,14 @@ class _FusedResidualBlock(nn.Module):
             weight, bias = conv.weight, conv.bias
         else:
             cache = self.__dict__.setdefault("_folded", {})  # plain attribute: not in state_dict
-            folded = cache.setdefault((id(conv), id(bn)), inference.FoldedWeights())
-            autocast = backends.autocast_dtype(source.device.type)
-            weight, bias = folded.get(conv, bn, autocast if autocast and conv.weight.dtype != torch.float64
-                                      else conv.weight.dtype)
-        return inference.conv_bias_act(
-            source, weight, bias, residual, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, relu=relu,
-            backend="torch" if self.backend == "torch" else "auto")
+            folded = cache.get((id(conv), id(bn)))
+            if folded is None:
+                folded = cache[id(conv), id(bn)] = inference.FoldedWeights()
+            autocast, weight = backends.autocast_dtype(source.device.type), conv.weight
+            weight, bias = folded.get(conv, bn, autocast if autocast and weight.dtype != torch.float64
+                                      else weight.dtype)
+        return inference.conv_module_bias_act(source, conv, weight, bias, residual, relu,
+                                              "torch" if self.backend == "torch" else "auto")
 
     def __getstate__(self):
         state = super().__getstate__().copy()

@@ -23,6 +23,7 @@ channels_last and not also NCHW-contiguous) whichever implementation ran.
 
 import contextlib
 import operator
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -63,18 +64,36 @@ def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], running_me
     return (conv_weight.to(cdt) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
-def _state(tensors: tuple) -> Optional[tuple]:
-    """Storage, version counter, dtype and device of each tensor (None entries stay None); None when one
-    is an inference tensor, which has no version counter, so a change could not be seen."""
-    state = []
-    for t in tensors:
-        if t is None:
-            state.append(None)
-        elif t.is_inference():
-            return None
-        else:
-            state.append((t.data_ptr(), t._version, t.dtype, t.device))
-    return tuple(state)
+_ABSENT = object()
+
+
+def _member(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter or buffer, reading the module's dicts directly: this
+    runs for every source of every folded conv at every inference call, where ``nn.Module.__getattr__``
+    (~0.5 us a lookup) would be a third of ``FoldedWeights.get``'s time."""
+    t = module._parameters.get(name, _ABSENT)
+    if t is _ABSENT:
+        t = module._buffers.get(name, _ABSENT)
+    return getattr(module, name) if t is _ABSENT else t  # e.g. a parametrized weight (a property)
+
+
+def _snapshot(t: Optional[Tensor]) -> Optional[tuple]:
+    """What must stay the same for ``t``'s folded value to stay valid: its storage (weakly referenced: a
+    storage freed and another allocated at the same address, as a caching allocator does after
+    ``module.half().float()``, is not the same one), data pointer, version counter and dtype. An
+    inference tensor has no version counter (-1 here), so no snapshot of it is ever unchanged."""
+    if t is None:
+        return None
+    return weakref.ref(t.untyped_storage()), t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype
+
+
+def _unchanged(t: Optional[Tensor], snapshot: Optional[tuple]) -> bool:
+    """Whether ``t``, the very tensor ``snapshot`` was taken of (or None), is still as it was then."""
+    if t is None:
+        return True
+    storage, ptr, version, dtype = snapshot
+    return (storage() is t.untyped_storage() and t.data_ptr() == ptr and version >= 0 and t._version == version
+            and t.dtype == dtype)
 
 
 class FoldedWeights:
@@ -92,7 +111,7 @@ class FoldedWeights:
 
     def __init__(self):
         self._sources: tuple = ()  # the tensors last folded (held until the next fold replaces them)
-        self._state: Optional[tuple] = None
+        self._snapshots: tuple = ()  # _snapshot of each source
         self._key = None
         self._folded: Optional[tuple[Tensor, Tensor]] = None
 
@@ -102,25 +121,25 @@ class FoldedWeights:
         if bn.training:
             raise RuntimeError("FoldedWeights.get: the BatchNorm is in training mode; folding uses running "
                                "statistics and is for eval mode only")
-        if bn.running_mean is None or bn.running_var is None:
+        # BatchNorm's forward updates the running stats below autograd, without moving their version
+        # counters, but it moves num_batches_tracked's (a Python add_): that one is watched too.
+        sources = (_member(conv, "weight"), _member(conv, "bias"), _member(bn, "running_mean"),
+                   _member(bn, "running_var"), _member(bn, "weight"), _member(bn, "bias"),
+                   _member(bn, "num_batches_tracked"))
+        if sources[2] is None or sources[3] is None:
             raise ValueError("FoldedWeights.get: the BatchNorm keeps no running statistics "
                              "(track_running_stats=False), so it has nothing to fold")
-        sources = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
             raise RuntimeError("FoldedWeights.get is for inference: call it under torch.no_grad() or "
                                "torch.inference_mode(), or with parameters that do not require grad")
-        key = (conv.weight.dtype if dtype is None else dtype, bn.eps)
+        key = (sources[0].dtype if dtype is None else dtype, bn.eps)
         if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
-            return fold_batch_norm(*sources, bn.eps, key[0])
-        # BatchNorm's forward updates the running stats below autograd, without moving their version
-        # counters, but it moves num_batches_tracked's (a Python add_): that one is watched too.
-        watched = sources + (bn.num_batches_tracked,)
-        state = _state(watched)
-        if (state is None or state != self._state or key != self._key
-                or not all(map(operator.is_, watched, self._sources))):
+            return fold_batch_norm(*sources[:6], bn.eps, key[0])
+        if (key != self._key or not all(map(operator.is_, sources, self._sources))
+                or not all(map(_unchanged, sources, self._snapshots))):
             with torch.no_grad():
-                self._folded = fold_batch_norm(*sources, bn.eps, key[0])
-            self._key, self._sources, self._state = key, watched, state
+                self._folded = fold_batch_norm(*sources[:6], bn.eps, key[0])
+            self._key, self._sources, self._snapshots = key, sources, tuple(map(_snapshot, sources))
         return self._folded
 
 
@@ -218,15 +237,23 @@ def dispatch_table() -> dict[str, dict]:
 def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
                      backend: str) -> Tensor:
+    return _run(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend,
+                autocast=backends.autocast_dtype(x.device.type) is not None)
+
+
+def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
+         groups: int, relu: bool, backend: str, autocast: bool) -> Tensor:
+    """The op's body, told whether autocast is on for x's device (it reaches into a custom op's body; the op
+    computes in its inputs' dtype, so it is turned off inside)."""
     channels_last = backends.channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x, weight = x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+    # The weight stays as it is (every implementation takes any layout; cuDNN's fused convs pick one from
+    # both operands): when x's layout is ambiguous (H * W = 1, say) a channels_last weight would otherwise be
+    # copied at every call, a larger copy than the output's below.
+    x = x.contiguous(memory_format=fmt)
     residual = None if residual is None else residual.contiguous(memory_format=fmt)
     args = (x, weight, bias, residual, (stride, padding, dilation, groups), relu)
-    # Autocast reaches into a custom op's body; the op computes in its inputs' dtype.
-    device_type = x.device.type
-    with (torch.autocast(device_type, enabled=False) if backends.autocast_dtype(device_type) is not None
-          else contextlib.nullcontext()):
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         out = _IMPLS[_choose(backend, channels_last, args)](*args)
     strides = _dense_strides(out.shape, channels_last)
     if out.stride() != strides:  # only where the layout is ambiguous (size-1 C or H * W)
@@ -234,8 +261,8 @@ def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     return out
 
 
-# The op, for torch.compile and the dispatcher; eager calls from ``conv_bias_act`` run ``_conv_bias_act``
-# itself, skipping the custom-op machinery (tens of microseconds a call: batch-1 latency is host-bound).
+# The op, for torch.compile and the dispatcher; eager calls from ``conv_bias_act`` run its body (``_run``)
+# directly, skipping the custom-op machinery (tens of microseconds a call: batch-1 latency is host-bound).
 conv_bias_act_op = custom_op("fusedres::conv_bias_act", mutates_args=())(_conv_bias_act)
 
 
@@ -257,8 +284,6 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     """
     fn = "fusedres.conv_bias_act"
     _check_activation(fn, "input", x)
-    if residual is not None:
-        _check_activation(fn, "residual", residual)
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"{fn}: expected a 4D weight (out_channels, in_channels / groups, kH, kW), got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
@@ -271,18 +296,40 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
         raise ValueError(f"{fn}: groups={groups} must divide the {in_channels} input and {out_channels} "
                          "output channels")
-    if weight.shape[1] * groups != in_channels:
-        raise RuntimeError(f"{fn}: weight of size {tuple(weight.shape)} expects {weight.shape[1] * groups} "
-                           f"input channels, got {in_channels}")
+    return _checked_call(fn, x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
+
+
+def conv_module_bias_act(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
+                         residual: Optional[Tensor] = None, relu: bool = True, backend: str = "auto") -> Tensor:
+    """``conv_bias_act`` with ``conv``'s stride, padding, dilation and groups, for a module running its own
+    ``nn.Conv2d`` (``weight`` and ``bias``: the conv's, or ``FoldedWeights.get``'s fold of them): the
+    conv's arguments were checked when the module was converted, so only the tensors are, on every call.
+    A module's inference path calls this once per unit: at batch 1 its cost is the model's latency."""
+    return _checked_call("fusedres.conv_bias_act", x, weight, bias, residual, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, relu, backend)
+
+
+def _checked_call(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                  stride, padding, dilation, groups: int, relu: bool, backend: str) -> Tensor:
+    """The op on its tensors, checked (stride, padding, dilation: two ints each, checked; a 4D weight and
+    groups dividing its channels), in autocast's dtype under autocast."""
+    _check_activation(fn, "input", x)
+    if residual is not None:
+        _check_activation(fn, "residual", residual)
+    device = x.device
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{fn}: expected {name} to be on {x.device} like the input, got {t.device}")
-    dtype = backends.autocast_dtype(x.device.type)
+        if t is not None and t.device != device:
+            raise RuntimeError(f"{fn}: expected {name} to be on {device} like the input, got {t.device}")
+    dtype = backends.autocast_dtype(device.type)
     if dtype is not None:
         x, weight, bias, residual = (t if t is None or t.dtype == torch.float64 else t.to(dtype)
                                      for t in (x, weight, bias, residual))  # autocast leaves fp64 alone
+    if weight.shape[1] * groups != x.shape[1]:
+        raise RuntimeError(f"{fn}: weight of size {tuple(weight.shape)} expects {weight.shape[1] * groups} "
+                           f"input channels, got {x.shape[1]}")
     if weight.dtype != x.dtype:
         raise RuntimeError(f"{fn}: input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
+    out_channels = weight.shape[0]
     if bias is not None and (bias.shape != (out_channels,) or bias.dtype != x.dtype):
         raise RuntimeError(f"{fn}: expected bias of size ({out_channels},) and type {x.dtype}, got size "
                            f"{tuple(bias.shape)} and type {bias.dtype}")
@@ -296,5 +343,8 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         raise RuntimeError(f"{fn} is inference-only (it has no backward): call it under torch.no_grad() "
                            "or torch.inference_mode()")
-    op = torch.ops.fusedres.conv_bias_act if torch.compiler.is_compiling() else _conv_bias_act
-    return op(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
+    if torch.compiler.is_compiling():
+        return torch.ops.fusedres.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups,
+                                                relu, backend)
+    return _run(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend,
+                autocast=dtype is not None)
