@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock, _qualified_name
+from .nn.hooks import has_run_hooks
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
 from .ops.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
@@ -142,6 +143,11 @@ def _convert_bn_relu_pairs(report, backend, filter_fn) -> None:
             continue  # not a BatchNorm + ReLU pair (e.g. BN then conv in a Sequential)
         if type(bn) is not nn.BatchNorm2d:
             report.skipped.append((name, f"{type(bn).__name__} outside residual blocks is not fused"))
+            continue
+        hooked = [n for n, m in ((bn_name, bn), (act_name, act)) if has_run_hooks(m)]
+        if hooked:
+            report.skipped.append((name, f"{' and '.join(hooked)} {'have' if len(hooked) > 1 else 'has'} forward "
+                                         "or backward hooks, which would not run inside the fused BatchNorm + ReLU"))
             continue
         if filter_fn is not None and not filter_fn(bn, name):
             report.skipped.append((name, "rejected by filter_fn"))

@@ -248,3 +248,39 @@ def test_sync_batchnorm_conversion_after_convert_never_loses_the_stem_relu():
         relu_input = -torch.ones(1, 64, 2, 2)
         assert model.relu(relu_input).eq(0).all()
     assert type(fusedres.revert(model).relu) is nn.ReLU
+
+
+def test_hooks_inside_a_block_keep_it_unconverted_and_hooks_on_it_keep_running():
+    """A fused block runs its children's work without calling them: a block with a hook on a child stays
+    eager (and says why), so the hook runs; a hook on the block itself runs on the fused block, is removed
+    by its original handle, and is the reverted block's again."""
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(num_classes=10).eval()
+    randomise_bn(eager, seed=5)
+    model = copy.deepcopy(eager)
+    seen = []
+    model.layer1[0].conv2.register_forward_hook(lambda m, i, o: seen.append(("conv2", o.shape)))
+    handle = model.layer2[0].register_forward_hook(lambda m, i, o: seen.append(("block", o.shape)))
+    model.layer3[0].register_forward_pre_hook(lambda m, i: seen.append(("pre", i[0].shape)))
+    model.bn1.register_forward_hook(lambda m, i, o: seen.append(("bn1", o.shape)))
+    report = fusedres.convert(model)
+    skipped = dict(report.skipped)
+    assert "conv2 has forward or backward hooks" in skipped["layer1.0"]
+    assert "bn1 has forward or backward hooks" in skipped["bn1"]
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock and type(model.bn1) is nn.BatchNorm2d
+    assert isinstance(model.layer2[0], FusedBasicBlock) and isinstance(model.layer3[0], FusedBasicBlock)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)
+    assert [name for name, _ in seen] == ["bn1", "conv2", "block", "pre"]
+    assert seen[2][1] == (2, 128, 4, 4) and seen[3][1] == (2, 128, 4, 4)
+    handle.remove()
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    assert [name for name, _ in seen] == ["bn1", "conv2", "pre"]
+    fusedres.revert(model)
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    assert [name for name, _ in seen] == ["bn1", "conv2", "pre"]  # the pre-hook is the reverted block's

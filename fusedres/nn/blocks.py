@@ -28,6 +28,7 @@ from .. import ops
 from ..ops import backends, inference
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
+from .hooks import hooks_reason, share_hooks
 
 def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
@@ -140,7 +141,7 @@ class _FusedResidualBlock(nn.Module):
             return f"{type(block).__name__} is not a known {cls.family} block"
         if kind != cls.kind:
             return f"{type(block).__name__} is a {kind} block, not a {cls.kind} block"
-        return cls._structure_reason(block)
+        return hooks_reason(block) or cls._structure_reason(block)
 
     @classmethod
     def _structure_reason(cls, block: nn.Module) -> Optional[str]:
@@ -159,6 +160,7 @@ class _FusedResidualBlock(nn.Module):
         children = dict(block.named_children())
         fused = cls(children, backend=backend, memory_efficient=memory_efficient)
         fused.train(block.training)
+        share_hooks(block, fused)
         fused._source = (
             type(block),
             {k: v for k, v in vars(block).items() if not k.startswith("_") and k != "training"},
@@ -177,6 +179,7 @@ class _FusedResidualBlock(nn.Module):
         vars(block).update(attributes)
         for name, stateless_child in children.items():  # fused children: this block's current ones
             setattr(block, name, self._modules[name] if name in self._modules else stateless_child)
+        share_hooks(self, block)
         return block.train(self.training)
 
     def _forward_empty_batch(self, x: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .blocks import pending_bn
+from .hooks import share_hooks
 
 
 class FusedBatchNormAct2d(nn.BatchNorm2d):
@@ -64,8 +65,9 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
 
 def _copy_batch_norm_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
     """Initialise the bare module ``target`` with ``source``'s settings and the very same
-    parameter and buffer objects."""
+    parameter and buffer objects and hook registries."""
     nn.Module.__init__(target)
+    share_hooks(source, target)
     for key in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
         setattr(target, key, getattr(source, key))
     for name in ("weight", "bias"):

@@ -17,6 +17,7 @@ from typing import Optional
 from timm.layers import BatchNormAct2d
 from torch import nn
 
+from .hooks import hooks_reason
 from .norm import FusedBatchNormAct2d
 
 
@@ -28,7 +29,7 @@ def unsupported_reason(bn: nn.Module) -> Optional[str]:
         return f"drop ({type(bn.drop).__name__}) is not fused"
     if type(bn.act) not in (nn.ReLU, nn.Identity):
         return f"act {type(bn.act).__name__} is not fused (ReLU or none only)"
-    return None
+    return hooks_reason(bn)
 
 
 class FusedTimmBatchNormAct2d(FusedBatchNormAct2d, BatchNormAct2d):
