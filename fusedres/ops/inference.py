@@ -305,15 +305,16 @@ def conv_module_bias_act(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optio
     ``nn.Conv2d`` (``weight`` and ``bias``: the conv's, or ``FoldedWeights.get``'s fold of them): the
     conv's arguments were checked when the module was converted, so only the tensors are, on every call.
     A module's inference path calls this once per unit: at batch 1 its cost is the model's latency."""
-    return _checked_call("fusedres.conv_bias_act", x, weight, bias, residual, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, relu, backend)
+    fn = "fusedres.conv_bias_act"
+    _check_activation(fn, "input", x)
+    return _checked_call(fn, x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
+                         relu, backend)
 
 
 def _checked_call(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                   stride, padding, dilation, groups: int, relu: bool, backend: str) -> Tensor:
-    """The op on its tensors, checked (stride, padding, dilation: two ints each, checked; a 4D weight and
-    groups dividing its channels), in autocast's dtype under autocast."""
-    _check_activation(fn, "input", x)
+    """The op on its tensors, checked (x: a checked activation; stride, padding, dilation: two ints each,
+    checked; a 4D weight and groups dividing its channels), in autocast's dtype under autocast."""
     if residual is not None:
         _check_activation(fn, "residual", residual)
     device = x.device

@@ -56,8 +56,8 @@ Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and f
 (``triton.autotune``, cached per process). A key seen for the first time compiles all its configs at
 once, on a thread per CPU core (``triton.AsyncCompileMode``; FUSEDRES_COMPILE_THREADS=n sets the
 number, 1 compiles them one by one), before they are timed: first use waits for about the slowest
-compile instead of the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the
-tuning results on disk (``cache_results``, triton >= 3.2) so later processes skip the benchmarking.
+compile instead of the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning results on disk
+(``cache_results``, triton >= 3.2) so later processes skip the benchmarking.
 Under TRITON_INTERPRET=1 one small config runs, without tuning.
 """
 
@@ -132,7 +132,8 @@ def _compile_in_parallel(jit_fn, configs: list, positional: dict, **launch) -> l
     if workers < 2 or async_compile is None:
         return configs
     meta = {k: v for k, v in launch.items() if k not in ("grid", "warmup")}
-    with ThreadPoolExecutor(workers, thread_name_prefix="fusedres-compile") as pool, contextlib.ExitStack() as stack:
+    with ThreadPoolExecutor(workers, thread_name_prefix="fusedres-compile") as pool, \
+            contextlib.ExitStack() as stack:
         try:
             stack.enter_context(async_compile(pool, ignore_errors=True))
         except RuntimeError:  # the caller runs its own AsyncCompileMode (one at a time): leave compiling to it

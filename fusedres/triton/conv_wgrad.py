@@ -29,10 +29,9 @@ about _MIN_ROWS_PER_SPLIT rows or more.
 Under TRITON_INTERPRET=1 there are at least _INTERPRET_SPLITS splits where M allows, so the tests run
 the split path.
 
-Tile shapes, num_warps and num_stages are autotuned per conv shape, strides, dtype and prologue flags;
-a new key's configs compile in parallel and
-FUSEDRES_AUTOTUNE_CACHE=1 keeps the results on disk, as for conv.py. Under TRITON_INTERPRET=1 one small
-config runs, without tuning.
+Tile shapes, num_warps and num_stages are autotuned per conv shape, strides, dtype and prologue flags; a
+new key's configs compile in parallel and FUSEDRES_AUTOTUNE_CACHE=1 keeps the results on disk, as for
+conv.py. Under TRITON_INTERPRET=1 one small config runs, without tuning.
 """
 
 from typing import Optional
