@@ -13,6 +13,11 @@
 #                           "--levels blocks,models --models resnet50 --backends auto,cuda,triton" (the
 #                           measured conv choice of "auto" against each backend; results.json keeps the
 #                           dispatch table: which conv won per shape, with both timings)
+#   GPU_CHECK_PYTEST_ARGS   extra pytest arguments, e.g. "-n 12 --timeout 200" (pytest-xdist, pytest-timeout)
+#   GPU_CHECK_TESTS_TIMEOUT, GPU_CHECK_BENCH_TIMEOUT   seconds before that step is stopped (default: no limit);
+#                           the logs keep what ran, the benchmark log one line per finished row
+#   GPU_CHECK_BUILD=0       skip the build and import fusedres from the checkout (a fusedres/_C*.so built
+#                           earlier on this kind of machine, e.g. carried in from a previous call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check_out}}
@@ -22,14 +27,22 @@ py=${PYTHON:-python3}
 declare -A result
 
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+limit() { if [ -n "${1:-}" ]; then echo "timeout $1"; fi; }
 start=$SECONDS
-"$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
-result[build]="rc=$? in $((SECONDS - start)) s"
+if [ "${GPU_CHECK_BUILD:-1}" = 0 ]; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  result[build]="skipped (GPU_CHECK_BUILD=0): $(ls fusedres/_C*.so 2>/dev/null | tr '\n' ' ')"
+else
+  "$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
+  result[build]="rc=$? in $((SECONDS - start)) s"
+fi
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
 # shellcheck disable=SC2086
-"$py" -m pytest ${GPU_CHECK_TESTS:-tests} -m "not host_emulation" -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
-result[tests]="rc=$? $(tail -1 "$out/tests.log")"
+start=$SECONDS
+$(limit "${GPU_CHECK_TESTS_TIMEOUT:-}") "$py" -m pytest ${GPU_CHECK_TESTS:-tests} -m "not host_emulation" -q -rfE \
+  ${GPU_CHECK_PYTEST_ARGS:-} --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+result[tests]="rc=$? in $((SECONDS - start)) s: $(tail -1 "$out/tests.log")"
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
@@ -40,11 +53,15 @@ if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
 fi
 
 # shellcheck disable=SC2086
-"$py" -m benchmarks ${GPU_CHECK_BENCH_ARGS:---quick} --out "$out" > "$out/bench.log" 2>&1
-result[bench]="rc=$? (table: $out/results.md)"
+start=$SECONDS
+$(limit "${GPU_CHECK_BENCH_TIMEOUT:-}") "$py" -m benchmarks ${GPU_CHECK_BENCH_ARGS:---quick} --out "$out" \
+  > "$out/bench.log" 2>&1
+result[bench]="rc=$? in $((SECONDS - start)) s (table: $out/results.md, rows so far: $out/bench.log)"
 
 echo
 cat "$out/results.md" 2>/dev/null | head -60
+echo
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-300 | head -40
 echo
 echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
 for step in build tests memcheck racecheck bench; do
