@@ -386,6 +386,7 @@ def test_large_64bit_indexing(layout, request):
     mean, coef = _nonzero((c,), gen).float(), _nonzero((4, c), gen).float()
     fwd = (scale, shift, None, None, None)
     fwd64 = [_f64(t) for t in fwd]
+    fwd_abs64 = [_abs64(t) for t in fwd]  # for magnitudes: the scales here can be negative
 
     got_mean, got_var = GPU_EXT.channel_stats(y)
     count = y.numel() // c
@@ -400,7 +401,7 @@ def test_large_64bit_indexing(layout, request):
     out = GPU_EXT.act_forward(y, *fwd, True)
     for yp, op in zip(y.split(_CHUNK), out.split(_CHUNK)):
         check("out", op, ref.act_forward(yp.double(), *fwd64, True),
-              ref.act_forward(yp, *fwd, True), ref.act_forward(yp.double().abs(), *fwd64, False),
+              ref.act_forward(yp, *fwd, True), ref.act_forward(yp.double().abs(), *fwd_abs64, False),
               torch.bfloat16, fmt)
     del out
 
@@ -409,7 +410,7 @@ def test_large_64bit_indexing(layout, request):
     magnitude = [0.0, 0.0]
     for gp, yp in zip(grad.split(_CHUNK), y.split(_CHUNK)):
         w = ref.backward_reduce(gp.double(), yp.double(), *fwd64, True, mean.double(), None)
-        a = ref.backward_reduce(gp.double().abs(), yp.double().abs(), *fwd64, False,
+        a = ref.backward_reduce(gp.double().abs(), yp.double().abs(), *fwd_abs64, False,
                                 _neg_abs64(mean), None)
         want = [want[i] + w[i] for i in range(2)]
         magnitude = [magnitude[i] + a[i] for i in range(2)]
@@ -422,7 +423,7 @@ def test_large_64bit_indexing(layout, request):
     for gp, yp, dp in zip(grad.split(_CHUNK), y.split(_CHUNK), dy.split(_CHUNK)):
         want_dy, _ = ref.backward_apply(gp.double(), yp.double(), *fwd64, True, coef.double(),
                                         None, False)
-        mag_dy, _ = ref.backward_apply(gp.double().abs(), yp.double().abs(), *fwd64, False,
+        mag_dy, _ = ref.backward_apply(gp.double().abs(), yp.double().abs(), *fwd_abs64, False,
                                        _abs_coef64(coef), None, False)
         check("dy", dp, want_dy, None, mag_dy, torch.bfloat16, fmt)
     del y, grad, dy

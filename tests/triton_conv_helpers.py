@@ -26,6 +26,26 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 ATOL = {F32: 1e-6, F16: 2.0**-11, BF16: 2.0**-8 if DEVICE == "cuda" else 2.0**-6}
 
 
+def conv_input(x, kw):
+    """What the conv is fed: the prologue in fp64, rounded to x's dtype."""
+    if kw.get("in_scale") is None:
+        return x
+    v = x.double() * kw["in_scale"].double()[:, None, None] + kw["in_shift"].double()[:, None, None]
+    return (v.relu() if kw.get("in_relu", True) else v).to(x.dtype)
+
+
+def tf32_allowance(dtype, magnitude):
+    """What TF32 may add to the error of an fp32 result of the Triton kernels' dot on a GPU, where torch's
+    conv flags allow TF32 (elsewhere the kernel refuses fp32): 0 for other dtypes and under the interpreter
+    (an exact fp32 dot). TF32 keeps 10 of fp32's 23 mantissa bits, so each product is off by at most about
+    2**-9 of its size; ``magnitude``: the sum of |products| behind the result (a float or a tensor)."""
+    from fusedres.ops.backends import conv_allows_tf32  # on use: importing fusedres imports triton
+
+    if dtype != F32 or DEVICE != "cuda" or not conv_allows_tf32():
+        return 0.0 * magnitude
+    return 2.0**-8 * magnitude
+
+
 def pair(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -80,6 +100,50 @@ def named_strides(prefix: str, strides) -> dict:
     4 strides, for the kernels' stride arguments (x: stride_x{n,c,h,w}; outputs: stride_?{n,k,p,q})."""
     dims = "nchw" if prefix == "stride_x" else "nkpq"
     return {prefix + d: v for d, v in zip(dims, strides)}
+
+
+# A script's opening for ``compile_for_sm90``: triton's launch path for an H100 with no GPU. The kernels
+# handed to compile_without_launching compile exactly as at a launch (the launcher's specialisation of
+# the arguments included) and never run; the autotuner's timing calls once and rates every config alike;
+# CPU tensors pass the Triton convs' device check. Outputs are left unwritten.
+STAND_IN_LAUNCH = """
+import types
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from fusedres.triton import conv, conv_wgrad
+
+
+class StandInH100:  # what JITFunction.run asks the active driver before it compiles
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+driver.set_active(StandInH100())
+conv._limit = conv_wgrad._limit = lambda *args: None
+torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+
+
+def compile_without_launching(*kernels):
+    for kernel in kernels:
+        def run(*args, grid, warmup, real_run=kernel.fn.run, **kwargs):
+            built = real_run(*args, grid=grid, warmup=True, **kwargs)
+            if not warmup and isinstance(built, triton.FutureKernel):
+                built.result()  # a failed compile raises here, as the launch's first use of it would
+            return built
+
+        def do_bench(call, quantiles):
+            call()
+            return [1.0] * 3
+
+        kernel.fn.run, kernel.do_bench = run, do_bench
+"""
 
 
 _LAUNCH_LIKE_SCRIPT = """

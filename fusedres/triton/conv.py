@@ -262,9 +262,10 @@ def _conv_kernel(
         else:  # sum d and sum d*d, d = y - shift: the batch statistics of y as stored
             d = tl.where(mask, y.to(tl.float32) - shift, 0.0)
             e = d
-        ws_offs = pid_m.to(tl.int64) * K + k_out
-        tl.store(ws_ptr + ws_offs, tl.sum(d, axis=0), mask=col_mask)
-        tl.store(ws_ptr + WS_ROWS.to(tl.int64) * K + ws_offs, tl.sum(d * e, axis=0), mask=col_mask)
+        # rows pid_m of planes 0 and 1; int args equal to 1 arrive as constants, so no .to() on WS_ROWS or K
+        row = pid_m.to(tl.int64)
+        tl.store(ws_ptr + row * K + k_out, tl.sum(d, axis=0), mask=col_mask)
+        tl.store(ws_ptr + (row + WS_ROWS) * K + k_out, tl.sum(d * e, axis=0), mask=col_mask)
     else:
         z = acc
         if HAS_OUT_SCALE:
