@@ -38,11 +38,13 @@ else
 fi
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
-# shellcheck disable=SC2086
+# -v: one line per finished test, so a run stopped by its timeout still says what passed and failed
 start=$SECONDS
-$(limit "${GPU_CHECK_TESTS_TIMEOUT:-}") "$py" -m pytest ${GPU_CHECK_TESTS:-tests} -m "not host_emulation" -q -rfE \
+# shellcheck disable=SC2086
+$(limit "${GPU_CHECK_TESTS_TIMEOUT:-}") "$py" -m pytest ${GPU_CHECK_TESTS:-tests} -m "not host_emulation" -v -rfE \
   ${GPU_CHECK_PYTEST_ARGS:-} --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
-result[tests]="rc=$? in $((SECONDS - start)) s: $(tail -1 "$out/tests.log")"
+result[tests]="rc=$? in $((SECONDS - start)) s: $(tail -1 "$out/tests.log" | cut -c1-200)"
+result[tests]+=" ($(grep -c ' PASSED' "$out/tests.log") passed, $(grep -c ' FAILED' "$out/tests.log") failed lines)"
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
@@ -52,8 +54,8 @@ if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   done
 fi
 
-# shellcheck disable=SC2086
 start=$SECONDS
+# shellcheck disable=SC2086
 $(limit "${GPU_CHECK_BENCH_TIMEOUT:-}") "$py" -m benchmarks ${GPU_CHECK_BENCH_ARGS:---quick} --out "$out" \
   > "$out/bench.log" 2>&1
 result[bench]="rc=$? in $((SECONDS - start)) s (table: $out/results.md, rows so far: $out/bench.log)"
@@ -61,7 +63,7 @@ result[bench]="rc=$? in $((SECONDS - start)) s (table: $out/results.md, rows so 
 echo
 cat "$out/results.md" 2>/dev/null | head -60
 echo
-grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-300 | head -40
+grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" | cut -c1-300 | sort -u | head -40
 echo
 echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
 for step in build tests memcheck racecheck bench; do
