@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from conftest import requires_cuda
 from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
@@ -484,6 +485,7 @@ import triton.compiler
 from triton.runtime.errors import PTXASError
 
 fail_block_n = int(sys.argv[1])  # configs with this BLOCK_N fail to compile, as ptxas may (0: none)
+out_channels = int(sys.argv[2])
 kernel = conv._conv_kernel
 compiles = []
 real_compile, block_n_index = triton.compiler.compile, kernel.fn.arg_names.index("BLOCK_N")
@@ -500,33 +502,37 @@ def compile(src, *args, **kwargs):  # the one JITFunction calls
 triton.compiler.compile = compile
 compile_without_launching(kernel)
 x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-w = torch.randn(128, 64, 3, 3, dtype=torch.bfloat16)
+w = torch.randn(out_channels, 64, 3, 3, dtype=torch.bfloat16)
 conv.conv2d_fused(x, w, padding=(1, 1), in_scale=torch.ones(64), in_shift=torch.zeros(64), compute_stats=True)
-print(json.dumps(dict(compiles=compiles, block_ns=[c.kwargs["BLOCK_N"] for c in conv._CONFIGS],
+print(json.dumps(dict(compiles=compiles, all_block_ns=[c.kwargs["BLOCK_N"] for c in conv._CONFIGS],
                       best_block_n=kernel.best_config.kwargs["BLOCK_N"])))
 """
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests autotune for real")
-@pytest.mark.parametrize("fail_block_n", [0, 256], ids=["all-compile", "one-fails"])
-def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, monkeypatch, tmp_path):
-    """First use of a conv shape compiles every config on worker threads before the autotuner times them,
-    and those are the kernels the timing loop and the launch use (nothing compiles twice or on the main
-    thread); a config that fails to compile is skipped by the timing loop as it would be without the
-    parallel compile. Run on CPU with a stand-in for the H100's driver (compiled, never launched), in a
-    process without TRITON_INTERPRET; two worker threads even where the machine has one core."""
+@pytest.mark.parametrize("fail_block_n,out_channels", [(0, 256), (256, 256), (0, 64)],
+                         ids=["all-compile", "one-fails", "64-channels"])
+def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, out_channels, monkeypatch, tmp_path):
+    """First use of a conv shape compiles every config that fits it on worker threads before the autotuner
+    times them, and those are the kernels the timing loop and the launch use (nothing compiles twice or on
+    the main thread); a config that fails to compile is skipped by the timing loop as it would be without
+    the parallel compile. With 256 output channels every config fits; with 64 only those with BLOCK_N = 64
+    (wider tiles would mask off half their columns or more). Run on CPU with a stand-in for the H100's
+    driver (compiled, never launched), in a process without TRITON_INTERPRET; two worker threads even
+    where the machine has one core."""
     monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "2")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real: a cached kernel loads at once
-    done = compile_for_sm90(_PARALLEL_COMPILE, str(fail_block_n))
+    done = compile_for_sm90(_PARALLEL_COMPILE, str(fail_block_n), str(out_channels))
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     on_workers = [c for c in found["compiles"] if c["thread"].startswith("fusedres-compile")]
-    assert sorted(c["block_n"] for c in on_workers) == sorted(found["block_ns"]), found  # each config once
+    fitting = [n for n in found["all_block_ns"] if n <= max(out_channels, 64)]
+    assert sorted(c["block_n"] for c in on_workers) == sorted(fitting), found  # each fitting config once
     assert len({c["thread"] for c in on_workers}) == 2, found
     # nothing else compiled, but a failed config again when timed, where triton (< 3.8) did not keep the failure
     assert all(c["block_n"] == fail_block_n for c in found["compiles"] if c not in on_workers), found
     assert found["best_block_n"] != fail_block_n
-    assert fail_block_n == 0 or fail_block_n in found["block_ns"]  # the failure case does fail a config
+    assert fail_block_n == 0 or fail_block_n in fitting  # the failure case does fail a config
 
 
 _ONES_AT_LAUNCH = STAND_IN_LAUNCH + """
@@ -564,12 +570,37 @@ def test_compile_threads_default_to_the_usable_cores(monkeypatch):
     assert conv._compile_threads() == 3
 
 
-def test_every_autotuned_conv_kernel_compiles_new_keys_in_parallel():
+def test_every_autotuned_conv_kernel_prunes_and_compiles_new_keys_in_parallel():
     from fusedres.triton import conv_wgrad
 
     for kernel in (conv._conv_kernel, conv_wgrad._wgrad_kernel):
-        assert kernel.early_config_prune.func is conv._compile_in_parallel
-        assert kernel.early_config_prune.args == (kernel.fn,)
+        assert kernel.early_config_prune.func is conv._prune_and_compile
+        assert kernel.early_config_prune.args[0] is kernel.fn
+
+
+def _config(block_m, block_n, block_k):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k})
+
+
+def _blocks(configs):
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs]
+
+
+@pytest.mark.parametrize("sizes,kept", [
+    ((802816, 64, 64), [(128, 64, 64), (64, 64, 32)]),  # layer1 1x1, batch 256: 64 output channels
+    ((802816, 100, 64), [(128, 128, 64), (128, 64, 64), (64, 64, 32)]),  # 100 -> 128 wide
+    ((802816, 256, 16), [(64, 64, 32)]),  # a 16-column reduction: BLOCK_K 32 (the smallest) only
+    ((49, 256, 512), [(64, 64, 32)]),  # batch 1 at 7x7: 49 rows
+    ((802816, 512, 512), [(128, 128, 64), (128, 64, 64), (64, 64, 32), (256, 256, 64)]),  # all
+], ids=["64-channels", "100-channels", "16-columns", "49-rows", "large"])
+def test_autotuning_times_only_the_configs_that_fit_the_gemm(sizes, kept):
+    """A config whose block is at least twice its GEMM dimension rounded up to a power of two masks off half
+    of every tile or more along it; it is not compiled or timed, unless no config would be left."""
+    configs = [_config(*blocks) for blocks in [(128, 128, 64), (128, 64, 64), (64, 64, 32), (256, 256, 64)]]
+    fit = conv._fitting(configs, dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), sizes)))
+    assert _blocks(fit) == kept
+    odd_pair = [_config(128, 64, 64), _config(64, 128, 32)]  # each too large somewhere for a 16x16x16 GEMM
+    assert conv._fitting(odd_pair, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)) == odd_pair  # none fit: all
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -122,11 +122,25 @@ def _compile_threads() -> int:
     return int(value)
 
 
-def _compile_in_parallel(jit_fn, configs: list, positional: dict, **launch) -> list:
-    """The autotuner's config hook, called once per new key before the configs are timed: compile every
-    config of this launch at once on a thread pool (triton compiles with the GIL released), so the timing
+def _fitting(configs: list, sizes: dict) -> list:
+    """The configs whose tiles fit the problem: none with a block (BLOCK_M, BLOCK_N or BLOCK_K, the keys of
+    ``sizes``) larger than its GEMM dimension rounded up to a power of two, or than the smallest block of
+    that name among the configs; those mask off at least half of every tile along it. All configs if none
+    fit."""
+    def limit(name, size):
+        return max(triton.next_power_of_2(size), min(c.kwargs[name] for c in configs))
+
+    fit = [c for c in configs if all(c.kwargs[name] <= limit(name, size) for name, size in sizes.items())]
+    return fit or configs
+
+
+def _prune_and_compile(jit_fn, gemm_sizes, configs: list, positional: dict, **launch) -> list:
+    """The autotuner's config hook, called once per new key before the configs are timed: keeps the configs
+    that fit this launch's GEMM (``gemm_sizes(arguments)``: {block name: size}, see ``_fitting``), then
+    compiles them all at once on a thread pool (triton compiles with the GIL released), so the timing
     loop finds them built. A config that fails to compile is left for the timing loop to fail and skip,
-    as it would without this. Returns the configs unchanged."""
+    as it would without this."""
+    configs = _fitting(configs, gemm_sizes({**positional, **launch}))
     workers = min(len(configs), _compile_threads())
     async_compile = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
     if workers < 2 or async_compile is None:
@@ -143,18 +157,25 @@ def _compile_in_parallel(jit_fn, configs: list, positional: dict, **launch) -> l
     return configs
 
 
-def _autotune(configs: list, key: list):
-    """triton.autotune over ``configs`` keyed by the argument names ``key``, compiling a new key's configs
-    in parallel (``_compile_in_parallel``), with the disk cache if FUSEDRES_AUTOTUNE_CACHE=1."""
+def _reduction_size(args: dict) -> int:
+    """The GEMM reduction a BLOCK_K step covers: the flat (r, s, c) columns, or one (r, s)'s channels."""
+    return args["R"] * args["S"] * args["Cg"] if args["FLAT_K"] else args["Cg"]
+
+
+def _autotune(configs: list, key: list, gemm_sizes):
+    """triton.autotune over ``configs`` keyed by the argument names ``key``, timing only the configs that
+    fit a new key's GEMM and compiling them in parallel (``_prune_and_compile``; ``gemm_sizes`` maps the
+    launch's arguments to {block name: GEMM size}), with the disk cache if FUSEDRES_AUTOTUNE_CACHE=1."""
     def decorate(jit_fn):
         extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
-        hook = {"early_config_prune": functools.partial(_compile_in_parallel, jit_fn)}
+        hook = {"early_config_prune": functools.partial(_prune_and_compile, jit_fn, gemm_sizes)}
         return triton.autotune(configs=configs, key=key, prune_configs_by=hook, **extra)(jit_fn)
     return decorate
 
 
-@_autotune(_CONFIGS, _AUTOTUNE_KEY)
+# the forward / input-gradient GEMM: output positions x output channels, reducing over the input's columns
+@_autotune(_CONFIGS, _AUTOTUNE_KEY, lambda a: dict(BLOCK_M=a["M"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)))
 @triton.jit
 def _conv_kernel(
     x_ptr,  # (N, C, H, W) input, any strides
@@ -434,8 +455,9 @@ def conv2d_fused(
     ReLU if in_relu. out_scale (default 1), out_shift (default 0; a conv bias goes here): (K,) fp32;
     residual: (N, K, P, Q) of any supported float dtype; act_out is ReLU if out_relu. out has x's dtype
     and memory format. With compute_stats, out is the conv output y (+ out_shift, a conv bias; no
-    other epilogue argument allowed) and mean / var are the fp32 (K,) mean and biased variance over (N, P, Q) of y as stored in
-    x's dtype, accumulated about ``stats_shift`` ((K,) fp32, default 0; see the module docstring);
+    other epilogue argument allowed) and mean / var are the fp32 (K,) mean and biased variance over
+    (N, P, Q) of y as stored in x's dtype, accumulated about ``stats_shift`` ((K,) fp32, default 0;
+    see the module docstring);
     else both are None. Raises TypeError / ValueError for invalid arguments and RuntimeError with
     ``unsupported_reason``'s sentence for valid convs this kernel does not run.
     """

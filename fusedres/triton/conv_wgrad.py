@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .conv import (_DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _autotune, _configs,
-                   _gradient_geometry, _limit, _vector)
+                   _gradient_geometry, _limit, _reduction_size, _vector)
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
                      (32, 64, 64, 4, 4)])
@@ -59,7 +59,9 @@ _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_dn"
                  "stride_dq")
 
 
-@_autotune(_CONFIGS, _AUTOTUNE_KEY)
+# dW tiles: output channels (BLOCK_N) x columns (BLOCK_K), reducing over a split's rows (BLOCK_M steps)
+@_autotune(_CONFIGS, _AUTOTUNE_KEY,
+           lambda a: dict(BLOCK_M=a["ROWS_PER_SPLIT"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)))
 @triton.jit
 def _wgrad_kernel(
     x_ptr,  # (N, C, H, W) the forward conv's input before the prologue, any strides
