@@ -157,20 +157,39 @@ def test_conv2d_fused(case):
         assert mean is None and var is None
 
 
+@pytest.mark.parametrize("channels", [8, 24], ids=["flat-columns", "row-padding"])
 @pytest.mark.parametrize("in_relu", [True, False], ids=["relu", "linear"])
-def test_padding_after_prologue(in_relu):
-    """A large positive shift: relu(0 * s + t) = t at padded positions would move every border output."""
-    gen = seeded(f"padding-{in_relu}")
-    x = rand_act(gen, (2, 8, 5, 5), F32, channels_last=True)
-    w = rand_act(gen, (20, 8, 3, 3), F32)
-    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=rand_vec(gen, 8, positive=True),
-              in_shift=rand_vec(gen, 8, positive=True) + 3.0, in_relu=in_relu)
+def test_padding_after_prologue(in_relu, channels):
+    """A large positive shift: relu(0 * s + t) = t at padded positions would move every border output.
+    Both ways of zeroing the padding: per element with 8 channels (flat (r, s, c) columns), by the loaded
+    row factor with 24 (one (r, s) per step); 24 also leaves a channel tail in the interpreter's tiles."""
+    gen = seeded(f"padding-{in_relu}-{channels}")
+    x = rand_act(gen, (2, channels, 5, 5), F32, channels_last=True)
+    w = rand_act(gen, (20, channels, 3, 3), F32)
+    kw = dict(padding=(2, 1), dilation=(2, 1), in_scale=rand_vec(gen, channels, positive=True),
+              in_shift=rand_vec(gen, channels, positive=True) + 3.0, in_relu=in_relu)
     out, _, _ = conv.conv2d_fused(x, w, **kw)
     _check_out(out, x, w, kw)
     s, t = kw["in_scale"].double()[:, None, None], kw["in_shift"].double()[:, None, None]
     v = F.pad(x.double(), (1, 1, 2, 2)) * s + t  # the prologue applied after padding
     wrong = F.conv2d(v.relu() if in_relu else v, w.double(), dilation=(2, 1))
     assert (out.double() - wrong).abs().max() > 1.0
+
+
+def test_nan_input_propagates_through_the_prologue():
+    """A NaN input passes relu (as clamp_min does) into exactly the outputs whose window covers it, also
+    where that window reaches into the padding (the row factor scales the shift, never the input)."""
+    gen = seeded("nan-forward")
+    x = rand_act(gen, (2, 20, 5, 5), F32, channels_last=True)
+    x[1, 3, 0, 4] = float("nan")  # a corner: every window over it also covers padding
+    w = rand_act(gen, (8, 20, 3, 3), F32)
+    kw = dict(padding=1, in_scale=rand_vec(gen, 20, positive=True), in_shift=rand_vec(gen, 20))
+    out, _, _ = conv.conv2d_fused(x, w, **kw)
+    ref = _unfused(x, w, kw, F64)
+    assert ref.isnan().sum() == 4 * 8 and torch.equal(out.isnan(), ref.isnan())  # 4 positions, 8 channels
+    size = _conv(conv_input(x, kw).double().abs(), w.double().abs(), kw).nan_to_num().max().item()
+    torch.testing.assert_close(out.double().nan_to_num(), ref.nan_to_num(), rtol=1e-5,
+                               atol=1e-5 + tf32_allowance(F32, size))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
@@ -466,17 +485,21 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     3x3 conv, bf16, the first config) the conv's reduction loop runs on Hopper's warpgroup MMA (wgmma), its
     tiles arrive by asynchronous copies into shared memory (the bare conv loads nothing synchronously and
     keeps one buffer per pipeline stage), and the BN + ReLU prologue with the statistics epilogue keeps at
-    least double buffering."""
+    least double buffering. The prologue's transformed tile reaches the dot in registers: it stores no more
+    to shared memory than the bare conv (whose shared stores are the output tile's change of layout), where
+    a round trip through shared memory per step cost most of the prologue's time on an H100."""
     strides = LAYER1_3X3_CHANNELS_LAST_STRIDES
     ints = dict(LAYER1_3X3, WS_ROWS=LAYER1_3X3["M"] // 64, **named_strides("stride_x", strides),
                 **named_strides("stride_o", strides), **named_strides("stride_r", (0, 0, 0, 0)))
     found = compile_launch_like_for_sm90(
         "fusedres.triton.conv", "_conv_kernel", 0, ints, dict(R=3, S=3, GROUP_M=8),
-        {"bare": _FLAGS_OFF, "prologue+stats": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True)},
+        {"bare": _FLAGS_OFF, "prologue": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True),
+         "prologue+stats": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True)},
         ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
     block = found["block"]
     tile_bytes = 2 * (block["BLOCK_M"] + block["BLOCK_N"]) * block["BLOCK_K"]  # bf16 (BLOCK_M + BLOCK_N) x BLOCK_K
     assert_pipelined(found, "bare", "prologue+stats", tile_bytes)
+    assert found["variants"]["prologue"]["st_shared"] == found["variants"]["bare"]["st_shared"], found
 
 
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """

@@ -173,7 +173,8 @@ for name, flags in spec["variants"].items():
     ptx = kernel.asm["ptx"]
     found[name] = dict(wgmma=ptx.count("wgmma.mma_async"),
                        cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                       ld_global=ptx.count("ld.global"), shared=kernel.metadata.shared)
+                       ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
+                       shared=kernel.metadata.shared)
 print(json.dumps(dict(variants=found, stages=config.num_stages, block=config.kwargs)))
 """
 
@@ -184,8 +185,8 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: int, ints: di
     int arguments (``ints``: their values at a real launch) specialised as triton's launcher specialises
     them: ints equal to 1 become constants, pointers and multiples of 16 get a divisibility-16 hint. Per
     variant (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA),
-    cp_async (asynchronous copies into shared memory) and ld_global instruction counts, and the shared
-    memory in bytes; with the config's stages and block sizes."""
+    cp_async (asynchronous copies into shared memory), ld_global and st_shared instruction counts, and
+    the shared memory in bytes; with the config's stages and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
     done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))

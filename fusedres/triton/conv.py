@@ -9,7 +9,14 @@ per-output-channel mean and variance of it as stored: BatchNorm's batch statisti
 over y.
 
 The prologue runs on every loaded input element before zero padding, so padded positions add 0
-(as ``F.conv2d(F.relu(x * s + t), W, padding=p)`` does), never relu(t). It is fp32 arithmetic
+(as ``F.conv2d(F.relu(x * s + t), W, padding=p)`` does), never relu(t). Where a reduction step is one
+(r, s) (Cg >= _FLAT_K_BELOW) padding is a property of the row, and the prologue computes
+x * s + t * f with a row factor f loaded from a buffer of ones (0 where the row is padding, as x is):
+written with a select on the padding mask instead, triton would convert the transformed tile to the
+tensor-core dot's register layout through shared memory (a write, a read and a barrier per step,
+measured as most of the prologue's cost on an H100); a tile computed only from loaded values is
+loaded from shared memory straight into that layout. This assumes finite scale and shift (0 * inf
+is NaN), as BatchNorm's are with finite parameters. It is fp32 arithmetic
 whose result is rounded to x's dtype before the dot, as the unfused computation feeds the conv a
 tensor in x's dtype. Products accumulate in fp32 on tensor cores: fp16/bf16 as they are, fp32 as
 TF32, which only runs where torch's conv would use TF32 too (``torch.backends.cudnn.allow_tf32``,
@@ -104,6 +111,8 @@ def _configs(gpu_tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Con
 _CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
                      (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)])
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the statistics workspace
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
+_ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
@@ -182,6 +191,7 @@ def _conv_kernel(
     w_ptr,  # (G, R*S*Cg, Kg) packed weight, contiguous, x's dtype
     out_ptr,  # (N, K, P, Q) out, x's dtype: y or dz if COMPUTE_STATS, else the epilogue's result
     in_scale_ptr, in_shift_ptr,  # (C,) fp32, read if PROLOGUE
+    row_ones_ptr,  # (>= BLOCK_M,) fp32 ones, read if PROLOGUE and not FLAT_K: the padding row factors
     out_scale_ptr, out_shift_ptr,  # (K,) fp32, read if HAS_OUT_SCALE / HAS_OUT_SHIFT
     res_ptr,  # (N, K, P, Q) any float dtype and strides: the residual if HAS_RESIDUAL, the unit input if PROLOGUE_GRAD
     stats_shift_ptr,  # (K,) fp32, read if COMPUTE_STATS
@@ -248,11 +258,17 @@ def _conv_kernel(
                   + ch.to(tl.int64)[None, :] * stride_xc)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if PROLOGUE:
-            v = (a.to(tl.float32) * tl.load(in_scale_ptr + ch, mask=k_mask, other=0.0)[None, :]
-                 + tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :])
+            shift = tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :]  # 0 past Cg, where a is 0 too
+            if not FLAT_K:  # padding rows (a = 0 there) get shift * 0: see the module docstring
+                in_bounds = row_mask[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # (BLOCK_M, 1)
+                row_factor = tl.load(row_ones_ptr + tl.arange(0, BLOCK_M)[:, None], mask=in_bounds, other=0.0)
+                shift = shift * row_factor
+            v = a.to(tl.float32) * tl.load(in_scale_ptr + ch, mask=k_mask, other=0.0)[None, :] + shift
             if IN_RELU:
                 v = tl.where(v < 0, 0.0, v)  # like clamp_min(0): NaN propagates
-            a = tl.where(a_mask, v, 0.0).to(x_ptr.dtype.element_ty)  # padding stays 0
+            if FLAT_K:
+                v = tl.where(a_mask, v, 0.0)  # padding stays 0
+            a = v.to(x_ptr.dtype.element_ty)
         b = tl.load(w_cols + kk.to(tl.int64)[:, None] * Kg, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if _UPCAST_DOT:
             a = a.to(tl.float32)
@@ -405,6 +421,17 @@ def _vector(fn: str, name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
     return v.contiguous()
 
 
+def _row_ones(device: torch.device) -> Tensor:
+    """The kernel's row_ones: _MAX_BLOCK_M fp32 ones on device, made once per device. One made while a CUDA
+    graph is being captured is filled only when the graph replays, so it serves that call alone."""
+    ones = _ROW_ONES.get(device)
+    if ones is None:
+        ones = torch.ones(_MAX_BLOCK_M, device=device, dtype=torch.float32)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ROW_ONES[device] = ones
+    return ones
+
+
 def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(t) else torch.contiguous_format
 
@@ -416,6 +443,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     None or, with compute_stats, out and sums, the (2, K) fp32 per-channel sums of d and d*e over all M rows
     (see the kernel)."""
     k = geo["K"]
+    flat_k = geo["Cg"] < _FLAT_K_BELOW
     ws_rows = triton.cdiv(geo["M"], _MIN_BLOCK_M)  # row tiles of the smallest tile config
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     res = out if residual is None else residual
@@ -427,12 +455,13 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     _conv_kernel[grid](
         x, packed_weight, out,
         in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
+        _row_ones(x.device) if in_scale is not None and not flat_k else out,
         out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
         stats_shift if compute_stats else out, ws,
         PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
         HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
         HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
-        COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=geo["Cg"] < _FLAT_K_BELOW,
+        COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=flat_k,
         WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides)
     if not compute_stats:
         return out, None
