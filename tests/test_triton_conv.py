@@ -428,6 +428,22 @@ def test_packed_weight_cache_follows_in_place_updates():
     torch.testing.assert_close(second, -2.0 * first, rtol=1e-6, atol=1e-5)
 
 
+def test_row_ones_are_made_once_per_device_but_not_kept_from_a_graph_capture(monkeypatch):
+    """The prologue's buffer of ones: cached per device, except one made while a CUDA graph is captured (its
+    fill runs only when the graph replays, so it must not serve later calls). Host logic only: torch.ones
+    and the capture query are stand-ins here."""
+    made = []
+    monkeypatch.setattr(conv, "_ROW_ONES", {})
+    monkeypatch.setattr(conv.torch, "ones", lambda *args, **kwargs: made.append(kwargs["device"]) or object())
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    first = conv._row_ones(gpu)
+    assert conv._row_ones(gpu) is not first and conv._ROW_ONES == {}  # made again, never cached
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    kept = conv._row_ones(gpu)
+    assert conv._row_ones(gpu) is kept and conv._ROW_ONES == {gpu: kept} and len(made) == 3
+
+
 def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):
     """A weight used every step stays packed while others come and go (a FIFO cache smaller than a step's
     working set would repack every weight every step)."""
