@@ -615,6 +615,14 @@ def test_every_autotuned_conv_kernel_prunes_and_compiles_new_keys_in_parallel():
     for kernel in (conv._conv_kernel, conv_wgrad._wgrad_kernel):
         assert kernel.early_config_prune.func is conv._prune_and_compile
         assert kernel.early_config_prune.args[0] is kernel.fn
+        assert kernel.do_bench is conv._time_config
+
+
+def test_autotuning_times_each_config_for_30_ms(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: calls.append(kwargs) or [1.0] * 3)
+    assert conv._time_config(lambda: None, (0.5, 0.2, 0.8)) == [1.0] * 3
+    assert calls == [dict(warmup=5, rep=25, quantiles=(0.5, 0.2, 0.8))]
 
 
 def _config(block_m, block_n, block_k):

@@ -171,15 +171,24 @@ def _reduction_size(args: dict) -> int:
     return args["R"] * args["S"] * args["Cg"] if args["FLAT_K"] else args["Cg"]
 
 
+def _time_config(kernel_call, quantiles):
+    """The autotuner's timing of one config: 5 ms of warm-up and 25 ms of timed calls (a median over 25 to
+    250 calls of these 0.1-1 ms kernels). Triton's default, 25 + 100 ms, made an already compiled new key
+    of 6 configs cost ~0.7 s on an H100 (benchmarks/RESULTS.md, `first call s`)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def _autotune(configs: list, key: list, gemm_sizes):
-    """triton.autotune over ``configs`` keyed by the argument names ``key``, timing only the configs that
-    fit a new key's GEMM and compiling them in parallel (``_prune_and_compile``; ``gemm_sizes`` maps the
-    launch's arguments to {block name: GEMM size}), with the disk cache if FUSEDRES_AUTOTUNE_CACHE=1."""
+    """triton.autotune over ``configs`` keyed by the argument names ``key``, timing (``_time_config``) only
+    the configs that fit a new key's GEMM and compiling them in parallel (``_prune_and_compile``;
+    ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}), with the disk cache if
+    FUSEDRES_AUTOTUNE_CACHE=1."""
     def decorate(jit_fn):
         extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
         hook = {"early_config_prune": functools.partial(_prune_and_compile, jit_fn, gemm_sizes)}
-        return triton.autotune(configs=configs, key=key, prune_configs_by=hook, **extra)(jit_fn)
+        return triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=_time_config,
+                               **extra)(jit_fn)
     return decorate
 
 
