@@ -22,7 +22,7 @@ from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, 
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
-from fusedres.triton import conv
+from fusedres.triton import autotuning, conv
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,14 @@ def _unfused(x, w, kw, dtype):
     return z.to(dtype)
 
 
+def _magnitude(x, w, kw):
+    """fp64 sum of |products| behind each conv output (times |out_scale|): the scale of TF32's error."""
+    magnitude = _conv(conv_input(x, kw).double().abs(), w.double().abs(), kw)
+    if kw.get("out_scale") is not None:
+        magnitude = magnitude * kw["out_scale"].double().abs()[:, None, None]
+    return magnitude
+
+
 def _check_out(out, x, w, kw, what=""):
     """out has x's dtype and memory format and meets the error rule against the fp64 reference."""
     ref = _unfused(x, w, kw, F64)
@@ -126,11 +134,8 @@ def _check_out(out, x, w, kw, what=""):
     assert torch.isfinite(out).all()
     err = (out.double() - ref).abs().max().item()
     eager_err = (eager.double() - ref).abs().max().item()
-    magnitude = _conv(conv_input(x, kw).double().abs(), w.double().abs(), kw)
-    if kw.get("out_scale") is not None:
-        magnitude = magnitude * kw["out_scale"].double().abs()[:, None, None]
     bound = (2 * eager_err + ATOL[x.dtype] * max(1.0, ref.abs().max().item())
-             + tf32_allowance(x.dtype, magnitude.max().item()))
+             + tf32_allowance(x.dtype, _magnitude(x, w, kw).max().item()))
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager's error {eager_err:.3g})"
 
 
@@ -187,7 +192,7 @@ def test_nan_input_propagates_through_the_prologue():
     out, _, _ = conv.conv2d_fused(x, w, **kw)
     ref = _unfused(x, w, kw, F64)
     assert ref.isnan().sum() == 4 * 8 and torch.equal(out.isnan(), ref.isnan())  # 4 positions, 8 channels
-    size = _conv(conv_input(x, kw).double().abs(), w.double().abs(), kw).nan_to_num().max().item()
+    size = _magnitude(x, w, kw).nan_to_num().max().item()
     torch.testing.assert_close(out.double().nan_to_num(), ref.nan_to_num(), rtol=1e-5,
                                atol=1e-5 + tf32_allowance(F32, size))
 
@@ -464,7 +469,7 @@ _COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fusedres.triton import conv
+from fusedres.triton import autotuning, conv
 
 fn = conv._conv_kernel.fn
 off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
@@ -599,29 +604,29 @@ def test_int_arguments_equal_to_one_compile(tmp_path, monkeypatch):
 def test_compile_threads_rejects_what_is_not_a_positive_count(value, monkeypatch):
     monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", value)
     with pytest.raises(ValueError, match=f"should be a positive number of threads, got '{value}'"):
-        conv._compile_threads()
+        autotuning.compile_threads()
 
 
 def test_compile_threads_default_to_the_usable_cores(monkeypatch):
     monkeypatch.delenv("FUSEDRES_COMPILE_THREADS", raising=False)
-    assert conv._compile_threads() == len(os.sched_getaffinity(0))
+    assert autotuning.compile_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", " 3 ")
-    assert conv._compile_threads() == 3
+    assert autotuning.compile_threads() == 3
 
 
 def test_every_autotuned_conv_kernel_prunes_and_compiles_new_keys_in_parallel():
     from fusedres.triton import conv_wgrad
 
     for kernel in (conv._conv_kernel, conv_wgrad._wgrad_kernel):
-        assert kernel.early_config_prune.func is conv._prune_and_compile
+        assert kernel.early_config_prune.func is autotuning.prune_and_compile
         assert kernel.early_config_prune.args[0] is kernel.fn
-        assert kernel.do_bench is conv._time_config
+        assert kernel.do_bench is autotuning.time_config
 
 
 def test_autotuning_times_each_config_for_30_ms(monkeypatch):
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: calls.append(kwargs) or [1.0] * 3)
-    assert conv._time_config(lambda: None, (0.5, 0.2, 0.8)) == [1.0] * 3
+    assert autotuning.time_config(lambda: None, (0.5, 0.2, 0.8)) == [1.0] * 3
     assert calls == [dict(warmup=5, rep=25, quantiles=(0.5, 0.2, 0.8))]
 
 
@@ -644,10 +649,10 @@ def test_autotuning_times_only_the_configs_that_fit_the_gemm(sizes, kept):
     """A config whose block is at least twice its GEMM dimension rounded up to a power of two masks off half
     of every tile or more along it; it is not compiled or timed, unless no config would be left."""
     configs = [_config(*blocks) for blocks in [(128, 128, 64), (128, 64, 64), (64, 64, 32), (256, 256, 64)]]
-    fit = conv._fitting(configs, dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), sizes)))
+    fit = autotuning.fitting(configs, dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), sizes)))
     assert _blocks(fit) == kept
     odd_pair = [_config(128, 64, 64), _config(64, 128, 32)]  # each too large somewhere for a 16x16x16 GEMM
-    assert conv._fitting(odd_pair, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)) == odd_pair  # none fit: all
+    assert autotuning.fitting(odd_pair, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)) == odd_pair  # none fit: all
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -16,13 +16,14 @@ written with a select on the padding mask instead, triton converts the transform
 tensor-core dot's register layout through shared memory (a write, a read and a barrier per step, the
 difference between the prologue's compiled code and the bare conv's; the prologue measured 0.3x-3x of
 the bare conv's time on an H100); a tile computed only from loaded values is loaded from shared
-memory straight into that layout. This assumes finite scale and shift (0 * inf
-is NaN), as BatchNorm's are with finite parameters. It is fp32 arithmetic
-whose result is rounded to x's dtype before the dot, as the unfused computation feeds the conv a
-tensor in x's dtype. Products accumulate in fp32 on tensor cores: fp16/bf16 as they are, fp32 as
-TF32, which only runs where torch's conv would use TF32 too (``torch.backends.cudnn.allow_tf32``,
-or ``torch.backends.cudnn.conv.fp32_precision`` on torch >= 2.9); otherwise ``unsupported_reason``
-says so and the caller uses cuDNN. Under TRITON_INTERPRET=1 the dot is exact fp32 ("ieee") on fp32
+memory straight into that layout. This assumes finite scale and shift (0 * inf is NaN), as
+BatchNorm's are with finite parameters. The prologue is fp32 arithmetic whose result is rounded to
+x's dtype before the dot, as the unfused computation feeds the conv a tensor in x's dtype.
+
+Products accumulate in fp32 on tensor cores: fp16/bf16 as they are, fp32 as TF32, which only runs
+where torch's conv would use TF32 too (``torch.backends.cudnn.allow_tf32``, or
+``torch.backends.cudnn.conv.fp32_precision`` on torch >= 2.9); otherwise ``unsupported_reason`` says
+so and the caller uses cuDNN. Under TRITON_INTERPRET=1 the dot is exact fp32 ("ieee") on fp32
 copies of its operands: the interpreter's tl.dot multiplies bf16 bit patterns as integers (triton
 3.8), and fp32 copies give the same sums.
 
@@ -61,20 +62,13 @@ residual would be), and sums dz and dz * (x - mean) into the same workspace: Bat
 reduction without a pass over d act, which is never stored.
 
 Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and fused flags
-(``triton.autotune``, cached per process). A key seen for the first time compiles all its configs at
-once, on a thread per CPU core (``triton.AsyncCompileMode``; FUSEDRES_COMPILE_THREADS=n sets the
-number, 1 compiles them one by one), before they are timed: first use waits for about the slowest
-compile instead of the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning results on disk
-(``cache_results``, triton >= 3.2) so later processes skip the benchmarking.
-Under TRITON_INTERPRET=1 one small config runs, without tuning.
+(``autotuning.autotune``: only the configs that fit the conv's GEMM, compiled in parallel, cached per
+process and optionally on disk). Under TRITON_INTERPRET=1 one small config runs, without tuning.
 """
 
-import contextlib
 import functools
-import inspect
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,6 +78,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.backends import channels_last, conv_allows_tf32
+from .autotuning import autotune
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,79 +117,13 @@ _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on"
                  "stride_oq", "stride_rn", "stride_rk", "stride_rp", "stride_rq")
 
 
-def _compile_threads() -> int:
-    """FUSEDRES_COMPILE_THREADS, else the CPU cores this process may use."""
-    value = os.environ.get("FUSEDRES_COMPILE_THREADS", "").strip()
-    if not value:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"FUSEDRES_COMPILE_THREADS should be a positive number of threads, got {value!r}")
-    return int(value)
-
-
-def _fitting(configs: list, sizes: dict) -> list:
-    """The configs whose tiles fit the problem: none with a block (BLOCK_M, BLOCK_N or BLOCK_K, the keys of
-    ``sizes``) larger than its GEMM dimension rounded up to a power of two, or than the smallest block of
-    that name among the configs; those mask off at least half of every tile along it. All configs if none
-    fit."""
-    def limit(name, size):
-        return max(triton.next_power_of_2(size), min(c.kwargs[name] for c in configs))
-
-    fit = [c for c in configs if all(c.kwargs[name] <= limit(name, size) for name, size in sizes.items())]
-    return fit or configs
-
-
-def _prune_and_compile(jit_fn, gemm_sizes, configs: list, positional: dict, **launch) -> list:
-    """The autotuner's config hook, called once per new key before the configs are timed: keeps the configs
-    that fit this launch's GEMM (``gemm_sizes(arguments)``: {block name: size}, see ``_fitting``), then
-    compiles them all at once on a thread pool (triton compiles with the GIL released), so the timing
-    loop finds them built. A config that fails to compile is left for the timing loop to fail and skip,
-    as it would without this."""
-    configs = _fitting(configs, gemm_sizes({**positional, **launch}))
-    workers = min(len(configs), _compile_threads())
-    async_compile = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
-    if workers < 2 or async_compile is None:
-        return configs
-    meta = {k: v for k, v in launch.items() if k not in ("grid", "warmup")}
-    with ThreadPoolExecutor(workers, thread_name_prefix="fusedres-compile") as pool, \
-            contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(async_compile(pool, ignore_errors=True))
-        except RuntimeError:  # the caller runs its own AsyncCompileMode (one at a time): leave compiling to it
-            return configs
-        for config in configs:
-            jit_fn.warmup(*positional.values(), grid=(1,), **meta, **config.all_kwargs())
-    return configs
-
-
 def _reduction_size(args: dict) -> int:
     """The GEMM reduction a BLOCK_K step covers: the flat (r, s, c) columns, or one (r, s)'s channels."""
     return args["R"] * args["S"] * args["Cg"] if args["FLAT_K"] else args["Cg"]
 
 
-def _time_config(kernel_call, quantiles):
-    """The autotuner's timing of one config: 5 ms of warm-up and 25 ms of timed calls (a median over 25 to
-    250 calls of these 0.1-1 ms kernels). Triton's default, 25 + 100 ms, made an already compiled new key
-    of 6 configs cost ~0.7 s on an H100 (benchmarks/RESULTS.md, `first call s`)."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
-def _autotune(configs: list, key: list, gemm_sizes):
-    """triton.autotune over ``configs`` keyed by the argument names ``key``, timing (``_time_config``) only
-    the configs that fit a new key's GEMM and compiling them in parallel (``_prune_and_compile``;
-    ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}), with the disk cache if
-    FUSEDRES_AUTOTUNE_CACHE=1."""
-    def decorate(jit_fn):
-        extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
-                 if "cache_results" in inspect.signature(triton.autotune).parameters else {})
-        hook = {"early_config_prune": functools.partial(_prune_and_compile, jit_fn, gemm_sizes)}
-        return triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=_time_config,
-                               **extra)(jit_fn)
-    return decorate
-
-
 # the forward / input-gradient GEMM: output positions x output channels, reducing over the input's columns
-@_autotune(_CONFIGS, _AUTOTUNE_KEY, lambda a: dict(BLOCK_M=a["M"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)))
+@autotune(_CONFIGS, _AUTOTUNE_KEY, lambda a: dict(BLOCK_M=a["M"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)))
 @triton.jit
 def _conv_kernel(
     x_ptr,  # (N, C, H, W) input, any strides

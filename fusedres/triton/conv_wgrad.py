@@ -29,9 +29,9 @@ about _MIN_ROWS_PER_SPLIT rows or more.
 Under TRITON_INTERPRET=1 there are at least _INTERPRET_SPLITS splits where M allows, so the tests run
 the split path.
 
-Tile shapes, num_warps and num_stages are autotuned per conv shape, strides, dtype and prologue flags; a
-new key's configs compile in parallel and FUSEDRES_AUTOTUNE_CACHE=1 keeps the results on disk, as for
-conv.py. Under TRITON_INTERPRET=1 one small config runs, without tuning.
+Tile shapes, num_warps and num_stages are autotuned per conv shape, strides, dtype and prologue flags
+(``autotuning.autotune``, as for conv.py). Under TRITON_INTERPRET=1 one small config runs, without
+tuning.
 """
 
 from typing import Optional
@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import (_DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _autotune, _configs,
-                   _gradient_geometry, _limit, _reduction_size, _vector)
+from .autotuning import autotune
+from .conv import (_DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _configs, _gradient_geometry, _limit,
+                   _reduction_size, _vector)
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
                      (32, 64, 64, 4, 4)])
@@ -60,8 +61,8 @@ _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_dn"
 
 
 # dW tiles: output channels (BLOCK_N) x columns (BLOCK_K), reducing over a split's rows (BLOCK_M steps)
-@_autotune(_CONFIGS, _AUTOTUNE_KEY,
-           lambda a: dict(BLOCK_M=a["ROWS_PER_SPLIT"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)))
+@autotune(_CONFIGS, _AUTOTUNE_KEY,
+          lambda a: dict(BLOCK_M=a["ROWS_PER_SPLIT"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)))
 @triton.jit
 def _wgrad_kernel(
     x_ptr,  # (N, C, H, W) the forward conv's input before the prologue, any strides

@@ -1,0 +1,83 @@
+"""Autotuning of the Triton conv kernels (``conv._conv_kernel``, ``conv_wgrad._wgrad_kernel``).
+
+``autotune`` wraps ``triton.autotune``. A key seen for the first time keeps only the configs whose tiles
+fit the conv's GEMM (``fitting``), compiles them all at once on a thread per CPU core
+(``triton.AsyncCompileMode``; FUSEDRES_COMPILE_THREADS=n sets the number, 1 compiles them one by one),
+then times each for 5 + 25 ms (``time_config``): first use waits for about the slowest compile instead of
+the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning results on disk (``cache_results``,
+triton >= 3.2) so later processes skip the timing.
+"""
+
+import contextlib
+import functools
+import inspect
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import triton
+
+
+def compile_threads() -> int:
+    """FUSEDRES_COMPILE_THREADS, else the CPU cores this process may use."""
+    value = os.environ.get("FUSEDRES_COMPILE_THREADS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FUSEDRES_COMPILE_THREADS should be a positive number of threads, got {value!r}")
+    return int(value)
+
+
+def fitting(configs: list, sizes: dict) -> list:
+    """The configs whose tiles fit the problem: none with a block (BLOCK_M, BLOCK_N or BLOCK_K, the keys of
+    ``sizes``) larger than its GEMM dimension rounded up to a power of two, or than the smallest block of
+    that name among the configs; those mask off at least half of every tile along it. All configs if none
+    fit."""
+    def limit(name, size):
+        return max(triton.next_power_of_2(size), min(c.kwargs[name] for c in configs))
+
+    fit = [c for c in configs if all(c.kwargs[name] <= limit(name, size) for name, size in sizes.items())]
+    return fit or configs
+
+
+def prune_and_compile(jit_fn, gemm_sizes, configs: list, positional: dict, **launch) -> list:
+    """The autotuner's config hook, called once per new key before the configs are timed: keeps the configs
+    that fit this launch's GEMM (``gemm_sizes(arguments)``: {block name: size}, see ``fitting``), then
+    compiles them all at once on a thread pool (triton compiles with the GIL released), so the timing
+    loop finds them built. A config that fails to compile is left for the timing loop to fail and skip,
+    as it would without this."""
+    configs = fitting(configs, gemm_sizes({**positional, **launch}))
+    workers = min(len(configs), compile_threads())
+    async_compile = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
+    if workers < 2 or async_compile is None:
+        return configs
+    meta = {k: v for k, v in launch.items() if k not in ("grid", "warmup")}
+    with ThreadPoolExecutor(workers, thread_name_prefix="fusedres-compile") as pool, \
+            contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(async_compile(pool, ignore_errors=True))
+        except RuntimeError:  # the caller runs its own AsyncCompileMode (one at a time): leave compiling to it
+            return configs
+        for config in configs:
+            jit_fn.warmup(*positional.values(), grid=(1,), **meta, **config.all_kwargs())
+    return configs
+
+
+def time_config(kernel_call, quantiles):
+    """The autotuner's timing of one config: 5 ms of warm-up and 25 ms of timed calls (a median over 25 to
+    250 calls of these 0.1-1 ms kernels). Triton's default, 25 + 100 ms, made an already compiled new key
+    of 6 configs cost ~0.7 s on an H100 (benchmarks/RESULTS.md, `first call s`)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotune(configs: list, key: list, gemm_sizes):
+    """triton.autotune over ``configs`` keyed by the argument names ``key``, timing (``time_config``) only
+    the configs that fit a new key's GEMM and compiling them in parallel (``prune_and_compile``;
+    ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}), with the disk cache if
+    FUSEDRES_AUTOTUNE_CACHE=1."""
+    def decorate(jit_fn):
+        extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
+                 if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+        hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, gemm_sizes)}
+        return triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=time_config,
+                               **extra)(jit_fn)
+    return decorate
