@@ -55,8 +55,9 @@ if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
 fi
 
 start=$SECONDS
+# TRITON_PRINT_AUTOTUNING=1: bench.log names the config each new autotuning key chose (USE_TMA: which kind)
 # shellcheck disable=SC2086
-$(limit "${GPU_CHECK_BENCH_TIMEOUT:-}") "$py" -m benchmarks ${GPU_CHECK_BENCH_ARGS:---quick} --out "$out" \
+TRITON_PRINT_AUTOTUNING=1 $(limit "${GPU_CHECK_BENCH_TIMEOUT:-}") "$py" -m benchmarks ${GPU_CHECK_BENCH_ARGS:---quick} --out "$out" \
   > "$out/bench.log" 2>&1
 result[bench]="rc=$? in $((SECONDS - start)) s (table: $out/results.md, rows so far: $out/bench.log)"
 

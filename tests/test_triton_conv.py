@@ -71,6 +71,12 @@ CASES = [
     _case(32, 32, 5, 3, 1, 1, BF16, True, "relu", "full", groups=2),
     _case(32, 48, 5, 1, 2, 0, F16, False, "linear", "stats", groups=2),
     _case(20, 8, 9, 3, 2, 1, BF16, True, "relu", "stats_bias"),
+    # the TMA configs' launches (channels_last, stride 1, C >= 16 and strides of 16 bytes): boxes of images x
+    # BOX_H x BOX_W output positions, the largest powers of two dividing P and Q (at most the smallest BLOCK_M)
+    _case(40, 24, (6, 5), 3, 1, 1, BF16, True, "relu", "stats", n=3),  # 2x1 boxes, 16 images a tile: 13 past N
+    _case(32, 16, 7, 1, 1, 0, F16, True, "none", "full"),  # 1x1 boxes: one output position of 32 images a tile
+    _case(16, 48, 8, 3, 1, 1, F32, True, "linear", "affine", dilation=2),  # P = Q = 6: 2x2 boxes
+    _case(24, 32, (8, 12), 3, 1, 1, BF16, True, "relu", "stats"),  # 8x4 boxes: one image a tile
 ]
 
 
@@ -160,6 +166,35 @@ def test_conv2d_fused(case):
         _check_stats(out, mean, var)
     else:
         assert mean is None and var is None
+
+
+def _eligible_for_tma(x, w, kw) -> bool:
+    geo = conv._geometry(x, w, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
+    return conv._tma_ok(x, geo, kw["groups"])
+
+
+@pytest.mark.parametrize("variant,tma", [
+    ("channels_last", True), ("nchw", False), ("stride 2", False), ("groups 2", False),
+    ("channel view, 16-byte aligned", True), ("channel view, 8-byte aligned", False),
+    ("20 channels: 40-byte strides", False)])
+def test_tma_configs_run_exactly_where_allowed(variant, tma):
+    """The TMA configs need a stride-1 ungrouped conv on channels-contiguous x with 16-byte strides and
+    address; any other launch runs the pointer configs, right either way (on CPU the interpreter runs the
+    TMA config wherever it is allowed, so both kernels' paths are checked here)."""
+    c = 20 if variant.startswith("20") else 32
+    case = _case(c, 32, 6, 3, 2 if variant == "stride 2" else 1, 1, BF16, variant != "nchw", "relu", "stats",
+                 groups=2 if variant == "groups 2" else 1)
+    x, w, kw = _make(case)
+    if variant.startswith("channel view"):  # x = channels [offset, offset + 32) of a 48-channel tensor
+        offset = 8 if "16-byte" in variant else 4
+        wide = torch.randn(2, 48, 6, 6, dtype=BF16, device=DEVICE).to(memory_format=torch.channels_last)
+        x = wide[:, offset:offset + c]
+    assert _eligible_for_tma(x, w, kw) == tma
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
+    if DEVICE == "cpu":
+        assert conv._conv_kernel.best_config.kwargs["USE_TMA"] == tma
+    _check_out(out, x, w, kw, variant)
+    _check_stats(out, mean, var)
 
 
 @pytest.mark.parametrize("channels", [8, 24], ids=["flat-columns", "row-padding"])
@@ -341,6 +376,10 @@ INPUT_GRAD_CASES = [
     (32, 32, 9, 3, 2, 1, 1, 2, F16, True, True, "relu"),  # grouped
     (3, 20, 15, 7, 2, 3, 1, 1, F32, True, True, "relu"),  # the stem's 7x7/2
     (16, 16, 1, 1, 2, 1, 1, 1, F32, True, True, "relu"),  # 1x1/2 padded on 1x1: no tap reaches x, dz = 0
+    # TMA configs (channels_last grad_out with 16-byte strides, C a multiple of 8): stride 1 and strided phases
+    (24, 16, 6, 3, 1, 1, 1, 1, BF16, True, True, "relu"),
+    (16, 24, 9, 3, 2, 1, 1, 1, F16, True, True, "relu"),  # phase convs that crop grad_out (negative padding)
+    (16, 32, 7, 1, 1, 0, 1, 1, F32, False, True, "linear"),  # NCHW x and dz
 ]
 
 
@@ -500,6 +539,29 @@ _FLAGS_OFF = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SH
                   OUT_RELU=False, COMPUTE_STATS=False, PROLOGUE_GRAD=False, FLAT_K=False)
 
 
+def _compile_layer1_3x3_for_sm90(config: dict) -> dict:
+    """compile_launch_like_for_sm90's findings for the layer1 3x3 conv (bf16, channels_last) with the first
+    GPU config whose kwargs include ``config``: the bare conv, the BN + ReLU prologue, the prologue with the
+    statistics epilogue (the training forward) and the input gradient's epilogue (PROLOGUE_GRAD)."""
+    strides = LAYER1_3X3_CHANNELS_LAST_STRIDES
+    ints = dict(LAYER1_3X3, WS_ROWS=LAYER1_3X3["M"] // 64, **named_strides("stride_x", strides),
+                **named_strides("stride_o", strides), **named_strides("stride_r", strides))
+    prologue = dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True)
+    return compile_launch_like_for_sm90(
+        "fusedres.triton.conv", "_conv_kernel", config, ints, dict(R=3, S=3, GROUP_M=8, TMA_OK=True, BOX_H=8, BOX_W=8),
+        {"bare": _FLAGS_OFF, "prologue": prologue, "prologue+stats": dict(prologue, COMPUTE_STATS=True),
+         "input grad": dict(_FLAGS_OFF, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True, COMPUTE_STATS=True,
+                            PROLOGUE_GRAD=True)},
+        ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
+
+
+def _assert_wgmma_not_serialised(found: dict) -> None:
+    """ptxas serialises a loop's wgmma (warning C7515) when it sees the accumulator written between issue
+    and wait, as on the path around a loop that may run no step: each wgmma then waits for the last."""
+    for name, variant in found["variants"].items():
+        assert "C7515" not in variant["warnings"], (name, found)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     """What the speed of the fast case rests on, checked without a GPU: on channels_last input (the layer1
@@ -508,19 +570,30 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     keeps one buffer per pipeline stage), and the BN + ReLU prologue with the statistics epilogue keeps at
     least double buffering. The prologue's transformed tile reaches the dot in registers: it stores no more
     to shared memory than the bare conv (whose shared stores are the output tile's change of layout), where
-    a round trip through shared memory per step cost most of the prologue's time on an H100."""
-    strides = LAYER1_3X3_CHANNELS_LAST_STRIDES
-    ints = dict(LAYER1_3X3, WS_ROWS=LAYER1_3X3["M"] // 64, **named_strides("stride_x", strides),
-                **named_strides("stride_o", strides), **named_strides("stride_r", (0, 0, 0, 0)))
-    found = compile_launch_like_for_sm90(
-        "fusedres.triton.conv", "_conv_kernel", 0, ints, dict(R=3, S=3, GROUP_M=8),
-        {"bare": _FLAGS_OFF, "prologue": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True),
-         "prologue+stats": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True)},
-        ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
+    a round trip through shared memory per step cost most of the prologue's time on an H100. No variant's
+    wgmma is serialised, and the forward variants spill no register."""
+    found = _compile_layer1_3x3_for_sm90(dict(USE_TMA=False))
     block = found["block"]
     tile_bytes = 2 * (block["BLOCK_M"] + block["BLOCK_N"]) * block["BLOCK_K"]  # bf16 (BLOCK_M + BLOCK_N) x BLOCK_K
     assert_pipelined(found, "bare", "prologue+stats", tile_bytes)
     assert found["variants"]["prologue"]["st_shared"] == found["variants"]["bare"]["st_shared"], found
+    _assert_wgmma_not_serialised(found)
+    assert all(found["variants"][name]["spill_bytes"] == 0 for name in ("bare", "prologue", "prologue+stats")), found
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_tma_config_loads_its_tiles_with_the_tensor_memory_accelerator():
+    """The TMA configs (first one, layer1 3x3): every variant loads both operand tiles with tensor copies
+    (no per-thread asynchronous copies, no synchronous global loads in the bare conv), feeds them to
+    wgmma unserialised, and the prologue's tile reaches the dot in registers without a trip back to shared
+    memory (no more shared stores than the bare conv)."""
+    found = _compile_layer1_3x3_for_sm90(dict(USE_TMA=True))
+    for name, variant in found["variants"].items():
+        assert variant["wgmma"] > 0 and variant["tma"] >= 2, (name, found)
+    bare = found["variants"]["bare"]
+    assert bare["cp_async"] == 0 and bare["ld_global"] == 0, found
+    assert found["variants"]["prologue"]["st_shared"] == bare["st_shared"], found
+    _assert_wgmma_not_serialised(found)
 
 
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """
@@ -666,16 +739,31 @@ RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding) of torchvision ResNet-5
 }
 
 
+# per ResNet-50 conv, the kinds of config its launches may run: the autotuner picks by time, so each kind is
+# checked on its own ("tma": stride 1, see _tma_ok; a strided conv's input gradient runs stride-1 phases)
+_RESNET50_MODES = [(name, mode) for name, geometry in RESNET50_CONVS.items()
+                   for mode in (("pointer", "tma") if geometry[4] == 1 and name != "stem" else ("pointer",))]
+
+
+def _only_configs(monkeypatch, mode: str) -> None:
+    """The conv kernel autotunes among its TMA configs alone (mode "tma") or its pointer ones ("pointer")."""
+    kernel = conv._conv_kernel
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["USE_TMA"] == (mode == "tma")])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("epilogue", ["full", "stats"])
-@pytest.mark.parametrize("name", list(RESNET50_CONVS))
-def test_gpu_resnet50_shapes_bf16(name, epilogue):
+@pytest.mark.parametrize("name,mode", _RESNET50_MODES)
+def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
     case = _case(c, k, h, kernel, stride, padding, BF16, True, "none" if name == "stem" else "relu", epilogue, n=8)
     x, w, kw = _make(case)
     assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
+    _only_configs(monkeypatch, mode)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
+    assert conv._conv_kernel.best_config.kwargs["USE_TMA"] == (mode == "tma")
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
         _check_stats(out, mean, var)
@@ -739,11 +827,13 @@ def test_gpu_grouped_resnext_shape():
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("name", list(RESNET50_CONVS))
-def test_gpu_input_grad_resnet50_shapes_bf16(name):
+@pytest.mark.parametrize("name,mode", [(name, mode) for name in RESNET50_CONVS  # phases: stride 1; stem: C = 3
+                                       for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))])
+def test_gpu_input_grad_resnet50_shapes_bf16(name, mode, monkeypatch):
     """conv2d_input_grad on ResNet-50's shapes (the stem at 112x112), bf16 channels_last, against fp64 by the
-    module's error rule."""
+    module's error rule, on each kind of config."""
     c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
+    _only_configs(monkeypatch, mode)
     _check_input_grad((c, k, min(h, 112), kernel, stride, padding, 1, 1, BF16, True, True, "relu"))
 
 

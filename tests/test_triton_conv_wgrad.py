@@ -302,7 +302,7 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
                 **named_strides("stride_d", strides))
     off = dict(PROLOGUE=False, IN_RELU=False, FLAT_K=False)
     found = compile_launch_like_for_sm90(
-        "fusedres.triton.conv_wgrad", "_wgrad_kernel", 0, ints, dict(R=3, S=3),
+        "fusedres.triton.conv_wgrad", "_wgrad_kernel", {}, ints, dict(R=3, S=3),
         {"bare": off, "prologue": dict(off, PROLOGUE=True, IN_RELU=True)}, ("x_ptr", "dy_ptr"))
     block = found["block"]
     tile_bytes = 2 * block["BLOCK_M"] * (block["BLOCK_N"] + block["BLOCK_K"])  # bf16 BLOCK_M x (BLOCK_N + BLOCK_K)

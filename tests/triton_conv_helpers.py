@@ -128,6 +128,7 @@ class StandInH100:  # what JITFunction.run asks the active driver before it comp
 driver.set_active(StandInH100())
 conv._limit = conv_wgrad._limit = lambda *args: None
 torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
 
 def compile_without_launching(*kernels):
@@ -147,14 +148,15 @@ def compile_without_launching(*kernels):
 
 
 _LAUNCH_LIKE_SCRIPT = """
-import importlib, json, sys
+import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 spec = json.loads(sys.argv[1])
 module = importlib.import_module(spec["module"])
-fn, config = getattr(module, spec["kernel"]).fn, module._CONFIGS[spec["config"]]
+fn = getattr(module, spec["kernel"]).fn
+config = next(c for c in module._CONFIGS if spec["config"].items() <= c.kwargs.items())
 ints = spec["ints"]
 found = {}
 for name, flags in spec["variants"].items():
@@ -171,22 +173,31 @@ for name, flags in spec["variants"].items():
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:  # ptxas's report: warnings and spills
+        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+            f.write(ptx)
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        report = subprocess.run([ptxas, "-v", "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o",
+                                 os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
     found[name] = dict(wgmma=ptx.count("wgmma.mma_async"),
                        cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                       tma=ptx.count("cp.async.bulk.tensor"),
                        ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
-                       shared=kernel.metadata.shared)
+                       shared=kernel.metadata.shared, warnings=sorted(set(re.findall(r"\\((C\\d+)\\)", report))),
+                       spill_bytes=sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", report)))
 print(json.dumps(dict(variants=found, stages=config.num_stages, block=config.kwargs)))
 """
 
 
-def compile_launch_like_for_sm90(module: str, kernel: str, config: int, ints: dict, consts: dict,
+def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: dict, consts: dict,
                                  variants: dict, bf16_pointers: tuple) -> dict:
-    """Compile ``module.kernel`` with its ``_CONFIGS[config]`` for an H100 (the wheel's ptxas, no GPU), its
-    int arguments (``ints``: their values at a real launch) specialised as triton's launcher specialises
-    them: ints equal to 1 become constants, pointers and multiples of 16 get a divisibility-16 hint. Per
+    """Compile ``module.kernel`` with the first of its GPU ``_CONFIGS`` whose kwargs include ``config`` for an
+    H100 (the wheel's ptxas, no GPU), its int arguments (``ints``: their values at a real launch)
+    specialised as triton's launcher specialises them: ints equal to 1 become constants, pointers and multiples of 16 get a divisibility-16 hint. Per
     variant (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA),
-    cp_async (asynchronous copies into shared memory), ld_global and st_shared instruction counts, and
-    the shared memory in bytes; with the config's stages and block sizes."""
+    cp_async (asynchronous copies into shared memory), tma (tensor copies), ld_global and st_shared
+    instruction counts, the shared memory in bytes, and from ptxas's report its warning codes (C7515:
+    wgmma serialised) and spill_bytes; with the config's stages and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
     done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))

@@ -39,13 +39,14 @@ def fitting(configs: list, sizes: dict) -> list:
     return fit or configs
 
 
-def prune_and_compile(jit_fn, gemm_sizes, configs: list, positional: dict, **launch) -> list:
+def prune_and_compile(jit_fn, gemm_sizes, usable, configs: list, positional: dict, **launch) -> list:
     """The autotuner's config hook, called once per new key before the configs are timed: keeps the configs
-    that fit this launch's GEMM (``gemm_sizes(arguments)``: {block name: size}, see ``fitting``), then
-    compiles them all at once on a thread pool (triton compiles with the GIL released), so the timing
-    loop finds them built. A config that fails to compile is left for the timing loop to fail and skip,
-    as it would without this."""
-    configs = fitting(configs, gemm_sizes({**positional, **launch}))
+    this launch may run (``usable(config kwargs, arguments)``) that fit its GEMM (``gemm_sizes(arguments)``:
+    {block name: size}, see ``fitting``), then compiles them all at once on a thread pool (triton compiles
+    with the GIL released), so the timing loop finds them built. A config that fails to compile is left
+    for the timing loop to fail and skip, as it would without this."""
+    arguments = {**positional, **launch}
+    configs = fitting([c for c in configs if usable(c.kwargs, arguments)], gemm_sizes(arguments))
     workers = min(len(configs), compile_threads())
     async_compile = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
     if workers < 2 or async_compile is None:
@@ -69,15 +70,16 @@ def time_config(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def autotune(configs: list, key: list, gemm_sizes):
+def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, arguments: True):
     """triton.autotune over ``configs`` keyed by the argument names ``key``, timing (``time_config``) only
-    the configs that fit a new key's GEMM and compiling them in parallel (``prune_and_compile``;
-    ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}), with the disk cache if
+    the configs a new key may run and that fit its GEMM, compiled in parallel (``prune_and_compile``;
+    ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}, ``usable(config kwargs,
+    arguments)`` says whether a config may run them: the key must decide it), with the disk cache if
     FUSEDRES_AUTOTUNE_CACHE=1."""
     def decorate(jit_fn):
         extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
-        hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, gemm_sizes)}
+        hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, gemm_sizes, usable)}
         return triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=time_config,
                                **extra)(jit_fn)
     return decorate

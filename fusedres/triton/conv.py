@@ -46,6 +46,17 @@ reduction is one flat axis of R*S*Cg and each column decodes its own (r, s, c), 
 mostly masked-off channels. Every tail (M, channels, spatial edges) is masked; offsets into x, out, residual
 and the workspace are int64, while M itself is capped at 2**30 output positions.
 
+Two kinds of config share the kernel (USE_TMA). The pointer configs above run every launch. The TMA
+configs run the launches _tma_ok allows (stride 1, groups 1, Cg >= _FLAT_K_BELOW, channels contiguous,
+other strides and the address multiples of 16 bytes, sm_90+): their row tile is a box of BOX_I images x
+BOX_H x BOX_W output positions (``_box``: the largest powers of two dividing P and Q, so boxes tile the
+output), and each step loads the box shifted by its (r, s) from x seen as an (N, H, W, C) tensor descriptor,
+and the weight tile from one of (R*S, Cg, Kg), with Hopper's tensor memory accelerator: one copy per tile
+instead of an address per 16 bytes, and zeros wherever the box leaves the image or the channels (padding and
+tails need no mask). The descriptors are made on the device (their block shapes follow the config), in a
+global scratch that ``_with_descriptor_scratch`` lends triton for the launch. The autotuner times both kinds
+where both may run; the key's TMA_OK keeps them apart where not.
+
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
 of an fp32 workspace (2, rows, K); every row is written by exactly one program, so no atomics and no
@@ -66,6 +77,7 @@ Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and f
 process and optionally on disk). Under TRITON_INTERPRET=1 one small config runs, without tuning.
 """
 
+import contextvars
 import functools
 import math
 import os
@@ -95,24 +107,28 @@ _DOT_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32")  # TF32 only mat
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
 
 
-def _configs(gpu_tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], **flags) -> list[triton.Config]:
     """The autotuning space of a conv kernel: ``gpu_tiles`` as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    num_stages), or under TRITON_INTERPRET=1 one small config (nothing to tune)."""
+    num_stages), or under TRITON_INTERPRET=1 one small config (nothing to tune); ``flags``: constexpr
+    arguments every one of these configs sets."""
     if _INTERPRET:
         gpu_tiles = [(32, 16, 16, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **flags}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in gpu_tiles]
 
 
-_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                     (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)])
-_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the statistics workspace
+_CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                      (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], USE_TMA=False)
+            + _configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+                       USE_TMA=True))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
+# output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
+_MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
-                 "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K"]
+                 "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K", "TMA_OK"]
 _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on", "stride_ok", "stride_op",
                  "stride_oq", "stride_rn", "stride_rk", "stride_rp", "stride_rq")
 
@@ -122,8 +138,15 @@ def _reduction_size(args: dict) -> int:
     return args["R"] * args["S"] * args["Cg"] if args["FLAT_K"] else args["Cg"]
 
 
+def _usable(config: dict, args: dict) -> bool:
+    """Whether a config may run a launch: TMA configs only where the launch allows them (TMA_OK); under
+    TRITON_INTERPRET=1, where one config runs untimed, the TMA one wherever it is allowed."""
+    return config["USE_TMA"] == args["TMA_OK"] if _INTERPRET else args["TMA_OK"] or not config["USE_TMA"]
+
+
 # the forward / input-gradient GEMM: output positions x output channels, reducing over the input's columns
-@autotune(_CONFIGS, _AUTOTUNE_KEY, lambda a: dict(BLOCK_M=a["M"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)))
+@autotune(_CONFIGS, _AUTOTUNE_KEY, lambda a: dict(BLOCK_M=a["M"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)),
+          usable=_usable)
 @triton.jit
 def _conv_kernel(
     x_ptr,  # (N, C, H, W) input, any strides
@@ -144,24 +167,47 @@ def _conv_kernel(
     PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, PROLOGUE_GRAD: tl.constexpr,
     FLAT_K: tl.constexpr,
+    TMA_OK: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,  # see _tma_ok and _box
     GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # (pid_m, pid_n) from the flat tile index, bands of GROUP_M row tiles per column tile
     pid = tl.program_id(0)
     g = tl.program_id(1)
-    m_tiles = tl.cdiv(M, BLOCK_M)
+    if USE_TMA:  # a row tile is a box of BOX_I images x BOX_H x BOX_W output positions
+        tl.static_assert(TMA_OK and not FLAT_K, "USE_TMA needs a launch that allows it (TMA_OK)")
+        BOX_I: tl.constexpr = BLOCK_M // (BOX_H * BOX_W)
+        box_cols = tl.cdiv(Q, BOX_W)
+        box_rows = tl.cdiv(P, BOX_H)
+        m_tiles = (N + BOX_I - 1) // BOX_I * box_rows * box_cols
+    else:  # a row tile is BLOCK_M consecutive output positions
+        m_tiles = tl.cdiv(M, BLOCK_M)
     band = GROUP_M * tl.cdiv(Kg, BLOCK_N)
     first_m = (pid // band) * GROUP_M
     band_rows = tl.minimum(m_tiles - first_m, GROUP_M)
     pid_m = first_m + (pid % band) % band_rows
     pid_n = (pid % band) // band_rows
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output positions m = (n, p, q)
-    row_mask = rows < M
-    n = (rows // (P * Q)).to(tl.int64)
-    p = (rows // Q) % P
-    q = rows % Q
+    i = tl.arange(0, BLOCK_M)
+    if USE_TMA:  # descriptors of x as (N, H, W, C) and the weight as (R*S, Cg, Kg); G = 1
+        q0 = pid_m % box_cols * BOX_W
+        p0 = pid_m // box_cols % box_rows * BOX_H
+        n0 = pid_m // (box_cols * box_rows) * BOX_I
+        n = n0 + i // (BOX_H * BOX_W)
+        p = p0 + i // BOX_W % BOX_H
+        q = q0 + i % BOX_W
+        row_mask = (n < N) & (p < P) & (q < Q)
+        n = n.to(tl.int64)
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C], strides=[stride_xn, stride_xh, stride_xw, 1],
+                                           block_shape=[BOX_I, BOX_H, BOX_W, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, Cg, Kg], strides=[Cg * Kg, Kg, 1],
+                                           block_shape=[1, BLOCK_K, BLOCK_N])
+    else:
+        rows = pid_m * BLOCK_M + i  # output positions m = (n, p, q)
+        row_mask = rows < M
+        n = (rows // (P * Q)).to(tl.int64)
+        p = (rows // Q) % P
+        q = rows % Q
     ih0 = p * SH - PH
     iw0 = q * SW - PW
     x_rows = x_ptr + n * stride_xn
@@ -175,6 +221,7 @@ def _conv_kernel(
         steps = tl.cdiv(R * S * Cg, BLOCK_K)
     else:
         steps = R * S * c_blocks
+    steps = tl.maximum(steps, 1)  # it is: a loop known to run steps makes ptxas keep the wgmma pipelined (no C7515)
     for step in range(steps):
         if FLAT_K:  # every column decodes its own (r, s, c): (1, BLOCK_K) spatial offsets
             kk = step * BLOCK_K + tl.arange(0, BLOCK_K)  # packed weight rows
@@ -184,18 +231,22 @@ def _conv_kernel(
             s = (kk // Cg % S)[None, :]
         else:  # one (r, s) per step and a block of channels: scalar spatial offsets
             rs = step // c_blocks
-            c = (step % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            c0 = (step % c_blocks) * BLOCK_K
+            c = c0 + tl.arange(0, BLOCK_K)
             k_mask = c < Cg
             kk = rs * Cg + c
             r = rs // S
             s = rs % S
         ih = ih0[:, None] + r * DH  # (BLOCK_M, 1), or (BLOCK_M, BLOCK_K) if FLAT_K
         iw = iw0[:, None] + s * DW
-        a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         ch = g * Cg + c  # input channels
-        a_ptrs = (x_rows[:, None] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                  + ch.to(tl.int64)[None, :] * stride_xc)
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
+            a = x_desc.load([n0, p0 - PH + r * DH, q0 - PW + s * DW, c0]).reshape(BLOCK_M, BLOCK_K)
+        else:
+            a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = (x_rows[:, None] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                      + ch.to(tl.int64)[None, :] * stride_xc)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if PROLOGUE:
             shift = tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :]  # 0 past Cg, where a is 0 too
             if not FLAT_K:  # padding rows (a = 0 there) get shift * 0: see the module docstring
@@ -208,7 +259,10 @@ def _conv_kernel(
             if FLAT_K:
                 v = tl.where(a_mask, v, 0.0)  # padding stays 0
             a = v.to(x_ptr.dtype.element_ty)
-        b = tl.load(w_cols + kk.to(tl.int64)[:, None] * Kg, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if USE_TMA:
+            b = w_desc.load([rs, c0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+        else:
+            b = tl.load(w_cols + kk.to(tl.int64)[:, None] * Kg, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if _UPCAST_DOT:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -375,6 +429,48 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(t) else torch.contiguous_format
 
 
+def _tma_ok(x: Tensor, geo: dict, groups: int) -> bool:
+    """Whether the TMA configs may run: a stride-1, ungrouped conv reducing one (r, s) per step, on an x
+    whose channels are contiguous, whose other strides and address are multiples of 16 bytes (the tensor
+    memory accelerator's rule; the packed weight's rows likewise), on a GPU that has one (sm_90+)."""
+    size = x.element_size()
+    return (groups == 1 and geo["SH"] == geo["SW"] == 1 and geo["Cg"] >= _FLAT_K_BELOW and x.stride(1) == 1
+            and all(stride * size % 16 == 0 for stride in (x.stride(0), x.stride(2), x.stride(3), geo["Kg"]))
+            and x.data_ptr() % 16 == 0
+            and (_INTERPRET or torch.cuda.get_device_capability(x.device)[0] >= 9))
+
+
+def _box(geo: dict) -> tuple[int, int]:
+    """(BOX_H, BOX_W) of a TMA row tile: the largest powers of two dividing P and Q, the box at most
+    _MAX_BOX positions, so that boxes tile the output without a partial one where they can."""
+    box_w = min(geo["Q"] & -geo["Q"], _MAX_BOX)
+    return min(geo["P"] & -geo["P"], _MAX_BOX // box_w), box_w
+
+
+def _row_tiles(geo: dict, box: tuple[int, int], block_m: int, use_tma: bool) -> int:
+    """The row tiles (grid rows, statistics workspace rows) of a launch with BLOCK_M ``block_m``."""
+    if not use_tma:
+        return triton.cdiv(geo["M"], block_m)
+    box_h, box_w = box
+    return (triton.cdiv(geo["N"], block_m // (box_h * box_w)) * triton.cdiv(geo["P"], box_h)
+            * triton.cdiv(geo["Q"], box_w))
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> Tensor:
+    """triton's allocator for the global memory a launch writes its tensor descriptors to (the TMA
+    configs make theirs on the device): bytes on the current CUDA device, torch's blocks 512-byte aligned."""
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def _with_descriptor_scratch(launch):
+    """launch(), with _descriptor_scratch as triton's allocator for it alone (a context variable set in
+    a copy of the caller's context: the caller's own allocator, if any, stays)."""
+    def run():
+        triton.set_allocator(_descriptor_scratch)
+        return launch()
+    return contextvars.copy_context().run(run)
+
+
 def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
             in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
             out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None):
@@ -383,15 +479,17 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     (see the kernel)."""
     k = geo["K"]
     flat_k = geo["Cg"] < _FLAT_K_BELOW
-    ws_rows = triton.cdiv(geo["M"], _MIN_BLOCK_M)  # row tiles of the smallest tile config
+    tma_ok = _tma_ok(x, geo, groups)
+    box = _box(geo)
+    ws_rows = max(_row_tiles(geo, box, c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"] and tma_ok) for c in _CONFIGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     res = out if residual is None else residual
     strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
 
     def grid(meta):
-        return triton.cdiv(geo["M"], meta["BLOCK_M"]) * triton.cdiv(geo["Kg"], meta["BLOCK_N"]), groups
+        return _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * triton.cdiv(geo["Kg"], meta["BLOCK_N"]), groups
 
-    _conv_kernel[grid](
+    _with_descriptor_scratch(lambda: _conv_kernel[grid](
         x, packed_weight, out,
         in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
         _row_ones(x.device) if in_scale is not None and not flat_k else out,
@@ -401,12 +499,12 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
         HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
         HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
         COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=flat_k,
-        WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides)
+        TMA_OK=tma_ok, BOX_H=box[0], BOX_W=box[1], WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides))
     if not compute_stats:
         return out, None
     # the rows the launch wrote: one per row tile of the config the autotuner ran
-    m_tiles = triton.cdiv(geo["M"], _conv_kernel.best_config.kwargs["BLOCK_M"])
-    return out, ws[:, :m_tiles].sum(1)
+    best = _conv_kernel.best_config.kwargs
+    return out, ws[:, :_row_tiles(geo, box, best["BLOCK_M"], best["USE_TMA"])].sum(1)
 
 
 def conv2d_fused(
