@@ -221,7 +221,9 @@ def _conv_kernel(
         steps = tl.cdiv(R * S * Cg, BLOCK_K)
     else:
         steps = R * S * c_blocks
-    steps = tl.maximum(steps, 1)  # it is: a loop known to run steps makes ptxas keep the wgmma pipelined (no C7515)
+    # steps >= 1 already: saying so drops the compiled path around a loop of no step, on which ptxas
+    # serialised the pipelined wgmma (warning C7515, each wgmma waiting for the one before)
+    steps = tl.maximum(steps, 1)
     for step in range(steps):
         if FLAT_K:  # every column decodes its own (r, s, c): (1, BLOCK_K) spatial offsets
             kk = step * BLOCK_K + tl.arange(0, BLOCK_K)  # packed weight rows
