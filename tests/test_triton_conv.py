@@ -18,6 +18,7 @@ import triton
 
 from conftest import requires_cuda
 from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
+                                 LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
                                  STAND_IN_LAUNCH, assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90,
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
@@ -77,6 +78,12 @@ CASES = [
     _case(32, 16, 7, 1, 1, 0, F16, True, "none", "full"),  # 1x1 boxes: one output position of 32 images a tile
     _case(16, 48, 8, 3, 1, 1, F32, True, "linear", "affine", dilation=2),  # P = Q = 6: 2x2 boxes
     _case(24, 32, (8, 12), 3, 1, 1, BF16, True, "relu", "stats"),  # 8x4 boxes: one image a tile
+    # strided TMA launches (H, W divisible by the stride; C a whole number of channel blocks): x seen as
+    # (N, H/SH, SH, W/SW, SW*C), each tap's box in one residue of the stride
+    _case(32, 24, 8, 3, 2, 1, BF16, True, "relu", "stats"),  # ResNet's 3x3/2: taps in both residues
+    _case(48, 32, (12, 8), 1, 2, 0, F16, True, "none", "full"),  # the 1x1/2 downsample
+    _case(16, 16, (9, 8), (3, 5), (3, 2), (1, 2), F32, True, "linear", "affine", dilation=(2, 1)),  # mixed, SH 3
+    _case(32, 16, (6, 10), 3, (1, 2), 1, BF16, True, "relu", "stats_bias", n=3),  # column stride only
 ]
 
 
@@ -173,21 +180,22 @@ def _eligible_for_tma(x, w, kw) -> bool:
     return conv._tma_ok(x, geo, kw["groups"])
 
 
-@pytest.mark.parametrize("variant,tma", [
-    ("channels_last", True), ("nchw", False), ("stride 2", False), ("groups 2", False),
-    ("channel view, 16-byte aligned", True), ("channel view, 8-byte aligned", False),
-    ("20 channels: 40-byte strides", False)])
-def test_tma_configs_run_exactly_where_allowed(variant, tma):
-    """The TMA configs need a stride-1 ungrouped conv on channels-contiguous x with 16-byte strides and
-    address; any other launch runs the pointer configs, right either way (on CPU the interpreter runs the
-    TMA config wherever it is allowed, so both kernels' paths are checked here)."""
-    c = 20 if variant.startswith("20") else 32
-    case = _case(c, 32, 6, 3, 2 if variant == "stride 2" else 1, 1, BF16, variant != "nchw", "relu", "stats",
+@pytest.mark.parametrize("variant,c,stride,hw,tma", [
+    ("channels_last", 32, 1, 6, True), ("nchw", 32, 1, 6, False), ("groups 2", 32, 1, 6, False),
+    ("channel view, 16-byte aligned", 32, 1, 6, True), ("channel view, 8-byte aligned", 32, 1, 6, False),
+    ("40-byte strides", 20, 1, 6, False), ("strided", 32, 2, 6, True), ("strided, H not a multiple", 32, 2, 7, False),
+    ("strided, a partial channel block", 24, 2, 6, False), ("strided channel view", 32, 2, 6, False)])
+def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
+    """The TMA configs need an ungrouped conv on channels-contiguous x with 16-byte strides and address;
+    strided, also H and W divisible by the stride and pixels packed along W in whole channel blocks; any
+    other launch runs the pointer configs, right either way (on CPU the interpreter runs the TMA config
+    wherever it is allowed, so both kernels' paths are checked here)."""
+    case = _case(c, 32, hw, 3, stride, 1, BF16, variant != "nchw", "relu", "stats",
                  groups=2 if variant == "groups 2" else 1)
     x, w, kw = _make(case)
-    if variant.startswith("channel view"):  # x = channels [offset, offset + 32) of a 48-channel tensor
-        offset = 8 if "16-byte" in variant else 4
-        wide = torch.randn(2, 48, 6, 6, dtype=BF16, device=DEVICE).to(memory_format=torch.channels_last)
+    if "channel view" in variant:  # x = channels [offset, offset + 32) of a 48-channel tensor
+        offset = 4 if "8-byte" in variant else 8
+        wide = torch.randn(2, 48, hw, hw, dtype=BF16, device=DEVICE).to(memory_format=torch.channels_last)
         x = wide[:, offset:offset + c]
     assert _eligible_for_tma(x, w, kw) == tma
     out, mean, var = conv.conv2d_fused(x, w, **kw)
@@ -539,20 +547,26 @@ _FLAGS_OFF = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SH
                   OUT_RELU=False, COMPUTE_STATS=False, PROLOGUE_GRAD=False, FLAT_K=False)
 
 
-def _compile_layer1_3x3_for_sm90(config: dict) -> dict:
-    """compile_launch_like_for_sm90's findings for the layer1 3x3 conv (bf16, channels_last) with the first
-    GPU config whose kwargs include ``config``: the bare conv, the BN + ReLU prologue, the prologue with the
-    statistics epilogue (the training forward) and the input gradient's epilogue (PROLOGUE_GRAD)."""
-    strides = LAYER1_3X3_CHANNELS_LAST_STRIDES
-    ints = dict(LAYER1_3X3, WS_ROWS=LAYER1_3X3["M"] // 64, **named_strides("stride_x", strides),
-                **named_strides("stride_o", strides), **named_strides("stride_r", strides))
-    prologue = dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True)
+_COMPILED_VARIANTS = {"bare": _FLAGS_OFF, "prologue": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True),
+                      "prologue+stats": dict(_FLAGS_OFF, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
+                      "input grad": dict(_FLAGS_OFF, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True,
+                                         COMPUTE_STATS=True, PROLOGUE_GRAD=True)}
+
+
+def _compile_3x3_for_sm90(config: dict, geometry: dict = LAYER1_3X3,
+                          strides=(LAYER1_3X3_CHANNELS_LAST_STRIDES,) * 2, variants=tuple(_COMPILED_VARIANTS)) -> dict:
+    """compile_launch_like_for_sm90's findings for a 3x3 conv (bf16; by default the layer1 one, channels_last:
+    ``strides`` of its input and output) with the first GPU config whose kwargs include ``config``, in
+    ``variants`` of: the bare conv, the BN + ReLU prologue, the prologue with the statistics epilogue (the
+    training forward) and the input gradient's epilogue (PROLOGUE_GRAD)."""
+    x_strides, out_strides = strides
+    ints = dict(geometry, WS_ROWS=geometry["M"] // 64, **named_strides("stride_x", x_strides),
+                **named_strides("stride_o", out_strides), **named_strides("stride_r", out_strides))
+    box_h, box_w = conv._box(geometry)
     return compile_launch_like_for_sm90(
-        "fusedres.triton.conv", "_conv_kernel", config, ints, dict(R=3, S=3, GROUP_M=8, TMA_OK=True, BOX_H=8, BOX_W=8),
-        {"bare": _FLAGS_OFF, "prologue": prologue, "prologue+stats": dict(prologue, COMPUTE_STATS=True),
-         "input grad": dict(_FLAGS_OFF, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True, COMPUTE_STATS=True,
-                            PROLOGUE_GRAD=True)},
-        ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
+        "fusedres.triton.conv", "_conv_kernel", config, ints,
+        dict(R=3, S=3, GROUP_M=8, TMA_OK=True, BOX_H=box_h, BOX_W=box_w),
+        {name: _COMPILED_VARIANTS[name] for name in variants}, ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
 
 
 def _assert_wgmma_not_serialised(found: dict) -> None:
@@ -572,7 +586,7 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     to shared memory than the bare conv (whose shared stores are the output tile's change of layout), where
     a round trip through shared memory per step cost most of the prologue's time on an H100. No variant's
     wgmma is serialised, and the forward variants spill no register."""
-    found = _compile_layer1_3x3_for_sm90(dict(USE_TMA=False))
+    found = _compile_3x3_for_sm90(dict(USE_TMA=False))
     block = found["block"]
     tile_bytes = 2 * (block["BLOCK_M"] + block["BLOCK_N"]) * block["BLOCK_K"]  # bf16 (BLOCK_M + BLOCK_N) x BLOCK_K
     assert_pipelined(found, "bare", "prologue+stats", tile_bytes)
@@ -583,17 +597,20 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 def test_tma_config_loads_its_tiles_with_the_tensor_memory_accelerator():
-    """The TMA configs (first one, layer1 3x3): every variant loads both operand tiles with tensor copies
-    (no per-thread asynchronous copies, no synchronous global loads in the bare conv), feeds them to
-    wgmma unserialised, and the prologue's tile reaches the dot in registers without a trip back to shared
-    memory (no more shared stores than the bare conv)."""
-    found = _compile_layer1_3x3_for_sm90(dict(USE_TMA=True))
-    for name, variant in found["variants"].items():
-        assert variant["wgmma"] > 0 and variant["tma"] >= 2, (name, found)
-    bare = found["variants"]["bare"]
-    assert bare["cp_async"] == 0 and bare["ld_global"] == 0, found
-    assert found["variants"]["prologue"]["st_shared"] == bare["st_shared"], found
+    """The TMA configs (first one, layer1 3x3 and the strided layer2 3x3): every variant loads both operand
+    tiles with tensor copies (no per-thread asynchronous copies, no synchronous global loads in the bare
+    conv), feeds them to wgmma unserialised, and the prologue's tile reaches the dot in registers without a
+    trip back to shared memory (no more shared stores than the bare conv)."""
+    found = _compile_3x3_for_sm90(dict(USE_TMA=True))
+    strided = _compile_3x3_for_sm90(dict(USE_TMA=True), LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
+                                    ("bare", "prologue+stats"))
+    for name, variant in [*found["variants"].items(), *(("strided " + k, v) for k, v in strided["variants"].items())]:
+        assert variant["wgmma"] > 0 and variant["tma"] >= 2, (name, found, strided)
+    for bare in (found["variants"]["bare"], strided["variants"]["bare"]):
+        assert bare["cp_async"] == 0 and bare["ld_global"] == 0, (found, strided)
+    assert found["variants"]["prologue"]["st_shared"] == found["variants"]["bare"]["st_shared"], found
     _assert_wgmma_not_serialised(found)
+    _assert_wgmma_not_serialised(strided)
 
 
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """
@@ -740,9 +757,9 @@ RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding) of torchvision ResNet-5
 
 
 # per ResNet-50 conv, the kinds of config its launches may run: the autotuner picks by time, so each kind is
-# checked on its own ("tma": stride 1, see _tma_ok; a strided conv's input gradient runs stride-1 phases)
-_RESNET50_MODES = [(name, mode) for name, geometry in RESNET50_CONVS.items()
-                   for mode in (("pointer", "tma") if geometry[4] == 1 and name != "stem" else ("pointer",))]
+# checked on its own ("tma": not the stem, whose 3 channels take the flat reduction, see _tma_ok)
+_RESNET50_MODES = [(name, mode) for name in RESNET50_CONVS
+                   for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))]
 
 
 def _only_configs(monkeypatch, mode: str) -> None:
@@ -827,8 +844,7 @@ def test_gpu_grouped_resnext_shape():
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("name,mode", [(name, mode) for name in RESNET50_CONVS  # phases: stride 1; stem: C = 3
-                                       for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))])
+@pytest.mark.parametrize("name,mode", _RESNET50_MODES)
 def test_gpu_input_grad_resnet50_shapes_bf16(name, mode, monkeypatch):
     """conv2d_input_grad on ResNet-50's shapes (the stem at 112x112), bf16 channels_last, against fp64 by the
     module's error rule, on each kind of config."""

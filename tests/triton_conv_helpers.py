@@ -93,6 +93,10 @@ def compile_for_sm90(script: str, *args: str) -> subprocess.CompletedProcess:
 LAYER1_3X3 = dict(N=256, C=64, H=56, W=56, K=64, P=56, Q=56, M=256 * 56 * 56, Cg=64, Kg=64,
                   SH=1, SW=1, PH=1, PW=1, DH=1, DW=1)
 LAYER1_3X3_CHANNELS_LAST_STRIDES = (56 * 56 * 64, 1, 56 * 64, 64)
+# ResNet-50's layer2.0.conv2 (128->128 3x3/2, 56x56 -> 28x28, batch 256), its input's and output's strides
+LAYER2_3X3_S2 = dict(N=256, C=128, H=56, W=56, K=128, P=28, Q=28, M=256 * 28 * 28, Cg=128, Kg=128,
+                     SH=2, SW=2, PH=1, PW=1, DH=1, DW=1)
+LAYER2_3X3_S2_CHANNELS_LAST_STRIDES = ((56 * 56 * 128, 1, 56 * 128, 128), (28 * 28 * 128, 1, 28 * 128, 128))
 
 
 def named_strides(prefix: str, strides) -> dict:
@@ -193,8 +197,8 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
                                  variants: dict, bf16_pointers: tuple) -> dict:
     """Compile ``module.kernel`` with the first of its GPU ``_CONFIGS`` whose kwargs include ``config`` for an
     H100 (the wheel's ptxas, no GPU), its int arguments (``ints``: their values at a real launch)
-    specialised as triton's launcher specialises them: ints equal to 1 become constants, pointers and multiples of 16 get a divisibility-16 hint. Per
-    variant (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA),
+    specialised as triton's launcher specialises them: ints equal to 1 become constants, pointers and
+    multiples of 16 get a divisibility-16 hint. Per variant (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA),
     cp_async (asynchronous copies into shared memory), tma (tensor copies), ld_global and st_shared
     instruction counts, the shared memory in bytes, and from ptxas's report its warning codes (C7515:
     wgmma serialised) and spill_bytes; with the config's stages and block sizes."""

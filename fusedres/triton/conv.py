@@ -47,15 +47,18 @@ mostly masked-off channels. Every tail (M, channels, spatial edges) is masked; o
 and the workspace are int64, while M itself is capped at 2**30 output positions.
 
 Two kinds of config share the kernel (USE_TMA). The pointer configs above run every launch. The TMA
-configs run the launches _tma_ok allows (stride 1, groups 1, Cg >= _FLAT_K_BELOW, channels contiguous,
-other strides and the address multiples of 16 bytes, sm_90+): their row tile is a box of BOX_I images x
-BOX_H x BOX_W output positions (``_box``: the largest powers of two dividing P and Q, so boxes tile the
-output), and each step loads the box shifted by its (r, s) from x seen as an (N, H, W, C) tensor descriptor,
-and the weight tile from one of (R*S, Cg, Kg), with Hopper's tensor memory accelerator: one copy per tile
-instead of an address per 16 bytes, and zeros wherever the box leaves the image or the channels (padding and
-tails need no mask). The descriptors are made on the device (their block shapes follow the config), in a
-global scratch that ``_with_descriptor_scratch`` lends triton for the launch. The autotuner times both kinds
-where both may run; the key's TMA_OK keeps them apart where not.
+configs run the launches _tma_ok allows (groups 1, Cg >= _FLAT_K_BELOW, channels contiguous, other strides
+and the address multiples of 16 bytes, sm_90+; a strided conv's H and W divisible by its stride): their row
+tile is a box of BOX_I images x BOX_H x BOX_W output positions (``_box``: the largest powers of two
+dividing P and Q, so boxes tile the output), and each step loads the box shifted by its (r, s) from one
+tensor descriptor of x, and the weight tile from one of (R*S, Cg, Kg), with Hopper's tensor memory
+accelerator: one copy per tile instead of an address per 16 bytes, and zeros wherever the box leaves the
+image or the channels (padding and tails need no mask). x is described as (N, H/SH, SH, W/SW, SW*C): the
+input rows a strided box reads are those of one residue of h modulo SH, every SH-th row, which is a box of
+that view (and likewise the columns); with stride 1 it is x as (N, H, 1, W, C). The descriptors are made on
+the device (their block shapes follow the config), in a global scratch that ``_with_descriptor_scratch``
+lends triton for the launch. The autotuner times both kinds where both may run; the key's TMA_OK keeps them
+apart where not.
 
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
@@ -124,6 +127,7 @@ _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
+_TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
@@ -189,7 +193,7 @@ def _conv_kernel(
     pid_n = (pid % band) // band_rows
 
     i = tl.arange(0, BLOCK_M)
-    if USE_TMA:  # descriptors of x as (N, H, W, C) and the weight as (R*S, Cg, Kg); G = 1
+    if USE_TMA:  # descriptors of x and of the weight as (R*S, Cg, Kg); G = 1
         q0 = pid_m % box_cols * BOX_W
         p0 = pid_m // box_cols % box_rows * BOX_H
         n0 = pid_m // (box_cols * box_rows) * BOX_I
@@ -198,8 +202,12 @@ def _conv_kernel(
         q = q0 + i % BOX_W
         row_mask = (n < N) & (p < P) & (q < Q)
         n = n.to(tl.int64)
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C], strides=[stride_xn, stride_xh, stride_xw, 1],
-                                           block_shape=[BOX_I, BOX_H, BOX_W, BLOCK_K])
+        # x as (N, H/SH, SH, W/SW, SW*C): input row h = SH*i + a is (i, a) and column w = SW*j + b with
+        # channel c is (j, b*C + c), so a box of output positions shifted by a tap is one box of it
+        x_desc = tl.make_tensor_descriptor(
+            x_ptr, shape=[N, H // SH, SH, W // SW, SW * C], strides=[stride_xn, SH * stride_xh, stride_xh,
+                                                                      SW * stride_xw, 1],
+            block_shape=[BOX_I, BOX_H, 1, BOX_W, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, Cg, Kg], strides=[Cg * Kg, Kg, 1],
                                            block_shape=[1, BLOCK_K, BLOCK_N])
     else:
@@ -243,7 +251,10 @@ def _conv_kernel(
         iw = iw0[:, None] + s * DW
         ch = g * Cg + c  # input channels
         if USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
-            a = x_desc.load([n0, p0 - PH + r * DH, q0 - PW + s * DW, c0]).reshape(BLOCK_M, BLOCK_K)
+            th = r * DH - PH + SH * PH  # >= 0: h = SH*p + r*DH - PH = SH*(p + th // SH - PH) + th % SH
+            tw = s * DW - PW + SW * PW
+            a = x_desc.load([n0, p0 + th // SH - PH, th % SH, q0 + tw // SW - PW, tw % SW * C + c0])
+            a = a.reshape(BLOCK_M, BLOCK_K)
         else:
             a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_ptrs = (x_rows[:, None] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
@@ -432,11 +443,16 @@ def _memory_format(t: Tensor) -> torch.memory_format:
 
 
 def _tma_ok(x: Tensor, geo: dict, groups: int) -> bool:
-    """Whether the TMA configs may run: a stride-1, ungrouped conv reducing one (r, s) per step, on an x
-    whose channels are contiguous, whose other strides and address are multiples of 16 bytes (the tensor
-    memory accelerator's rule; the packed weight's rows likewise), on a GPU that has one (sm_90+)."""
+    """Whether the TMA configs may run: an ungrouped conv reducing one (r, s) per step, on an x whose
+    channels are contiguous, whose other strides and address are multiples of 16 bytes (the tensor memory
+    accelerator's rule; the packed weight's rows likewise), on a GPU that has one (sm_90+). A strided conv
+    also needs H and W divisible by its stride (x seen as (N, H/SH, SH, W/SW, SW*C), see the kernel) and,
+    with a column stride, pixels packed along W with a whole number of channel blocks (a block past C would
+    read the next pixel's channels where a descriptor of C columns gives zeros)."""
     size = x.element_size()
-    return (groups == 1 and geo["SH"] == geo["SW"] == 1 and geo["Cg"] >= _FLAT_K_BELOW and x.stride(1) == 1
+    strided_ok = geo["H"] % geo["SH"] == 0 and geo["W"] % geo["SW"] == 0 and (
+        geo["SW"] == 1 or (x.stride(3) == geo["C"] and geo["C"] % _TMA_MAX_BLOCK_K == 0))
+    return (groups == 1 and geo["Cg"] >= _FLAT_K_BELOW and x.stride(1) == 1 and strided_ok
             and all(stride * size % 16 == 0 for stride in (x.stride(0), x.stride(2), x.stride(3), geo["Kg"]))
             and x.data_ptr() % 16 == 0
             and (_INTERPRET or torch.cuda.get_device_capability(x.device)[0] >= 9))
