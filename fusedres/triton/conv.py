@@ -108,6 +108,9 @@ _PACK_CACHE: dict = {}
 
 _DOT_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32")  # TF32 only matters for fp32
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
+# column sub-tile of the epilogues that load a tile (see _conv_kernel); narrower than the interpreter's
+# 16-column tile under TRITON_INTERPRET=1, so the CPU tests run the sub-tiled path too
+_EPILOGUE_COLUMNS = tl.constexpr(8 if _INTERPRET else 16)
 
 
 def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], **flags) -> list[triton.Config]:
@@ -281,12 +284,41 @@ def _conv_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=_DOT_PRECISION)
 
-    k_out = g * Kg + cols  # output channels
+    # an epilogue that loads a tile (the residual, or PROLOGUE_GRAD's unit input) runs on column sub-tiles
+    # of _EPILOGUE_COLUMNS: whole (BLOCK_M, BLOCK_N) tiles of offsets, masks and loaded values spilled
+    # registers in every 128-row config from BLOCK_N = 64 up (ptxas -v, sm_90)
+    EPILOGUE_PARTS: tl.constexpr = BLOCK_N // _EPILOGUE_COLUMNS if HAS_RESIDUAL or PROLOGUE_GRAD else 1
+    _epilogue(acc, g * Kg + cols, col_mask, row_mask,
+              n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq,
+              n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq,  # unused without res_ptr
+              pid_m, out_ptr, out_scale_ptr, out_shift_ptr, res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok,
+              stride_rk, HAS_OUT_SCALE, HAS_OUT_SHIFT, HAS_RESIDUAL, OUT_RELU, COMPUTE_STATS, PROLOGUE_GRAD,
+              EPILOGUE_PARTS)
+
+
+@triton.jit
+def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr, out_scale_ptr, out_shift_ptr,
+              res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok, stride_rk,
+              HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, PROLOGUE_GRAD: tl.constexpr, PARTS: tl.constexpr):
+    """_conv_kernel's epilogue on its accumulator tile acc (rows: output positions at offsets out_rows into
+    out, res_rows into res_ptr; columns: output channels k_out): in PARTS column sub-tiles, one after the
+    other (halves, each split again)."""
+    if PARTS > 1:
+        rows: tl.constexpr = acc.shape[0]
+        half: tl.constexpr = acc.shape[1] // 2
+        acc_halves = tl.split(acc.reshape(rows, 2, half).permute(0, 2, 1))
+        k_halves = tl.split(k_out.reshape(2, half).permute(1, 0))
+        mask_halves = tl.split(col_mask.reshape(2, half).permute(1, 0))
+        for i in tl.static_range(2):
+            _epilogue(acc_halves[i], k_halves[i], mask_halves[i], row_mask, out_rows, res_rows, pid_m, out_ptr,
+                      out_scale_ptr, out_shift_ptr, res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok,
+                      stride_rk, HAS_OUT_SCALE, HAS_OUT_SHIFT, HAS_RESIDUAL, OUT_RELU, COMPUTE_STATS,
+                      PROLOGUE_GRAD, PARTS // 2)
+        return
     mask = row_mask[:, None] & col_mask[None, :]
-    out_offs = ((n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq)[:, None]
-                + k_out.to(tl.int64)[None, :] * stride_ok)
-    res_offs = ((n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq)[:, None]
-                + k_out.to(tl.int64)[None, :] * stride_rk)  # unused (and dropped) without a residual or x_in
+    out_offs = out_rows[:, None] + k_out.to(tl.int64)[None, :] * stride_ok
+    res_offs = res_rows[:, None] + k_out.to(tl.int64)[None, :] * stride_rk
     if COMPUTE_STATS:  # store y (or dz) and this tile's per-channel sums of d and d*e
         if PROLOGUE_GRAD:  # acc = d act: dz = acc * act'(z), z = x*out_scale + out_shift recomputed from the input x
             x_in = tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
