@@ -195,7 +195,7 @@ def _triton_bwd_parts(settings: Settings, spec: ConvSpec, batch: int, prologue: 
     ``conv2d_input_grad``, "weight gradient": ``conv2d_weight_grad``), or None per part; the package runs
     a part they do not take with torch (``registry._triton_backward_parts``). Checked on expanded 0-d
     tensors: no memory."""
-    from fusedres.triton.conv import input_grad_unsupported_reason
+    from fusedres.triton.conv_dgrad import input_grad_unsupported_reason
     from fusedres.triton.conv_wgrad import unsupported_reason
 
     like = lambda shape: torch.empty((), dtype=settings.dtype, device=settings.device).expand(shape)

@@ -176,7 +176,7 @@ def test_eval_forward_rejects_a_wrong_input_as_eager_would(kind):
 def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
     """Every Triton kernel of a training step (BN stages, the convs forward, the unit convs' input and
     weight gradients) on CPU, fp32."""
-    from fusedres.triton import conv, conv_wgrad
+    from fusedres.triton import conv, conv_dgrad, conv_wgrad
 
     calls = []
 
@@ -185,7 +185,7 @@ def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
         monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or original(*a, **k))
 
     count(conv, "conv2d_fused")
-    count(conv, "conv2d_input_grad")
+    count(conv_dgrad, "conv2d_input_grad")
     count(conv_wgrad, "conv2d_weight_grad")
     _assert_no_worse_than_eager(_runs(kind, [4], backend="triton"))
     assert {"conv2d_fused", "conv2d_input_grad", "conv2d_weight_grad"} <= set(calls), set(calls)

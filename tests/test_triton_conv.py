@@ -23,7 +23,7 @@ from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, 
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
-from fusedres.triton import autotuning, conv
+from fusedres.triton import autotuning, conv, conv_dgrad
 
 
 @dataclass(frozen=True)
@@ -428,8 +428,8 @@ def _check_input_grad(case):
               in_shift=rand_vec(gen, c) * 0.5, in_relu=prologue == "relu", mean=rand_vec(gen, c))
     geometry = SimpleNamespace(hw=pair(hw), kernel=pair(r), stride=pair(stride), padding=pair(pad), dilation=pair(dil))
     grad_out = rand_act(gen, (2, k, *out_hw(geometry)), dtype, g_cl)
-    assert conv.input_grad_unsupported_reason(grad_out, w, x, stride, pad, dil, groups) is None
-    dz, sums = conv.conv2d_input_grad(grad_out, w, x, **kw)
+    assert conv_dgrad.input_grad_unsupported_reason(grad_out, w, x, stride, pad, dil, groups) is None
+    dz, sums = conv_dgrad.conv2d_input_grad(grad_out, w, x, **kw)
 
     ref_dz, ref_sums, ref_abs_sums = _input_grad_reference(grad_out, w, x, kw, F64)
     eager_dz, eager_sums, _ = _input_grad_reference(grad_out, w, x, kw, dtype)
@@ -454,18 +454,18 @@ def test_input_grad_unsupported_and_bad_arguments():
     thin_groups = rand_act(gen, (16, 4, 3, 3), F32)  # 4 channels per group: left to cuDNN, strided or not
     for stride, grad_size in ((1, 6), (2, 3)):
         thin_grad = rand_act(gen, (2, 16, grad_size, grad_size), F32)
-        assert "per group" in conv.input_grad_unsupported_reason(thin_grad, thin_groups, x, stride, 1, 1, 4)
+        assert "per group" in conv_dgrad.input_grad_unsupported_reason(thin_grad, thin_groups, x, stride, 1, 1, 4)
         with pytest.raises(RuntimeError, match="conv2d_input_grad: .* per group"):
-            conv.conv2d_input_grad(thin_grad, thin_groups, x, stride=stride, padding=1, groups=4, **vec)
-    assert "conv output's shape (2, 16, 6, 6)" in conv.input_grad_unsupported_reason(grad[:1], w, x, 1, 1, 1, 1)
-    assert "conv output's shape (2, 16, 3, 3)" in conv.input_grad_unsupported_reason(grad, w, x, 2, 1, 1, 1)
+            conv_dgrad.conv2d_input_grad(thin_grad, thin_groups, x, stride=stride, padding=1, groups=4, **vec)
+    assert "conv output's shape (2, 16, 6, 6)" in conv_dgrad.input_grad_unsupported_reason(grad[:1], w, x, 1, 1, 1, 1)
+    assert "conv output's shape (2, 16, 3, 3)" in conv_dgrad.input_grad_unsupported_reason(grad, w, x, 2, 1, 1, 1)
     with pytest.raises(TypeError, match="conv2d_input_grad: grad_out has dtype torch.float16, expected x's dtype "
                                         "torch.float32"):
-        conv.conv2d_input_grad(grad.half(), w, x, padding=1, **vec)
+        conv_dgrad.conv2d_input_grad(grad.half(), w, x, padding=1, **vec)
     with pytest.raises(TypeError, match="conv2d_input_grad: weight has dtype torch.float16"):
-        conv.conv2d_input_grad(grad, w.half(), x, padding=1, **vec)
+        conv_dgrad.conv2d_input_grad(grad, w.half(), x, padding=1, **vec)
     with pytest.raises(ValueError, match=r"conv2d_input_grad: mean must have shape \(16,\)"):
-        conv.conv2d_input_grad(grad, w, x, padding=1, **dict(vec, mean=vec["mean"][:3]))
+        conv_dgrad.conv2d_input_grad(grad, w, x, padding=1, **dict(vec, mean=vec["mean"][:3]))
 
 
 def test_packed_weight_cache_follows_in_place_updates():
@@ -516,7 +516,7 @@ _COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fusedres.triton import autotuning, conv
+from fusedres.triton import autotuning, conv, conv_dgrad
 
 fn = conv._conv_kernel.fn
 off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
@@ -688,7 +688,7 @@ x = torch.randn(1, 16, 1, 1, dtype=torch.bfloat16)  # N = H = W = P = Q = M = 1,
 dy, w = torch.randn(1, 16, 1, 1, dtype=torch.bfloat16), torch.randn(16, 16, 3, 3, dtype=torch.bfloat16)
 v = torch.ones(16)
 conv.conv2d_fused(x, w, padding=1, in_scale=v, in_shift=v, compute_stats=True)
-conv.conv2d_input_grad(dy, w, x, padding=1, in_scale=v, in_shift=v, in_relu=True, mean=v)
+conv_dgrad.conv2d_input_grad(dy, w, x, padding=1, in_scale=v, in_shift=v, in_relu=True, mean=v)
 conv_wgrad.conv2d_weight_grad(x, dy, w.shape, padding=1, in_scale=v, in_shift=v)
 """
 

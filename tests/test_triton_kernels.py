@@ -286,14 +286,15 @@ def test_conv_batch_norm_stats_on_triton_is_one_launch_and_matches_the_torch_bac
     applies the ReLU mask and takes BatchNorm's sums (no reduction pass for the source BatchNorm). Outputs, gradients
     and running statistics are as close to the fp64 computation as the torch backend's in the same dtype."""
     from fusedres.ops import functional
-    from fusedres.triton import conv, conv_wgrad
+    from fusedres.triton import conv, conv_dgrad, conv_wgrad
 
     conv_calls, stats_calls, backward_calls = [], [], []
     conv_fused, channel_stats = conv.conv2d_fused, bn_act.channel_stats
     monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: conv_calls.append(
         dict(k, stats_shift=k["stats_shift"].clone())) or conv_fused(*a, **k))  # before the running stats move
     monkeypatch.setattr(bn_act, "channel_stats", lambda y: stats_calls.append(y.shape) or channel_stats(y))
-    for module, name in ((conv, "conv2d_input_grad"), (conv_wgrad, "conv2d_weight_grad"), (bn_act, "backward_reduce")):
+    for module, name in ((conv_dgrad, "conv2d_input_grad"), (conv_wgrad, "conv2d_weight_grad"),
+                         (bn_act, "backward_reduce")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, original=original, name=name, **k: (
             backward_calls.append((name, k.get("in_scale") is not None)) or original(*a, **k)))

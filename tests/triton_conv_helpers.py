@@ -115,7 +115,7 @@ import types
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from fusedres.triton import conv, conv_wgrad
+from fusedres.triton import conv, conv_dgrad, conv_wgrad
 
 
 class StandInH100:  # what JITFunction.run asks the active driver before it compiles
@@ -130,7 +130,7 @@ class StandInH100:  # what JITFunction.run asks the active driver before it comp
 
 
 driver.set_active(StandInH100())
-conv._limit = conv_wgrad._limit = lambda *args: None
+conv._limit = conv_dgrad._limit = conv_wgrad._limit = lambda *args: None
 torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
 torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
@@ -198,10 +198,11 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
     """Compile ``module.kernel`` with the first of its GPU ``_CONFIGS`` whose kwargs include ``config`` for an
     H100 (the wheel's ptxas, no GPU), its int arguments (``ints``: their values at a real launch)
     specialised as triton's launcher specialises them: ints equal to 1 become constants, pointers and
-    multiples of 16 get a divisibility-16 hint. Per variant (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA),
-    cp_async (asynchronous copies into shared memory), tma (tensor copies), ld_global and st_shared
-    instruction counts, the shared memory in bytes, and from ptxas's report its warning codes (C7515:
-    wgmma serialised) and spill_bytes; with the config's stages and block sizes."""
+    multiples of 16 get a divisibility-16 hint. Per variant (constexpr flags added to ``consts``), what the
+    PTX holds: wgmma (Hopper's warpgroup MMA), cp_async (asynchronous copies into shared memory), tma
+    (tensor copies), ld_global and st_shared instruction counts, the shared memory in bytes, and from
+    ptxas's report its warning codes (C7515: wgmma serialised) and spill_bytes; with the config's stages
+    and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
     done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))

@@ -47,7 +47,7 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
 @functools.lru_cache(maxsize=None)
 def triton_conv(module: str = "conv") -> tuple[ModuleType | None, str]:
     """(``fusedres.triton.<module>`` or None, why it is unavailable), imported once per process: "conv" (the
-    conv and its input gradient) or "conv_wgrad" (its weight gradient). The convs are not a backend of the
+    conv), "conv_dgrad" (its input gradient) or "conv_wgrad" (its weight gradient). The convs are not a backend of the
     four stages: the ops that run a conv choose it separately."""
     try:
         return importlib.import_module(f"fusedres.triton.{module}"), ""

@@ -501,7 +501,7 @@ def _triton_backward_parts(grad_out, y, conv_weight, conv_args, has_prologue, wa
     reasons = []
     input_side = weight_side = False
     if want_input and has_prologue:
-        module, reason = backends.triton_conv()
+        module, reason = backends.triton_conv("conv_dgrad")
         reason = reason or module.input_grad_unsupported_reason(grad_out, conv_weight, y, *conv_args)
         input_side = reason is None
         reasons.append(f"input gradient: {reason}")
@@ -530,7 +530,7 @@ def _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_we
     stride, padding, dilation, groups = conv_args
     d_input = sums = d_conv_weight = None
     if triton_input:
-        d_input, sums = backends.triton_conv()[0].conv2d_input_grad(
+        d_input, sums = backends.triton_conv("conv_dgrad")[0].conv2d_input_grad(
             grad_out, conv_weight, y, stride=stride, padding=padding, dilation=dilation, groups=groups,
             in_scale=prologue[0], in_shift=prologue[1], in_relu=relu, mean=mean.float())
         sums = list(sums.unbind(0))

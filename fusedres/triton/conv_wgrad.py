@@ -42,8 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotuning import autotune
-from .conv import (_DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _configs, _gradient_geometry, _limit,
-                   _reduction_size, _vector)
+from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _configs, _limit, _reduction_size, _vector
+from .conv_dgrad import _gradient_geometry
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
                      (32, 64, 64, 4, 4)])
