@@ -334,16 +334,31 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:240]
 
 
+def _tunings() -> list:
+    """The Triton kernels' record of the keys they tuned (``fusedres.triton.autotuning.TUNINGS``), or [] where
+    triton cannot be imported."""
+    try:
+        from fusedres.triton import autotuning
+    except Exception:  # triton missing or broken: nothing is tuned
+        return []
+    return autotuning.TUNINGS
+
+
 def run_contender(case: Case, setup: Setup, name: str, settings: Settings,
                   reference: Reference) -> dict:
     """One contender of one case: check it against the reference, then time it and take its
-    peak memory. Returns its row."""
+    peak memory. Returns its row; ``tuned``: the Triton autotuning its first call did (each key's timed
+    configs and the chosen one)."""
     device, row, fn = settings.device, case.row(name), None
     try:
         _flush_buffer(device)
         baseline = torch.cuda.memory_allocated(device) if settings.cuda else 0
         fn = build(setup, name, settings)
+        tunings = _tunings()
+        known = len(tunings)
         outputs, row["first_call_s"] = first_call(fn, device)
+        if len(tunings) > known:
+            row["tuned"] = tunings[known:]
         row.update(reference.check(outputs, settings.dtype, anchor=name == contenders(settings, case)[0][0]))
         del outputs
         if settings.cuda:

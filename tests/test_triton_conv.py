@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from conftest import requires_cuda
 from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
@@ -731,6 +732,46 @@ def test_autotuning_times_each_config_for_30_ms(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: calls.append(kwargs) or [1.0] * 3)
     assert autotuning.time_config(lambda: None, (0.5, 0.2, 0.8)) == [1.0] * 3
     assert calls == [dict(warmup=5, rep=25, quantiles=(0.5, 0.2, 0.8))]
+
+
+@triton.jit
+def _fill_kernel(out_ptr, n, BLOCK: tl.constexpr):  # writes BLOCK to out[:n], one BLOCK-wide tile per program
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.full((BLOCK,), BLOCK, tl.float32), mask=offs < n)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="times configs with a stand-in clock")
+def test_autotuning_records_every_new_key_it_tunes(monkeypatch):
+    """autotuning.TUNINGS gets one entry per new key (kernel, key, chosen config, each config's median ms),
+    none for a key seen before; here under the interpreter, with a clock that makes the second config the
+    faster one."""
+    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "1")
+    medians = iter([3.0, 2.0, 5.0, 4.0])
+    monkeypatch.setattr(autotuning, "time_config", lambda call, quantiles: call() or [next(medians)] * 3)
+    monkeypatch.setattr(autotuning, "TUNINGS", [])
+    configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+    kernel = autotuning.autotune(configs, ["n"], lambda args: {})(_fill_kernel)
+    for n in (40, 40, 7):
+        out = torch.zeros(n)
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](out, n)
+        assert (out == 32).all()  # the faster config ran
+    assert [(t["kernel"], t["key"], t["best"]) for t in autotuning.TUNINGS] == [
+        ("_fill_kernel", ["40", "torch.float32"], "BLOCK=32 warps=4 stages=3"),  # the key: n, out's dtype
+        ("_fill_kernel", ["7", "torch.float32"], "BLOCK=32 warps=4 stages=3")]
+    assert autotuning.TUNINGS[1]["ms"] == {"BLOCK=16 warps=4 stages=3": 5.0, "BLOCK=32 warps=4 stages=3": 4.0}
+    assert all(t["seconds"] >= 0 for t in autotuning.TUNINGS)
+
+
+def test_convs_benchmark_counts_the_kinds_of_config_chosen():
+    from benchmarks.convs import tma_summary
+
+    def tuned(kernel, use_tma):
+        return dict(kernel=kernel, best=f"BLOCK_M=128 USE_TMA={use_tma} warps=4 stages=4")
+
+    rows = [dict(tuned=[tuned("_conv_kernel", True), tuned("_wgrad_kernel", False)]), dict(),
+            dict(tuned=[tuned("_conv_kernel", False), tuned("_conv_kernel", True)])]
+    assert "TMA configs chosen for 2 of 3," in tma_summary(rows)
+    assert "no key tuned" in tma_summary([dict(), dict(tuned=[tuned("_wgrad_kernel", False)])])
 
 
 def _config(block_m, block_n, block_k):

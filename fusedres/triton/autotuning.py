@@ -5,7 +5,8 @@ fit the conv's GEMM (``fitting``), compiles them all at once on a thread per CPU
 (``triton.AsyncCompileMode``; FUSEDRES_COMPILE_THREADS=n sets the number, 1 compiles them one by one),
 then times each for 5 + 25 ms (``time_config``): first use waits for about the slowest compile instead of
 the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning results on disk (``cache_results``,
-triton >= 3.2) so later processes skip the timing.
+triton >= 3.2) so later processes skip the timing. Every key tuned is recorded in ``TUNINGS`` (the
+benchmarks report which configs won, and by how much).
 """
 
 import contextlib
@@ -15,6 +16,38 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import triton
+
+
+# one entry per key this process tuned, in order (``recording``): what the benchmarks report
+TUNINGS: list[dict] = []
+
+
+def describe(config) -> str:
+    """A config as "BLOCK_M=128 BLOCK_N=64 ... warps=4 stages=4"."""
+    return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"warps={config.num_warps}",
+                     f"stages={config.num_stages}"])
+
+
+def recording(tuner):
+    """``tuner`` (a triton Autotuner) appending to TUNINGS whenever a call tunes a new key: the kernel, the
+    key, the chosen config, the seconds the timing took (None: read from the disk cache) and every timed
+    config's median ms (inf: it failed). Triton itself keeps only the last key's timings."""
+    plain_run = tuner.run
+
+    def run(*args, **kwargs):
+        known, timed = len(tuner.cache), getattr(tuner, "bench_time", None)
+        result = plain_run(*args, **kwargs)
+        if len(tuner.cache) > known:
+            key = next(reversed(tuner.cache))  # the key just tuned: dicts keep insertion order
+            seconds = getattr(tuner, "bench_time", None)
+            TUNINGS.append(dict(kernel=tuner.base_fn.__name__, key=[str(k) for k in key],
+                                best=describe(tuner.cache[key]), seconds=None if seconds is timed else seconds,
+                                ms={describe(c): t[0] if isinstance(t, (list, tuple)) else t
+                                    for c, t in tuner.configs_timings.items()}))
+        return result
+
+    tuner.run = run
+    return tuner
 
 
 def compile_threads() -> int:
@@ -75,11 +108,11 @@ def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, argumen
     the configs a new key may run and that fit its GEMM, compiled in parallel (``prune_and_compile``;
     ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}, ``usable(config kwargs,
     arguments)`` says whether a config may run them: the key must decide it), with the disk cache if
-    FUSEDRES_AUTOTUNE_CACHE=1."""
+    FUSEDRES_AUTOTUNE_CACHE=1, each new key's tuning recorded (``recording``)."""
     def decorate(jit_fn):
         extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
         hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, gemm_sizes, usable)}
-        return triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=time_config,
-                               **extra)(jit_fn)
+        return recording(triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=time_config,
+                                         **extra)(jit_fn))
     return decorate
