@@ -744,22 +744,35 @@ def _fill_kernel(out_ptr, n, BLOCK: tl.constexpr):  # writes BLOCK to out[:n], o
 def test_autotuning_records_every_new_key_it_tunes(monkeypatch):
     """autotuning.TUNINGS gets one entry per new key (kernel, key, chosen config, each config's median ms),
     none for a key seen before; here under the interpreter, with a clock that makes the second config the
-    faster one."""
+    faster one, and a key (n = 5) that may run only the first."""
     monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "1")
-    medians = iter([3.0, 2.0, 5.0, 4.0])
+    medians = iter([3.0, 2.0, 5.0, 4.0, 1.0])
     monkeypatch.setattr(autotuning, "time_config", lambda call, quantiles: call() or [next(medians)] * 3)
     monkeypatch.setattr(autotuning, "TUNINGS", [])
     configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
-    kernel = autotuning.autotune(configs, ["n"], lambda args: {})(_fill_kernel)
-    for n in (40, 40, 7):
+    usable = lambda config, args: args["n"] != 5 or config["BLOCK"] == 16  # noqa: E731
+    kernel = autotuning.autotune(configs, ["n"], lambda args: {}, usable)(_fill_kernel)
+    for n, block in ((40, 32), (40, 32), (7, 32), (5, 16)):
         out = torch.zeros(n)
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](out, n)
-        assert (out == 32).all()  # the faster config ran
+        assert (out == block).all()  # the faster config ran, or the one allowed
     assert [(t["kernel"], t["key"], t["best"]) for t in autotuning.TUNINGS] == [
         ("_fill_kernel", ["40", "torch.float32"], "BLOCK=32 warps=4 stages=3"),  # the key: n, out's dtype
-        ("_fill_kernel", ["7", "torch.float32"], "BLOCK=32 warps=4 stages=3")]
+        ("_fill_kernel", ["7", "torch.float32"], "BLOCK=32 warps=4 stages=3"),
+        ("_fill_kernel", ["5", "torch.float32"], "BLOCK=16 warps=4 stages=3")]
     assert autotuning.TUNINGS[1]["ms"] == {"BLOCK=16 warps=4 stages=3": 5.0, "BLOCK=32 warps=4 stages=3": 4.0}
-    assert all(t["seconds"] >= 0 for t in autotuning.TUNINGS)
+    assert all(t["seconds"] >= 0 for t in autotuning.TUNINGS[:2])
+    assert autotuning.TUNINGS[2]["ms"] in ({}, {"BLOCK=16 warps=4 stages=3": 1.0})  # triton >= 3.8 times no lone config
+
+
+def test_host_integer_helpers_agree_with_triton():
+    """The host's cdiv and next_power_of_2 (plain Python; triton's cost ~2 us a call from Python)."""
+    from fusedres.triton._host import cdiv, next_power_of_2
+
+    for n in [*range(1, 600), 802816, 2**30 - 1, 2**30, 2**30 + 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        assert all(cdiv(n, b) == triton.cdiv(n, b) for b in (1, 3, 16, 128, 1000)), n
+    assert cdiv(0, 7) == 0
 
 
 def test_convs_benchmark_counts_the_kinds_of_config_chosen():

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton
 
+from ._host import next_power_of_2
+
 
 # one entry per key this process tuned, in order (``recording``): what the benchmarks report
 TUNINGS: list[dict] = []
@@ -30,20 +32,23 @@ def describe(config) -> str:
 
 def recording(tuner):
     """``tuner`` (a triton Autotuner) appending to TUNINGS whenever a call tunes a new key: the kernel, the
-    key, the chosen config, the seconds the timing took (None: read from the disk cache) and every timed
-    config's median ms (inf: it failed). Triton itself keeps only the last key's timings."""
+    key, the chosen config, and from the timing (none where one config was left: triton >= 3.8 runs it
+    untimed; none read from the disk cache either) its seconds and every timed config's median ms (inf: it
+    failed). Triton itself keeps only the last key's timings."""
     plain_run = tuner.run
 
     def run(*args, **kwargs):
-        known, timed = len(tuner.cache), getattr(tuner, "bench_time", None)
+        known = len(tuner.cache)
+        timings, seconds = getattr(tuner, "configs_timings", None), getattr(tuner, "bench_time", None)
         result = plain_run(*args, **kwargs)
         if len(tuner.cache) > known:
             key = next(reversed(tuner.cache))  # the key just tuned: dicts keep insertion order
-            seconds = getattr(tuner, "bench_time", None)
-            TUNINGS.append(dict(kernel=tuner.base_fn.__name__, key=[str(k) for k in key],
-                                best=describe(tuner.cache[key]), seconds=None if seconds is timed else seconds,
-                                ms={describe(c): t[0] if isinstance(t, (list, tuple)) else t
-                                    for c, t in tuner.configs_timings.items()}))
+            new_timings, new_seconds = getattr(tuner, "configs_timings", None), getattr(tuner, "bench_time", None)
+            TUNINGS.append(dict(
+                kernel=tuner.base_fn.__name__, key=[str(k) for k in key], best=describe(tuner.cache[key]),
+                seconds=None if new_seconds is seconds else new_seconds,
+                ms={} if new_timings is timings else {describe(c): t[0] if isinstance(t, (list, tuple)) else t
+                                                      for c, t in new_timings.items()}))
         return result
 
     tuner.run = run
@@ -66,7 +71,7 @@ def fitting(configs: list, sizes: dict) -> list:
     that name among the configs; those mask off at least half of every tile along it. All configs if none
     fit."""
     def limit(name, size):
-        return max(triton.next_power_of_2(size), min(c.kwargs[name] for c in configs))
+        return max(next_power_of_2(size), min(c.kwargs[name] for c in configs))
 
     fit = [c for c in configs if all(c.kwargs[name] <= limit(name, size) for name, size in sizes.items())]
     return fit or configs

@@ -40,6 +40,8 @@ from torch import Tensor
 
 from fusedres.ops import torch_backend
 
+from ._host import cdiv, next_power_of_2
+
 _TILE_ELEMS = 2048  # elements in one (BLOCK_R, BLOCK_C) tile
 _MAX_BLOCK_C = 128  # channels in one channels_last tile
 _MIN_REDUCE_PROGRAMS = 1024  # reductions fold up to 8 row tiles per program while keeping this many
@@ -298,18 +300,18 @@ def _geometry(y: Tensor, channels_last: bool) -> tuple[dict, int, int]:
     n, c, h, w = y.shape
     hw = h * w
     if channels_last:  # channels are the fast tile axis
-        block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
-        block_r = min(max(_TILE_ELEMS // block_c, 1), triton.next_power_of_2(n * hw))
-        row_tiles = triton.cdiv(n * hw, block_r)
+        block_c = min(next_power_of_2(c), _MAX_BLOCK_C)
+        block_r = min(max(_TILE_ELEMS // block_c, 1), next_power_of_2(n * hw))
+        row_tiles = cdiv(n * hw, block_r)
         strides = (hw * c, 1, c)
     else:  # hw is the fast tile axis; row tiles stay inside one image
-        block_r = min(triton.next_power_of_2(hw), _TILE_ELEMS)
-        block_c = min(max(_TILE_ELEMS // block_r, 1), triton.next_power_of_2(c))
-        row_tiles = n * triton.cdiv(hw, block_r)
+        block_r = min(next_power_of_2(hw), _TILE_ELEMS)
+        block_c = min(max(_TILE_ELEMS // block_r, 1), next_power_of_2(c))
+        row_tiles = n * cdiv(hw, block_r)
         strides = (c * hw, hw, 1)
     geo = dict(N=n, C=c, HW=hw, ROWS=n * hw, stride_n=strides[0], stride_c=strides[1], stride_hw=strides[2],
                BLOCK_R=block_r, BLOCK_C=block_c, CHANNELS_LAST=channels_last)
-    return geo, row_tiles, triton.cdiv(c, block_c)
+    return geo, row_tiles, cdiv(c, block_c)
 
 
 def _reduce_launch(y: Tensor, channels_last: bool) -> tuple[dict, tuple[int, int], Tensor]:
@@ -318,7 +320,7 @@ def _reduce_launch(y: Tensor, channels_last: bool) -> tuple[dict, tuple[int, int
     per_program = 1  # 1, 2, 4 or 8 row tiles per program, keeping >= _MIN_REDUCE_PROGRAMS programs
     while per_program < 8 and row_tiles >= 2 * per_program * _MIN_REDUCE_PROGRAMS:
         per_program *= 2
-    programs = triton.cdiv(row_tiles, per_program)
+    programs = cdiv(row_tiles, per_program)
     ws = torch.empty((3, programs, y.shape[1]), device=y.device, dtype=torch.float32)
     return dict(geo, ROW_TILES=per_program), (programs, col_blocks), ws
 

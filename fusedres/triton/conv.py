@@ -86,6 +86,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.backends import channels_last, conv_allows_tf32
+from ._host import cdiv
 from .autotuning import autotune
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
@@ -352,7 +353,8 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
 
 def _pair(name: str, v, least: int) -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and i >= least for i in t):
+    # written out, not all() over a generator: this runs 3 times per launch, on the host's critical path
+    if len(t) != 2 or not (isinstance(t[0], int) and isinstance(t[1], int) and t[0] >= least and t[1] >= least):
         raise ValueError(f"conv2d_fused: {name} must be an int or a pair of ints >= {least}, got {v}")
     return t
 
@@ -493,10 +495,10 @@ def _box(geo: dict) -> tuple[int, int]:
 def _row_tiles(geo: dict, box: tuple[int, int], block_m: int, use_tma: bool) -> int:
     """The row tiles (grid rows, statistics workspace rows) of a launch with BLOCK_M ``block_m``."""
     if not use_tma:
-        return triton.cdiv(geo["M"], block_m)
+        return cdiv(geo["M"], block_m)
     box_h, box_w = box
-    return (triton.cdiv(geo["N"], block_m // (box_h * box_w)) * triton.cdiv(geo["P"], box_h)
-            * triton.cdiv(geo["Q"], box_w))
+    return (cdiv(geo["N"], block_m // (box_h * box_w)) * cdiv(geo["P"], box_h)
+            * cdiv(geo["Q"], box_w))
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> Tensor:
@@ -530,7 +532,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
 
     def grid(meta):
-        return _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * triton.cdiv(geo["Kg"], meta["BLOCK_N"]), groups
+        return _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * cdiv(geo["Kg"], meta["BLOCK_N"]), groups
 
     _with_descriptor_scratch(lambda: _conv_kernel[grid](
         x, packed_weight, out,
@@ -607,5 +609,5 @@ def conv2d_fused(
                         residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift)
     if not compute_stats:
         return out, None, None
-    mean_d, mean_dd = (sums / geo["M"]).unbind(0)
-    return out, stats_shift + mean_d, (mean_dd - mean_d.square()).clamp_min_(0.0)
+    mean_d, mean_dd = sums.div_(geo["M"]).unbind(0)  # few small ops: each is a launch next to the conv's one
+    return out, stats_shift + mean_d, torch.addcmul(mean_dd, mean_d, mean_d, value=-1.0).clamp_min_(0.0)

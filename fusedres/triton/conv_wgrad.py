@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._host import cdiv
 from .autotuning import autotune
 from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _configs, _limit, _reduction_size, _vector
 from .conv_dgrad import _gradient_geometry
@@ -171,10 +172,10 @@ def unsupported_reason(x: Tensor, grad_out: Tensor, weight_shape, stride, paddin
 def _tiles(geo: dict, block_n: int, block_k: int) -> int:
     """dW tiles of one group: output-channel tiles times column tiles."""
     if geo["Cg"] < _FLAT_K_BELOW:
-        col_tiles = triton.cdiv(geo["R"] * geo["S"] * geo["Cg"], block_k)
+        col_tiles = cdiv(geo["R"] * geo["S"] * geo["Cg"], block_k)
     else:
-        col_tiles = geo["R"] * geo["S"] * triton.cdiv(geo["Cg"], block_k)
-    return triton.cdiv(geo["Kg"], block_n) * col_tiles
+        col_tiles = geo["R"] * geo["S"] * cdiv(geo["Cg"], block_k)
+    return cdiv(geo["Kg"], block_n) * col_tiles
 
 
 def _rows_per_split(geo: dict, device: torch.device) -> int:
@@ -186,9 +187,9 @@ def _rows_per_split(geo: dict, device: torch.device) -> int:
         tiles = groups * _tiles(geo, max(c.kwargs["BLOCK_N"] for c in _CONFIGS),
                                 max(c.kwargs["BLOCK_K"] for c in _CONFIGS))
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = min(triton.cdiv(_SPLIT_WAVES * sms, tiles), triton.cdiv(geo["M"], _MIN_ROWS_PER_SPLIT))
+        splits = min(cdiv(_SPLIT_WAVES * sms, tiles), cdiv(geo["M"], _MIN_ROWS_PER_SPLIT))
     # whole steps of _ROW_QUANTUM rows, rounded down: at least that many splits where M has the steps
-    return max(1, triton.cdiv(geo["M"], _ROW_QUANTUM) // splits) * _ROW_QUANTUM
+    return max(1, cdiv(geo["M"], _ROW_QUANTUM) // splits) * _ROW_QUANTUM
 
 
 def conv2d_weight_grad(
@@ -217,7 +218,7 @@ def conv2d_weight_grad(
         raise RuntimeError(f"{_NAME}: {reason}")
 
     rows_per_split = _rows_per_split(geo, x.device)
-    splits = triton.cdiv(geo["M"], rows_per_split)
+    splits = cdiv(geo["M"], rows_per_split)
     ws = torch.empty((splits, *weight_shape), device=x.device, dtype=torch.float32)
     strides = dict(zip(_STRIDE_NAMES, x.stride() + grad_out.stride()))
 
