@@ -54,6 +54,10 @@ if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   done
 fi
 
+# the Python around a Triton conv launch, the kernel stubbed (seconds): does the host keep up with small convs?
+"$py" -m benchmarks.host_overhead > "$out/host_overhead.txt" 2>&1
+result[host]="rc=$? $(tail -1 "$out/host_overhead.txt" | tr -s ' ')"
+
 start=$SECONDS
 # TRITON_PRINT_AUTOTUNING=1: bench.log names the config each new autotuning key chose (USE_TMA: which kind)
 # shellcheck disable=SC2086
@@ -67,6 +71,6 @@ echo
 grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" | cut -c1-300 | sort -u | head -40
 echo
 echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
-for step in build tests memcheck racecheck bench; do
+for step in build tests memcheck racecheck host bench; do
   [ -n "${result[$step]:-}" ] && printf '%-10s %s\n' "$step" "${result[$step]}"
 done
