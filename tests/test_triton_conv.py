@@ -185,7 +185,8 @@ def _eligible_for_tma(x, w, kw) -> bool:
     ("channels_last", 32, 1, 6, True), ("nchw", 32, 1, 6, False), ("groups 2", 32, 1, 6, False),
     ("channel view, 16-byte aligned", 32, 1, 6, True), ("channel view, 8-byte aligned", 32, 1, 6, False),
     ("40-byte strides", 20, 1, 6, False), ("strided", 32, 2, 6, True), ("strided, H not a multiple", 32, 2, 7, False),
-    ("strided, a partial channel block", 24, 2, 6, False), ("strided channel view", 32, 2, 6, False)])
+    ("strided, a partial channel block", 24, 2, 6, False), ("strided channel view", 32, 2, 6, False),
+    ("strided, rows cropped from wider ones", 32, 2, 6, True)])
 def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
     """The TMA configs need an ungrouped conv on channels-contiguous x with 16-byte strides and address;
     strided, also H and W divisible by the stride and pixels packed along W in whole channel blocks; any
@@ -198,6 +199,8 @@ def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
         offset = 4 if "8-byte" in variant else 8
         wide = torch.randn(2, 48, hw, hw, dtype=BF16, device=DEVICE).to(memory_format=torch.channels_last)
         x = wide[:, offset:offset + c]
+    if "cropped" in variant:  # x = columns [0, 6) of 10: pixels packed along W, rows 10 pixels apart
+        x = rand_act(seeded(variant), (2, c, hw, 10), BF16, channels_last=True)[..., :hw]
     assert _eligible_for_tma(x, w, kw) == tma
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     if DEVICE == "cpu":
