@@ -97,11 +97,10 @@ def same_layout(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
-    """(scale, shift) with bn(y) = y * scale + shift."""
+    """(scale, shift) with bn(y) = y * scale + shift, in two small ops (each a launch on the GPU, next to
+    the kernel the pair feeds)."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
+    shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias.to(invstd.dtype), mean, scale, value=-1.0)
     return scale.contiguous(), shift.contiguous()
 
 
