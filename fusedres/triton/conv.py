@@ -534,17 +534,23 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     def grid(meta):
         return _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * cdiv(geo["Kg"], meta["BLOCK_N"]), groups
 
-    _with_descriptor_scratch(lambda: _conv_kernel[grid](
-        x, packed_weight, out,
-        in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
-        _row_ones(x.device) if in_scale is not None and not flat_k else out,
-        out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
-        stats_shift if compute_stats else out, ws,
-        PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
-        HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
-        HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
-        COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=flat_k,
-        TMA_OK=tma_ok, BOX_H=box[0], BOX_W=box[1], WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides))
+    def launch():
+        return _conv_kernel[grid](
+            x, packed_weight, out,
+            in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
+            _row_ones(x.device) if in_scale is not None and not flat_k else out,
+            out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
+            stats_shift if compute_stats else out, ws,
+            PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
+            HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
+            HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
+            COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=flat_k,
+            TMA_OK=tma_ok, BOX_H=box[0], BOX_W=box[1], WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides)
+
+    if tma_ok:  # only the TMA configs make descriptors
+        _with_descriptor_scratch(launch)
+    else:
+        launch()
     if not compute_stats:
         return out, None
     # the rows the launch wrote: one per row tile of the config the autotuner ran
