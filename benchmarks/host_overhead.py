@@ -47,7 +47,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not conv._INTERPRET:
         raise SystemExit("benchmarks.host_overhead: no CUDA device; run it with TRITON_INTERPRET=1 on CPU")
-    conv._conv_kernel = _NoLaunch()
+    conv._conv_kernel = conv._finish_stats_kernel = _NoLaunch()
     n, c, k, hw = 2, 256, 1024, 14  # ResNet-50's layer3 1x1 expand, at batch 2 (no size matters here)
     x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
     w = torch.randn(k, c, 1, 1, dtype=torch.bfloat16, device=device)

@@ -176,6 +176,27 @@ def test_conv2d_fused(case):
         assert mean is None and var is None
 
 
+@pytest.mark.parametrize("moments", [False, True], ids=["sums", "moments"])
+def test_statistics_finish_adds_the_rows_written(moments):
+    """_finish_stats_kernel over a workspace of 37 written rows (of 40; several row blocks) and 20 channels
+    (a partial channel block): the sums of both planes, or mean and variance about the shift, as fp64 has
+    them; rows past the written ones are ignored."""
+    gen = seeded(f"finish-{moments}")
+    ws = torch.randn(2, 40, 20, generator=gen).to(DEVICE)
+    ws[:, 37:] = float("nan")  # never written by the conv: must not be read
+    shift = torch.randn(20, generator=gen).to(DEVICE)
+    first, second = torch.empty(20, device=DEVICE), torch.empty(20, device=DEVICE)
+    m = 37 * 32  # output positions
+    conv._finish_stats_kernel[(triton.cdiv(20, conv._FINISH_BLOCK_C),)](
+        ws, first, second, shift, 37, ws.stride(0), 20, m, MOMENTS=moments, BLOCK_R=conv._FINISH_BLOCK_R,
+        BLOCK_C=conv._FINISH_BLOCK_C)
+    s, ss = ws[:, :37].double().sum(1)
+    if moments:
+        s, ss = shift.double() + s / m, (ss / m - (s / m).square()).clamp_min(0)
+    torch.testing.assert_close(first.double(), s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), ss, rtol=1e-5, atol=1e-5)
+
+
 def _eligible_for_tma(x, w, kw) -> bool:
     geo = conv._geometry(x, w, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
     return conv._tma_ok(x, geo, kw["groups"])
@@ -643,6 +664,8 @@ real_compile, block_n_index = triton.compiler.compile, kernel.fn.arg_names.index
 
 
 def compile(src, *args, **kwargs):  # the one JITFunction calls
+    if src.fn is not kernel.fn:  # the statistics' finishing kernel
+        return real_compile(src, *args, **kwargs)
     block_n = src.constants[(block_n_index,)]
     compiles.append(dict(thread=threading.current_thread().name, block_n=block_n))
     if block_n == fail_block_n:
@@ -651,7 +674,7 @@ def compile(src, *args, **kwargs):  # the one JITFunction calls
 
 
 triton.compiler.compile = compile
-compile_without_launching(kernel)
+compile_without_launching(kernel, conv._finish_stats_kernel)
 x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 w = torch.randn(out_channels, 64, 3, 3, dtype=torch.bfloat16)
 conv.conv2d_fused(x, w, padding=(1, 1), in_scale=torch.ones(64), in_shift=torch.zeros(64), compute_stats=True)
@@ -687,7 +710,7 @@ def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, out
 
 
 _ONES_AT_LAUNCH = STAND_IN_LAUNCH + """
-compile_without_launching(conv._conv_kernel, conv_wgrad._wgrad_kernel)
+compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
 x = torch.randn(1, 16, 1, 1, dtype=torch.bfloat16)  # N = H = W = P = Q = M = 1, so one M tile (WS_ROWS = 1)
 dy, w = torch.randn(1, 16, 1, 1, dtype=torch.bfloat16), torch.randn(16, 16, 3, 3, dtype=torch.bfloat16)
 v = torch.ones(16)

@@ -135,9 +135,11 @@ torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_pr
 torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
 
-def compile_without_launching(*kernels):
+def compile_without_launching(*kernels):  # autotuned kernels, or plain jit functions
     for kernel in kernels:
-        def run(*args, grid, warmup, real_run=kernel.fn.run, **kwargs):
+        jit_fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+        def run(*args, grid, warmup, real_run=jit_fn.run, **kwargs):
             built = real_run(*args, grid=grid, warmup=True, **kwargs)
             if not warmup and isinstance(built, triton.FutureKernel):
                 built.result()  # a failed compile raises here, as the launch's first use of it would
@@ -147,7 +149,9 @@ def compile_without_launching(*kernels):
             call()
             return [1.0] * 3
 
-        kernel.fn.run, kernel.do_bench = run, do_bench
+        jit_fn.run = run
+        if jit_fn is not kernel:
+            kernel.do_bench = do_bench
 """
 
 

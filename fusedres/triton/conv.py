@@ -63,8 +63,9 @@ apart where not.
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
 of an fp32 workspace (2, rows, K); every row is written by exactly one program, so no atomics and no
-zero-fill are needed, and the host adds the rows with torch (deterministic) to mean = shift + sum(d)/M
-and var = sum(d*d)/M - (sum(d)/M)^2. Any shift gives these up to rounding; one near the mean (a
+zero-fill are needed, and one more launch (``_finish_stats_kernel``, rows added in a fixed order, so
+deterministic) turns them into mean = shift + sum(d)/M and var = sum(d*d)/M - (sum(d)/M)^2, where torch
+took five small ops. Any shift gives these up to rounding; one near the mean (a
 BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std.
 
 The same kernel runs the input side of the training backward (PROLOGUE_GRAD; see conv_dgrad.py): the
@@ -125,7 +126,10 @@ _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue'
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
-_ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
+_ROW_ONES: dict = {}
+# _finish_stats_kernel's tile: narrow, so a conv of few channels (64) still spreads its workspace rows
+# (6272 for ResNet-50's layer1 at batch 256) over several programs
+_FINISH_BLOCK_R, _FINISH_BLOCK_C = (16, 8) if _INTERPRET else (256, 8)  # device -> fp32 ones of _MAX_BLOCK_M
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
@@ -348,6 +352,35 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
         tl.store(out_ptr + out_offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _finish_stats_kernel(
+    ws_ptr,  # (2, WS_ROWS, K) fp32: _conv_kernel's per-row-tile sums of d and d*e
+    first_ptr, second_ptr,  # (K,) fp32 out: the sums, or with MOMENTS the mean and the variance
+    shift_ptr,  # (K,) fp32 stats_shift, read if MOMENTS
+    ROWS, PLANE, K, M,  # rows written (one per row tile of the config that ran), WS_ROWS * K, output positions
+    MOMENTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Adds rows [0, ROWS) of the workspace per channel in a fixed order (deterministic): s = sum d and
+    # ss = sum d*e, or with MOMENTS (d = y - shift, e = d) mean = shift + s/M and variance
+    # max(ss/M - (s/M)^2, 0). One launch: the statistics cost no torch ops after the conv.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < K
+    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for first_row in range(0, ROWS, BLOCK_R):
+        rows = first_row + tl.arange(0, BLOCK_R)
+        mask = (rows < ROWS)[:, None] & col_mask[None, :]
+        offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        s += tl.sum(tl.load(ws_ptr + offs, mask=mask, other=0.0), axis=0)
+        ss += tl.sum(tl.load(ws_ptr + PLANE + offs, mask=mask, other=0.0), axis=0)
+    if MOMENTS:
+        mean_d = s / M
+        s = tl.load(shift_ptr + cols, mask=col_mask, other=0.0) + mean_d
+        ss = tl.maximum(ss / M - mean_d * mean_d, 0.0)
+    tl.store(first_ptr + cols, s, mask=col_mask)
+    tl.store(second_ptr + cols, ss, mask=col_mask)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -518,10 +551,11 @@ def _with_descriptor_scratch(launch):
 
 def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
             in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
-            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None):
-    """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides): out and
-    None or, with compute_stats, out and sums, the (2, K) fp32 per-channel sums of d and d*e over all M rows
-    (see the kernel)."""
+            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(),
+            moments=False):
+    """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
+    compute_stats, also _finish_stats_kernel into stats_out, two (K,) fp32 tensors: the per-channel sums of
+    d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y."""
     k = geo["K"]
     flat_k = geo["Cg"] < _FLAT_K_BELOW
     tma_ok = _tma_ok(x, geo, groups)
@@ -551,11 +585,11 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
         _with_descriptor_scratch(launch)
     else:
         launch()
-    if not compute_stats:
-        return out, None
-    # the rows the launch wrote: one per row tile of the config the autotuner ran
-    best = _conv_kernel.best_config.kwargs
-    return out, ws[:, :_row_tiles(geo, box, best["BLOCK_M"], best["USE_TMA"])].sum(1)
+    if compute_stats:  # the rows the launch wrote: one per row tile of the config the autotuner ran
+        best = _conv_kernel.best_config.kwargs
+        _finish_stats_kernel[(cdiv(k, _FINISH_BLOCK_C),)](
+            ws, *stats_out, stats_shift, _row_tiles(geo, box, best["BLOCK_M"], best["USE_TMA"]), ws.stride(0), k,
+            geo["M"], MOMENTS=moments, BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C)
 
 
 def conv2d_fused(
@@ -610,10 +644,9 @@ def conv2d_fused(
                              f"got {tuple(residual.shape)} on {residual.device}")
 
     out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
-    out, sums = _launch(x, _packed_weight(weight, groups), geo, groups, out, in_scale=in_scale,
-                        in_shift=in_shift, in_relu=in_relu, out_scale=out_scale, out_shift=out_shift,
-                        residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift)
-    if not compute_stats:
-        return out, None, None
-    mean_d, mean_dd = sums.div_(geo["M"]).unbind(0)  # few small ops: each is a launch next to the conv's one
-    return out, stats_shift + mean_d, torch.addcmul(mean_dd, mean_d, mean_d, value=-1.0).clamp_min_(0.0)
+    mean, var = (torch.empty(k, device=x.device, dtype=torch.float32) for _ in range(2)) if compute_stats \
+        else (None, None)
+    _launch(x, _packed_weight(weight, groups), geo, groups, out, in_scale=in_scale, in_shift=in_shift,
+            in_relu=in_relu, out_scale=out_scale, out_shift=out_shift, residual=residual, out_relu=out_relu,
+            compute_stats=compute_stats, stats_shift=stats_shift, stats_out=(mean, var), moments=True)
+    return out, mean, var
