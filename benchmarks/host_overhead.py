@@ -11,7 +11,8 @@ the Triton conv takes CPU tensors only under TRITON_INTERPRET=1 (whose 2 configs
     PYTHONPATH=. TRITON_INTERPRET=1 python -m benchmarks.host_overhead      # CPU
     PYTHONPATH=. python -m benchmarks.host_overhead                         # GPU
 
-Prints the median over 7 rounds of 2000 calls, in microseconds per call.
+Prints the median over 7 rounds of 2000 calls, in microseconds per call; on a GPU first with the real
+kernels too (their launches included: the host time a small conv costs in all).
 """
 
 import statistics
@@ -19,6 +20,7 @@ import time
 import types
 
 import torch
+import triton
 
 from fusedres.triton import conv
 
@@ -47,7 +49,6 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not conv._INTERPRET:
         raise SystemExit("benchmarks.host_overhead: no CUDA device; run it with TRITON_INTERPRET=1 on CPU")
-    conv._conv_kernel = conv._finish_stats_kernel = _NoLaunch()
     n, c, k, hw = 2, 256, 1024, 14  # ResNet-50's layer3 1x1 expand, at batch 2 (no size matters here)
     x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
     w = torch.randn(k, c, 1, 1, dtype=torch.bfloat16, device=device)
@@ -62,7 +63,14 @@ def main() -> None:
         "op bn_act_conv2d (triton)": lambda: torch.ops.fusedres.bn_act_conv2d(*unit, "triton"),
         "op conv2d_stats (triton)": lambda: torch.ops.fusedres.conv2d_stats(*unit, "triton", "", 0, zeros_k),
     }
-    print(f"host us per call, conv kernel stubbed ({device}, torch {torch.__version__}):")
+    if device == "cuda":  # the real kernels (tuned on the first call): the host path with triton's launches
+        print(f"host us per call, real kernels (cuda, triton {triton.__version__}; the GPU's part of a call is "
+              "a few us at this size):")
+        for name, fn in rows.items():
+            fn()
+            print(f"  {name:40s} {_microseconds(fn):7.1f}")
+    conv._conv_kernel = conv._finish_stats_kernel = _NoLaunch()
+    print(f"host us per call, conv kernels stubbed ({device}, torch {torch.__version__}):")
     for name, fn in rows.items():
         print(f"  {name:40s} {_microseconds(fn):7.1f}")
 
