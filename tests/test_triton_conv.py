@@ -782,6 +782,8 @@ def test_autotuning_records_every_new_key_it_tunes(monkeypatch):
         out = torch.zeros(n)
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](out, n)
         assert (out == block).all()  # the faster config ran, or the one allowed
+        # the key triton filed it under, which later calls find without triton's per-call dicts
+        assert autotuning.tuning_key(kernel, (out, n), {}) in kernel.cache
     assert [(t["kernel"], t["key"], t["best"]) for t in autotuning.TUNINGS] == [
         ("_fill_kernel", ["40", "torch.float32"], "BLOCK=32 warps=4 stages=3"),  # the key: n, out's dtype
         ("_fill_kernel", ["7", "torch.float32"], "BLOCK=32 warps=4 stages=3"),
@@ -799,6 +801,22 @@ def test_host_integer_helpers_agree_with_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         assert all(cdiv(n, b) == triton.cdiv(n, b) for b in (1, 3, 16, 128, 1000)), n
     assert cdiv(0, 7) == 0
+
+
+def test_conv_launches_find_their_tuned_config_by_key(monkeypatch):
+    """A conv launch seen before goes straight to its tuned config: autotuning.tuning_key gives the key
+    triton filed the first launch under (checked on the call that reached the kernel)."""
+    kernel = conv._conv_kernel
+    calls = []
+    real_run = kernel.fn.run
+    monkeypatch.setattr(kernel.fn, "run", lambda *args, **kwargs: calls.append((args, kwargs)) or real_run(
+        *args, **kwargs))
+    x, w, kw = _make(CASES[2])
+    for _ in range(2):
+        out, mean, var = conv.conv2d_fused(x, w, **kw)
+    _check_out(out, x, w, kw)
+    assert len(kernel.configs) > 1 and len(calls) == 2
+    assert autotuning.tuning_key(kernel, *calls[-1]) in kernel.cache
 
 
 def test_convs_benchmark_counts_the_kinds_of_config_chosen():
