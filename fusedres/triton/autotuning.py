@@ -20,6 +20,7 @@ import triton
 from ._host import next_power_of_2
 
 
+_SCALARS = (int, bool, float)
 # one entry per key this process tuned, in order (``recording``): what the benchmarks report
 TUNINGS: list[dict] = []
 
@@ -34,11 +35,12 @@ def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
     """The key triton's Autotuner.run files a call under (triton 3.6-3.8): the ``key`` arguments' values, then
     the dtype of every argument that has one, in argument order. Built here without the dicts of every
     argument that run() makes on each call (~25 us a conv launch on the development CPU)."""
-    names = tuner.arg_names
-    values = dict(zip(names, args))
-    values.update((name, value) for name, value in kwargs.items() if name in tuner.fusedres_arg_set)
-    return (*(values[name] for name in tuner.keys if name in values),
-            *(str(value.dtype) for value in values.values() if hasattr(value, "dtype")))
+    values = dict(zip(tuner.arg_names, args))
+    values.update(kwargs)  # with the launch's own (grid, warmup): not keys, no dtype, so no part of the key
+    key = [values[name] for name in tuner.keys if name in values]
+    # a plain int or bool has no dtype: not asking spares a failed attribute lookup per scalar argument
+    key += [str(value.dtype) for value in values.values() if type(value) not in _SCALARS and hasattr(value, "dtype")]
+    return tuple(key)
 
 
 def recording(tuner):
@@ -48,7 +50,6 @@ def recording(tuner):
     read from the disk cache either) its seconds and every timed config's median ms (inf: it failed).
     Triton itself keeps only the last key's timings."""
     plain_run = tuner.run
-    tuner.fusedres_arg_set = frozenset(tuner.arg_names)
 
     def run(*args, **kwargs):
         if len(tuner.configs) > 1:  # with one config triton keys nothing

@@ -125,6 +125,7 @@ _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
+_ROW_TILINGS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"]) for c in _CONFIGS})  # the configs' row tiles
 _TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_ONES: dict = {}
 # _finish_stats_kernel's tile: narrow, so a conv of few channels (64) still spreads its workspace rows
@@ -560,7 +561,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     flat_k = geo["Cg"] < _FLAT_K_BELOW
     tma_ok = _tma_ok(x, geo, groups)
     box = _box(geo)
-    ws_rows = max(_row_tiles(geo, box, c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"] and tma_ok) for c in _CONFIGS)
+    ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     res = out if residual is None else residual
     strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
