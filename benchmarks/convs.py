@@ -422,9 +422,9 @@ def conv_summary(rows: list[dict]) -> list[str]:
 def tma_summary(rows: list[dict]) -> str:
     """Which kind of Triton conv config the autotuner chose, over the keys the rows' first calls tuned."""
     chosen = [t["best"] for r in rows for t in r.get("tuned", ()) if t["kernel"] == "_conv_kernel"]
-    tma = sum("USE_TMA=True" in best for best in chosen)
     if not chosen:
         return "Triton conv autotuning: no key tuned in this run's first calls (none on CPU)."
+    tma = sum("USE_TMA=True" in best for best in chosen)
     return (f"Triton conv autotuning (forward and input-gradient keys tuned in this run): TMA configs chosen for "
             f"{tma} of {len(chosen)}, pointer configs for the rest; every config's time in results.json "
             "(rows' `tuned`).")

@@ -54,7 +54,7 @@ if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   done
 fi
 
-# the Python around a Triton conv launch, the kernel stubbed (seconds): does the host keep up with small convs?
+# host time per Triton conv call, real kernels and stubbed ones (seconds): does the host keep up with small convs?
 "$py" -m benchmarks.host_overhead > "$out/host_overhead.txt" 2>&1
 result[host]="rc=$? $(tail -1 "$out/host_overhead.txt" | tr -s ' ')"
 

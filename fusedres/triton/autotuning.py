@@ -5,8 +5,9 @@ fit the conv's GEMM (``fitting``), compiles them all at once on a thread per CPU
 (``triton.AsyncCompileMode``; FUSEDRES_COMPILE_THREADS=n sets the number, 1 compiles them one by one),
 then times each for 5 + 25 ms (``time_config``): first use waits for about the slowest compile instead of
 the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning results on disk (``cache_results``,
-triton >= 3.2) so later processes skip the timing. Every key tuned is recorded in ``TUNINGS`` (the
-benchmarks report which configs won, and by how much).
+triton >= 3.2) so later processes skip the timing. A launch whose key was tuned goes straight to its
+config (``tuning_key``), and every key tuned is recorded in ``TUNINGS`` (the benchmarks report which
+configs won, and by how much).
 """
 
 import contextlib
@@ -21,7 +22,7 @@ from ._host import next_power_of_2
 
 
 _SCALARS = (int, bool, float)
-# one entry per key this process tuned, in order (``recording``): what the benchmarks report
+# one entry per key this process tuned, in order (``fast_path_and_record``): what the benchmarks report
 TUNINGS: list[dict] = []
 
 
@@ -43,7 +44,7 @@ def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
-def recording(tuner):
+def fast_path_and_record(tuner):
     """``tuner`` (a triton Autotuner) with a fast path for keys it has tuned (their config launched straight
     away, ``tuning_key``), appending to TUNINGS whenever a call tunes a new key: the kernel, the key, the
     chosen config, and from the timing (none where one config was left: triton >= 3.8 runs it untimed; none
@@ -132,11 +133,12 @@ def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, argumen
     the configs a new key may run and that fit its GEMM, compiled in parallel (``prune_and_compile``;
     ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}, ``usable(config kwargs,
     arguments)`` says whether a config may run them: the key must decide it), with the disk cache if
-    FUSEDRES_AUTOTUNE_CACHE=1, each new key's tuning recorded (``recording``)."""
+    FUSEDRES_AUTOTUNE_CACHE=1; a key tuned before launches its config directly, and each new key's tuning is
+    recorded (``fast_path_and_record``)."""
     def decorate(jit_fn):
         extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
         hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, gemm_sizes, usable)}
-        return recording(triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=time_config,
-                                         **extra)(jit_fn))
+        return fast_path_and_record(triton.autotune(configs=configs, key=key, prune_configs_by=hook,
+                                                    do_bench=time_config, **extra)(jit_fn))
     return decorate

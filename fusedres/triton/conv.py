@@ -645,8 +645,9 @@ def conv2d_fused(
                              f"got {tuple(residual.shape)} on {residual.device}")
 
     out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
-    mean, var = (torch.empty(k, device=x.device, dtype=torch.float32) for _ in range(2)) if compute_stats \
-        else (None, None)
+    mean = var = None
+    if compute_stats:  # separate tensors: the op returning them may not alias its outputs
+        mean, var = (torch.empty(k, device=x.device, dtype=torch.float32) for _ in range(2))
     _launch(x, _packed_weight(weight, groups), geo, groups, out, in_scale=in_scale, in_shift=in_shift,
             in_relu=in_relu, out_scale=out_scale, out_shift=out_shift, residual=residual, out_relu=out_relu,
             compute_stats=compute_stats, stats_shift=stats_shift, stats_out=(mean, var), moments=True)
