@@ -19,7 +19,8 @@ import triton.language as tl
 
 from conftest import requires_cuda
 from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
-                                 LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
+                                 LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES, LAYER2_3X3_S2,
+                                 LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
                                  STAND_IN_LAUNCH, assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90,
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
@@ -76,7 +77,10 @@ CASES = [
     # the TMA configs' launches (channels_last, stride 1, C >= 16 and strides of 16 bytes): boxes of images x
     # BOX_H x BOX_W output positions, the largest powers of two dividing P and Q (at most the smallest BLOCK_M)
     _case(40, 24, (6, 5), 3, 1, 1, BF16, True, "relu", "stats", n=3),  # 2x1 boxes, 16 images a tile: 13 past N
-    _case(32, 16, 7, 1, 1, 0, F16, True, "none", "full"),  # 1x1 boxes: one output position of 32 images a tile
+    _case(32, 16, 7, 3, 1, 1, F16, True, "none", "full"),  # 1x1 boxes: one output position of 32 images a tile
+    # 1x1 stride-1 convs on channels_last tensors: GEMMs over the pixels (conv._gemm_view), x one (M, C) matrix
+    _case(32, 16, 7, 1, 1, 0, F16, True, "none", "full"),  # 98 rows: a partial row tile
+    _case(16, 24, 5, 1, 1, 0, BF16, True, "relu", "stats", n=3),
     _case(16, 48, 8, 3, 1, 1, F32, True, "linear", "affine", dilation=2),  # P = Q = 6: 2x2 boxes
     _case(24, 32, (8, 12), 3, 1, 1, BF16, True, "relu", "stats"),  # 8x4 boxes: one image a tile
     # strided TMA launches (H, W divisible by the stride; C a whole number of channel blocks): x seen as
@@ -228,6 +232,35 @@ def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
         assert conv._conv_kernel.best_config.kwargs["USE_TMA"] == tma
     _check_out(out, x, w, kw, variant)
     _check_stats(out, mean, var)
+
+
+@pytest.mark.parametrize("variant,gemm,tma", [
+    ("channels_last", True, True), ("one image", True, True), ("40-byte pixels", True, False),
+    ("prologue + stats", True, True), ("nchw", False, False), ("nchw residual", False, True),
+    ("rows cropped from wider ones", False, True), ("3x3", False, True), ("stride 2", False, True),
+    ("padded", False, True)])
+def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch):
+    """A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels on one stride runs as a
+    GEMM over N*H*W pixels of 1x1 (conv._gemm_view; the TMA configs load x as one (M, C) matrix); any other
+    conv as a conv; right either way (on CPU the interpreter runs the TMA config wherever it is allowed)."""
+    views, gemm_view = [], conv._gemm_view
+    monkeypatch.setattr(conv, "_gemm_view", lambda *args: views.append(gemm_view(*args)) or views[-1])
+    kernel, stride, padding = {"3x3": (3, 1, 1), "stride 2": (1, 2, 0), "padded": (1, 1, 1)}.get(variant, (1, 1, 0))
+    case = _case(20 if variant == "40-byte pixels" else 32, 24, 6, kernel, stride, padding, BF16, variant != "nchw",
+                 "relu" if variant == "prologue + stats" else "none",
+                 "stats" if variant == "prologue + stats" else "full", n=1 if variant == "one image" else 2)
+    x, w, kw = _make(case)
+    if variant == "nchw residual":
+        kw["residual"] = kw["residual"].contiguous()
+    if "cropped" in variant:  # x = columns [0, 6) of 10: pixels packed along W, rows 10 pixels apart
+        x = rand_act(seeded(variant), (2, 32, 6, 10), BF16, channels_last=True)[..., :6]
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
+    assert [view is not None for view in views] == [gemm], views
+    if DEVICE == "cpu":
+        assert conv._conv_kernel.best_config.kwargs["USE_TMA"] == tma
+    _check_out(out, x, w, kw, variant)
+    if mean is not None:
+        _check_stats(out, mean, var)
 
 
 @pytest.mark.parametrize("channels", [8, 24], ids=["flat-columns", "row-padding"])
@@ -413,6 +446,7 @@ INPUT_GRAD_CASES = [
     (24, 16, 6, 3, 1, 1, 1, 1, BF16, True, True, "relu"),
     (16, 24, 9, 3, 2, 1, 1, 1, F16, True, True, "relu"),  # phase convs that crop grad_out (negative padding)
     (16, 32, 7, 1, 1, 0, 1, 1, F32, False, True, "linear"),  # NCHW x and dz
+    (32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"),  # 1x1: a GEMM over the pixels (conv._gemm_view)
 ]
 
 
@@ -580,10 +614,11 @@ _COMPILED_VARIANTS = {"bare": _FLAGS_OFF, "prologue": dict(_FLAGS_OFF, PROLOGUE=
                                          COMPUTE_STATS=True, PROLOGUE_GRAD=True)}
 
 
-def _compile_3x3_for_sm90(config: dict, geometry: dict = LAYER1_3X3,
-                          strides=(LAYER1_3X3_CHANNELS_LAST_STRIDES,) * 2, variants=tuple(_COMPILED_VARIANTS)) -> dict:
-    """compile_launch_like_for_sm90's findings for a 3x3 conv (bf16; by default the layer1 one, channels_last:
-    ``strides`` of its input and output) with the first GPU config whose kwargs include ``config``, in
+def _compile_for_sm90(config: dict, geometry: dict = LAYER1_3X3, strides=(LAYER1_3X3_CHANNELS_LAST_STRIDES,) * 2,
+                      variants=tuple(_COMPILED_VARIANTS), taps: int = 3, gemm_view: bool = False) -> dict:
+    """compile_launch_like_for_sm90's findings for a conv of taps x taps (bf16; by default the layer1 3x3,
+    channels_last: ``strides`` of its input and output; a 1x1 ``geometry`` of N = M images of 1x1 as
+    ``gemm_view``, see conv._gemm_view) with the first GPU config whose kwargs include ``config``, in
     ``variants`` of: the bare conv, the BN + ReLU prologue, the prologue with the statistics epilogue (the
     training forward), the folded-BN + residual + ReLU epilogue (inference) and the input gradient's
     epilogue (PROLOGUE_GRAD)."""
@@ -593,7 +628,7 @@ def _compile_3x3_for_sm90(config: dict, geometry: dict = LAYER1_3X3,
     box_h, box_w = conv._box(geometry)
     return compile_launch_like_for_sm90(
         "fusedres.triton.conv", "_conv_kernel", config, ints,
-        dict(R=3, S=3, GROUP_M=8, TMA_OK=True, BOX_H=box_h, BOX_W=box_w),
+        dict(R=taps, S=taps, GROUP_M=8, TMA_OK=True, BOX_H=box_h, BOX_W=box_w, GEMM_VIEW=gemm_view),
         {name: _COMPILED_VARIANTS[name] for name in variants}, ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
 
 
@@ -614,7 +649,7 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     to shared memory than the bare conv (whose shared stores are the output tile's change of layout), where
     a round trip through shared memory per step cost most of the prologue's time on an H100. No variant's
     wgmma is serialised, and none spills a register."""
-    found = _compile_3x3_for_sm90(dict(USE_TMA=False))
+    found = _compile_for_sm90(dict(USE_TMA=False))
     block = found["block"]
     tile_bytes = 2 * (block["BLOCK_M"] + block["BLOCK_N"]) * block["BLOCK_K"]  # bf16 (BLOCK_M + BLOCK_N) x BLOCK_K
     assert_pipelined(found, "bare", "prologue+stats", tile_bytes)
@@ -629,7 +664,7 @@ def test_epilogues_that_load_a_tile_spill_no_register_in_the_widest_tile():
     column sub-tiles; over whole 128x256 tiles ptxas spilled 256-1422 bytes of registers in them (sm_90, the
     pointer and TMA configs, triton 3.6 and 3.8)."""
     for kind in (False, True):
-        found = _compile_3x3_for_sm90(dict(USE_TMA=kind, BLOCK_N=256), variants=("inference epilogue", "input grad"))
+        found = _compile_for_sm90(dict(USE_TMA=kind, BLOCK_N=256), variants=("inference epilogue", "input grad"))
         assert all(variant["spill_bytes"] == 0 for variant in found["variants"].values()), found
 
 
@@ -639,8 +674,8 @@ def test_tma_config_loads_its_tiles_with_the_tensor_memory_accelerator():
     tiles with tensor copies (no per-thread asynchronous copies, no synchronous global loads in the bare
     conv), feeds them to wgmma unserialised, and the prologue's tile reaches the dot in registers without a
     trip back to shared memory (no more shared stores than the bare conv)."""
-    found = _compile_3x3_for_sm90(dict(USE_TMA=True))
-    strided = _compile_3x3_for_sm90(dict(USE_TMA=True), LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
+    found = _compile_for_sm90(dict(USE_TMA=True))
+    strided = _compile_for_sm90(dict(USE_TMA=True), LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
                                     ("bare", "prologue+stats"))
     for name, variant in [*found["variants"].items(), *(("strided " + k, v) for k, v in strided["variants"].items())]:
         assert variant["wgmma"] > 0 and variant["tma"] >= 2, (name, found, strided)
@@ -649,6 +684,23 @@ def test_tma_config_loads_its_tiles_with_the_tensor_memory_accelerator():
     assert found["variants"]["prologue"]["st_shared"] == found["variants"]["bare"]["st_shared"], found
     _assert_wgmma_not_serialised(found)
     _assert_wgmma_not_serialised(strided)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
+    """A 1x1 conv run as a GEMM over the pixels (conv._gemm_view; ResNet-50's layer1 64->256 1x1, bf16): the
+    TMA configs load x as 2-D tiles of the (M, C) matrix, which wgmma reads from shared memory as it reads the
+    weight (a 5-D box of x is reshaped in registers first: every TMA wgmma took A from registers), with
+    fewer registers than the 5-D box needed; every variant unserialised and unspilled, pointer configs too."""
+    found = {kind: _compile_for_sm90(dict(USE_TMA=kind == "tma"), LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES,
+                                     taps=1, gemm_view=True) for kind in ("tma", "pointer")}
+    box = _compile_for_sm90(dict(USE_TMA=True), LAYER1_3X3, variants=("bare",), taps=1)
+    tma_bare = found["tma"]["variants"]["bare"]
+    assert tma_bare["tma"] >= 2 and tma_bare["wgmma"] > 0 and tma_bare["wgmma_a_in_registers"] == 0, found
+    assert box["variants"]["bare"]["wgmma_a_in_registers"] == box["variants"]["bare"]["wgmma"] > 0, box
+    for kind in found.values():
+        _assert_wgmma_not_serialised(kind)
+        assert all(variant["spill_bytes"] == 0 for variant in kind["variants"].values()), kind
 
 
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """

@@ -97,6 +97,11 @@ LAYER1_3X3_CHANNELS_LAST_STRIDES = (56 * 56 * 64, 1, 56 * 64, 64)
 LAYER2_3X3_S2 = dict(N=256, C=128, H=56, W=56, K=128, P=28, Q=28, M=256 * 28 * 28, Cg=128, Kg=128,
                      SH=2, SW=2, PH=1, PW=1, DH=1, DW=1)
 LAYER2_3X3_S2_CHANNELS_LAST_STRIDES = ((56 * 56 * 128, 1, 56 * 128, 128), (28 * 28 * 128, 1, 28 * 128, 128))
+# ResNet-50's layer1.0.conv3 (64->256 1x1, 56x56, batch 256) as the Triton conv launches it on channels_last
+# tensors: a GEMM over the 802816 pixels, each an image of 1x1 (conv._gemm_view), and its x's and out's strides
+LAYER1_1X1_AS_GEMM = dict(N=256 * 56 * 56, C=64, H=1, W=1, K=256, P=1, Q=1, M=256 * 56 * 56, Cg=64, Kg=256,
+                          SH=1, SW=1, PH=0, PW=0, DH=1, DW=1)
+LAYER1_1X1_AS_GEMM_STRIDES = ((64, 1, 64, 64), (256, 1, 256, 256))
 
 
 def named_strides(prefix: str, strides) -> dict:
@@ -190,6 +195,7 @@ for name, flags in spec["variants"].items():
     found[name] = dict(wgmma=ptx.count("wgmma.mma_async"),
                        cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                        tma=ptx.count("cp.async.bulk.tensor"),
+                       wgmma_a_in_registers=len(re.findall(r"wgmma\\.mma_async[^;]*\\}, \\{", ptx)),
                        ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
                        shared=kernel.metadata.shared, warnings=sorted(set(re.findall(r"\\((C\\d+)\\)", report))),
                        spill_bytes=sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", report)))
@@ -203,7 +209,8 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
     H100 (the wheel's ptxas, no GPU), its int arguments (``ints``: their values at a real launch)
     specialised as triton's launcher specialises them: ints equal to 1 become constants, pointers and
     multiples of 16 get a divisibility-16 hint. Per variant (constexpr flags added to ``consts``), what the
-    PTX holds: wgmma (Hopper's warpgroup MMA), cp_async (asynchronous copies into shared memory), tma
+    PTX holds: wgmma (Hopper's warpgroup MMA; wgmma_a_in_registers: those whose A operand is in registers,
+    not read from shared memory), cp_async (asynchronous copies into shared memory), tma
     (tensor copies), ld_global and st_shared instruction counts, the shared memory in bytes, and from
     ptxas's report its warning codes (C7515: wgmma serialised) and spill_bytes; with the config's stages
     and block sizes."""

@@ -60,6 +60,12 @@ the device (their block shapes follow the config), in a global scratch that ``_w
 lends triton for the launch. The autotuner times both kinds where both may run; the key's TMA_OK keeps them
 apart where not.
 
+A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels on one stride (channels_last)
+launches as a GEMM over the pixels (``_gemm_view``: the same conv on N = M images of 1x1): rows need no division
+by P and Q (ints equal to 1 compile as constants), and the TMA configs load x as 2-D tiles of the (M, C)
+matrix (GEMM_VIEW), which the tensor-core dot reads from shared memory; a 5-D box of x is reshaped in registers
+on its way to the dot (sm_90 PTX, triton 3.6 and 3.8).
+
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
 of an fp32 workspace (2, rows, K); every row is written by exactly one program, so no atomics and no
@@ -134,7 +140,7 @@ _FINISH_BLOCK_R, _FINISH_BLOCK_C = (16, 8) if _INTERPRET else (256, 8)  # device
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
-                 "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K", "TMA_OK"]
+                 "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K", "TMA_OK", "GEMM_VIEW"]
 _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on", "stride_ok", "stride_op",
                  "stride_oq", "stride_rn", "stride_rk", "stride_rp", "stride_rq")
 
@@ -174,6 +180,7 @@ def _conv_kernel(
     HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, PROLOGUE_GRAD: tl.constexpr,
     FLAT_K: tl.constexpr,
     TMA_OK: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,  # see _tma_ok and _box
+    GEMM_VIEW: tl.constexpr,  # x is the GEMM's (M, C) operand: N = M pixels of 1x1, R = S = 1 (see _gemm_view)
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -204,12 +211,17 @@ def _conv_kernel(
         q = q0 + i % BOX_W
         row_mask = (n < N) & (p < P) & (q < Q)
         n = n.to(tl.int64)
-        # x as (N, H/SH, SH, W/SW, SW*C): input row h = SH*i + a is (i, a) and column w = SW*j + b with
-        # channel c is (j, b*C + c), so a box of output positions shifted by a tap is one box of it
-        x_desc = tl.make_tensor_descriptor(
-            x_ptr, shape=[N, H // SH, SH, W // SW, SW * C], strides=[stride_xn, SH * stride_xh, stride_xh,
-                                                                      SW * stride_xw, 1],
-            block_shape=[BOX_I, BOX_H, 1, BOX_W, BLOCK_K])
+        if GEMM_VIEW:  # 2-D tiles of x as (M, C), which the dot takes from shared memory (a 5-D box it reshapes in
+            tl.static_assert(R * S == 1 and BOX_I == BLOCK_M)  # registers)
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, C], strides=[stride_xn, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+        else:
+            # x as (N, H/SH, SH, W/SW, SW*C): input row h = SH*i + a is (i, a) and column w = SW*j + b with
+            # channel c is (j, b*C + c), so a box of output positions shifted by a tap is one box of it
+            x_desc = tl.make_tensor_descriptor(
+                x_ptr, shape=[N, H // SH, SH, W // SW, SW * C], strides=[stride_xn, SH * stride_xh, stride_xh,
+                                                                          SW * stride_xw, 1],
+                block_shape=[BOX_I, BOX_H, 1, BOX_W, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, Cg, Kg], strides=[Cg * Kg, Kg, 1],
                                            block_shape=[1, BLOCK_K, BLOCK_N])
     else:
@@ -252,7 +264,9 @@ def _conv_kernel(
         ih = ih0[:, None] + r * DH  # (BLOCK_M, 1), or (BLOCK_M, BLOCK_K) if FLAT_K
         iw = iw0[:, None] + s * DW
         ch = g * Cg + c  # input channels
-        if USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
+        if USE_TMA and GEMM_VIEW:  # zeros past M and past C
+            a = x_desc.load([n0, c0])
+        elif USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
             th = r * DH - PH + SH * PH  # >= 0: h = SH*p + r*DH - PH = SH*(p + th // SH - PH) + th % SH
             tw = s * DW - PW + SW * PW
             a = x_desc.load([n0, p0 + th // SH - PH, th % SH, q0 + tw // SW - PW, tw % SW * C + c0])
@@ -519,6 +533,36 @@ def _tma_ok(x: Tensor, geo: dict, groups: int) -> bool:
             and (_INTERPRET or torch.cuda.get_device_capability(x.device)[0] >= 9))
 
 
+def _pixel_stride(t: Tensor) -> Optional[int]:
+    """The offset between consecutive pixels where t's (n, h, w) positions lie in that order on one stride (a dense
+    pixel grid, as in a channels_last tensor), else None (also for a single pixel)."""
+    stride, pixels = None, 1
+    for size, step in ((t.shape[3], t.stride(3)), (t.shape[2], t.stride(2)), (t.shape[0], t.stride(0))):
+        if size == 1:
+            continue
+        if stride is None:
+            stride = step
+        elif step != pixels * stride:
+            return None
+        pixels *= size
+    return stride
+
+
+def _gemm_view(geo: dict, *tensors: Tensor) -> Optional[tuple]:
+    """A 1x1, stride-1, unpadded conv whose x, out (and residual) each keep their pixels on one stride is a
+    GEMM over the M pixels: (geometry, views) of the same conv on N = M images of 1x1, the tensors viewed as
+    (M, channels, 1, 1), or None. The kernel then indexes rows without dividing by P and Q (ints equal to 1
+    compile as constants) and its TMA configs load x as the GEMM's (M, C) matrix (GEMM_VIEW)."""
+    if (geo["R"], geo["S"], geo["SH"], geo["SW"], geo["PH"], geo["PW"]) != (1, 1, 1, 1, 0, 0):
+        return None
+    strides = [_pixel_stride(t) for t in tensors]
+    if None in strides:
+        return None
+    views = [t.as_strided((geo["M"], t.shape[1], 1, 1), (step, t.stride(1), step, step))
+             for t, step in zip(tensors, strides)]
+    return dict(geo, N=geo["M"], H=1, W=1, P=1, Q=1), views
+
+
 def _box(geo: dict) -> tuple[int, int]:
     """(BOX_H, BOX_W) of a TMA row tile: the largest powers of two dividing P and Q, the box at most
     _MAX_BOX positions, so that boxes tile the output without a partial one where they can."""
@@ -559,6 +603,10 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y."""
     k = geo["K"]
     flat_k = geo["Cg"] < _FLAT_K_BELOW
+    gemm = _gemm_view(geo, x, out) if residual is None else _gemm_view(geo, x, out, residual)
+    if gemm is not None:
+        geo, (x, out, *rest) = gemm
+        residual = rest[0] if rest else None
     tma_ok = _tma_ok(x, geo, groups)
     box = _box(geo)
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
@@ -580,7 +628,8 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
             HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
             HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
             COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=flat_k,
-            TMA_OK=tma_ok, BOX_H=box[0], BOX_W=box[1], WS_ROWS=ws_rows, GROUP_M=8, **geo, **strides)
+            TMA_OK=tma_ok, BOX_H=box[0], BOX_W=box[1], GEMM_VIEW=gemm is not None, WS_ROWS=ws_rows, GROUP_M=8,
+            **geo, **strides)
 
     if tma_ok:  # only the TMA configs make descriptors
         _with_descriptor_scratch(launch)
