@@ -425,7 +425,8 @@ def tma_summary(rows: list[dict]) -> str:
     if not chosen:
         return "Triton conv autotuning: no key tuned in this run's first calls (none on CPU)."
     tma = sum("USE_TMA=True" in best for best in chosen)
+    persistent = sum("USE_TMA=True" in best and "PERSISTENT=0" not in best for best in chosen)
     return (f"Triton conv autotuning (forward and input-gradient keys tuned in this run): TMA configs chosen for "
-            f"{tma} of {len(chosen)}, pointer configs for the rest; every config's time in results.json "
-            "(rows' `tuned`).")
+            f"{tma} of {len(chosen)} ({persistent} persistent), pointer configs for the rest; every config's time "
+            "in results.json (rows' `tuned`).")
 

@@ -203,7 +203,7 @@ def test_statistics_finish_adds_the_rows_written(moments):
 
 def _eligible_for_tma(x, w, kw) -> bool:
     geo = conv._geometry(x, w, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
-    return conv._tma_ok(x, geo, kw["groups"])
+    return conv._tma_ok(x, x.stride(), geo, kw["groups"])
 
 
 @pytest.mark.parametrize("variant,c,stride,hw,tma", [
@@ -261,6 +261,40 @@ def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch)
     _check_out(out, x, w, kw, variant)
     if mean is not None:
         _check_stats(out, mean, var)
+
+
+@pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
+def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
+    """A persistent TMA config (the interpreter's TMA tile, one program per conv._multiprocessors) on 1x1 convs
+    run as GEMMs: 2 programs loop over 6 output tiles (3 row tiles x 2 column tiles), every output and
+    statistic right."""
+    kernel = conv._conv_kernel
+    tma = next(c for c in kernel.configs if c.kwargs["USE_TMA"] and not c.kwargs["PERSISTENT"])
+    persistent = triton.Config(dict(tma.kwargs, PERSISTENT=1), num_warps=tma.num_warps, num_stages=tma.num_stages)
+    monkeypatch.setattr(kernel, "configs", [persistent])
+    monkeypatch.setattr(kernel, "cache", {})
+    asked = []
+    monkeypatch.setattr(conv, "_multiprocessors", lambda device: asked.append(device) or 2)
+    if launch == "input grad":  # dz of a 32->16 1x1 conv: a 16->32 GEMM over 2 x 6 x 6 pixels
+        _check_input_grad((32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"))
+    else:  # a 24->32 GEMM over 3 x 5 x 5 pixels
+        x, w, kw = _make(_case(24, 32, 5, 1, 1, 0, BF16, True, "none", "full" if launch == "inference" else "stats",
+                               n=3))
+        out, mean, var = conv.conv2d_fused(x, w, **kw)
+        _check_out(out, x, w, kw, launch)
+        if mean is not None:
+            _check_stats(out, mean, var)
+    assert asked and kernel.best_config is persistent
+
+
+def test_persistent_configs_run_only_gemm_view_launches_without_a_prologue():
+    """Where x's tile reaches the dot through registers (a 5-D box, or the prologue's transform) the flattened
+    persistent loop compiles to serialised wgmma: those launches keep to the other configs."""
+    persistent = dict(USE_TMA=True, PERSISTENT=1)
+    for prologue, gemm_view, usable in ((False, True, True), (True, True, False), (False, False, False)):
+        launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view)
+        assert conv._usable(persistent, launch) == usable, launch
+        assert conv._usable(dict(persistent, PERSISTENT=0), launch)
 
 
 @pytest.mark.parametrize("channels", [8, 24], ids=["flat-columns", "row-padding"])
@@ -611,17 +645,19 @@ _COMPILED_VARIANTS = {"bare": _FLAGS_OFF, "prologue": dict(_FLAGS_OFF, PROLOGUE=
                       "inference epilogue": dict(_FLAGS_OFF, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, HAS_RESIDUAL=True,
                                                  OUT_RELU=True),
                       "input grad": dict(_FLAGS_OFF, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True,
-                                         COMPUTE_STATS=True, PROLOGUE_GRAD=True)}
+                                         COMPUTE_STATS=True, PROLOGUE_GRAD=True),
+                      "stats": dict(_FLAGS_OFF, COMPUTE_STATS=True)}
+_MAIN_VARIANTS = ("bare", "prologue", "prologue+stats", "inference epilogue", "input grad")
 
 
 def _compile_for_sm90(config: dict, geometry: dict = LAYER1_3X3, strides=(LAYER1_3X3_CHANNELS_LAST_STRIDES,) * 2,
-                      variants=tuple(_COMPILED_VARIANTS), taps: int = 3, gemm_view: bool = False) -> dict:
+                      variants=_MAIN_VARIANTS, taps: int = 3, gemm_view: bool = False) -> dict:
     """compile_launch_like_for_sm90's findings for a conv of taps x taps (bf16; by default the layer1 3x3,
     channels_last: ``strides`` of its input and output; a 1x1 ``geometry`` of N = M images of 1x1 as
     ``gemm_view``, see conv._gemm_view) with the first GPU config whose kwargs include ``config``, in
     ``variants`` of: the bare conv, the BN + ReLU prologue, the prologue with the statistics epilogue (the
-    training forward), the folded-BN + residual + ReLU epilogue (inference) and the input gradient's
-    epilogue (PROLOGUE_GRAD)."""
+    training forward), the folded-BN + residual + ReLU epilogue (inference), the input gradient's
+    epilogue (PROLOGUE_GRAD) and, not by default, the statistics epilogue alone."""
     x_strides, out_strides = strides
     ints = dict(geometry, WS_ROWS=geometry["M"] // 64, **named_strides("stride_x", x_strides),
                 **named_strides("stride_o", out_strides), **named_strides("stride_r", out_strides))
@@ -703,6 +739,24 @@ def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
         assert all(variant["spill_bytes"] == 0 for variant in kind["variants"].values()), kind
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+@pytest.mark.parametrize("programs_per_sm", [1, 2])  # the GPU configs' PERSISTENT values
+def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm):
+    """The persistent TMA configs (their tile loop flattened with the reduction loop) on the launches _usable
+    gives them, a 1x1 conv as a GEMM without a prologue (ResNet-50's layer1 64->256): x's tile reaches
+    wgmma from shared memory, ptxas keeps the wgmma pipelined (no C7515) and nothing spills, in the bare,
+    statistics, inference and input-gradient variants."""
+    found = _compile_for_sm90(dict(USE_TMA=True, PERSISTENT=programs_per_sm), LAYER1_1X1_AS_GEMM,
+                              LAYER1_1X1_AS_GEMM_STRIDES, ("bare", "stats", "inference epilogue", "input grad"),
+                              taps=1, gemm_view=True)
+    assert found["block"]["PERSISTENT"] == programs_per_sm
+    for name, variant in found["variants"].items():
+        assert variant["tma"] >= 2 and variant["wgmma"] > 0, (name, found)
+    assert found["variants"]["bare"]["wgmma_a_in_registers"] == 0, found
+    _assert_wgmma_not_serialised(found)
+    assert all(variant["spill_bytes"] == 0 for variant in found["variants"].values()), found
+
+
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """
 import json, sys, threading
 import triton.compiler
@@ -730,7 +784,9 @@ compile_without_launching(kernel, conv._finish_stats_kernel)
 x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 w = torch.randn(out_channels, 64, 3, 3, dtype=torch.bfloat16)
 conv.conv2d_fused(x, w, padding=(1, 1), in_scale=torch.ones(64), in_shift=torch.zeros(64), compute_stats=True)
-print(json.dumps(dict(compiles=compiles, all_block_ns=[c.kwargs["BLOCK_N"] for c in conv._CONFIGS],
+# this 3x3 conv with a prologue may not run the persistent configs (conv._usable)
+print(json.dumps(dict(compiles=compiles, all_block_ns=[c.kwargs["BLOCK_N"] for c in conv._CONFIGS
+                                                       if not c.kwargs["PERSISTENT"]],
                       best_block_n=kernel.best_config.kwargs["BLOCK_N"])))
 """
 
@@ -874,12 +930,12 @@ def test_conv_launches_find_their_tuned_config_by_key(monkeypatch):
 def test_convs_benchmark_counts_the_kinds_of_config_chosen():
     from benchmarks.convs import tma_summary
 
-    def tuned(kernel, use_tma):
-        return dict(kernel=kernel, best=f"BLOCK_M=128 USE_TMA={use_tma} warps=4 stages=4")
+    def tuned(kernel, use_tma, persistent=0):
+        return dict(kernel=kernel, best=f"BLOCK_M=128 USE_TMA={use_tma} PERSISTENT={persistent} warps=4 stages=4")
 
     rows = [dict(tuned=[tuned("_conv_kernel", True), tuned("_wgrad_kernel", False)]), dict(),
-            dict(tuned=[tuned("_conv_kernel", False), tuned("_conv_kernel", True)])]
-    assert "TMA configs chosen for 2 of 3," in tma_summary(rows)
+            dict(tuned=[tuned("_conv_kernel", False), tuned("_conv_kernel", True, 2)])]
+    assert "TMA configs chosen for 2 of 3 (1 persistent)," in tma_summary(rows)
     assert "no key tuned" in tma_summary([dict(), dict(tuned=[tuned("_wgrad_kernel", False)])])
 
 
@@ -921,14 +977,18 @@ RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding) of torchvision ResNet-5
 
 # per ResNet-50 conv, the kinds of config its launches may run: the autotuner picks by time, so each kind is
 # checked on its own ("tma": not the stem, whose 3 channels take the flat reduction, see _tma_ok)
-_RESNET50_MODES = [(name, mode) for name in RESNET50_CONVS
-                   for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))]
+_RESNET50_MODES = ([(name, mode) for name in RESNET50_CONVS
+                    for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))]
+                   + [("l1_expand", "persistent")])  # the 1x1 stride-1 conv: a GEMM over the pixels
 
 
 def _only_configs(monkeypatch, mode: str) -> None:
-    """The conv kernel autotunes among its TMA configs alone (mode "tma") or its pointer ones ("pointer")."""
+    """The conv kernel autotunes among its pointer configs alone (mode "pointer"), its TMA ones ("tma") or its
+    persistent TMA ones ("persistent")."""
     kernel = conv._conv_kernel
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["USE_TMA"] == (mode == "tma")])
+    kind = {"pointer": (False, False), "tma": (True, False), "persistent": (True, True)}[mode]
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs
+                                            if (c.kwargs["USE_TMA"], c.kwargs["PERSISTENT"] > 0) == kind])
     monkeypatch.setattr(kernel, "cache", {})
 
 
@@ -938,12 +998,14 @@ def _only_configs(monkeypatch, mode: str) -> None:
 @pytest.mark.parametrize("name,mode", _RESNET50_MODES)
 def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
-    case = _case(c, k, h, kernel, stride, padding, BF16, True, "none" if name == "stem" else "relu", epilogue, n=8)
+    prologue = "none" if name == "stem" or mode == "persistent" else "relu"  # persistent: no prologue (_usable)
+    case = _case(c, k, h, kernel, stride, padding, BF16, True, prologue, epilogue, n=8)
     x, w, kw = _make(case)
     assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
     _only_configs(monkeypatch, mode)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
-    assert conv._conv_kernel.best_config.kwargs["USE_TMA"] == (mode == "tma")
+    assert conv._conv_kernel.best_config.kwargs["USE_TMA"] == (mode != "pointer")
+    assert (conv._conv_kernel.best_config.kwargs["PERSISTENT"] > 0) == (mode == "persistent")
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
         _check_stats(out, mean, var)

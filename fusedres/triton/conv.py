@@ -64,7 +64,11 @@ A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels 
 launches as a GEMM over the pixels (``_gemm_view``: the same conv on N = M images of 1x1): rows need no division
 by P and Q (ints equal to 1 compile as constants), and the TMA configs load x as 2-D tiles of the (M, C)
 matrix (GEMM_VIEW), which the tensor-core dot reads from shared memory; a 5-D box of x is reshaped in registers
-on its way to the dot (sm_90 PTX, triton 3.6 and 3.8).
+on its way to the dot (sm_90 PTX, triton 3.6 and 3.8). On those launches without a prologue the autotuner also
+times persistent TMA configs: PERSISTENT programs per SM take the output tiles in turn, in a loop that triton
+flattens with the reduction loop, so one tile's epilogue overlaps the next tile's loads (short reductions, such
+as the 64 input channels of ResNet's layer1 1x1 convs, are one or a few steps a tile). Where the dot's x tile
+is in registers (a 5-D box, or the prologue's transform) ptxas serialises that loop's wgmma (warning C7515).
 
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
@@ -125,15 +129,19 @@ def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], **flags) -> list[t
 
 
 _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                      (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], USE_TMA=False)
+                      (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], USE_TMA=False, PERSISTENT=0)
             + _configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
-                       USE_TMA=True))
+                       USE_TMA=True, PERSISTENT=0)
+            + ([] if _INTERPRET else  # persistent: GEMM_VIEW launches without a prologue only (see _usable)
+               _configs([(128, 64, 64, 4, 4)], USE_TMA=True, PERSISTENT=2)
+               + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1)))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_TILINGS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"]) for c in _CONFIGS})  # the configs' row tiles
 _TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_ONES: dict = {}
+_INTERPRET_SMS = 2  # under TRITON_INTERPRET=1 a persistent program takes several tiles in the tests' shapes
 # _finish_stats_kernel's tile: narrow, so a conv of few channels (64) still spreads its workspace rows
 # (6272 for ResNet-50's layer1 at batch 256) over several programs
 _FINISH_BLOCK_R, _FINISH_BLOCK_C = (16, 8) if _INTERPRET else (256, 8)  # device -> fp32 ones of _MAX_BLOCK_M
@@ -152,7 +160,12 @@ def _reduction_size(args: dict) -> int:
 
 def _usable(config: dict, args: dict) -> bool:
     """Whether a config may run a launch: TMA configs only where the launch allows them (TMA_OK); under
-    TRITON_INTERPRET=1, where one config runs untimed, the TMA one wherever it is allowed."""
+    TRITON_INTERPRET=1, where one config runs untimed, the TMA one wherever it is allowed. Persistent configs
+    only on a GEMM_VIEW launch without a prologue: elsewhere the dot takes x's tile from registers, and in the
+    flattened loop ptxas then serialises every wgmma (C7515, sm_90; the 5-D box and the prologue's transform
+    both put the tile in registers)."""
+    if config["PERSISTENT"] and (args["PROLOGUE"] or not args["GEMM_VIEW"]):
+        return False
     return config["USE_TMA"] == args["TMA_OK"] if _INTERPRET else args["TMA_OK"] or not config["USE_TMA"]
 
 
@@ -183,34 +196,15 @@ def _conv_kernel(
     GEMM_VIEW: tl.constexpr,  # x is the GEMM's (M, C) operand: N = M pixels of 1x1, R = S = 1 (see _gemm_view)
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # 0: a program per output tile; else PERSISTENT programs per SM take the tiles in turn
 ):
-    # (pid_m, pid_n) from the flat tile index, bands of GROUP_M row tiles per column tile
-    pid = tl.program_id(0)
     g = tl.program_id(1)
-    if USE_TMA:  # a row tile is a box of BOX_I images x BOX_H x BOX_W output positions
+    if USE_TMA:  # a row tile is a box of BOX_I images x BOX_H x BOX_W output positions; descriptors of x, w
         tl.static_assert(TMA_OK and not FLAT_K, "USE_TMA needs a launch that allows it (TMA_OK)")
         BOX_I: tl.constexpr = BLOCK_M // (BOX_H * BOX_W)
         box_cols = tl.cdiv(Q, BOX_W)
         box_rows = tl.cdiv(P, BOX_H)
         m_tiles = (N + BOX_I - 1) // BOX_I * box_rows * box_cols
-    else:  # a row tile is BLOCK_M consecutive output positions
-        m_tiles = tl.cdiv(M, BLOCK_M)
-    band = GROUP_M * tl.cdiv(Kg, BLOCK_N)
-    first_m = (pid // band) * GROUP_M
-    band_rows = tl.minimum(m_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_rows
-    pid_n = (pid % band) // band_rows
-
-    i = tl.arange(0, BLOCK_M)
-    if USE_TMA:  # descriptors of x and of the weight as (R*S, Cg, Kg); G = 1
-        q0 = pid_m % box_cols * BOX_W
-        p0 = pid_m // box_cols % box_rows * BOX_H
-        n0 = pid_m // (box_cols * box_rows) * BOX_I
-        n = n0 + i // (BOX_H * BOX_W)
-        p = p0 + i // BOX_W % BOX_H
-        q = q0 + i % BOX_W
-        row_mask = (n < N) & (p < P) & (q < Q)
-        n = n.to(tl.int64)
         if GEMM_VIEW:  # 2-D tiles of x as (M, C), which the dot takes from shared memory (a 5-D box it reshapes in
             tl.static_assert(R * S == 1 and BOX_I == BLOCK_M)  # registers)
             x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, C], strides=[stride_xn, 1],
@@ -222,91 +216,117 @@ def _conv_kernel(
                 x_ptr, shape=[N, H // SH, SH, W // SW, SW * C], strides=[stride_xn, SH * stride_xh, stride_xh,
                                                                           SW * stride_xw, 1],
                 block_shape=[BOX_I, BOX_H, 1, BOX_W, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, Cg, Kg], strides=[Cg * Kg, Kg, 1],
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, Cg, Kg], strides=[Cg * Kg, Kg, 1],  # G = 1
                                            block_shape=[1, BLOCK_K, BLOCK_N])
+    else:  # a row tile is BLOCK_M consecutive output positions
+        m_tiles = tl.cdiv(M, BLOCK_M)
+    band = GROUP_M * tl.cdiv(Kg, BLOCK_N)
+    if PERSISTENT:  # every program_id(0) + k * num_programs(0)-th tile; the loop over them flattened with the
+        end_tile = m_tiles * tl.cdiv(Kg, BLOCK_N)  # reduction's, so the next tile's loads overlap this epilogue
+        tile_step = tl.num_programs(0)
     else:
-        rows = pid_m * BLOCK_M + i  # output positions m = (n, p, q)
-        row_mask = rows < M
-        n = (rows // (P * Q)).to(tl.int64)
-        p = (rows // Q) % P
-        q = rows % Q
-    ih0 = p * SH - PH
-    iw0 = q * SW - PW
-    x_rows = x_ptr + n * stride_xn
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels of group g
-    col_mask = cols < Kg
-    w_cols = w_ptr + g.to(tl.int64) * (R * S * Cg * Kg) + cols[None, :]
+        end_tile = tl.program_id(0) + 1
+        tile_step = 1
+    for pid in tl.range(tl.program_id(0), end_tile, tile_step, flatten=PERSISTENT > 0):
+        # (pid_m, pid_n) from the flat tile index, bands of GROUP_M row tiles per column tile
+        first_m = (pid // band) * GROUP_M
+        band_rows = tl.minimum(m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % band) % band_rows
+        pid_n = (pid % band) // band_rows
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c_blocks = tl.cdiv(Cg, BLOCK_K)
-    if FLAT_K:
-        steps = tl.cdiv(R * S * Cg, BLOCK_K)
-    else:
-        steps = R * S * c_blocks
-    # steps >= 1 already: saying so drops the compiled path around a loop of no step, on which ptxas
-    # serialised the pipelined wgmma (warning C7515, each wgmma waiting for the one before)
-    steps = tl.maximum(steps, 1)
-    for step in range(steps):
-        if FLAT_K:  # every column decodes its own (r, s, c): (1, BLOCK_K) spatial offsets
-            kk = step * BLOCK_K + tl.arange(0, BLOCK_K)  # packed weight rows
-            k_mask = kk < R * S * Cg
-            c = kk % Cg
-            r = (kk // Cg // S)[None, :]
-            s = (kk // Cg % S)[None, :]
-        else:  # one (r, s) per step and a block of channels: scalar spatial offsets
-            rs = step // c_blocks
-            c0 = (step % c_blocks) * BLOCK_K
-            c = c0 + tl.arange(0, BLOCK_K)
-            k_mask = c < Cg
-            kk = rs * Cg + c
-            r = rs // S
-            s = rs % S
-        ih = ih0[:, None] + r * DH  # (BLOCK_M, 1), or (BLOCK_M, BLOCK_K) if FLAT_K
-        iw = iw0[:, None] + s * DW
-        ch = g * Cg + c  # input channels
-        if USE_TMA and GEMM_VIEW:  # zeros past M and past C
-            a = x_desc.load([n0, c0])
-        elif USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
-            th = r * DH - PH + SH * PH  # >= 0: h = SH*p + r*DH - PH = SH*(p + th // SH - PH) + th % SH
-            tw = s * DW - PW + SW * PW
-            a = x_desc.load([n0, p0 + th // SH - PH, th % SH, q0 + tw // SW - PW, tw % SW * C + c0])
-            a = a.reshape(BLOCK_M, BLOCK_K)
+        i = tl.arange(0, BLOCK_M)
+        if USE_TMA:  # the tile's box
+            q0 = pid_m % box_cols * BOX_W
+            p0 = pid_m // box_cols % box_rows * BOX_H
+            n0 = pid_m // (box_cols * box_rows) * BOX_I
+            n = n0 + i // (BOX_H * BOX_W)
+            p = p0 + i // BOX_W % BOX_H
+            q = q0 + i % BOX_W
+            row_mask = (n < N) & (p < P) & (q < Q)
+            n = n.to(tl.int64)
         else:
-            a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = (x_rows[:, None] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                      + ch.to(tl.int64)[None, :] * stride_xc)
-            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if PROLOGUE:
-            shift = tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :]  # 0 past Cg, where a is 0 too
-            if not FLAT_K:  # padding rows (a = 0 there) get shift * 0: see the module docstring
-                in_bounds = row_mask[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # (BLOCK_M, 1)
-                row_factor = tl.load(row_ones_ptr + tl.arange(0, BLOCK_M)[:, None], mask=in_bounds, other=0.0)
-                shift = shift * row_factor
-            v = a.to(tl.float32) * tl.load(in_scale_ptr + ch, mask=k_mask, other=0.0)[None, :] + shift
-            if IN_RELU:
-                v = tl.where(v < 0, 0.0, v)  # like clamp_min(0): NaN propagates
-            if FLAT_K:
-                v = tl.where(a_mask, v, 0.0)  # padding stays 0
-            a = v.to(x_ptr.dtype.element_ty)
-        if USE_TMA:
-            b = w_desc.load([rs, c0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-        else:
-            b = tl.load(w_cols + kk.to(tl.int64)[:, None] * Kg, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if _UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=_DOT_PRECISION)
+            rows = pid_m * BLOCK_M + i  # output positions m = (n, p, q)
+            row_mask = rows < M
+            n = (rows // (P * Q)).to(tl.int64)
+            p = (rows // Q) % P
+            q = rows % Q
+        ih0 = p * SH - PH
+        iw0 = q * SW - PW
+        x_rows = x_ptr + n * stride_xn
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels of group g
+        col_mask = cols < Kg
+        w_cols = w_ptr + g.to(tl.int64) * (R * S * Cg * Kg) + cols[None, :]
 
-    # an epilogue that loads a tile (the residual, or PROLOGUE_GRAD's unit input) runs on column sub-tiles
-    # of _EPILOGUE_COLUMNS: whole (BLOCK_M, BLOCK_N) tiles of offsets, masks and loaded values spilled
-    # registers in every 128-row config from BLOCK_N = 64 up (ptxas -v, sm_90)
-    EPILOGUE_PARTS: tl.constexpr = BLOCK_N // _EPILOGUE_COLUMNS if HAS_RESIDUAL or PROLOGUE_GRAD else 1
-    _epilogue(acc, g * Kg + cols, col_mask, row_mask,
-              n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq,
-              n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq,  # unused without res_ptr
-              pid_m, out_ptr, out_scale_ptr, out_shift_ptr, res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok,
-              stride_rk, HAS_OUT_SCALE, HAS_OUT_SHIFT, HAS_RESIDUAL, OUT_RELU, COMPUTE_STATS, PROLOGUE_GRAD,
-              EPILOGUE_PARTS)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        c_blocks = tl.cdiv(Cg, BLOCK_K)
+        if FLAT_K:
+            steps = tl.cdiv(R * S * Cg, BLOCK_K)
+        else:
+            steps = R * S * c_blocks
+        # steps >= 1 already: saying so drops the compiled path around a loop of no step, on which ptxas
+        # serialised the pipelined wgmma (warning C7515, each wgmma waiting for the one before)
+        steps = tl.maximum(steps, 1)
+        for step in range(steps):
+            if FLAT_K:  # every column decodes its own (r, s, c): (1, BLOCK_K) spatial offsets
+                kk = step * BLOCK_K + tl.arange(0, BLOCK_K)  # packed weight rows
+                k_mask = kk < R * S * Cg
+                c = kk % Cg
+                r = (kk // Cg // S)[None, :]
+                s = (kk // Cg % S)[None, :]
+            else:  # one (r, s) per step and a block of channels: scalar spatial offsets
+                rs = step // c_blocks
+                c0 = (step % c_blocks) * BLOCK_K
+                c = c0 + tl.arange(0, BLOCK_K)
+                k_mask = c < Cg
+                kk = rs * Cg + c
+                r = rs // S
+                s = rs % S
+            ih = ih0[:, None] + r * DH  # (BLOCK_M, 1), or (BLOCK_M, BLOCK_K) if FLAT_K
+            iw = iw0[:, None] + s * DW
+            ch = g * Cg + c  # input channels
+            if USE_TMA and GEMM_VIEW:  # zeros past M and past C
+                a = x_desc.load([n0, c0])
+            elif USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
+                th = r * DH - PH + SH * PH  # >= 0: h = SH*p + r*DH - PH = SH*(p + th // SH - PH) + th % SH
+                tw = s * DW - PW + SW * PW
+                a = x_desc.load([n0, p0 + th // SH - PH, th % SH, q0 + tw // SW - PW, tw % SW * C + c0])
+                a = a.reshape(BLOCK_M, BLOCK_K)
+            else:
+                a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_ptrs = (x_rows[:, None] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                          + ch.to(tl.int64)[None, :] * stride_xc)
+                a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if PROLOGUE:
+                shift = tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :]  # 0 past Cg, where a is 0 too
+                if not FLAT_K:  # padding rows (a = 0 there) get shift * 0: see the module docstring
+                    in_bounds = row_mask[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # (BLOCK_M, 1)
+                    row_factor = tl.load(row_ones_ptr + tl.arange(0, BLOCK_M)[:, None], mask=in_bounds, other=0.0)
+                    shift = shift * row_factor
+                v = a.to(tl.float32) * tl.load(in_scale_ptr + ch, mask=k_mask, other=0.0)[None, :] + shift
+                if IN_RELU:
+                    v = tl.where(v < 0, 0.0, v)  # like clamp_min(0): NaN propagates
+                if FLAT_K:
+                    v = tl.where(a_mask, v, 0.0)  # padding stays 0
+                a = v.to(x_ptr.dtype.element_ty)
+            if USE_TMA:
+                b = w_desc.load([rs, c0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                b = tl.load(w_cols + kk.to(tl.int64)[:, None] * Kg, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if _UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=_DOT_PRECISION)
+
+        # an epilogue that loads a tile (the residual, or PROLOGUE_GRAD's unit input) runs on column sub-tiles
+        # of _EPILOGUE_COLUMNS: whole (BLOCK_M, BLOCK_N) tiles of offsets, masks and loaded values spilled
+        # registers in every 128-row config from BLOCK_N = 64 up (ptxas -v, sm_90)
+        EPILOGUE_PARTS: tl.constexpr = BLOCK_N // _EPILOGUE_COLUMNS if HAS_RESIDUAL or PROLOGUE_GRAD else 1
+        _epilogue(acc, g * Kg + cols, col_mask, row_mask,
+                  n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq,
+                  n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq,  # unused without res_ptr
+                  pid_m, out_ptr, out_scale_ptr, out_shift_ptr, res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok,
+                  stride_rk, HAS_OUT_SCALE, HAS_OUT_SHIFT, HAS_RESIDUAL, OUT_RELU, COMPUTE_STATS, PROLOGUE_GRAD,
+                  EPILOGUE_PARTS)
 
 
 @triton.jit
@@ -517,18 +537,20 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(t) else torch.contiguous_format
 
 
-def _tma_ok(x: Tensor, geo: dict, groups: int) -> bool:
-    """Whether the TMA configs may run: an ungrouped conv reducing one (r, s) per step, on an x whose
-    channels are contiguous, whose other strides and address are multiples of 16 bytes (the tensor memory
-    accelerator's rule; the packed weight's rows likewise), on a GPU that has one (sm_90+). A strided conv
+def _tma_ok(x: Tensor, x_strides: tuple, geo: dict, groups: int) -> bool:
+    """Whether the TMA configs may run: an ungrouped conv reducing one (r, s) per step, on an x (addressed
+    with ``x_strides``) whose channels are contiguous, whose other strides and address are multiples of 16
+    bytes (the tensor memory accelerator's rule; the packed weight's rows likewise), on a GPU that has one
+    (sm_90+). A strided conv
     also needs H and W divisible by its stride (x seen as (N, H/SH, SH, W/SW, SW*C), see the kernel) and,
     with a column stride, pixels packed along W with a whole number of channel blocks (a block past C would
     read the next pixel's channels where a descriptor of C columns gives zeros)."""
     size = x.element_size()
+    stride_n, stride_c, stride_h, stride_w = x_strides
     strided_ok = geo["H"] % geo["SH"] == 0 and geo["W"] % geo["SW"] == 0 and (
-        geo["SW"] == 1 or (x.stride(3) == geo["C"] and geo["C"] % _TMA_MAX_BLOCK_K == 0))
-    return (groups == 1 and geo["Cg"] >= _FLAT_K_BELOW and x.stride(1) == 1 and strided_ok
-            and all(stride * size % 16 == 0 for stride in (x.stride(0), x.stride(2), x.stride(3), geo["Kg"]))
+        geo["SW"] == 1 or (stride_w == geo["C"] and geo["C"] % _TMA_MAX_BLOCK_K == 0))
+    return (groups == 1 and geo["Cg"] >= _FLAT_K_BELOW and stride_c == 1 and strided_ok
+            and all(stride * size % 16 == 0 for stride in (stride_n, stride_h, stride_w, geo["Kg"]))
             and x.data_ptr() % 16 == 0
             and (_INTERPRET or torch.cuda.get_device_capability(x.device)[0] >= 9))
 
@@ -549,18 +571,18 @@ def _pixel_stride(t: Tensor) -> Optional[int]:
 
 
 def _gemm_view(geo: dict, *tensors: Tensor) -> Optional[tuple]:
-    """A 1x1, stride-1, unpadded conv whose x, out (and residual) each keep their pixels on one stride is a
-    GEMM over the M pixels: (geometry, views) of the same conv on N = M images of 1x1, the tensors viewed as
-    (M, channels, 1, 1), or None. The kernel then indexes rows without dividing by P and Q (ints equal to 1
-    compile as constants) and its TMA configs load x as the GEMM's (M, C) matrix (GEMM_VIEW)."""
+    """A 1x1, stride-1, unpadded conv whose x, out and residual (``tensors``) each keep their pixels on one
+    stride is a GEMM over the M pixels: (geometry, strides) of the same conv on N = M images of 1x1, each
+    tensor's 4 strides as if it were viewed as (M, channels, 1, 1); or None. The kernel then indexes rows
+    without dividing by P and Q (ints equal to 1 compile as constants) and its TMA configs load x as the
+    GEMM's (M, C) matrix (GEMM_VIEW)."""
     if (geo["R"], geo["S"], geo["SH"], geo["SW"], geo["PH"], geo["PW"]) != (1, 1, 1, 1, 0, 0):
         return None
-    strides = [_pixel_stride(t) for t in tensors]
-    if None in strides:
+    pixel_strides = [_pixel_stride(t) for t in tensors]
+    if None in pixel_strides:
         return None
-    views = [t.as_strided((geo["M"], t.shape[1], 1, 1), (step, t.stride(1), step, step))
-             for t, step in zip(tensors, strides)]
-    return dict(geo, N=geo["M"], H=1, W=1, P=1, Q=1), views
+    return (dict(geo, N=geo["M"], H=1, W=1, P=1, Q=1),
+            [(step, t.stride(1), step, step) for t, step in zip(tensors, pixel_strides)])
 
 
 def _box(geo: dict) -> tuple[int, int]:
@@ -577,6 +599,11 @@ def _row_tiles(geo: dict, box: tuple[int, int], block_m: int, use_tma: bool) -> 
     box_h, box_w = box
     return (cdiv(geo["N"], block_m // (box_h * box_w)) * cdiv(geo["P"], box_h)
             * cdiv(geo["Q"], box_w))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The SMs a persistent launch spreads over: the GPU's, or _INTERPRET_SMS under TRITON_INTERPRET=1."""
+    return _INTERPRET_SMS if _INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> Tensor:
@@ -603,19 +630,23 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y."""
     k = geo["K"]
     flat_k = geo["Cg"] < _FLAT_K_BELOW
-    gemm = _gemm_view(geo, x, out) if residual is None else _gemm_view(geo, x, out, residual)
+    res = out if residual is None else residual
+    gemm = _gemm_view(geo, x, out, res)
     if gemm is not None:
-        geo, (x, out, *rest) = gemm
-        residual = rest[0] if rest else None
-    tma_ok = _tma_ok(x, geo, groups)
+        geo, tensor_strides = gemm
+    else:
+        tensor_strides = x.stride(), out.stride(), res.stride()
+    tma_ok = _tma_ok(x, tensor_strides[0], geo, groups)
     box = _box(geo)
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
-    res = out if residual is None else residual
-    strides = dict(zip(_STRIDE_NAMES, x.stride() + out.stride() + res.stride()))
+    strides = dict(zip(_STRIDE_NAMES, (stride for strides in tensor_strides for stride in strides)))
 
     def grid(meta):
-        return _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * cdiv(geo["Kg"], meta["BLOCK_N"]), groups
+        tiles = _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * cdiv(geo["Kg"], meta["BLOCK_N"])
+        if meta["PERSISTENT"]:
+            tiles = min(tiles, meta["PERSISTENT"] * _multiprocessors(x.device))
+        return tiles, groups
 
     def launch():
         return _conv_kernel[grid](
