@@ -25,7 +25,7 @@ from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, 
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
-from fusedres.triton import autotuning, conv, conv_dgrad
+from fusedres.triton import autotuning, conv, conv_args, conv_dgrad
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def test_small_groups_when_allowed(monkeypatch):
     x = rand_act(gen, (2, 20, 6, 6), F16, channels_last=True)
     w = rand_act(gen, (12, 5, 3, 3), F16)
     assert "per group" in conv.unsupported_reason(x, w, 1, 1, 1, 4)
-    monkeypatch.setattr(conv, "_MIN_GROUP_CHANNELS", 1)
+    monkeypatch.setattr(conv_args, "_MIN_GROUP_CHANNELS", 1)
     assert conv.unsupported_reason(x, w, 1, 1, 1, 4) is None
     kw = dict(padding=1, groups=4, in_scale=rand_vec(gen, 20, positive=True), in_shift=rand_vec(gen, 20),
               compute_stats=True)
@@ -408,7 +408,7 @@ def test_unsupported_reason(monkeypatch):
     assert "empty" in conv.unsupported_reason(x[:0], w, 1, 1, 1, 1)
     assert "padding" in conv.unsupported_reason(x, w, 1, -1, 1, 1)
     if DEVICE == "cpu":
-        monkeypatch.setattr(conv, "_INTERPRET", False)
+        monkeypatch.setattr(conv_args, "_INTERPRET", False)
         assert "CUDA tensor" in conv.unsupported_reason(x, w, 1, 1, 1, 1)
 
 
@@ -592,8 +592,8 @@ def test_row_ones_are_made_once_per_device_but_not_kept_from_a_graph_capture(mon
 def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):
     """A weight used every step stays packed while others come and go (a FIFO cache smaller than a step's
     working set would repack every weight every step)."""
-    monkeypatch.setattr(conv, "_PACK_CACHE", {})
-    monkeypatch.setattr(conv, "_PACK_CACHE_SIZE", 3)
+    monkeypatch.setattr(conv_args, "_PACK_CACHE", {})
+    monkeypatch.setattr(conv_args, "_PACK_CACHE_SIZE", 3)
     gen = seeded("lru")
     weights = [rand_act(gen, (4, 8, 3, 3), F32) for _ in range(5)]
     packed = [conv._packed_weight(w, 1) for w in weights[:3]]
@@ -602,7 +602,7 @@ def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):
     assert conv._packed_weight(weights[0], 1) is packed[0]
     assert conv._packed_weight(weights[2], 1) is packed[2]
     assert conv._packed_weight(weights[1], 1) is not packed[1]  # repacked (equal, a new tensor)
-    assert len(conv._PACK_CACHE) == 3
+    assert len(conv_args._PACK_CACHE) == 3
 
 
 _COMPILE_FOR_SM90 = """

@@ -20,7 +20,7 @@ from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, 
                                  assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90, conv_input,
                                  geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
-from fusedres.triton import conv, conv_wgrad
+from fusedres.triton import conv, conv_args, conv_wgrad
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def test_unsupported_reason(monkeypatch):
     assert "empty" in conv_wgrad.unsupported_reason(x[:0], dy[:0], (16, 32, 3, 3), *args)
     assert "weight_shape must be 4" in conv_wgrad.unsupported_reason(x, dy, (16, 32, 3), *args)
     if DEVICE == "cpu":
-        monkeypatch.setattr(conv, "_INTERPRET", False)
+        monkeypatch.setattr(conv_args, "_INTERPRET", False)
         assert "CUDA tensor" in conv_wgrad.unsupported_reason(x, dy, (16, 32, 3, 3), *args)
 
 

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .conv import _geometry, _launch, _limit, _memory_format, _packed_weight, _vector
+from .conv import _launch
+from .conv_args import _geometry, _limit, _memory_format, _packed_weight, _vector
 
 
 

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from ._host import cdiv
 from .autotuning import autotune
-from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _INTERPRET, _UPCAST_DOT, _configs, _limit, _reduction_size, _vector
+from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT, _configs, _reduction_size
+from .conv_args import _INTERPRET, _limit, _vector
 from .conv_dgrad import _gradient_geometry
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),

@@ -1,0 +1,118 @@
+"""The Triton convs' arguments on the host (conv.py, conv_dgrad.py, conv_wgrad.py): a conv's validated geometry
+and why a valid one is left to torch (``_geometry``, ``_limit``), its weight packed for the kernels and cached
+(``_packed_weight``), checked per-channel vectors (``_vector``)."""
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.backends import channels_last, conv_allows_tf32
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_GROUP_CHANNELS = 16  # grouped convs with fewer input or output channels per group go to cuDNN
+_MAX_M = 2**30  # output positions N*P*Q; row indices stay int32
+# Packed weights kept, least recently used dropped first. A ResNet-152 trained on the Triton kernels packs
+# 263: 154 forward weights, 100 transposed ones for its prologue convs' input gradients, 3 strided convs
+# with 4 phases each; a cache smaller than a step's working set would repack every weight every step.
+_PACK_CACHE_SIZE = 1024
+_PACK_CACHE: dict = {}
+
+
+def _pair(name: str, v, least: int) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    # written out, not all() over a generator: this runs 3 times per launch, on the host's critical path
+    if len(t) != 2 or not (isinstance(t[0], int) and isinstance(t[1], int) and t[0] >= least and t[1] >= least):
+        raise ValueError(f"conv2d_fused: {name} must be an int or a pair of ints >= {least}, got {v}")
+    return t
+
+
+def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> dict:
+    """Validated conv geometry: the kernel's shape, stride, padding and dilation arguments."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"conv2d_fused: x has dtype {x.dtype}; supported are float16, bfloat16 and float32")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv2d_fused: weight has dtype {weight.dtype}, expected x's dtype {x.dtype}")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d_fused: expected 4-D x (N, C, H, W) and weight (K, C/groups, R, S), got shapes "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"conv2d_fused: weight is on {weight.device}, x on {x.device}")
+    (n, c, h, w), (k, cg, r, s) = x.shape, weight.shape
+    if not isinstance(groups, int) or groups < 1 or c % groups or k % groups or cg != c // groups:
+        raise ValueError(f"conv2d_fused: weight of shape {tuple(weight.shape)} with groups={groups} does not fit "
+                         f"x with {c} channels (expected weight.shape[1] == C / groups and K divisible by groups)")
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    dh, dw = _pair("dilation", dilation, 1)
+    p = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1
+    q = (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    if p < 1 or q < 1:
+        raise ValueError(f"conv2d_fused: output size ({p}, {q}) is too small for input {tuple(x.shape)} and "
+                         f"weight {tuple(weight.shape)}")
+    return dict(N=n, C=c, H=h, W=w, K=k, P=p, Q=q, M=n * p * q, Cg=cg, Kg=k // groups,
+                SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, R=r, S=s)
+
+
+def _limit(geo: dict, x: Tensor, groups: int) -> Optional[str]:
+    """Why a valid conv with this geometry is left to torch, or None."""
+    if not (x.is_cuda or _INTERPRET):
+        return f"x is on {x.device}; the Triton conv needs a CUDA tensor (or TRITON_INTERPRET=1)"
+    if x.dtype == torch.float32 and not _INTERPRET and not conv_allows_tf32():
+        return "float32 runs as TF32, which torch's flags forbid for convs (torch.backends.cudnn.allow_tf32)"
+    if groups > 1 and min(geo["Cg"], geo["Kg"]) < _MIN_GROUP_CHANNELS:
+        return (f"{geo['Cg']} input / {geo['Kg']} output channels per group; the Triton conv needs at least "
+                f"{_MIN_GROUP_CHANNELS} of each")
+    if geo["M"] == 0 or geo["Cg"] * geo["R"] * geo["S"] == 0 or geo["K"] == 0:
+        return "the conv is empty"
+    if geo["M"] > _MAX_M:
+        return f"N*P*Q = {geo['M']} output positions exceed {_MAX_M}"
+    return None
+
+
+def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=None) -> Tensor:
+    """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g; or
+    ``transposed``, the weight of the input-gradient conv: (G, R*S*Kg, Cg), row (r*S + s)*Kg + k holding
+    weight[g*Kg + k, :, R-1-r, S-1-s] (the kernel flipped, input and output channels swapped). ``taps``
+    ((kernel rows), (kernel columns)) packs only those taps, as if the weight had no others.
+
+    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps) and checked against the
+    version counter, so in-place updates repack. An entry holds its weight tensor, so its memory cannot be
+    reused by another tensor while cached. Not seen: writes through ``.data`` (a separate version
+    counter) and inference tensors (none at all; they are packed on every call)."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
+           taps)
+    version = None if weight.is_inference() else weight._version
+    hit = _PACK_CACHE.get(key)
+    if hit is not None and version is not None and hit[1] == version:
+        _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
+        return hit[2]
+    chosen = weight.detach() if taps is None else weight.detach()[:, :, list(taps[0])][:, :, :, list(taps[1])]
+    k, cg, r, s = chosen.shape
+    grouped = chosen.reshape(groups, k // groups, cg, r, s)
+    if transposed:
+        packed = grouped.flip(3, 4).permute(0, 3, 4, 1, 2).reshape(groups, r * s * (k // groups), cg)
+    else:
+        packed = grouped.permute(0, 3, 4, 2, 1).reshape(groups, r * s * cg, k // groups)
+    packed = packed.contiguous()
+    if version is not None:
+        _PACK_CACHE.pop(key, None)
+        if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
+            _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
+        _PACK_CACHE[key] = (weight, version, packed)
+    return packed
+
+
+def _vector(fn: str, name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
+    if v.dtype != torch.float32:
+        raise TypeError(f"{fn}: {name} must be a float32 tensor, got {v.dtype}")
+    if tuple(v.shape) != (length,) or v.device != x.device:
+        raise ValueError(f"{fn}: {name} must have shape ({length},) on {x.device}, got shape "
+                         f"{tuple(v.shape)} on {v.device}")
+    return v.contiguous()
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if channels_last(t) else torch.contiguous_format
