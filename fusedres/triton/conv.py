@@ -162,7 +162,9 @@ def _usable(config: dict, args: dict) -> bool:
 # the forward / input-gradient GEMM: output positions x output channels, reducing over the input's columns
 @autotune(_CONFIGS, _AUTOTUNE_KEY, lambda a: dict(BLOCK_M=a["M"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)),
           usable=_usable)
-@triton.jit
+# WS_ROWS unspecialised: whether it is 1 or a multiple of 16 changes nothing but would compile every variant
+# once more (36 of the 306 compiles a ResNet-50 training step needed)
+@triton.jit(do_not_specialize=["WS_ROWS"])
 def _conv_kernel(
     x_ptr,  # (N, C, H, W) input, any strides
     w_ptr,  # (G, R*S*Cg, Kg) packed weight, contiguous, x's dtype
@@ -530,7 +532,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     else:
         tensor_strides = x.stride(), out.stride(), res.stride()
     tma_ok = _tma_ok(x, tensor_strides[0], geo, groups)
-    box = _box(geo)
+    box = _box(geo) if tma_ok else (1, 1)  # only the TMA configs tile by boxes: one compile of the others
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     strides = dict(zip(_STRIDE_NAMES, (stride for strides in tensor_strides for stride in strides)))
