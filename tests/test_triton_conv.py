@@ -81,6 +81,8 @@ CASES = [
     # 1x1 stride-1 convs on channels_last tensors: GEMMs over the pixels (conv._gemm_view), x one (M, C) matrix
     _case(32, 16, 7, 1, 1, 0, F16, True, "none", "full"),  # 98 rows: a partial row tile
     _case(16, 24, 5, 1, 1, 0, BF16, True, "relu", "stats", n=3),
+    _case(32, 48, 6, 1, 1, 0, F16, True, "linear", "full", groups=2),  # grouped: the pointer configs
+    _case(40, 24, 1, 1, 1, 0, F32, False, "relu", "stats", n=5),  # NCHW x of 1x1 images: already (M, C)
     _case(16, 48, 8, 3, 1, 1, F32, True, "linear", "affine", dilation=2),  # P = Q = 6: 2x2 boxes
     _case(24, 32, (8, 12), 3, 1, 1, BF16, True, "relu", "stats"),  # 8x4 boxes: one image a tile
     # strided TMA launches (H, W divisible by the stride; C a whole number of channel blocks): x seen as
