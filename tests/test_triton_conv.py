@@ -621,7 +621,7 @@ for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
               dict(off, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True, COMPUTE_STATS=True,
                    PROLOGUE_GRAD=True)):
     config = conv._CONFIGS[0]
-    consts = dict(R=3, S=3, GROUP_M=8, **flags, **config.kwargs)
+    consts = dict(R=3, S=3, GROUP_M=8, TMA_OK=False, BOX_H=1, BOX_W=1, GEMM_VIEW=False, **flags, **config.kwargs)
     bf16 = ("x_ptr", "w_ptr", "out_ptr", "res_ptr")
     sig = {a: "constexpr" if a in consts else "*bf16" if a in bf16 else "*fp32" if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}
@@ -729,7 +729,9 @@ def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
     """A 1x1 conv run as a GEMM over the pixels (conv._gemm_view; ResNet-50's layer1 64->256 1x1, bf16): the
     TMA configs load x as 2-D tiles of the (M, C) matrix, which wgmma reads from shared memory as it reads the
     weight (a 5-D box of x is reshaped in registers first: every TMA wgmma took A from registers), with
-    fewer registers than the 5-D box needed; every variant unserialised and unspilled, pointer configs too."""
+    fewer registers than the 5-D box needed; every variant unserialised and unspilled, pointer configs too,
+    and the BN + ReLU prologue's tile (no padding rows to zero) reaches the dot without going through shared
+    memory."""
     found = {kind: _compile_for_sm90(dict(USE_TMA=kind == "tma"), LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES,
                                      taps=1, gemm_view=True) for kind in ("tma", "pointer")}
     box = _compile_for_sm90(dict(USE_TMA=True), LAYER1_3X3, variants=("bare",), taps=1)
@@ -739,6 +741,8 @@ def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
     for kind in found.values():
         _assert_wgmma_not_serialised(kind)
         assert all(variant["spill_bytes"] == 0 for variant in kind["variants"].values()), kind
+        # the prologue's tile reaches the dot without a trip through shared memory (see the 3x3 tests)
+        assert kind["variants"]["prologue"]["st_shared"] == kind["variants"]["bare"]["st_shared"], kind
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")

@@ -290,7 +290,9 @@ def _conv_kernel(
                 a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if PROLOGUE:
                 shift = tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :]  # 0 past Cg, where a is 0 too
-                if not FLAT_K:  # padding rows (a = 0 there) get shift * 0: see the module docstring
+                # padding rows (a = 0 there) get shift * 0: see the module docstring; a GEMM_VIEW conv has no
+                # padding (its rows past M, where a = 0 too, are neither stored nor in the statistics)
+                if not FLAT_K and not GEMM_VIEW:
                     in_bounds = row_mask[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # (BLOCK_M, 1)
                     row_factor = tl.load(row_ones_ptr + tl.arange(0, BLOCK_M)[:, None], mask=in_bounds, other=0.0)
                     shift = shift * row_factor
