@@ -452,34 +452,34 @@ def _tma_ok(x: Tensor, x_strides: tuple, geo: dict, groups: int) -> bool:
             and (_INTERPRET or torch.cuda.get_device_capability(x.device)[0] >= 9))
 
 
-def _pixel_stride(t: Tensor) -> Optional[int]:
-    """The offset between consecutive pixels where t's (n, h, w) positions lie in that order on one stride (a dense
-    pixel grid, as in a channels_last tensor), else None (also for a single pixel)."""
+def _pixel_stride(shape, strides) -> Optional[int]:
+    """The offset between consecutive pixels where a tensor's (n, h, w) positions lie in that order on one
+    stride (a dense pixel grid, as in a channels_last tensor), else None (also for a single pixel)."""
     stride, pixels = None, 1
-    for size, step in ((t.shape[3], t.stride(3)), (t.shape[2], t.stride(2)), (t.shape[0], t.stride(0))):
-        if size == 1:
+    for dim in (3, 2, 0):
+        if shape[dim] == 1:
             continue
         if stride is None:
-            stride = step
-        elif step != pixels * stride:
+            stride = strides[dim]
+        elif strides[dim] != pixels * stride:
             return None
-        pixels *= size
+        pixels *= shape[dim]
     return stride
 
 
-def _gemm_view(geo: dict, *tensors: Tensor) -> Optional[tuple]:
-    """A 1x1, stride-1, unpadded conv whose x, out and residual (``tensors``) each keep their pixels on one
-    stride is a GEMM over the M pixels: (geometry, strides) of the same conv on N = M images of 1x1, each
-    tensor's 4 strides as if it were viewed as (M, channels, 1, 1); or None. The kernel then indexes rows
-    without dividing by P and Q (ints equal to 1 compile as constants) and its TMA configs load x as the
-    GEMM's (M, C) matrix (GEMM_VIEW)."""
+def _gemm_view(geo: dict, shapes: tuple, tensor_strides: tuple) -> Optional[tuple]:
+    """A 1x1, stride-1, unpadded conv whose x, out and residual (their ``shapes`` and ``tensor_strides``) each
+    keep their pixels on one stride is a GEMM over the M pixels: (geometry, strides) of the same conv on
+    N = M images of 1x1, each tensor's 4 strides as if it were viewed as (M, channels, 1, 1); or None. The
+    kernel then indexes rows without dividing by P and Q (ints equal to 1 compile as constants) and its TMA
+    configs load x as the GEMM's (M, C) matrix (GEMM_VIEW)."""
     if (geo["R"], geo["S"], geo["SH"], geo["SW"], geo["PH"], geo["PW"]) != (1, 1, 1, 1, 0, 0):
         return None
-    pixel_strides = [_pixel_stride(t) for t in tensors]
+    pixel_strides = [_pixel_stride(shape, strides) for shape, strides in zip(shapes, tensor_strides)]
     if None in pixel_strides:
         return None
     return (dict(geo, N=geo["M"], H=1, W=1, P=1, Q=1),
-            [(step, t.stride(1), step, step) for t, step in zip(tensors, pixel_strides)])
+            tuple((step, strides[1], step, step) for strides, step in zip(tensor_strides, pixel_strides)))
 
 
 def _box(geo: dict) -> tuple[int, int]:
@@ -528,16 +528,15 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     k = geo["K"]
     flat_k = geo["Cg"] < _FLAT_K_BELOW
     res = out if residual is None else residual
-    gemm = _gemm_view(geo, x, out, res)
+    tensor_strides = x.stride(), out.stride(), res.stride()
+    gemm = _gemm_view(geo, (x.shape, out.shape, res.shape), tensor_strides)
     if gemm is not None:
         geo, tensor_strides = gemm
-    else:
-        tensor_strides = x.stride(), out.stride(), res.stride()
     tma_ok = _tma_ok(x, tensor_strides[0], geo, groups)
     box = _box(geo) if tma_ok else (1, 1)  # only the TMA configs tile by boxes: one compile of the others
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
-    strides = dict(zip(_STRIDE_NAMES, (stride for strides in tensor_strides for stride in strides)))
+    strides = dict(zip(_STRIDE_NAMES, tensor_strides[0] + tensor_strides[1] + tensor_strides[2]))
 
     def grid(meta):
         tiles = _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * cdiv(geo["Kg"], meta["BLOCK_N"])
