@@ -627,13 +627,19 @@ for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
            for a in fn.arg_names}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+finish = conv._finish_stats_kernel  # with the GPU's tile, not the interpreter's
+consts = dict(MOMENTS=True, BLOCK_R=conv._FINISH_BLOCK_R, BLOCK_C=conv._FINISH_BLOCK_C)
+sig = {a: "constexpr" if a in consts else "*fp32" if a.endswith("_ptr") else "i32" for a in finish.arg_names}
+triton.compile(ASTSource(finish, sig, consts), target=GPUTarget("cuda", 90, 32),
+               options=dict(num_warps=conv._FINISH_WARPS))
 """
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile the kernel for real")
 def test_kernel_compiles_for_sm90_on_cpu():
     """The interpreter runs code the compiler rejects (a reshape to a shape held in a tuple variable, say):
-    compile two variants for an H100 with the wheel's ptxas, in a process without TRITON_INTERPRET."""
+    compile three variants of the conv and the statistics' finishing kernel with its GPU tile for an H100 with
+    the wheel's ptxas, in a process without TRITON_INTERPRET."""
     done = compile_for_sm90(_COMPILE_FOR_SM90)
     assert done.returncode == 0, done.stderr[-3000:]
 

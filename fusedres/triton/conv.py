@@ -130,11 +130,12 @@ _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue'
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_TILINGS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"]) for c in _CONFIGS})  # the configs' row tiles
 _TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
-_ROW_ONES: dict = {}
+_ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
 _INTERPRET_SMS = 2  # under TRITON_INTERPRET=1 a persistent program takes several tiles in the tests' shapes
-# _finish_stats_kernel's tile: narrow, so a conv of few channels (64) still spreads its workspace rows
-# (6272 for ResNet-50's layer1 at batch 256) over several programs
-_FINISH_BLOCK_R, _FINISH_BLOCK_C = (16, 8) if _INTERPRET else (256, 8)  # device -> fp32 ones of _MAX_BLOCK_M
+# _finish_stats_kernel's tile: narrow, so a conv of few channels (64) still spreads its workspace over several
+# programs, and tall, so each adds its rows (6272 for ResNet-50's layer1 at batch 256) in few steps: the loop's
+# loads are not pipelined (sm_90 PTX: plain ld.global), each step waits for the last one's (L2) loads
+_FINISH_BLOCK_R, _FINISH_BLOCK_C, _FINISH_WARPS = (16, 8, 4) if _INTERPRET else (1024, 8, 8)
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
@@ -566,7 +567,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
         best = _conv_kernel.best_config.kwargs
         _finish_stats_kernel[(cdiv(k, _FINISH_BLOCK_C),)](
             ws, *stats_out, stats_shift, _row_tiles(geo, box, best["BLOCK_M"], best["USE_TMA"]), ws.stride(0), k,
-            geo["M"], MOMENTS=moments, BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C)
+            geo["M"], MOMENTS=moments, BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C, num_warps=_FINISH_WARPS)
 
 
 def conv2d_fused(
