@@ -8,7 +8,11 @@ thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitud
 
 import json
 import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -767,6 +771,20 @@ def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm):
     assert found["variants"]["bare"]["wgmma_a_in_registers"] == 0, found
     _assert_wgmma_not_serialised(found)
     assert all(variant["spill_bytes"] == 0 for variant in found["variants"].values()), found
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts compiles behind the CPU's stand-in driver")
+def test_count_compiles_script_counts_a_resnet50_inference():
+    """scripts/count_compiles.py (README, benchmarks/RESULTS.md) runs the converted ResNet-50's convs through
+    the host path and reports the conv kernel's compiles and its autotuning keys."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(root / "scripts" / "count_compiles.py"), "--mode", "infer",
+                           "--batch", "8"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiles = re.search(r"_conv_kernel: (\d+) compiles", done.stdout)
+    keys = re.findall(r"_conv_kernel: (\d+) autotuning keys", done.stdout)
+    assert compiles and int(compiles.group(1)) > 0 and sum(map(int, keys)) >= 20, done.stdout  # 22+ distinct convs
 
 
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """
