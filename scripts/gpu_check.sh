@@ -4,6 +4,8 @@
 #   optionally compute-sanitizer, and prints a summary table last.
 # Usage: scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu_check_out)
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
+#   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu
+#                           (scripts/ncu_convs.py; speed of light, occupancy, launch and warp-state sections)
 #   GPU_CHECK_TESTS         pytest targets (default: tests), e.g. "tests/test_triton_conv.py tests/test_modules.py";
 #                           the CPU emulation of the CUDA kernels (marker host_emulation) is left to CI
 #   GPU_CHECK_BENCH_ARGS    arguments for python -m benchmarks (default: --quick), e.g.
@@ -58,6 +60,13 @@ fi
 "$py" -m benchmarks.host_overhead > "$out/host_overhead.txt" 2>&1
 result[host]="rc=$? $(tail -1 "$out/host_overhead.txt" | tr -s ' ')"
 
+if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then  # hardware counters of cuDNN's and the Triton conv's kernels, a few shapes
+  ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --csv --page details "$py" scripts/ncu_convs.py \
+    > "$out/ncu_convs.csv" 2> "$out/ncu_convs.log"
+  result[ncu]="rc=$? ($out/ncu_convs.csv)"
+fi
+
 start=$SECONDS
 # TRITON_PRINT_AUTOTUNING=1: bench.log names the config each new autotuning key chose (USE_TMA: which kind)
 # shellcheck disable=SC2086
@@ -71,6 +80,6 @@ echo
 grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" | cut -c1-300 | sort -u | head -40
 echo
 echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
-for step in build tests memcheck racecheck host bench; do
+for step in build tests memcheck racecheck host ncu bench; do
   [ -n "${result[$step]:-}" ] && printf '%-10s %s\n' "$step" "${result[$step]}"
 done

@@ -1,0 +1,57 @@
+"""A few ResNet-50 convs (batch 256, bf16, channels_last) for Nsight Compute: cuDNN's and the Triton conv's
+kernels side by side, each launched once inside the profiled range.
+
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \\
+        --section LaunchStats --section WarpStateStats --csv --page details python3 scripts/ncu_convs.py
+
+Each Triton variant (bare; BN + ReLU prologue with the statistics epilogue) is autotuned and run once before
+the range starts, so only the chosen config's launch (and the statistics' finishing kernel) is profiled.
+Needs a CUDA GPU (scripts/gpu_check.sh runs it with GPU_CHECK_NCU=1).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from fusedres.triton import conv
+
+SHAPES = {  # name: (C, K, H, kernel, stride, padding), ResNet-50 at 224 px
+    "layer1 1x1 64->64": (64, 64, 56, 1, 1, 0),
+    "layer1 3x3 64->64": (64, 64, 56, 3, 1, 1),
+    "layer2.0 3x3/2 128->128": (128, 128, 56, 3, 2, 1),
+    "layer3 1x1 256->1024": (256, 1024, 14, 1, 1, 0),
+}
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/ncu_convs.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    launches = []
+    for name, (c, k, h, r, stride, padding) in SHAPES.items():
+        x = torch.randn(256, c, h, h, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        w = torch.randn(k, c, r, r, device="cuda", dtype=torch.bfloat16) / (c * r * r) ** 0.5
+        scale, shift = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+        args = dict(stride=stride, padding=padding)
+        variants = {
+            "cudnn": lambda x=x, w=w, args=args: F.conv2d(x, w, **args),
+            "triton": lambda x=x, w=w, args=args: conv.conv2d_fused(x, w, **args),
+            "triton prologue+stats": lambda x=x, w=w, args=args, scale=scale, shift=shift: conv.conv2d_fused(
+                x, w, **args, in_scale=scale, in_shift=shift, compute_stats=True),
+        }
+        for variant, run in variants.items():
+            run()  # autotunes and compiles outside the profiled range
+            launches.append((f"{name}: {variant}", run))
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for label, run in launches:
+        torch.cuda.nvtx.range_push(label)
+        run()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    for label, _ in launches:
+        print(label)
+
+
+if __name__ == "__main__":
+    main()
