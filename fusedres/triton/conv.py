@@ -171,7 +171,7 @@ def _conv_kernel(
     w_ptr,  # (G, R*S*Cg, Kg) packed weight, contiguous, x's dtype
     out_ptr,  # (N, K, P, Q) out, x's dtype: y or dz if COMPUTE_STATS, else the epilogue's result
     in_scale_ptr, in_shift_ptr,  # (C,) fp32, read if PROLOGUE
-    row_ones_ptr,  # (>= BLOCK_M,) fp32 ones, read if PROLOGUE and not FLAT_K: the padding row factors
+    row_ones_ptr,  # (>= BLOCK_M,) fp32 ones, read if PROLOGUE, not FLAT_K, not GEMM_VIEW: padding row factors
     out_scale_ptr, out_shift_ptr,  # (K,) fp32, read if HAS_OUT_SCALE / HAS_OUT_SHIFT
     res_ptr,  # (N, K, P, Q) any float dtype and strides: the residual if HAS_RESIDUAL, the unit input if PROLOGUE_GRAD
     stats_shift_ptr,  # (K,) fp32, read if COMPUTE_STATS
@@ -549,7 +549,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
         return _conv_kernel[grid](
             x, packed_weight, out,
             in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
-            _row_ones(x.device) if in_scale is not None and not flat_k else out,
+            _row_ones(x.device) if in_scale is not None and not flat_k and gemm is None else out,
             out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
             stats_shift if compute_stats else out, ws,
             PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
