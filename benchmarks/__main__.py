@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", type=_csv(cases.LEVELS), default=list(cases.LEVELS),
                    help=f"comma-separated subset of {','.join(cases.LEVELS)} (default: all)")
+    p.add_argument("--modes", type=_csv(cases.MODES),
+                   help="comma-separated modes to run, each level those of its own (ops: fwd, fwd+bwd; blocks and "
+                        "models: train, infer; convs: fwd, bwd), e.g. infer (default: all)")
     p.add_argument("--models", type=_model_name,
                    help="torchvision ResNets and timm pre-activation resnetv2_* models for the blocks, "
                         f"models and convs levels (default: {','.join(common.DEFAULT_MODELS[None])}; "
@@ -110,7 +113,7 @@ def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
         device=device,
         dtype=DTYPES[args.dtype or ("bf16" if cuda else "fp32")],
         memory_format=LAYOUTS[args.layout],
-        levels=args.levels, models=args.models, batches=args.batch,
+        levels=args.levels, modes=args.modes, models=args.models, batches=args.batch,
         size=args.size or (224 if cuda else 64),
         repeats=args.repeats or ((10 if quick else 30) if cuda else (3 if quick else 5)),
         warmup=args.warmup if args.warmup is not None else ((3 if quick else 5) if cuda else (1 if quick else 2)),

@@ -33,6 +33,7 @@ from .convs import conv_cases, conv_summary
 from .harness import Case, Settings, Setup, Step
 
 LEVELS = ("ops", "blocks", "models", "convs")
+MODES = ("fwd", "fwd+bwd", "train", "infer", "bwd")  # the levels' modes: a Case's mode is one of them
 # identity basic, downsample bottleneck, downsample pre-activation bottleneck
 QUICK_BLOCKS = {"resnet18": "layer1.0", "resnet50": "layer2.0", "resnetv2_50": "stages.1.blocks.0"}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
@@ -262,6 +263,7 @@ LEVEL_SUMMARIES = {"convs": conv_summary}
 
 
 def build_cases(settings: Settings) -> list[Case]:
-    """Every case of the selected levels, in level order."""
+    """Every case of the selected levels and modes, in level order."""
     makers = {"ops": op_cases, "blocks": block_cases, "models": model_cases, "convs": conv_cases}
-    return [case for level in LEVELS if level in settings.levels for case in makers[level](settings)]
+    return [case for level in LEVELS if level in settings.levels for case in makers[level](settings)
+            if settings.modes is None or case.mode in settings.modes]

@@ -49,6 +49,7 @@ class Settings:
     dtype: torch.dtype
     memory_format: torch.memory_format
     levels: list[str]
+    modes: Optional[list[str]]  # None: every mode of each level (cases.MODES)
     models: Optional[list[str]]  # None: each level's defaults
     batches: Optional[list[int]]  # None: each level's defaults
     size: int
@@ -96,7 +97,7 @@ class Setup:
 class Case:
     level: str  # "ops", "blocks", "models"
     name: str
-    mode: str  # "fwd", "fwd+bwd", "train", "infer"
+    mode: str  # one of cases.MODES: "fwd", "fwd+bwd" (ops), "train", "infer" (blocks, models), "fwd", "bwd" (convs)
     batch: int
     shape: str  # human-readable shape / config
     bytes: Optional[int]  # required bytes per iteration (formulas in common.py), or None

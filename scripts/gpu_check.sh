@@ -1,85 +1,126 @@
 #!/usr/bin/env bash
-# GPU check in one go, for a CUDA machine with torch preinstalled and no network:
-#   builds the extension, runs the whole test suite (GPU tests included), a short benchmark,
-#   optionally compute-sanitizer, and prints a summary table last.
-# Usage: scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu_check_out)
+# GPU check in one go, for a CUDA machine with torch preinstalled and no network, sized by default for one
+# device call of under 10 minutes (a session has 15 minutes of device time, the machine's start included):
+#   the CUDA extension (carried from scripts/device_prep.sh where it imports, else built), the Triton kernels'
+#   GPU tests, the convs benchmark level, the models level (ResNet-50), then a summary table, last.
+# Usage: scripts/gpu_check.sh [WORK_DIR]   (default /tmp/gpu_check; with $OUT set, everything is packed into
+#        $OUT/gpu_check.tgz and the summary copied to $OUT/summary.txt)
+#   Prepared on the CPU machine first (scripts/device_prep.sh), carried by the call:
+#     .device/triton-cache.tgz   Triton kernels compiled for sm_90 by the GPU image's triton: unpacked into the
+#                                Triton cache, so the tests' and benchmarks' first calls load instead of compile;
+#                                the summary says how many kernels were compiled here all the same
+#     fusedres/_C.cpython-312-x86_64-linux-gnu.so   the extension, used when it imports (no ~97 s build)
+#   GPU_CHECK_TESTS         pytest targets (default: the Triton kernels', the inference ops', the modules' tests);
+#                           "tests" for all; the CPU emulation of the CUDA kernels (marker host_emulation) is CI's
+#   GPU_CHECK_PYTEST_ARGS   extra pytest arguments (default: "-n 8 --timeout 120", pytest-xdist and -timeout)
+#   GPU_CHECK_TESTS_TIMEOUT seconds before the tests are stopped (default 100; the log keeps what ran)
+#   GPU_CHECK_BENCH         ";"-separated runs of python -m benchmarks, each "SECONDS ARGS..." (default: the convs
+#                           level for 160 s, ResNet-50 inference at batch 1, 32, 256 for 120 s, its training step at
+#                           256 for 140 s, eager vs torch.compile vs fused "auto"; with the tests about 9 minutes);
+#                           e.g. "300 --levels blocks --models resnet50" or
+#                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target)
+#   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu
 #                           (scripts/ncu_convs.py; speed of light, occupancy, launch and warp-state sections)
-#   GPU_CHECK_TESTS         pytest targets (default: tests), e.g. "tests/test_triton_conv.py tests/test_modules.py";
-#                           the CPU emulation of the CUDA kernels (marker host_emulation) is left to CI
-#   GPU_CHECK_BENCH_ARGS    arguments for python -m benchmarks (default: --quick), e.g.
-#                           "--levels convs --models resnet50" (Triton conv vs cuDNN per ResNet-50 conv,
-#                           forward and the training unit's conv backward),
-#                           "--levels models --models resnet50,resnetv2_50" (pre-activation target),
-#                           "--levels blocks,models --models resnet50 --backends auto,cuda,triton" (the
-#                           measured conv choice of "auto" against each backend; results.json keeps the
-#                           dispatch table: which conv won per shape, with both timings)
-#   GPU_CHECK_PYTEST_ARGS   extra pytest arguments, e.g. "-n 12 --timeout 200" (pytest-xdist, pytest-timeout)
-#   GPU_CHECK_TESTS_TIMEOUT, GPU_CHECK_BENCH_TIMEOUT   seconds before that step is stopped (default: no limit);
-#                           the logs keep what ran, the benchmark log one line per finished row
-#   GPU_CHECK_BUILD=0       skip the build and import fusedres from the checkout (a fusedres/_C*.so built
-#                           earlier on this kind of machine, e.g. carried in from a previous call)
+#   GPU_CHECK_BUILD         auto (default): use a carried extension that imports, else build; 1: build; 0: never
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-gpu_check_out}}
+out=${1:-/tmp/gpu_check}
 mkdir -p "$out"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} FUSEDRES_BUILD_CUDA=1 PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 declare -A result
+steps=()
+summary() {  # the summary table (last in the output), written after every step with everything packed into $OUT, so
+  {            # a call stopped by its time limit still brings back what ran
+    for i in "${!bench_runs[@]}"; do echo; cat "$out/bench$i/results.md" 2>/dev/null | head -80; done
+    echo
+    grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" 2>/dev/null | cut -c1-300 | sort -u | head -40
+    echo
+    echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
+    for step in "${steps[@]}"; do printf '%-10s %s\n' "$step" "${result[$step]}"; done
+    printf '%-10s %s\n' kernels "Triton kernels: $carried; $(($(kernels) - kernels_before)) compiled on this machine"
+  } > "$out/summary.txt"
+  if [ -n "${OUT:-}" ] && [ "$out" != "$OUT" ]; then
+    tar czf "$OUT/gpu_check.tgz" -C "$out" . && cp "$out/summary.txt" "$OUT/summary.txt"
+  fi
+}
+note() { steps+=("$1"); result[$1]=$2; summary; }
+limit() { if [ -n "${1:-}" ] && [ "$1" != 0 ]; then echo "timeout $1"; fi; }
 
+models="--levels models --models resnet50 --backends auto --modes"
+IFS=';' read -ra bench_runs <<< "${GPU_CHECK_BENCH:-160 --levels convs --models resnet50; 120 $models infer; 140 $models train}"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-limit() { if [ -n "${1:-}" ]; then echo "timeout $1"; fi; }
+
+# Triton kernels: one cache folder, the carried kernels unpacked into it; what is compiled here lands there too
+export TRITON_CACHE_DIR=/tmp/fusedres-triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+kernels() { find "$TRITON_CACHE_DIR" -name '__grp__*.json' | wc -l; }
+if [ -f .device/triton-cache.tgz ]; then
+  tar xzf .device/triton-cache.tgz -C "$(dirname "$TRITON_CACHE_DIR")"
+  here=$("$py" -c "from triton.runtime.cache import triton_key; import hashlib; print(hashlib.sha256(triton_key().encode()).hexdigest())")
+  same=$([ "$here" = "$(cat .device/triton-key 2>/dev/null)" ] && echo "same triton build" || echo "OTHER triton build: none will be found")
+  carried="$(kernels) carried ($same)"
+else
+  carried="none carried (scripts/device_prep.sh)"
+fi
+kernels_before=$(kernels)
+
 start=$SECONDS
-if [ "${GPU_CHECK_BUILD:-1}" = 0 ]; then
+extension=$(ls fusedres/_C.cpython-"$("$py" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.so 2>/dev/null)
+if [ "${GPU_CHECK_BUILD:-auto}" = auto ] && [ -n "$extension" ] \
+    && "$py" -c "import sys; sys.path.insert(0, '.'); import torch, fusedres._C" > "$out/build.log" 2>&1; then
+  GPU_CHECK_BUILD=0
+  note build "carried $extension (imports)"
+fi
+if [ "${GPU_CHECK_BUILD:-auto}" = 0 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  result[build]="skipped (GPU_CHECK_BUILD=0): $(ls fusedres/_C*.so 2>/dev/null | tr '\n' ' ')"
+  [ -n "${result[build]:-}" ] || note build "skipped (GPU_CHECK_BUILD=0): ${extension:-no extension}"
 else
   "$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
-  result[build]="rc=$? in $((SECONDS - start)) s"
+  note build "rc=$? in $((SECONDS - start)) s"
 fi
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
 # -v: one line per finished test, so a run stopped by its timeout still says what passed and failed
 start=$SECONDS
+default_tests="tests/test_triton_conv.py tests/test_triton_conv_wgrad.py tests/test_triton_kernels.py
+               tests/test_inference_ops.py tests/test_modules.py"
 # shellcheck disable=SC2086
-$(limit "${GPU_CHECK_TESTS_TIMEOUT:-}") "$py" -m pytest ${GPU_CHECK_TESTS:-tests} -m "not host_emulation" -v -rfE \
-  ${GPU_CHECK_PYTEST_ARGS:-} --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
-result[tests]="rc=$? in $((SECONDS - start)) s: $(tail -1 "$out/tests.log" | cut -c1-200)"
-result[tests]+=" ($(grep -c ' PASSED' "$out/tests.log") passed, $(grep -c ' FAILED' "$out/tests.log") failed lines)"
+$(limit "${GPU_CHECK_TESTS_TIMEOUT:-100}") "$py" -m pytest ${GPU_CHECK_TESTS:-$default_tests} -m "not host_emulation" \
+  -v -rfE ${GPU_CHECK_PYTEST_ARGS:--n 8 --timeout 120} --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+rc=$?
+note tests "rc=$rc in $((SECONDS - start)) s: $(tail -1 "$out/tests.log" | cut -c1-160) ($(grep -c ' PASSED' \
+  "$out/tests.log") passed, $(grep -c ' FAILED' "$out/tests.log") failed lines)"
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 99 "$py" -m pytest tests/test_cuda_backend.py -q -x -m "not host_emulation" \
       -k "not large" > "$out/sanitizer_$tool.log" 2>&1
-    result[$tool]="rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
+    note "$tool" "rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
   done
 fi
 
-# host time per Triton conv call, real kernels and stubbed ones (seconds): does the host keep up with small convs?
-"$py" -m benchmarks.host_overhead > "$out/host_overhead.txt" 2>&1
-result[host]="rc=$? $(tail -1 "$out/host_overhead.txt" | tr -s ' ')"
+if [ "${GPU_CHECK_HOST:-0}" = 1 ]; then  # host time per Triton conv call, real kernels and stubbed ones
+  "$py" -m benchmarks.host_overhead > "$out/host_overhead.txt" 2>&1
+  note host "rc=$? $(tail -1 "$out/host_overhead.txt" | tr -s ' ')"
+fi
 
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then  # hardware counters of cuDNN's and the Triton conv's kernels, a few shapes
   ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --csv --page details "$py" scripts/ncu_convs.py \
     > "$out/ncu_convs.csv" 2> "$out/ncu_convs.log"
-  result[ncu]="rc=$? ($out/ncu_convs.csv)"
+  note ncu "rc=$? ($out/ncu_convs.csv)"
 fi
 
-start=$SECONDS
-# TRITON_PRINT_AUTOTUNING=1: bench.log names the config each new autotuning key chose (USE_TMA: which kind)
-# shellcheck disable=SC2086
-TRITON_PRINT_AUTOTUNING=1 $(limit "${GPU_CHECK_BENCH_TIMEOUT:-}") "$py" -m benchmarks ${GPU_CHECK_BENCH_ARGS:---quick} --out "$out" \
-  > "$out/bench.log" 2>&1
-result[bench]="rc=$? in $((SECONDS - start)) s (table: $out/results.md, rows so far: $out/bench.log)"
-
-echo
-cat "$out/results.md" 2>/dev/null | head -60
-echo
-grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" | cut -c1-300 | sort -u | head -40
-echo
-echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
-for step in build tests memcheck racecheck host ncu bench; do
-  [ -n "${result[$step]:-}" ] && printf '%-10s %s\n' "$step" "${result[$step]}"
+# TRITON_PRINT_AUTOTUNING=1: each log names the config each new autotuning key chose (USE_TMA: which kind)
+for i in "${!bench_runs[@]}"; do
+  read -ra run_args <<< "${bench_runs[$i]}"
+  [ "${#run_args[@]}" -gt 0 ] || continue
+  start=$SECONDS
+  TRITON_PRINT_AUTOTUNING=1 $(limit "${run_args[0]}") "$py" -m benchmarks "${run_args[@]:1}" --out "$out/bench$i" \
+    > "$out/bench$i.log" 2>&1
+  note "bench$i" "rc=$? in $((SECONDS - start)) s: ${run_args[*]:1} (table: bench$i/results.md, rows: bench$i.log)"
 done
+cat "$out/summary.txt"

@@ -9,6 +9,7 @@ thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitud
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -774,17 +775,44 @@ def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts compiles behind the CPU's stand-in driver")
-def test_count_compiles_script_counts_a_resnet50_inference():
-    """scripts/count_compiles.py (README, benchmarks/RESULTS.md) runs the converted ResNet-50's convs through
+def test_compiles_script_counts_a_resnet50_inference():
+    """scripts/resnet50_compiles.py (README, benchmarks/RESULTS.md) runs the converted ResNet-50's convs through
     the host path and reports the conv kernel's compiles and its autotuning keys."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(root / "scripts" / "count_compiles.py"), "--mode", "infer",
+    done = subprocess.run([sys.executable, str(root / "scripts" / "resnet50_compiles.py"), "--mode", "infer",
                            "--batch", "8"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     compiles = re.search(r"_conv_kernel: (\d+) compiles", done.stdout)
     keys = re.findall(r"_conv_kernel: (\d+) autotuning keys", done.stdout)
     assert compiles and int(compiles.group(1)) > 0 and sum(map(int, keys)) >= 20, done.stdout  # 22+ distinct convs
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="builds behind the CPU's stand-in driver")
+def test_compiles_script_builds_a_cache_another_checkout_finds(tmp_path):
+    """scripts/resnet50_compiles.py --cache compiles for sm_90 into a Triton cache that a later process, run from
+    a copy of the repository at another path (as on the GPU machine, scripts/gpu_check.sh), loads without
+    compiling anything: the cache keys depend on the kernels and their arguments, not on where they lie."""
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "elsewhere"
+    for part in ("fusedres", "benchmarks", "scripts", "tests"):
+        shutil.copytree(root / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cache = tmp_path / "triton-cache"
+
+    def build(checkout):
+        done = subprocess.run([sys.executable, str(checkout / "scripts" / "resnet50_compiles.py"), "--cache",
+                               str(cache), "--mode", "infer", "--batch", "4", "--convs", "layer1.0.conv1"],
+                              env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        found = re.search(r": (\d+) kernels, (\d+) of them compiled now", done.stdout)
+        assert found, done.stdout
+        return int(found.group(1)), int(found.group(2))
+
+    kernels, compiled = build(root)
+    assert kernels == compiled > 0
+    assert all(p.suffix in (".json", ".cubin", ".source") for p in cache.glob("*/*")), "binaries and metadata only"
+    assert build(copy) == (kernels, 0)
 
 
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """

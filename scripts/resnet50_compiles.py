@@ -1,0 +1,163 @@
+"""The Triton compiles a converted ResNet-50 needs, counted or built for an H100/H200, without a GPU.
+
+    python scripts/resnet50_compiles.py [--mode train,infer,convs] [--batch 256,32]        # count them
+    python scripts/resnet50_compiles.py --cache /abs/dir --mode train,convs --batch 256    # build them
+
+Every distinct conv of torchvision's ResNet-50 at 224 px goes through the Triton convs' host path behind the
+H100 stand-in driver of the kernel tests (tests/triton_conv_helpers.py; sm_90, 132 SMs), each mode at each
+batch, bf16 channels_last, as the package and the benchmarks launch it:
+
+- ``train``: the converted model's training step (``benchmarks.convs.package_prologues``: each conv with its
+  BatchNorm + ReLU prologue or none; the stem stays torch's): the forward with statistics, the input gradient
+  of convs with a prologue, the weight gradient.
+- ``infer``: the eval model's folded-BatchNorm convs (``fusedres.ops.inference``): bias, the residual and ReLU
+  at a block's last conv, ReLU elsewhere but after the downsample conv.
+- ``convs``: what the benchmarks' convs level adds (every conv, the stem too): the bare conv, the BN + ReLU
+  prologue alone, the prologue with statistics.
+
+Without ``--cache`` nothing is built: the autotuner prunes each new key's configs and a compile only records
+itself; it prints the compiles per kernel and the autotuning keys that needed at least one (on the GPU each
+such key waits for its configs' compiles, about the slowest of them, so they set a first step's cost).
+
+With ``--cache DIR`` (an absolute path) the compiles are real, for sm_90 with this triton's ptxas, and land in
+the Triton cache DIR (binaries and metadata only). A process on the GPU machine with the same triton (the same
+wheel: its key hashes libtriton) and ``TRITON_CACHE_DIR`` at the same absolute path (the cache's records name
+their files by it) then loads them instead of compiling: ``scripts/device_prep.sh`` builds one with the GPU
+image's triton, ``scripts/gpu_check.sh`` uses it and reports how many kernels it still had to compile.
+"""
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="train", help="comma-separated train, infer, convs (default: train)")
+    parser.add_argument("--batch", default="256", help="comma-separated batch sizes (default: 256)")
+    parser.add_argument("--cache", type=Path, help="build the kernels into this Triton cache folder (absolute)")
+    parser.add_argument("--convs", help="comma-separated module names: only the convs of these shapes "
+                                        "(e.g. layer1.0.conv1; default: every conv)")
+    args = parser.parse_args()
+    args.mode = args.mode.split(",")
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.convs = None if args.convs is None else set(args.convs.split(","))
+    if not set(args.mode) <= set(MODES):
+        parser.error(f"--mode takes {', '.join(MODES)}, got {','.join(args.mode)}")
+    if args.cache is not None and not args.cache.is_absolute():
+        parser.error("--cache must be an absolute path: the GPU machine finds the kernels at the same one")
+    return args
+
+
+MODES = ("train", "infer", "convs")
+ARGS = _parse() if __name__ == "__main__" else None
+os.environ["TRITON_INTERPRET"] = ""  # compile for the stand-in H100; the test helpers would set it to 1 on CPU
+if ARGS is not None and ARGS.cache is not None:  # before triton reads its settings
+    os.environ["TRITON_CACHE_DIR"] = str(ARGS.cache)
+    os.environ["TRITON_STORE_BINARY_ONLY"] = "1"
+else:
+    os.environ["FUSEDRES_COMPILE_THREADS"] = "1"  # no thread pool: every compile goes through the recorder
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+from triton_conv_helpers import STAND_IN_LAUNCH  # noqa: E402
+
+STAND_IN: dict = {}
+exec(STAND_IN_LAUNCH, STAND_IN)  # the stand-in driver from here on; defines compile_without_launching
+
+from benchmarks.convs import conv_specs, package_prologues  # noqa: E402
+from fusedres.triton import conv, conv_dgrad, conv_wgrad  # noqa: E402
+
+events: list[tuple[str, str]] = []  # ("key", kernel) at each new autotuning key, ("compile", kernel) per compile
+
+
+def record_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+    """JITFunction._do_compile's stand-in: notes the compile and caches a placeholder for its key."""
+    events.append(("compile", self.__name__))
+    cache = self.device_caches[device][0]
+    cache[key] = object()
+    return cache[key]
+
+
+def record_keys(kernel):
+    prune = kernel.early_config_prune
+
+    def prune_and_note(*args, **kwargs):
+        events.append(("key", kernel.base_fn.__name__))
+        return prune(*args, **kwargs)
+    kernel.early_config_prune = prune_and_note
+
+
+def run_convs(mode: str, batch: int, only=None) -> None:
+    """Launch (behind the stand-in driver: compile only) every conv kernel ``mode`` runs at ``batch``, on the
+    conv shapes of the modules ``only`` names if given."""
+    prologues = package_prologues("resnet50")
+    like = dict(dtype=torch.bfloat16)
+    for spec in conv_specs(["resnet50"], 224):
+        module = spec.uses[0].split(":")[1]
+        if module not in prologues and mode != "convs":  # the stem: torch's conv in the converted model
+            continue
+        if only is not None and not only & {use.split(":")[1] for use in spec.uses}:
+            continue
+        x = torch.empty(batch, *spec.in_shape, **like).to(memory_format=torch.channels_last)
+        weight = torch.empty(spec.weight_shape, **like)
+        grad = torch.empty(batch, *spec.out_shape, **like).to(memory_format=torch.channels_last)
+        c, k = torch.ones(spec.in_shape[0]), torch.ones(spec.out_shape[0])
+        bn_relu = dict(in_scale=c, in_shift=c, in_relu=True)
+        if mode == "convs":  # the convs level's Triton contenders: bare, prologue[triton], triton+stats
+            conv.conv2d_fused(x, weight, **spec.args)
+            conv.conv2d_fused(x, weight, **spec.args, **bn_relu)
+            conv.conv2d_fused(x, weight, **spec.args, **bn_relu, compute_stats=True)
+        elif mode == "train":
+            relu = prologues[module] == "bn+relu"
+            prologue = {} if prologues[module] == "none" else dict(in_scale=c, in_shift=c, in_relu=relu)
+            conv.conv2d_fused(x, weight, **spec.args, **prologue, compute_stats=True, stats_shift=k)
+            if prologue:
+                conv_dgrad.conv2d_input_grad(grad, weight, x, **spec.args, **prologue, mean=c)
+            conv_wgrad.conv2d_weight_grad(x, grad, spec.weight_shape, **spec.args, **prologue)
+        else:  # a block's last conv adds the residual; every conv but the downsample ends in ReLU
+            conv.conv2d_fused(x, weight, **spec.args, in_relu=False, out_shift=k,
+                              residual=grad if module.endswith("conv3") else None,
+                              out_relu=not module.endswith("downsample.0"))
+
+
+def cached_kernels(cache: Path) -> int:
+    """The compiled kernels in a Triton cache folder (one metadata record each)."""
+    return sum(1 for _ in cache.glob("*/__grp__*.json")) if cache.is_dir() else 0
+
+
+def main() -> None:
+    args = ARGS
+    if args.cache is None:
+        JITFunction._do_compile = record_compile
+    before = cached_kernels(args.cache) if args.cache else 0
+    STAND_IN["compile_without_launching"](conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
+    record_keys(conv._conv_kernel)
+    record_keys(conv_wgrad._wgrad_kernel)
+    for mode in args.mode:
+        for batch in args.batch:
+            run_convs(mode, batch, args.convs)
+    print(f"ResNet-50 {','.join(args.mode)}, batch {','.join(map(str, args.batch))}, bf16 channels_last, "
+          f"{len(conv._CONFIGS)} conv configs:")
+    if args.cache is not None:
+        after = cached_kernels(args.cache)
+        print(f"  {args.cache}: {after} kernels, {after - before} of them compiled now")
+        return
+    compiles = collections.Counter(kernel for kind, kernel in events if kind == "compile")
+    keys = collections.Counter()
+    starts = [i for i, (kind, _) in enumerate(events) if kind == "key"] + [len(events)]
+    for start, end in zip(starts, starts[1:]):
+        kernel = events[start][1]
+        keys[kernel, any(e == ("compile", kernel) for e in events[start + 1:end])] += 1
+    for kernel, n in compiles.items():
+        print(f"  {kernel}: {n} compiles")
+    for (kernel, compiled), n in sorted(keys.items()):
+        print(f"  {kernel}: {n} autotuning keys {'with' if compiled else 'without'} a compile")
+
+
+if __name__ == "__main__":
+    main()
