@@ -94,15 +94,15 @@ def record_keys(kernel):
 
 def run_convs(mode: str, batch: int, only=None) -> None:
     """Launch (behind the stand-in driver: compile only) every conv kernel ``mode`` runs at ``batch``, on the
-    conv shapes of the modules ``only`` names if given."""
+    conv shapes of the modules ``only`` names if given. A shape several convs share runs once per way the
+    package runs them (layer1.0's conv3 and downsample conv: one with a prologue, one without)."""
     prologues = package_prologues("resnet50")
     like = dict(dtype=torch.bfloat16)
     for spec in conv_specs(["resnet50"], 224):
-        module = spec.uses[0].split(":")[1]
-        if module not in prologues and mode != "convs":  # the stem: torch's conv in the converted model
+        modules = [use.split(":")[1] for use in spec.uses]
+        if only is not None and not only & set(modules):
             continue
-        if only is not None and not only & {use.split(":")[1] for use in spec.uses}:
-            continue
+        fused = [m for m in modules if m in prologues]  # not the stem: torch's conv in the converted model
         x = torch.empty(batch, *spec.in_shape, **like).to(memory_format=torch.channels_last)
         weight = torch.empty(spec.weight_shape, **like)
         grad = torch.empty(batch, *spec.out_shape, **like).to(memory_format=torch.channels_last)
@@ -113,16 +113,16 @@ def run_convs(mode: str, batch: int, only=None) -> None:
             conv.conv2d_fused(x, weight, **spec.args, **bn_relu)
             conv.conv2d_fused(x, weight, **spec.args, **bn_relu, compute_stats=True)
         elif mode == "train":
-            relu = prologues[module] == "bn+relu"
-            prologue = {} if prologues[module] == "none" else dict(in_scale=c, in_shift=c, in_relu=relu)
-            conv.conv2d_fused(x, weight, **spec.args, **prologue, compute_stats=True, stats_shift=k)
-            if prologue:
-                conv_dgrad.conv2d_input_grad(grad, weight, x, **spec.args, **prologue, mean=c)
-            conv_wgrad.conv2d_weight_grad(x, grad, spec.weight_shape, **spec.args, **prologue)
+            for kind in sorted({prologues[m] for m in fused}):
+                prologue = {} if kind == "none" else dict(in_scale=c, in_shift=c, in_relu=kind == "bn+relu")
+                conv.conv2d_fused(x, weight, **spec.args, **prologue, compute_stats=True, stats_shift=k)
+                if prologue:
+                    conv_dgrad.conv2d_input_grad(grad, weight, x, **spec.args, **prologue, mean=c)
+                conv_wgrad.conv2d_weight_grad(x, grad, spec.weight_shape, **spec.args, **prologue)
         else:  # a block's last conv adds the residual; every conv but the downsample ends in ReLU
-            conv.conv2d_fused(x, weight, **spec.args, in_relu=False, out_shift=k,
-                              residual=grad if module.endswith("conv3") else None,
-                              out_relu=not module.endswith("downsample.0"))
+            for last, relu in sorted({(m.endswith("conv3"), not m.endswith("downsample.0")) for m in fused}):
+                conv.conv2d_fused(x, weight, **spec.args, in_relu=False, out_shift=k,
+                                  residual=grad if last else None, out_relu=relu)
 
 
 def cached_kernels(cache: Path) -> int:
