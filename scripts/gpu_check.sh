@@ -70,16 +70,19 @@ kernels_before=$(kernels)
 start=$SECONDS
 extension=$(ls fusedres/_C.cpython-"$("$py" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.so 2>/dev/null)
 if [ "${GPU_CHECK_BUILD:-auto}" = auto ] && [ -n "$extension" ] \
-    && "$py" -c "import sys; sys.path.insert(0, '.'); import torch, fusedres._C" > "$out/build.log" 2>&1; then
+    && "$py" -c "import sys; sys.path.insert(0, '.'); import torch, fusedres._C" > "$out/carried_import.log" 2>&1; then
   GPU_CHECK_BUILD=0
   note build "carried $extension (imports)"
+elif [ "${GPU_CHECK_BUILD:-auto}" = auto ] && [ -n "$extension" ]; then
+  built_because=" (the carried $extension did not import: carried_import.log)"
 fi
 if [ "${GPU_CHECK_BUILD:-auto}" = 0 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   [ -n "${result[build]:-}" ] || note build "skipped (GPU_CHECK_BUILD=0): ${extension:-no extension}"
 else
   "$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
-  note build "rc=$? in $((SECONDS - start)) s"
+  rc=$?
+  note build "rc=$rc in $((SECONDS - start)) s${built_because:-}"
 fi
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
