@@ -69,20 +69,19 @@ kernels_before=$(kernels)
 
 start=$SECONDS
 extension=$(ls fusedres/_C.cpython-"$("$py" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.so 2>/dev/null)
-if [ "${GPU_CHECK_BUILD:-auto}" = auto ] && [ -n "$extension" ] \
+build=${GPU_CHECK_BUILD:-auto}
+if [ "$build" = auto ] && [ -n "$extension" ] \
     && "$py" -c "import sys; sys.path.insert(0, '.'); import torch, fusedres._C" > "$out/carried_import.log" 2>&1; then
-  GPU_CHECK_BUILD=0
-  note build "carried $extension (imports)"
-elif [ "${GPU_CHECK_BUILD:-auto}" = auto ] && [ -n "$extension" ]; then
-  built_because=" (the carried $extension did not import: carried_import.log)"
-fi
-if [ "${GPU_CHECK_BUILD:-auto}" = 0 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  [ -n "${result[build]:-}" ] || note build "skipped (GPU_CHECK_BUILD=0): ${extension:-no extension}"
+  note build "carried $extension (imports)"
+elif [ "$build" = 0 ]; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  note build "skipped (GPU_CHECK_BUILD=0): ${extension:-no extension}"
 else
   "$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
   rc=$?
-  note build "rc=$rc in $((SECONDS - start)) s${built_because:-}"
+  why=$([ "$build" = auto ] && [ -n "$extension" ] && echo " (the carried $extension did not import: carried_import.log)")
+  note build "rc=$rc in $((SECONDS - start)) s$why"
 fi
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
