@@ -12,7 +12,8 @@
 #    convs level at batch 256, inference at 1, 32, 256), compiled for sm_90 into the Triton cache
 #    /tmp/fusedres-triton-cache and packed as .device/triton-cache.tgz; .device/triton-key says which triton
 #    built them. gpu_check.sh unpacks it at the same path (the cache's records name their files by it) and
-#    reports how many kernels it still compiled.
+#    reports how many kernels it still compiled. Both compiles print ptxas's audit of the kernels (spills,
+#    serialised wgmma; every record in .device/ptxas-*.json).
 # About 12 minutes on 2 cores (746 kernels; 2 min the extension), most of it the kernels; each step is skipped when its output is newer than
 # its sources.
 set -euo pipefail
@@ -45,8 +46,8 @@ if [ ! -f "$packed" ] || [ -n "$(find fusedres/triton scripts/resnet50_compiles.
                                       -newer "$packed" -print -quit)" ]; then
   start=$SECONDS
   rm -rf "$cache"
-  "$py" scripts/resnet50_compiles.py --cache "$cache" --mode train,convs --batch 256
-  "$py" scripts/resnet50_compiles.py --cache "$cache" --mode infer --batch 1,32,256
+  "$py" scripts/resnet50_compiles.py --cache "$cache" --report .device/ptxas-train-convs.json --mode train,convs --batch 256
+  "$py" scripts/resnet50_compiles.py --cache "$cache" --report .device/ptxas-infer.json --mode infer --batch 1,32,256
   find "$cache" -name '*.source' -delete  # the kernels' TTIR: a cache hit loads the metadata and the binary only
   tar czf "$packed" -C "$(dirname "$cache")" "$(basename "$cache")"
   "$py" -c "from triton.runtime.cache import triton_key; import hashlib; print(hashlib.sha256(triton_key().encode()).hexdigest())" \

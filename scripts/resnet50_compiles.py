@@ -2,6 +2,7 @@
 
     python scripts/resnet50_compiles.py [--mode train,infer,convs] [--batch 256,32]        # count them
     python scripts/resnet50_compiles.py --cache /abs/dir --mode train,convs --batch 256    # build them
+    python scripts/resnet50_compiles.py --cache /abs/dir --report ptxas.json ...           # and audit them
 
 Every distinct conv of torchvision's ResNet-50 at 224 px goes through the Triton convs' host path behind the
 H100 stand-in driver of the kernel tests (tests/triton_conv_helpers.py; sm_90, 132 SMs), each mode at each
@@ -24,12 +25,22 @@ the Triton cache DIR (binaries and metadata only). A process on the GPU machine 
 wheel: its key hashes libtriton) and ``TRITON_CACHE_DIR`` at the same absolute path (the cache's records name
 their files by it) then loads them instead of compiling: ``scripts/device_prep.sh`` builds one with the GPU
 image's triton, ``scripts/gpu_check.sh`` uses it and reports how many kernels it still had to compile.
+
+With ``--report FILE`` too, every kernel compiled now is audited from ptxas's own report of it: FILE gets one
+record per compile (the kernel, its constexprs, warps and stages, registers, spilled bytes, ptxas's warnings,
+shared memory), and the script prints the compiles that spill registers or whose wgmma ptxas serialised
+(warning C7515), grouped by kernel and config: what would slow a kernel on the GPU, found without one. Kernels
+the cache already held are not compiled, so not audited: build into an empty folder to audit them all.
 """
 
 import argparse
 import collections
+import contextlib
+import io
+import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 
@@ -38,6 +49,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--mode", default="train", help="comma-separated train, infer, convs (default: train)")
     parser.add_argument("--batch", default="256", help="comma-separated batch sizes (default: 256)")
     parser.add_argument("--cache", type=Path, help="build the kernels into this Triton cache folder (absolute)")
+    parser.add_argument("--report", type=Path, help="with --cache: write ptxas's findings on every kernel "
+                                                    "compiled now to this JSON file and print the spills and "
+                                                    "serialised wgmma")
     parser.add_argument("--convs", help="comma-separated module names: only the convs of these shapes "
                                         "(e.g. layer1.0.conv1; default: every conv)")
     args = parser.parse_args()
@@ -46,6 +60,8 @@ def _parse() -> argparse.Namespace:
     args.convs = None if args.convs is None else set(args.convs.split(","))
     if not set(args.mode) <= set(MODES):
         parser.error(f"--mode takes {', '.join(MODES)}, got {','.join(args.mode)}")
+    if args.report is not None and args.cache is None:
+        parser.error("--report needs --cache: only real compiles have a ptxas report")
     if args.cache is not None and not args.cache.is_absolute():
         parser.error("--cache must be an absolute path: the GPU machine finds the kernels at the same one")
     return args
@@ -64,7 +80,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
-from triton_conv_helpers import STAND_IN_LAUNCH  # noqa: E402
+from triton_conv_helpers import STAND_IN_LAUNCH, ptxas_findings  # noqa: E402
 
 STAND_IN: dict = {}
 exec(STAND_IN_LAUNCH, STAND_IN)  # the stand-in driver from here on; defines compile_without_launching
@@ -125,6 +141,80 @@ def run_convs(mode: str, batch: int, only=None) -> None:
                                   residual=grad if last else None, out_relu=relu)
 
 
+class PerThreadStdout(io.TextIOBase):
+    """sys.stdout's stand-in: what a thread prints inside ``capture()`` goes to that thread's buffer, the rest
+    to the real stdout (the compiles run on a thread pool, and triton prints each ptxas log)."""
+
+    def __init__(self, real):
+        self.real, self.local = real, threading.local()
+
+    def write(self, text: str) -> int:
+        buffer = getattr(self.local, "buffer", None)
+        return (self.real if buffer is None else buffer).write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    @contextlib.contextmanager
+    def capture(self):
+        self.local.buffer = io.StringIO()
+        try:
+            yield self.local.buffer
+        finally:
+            self.local.buffer = None
+
+
+def audit_compiles(records: list) -> None:
+    """From here on every Triton compile appends a record to ``records``: the kernel, its constexprs (the
+    config's blocks, the variant's flags, the ints the launcher made constants), warps, stages, shared memory
+    and ``ptxas_findings`` of the log triton prints when asked (TRITON_DUMP_PTXAS_LOG). A compile the cache
+    served runs no ptxas and records nothing."""
+    import triton.compiler
+
+    triton.knobs.nvidia.dump_ptxas_log = True
+    stdout = sys.stdout = PerThreadStdout(sys.stdout)
+    real_compile = triton.compiler.compile  # what JITFunction imports when it first compiles
+
+    def compile(src, *args, **kwargs):
+        with stdout.capture() as log:
+            kernel = real_compile(src, *args, **kwargs)
+        if "ptxas" in log.getvalue():
+            options = kwargs["options"]
+            constexprs = {src.fn.arg_names[index]: value for (index,), value in sorted(src.constants.items())
+                          if isinstance(value, (bool, int, float, str))}
+            records.append(dict(kernel=src.name, constexprs=constexprs, warps=options["num_warps"],
+                                stages=options["num_stages"], shared=kernel.metadata.shared,
+                                **ptxas_findings(log.getvalue())))
+        return kernel
+    triton.compiler.compile = compile
+
+
+def config_of(record: dict) -> str:
+    """A record's config as the autotuner's describe() writes it: the tuned constexprs, warps, stages."""
+    tuned = {name for module in (conv, conv_wgrad) for config in module._CONFIGS for name in config.kwargs}
+    blocks = [f"{k}={v}" for k, v in record["constexprs"].items() if k in tuned]
+    return " ".join([*blocks, f"warps={record['warps']}", f"stages={record['stages']}"])
+
+
+def print_audit(records: list) -> None:
+    """Per kernel: its compiles, the most registers one used, and the configs of those that spill or whose
+    wgmma ptxas serialised (C7515), with how many compiles each and ptxas's reason."""
+    for kernel in sorted({r["kernel"] for r in records}):
+        mine = [r for r in records if r["kernel"] == kernel]
+        print(f"  {kernel}: {len(mine)} compiles audited, up to {max(r['registers'] for r in mine)} registers, "
+              f"{sum(r['spill_bytes'] > 0 for r in mine)} spill, {sum('C7515' in r['warnings'] for r in mine)} "
+              "with serialised wgmma")
+        flagged = collections.defaultdict(list)
+        for r in mine:
+            if r["spill_bytes"] > 0:
+                flagged[config_of(r), "spills"].append(r["spill_bytes"])
+            if "C7515" in r["warnings"]:
+                flagged[config_of(r), "wgmma serialised: " + r["warnings"]["C7515"]].append(0)
+        for (config, finding), sizes in sorted(flagged.items()):
+            detail = f" up to {max(sizes)} bytes" if finding == "spills" else ""
+            print(f"    {config}: {finding}{detail} ({len(sizes)} compiles)")
+
+
 def cached_kernels(cache: Path) -> int:
     """The compiled kernels in a Triton cache folder (one metadata record each)."""
     return sum(1 for _ in cache.glob("*/__grp__*.json")) if cache.is_dir() else 0
@@ -135,6 +225,9 @@ def main() -> None:
     if args.cache is None:
         JITFunction._do_compile = record_compile
     before = cached_kernels(args.cache) if args.cache else 0
+    records: list = []
+    if args.report is not None:
+        audit_compiles(records)
     STAND_IN["compile_without_launching"](conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
     record_keys(conv._conv_kernel)
     record_keys(conv_wgrad._wgrad_kernel)
@@ -146,6 +239,10 @@ def main() -> None:
     if args.cache is not None:
         after = cached_kernels(args.cache)
         print(f"  {args.cache}: {after} kernels, {after - before} of them compiled now")
+        if args.report is not None:
+            args.report.write_text(json.dumps(records, indent=1))
+            print(f"  ptxas's report on them ({args.report}):")
+            print_audit(records)
         return
     compiles = collections.Counter(kernel for kind, kernel in events if kind == "compile")
     keys = collections.Counter()

@@ -792,7 +792,8 @@ def test_compiles_script_counts_a_resnet50_inference():
 def test_compiles_script_builds_a_cache_another_checkout_finds(tmp_path):
     """scripts/resnet50_compiles.py --cache compiles for sm_90 into a Triton cache that a later process, run from
     a copy of the repository at another path (as on the GPU machine, scripts/gpu_check.sh), loads without
-    compiling anything: the cache keys depend on the kernels and their arguments, not on where they lie."""
+    compiling anything: the cache keys depend on the kernels and their arguments, not on where they lie. With
+    --report it writes ptxas's findings on every kernel it compiled, none on those the cache served."""
     root = Path(__file__).resolve().parents[1]
     copy = tmp_path / "elsewhere"
     for part in ("fusedres", "benchmarks", "scripts", "tests"):
@@ -800,10 +801,12 @@ def test_compiles_script_builds_a_cache_another_checkout_finds(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cache = tmp_path / "triton-cache"
 
+    report = tmp_path / "ptxas.json"
+
     def build(checkout):
         done = subprocess.run([sys.executable, str(checkout / "scripts" / "resnet50_compiles.py"), "--cache",
-                               str(cache), "--mode", "infer", "--batch", "4", "--convs", "layer1.0.conv1"],
-                              env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
+                               str(cache), "--report", str(report), "--mode", "infer", "--batch", "4", "--convs",
+                               "layer1.0.conv1"], env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         found = re.search(r": (\d+) kernels, (\d+) of them compiled now", done.stdout)
         assert found, done.stdout
@@ -812,7 +815,14 @@ def test_compiles_script_builds_a_cache_another_checkout_finds(tmp_path):
     kernels, compiled = build(root)
     assert kernels == compiled > 0
     assert all(p.suffix in (".json", ".cubin", ".source") for p in cache.glob("*/*")), "binaries and metadata only"
+    # --report: ptxas's findings on each compile, the config and the variant's flags among its constexprs
+    records = json.loads(report.read_text())
+    assert len(records) == compiled and {r["kernel"] for r in records} == {"_conv_kernel"}, records
+    for record in records:
+        assert 0 < record["registers"] <= 255 and record["shared"] > 0 and record["warps"] in (4, 8), record
+        assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "HAS_OUT_SHIFT", "OUT_RELU"} <= record["constexprs"].keys(), record
     assert build(copy) == (kernels, 0)
+    assert json.loads(report.read_text()) == [], "a kernel the cache served is not compiled, so not audited"
 
 
 _PARALLEL_COMPILE = STAND_IN_LAUNCH + """

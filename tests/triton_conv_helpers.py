@@ -8,6 +8,7 @@ Without CUDA the kernels run under the Triton interpreter on CPU tensors: TRITON
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -197,8 +198,7 @@ for name, flags in spec["variants"].items():
                        tma=ptx.count("cp.async.bulk.tensor"),
                        wgmma_a_in_registers=len(re.findall(r"wgmma\\.mma_async[^;]*\\}, \\{", ptx)),
                        ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
-                       shared=kernel.metadata.shared, warnings=sorted(set(re.findall(r"\\((C\\d+)\\)", report))),
-                       spill_bytes=sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", report)))
+                       shared=kernel.metadata.shared, ptxas_log=report)
 print(json.dumps(dict(variants=found, stages=config.num_stages, block=config.kwargs)))
 """
 
@@ -211,14 +211,27 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
     multiples of 16 get a divisibility-16 hint. Per variant (constexpr flags added to ``consts``), what the
     PTX holds: wgmma (Hopper's warpgroup MMA; wgmma_a_in_registers: those whose A operand is in registers,
     not read from shared memory), cp_async (asynchronous copies into shared memory), tma
-    (tensor copies), ld_global and st_shared instruction counts, the shared memory in bytes, and from
-    ptxas's report its warning codes (C7515: wgmma serialised) and spill_bytes; with the config's stages
-    and block sizes."""
+    (tensor copies), ld_global and st_shared instruction counts, the shared memory in bytes, and what ptxas
+    reports (``ptxas_findings``: registers, spill_bytes, warnings, C7515 being a serialised wgmma); with the
+    config's stages and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
     done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for variant in found["variants"].values():
+        variant.update(ptxas_findings(variant.pop("ptxas_log")))
+    return found
+
+
+def ptxas_findings(log: str) -> dict:
+    """What ``ptxas -v`` reports of one kernel (its log): the registers a thread uses, the bytes it spills
+    (stores) to local memory, and its warnings as {code: the text after the code}, e.g. C7515: wgmma
+    serialised (each warpgroup MMA waits for the last), with ptxas's reason."""
+    registers = re.findall(r"Used (\d+) registers", log)
+    return dict(registers=max(map(int, registers), default=0),
+                spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)),
+                warnings=dict(sorted(re.findall(r"\((C\d+)\) ([^\n]*)", log))))
 
 
 def assert_pipelined(found: dict, bare: str, fused: str, tile_bytes: int) -> None:
