@@ -99,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small subset (2 op shapes, 1 block per model, first model only, one 1x1 "
                         "and one 3x3 conv at batch 32, fewer repeats): a smoke run")
+    p.add_argument("--precompile", action="store_true",
+                   help="the blocks' and models' fused contenders run fusedres.precompile before their first "
+                        "call: the rows get precompile_s and precompile_compiles, and first_call_s is what is "
+                        "left (timing, no compiles)")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
     return p
 
@@ -118,7 +122,8 @@ def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
         repeats=args.repeats or ((10 if quick else 30) if cuda else (3 if quick else 5)),
         warmup=args.warmup if args.warmup is not None else ((3 if quick else 5) if cuda else (1 if quick else 2)),
         compile=cuda if args.compile is None else args.compile,
-        compile_mode=args.compile_mode, backends=args.backends, quick=quick, out=args.out)
+        compile_mode=args.compile_mode, backends=args.backends, quick=quick, out=args.out,
+        precompile=args.precompile)
     if cuda:  # let cuDNN pick the fastest conv algorithms (the warm-up pays for the search)
         torch.backends.cudnn.benchmark = True
     if args.threads or not cuda:

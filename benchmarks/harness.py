@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+import fusedres
 from fusedres.ops.backends import unavailable_reason
 
 Step = Callable[[], dict[str, Tensor]]
@@ -60,6 +61,7 @@ class Settings:
     backends: list[str]
     quick: bool
     out: Path
+    precompile: bool = False  # fused modules run fusedres.precompile before their first call
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -150,7 +152,12 @@ def build(setup: Setup, name: str, settings: Settings) -> Step:
         return cudagraph_step
     if name.startswith("fused[") and name.endswith("]"):
         name = name[len("fused["):-1]
-    return setup.step(setup.fused(name), setup.inputs, settings.autocast)  # else a level's own
+    target = setup.fused(name)  # else a level's own
+    step = setup.step(target, setup.inputs, settings.autocast)
+    if settings.precompile and isinstance(target, nn.Module):
+        with settings.autocast():
+            step.precompile = fusedres.precompile(target, setup.inputs["x"])  # run_contender reports it
+    return step
 
 
 def release(device: torch.device, compiled: bool = False) -> None:
@@ -355,6 +362,9 @@ def run_contender(case: Case, setup: Setup, name: str, settings: Settings,
         _flush_buffer(device)
         baseline = torch.cuda.memory_allocated(device) if settings.cuda else 0
         fn = build(setup, name, settings)
+        precompiled = getattr(fn, "precompile", None)
+        if precompiled is not None:
+            row.update(precompile_s=precompiled.seconds, precompile_compiles=precompiled.compiles)
         tunings = _tunings()
         known = len(tunings)
         outputs, row["first_call_s"] = first_call(fn, device)

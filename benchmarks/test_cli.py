@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import cases
+from benchmarks import cases, harness
 from benchmarks.__main__ import make_settings
 
 
@@ -19,3 +19,20 @@ def test_unknown_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
         make_settings(["--device", "cpu", "--modes", "inference"])
     assert "expected a comma-separated list of" in capsys.readouterr().err
+
+
+def test_precompile_runs_before_the_fused_first_call_and_is_reported():
+    """--precompile: the fused contender's row says what fusedres.precompile did before its first call (on CPU
+    nothing compiles); eager's row has no such fields; the fused step still agrees with eager."""
+    settings = make_settings(["--device", "cpu", "--levels", "models", "--models", "resnet18", "--quick",
+                              "--batch", "2", "--size", "64", "--modes", "train", "--backends", "auto",
+                              "--repeats", "1", "--warmup", "0", "--precompile"])
+    case, = cases.build_cases(settings)
+    setup = case.prepare()
+    reference = harness.Reference.of(setup, settings)
+    rows = {name: harness.run_contender(case, setup, name, settings, reference)
+            for name in ("eager", "fused[auto]")}
+    assert "precompile_s" not in rows["eager"] and not rows["eager"].get("error"), rows["eager"]
+    fused = rows["fused[auto]"]
+    assert not fused.get("error") and fused["agree"] is not False, fused
+    assert fused["precompile_compiles"] == 0 and fused["precompile_s"] > 0, fused

@@ -3,6 +3,7 @@
     import fusedres
     report = fusedres.convert(model)   # swaps torchvision/timm ResNet blocks in place
     print(report)
+    fusedres.precompile(model, x)      # compiles the step's Triton kernels at once (on a GPU)
     fusedres.info()                    # versions, GPU, which backends are available and why
 
 Importing never fails because the CUDA extension is missing: the Triton or pure-PyTorch
@@ -13,7 +14,8 @@ from . import nn, ops, reference
 from ._extension import build_extension
 from ._info import info
 from .convert import ConversionReport, convert, revert
+from .precompile import PrecompileReport, precompile
 
 __version__ = "0.1.0"
-__all__ = ["ConversionReport", "build_extension", "convert", "info", "nn", "ops", "reference",
-           "revert"]
+__all__ = ["ConversionReport", "PrecompileReport", "build_extension", "convert", "info", "nn", "ops",
+           "precompile", "reference", "revert"]

@@ -26,6 +26,10 @@ wheel: its key hashes libtriton) and ``TRITON_CACHE_DIR`` at the same absolute p
 their files by it) then loads them instead of compiling: ``scripts/device_prep.sh`` builds one with the GPU
 image's triton, ``scripts/gpu_check.sh`` uses it and reports how many kernels it still had to compile.
 
+With ``--ahead`` too, the launches run inside a compile-ahead pass (``fusedres.precompile``'s): every key's
+configs are compiled at once on one pool, instead of each key's while the launch waits; the summary line says
+how long the compiles took either way.
+
 With ``--report FILE`` too, every kernel compiled now is audited from ptxas's own report of it: FILE gets one
 record per compile (the kernel, its constexprs, warps and stages, registers, spilled bytes, ptxas's warnings,
 shared memory), and the script prints the compiles that spill registers or whose wgmma ptxas serialised
@@ -41,6 +45,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -52,6 +57,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--report", type=Path, help="with --cache: write ptxas's findings on every kernel "
                                                     "compiled now to this JSON file and print the spills and "
                                                     "serialised wgmma")
+    parser.add_argument("--ahead", action="store_true",
+                        help="with --cache: compile every key's configs at once, as fusedres.precompile does, "
+                             "instead of key after key as a first step does")
     parser.add_argument("--convs", help="comma-separated module names: only the convs of these shapes "
                                         "(e.g. layer1.0.conv1; default: every conv)")
     args = parser.parse_args()
@@ -60,8 +68,8 @@ def _parse() -> argparse.Namespace:
     args.convs = None if args.convs is None else set(args.convs.split(","))
     if not set(args.mode) <= set(MODES):
         parser.error(f"--mode takes {', '.join(MODES)}, got {','.join(args.mode)}")
-    if args.report is not None and args.cache is None:
-        parser.error("--report needs --cache: only real compiles have a ptxas report")
+    if (args.report is not None or args.ahead) and args.cache is None:
+        parser.error("--report and --ahead need --cache: they are about real compiles")
     if args.cache is not None and not args.cache.is_absolute():
         parser.error("--cache must be an absolute path: the GPU machine finds the kernels at the same one")
     return args
@@ -86,7 +94,7 @@ STAND_IN: dict = {}
 exec(STAND_IN_LAUNCH, STAND_IN)  # the stand-in driver from here on; defines compile_without_launching
 
 from benchmarks.convs import conv_specs, package_prologues  # noqa: E402
-from fusedres.triton import conv, conv_dgrad, conv_wgrad  # noqa: E402
+from fusedres.triton import autotuning, conv, conv_dgrad, conv_wgrad  # noqa: E402
 
 events: list[tuple[str, str]] = []  # ("key", kernel) at each new autotuning key, ("compile", kernel) per compile
 
@@ -231,14 +239,20 @@ def main() -> None:
     STAND_IN["compile_without_launching"](conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
     record_keys(conv._conv_kernel)
     record_keys(conv_wgrad._wgrad_kernel)
-    for mode in args.mode:
-        for batch in args.batch:
-            run_convs(mode, batch, args.convs)
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if args.ahead:
+            stack.enter_context(stack.enter_context(autotuning.compile_ahead()).compile_only())
+        for mode in args.mode:
+            for batch in args.batch:
+                run_convs(mode, batch, args.convs)
+    seconds = time.perf_counter() - start
     print(f"ResNet-50 {','.join(args.mode)}, batch {','.join(map(str, args.batch))}, bf16 channels_last, "
           f"{len(conv._CONFIGS)} conv configs:")
     if args.cache is not None:
         after = cached_kernels(args.cache)
-        print(f"  {args.cache}: {after} kernels, {after - before} of them compiled now")
+        print(f"  {args.cache}: {after} kernels, {after - before} of them compiled now in {seconds:.0f} s "
+              f"({'all keys at once' if args.ahead else 'key after key'}, {autotuning.compile_threads()} threads)")
         if args.report is not None:
             args.report.write_text(json.dumps(records, indent=1))
             print(f"  ptxas's report on them ({args.report}):")

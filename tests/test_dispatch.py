@@ -4,13 +4,14 @@ timer is tested on a GPU; conv_bias_act's use of the dispatch in test_inference_
 unit's conv choice here.
 """
 
+import contextlib
 import json
 
 import pytest
 import torch
 
 from conftest import pretend_capturing, requires_cuda
-from fusedres.ops.dispatch import MeasuredDispatch
+from fusedres.ops.dispatch import MeasuredDispatch, preparing
 
 DEVICE = torch.device("cuda", 0)
 IMPLEMENTATIONS = ("a", "b", "c")
@@ -151,6 +152,45 @@ def test_capturing_or_compiling_takes_the_fixed_order_and_records_nothing(dispat
     fake.unavailable = {name: "none here" for name in IMPLEMENTATIONS}
     with pytest.raises(RuntimeError, match=r"op: no implementation can run this call \(new\)"):
         fake.choose(op, "new")
+
+
+def test_a_prepare_pass_runs_each_available_implementation_inside_its_context_and_records_nothing(
+        dispatch, cache_path):
+    """fusedres.precompile's pass: a new signature runs every available implementation once inside the pass's
+    context (where the Triton kernels only start compiling) and takes the first in the fixed order that ran,
+    measuring and recording nothing; a known signature keeps its choice; after the pass it is measured."""
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    inside = []
+
+    @contextlib.contextmanager
+    def prepare():
+        inside.append(True)
+        yield
+        inside.pop()
+
+    class InPass(Fake):
+        def run(self, name):
+            self.runs.append((name, bool(inside)))
+            if isinstance(self.timings[name], Exception):
+                raise self.timings[name]
+            return self.timings[name]
+
+    known = Fake({"a": 3.0, "b": 2.0, "c": 1.0})
+    assert known.choose(op, "known") == "c"
+    fake = InPass({"a": 3.0, "b": RuntimeError("no engine"), "c": 1.0})
+    with preparing(prepare):
+        assert fake.choose(op) == "a"
+        assert InPass({"a": 3.0, "b": 2.0, "c": 1.0}, unavailable={"a": "no"}).choose(op) == "b"
+        assert InPass({"a": RuntimeError("x"), "b": RuntimeError("y"), "c": 1.0}).choose(op) == "c"
+        assert known.choose(op, "known") == "c" and len(known.runs) == 3  # not run again
+        with pytest.raises(RuntimeError, match="already running"), preparing(prepare):
+            pass
+        with pytest.raises(RuntimeError, match="no implementation can run this call"):
+            Fake({}, unavailable=dict.fromkeys(IMPLEMENTATIONS, "no")).choose(op, "none")
+    assert fake.runs == [("a", True), ("b", True), ("c", True)]
+    assert list(op.table()) == ["op|FakeGPU0|known"]
+    assert list(json.loads(cache_path.read_text())) == ["op|FakeGPU0|known"]
+    assert Fake({"a": 3.0, "b": 2.0, "c": 1.0}).choose(op) == "c"  # measured once the pass is over
 
 
 def test_a_known_signature_is_answered_without_describing_or_checking_it(dispatch):

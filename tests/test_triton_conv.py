@@ -885,6 +885,69 @@ def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, out
     assert fail_block_n == 0 or fail_block_n in fitting  # the failure case does fail a config
 
 
+_COMPILE_AHEAD = STAND_IN_LAUNCH + """
+import json, threading
+import triton.compiler
+from fusedres.triton import autotuning
+
+compiles = []
+real_compile = triton.compiler.compile
+
+
+def compile(src, *args, **kwargs):  # the one JITFunction calls
+    compiles.append(dict(kernel=src.name, thread=threading.current_thread().name))
+    return real_compile(src, *args, **kwargs)
+
+
+triton.compiler.compile = compile
+compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
+x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+dy = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+w64, w128 = (torch.randn(k, 64, 3, 3, dtype=torch.bfloat16) for k in (64, 128))
+ones = torch.ones(64)
+
+
+def step():  # four autotuning keys: two forward convs, an input gradient, a weight gradient
+    conv.conv2d_fused(x, w64, padding=(1, 1), in_scale=ones, in_shift=ones, compute_stats=True)
+    conv.conv2d_fused(x, w128, padding=(1, 1))
+    conv_dgrad.conv2d_input_grad(dy, w64, x, padding=(1, 1), in_scale=ones, in_shift=ones, in_relu=True, mean=ones)
+    conv_wgrad.conv2d_weight_grad(x, dy, w64.shape, padding=(1, 1))
+
+
+with autotuning.compile_ahead() as ahead:
+    with ahead.compile_only():
+        step()
+        step()  # the same keys again: nothing more to submit
+        tuned_in_pass = len(autotuning.TUNINGS)
+    submitted = len(ahead.futures)
+in_pass = list(compiles)
+step()  # the first real step: times every key's configs
+print(json.dumps(dict(in_pass=in_pass, submitted=submitted, failed=ahead.failed(), tuned_in_pass=tuned_in_pass,
+                      after=compiles[len(in_pass):], tunings=autotuning.TUNINGS)))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests autotune for real")
+def test_a_compile_ahead_pass_compiles_every_key_at_once_and_the_step_after_it_only_times(monkeypatch, tmp_path):
+    """Inside a compile-ahead pass's compile_only() (fusedres.precompile's), launches of the autotuned conv
+    (forward and input gradient) and weight-gradient kernels run nothing and tune nothing: each new key's configs, the ones its autotuning
+    would time, are compiled on the pass's pool, every key's at once, and the pass waits for them. The step
+    after the pass times each key's configs without compiling any of them again. Run on CPU with a stand-in
+    for the H100's driver (compiled, never launched), in a process without TRITON_INTERPRET."""
+    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "2")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real: a cached kernel loads at once
+    done = compile_for_sm90(_COMPILE_AHEAD)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    tuned = [c for c in found["in_pass"] if c["kernel"] != "_finish_stats_kernel"]  # which is not autotuned
+    assert found["tuned_in_pass"] == 0 and found["failed"] == 0, found
+    assert len(tuned) == found["submitted"] and {c["thread"][:22] for c in tuned} == {"fusedres-compile-ahead"}
+    assert {c["kernel"] for c in tuned} == {"_conv_kernel", "_wgrad_kernel"}, found
+    assert [c for c in found["after"] if c["kernel"] != "_finish_stats_kernel"] == [], found
+    assert len(found["tunings"]) == 4, found  # every config the step timed was compiled by the pass
+    assert sum(len(t["ms"]) or 1 for t in found["tunings"]) == found["submitted"], found
+
+
 _ONES_AT_LAUNCH = STAND_IN_LAUNCH + """
 compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
 x = torch.randn(1, 16, 1, 1, dtype=torch.bfloat16)  # N = H = W = P = Q = M = 1, so one M tile (WS_ROWS = 1)

@@ -128,6 +128,9 @@ class StandInH100:  # what JITFunction.run asks the active driver before it comp
     def get_current_device(self):
         return 0
 
+    def set_current_device(self, device):
+        pass
+
     def get_current_stream(self, device):
         return 0
 

@@ -21,10 +21,15 @@ Nothing is timed or recorded while a CUDA graph is being captured or under ``tor
 timing would be captured or traced): a known choice, else the first available implementation in the
 op's fixed order. Warm up before capturing (as ``torch.cuda.graph`` asks) to capture the measured one.
 
+During a prepare pass (``preparing``, run by ``fusedres.precompile``) a signature with no choice yet is
+neither measured nor recorded: every available implementation runs once inside the pass's context (where
+the Triton kernels only submit their compiles), and the first in the fixed order that ran runs the call.
+
 ``dispatch_table()`` gives every op's entries, ``MeasuredDispatch.table()`` one op's, and ``reset()``
 forgets this process's entries and file reads (for tests).
 """
 
+import contextlib
 import copy
 import functools
 import json
@@ -40,6 +45,25 @@ _TABLE: dict[str, dict] = {}  # every op's: key -> {"choice": name, "ms": {name:
 _CHOSEN: dict[tuple, str] = {}  # (op, device index, signature) -> choice: known calls skip building the key
 
 _gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
+# the running prepare pass's context factory (``preparing``): a global, as autograd runs the backward's calls
+# on threads of its own
+_prepare: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def preparing(prepare: Callable):
+    """A prepare pass: within it, on every thread, ``choose`` meets a signature with no choice yet by running
+    each available implementation once inside ``prepare()`` (a context manager) and answering the first in
+    the op's fixed order that ran without raising (else the first available), without measuring or recording
+    anything. One pass at a time."""
+    global _prepare
+    if _prepare is not None:
+        raise RuntimeError("fusedres: a prepare pass (fusedres.precompile) is already running")
+    _prepare = prepare
+    try:
+        yield
+    finally:
+        _prepare = None
 
 
 def _read_cache(path: str) -> dict:
@@ -110,6 +134,8 @@ class MeasuredDispatch:
         chosen = _CHOSEN.get((self.op, device.index, signature))
         if chosen is not None:
             return chosen
+        if _prepare is not None:
+            return self._prepare(signature, unavailable_reason, run)
         text = self.describe(signature)
         key = f"{self.op}|{_gpu_name(device.index)}|{text}"
         entry = _TABLE.get(key)
@@ -130,6 +156,22 @@ class MeasuredDispatch:
                     _save(path, key, entry)
         _CHOSEN[self.op, device.index, signature] = entry["choice"]
         return entry["choice"]
+
+    def _prepare(self, signature: Hashable, unavailable_reason: Callable[[str], Optional[str]],
+                 run: Callable[[str], object]) -> str:
+        """``choose`` during a prepare pass (``preparing``)."""
+        available = [name for name in self.implementations if unavailable_reason(name) is None]
+        if not available:
+            raise RuntimeError(f"{self.op}: no implementation can run this call ({self.describe(signature)})")
+        ran = []
+        for name in available:
+            with _prepare():
+                try:
+                    run(name)
+                    ran.append(name)
+                except Exception:  # measured after the pass, and recorded there as failed
+                    pass
+        return (ran or available)[0]
 
     def _measure(self, signature: str, unavailable_reason: Callable[[str], Optional[str]],
                  run: Callable[[str], object]) -> dict:

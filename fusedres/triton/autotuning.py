@@ -8,15 +8,22 @@ the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning results on disk
 triton >= 3.2) so later processes skip the timing. A launch whose key was tuned goes straight to its
 config (``tuning_key``), and every key tuned is recorded in ``TUNINGS`` (the benchmarks report which
 configs won, and by how much).
+
+Across keys, a compile-ahead pass (``compile_ahead``, used by ``fusedres.precompile``) compiles the configs
+of every key a model's step will meet on one pool at once: inside ``CompileAhead.compile_only()`` a launch
+only submits its configs' compiles and returns, so a step waits for the sum of its compiles divided by the
+cores instead of, key after key, for each key's slowest compile.
 """
 
 import contextlib
 import functools
 import inspect
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import triton
+from triton.runtime.driver import driver
 
 from ._host import next_power_of_2
 
@@ -44,15 +51,20 @@ def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
-def fast_path_and_record(tuner):
+def fast_path_and_record(tuner, keep):
     """``tuner`` (a triton Autotuner) with a fast path for keys it has tuned (their config launched straight
     away, ``tuning_key``), appending to TUNINGS whenever a call tunes a new key: the kernel, the key, the
     chosen config, and from the timing (none where one config was left: triton >= 3.8 runs it untimed; none
     read from the disk cache either) its seconds and every timed config's median ms (inf: it failed).
-    Triton itself keeps only the last key's timings."""
+    Triton itself keeps only the last key's timings. Inside a compile-ahead pass's ``compile_only()`` a call
+    launches nothing and submits the compiles of the configs it would time (``keep(configs, arguments)``:
+    those it may run that fit, see ``prune_and_compile``) instead."""
     plain_run = tuner.run
 
     def run(*args, **kwargs):
+        ahead = getattr(_AHEAD, "pass_", None)
+        if ahead is not None:
+            return ahead.submit(tuner, keep, args, kwargs)
         if len(tuner.configs) > 1:  # with one config triton keys nothing
             config = tuner.cache.get(tuning_key(tuner, args, kwargs))
             if config is not None and config.pre_hook is None:
@@ -97,14 +109,18 @@ def fitting(configs: list, sizes: dict) -> list:
     return fit or configs
 
 
-def prune_and_compile(jit_fn, gemm_sizes, usable, configs: list, positional: dict, **launch) -> list:
+def runnable(gemm_sizes, usable, configs: list, arguments: dict) -> list:
+    """The configs a launch with ``arguments`` may run (``usable(config kwargs, arguments)``) that fit its GEMM
+    (``gemm_sizes(arguments)``: {block name: size}, see ``fitting``): those the autotuner times."""
+    return fitting([c for c in configs if usable(c.kwargs, arguments)], gemm_sizes(arguments))
+
+
+def prune_and_compile(jit_fn, keep, configs: list, positional: dict, **launch) -> list:
     """The autotuner's config hook, called once per new key before the configs are timed: keeps the configs
-    this launch may run (``usable(config kwargs, arguments)``) that fit its GEMM (``gemm_sizes(arguments)``:
-    {block name: size}, see ``fitting``), then compiles them all at once on a thread pool (triton compiles
-    with the GIL released), so the timing loop finds them built. A config that fails to compile is left
-    for the timing loop to fail and skip, as it would without this."""
-    arguments = {**positional, **launch}
-    configs = fitting([c for c in configs if usable(c.kwargs, arguments)], gemm_sizes(arguments))
+    ``keep(configs, arguments)`` (``runnable``), then compiles them all at once on a thread pool (triton
+    compiles with the GIL released), so the timing loop finds them built. A config that fails to compile is
+    left for the timing loop to fail and skip, as it would without this."""
+    configs = keep(configs, {**positional, **launch})
     workers = min(len(configs), compile_threads())
     async_compile = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
     if workers < 2 or async_compile is None:
@@ -119,6 +135,69 @@ def prune_and_compile(jit_fn, gemm_sizes, usable, configs: list, positional: dic
         for config in configs:
             jit_fn.warmup(*positional.values(), grid=(1,), **meta, **config.all_kwargs())
     return configs
+
+
+_AHEAD = threading.local()  # .pass_: the CompileAhead whose compile_only() this thread is in, else None
+
+
+class CompileAhead:
+    """A compile-ahead pass (``compile_ahead``): its thread pool and the compiles submitted to it."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool, self.futures, self.lock = pool, [], threading.Lock()
+        self.keys: set = set()  # (jit function, device, tuning key) of every launch submitted
+
+    @contextlib.contextmanager
+    def compile_only(self):
+        """Within, on this thread: a launch of an autotuned kernel (``autotune``) runs nothing, and where its key
+        is new submits the compiles of the configs the autotuner would time to this pass's pool. The launch's
+        outputs stay unwritten; host code that reads the config that ran (``best_config``) after a launch finds
+        one of the key's configs."""
+        previous = getattr(_AHEAD, "pass_", None)
+        _AHEAD.pass_ = self
+        try:
+            yield
+        finally:
+            _AHEAD.pass_ = previous
+
+    def submit(self, tuner, keep, args: tuple, kwargs: dict) -> None:
+        """``tuner``'s launch with ``args`` and ``kwargs`` inside ``compile_only()`` (see there)."""
+        key = tuning_key(tuner, args, kwargs)
+        tuned = tuner.cache.get(key)
+        if tuned is not None:
+            tuner.best_config = tuned
+            return
+        positional = dict(zip(tuner.arg_names, args))
+        configs = keep(tuner.configs, {**positional, **kwargs})
+        tuner.best_config = configs[0]
+        jit_fn, device = tuner.fn, driver.active.get_current_device()
+        jit_fn.device_caches[device]  # made here: the pool's threads would each make one and keep the last
+        meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        with self.lock:  # launches may come from the forward's thread and autograd's
+            if (jit_fn, device, key) in self.keys:
+                return
+            self.keys.add((jit_fn, device, key))
+            self.futures += [self.pool.submit(_compile_config, jit_fn, device, args, meta, config)
+                             for config in configs]
+
+    def failed(self) -> int:
+        """How many submitted compiles raised (after the pass: the timing loop skips those configs)."""
+        return sum(future.exception() is not None for future in self.futures)
+
+
+def _compile_config(jit_fn, device: int, args: tuple, meta: dict, config) -> None:
+    driver.active.set_current_device(device)  # a pool thread starts on device 0
+    jit_fn.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
+
+
+@contextlib.contextmanager
+def compile_ahead():
+    """A compile-ahead pass: yields a ``CompileAhead`` whose ``compile_only()`` turns launches of autotuned
+    kernels into compiles on one pool of ``compile_threads()`` threads; on leaving, waits for every compile.
+    The compiled kernels stay in each kernel's in-process cache and in triton's disk cache, so the launches
+    that follow the pass time their configs without compiling them."""
+    with ThreadPoolExecutor(compile_threads(), thread_name_prefix="fusedres-compile-ahead") as pool:
+        yield CompileAhead(pool)
 
 
 def time_config(kernel_call, quantiles):
@@ -138,7 +217,8 @@ def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, argumen
     def decorate(jit_fn):
         extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
-        hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, gemm_sizes, usable)}
+        keep = functools.partial(runnable, gemm_sizes, usable)
+        hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, keep)}
         return fast_path_and_record(triton.autotune(configs=configs, key=key, prune_configs_by=hook,
-                                                    do_bench=time_config, **extra)(jit_fn))
+                                                    do_bench=time_config, **extra)(jit_fn), keep)
     return decorate

@@ -1,0 +1,107 @@
+"""fusedres.precompile: the pass runs the model (its backward in training), leaves every buffer, gradient and
+random number generator as it found them, and on a GPU leaves the first step nothing to compile. The
+compile-ahead mechanics it rests on are tested in test_triton_conv.py (the kernels' compile-only launches) and
+test_dispatch.py (the dispatch's prepare pass)."""
+
+import pytest
+import torch
+import torchvision
+
+import fusedres
+from conftest import requires_cuda
+from model_helpers import randomise_bn
+
+
+def _converted_resnet18(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    randomise_bn(model, seed)
+    fusedres.convert(model)
+    return model
+
+
+def _state(model: torch.nn.Module) -> dict:
+    """Everything the pass must leave as it was: state_dict (BatchNorm's running statistics and batch counts
+    included), gradients, the CPU generator."""
+    state = {f"state {k}": v.clone() for k, v in model.state_dict().items()}
+    state.update({f"grad {n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    state["rng"] = torch.get_rng_state()
+    return state
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_precompile_runs_the_step_and_leaves_the_model_as_it_found_it(training):
+    model = _converted_resnet18(0).train(training)
+    x = torch.randn(2, 3, 32, 32)
+    if training:  # some gradients already accumulated, others None
+        model(x).sum().backward()
+        model.fc.weight.grad = None
+    forwards, backwards = [], []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    model.conv1.weight.register_hook(lambda grad: backwards.append(1))
+    before = _state(model)
+    report = fusedres.precompile(model, x)
+    _assert_same(before, _state(model))
+    assert model.fc.weight.grad is None and model.training == training
+    assert len(forwards) == 1 and len(backwards) == int(training)  # the backward only in training
+    assert report.compiles == report.failed == 0  # on CPU no call reaches the measured dispatch
+    assert str(report).startswith("fusedres.precompile: 0 Triton kernels compiled in ")
+
+
+def test_precompile_backward_can_be_asked_for_or_left_out():
+    model = _converted_resnet18(1)
+    backwards = []
+    model.conv1.weight.register_hook(lambda grad: backwards.append(1))
+    fusedres.precompile(model, torch.randn(2, 3, 32, 32), backward=False)
+    assert backwards == []
+    fusedres.precompile(model.eval(), torch.randn(2, 3, 32, 32), backward=True)
+    assert backwards == [1] and all(p.grad is None for p in model.parameters())
+
+
+def test_precompile_restores_the_model_when_the_pass_fails():
+    model = _converted_resnet18(2)
+    x = torch.randn(2, 5, 32, 32)  # 5 channels where conv1 takes 3
+    before = _state(model)
+    with pytest.raises(RuntimeError):
+        fusedres.precompile(model, x)
+    _assert_same(before, _state(model))
+
+
+def test_precompile_rejects_what_is_not_a_module():
+    with pytest.raises(TypeError, match="expected an nn.Module, got function"):
+        fusedres.precompile(lambda x: x, torch.randn(2))
+
+
+def _compiled_kernels(device: torch.device) -> int:
+    """Kernels in the in-process caches of the autotuned Triton conv kernels on ``device``."""
+    from fusedres.triton import conv, conv_wgrad
+
+    return sum(len(kernel.fn.device_caches[device.index][0]) for kernel in (conv._conv_kernel,
+                                                                          conv_wgrad._wgrad_kernel))
+
+
+@requires_cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_after_precompile_the_first_step_compiles_nothing(training, fresh_dispatch):
+    """On a GPU: the pass compiles the Triton kernels the auto backend may run, and the first step, which
+    measures the dispatch and autotunes, finds every one of them compiled."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = _converted_resnet18(3).to(device, memory_format=torch.channels_last).train(training)
+    x = torch.randn(8, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
+    before = _state(model)
+    with torch.autocast("cuda", torch.bfloat16):
+        report = fusedres.precompile(model, x)
+        _assert_same(before, _state(model))
+        assert report.compiles > 0 and report.failed == 0, report
+        compiled = _compiled_kernels(device)
+        out = model(x)
+        if training:
+            out.float().sum().backward()
+    torch.cuda.synchronize()
+    assert _compiled_kernels(device) == compiled
