@@ -174,9 +174,10 @@ class PerThreadStdout(io.TextIOBase):
 
 def audit_compiles(records: list) -> None:
     """From here on every Triton compile appends a record to ``records``: the kernel, its constexprs (the
-    config's blocks, the variant's flags, the ints the launcher made constants), warps, stages, shared memory
-    and ``ptxas_findings`` of the log triton prints when asked (TRITON_DUMP_PTXAS_LOG). A compile the cache
-    served runs no ptxas and records nothing."""
+    config's blocks, the variant's flags, the ints the launcher made constants), warps, stages, shared memory,
+    ``ptxas_findings`` of the log triton prints when asked (TRITON_DUMP_PTXAS_LOG), its wall-clock seconds,
+    and the autotuning key being tuned (the number of keys met so far; without --ahead a key's compiles all
+    run while it is tuned). A compile the cache served runs no ptxas and records nothing."""
     import triton.compiler
 
     triton.knobs.nvidia.dump_ptxas_log = True
@@ -184,15 +185,17 @@ def audit_compiles(records: list) -> None:
     real_compile = triton.compiler.compile  # what JITFunction imports when it first compiles
 
     def compile(src, *args, **kwargs):
+        key, start = sum(kind == "key" for kind, _ in events), time.perf_counter()
         with stdout.capture() as log:
             kernel = real_compile(src, *args, **kwargs)
+        seconds = time.perf_counter() - start
         if "ptxas" in log.getvalue():
             options = kwargs["options"]
             constexprs = {src.fn.arg_names[index]: value for (index,), value in sorted(src.constants.items())
                           if isinstance(value, (bool, int, float, str))}
             records.append(dict(kernel=src.name, constexprs=constexprs, warps=options["num_warps"],
                                 stages=options["num_stages"], shared=kernel.metadata.shared,
-                                **ptxas_findings(log.getvalue())))
+                                seconds=seconds, key=key, **ptxas_findings(log.getvalue())))
         return kernel
     triton.compiler.compile = compile
 

@@ -155,7 +155,7 @@ def test_capturing_or_compiling_takes_the_fixed_order_and_records_nothing(dispat
 
 
 def test_a_prepare_pass_runs_each_available_implementation_inside_its_context_and_records_nothing(
-        dispatch, cache_path):
+        dispatch, cache_path, monkeypatch):
     """fusedres.precompile's pass: a new signature runs every available implementation once inside the pass's
     context (where the Triton kernels only start compiling) and takes the first in the fixed order that ran,
     measuring and recording nothing; a known signature keeps its choice; after the pass it is measured."""
@@ -187,6 +187,10 @@ def test_a_prepare_pass_runs_each_available_implementation_inside_its_context_an
             pass
         with pytest.raises(RuntimeError, match="no implementation can run this call"):
             Fake({}, unavailable=dict.fromkeys(IMPLEMENTATIONS, "no")).choose(op, "none")
+        capturing = InPass({"a": 3.0, "b": 2.0, "c": 1.0})
+        with monkeypatch.context() as patch:
+            pretend_capturing(patch)  # a CUDA graph capture in the pass: nothing runs but the call
+            assert capturing.choose(op, "captured") == "a" and capturing.runs == []
     assert fake.runs == [("a", True), ("b", True), ("c", True)]
     assert list(op.table()) == ["op|FakeGPU0|known"]
     assert list(json.loads(cache_path.read_text())) == ["op|FakeGPU0|known"]

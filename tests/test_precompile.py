@@ -87,20 +87,27 @@ def _compiled_kernels(device: torch.device) -> int:
 
 
 @requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_after_precompile_the_first_step_compiles_nothing(training, fresh_dispatch):
-    """On a GPU: the pass compiles the Triton kernels the auto backend may run, and the first step, which
-    measures the dispatch and autotunes, finds every one of them compiled."""
+    """On a GPU, a bottleneck with a strided downsample (bf16 autocast, channels_last): the pass compiles the
+    Triton kernels the auto backend may run, leaves the block as it was, and the first step, which measures
+    the dispatch and autotunes, finds every one of them compiled."""
     device = torch.device("cuda", torch.cuda.current_device())
-    model = _converted_resnet18(3).to(device, memory_format=torch.channels_last).train(training)
-    x = torch.randn(8, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
-    before = _state(model)
+    torch.manual_seed(4)
+    block = torchvision.models.resnet.Bottleneck(
+        64, 32, stride=2, downsample=torch.nn.Sequential(torch.nn.Conv2d(64, 128, 1, stride=2, bias=False),
+                                                         torch.nn.BatchNorm2d(128)))
+    randomise_bn(block, 4)
+    block = fusedres.convert(block).model.to(device, memory_format=torch.channels_last).train(training)
+    x = torch.randn(16, 64, 28, 28, device=device).to(memory_format=torch.channels_last)
+    before = _state(block)
     with torch.autocast("cuda", torch.bfloat16):
-        report = fusedres.precompile(model, x)
-        _assert_same(before, _state(model))
+        report = fusedres.precompile(block, x)
+        _assert_same(before, _state(block))
         assert report.compiles > 0 and report.failed == 0, report
         compiled = _compiled_kernels(device)
-        out = model(x)
+        out = block(x)
         if training:
             out.float().sum().backward()
     torch.cuda.synchronize()

@@ -134,7 +134,7 @@ class MeasuredDispatch:
         chosen = _CHOSEN.get((self.op, device.index, signature))
         if chosen is not None:
             return chosen
-        if _prepare is not None:
+        if _prepare is not None and not _capturing_or_compiling():
             return self._prepare(signature, unavailable_reason, run)
         text = self.describe(signature)
         key = f"{self.op}|{_gpu_name(device.index)}|{text}"
