@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -974,6 +975,19 @@ def test_compile_threads_rejects_what_is_not_a_positive_count(value, monkeypatch
     monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", value)
     with pytest.raises(ValueError, match=f"should be a positive number of threads, got '{value}'"):
         autotuning.compile_threads()
+
+
+def test_a_compile_ahead_pass_left_by_an_exception_waits_only_for_the_compiles_running(monkeypatch):
+    """fusedres.precompile's pass fails (a model that raises, say): it gives up the compiles not yet started
+    instead of waiting for all of them, and the exception goes on."""
+    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "2")
+    started = []
+    with pytest.raises(KeyError):
+        with autotuning.compile_ahead() as ahead:
+            ahead.futures += [ahead.pool.submit(lambda: started.append(1) or time.sleep(0.2)) for _ in range(20)]
+            raise KeyError("the model failed")
+    assert all(future.done() for future in ahead.futures)
+    assert len(started) <= 4 and sum(future.cancelled() for future in ahead.futures) >= 16
 
 
 def test_compile_threads_default_to_the_usable_cores(monkeypatch):

@@ -173,6 +173,7 @@ class CompileAhead:
         jit_fn, device = tuner.fn, driver.active.get_current_device()
         jit_fn.device_caches[device]  # made here: the pool's threads would each make one and keep the last
         meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        args = tuple(_PointerArgument(a) if hasattr(a, "data_ptr") else a for a in args)
         with self.lock:  # launches may come from the forward's thread and autograd's
             if (jit_fn, device, key) in self.keys:
                 return
@@ -185,6 +186,19 @@ class CompileAhead:
         return sum(future.exception() is not None for future in self.futures)
 
 
+class _PointerArgument:
+    """A tensor argument as a compile needs it: its dtype, and its address (triton's launcher specialises a
+    pointer on its alignment). The pass's queued compiles hold these, not the tensors and their memory."""
+
+    __slots__ = ("dtype", "address")
+
+    def __init__(self, tensor):
+        self.dtype, self.address = tensor.dtype, tensor.data_ptr()
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
 def _compile_config(jit_fn, device: int, args: tuple, meta: dict, config) -> None:
     driver.active.set_current_device(device)  # a pool thread starts on device 0
     jit_fn.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
@@ -193,11 +207,17 @@ def _compile_config(jit_fn, device: int, args: tuple, meta: dict, config) -> Non
 @contextlib.contextmanager
 def compile_ahead():
     """A compile-ahead pass: yields a ``CompileAhead`` whose ``compile_only()`` turns launches of autotuned
-    kernels into compiles on one pool of ``compile_threads()`` threads; on leaving, waits for every compile.
-    The compiled kernels stay in each kernel's in-process cache and in triton's disk cache, so the launches
-    that follow the pass time their configs without compiling them."""
-    with ThreadPoolExecutor(compile_threads(), thread_name_prefix="fusedres-compile-ahead") as pool:
+    kernels into compiles on one pool of ``compile_threads()`` threads; on leaving, waits for every compile
+    (left by an exception: only for those already running). The compiled kernels stay in each kernel's
+    in-process cache and in triton's disk cache, so the launches that follow the pass time their configs
+    without compiling them."""
+    pool = ThreadPoolExecutor(compile_threads(), thread_name_prefix="fusedres-compile-ahead")
+    try:
         yield CompileAhead(pool)
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def time_config(kernel_call, quantiles):
