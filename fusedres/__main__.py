@@ -28,6 +28,8 @@ def demo(model_name: str, steps: int, batch: int | None, size: int | None) -> No
         x = x.to(memory_format=torch.channels_last)
     target = torch.randint(0, 100, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    with autocast:  # the first step then only times its Triton kernels (none compile on CPU)
+        print(fusedres.precompile(fused, x))
     print(f"\n{model_name}, batch {batch}, {size}x{size}, {device}"
           f"{' (bf16 autocast, channels_last)' if cuda else ' (fp32; CPU timings)'}")
     print(f"{'step':>4} {'eager loss':>11} {'fused loss':>11} {'eager ms':>9} {'fused ms':>9}")

@@ -3,6 +3,11 @@ random number generator as it found them, and on a GPU leaves the first step not
 compile-ahead mechanics it rests on are tested in test_triton_conv.py (the kernels' compile-only launches) and
 test_dispatch.py (the dispatch's prepare pass)."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -112,3 +117,15 @@ def test_after_precompile_the_first_step_compiles_nothing(training, fresh_dispat
             out.float().sum().backward()
     torch.cuda.synchronize()
     assert _compiled_kernels(device) == compiled
+
+
+def test_the_demo_precompiles_and_the_models_still_train_alike():
+    """python -m fusedres demo (the README's first command) precompiles the converted model before its steps;
+    the losses of the eager and the converted model stay equal after it."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "fusedres", "demo", "--steps", "2", "--batch", "4", "--size", "64"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"fusedres\.precompile: \d+ Triton kernels compiled", done.stdout), done.stdout
+    steps = re.findall(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s", done.stdout, re.MULTILINE)
+    assert [s[0] for s in steps] == ["0", "1"] and all(eager == fused for _, eager, fused in steps), done.stdout
