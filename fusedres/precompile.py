@@ -12,7 +12,9 @@ dispatch preparing instead of measuring (``dispatch.preparing``): each Triton im
 autotuned kernels only submitting their compiles (``autotuning.compile_ahead``), all of them to one pool of
 a thread per core (FUSEDRES_COMPILE_THREADS sets how many), while cuDNN computes the pass. The first real
 step then finds every kernel compiled and only times. Without a GPU, or where the Triton kernels are not
-available, nothing compiles (the pass still runs).
+available, nothing compiles (the pass still runs). This is the "auto" backend's (the default): calls that
+ask for the Triton kernels themselves (``backend="triton"``, FUSEDRES_BACKEND=triton) skip the dispatch, so
+the pass runs them for real and they compile key after key, as a first step would.
 
 The pass leaves the model as it found it: buffers (BatchNorm's running statistics and batch count),
 gradients and the random number generators' state are restored. In training mode (and when a parameter
