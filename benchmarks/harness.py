@@ -155,8 +155,12 @@ def build(setup: Setup, name: str, settings: Settings) -> Step:
     target = setup.fused(name)  # else a level's own
     step = setup.step(target, setup.inputs, settings.autocast)
     if settings.precompile and isinstance(target, nn.Module):
-        with settings.autocast():
-            step.precompile = fusedres.precompile(target, setup.inputs["x"])  # run_contender reports it
+        try:  # run_contender reports it; a failed pass leaves the model as it was, so the step is still timed
+            with settings.autocast():
+                step.precompile = fusedres.precompile(target, setup.inputs["x"])
+        except Exception as exc:
+            step.precompile_error = _error_text(exc)
+            _print_traceback()
     return step
 
 
@@ -337,6 +341,11 @@ def measure_ceilings(settings: Settings) -> dict:
 
 
 # ----------------------------------------------------------------------------- running a case
+def _print_traceback() -> None:
+    """The last lines of the exception being handled, indented under the case's console line."""
+    print("\n".join("      | " + line for line in traceback.format_exc().strip().splitlines()[-12:]), flush=True)
+
+
 def _error_text(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:240]
@@ -365,6 +374,8 @@ def run_contender(case: Case, setup: Setup, name: str, settings: Settings,
         precompiled = getattr(fn, "precompile", None)
         if precompiled is not None:
             row.update(precompile_s=precompiled.seconds, precompile_compiles=precompiled.compiles)
+        if getattr(fn, "precompile_error", None):
+            row["precompile_error"] = fn.precompile_error
         tunings = _tunings()
         known = len(tunings)
         outputs, row["first_call_s"] = first_call(fn, device)
@@ -385,8 +396,7 @@ def run_contender(case: Case, setup: Setup, name: str, settings: Settings,
                    p80_ms=quantile(times, 0.8), repeats=len(times))
     except Exception as exc:  # a failing contender becomes a row saying why, the run goes on
         row["error"] = _error_text(exc)
-        tb = traceback.format_exc().strip().splitlines()
-        print("\n".join("      | " + line for line in tb[-12:]), flush=True)
+        _print_traceback()
     finally:
         del fn
         release(device, compiled=name == "compile")
@@ -456,6 +466,15 @@ def agree_text(row: dict) -> str:
     return f"{'ok' if row['agree'] else 'DIFF'} {row['max_err']:.0e}"
 
 
+def precompile_text(row: dict) -> str:
+    """A row's fusedres.precompile before its first call: seconds (kernels compiled), why it failed, or —."""
+    if row.get("precompile_error"):
+        return "ERROR"
+    if row.get("precompile_s") is None:
+        return "—"
+    return f"{row['precompile_s']:.1f} ({row['precompile_compiles']})"
+
+
 def ceiling_pct(row: dict) -> Optional[float]:
     frac = row.get("frac_copy") if row["level"] == "ops" else row.get("frac_gemm")
     return None if frac is None else 100 * frac
@@ -475,9 +494,11 @@ def columns(level: str, anchor: str = "eager") -> list[tuple[str, int, Callable[
         (f"vs {anchor}", 10, lambda r: ratio(r.get("vs_eager"))),
         ("vs compile", 11, lambda r: ratio(r.get("vs_compile"))),
         ("first call s", 13, lambda r: fmt(r.get("first_call_s"), ".3f")),
+        ("precompile s", 13, lambda r: precompile_text(r)),
         ("agree", 0, agree_text),
     ]
-    hidden = ("img/s", "vs compile") if level == "convs" else ("first call s",)
+    hidden = {"convs": ("img/s", "vs compile", "precompile s"), "models": ()}.get(level, ("first call s",
+                                                                                       "precompile s"))
     return [c for c in cols if c[0] not in hidden]
 
 
@@ -508,7 +529,9 @@ LEVEL_TITLES = {
     "blocks": "Residual blocks; TFLOP/s from conv FLOPs (training = 3x forward), % of the "
               "measured GEMM ceiling",
     "models": "Whole ResNets (train = one SGD step incl. loss); TFLOP/s from conv + linear FLOPs, "
-              "% of the measured GEMM ceiling",
+              "% of the measured GEMM ceiling; first call s = the first step's wall clock (compiles, the "
+              "dispatch's and the autotuner's timing); precompile s (--precompile) = fusedres.precompile's "
+              "pass before it, with the Triton kernels it compiled in brackets",
     "convs": "Every distinct conv of the selected models (default resnet50). fwd (no autograd): "
              "cudnn = F.conv2d(x, w) (on CPU torch's own conv), the anchor (`vs cudnn` = its time / this "
              "one's); prologue[B] = fusedres.ops.bn_act_conv2d = conv(relu(x * scale + shift)) (cuda: a "

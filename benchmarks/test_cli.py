@@ -1,7 +1,9 @@
-"""``python -m benchmarks``'s case selection (no timing): what --levels and --modes leave to run."""
+"""``python -m benchmarks``'s options: what --levels and --modes leave to run, and --precompile's rows (on CPU,
+one tiny models case)."""
 
 import pytest
 
+import fusedres
 from benchmarks import cases, harness
 from benchmarks.__main__ import make_settings
 
@@ -36,3 +38,20 @@ def test_precompile_runs_before_the_fused_first_call_and_is_reported():
     fused = rows["fused[auto]"]
     assert not fused.get("error") and fused["agree"] is not False, fused
     assert fused["precompile_compiles"] == 0 and fused["precompile_s"] > 0, fused
+
+
+def test_a_failed_precompile_is_reported_and_the_step_still_timed(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fusedres, "precompile", fail)
+    settings = make_settings(["--device", "cpu", "--levels", "models", "--models", "resnet18", "--quick",
+                              "--batch", "2", "--size", "64", "--modes", "infer", "--backends", "auto",
+                              "--repeats", "1", "--warmup", "0", "--precompile"])
+    case = cases.build_cases(settings)[0]
+    setup = case.prepare()
+    row = harness.run_contender(case, setup, "fused[auto]", settings, harness.Reference.of(setup, settings))
+    assert row["precompile_error"] == "RuntimeError: no compiler here" and row["median_ms"] > 0, row
+    headers = [header for header, _, _ in harness.columns("models")]
+    assert "first call s" in headers and "precompile s" in headers
+    assert harness.precompile_text(row) == "ERROR"

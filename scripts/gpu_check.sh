@@ -17,7 +17,9 @@
 #   GPU_CHECK_TESTS_TIMEOUT seconds before the tests are stopped (default 100; the log keeps what ran)
 #   GPU_CHECK_BENCH         ";"-separated runs of python -m benchmarks, each "SECONDS ARGS..." (default: the convs
 #                           level for 160 s, ResNet-50 inference at batch 1, 32, 256 for 120 s, its training step at
-#                           256 for 140 s, eager vs torch.compile vs fused "auto"; with the tests about 9 minutes);
+#                           256 for 140 s, eager vs torch.compile vs fused "auto", the fused model precompiled
+#                           (fusedres.precompile: its row's "precompile s", then "first call s" is timing alone);
+#                           with the tests about 9 minutes);
 #                           e.g. "300 --levels blocks --models resnet50" or
 #                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target)
 #   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
@@ -50,7 +52,7 @@ summary() {  # the summary table (last in the output), written after every step 
 note() { steps+=("$1"); result[$1]=$2; summary; }
 limit() { if [ -n "${1:-}" ] && [ "$1" != 0 ]; then echo "timeout $1"; fi; }
 
-models="--levels models --models resnet50 --backends auto --modes"
+models="--levels models --models resnet50 --backends auto --precompile --modes"  # fused: precompile, then timed
 IFS=';' read -ra bench_runs <<< "${GPU_CHECK_BENCH:-160 --levels convs --models resnet50; 120 $models infer; 140 $models train}"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 
