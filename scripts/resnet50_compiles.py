@@ -4,9 +4,10 @@
     python scripts/resnet50_compiles.py --cache /abs/dir --mode train,convs --batch 256    # build them
     python scripts/resnet50_compiles.py --cache /abs/dir --report ptxas.json ...           # and audit them
 
-Every distinct conv of torchvision's ResNet-50 at 224 px goes through the Triton convs' host path behind the
-H100 stand-in driver of the kernel tests (tests/triton_conv_helpers.py; sm_90, 132 SMs), each mode at each
-batch, bf16 channels_last, as the package and the benchmarks launch it:
+Every distinct conv of torchvision's ResNet-50 (``--model``: another ResNet the benchmarks know) at 224 px goes
+through the Triton convs' host path behind the H100 stand-in driver of the kernel tests
+(tests/triton_conv_helpers.py; sm_90, 132 SMs), each mode at each batch, bf16 channels_last, as the package and
+the benchmarks launch it:
 
 - ``train``: the converted model's training step (``benchmarks.convs.package_prologues``: each conv with its
   BatchNorm + ReLU prologue or none; the stem stays torch's): the forward with statistics, the input gradient
@@ -60,6 +61,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--ahead", action="store_true",
                         help="with --cache: compile every key's configs at once, as fusedres.precompile does, "
                              "instead of key after key as a first step does")
+    parser.add_argument("--model", default="resnet50",
+                        help="another torchvision or timm ResNet of the benchmarks (e.g. resnext50_32x4d) instead "
+                             "of resnet50")
     parser.add_argument("--convs", help="comma-separated module names: only the convs of these shapes "
                                         "(e.g. layer1.0.conv1; default: every conv)")
     args = parser.parse_args()
@@ -116,13 +120,14 @@ def record_keys(kernel):
     kernel.early_config_prune = prune_and_note
 
 
-def run_convs(mode: str, batch: int, only=None) -> None:
-    """Launch (behind the stand-in driver: compile only) every conv kernel ``mode`` runs at ``batch``, on the
-    conv shapes of the modules ``only`` names if given. A shape several convs share runs once per way the
-    package runs them (layer1.0's conv3 and downsample conv: one with a prologue, one without)."""
-    prologues = package_prologues("resnet50")
+def run_convs(model: str, mode: str, batch: int, only=None) -> None:
+    """Launch (behind the stand-in driver: compile only) every conv kernel ``mode`` runs at ``batch`` in
+    ``model`` (a benchmarks model name), on the conv shapes of the modules ``only`` names if given. A shape
+    several convs share runs once per way the package runs them (layer1.0's conv3 and downsample conv: one
+    with a prologue, one without)."""
+    prologues = package_prologues(model)
     like = dict(dtype=torch.bfloat16)
-    for spec in conv_specs(["resnet50"], 224):
+    for spec in conv_specs([model], 224):
         modules = [use.split(":")[1] for use in spec.uses]
         if only is not None and not only & set(modules):
             continue
@@ -248,9 +253,9 @@ def main() -> None:
             stack.enter_context(stack.enter_context(autotuning.compile_ahead()).compile_only())
         for mode in args.mode:
             for batch in args.batch:
-                run_convs(mode, batch, args.convs)
+                run_convs(args.model, mode, batch, args.convs)
     seconds = time.perf_counter() - start
-    print(f"ResNet-50 {','.join(args.mode)}, batch {','.join(map(str, args.batch))}, bf16 channels_last, "
+    print(f"{args.model} {','.join(args.mode)}, batch {','.join(map(str, args.batch))}, bf16 channels_last, "
           f"{len(conv._CONFIGS)} conv configs:")
     if args.cache is not None:
         after = cached_kernels(args.cache)
