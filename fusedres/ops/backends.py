@@ -60,6 +60,12 @@ def requested_backend(name: str) -> str:
     return os.environ.get("FUSEDRES_BACKEND", "auto") if name == "auto" else name
 
 
+def measured(t: torch.Tensor) -> bool:
+    """Whether the "auto" backend times the implementations of a call on ``t`` (``ops/dispatch.py``) and
+    keeps the fastest: on CUDA tensors; elsewhere it runs torch's."""
+    return t.device.type == "cuda"
+
+
 def channels_last(t: torch.Tensor) -> bool:
     """Whether ``t`` is dense channels_last and not also NCHW-contiguous (size-1 C or H * W make both
     formats coincide; those count as NCHW)."""

@@ -221,7 +221,7 @@ def _choose(backend: str, channels_last: bool, args) -> str:
             raise RuntimeError(f"fusedres.conv_bias_act: backend {backend!r} cannot run this call: {reason}")
         return backend
     x = args[0]
-    if x.device.type != "cuda":
+    if not backends.measured(x):
         return "torch"
     return _DISPATCH.choose(x.device, _signature(args, channels_last), lambda name: unavailable_reason(name, *args),
                             lambda name: _IMPLS[name](*args))

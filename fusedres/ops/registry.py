@@ -445,7 +445,7 @@ def _choose_conv(conv_dispatch, backend, y, triton_unavailable, signature, run) 
     name = backends.requested_backend(backend)
     if name == "triton":
         return "cudnn" if triton_unavailable() else "triton"
-    if name != "auto" or not y.is_cuda:
+    if name != "auto" or not backends.measured(y):
         return "cudnn"
     return conv_dispatch.choose(
         y.device, signature(), lambda implementation: triton_unavailable() if implementation == "triton" else None,
