@@ -3,7 +3,6 @@ random number generator as it found them, and on a GPU leaves the first step not
 compile-ahead mechanics it rests on are tested in test_triton_conv.py (the kernels' compile-only launches) and
 test_dispatch.py (the dispatch's prepare pass)."""
 
-import json
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torchvision
 import fusedres
 from conftest import requires_cuda
 from model_helpers import randomise_bn
-from triton_conv_helpers import STAND_IN_LAUNCH, compile_for_sm90
+from triton_conv_helpers import RECORD_COMPILES, STAND_IN_LAUNCH, run_behind_stand_in
 
 
 def _converted_resnet18(seed: int) -> torch.nn.Module:
@@ -85,24 +84,10 @@ def test_precompile_rejects_what_is_not_a_module():
         fusedres.precompile(lambda x: x, torch.randn(2))
 
 
-_PRECOMPILE_BEHIND_THE_STAND_IN = STAND_IN_LAUNCH + """
-import json, threading
+_PRECOMPILE_BEHIND_THE_STAND_IN = STAND_IN_LAUNCH + RECORD_COMPILES + """
 import torchvision
-import triton.compiler
 import fusedres
 from fusedres.ops import backends, dispatch
-
-compiles = []
-real_compile = triton.compiler.compile
-
-
-def compile(src, *args, **kwargs):  # the one JITFunction calls
-    compiles.append(dict(kernel=src.name, thread=threading.current_thread().name))
-    return real_compile(src, *args, **kwargs)
-
-
-triton.compiler.compile = compile
-compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
 # the CPU tensors taken for the GPU's: the auto backend's calls go through the measured dispatch, whose timer
 # runs an implementation once (its Triton kernels compile, never run) and rates every one alike
 backends.measured = lambda tensor: True
@@ -123,17 +108,13 @@ print(json.dumps(dict(compiles=report.compiles, failed=report.failed, in_pass=in
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs precompile for real")
-def test_precompile_compiles_a_training_blocks_kernels_at_once_behind_the_stand_in(monkeypatch, tmp_path):
+def test_precompile_compiles_a_training_blocks_kernels_at_once_behind_the_stand_in(tmp_path):
     """The whole path on CPU: a converted bottleneck's training step with the auto backend, the CPU tensors
     taken for the GPU's and an H100 stand-in driver (kernels compiled for sm_90, never launched).
     precompile's pass reaches the Triton forward, input-gradient and weight-gradient kernels through the
     measured dispatch, in the forward's thread and autograd's, and compiles all of them on its pool; the
     step after it, which measures the dispatch and autotunes, compiles none of them again."""
-    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "2")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real: a cached kernel loads at once
-    done = compile_for_sm90(_PRECOMPILE_BEHIND_THE_STAND_IN)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = run_behind_stand_in(_PRECOMPILE_BEHIND_THE_STAND_IN, tmp_path)
     tuned = [c for c in found["in_pass"] if c["kernel"] != "_finish_stats_kernel"]  # which is not autotuned
     assert found["failed"] == 0 and len(tuned) == found["compiles"] > 0, found
     assert {c["kernel"] for c in tuned} == {"_conv_kernel", "_wgrad_kernel"}, found

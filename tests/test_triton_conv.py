@@ -26,8 +26,9 @@ import triton.language as tl
 from conftest import requires_cuda
 from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
                                  LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES, LAYER2_3X3_S2,
-                                 LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
+                                 LAYER2_3X3_S2_CHANNELS_LAST_STRIDES, RECORD_COMPILES,
                                  STAND_IN_LAUNCH, assert_pipelined, compile_for_sm90, compile_launch_like_for_sm90,
+                                 run_behind_stand_in,
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
@@ -863,7 +864,7 @@ print(json.dumps(dict(compiles=compiles, all_block_ns=[c.kwargs["BLOCK_N"] for c
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests autotune for real")
 @pytest.mark.parametrize("fail_block_n,out_channels", [(0, 256), (256, 256), (0, 64)],
                          ids=["all-compile", "one-fails", "64-channels"])
-def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, out_channels, monkeypatch, tmp_path):
+def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, out_channels, tmp_path):
     """First use of a conv shape compiles every config that fits it on worker threads before the autotuner
     times them, and those are the kernels the timing loop and the launch use (nothing compiles twice or on
     the main thread); a config that fails to compile is skipped by the timing loop as it would be without
@@ -871,11 +872,7 @@ def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, out
     (wider tiles would mask off half their columns or more). Run on CPU with a stand-in for the H100's
     driver (compiled, never launched), in a process without TRITON_INTERPRET; two worker threads even
     where the machine has one core."""
-    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "2")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real: a cached kernel loads at once
-    done = compile_for_sm90(_PARALLEL_COMPILE, str(fail_block_n), str(out_channels))
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = run_behind_stand_in(_PARALLEL_COMPILE, tmp_path, str(fail_block_n), str(out_channels))
     on_workers = [c for c in found["compiles"] if c["thread"].startswith("fusedres-compile")]
     fitting = [n for n in found["all_block_ns"] if n <= max(out_channels, 64)]
     assert sorted(c["block_n"] for c in on_workers) == sorted(fitting), found  # each fitting config once
@@ -886,22 +883,8 @@ def test_a_new_autotuning_key_compiles_its_configs_in_parallel(fail_block_n, out
     assert fail_block_n == 0 or fail_block_n in fitting  # the failure case does fail a config
 
 
-_COMPILE_AHEAD = STAND_IN_LAUNCH + """
-import json, threading
-import triton.compiler
+_COMPILE_AHEAD = STAND_IN_LAUNCH + RECORD_COMPILES + """
 from fusedres.triton import autotuning
-
-compiles = []
-real_compile = triton.compiler.compile
-
-
-def compile(src, *args, **kwargs):  # the one JITFunction calls
-    compiles.append(dict(kernel=src.name, thread=threading.current_thread().name))
-    return real_compile(src, *args, **kwargs)
-
-
-triton.compiler.compile = compile
-compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
 x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 dy = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 w64, w128 = (torch.randn(k, 64, 3, 3, dtype=torch.bfloat16) for k in (64, 128))
@@ -929,17 +912,14 @@ print(json.dumps(dict(in_pass=in_pass, submitted=submitted, failed=ahead.failed(
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests autotune for real")
-def test_a_compile_ahead_pass_compiles_every_key_at_once_and_the_step_after_it_only_times(monkeypatch, tmp_path):
+def test_a_compile_ahead_pass_compiles_every_key_at_once_and_the_step_after_it_only_times(tmp_path):
     """Inside a compile-ahead pass's compile_only() (fusedres.precompile's), launches of the autotuned conv
-    (forward and input gradient) and weight-gradient kernels run nothing and tune nothing: each new key's configs, the ones its autotuning
-    would time, are compiled on the pass's pool, every key's at once, and the pass waits for them. The step
-    after the pass times each key's configs without compiling any of them again. Run on CPU with a stand-in
-    for the H100's driver (compiled, never launched), in a process without TRITON_INTERPRET."""
-    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "2")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real: a cached kernel loads at once
-    done = compile_for_sm90(_COMPILE_AHEAD)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    (forward and input gradient) and weight-gradient kernels run nothing and tune nothing: each new key's
+    configs, the ones its autotuning would time, are compiled on the pass's pool, every key's at once, and
+    the pass waits for them. The step after the pass times each key's configs without compiling any of them
+    again. Run on CPU with a stand-in for the H100's driver (compiled, never launched), in a process without
+    TRITON_INTERPRET."""
+    found = run_behind_stand_in(_COMPILE_AHEAD, tmp_path)
     tuned = [c for c in found["in_pass"] if c["kernel"] != "_finish_stats_kernel"]  # which is not autotuned
     assert found["tuned_in_pass"] == 0 and found["failed"] == 0, found
     assert len(tuned) == found["submitted"] and {c["thread"][:22] for c in tuned} == {"fusedres-compile-ahead"}

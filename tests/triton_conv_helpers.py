@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -79,14 +80,24 @@ def rand_vec(gen, n, positive=False):
     return v.to(DEVICE)
 
 
-def compile_for_sm90(script: str, *args: str) -> subprocess.CompletedProcess:
+def compile_for_sm90(script: str, *args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run ``script`` with ``args`` as its sys.argv[1:] (it compiles kernel variants for an H100 with the
-    wheel's ptxas) in a process without TRITON_INTERPRET: the interpreter runs code the compiler rejects."""
+    wheel's ptxas) in a process without TRITON_INTERPRET (the interpreter runs code the compiler rejects),
+    ``env`` added to this one's environment."""
     root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
+
+
+def run_behind_stand_in(script: str, cache: Path, *args: str) -> dict:
+    """``compile_for_sm90(script, *args)`` with two compile threads (even on one core) and the Triton cache in
+    ``cache`` (compiles for real: a cached kernel would load at once); the JSON its last line prints."""
+    env = dict(FUSEDRES_COMPILE_THREADS="2", TRITON_CACHE_DIR=str(cache))
+    done = compile_for_sm90(script, *args, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # A ResNet-50 layer1 3x3 conv (64->64, 56x56, batch 256) as launched: the kernels' geometry arguments, and
@@ -163,6 +174,24 @@ def compile_without_launching(*kernels):  # autotuned kernels, or plain jit func
             kernel.do_bench = do_bench
 """
 
+# After STAND_IN_LAUNCH: every compile of the three conv kernels is noted in ``compiles`` ({kernel, thread}), and
+# their launches compile without running
+RECORD_COMPILES = """
+import json, threading
+import triton.compiler
+
+compiles = []
+real_compile = triton.compiler.compile
+
+
+def compile(src, *args, **kwargs):  # the one JITFunction calls
+    compiles.append(dict(kernel=src.name, thread=threading.current_thread().name))
+    return real_compile(src, *args, **kwargs)
+
+
+triton.compiler.compile = compile
+compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
+"""
 
 _LAUNCH_LIKE_SCRIPT = """
 import importlib, json, os, re, subprocess, sys, tempfile
