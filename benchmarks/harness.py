@@ -494,7 +494,7 @@ def columns(level: str, anchor: str = "eager") -> list[tuple[str, int, Callable[
         (f"vs {anchor}", 10, lambda r: ratio(r.get("vs_eager"))),
         ("vs compile", 11, lambda r: ratio(r.get("vs_compile"))),
         ("first call s", 13, lambda r: fmt(r.get("first_call_s"), ".3f")),
-        ("precompile s", 13, lambda r: precompile_text(r)),
+        ("precompile s", 13, precompile_text),
         ("agree", 0, agree_text),
     ]
     hidden = {"convs": ("img/s", "vs compile", "precompile s"), "models": ()}.get(level, ("first call s",

@@ -20,8 +20,8 @@ The pass leaves the model as it found it: buffers (BatchNorm's running statistic
 gradients and the random number generators' state are restored. In training mode (and when a parameter
 requires grad) the pass runs the backward too, of the sum of the outputs, so the backward's kernels are
 compiled as well; otherwise it runs the forward without autograd, as inference does (an eval-mode block
-folds its BatchNorms into its convs only then). Run it before wrapping the model in DistributedDataParallel (its hooks would all-reduce
-the pass's gradients) or on every rank.
+folds its BatchNorms into its convs only then). Run it before wrapping the model in DistributedDataParallel
+(its hooks would all-reduce the pass's gradients) or on every rank.
 """
 
 import dataclasses

@@ -91,6 +91,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
+import triton.compiler  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 from triton_conv_helpers import STAND_IN_LAUNCH, ptxas_findings  # noqa: E402
 
@@ -183,8 +184,6 @@ def audit_compiles(records: list) -> None:
     ``ptxas_findings`` of the log triton prints when asked (TRITON_DUMP_PTXAS_LOG), its wall-clock seconds,
     and the autotuning key being tuned (the number of keys met so far; without --ahead a key's compiles all
     run while it is tuned). A compile the cache served runs no ptxas and records nothing."""
-    import triton.compiler
-
     triton.knobs.nvidia.dump_ptxas_log = True
     stdout = sys.stdout = PerThreadStdout(sys.stdout)
     real_compile = triton.compiler.compile  # what JITFunction imports when it first compiles
@@ -205,11 +204,13 @@ def audit_compiles(records: list) -> None:
     triton.compiler.compile = compile
 
 
+TUNED = {name for module in (conv, conv_wgrad) for config in module._CONFIGS for name in config.kwargs}
+
+
 def config_of(record: dict) -> str:
-    """A record's config as the autotuner's describe() writes it: the tuned constexprs, warps, stages."""
-    tuned = {name for module in (conv, conv_wgrad) for config in module._CONFIGS for name in config.kwargs}
-    blocks = [f"{k}={v}" for k, v in record["constexprs"].items() if k in tuned]
-    return " ".join([*blocks, f"warps={record['warps']}", f"stages={record['stages']}"])
+    """A record's config (its tuned constexprs, warps, stages) as the autotuner describes configs."""
+    tuned = {k: v for k, v in record["constexprs"].items() if k in TUNED}
+    return autotuning.describe(triton.Config(tuned, num_warps=record["warps"], num_stages=record["stages"]))
 
 
 def print_audit(records: list) -> None:

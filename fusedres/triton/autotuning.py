@@ -125,7 +125,6 @@ def prune_and_compile(jit_fn, keep, configs: list, positional: dict, **launch) -
     async_compile = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
     if workers < 2 or async_compile is None:
         return configs
-    meta = {k: v for k, v in launch.items() if k not in ("grid", "warmup")}
     with ThreadPoolExecutor(workers, thread_name_prefix="fusedres-compile") as pool, \
             contextlib.ExitStack() as stack:
         try:
@@ -133,8 +132,15 @@ def prune_and_compile(jit_fn, keep, configs: list, positional: dict, **launch) -
         except RuntimeError:  # the caller runs its own AsyncCompileMode (one at a time): leave compiling to it
             return configs
         for config in configs:
-            jit_fn.warmup(*positional.values(), grid=(1,), **meta, **config.all_kwargs())
+            _compile(jit_fn, tuple(positional.values()), launch, config)
     return configs
+
+
+def _compile(jit_fn, args: tuple, launch: dict, config) -> None:
+    """Compile ``jit_fn`` for a launch with ``args`` and keyword arguments ``launch`` (the launch's own grid and
+    warmup among them, left out) in ``config``, without running it."""
+    meta = {k: v for k, v in launch.items() if k not in ("grid", "warmup")}
+    jit_fn.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
 
 
 _AHEAD = threading.local()  # .pass_: the CompileAhead whose compile_only() this thread is in, else None
@@ -167,19 +173,18 @@ class CompileAhead:
         if tuned is not None:
             tuner.best_config = tuned
             return
-        positional = dict(zip(tuner.arg_names, args))
-        configs = keep(tuner.configs, {**positional, **kwargs})
+        configs = keep(tuner.configs, {**dict(zip(tuner.arg_names, args)), **kwargs})
         tuner.best_config = configs[0]
         jit_fn, device = tuner.fn, driver.active.get_current_device()
-        jit_fn.device_caches[device]  # made here: the pool's threads would each make one and keep the last
-        meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        args = tuple(_PointerArgument(a) if hasattr(a, "data_ptr") else a for a in args)
         with self.lock:  # launches may come from the forward's thread and autograd's
             if (jit_fn, device, key) in self.keys:
                 return
             self.keys.add((jit_fn, device, key))
-            self.futures += [self.pool.submit(_compile_config, jit_fn, device, args, meta, config)
-                             for config in configs]
+        jit_fn.device_caches[device]  # made here: the pool's threads would each make one and keep the last
+        args = tuple(_PointerArgument(a) if hasattr(a, "data_ptr") else a for a in args)
+        futures = [self.pool.submit(_compile_on, device, jit_fn, args, kwargs, config) for config in configs]
+        with self.lock:
+            self.futures += futures
 
     def failed(self) -> int:
         """How many submitted compiles raised (after the pass: the timing loop skips those configs)."""
@@ -199,9 +204,10 @@ class _PointerArgument:
         return self.address
 
 
-def _compile_config(jit_fn, device: int, args: tuple, meta: dict, config) -> None:
-    driver.active.set_current_device(device)  # a pool thread starts on device 0
-    jit_fn.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
+def _compile_on(device: int, *compile_args) -> None:
+    """``_compile(*compile_args)`` for ``device``, on a pool thread (which starts on device 0)."""
+    driver.active.set_current_device(device)
+    _compile(*compile_args)
 
 
 @contextlib.contextmanager
