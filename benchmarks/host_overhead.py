@@ -9,19 +9,29 @@ the Triton conv takes CPU tensors only under TRITON_INTERPRET=1 (whose 2 configs
 10 where the launch sizes its workspace for every config).
 
     PYTHONPATH=. TRITON_INTERPRET=1 python -m benchmarks.host_overhead      # CPU
-    PYTHONPATH=. python -m benchmarks.host_overhead                         # GPU
+    PYTHONPATH=. python -m benchmarks.host_overhead                         # GPU, or CPU behind a stand-in
 
 Prints the median over 7 rounds of 2000 calls, in microseconds per call; on a GPU first with the real
-kernels too (their launches included: the host time a small conv costs in all).
+kernels too (their launches included: the host time a small conv costs in all). On CPU without
+TRITON_INTERPRET, first with triton's whole launch path instead: the kernels compiled for an H100 (sm_90,
+once, into triton's cache) behind the tests' stand-in driver, whose launcher runs nothing; all but the
+driver's own launch call. There, ``--resnet50`` adds the host time of a converted ResNet-50's blocks in a
+batch-1 inference forward, every conv unit on the Triton conv (its first forward compiles ~100 kernels).
+
+    PYTHONPATH=. python -m benchmarks.host_overhead --resnet50             # CPU: + ResNet-50's blocks
 """
 
+import os
 import statistics
+import sys
 import time
 import types
+from pathlib import Path
 
 import torch
 import triton
 
+from fusedres.ops import backends, inference
 from fusedres.triton import conv
 
 
@@ -34,7 +44,7 @@ class _NoLaunch:
 
 
 def _microseconds(fn, calls: int = 2000, rounds: int = 7) -> float:
-    for _ in range(200):
+    for _ in range(min(calls // 10, 200) or 1):
         fn()
     times = []
     for _ in range(rounds):
@@ -45,16 +55,51 @@ def _microseconds(fn, calls: int = 2000, rounds: int = 7) -> float:
     return statistics.median(times)
 
 
+def _behind_stand_in() -> None:
+    """Make triton launch for an H100 with no GPU (tests/triton_conv_helpers.py's stand-in driver): kernels
+    compile for sm_90, each config's timing rates it like the others, the launcher runs nothing, and the ops'
+    triton backends take CPU tensors."""
+    os.environ["TRITON_INTERPRET"] = "0"  # the helpers interpret where there is no GPU unless told otherwise
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from triton_conv_helpers import STAND_IN_LAUNCH
+
+    stand_in: dict = {}
+    exec(STAND_IN_LAUNCH, stand_in)
+    stand_in["time_nothing"](conv._conv_kernel)
+    backends._triton_interpreted = lambda: True  # the ops' check: triton backends take CPU tensors here
+
+
+def _resnet50_blocks_ms() -> float:
+    """Host ms of a converted torchvision ResNet-50's 16 blocks (52 conv units: folded BN + residual + ReLU in
+    one Triton conv each) in an inference forward at batch 1, bf16, channels_last: median of 5 rounds of 5,
+    after a forward that compiles and tunes them. Behind the stand-in only; the dispatch's choice is fixed
+    to the Triton conv (it measures on a GPU, where the models benchmark times the whole forward)."""
+    import torchvision
+
+    import fusedres
+
+    inference._choose = lambda backend, channels_last, args: "triton"
+    model = torchvision.models.resnet50().eval().to(torch.bfloat16, memory_format=torch.channels_last)
+    fusedres.convert(model)
+    blocks = torch.nn.Sequential(model.layer1, model.layer2, model.layer3, model.layer4)
+    x = torch.randn(1, 64, 56, 56, dtype=torch.bfloat16).to(memory_format=torch.channels_last)  # the stem's output
+    with torch.no_grad():
+        return _microseconds(lambda: blocks(x), calls=5, rounds=5) / 1e3
+
+
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not conv._INTERPRET:
-        raise SystemExit("benchmarks.host_overhead: no CUDA device; run it with TRITON_INTERPRET=1 on CPU")
+    launches = device == "cuda" or not conv._INTERPRET
+    if device == "cpu" and launches:
+        _behind_stand_in()
     n, c, k, hw = 2, 256, 1024, 14  # ResNet-50's layer3 1x1 expand, at batch 2 (no size matters here)
     x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
     w = torch.randn(k, c, 1, 1, dtype=torch.bfloat16, device=device)
     ones_c, zeros_k = torch.ones(c, device=device), torch.zeros(k, device=device)
     bn = (torch.zeros(c, device=device), torch.ones(c, device=device), ones_c, torch.zeros(c, device=device))
     unit = (x, *bn, w, None, [1, 1], [0, 0], [1, 1], 1, True, True)
+    x_k = torch.randn(n, k, hw, hw, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
+    w_k, bias_k = (torch.randn(*shape, dtype=torch.bfloat16, device=device) for shape in ((k, k, 1, 1), (k,)))
     rows = {
         "conv2d_fused, bare": lambda: conv.conv2d_fused(x, w),
         "conv2d_fused, BN + ReLU prologue": lambda: conv.conv2d_fused(x, w, in_scale=ones_c, in_shift=ones_c),
@@ -62,13 +107,19 @@ def main() -> None:
             x, w, in_scale=ones_c, in_shift=ones_c, compute_stats=True, stats_shift=zeros_k),
         "op bn_act_conv2d (triton)": lambda: torch.ops.fusedres.bn_act_conv2d(*unit, "triton"),
         "op conv2d_stats (triton)": lambda: torch.ops.fusedres.conv2d_stats(*unit, "triton", "", 0, zeros_k),
+        # an inference unit (folded BN as a bias, + residual, ReLU) as a converted block runs it
+        "conv_bias_act, residual (triton)": lambda: inference.conv_bias_act(x_k, w_k, bias_k, x_k, backend="triton"),
     }
-    if device == "cuda":  # the real kernels (tuned on the first call): the host path with triton's launches
+    if launches:  # the kernels (tuned on the first call): the host path with triton's launches
         print(f"host us per call, real kernels (cuda, triton {triton.__version__}; the GPU's part of a call is "
-              "a few us at this size):")
+              "a few us at this size):" if device == "cuda" else
+              f"host us per call, sm_90 kernels behind a stand-in driver that launches nothing (cpu, triton "
+              f"{triton.__version__}):")
         for name, fn in rows.items():
             fn()
             print(f"  {name:40s} {_microseconds(fn):7.1f}")
+        if device == "cpu" and "--resnet50" in sys.argv[1:]:
+            print(f"host ms, ResNet-50's 16 blocks, inference forward at batch 1: {_resnet50_blocks_ms():.2f}")
     conv._conv_kernel = conv._finish_stats_kernel = _NoLaunch()
     print(f"host us per call, conv kernels stubbed ({device}, torch {torch.__version__}):")
     for name, fn in rows.items():

@@ -950,6 +950,96 @@ def test_int_arguments_equal_to_one_compile(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+_RELAUNCH = STAND_IN_LAUNCH + """
+import json
+from triton.runtime import jit
+
+launches, jit_runs = [], []
+
+
+class RecordingLauncher:  # each compiled kernel's launcher: notes the kernel, which launcher, the arguments
+    def __init__(self, src, metadata):
+        self.kernel = src.name
+
+    def __call__(self, *args):
+        launches.append((self.kernel, id(self), args))
+
+
+def compute_cache_key(*args, real=jit.compute_cache_key):  # what every launch through JITFunction.run calls
+    jit_runs.append(1)
+    return real(*args)
+
+
+StandInH100.launcher_cls = RecordingLauncher
+jit.compute_cache_key = compute_cache_key
+kernel = conv._conv_kernel
+time_nothing(kernel)
+x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+w = torch.randn(64, 32, 3, 3, dtype=torch.bfloat16)  # 2 groups: a grid of 2 columns
+scale, shift = torch.rand(64) + 0.5, torch.randn(64)
+misaligned_scale = torch.empty(65)[1:].copy_(scale)  # 4 bytes past a 16-byte boundary
+
+
+def described(value):
+    if isinstance(value, torch.Tensor):
+        return ["tensor", str(value.dtype), list(value.shape), list(value.stride()), value.data_ptr() % 16,
+                value.data_ptr() if value.data_ptr() in (x.data_ptr(), w.data_ptr()) else None]
+    return repr(value)
+
+
+def forward(in_scale):  # how the conv kernel's and the statistics kernel's launches went
+    runs, first = len(jit_runs), len(launches)
+    conv.conv2d_fused(x, w, padding=(1, 1), groups=2, in_scale=in_scale, in_shift=shift, compute_stats=True)
+    found = dict(jit=len(jit_runs) - runs)
+    for name, launcher, args in launches[first:]:
+        launch_metadata, hooks = args[6], args[7:9]
+        found[name] = dict(launcher=launcher, grid=list(args[:3]), kernel=list(args[4:6]),
+                           hooks_silent=all(hook is None or hook.calls == [] for hook in hooks),
+                           arguments=[described(a) for a in args[9:]])
+    return found
+
+
+found = dict(tuning=forward(scale), aligned=[forward(scale), forward(scale)],
+             misaligned=[forward(misaligned_scale), forward(misaligned_scale)], aligned_again=forward(scale))
+chosen = kernel.best_config
+kernel.configs, kernel.cache = [c for c in kernel.configs if c is not chosen], {}  # as the GPU tests pick configs
+found["other_configs"] = forward(scale)
+found["chosen_then"] = [chosen is kernel.best_config, kernel.best_config in kernel.configs]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests launch these shapes for real")
+def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_same_arguments(tmp_path):
+    """After a launch through triton's JIT path, a launch the JIT would specialise the same way runs that
+    launch's compiled kernel without the JIT path (fusedres.triton.relaunch), for the autotuned conv kernel (a
+    tuned key's config) and a plain one (the statistics' finishing kernel) alike: the same launcher, grid, kernel
+    handle and arguments (the launch hooks, silent, passed as None). A pointer of another alignment (which the
+    JIT specialises on) goes through the JIT path once, which makes it another conv kernel, relaunched from then
+    on; the aligned launch still relaunches its own. Kernels kept are forgotten when the autotuner's configs
+    and cache are replaced. Run on CPU with a stand-in for the H100's driver whose launchers record their
+    calls, in a process without TRITON_INTERPRET."""
+    found = run_behind_stand_in(_RELAUNCH, tmp_path)
+    # the statistics kernel's first launch (in the tuning call) and the tuned conv's go through the JIT
+    (stats_through_jit, conv_through_jit), relaunched = (
+        (found["tuning"]["_finish_stats_kernel"], found["aligned"][0]["_conv_kernel"]), found["aligned"][1])
+    assert [run["jit"] for run in found["aligned"]] == [1, 0], found
+    for through_jit, kernel in ((conv_through_jit, "_conv_kernel"), (stats_through_jit, "_finish_stats_kernel")):
+        assert through_jit["hooks_silent"], found
+        for key in ("launcher", "grid", "kernel", "arguments"):
+            assert relaunched[kernel][key] == through_jit[key], (kernel, key)
+    assert conv_through_jit["grid"][1:] == [2, 1], found
+    misaligned_through_jit, misaligned_relaunched = (run["_conv_kernel"] for run in found["misaligned"])
+    assert [run["jit"] for run in found["misaligned"]] == [1, 0], found
+    assert misaligned_through_jit["launcher"] != conv_through_jit["launcher"], "another alignment, another kernel"
+    assert misaligned_relaunched["launcher"] == misaligned_through_jit["launcher"]
+    assert misaligned_relaunched["arguments"] == misaligned_through_jit["arguments"]
+    assert found["aligned_again"]["jit"] == 0
+    assert found["aligned_again"]["_conv_kernel"]["launcher"] == conv_through_jit["launcher"]
+    # the autotuner's configs and cache replaced: the key is tuned again among the new configs, nothing relaunched
+    assert found["other_configs"]["jit"] > 0 and found["chosen_then"] == [False, True], found
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_compile_threads_rejects_what_is_not_a_positive_count(value, monkeypatch):
     monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", value)

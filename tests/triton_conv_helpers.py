@@ -125,7 +125,8 @@ def named_strides(prefix: str, strides) -> dict:
 
 # A script's opening for ``compile_for_sm90``: triton's launch path for an H100 with no GPU. The kernels
 # handed to compile_without_launching compile exactly as at a launch (the launcher's specialisation of
-# the arguments included) and never run; the autotuner's timing calls once and rates every config alike;
+# the arguments included) and never run (a compiled kernel launched directly, as the autotuner's relaunches
+# do, runs a launcher that does nothing); the autotuner's timing calls once and rates every config alike;
 # CPU tensors pass the Triton convs' device check. Outputs are left unwritten.
 STAND_IN_LAUNCH = """
 import types
@@ -148,11 +149,31 @@ class StandInH100:  # what JITFunction.run asks the active driver before it comp
     def get_current_target(self):
         return GPUTarget("cuda", 90, 32)
 
+    class launcher_cls:  # the launcher a compiled kernel makes when first launched: one that runs nothing
+        def __init__(self, src, metadata):
+            pass
+
+        def __call__(self, *args):
+            pass
+
+    utils = types.SimpleNamespace(  # what a compiled kernel asks when first launched: an H100's limits
+        load_binary=lambda name, kernel, shared, device: (None, 0, 0, 0, 1024),
+        get_device_properties=lambda device: dict(max_shared_mem=232448, multiprocessor_count=132))
+
 
 driver.set_active(StandInH100())
 conv._limit = conv_dgrad._limit = conv_wgrad._limit = lambda *args: None
 torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
 torch.cuda.get_device_capability = lambda device=None: (9, 0)
+
+
+def time_nothing(*tuners):  # autotuned kernels: their timing calls a config once and rates every config alike
+    def do_bench(call, quantiles):
+        call()
+        return [1.0] * 3
+
+    for tuner in tuners:
+        tuner.do_bench = do_bench
 
 
 def compile_without_launching(*kernels):  # autotuned kernels, or plain jit functions
@@ -165,13 +186,9 @@ def compile_without_launching(*kernels):  # autotuned kernels, or plain jit func
                 built.result()  # a failed compile raises here, as the launch's first use of it would
             return built
 
-        def do_bench(call, quantiles):
-            call()
-            return [1.0] * 3
-
         jit_fn.run = run
         if jit_fn is not kernel:
-            kernel.do_bench = do_bench
+            time_nothing(kernel)
 """
 
 # After STAND_IN_LAUNCH: every compile of the three conv kernels is noted in ``compiles`` ({kernel, thread}), and

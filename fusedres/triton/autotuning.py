@@ -7,7 +7,8 @@ then times each for 5 + 25 ms (``time_config``): first use waits for about the s
 the sum of them. FUSEDRES_AUTOTUNE_CACHE=1 also keeps the tuning results on disk (``cache_results``,
 triton >= 3.2) so later processes skip the timing. A launch whose key was tuned goes straight to its
 config (``tuning_key``), and every key tuned is recorded in ``TUNINGS`` (the benchmarks report which
-configs won, and by how much).
+configs won, and by how much). A launch the JIT would specialise as an earlier launch of a tuned key runs
+that launch's compiled kernel without triton's JIT path (``relaunch.Relaunches``).
 
 Across keys, a compile-ahead pass (``compile_ahead``, used by ``fusedres.precompile``) compiles the configs
 of every key a model's step will meet on one pool at once: inside ``CompileAhead.compile_only()`` a launch
@@ -26,6 +27,7 @@ import triton
 from triton.runtime.driver import driver
 
 from ._host import next_power_of_2
+from .relaunch import Relaunches
 
 
 _SCALARS = (int, bool, float)
@@ -56,20 +58,29 @@ def fast_path_and_record(tuner, keep):
     away, ``tuning_key``), appending to TUNINGS whenever a call tunes a new key: the kernel, the key, the
     chosen config, and from the timing (none where one config was left: triton >= 3.8 runs it untimed; none
     read from the disk cache either) its seconds and every timed config's median ms (inf: it failed).
-    Triton itself keeps only the last key's timings. Inside a compile-ahead pass's ``compile_only()`` a call
+    Triton itself keeps only the last key's timings. A tuned key's launch like an earlier one goes through
+    ``relaunch.Relaunches``. Inside a compile-ahead pass's ``compile_only()`` a call
     launches nothing and submits the compiles of the configs it would time (``keep(configs, arguments)``:
     those it may run that fit, see ``prune_and_compile``) instead."""
     plain_run = tuner.run
+    relaunches = Relaunches(tuner.fn)
 
     def run(*args, **kwargs):
         ahead = getattr(_AHEAD, "pass_", None)
         if ahead is not None:
             return ahead.submit(tuner, keep, args, kwargs)
         if len(tuner.configs) > 1:  # with one config triton keys nothing
+            relaunches.kept_for(tuner.cache, tuner.configs)
+            kernel, config, signature = relaunches.run(args, kwargs)
+            if kernel is not None:
+                tuner.best_config = config
+                return kernel
             config = tuner.cache.get(tuning_key(tuner, args, kwargs))
             if config is not None and config.pre_hook is None:
                 tuner.best_config = config
-                return tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+                kernel = tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+                relaunches.remember(signature, kernel, config.kwargs, config)
+                return kernel
         known = len(tuner.cache)
         timings, seconds = getattr(tuner, "configs_timings", None), getattr(tuner, "bench_time", None)
         result = plain_run(*args, **kwargs)

@@ -41,6 +41,7 @@ from torch import Tensor
 from fusedres.ops import torch_backend
 
 from ._host import cdiv, next_power_of_2
+from .relaunch import relaunched
 
 _TILE_ELEMS = 2048  # elements in one (BLOCK_R, BLOCK_C) tile
 _MAX_BLOCK_C = 128  # channels in one channels_last tile
@@ -124,6 +125,7 @@ def _store_partials(ws_ptr, C, cols, cmask, a, b, c):
 # ROW_TILES of them in reductions); axis 1: channel blocks.
 
 
+@relaunched
 @triton.jit
 def _channel_stats_kernel(
     y_ptr,  # (N, C, HW) activation
@@ -155,6 +157,7 @@ def _channel_stats_kernel(
     _store_partials(ws_ptr, C, cols, cmask, count, mean, m2)
 
 
+@relaunched
 @triton.jit
 def _act_forward_kernel(
     y_ptr, res_ptr,  # (N, C, HW) activation and residual (y's strides; res_ptr unused if _RES_NONE)
@@ -174,6 +177,7 @@ def _act_forward_kernel(
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@relaunched
 @triton.jit
 def _backward_reduce_kernel(
     g_ptr, y_ptr, res_ptr,  # (N, C, HW) grad_out, activation, residual (y's strides)
@@ -203,6 +207,7 @@ def _backward_reduce_kernel(
     _store_partials(ws_ptr, C, cols, cmask, sum_dz, sum_dz_yc, sum_dz_rc)
 
 
+@relaunched
 @triton.jit
 def _backward_apply_kernel(
     g_ptr, y_ptr, res_ptr,  # (N, C, HW) grad_out, activation, residual (y's strides)

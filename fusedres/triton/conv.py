@@ -98,6 +98,7 @@ from torch import Tensor
 from ._host import cdiv
 from .autotuning import autotune
 from .conv_args import _DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _packed_weight, _vector
+from .relaunch import relaunched
 
 _FLAT_K_BELOW = 16  # per-group input channels below which the reduction is one flat (r, s, c) axis
 
@@ -382,6 +383,7 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
         tl.store(out_ptr + out_offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@relaunched
 @triton.jit
 def _finish_stats_kernel(
     ws_ptr,  # (2, WS_ROWS, K) fp32: _conv_kernel's per-row-tile sums of d and d*e
