@@ -21,7 +21,8 @@
 #                           (fusedres.precompile: its row's "precompile s", then "first call s" is timing alone);
 #                           with the tests about 9 minutes);
 #                           e.g. "300 --levels blocks --models resnet50" or
-#                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target)
+#                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target) or
+#                           "300 --levels convs --models resnext50_32x4d" (grouped convs: narrow groups merged)
 #   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu

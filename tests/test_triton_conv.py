@@ -98,6 +98,12 @@ CASES = [
     _case(48, 32, (12, 8), 1, 2, 0, F16, True, "none", "full"),  # the 1x1/2 downsample
     _case(16, 16, (9, 8), (3, 5), (3, 2), (1, 2), F32, True, "linear", "affine", dilation=(2, 1)),  # mixed, SH 3
     _case(32, 16, (6, 10), 3, (1, 2), 1, BF16, True, "relu", "stats_bias", n=3),  # column stride only
+    # narrow groups run several as one with a block-diagonal weight (conv_args._merge_factor)
+    _case(64, 64, 6, 3, 1, 1, BF16, True, "relu", "stats", groups=16),  # ResNeXt's 4 channels: all 16 as one
+    _case(64, 64, 6, 3, 2, 1, F16, False, "linear", "full", groups=16),  # the same, strided, NCHW
+    _case(128, 128, 5, 3, 1, 1, F32, True, "relu", "full", groups=8),  # 16 channels: 4 as one, 2 merged groups
+    _case(20, 28, 6, 3, 1, 1, F32, True, "none", "stats", groups=4),  # 5 in / 7 out: 20 / 28, tails
+    _case(128, 128, 4, 1, 1, 0, BF16, True, "none", "full", groups=2),  # 64 channels: none merged, 2 groups
 ]
 
 
@@ -212,22 +218,25 @@ def test_statistics_finish_adds_the_rows_written(moments):
 
 def _eligible_for_tma(x, w, kw) -> bool:
     geo = conv._geometry(x, w, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
-    return conv._tma_ok(x, x.stride(), geo, kw["groups"])
+    merge = conv_args._merge_factor(geo, kw["groups"])
+    return conv._tma_ok(x, x.stride(), conv_args._merged(geo, merge), kw["groups"] // merge)
 
 
 @pytest.mark.parametrize("variant,c,stride,hw,tma", [
-    ("channels_last", 32, 1, 6, True), ("nchw", 32, 1, 6, False), ("groups 2", 32, 1, 6, False),
+    ("channels_last", 32, 1, 6, True), ("nchw", 32, 1, 6, False), ("groups 2", 128, 1, 6, False),
+    ("groups 2 run as one", 32, 1, 6, True),
     ("channel view, 16-byte aligned", 32, 1, 6, True), ("channel view, 8-byte aligned", 32, 1, 6, False),
     ("40-byte strides", 20, 1, 6, False), ("strided", 32, 2, 6, True), ("strided, H not a multiple", 32, 2, 7, False),
     ("strided, a partial channel block", 24, 2, 6, False), ("strided channel view", 32, 2, 6, False),
     ("strided, rows cropped from wider ones", 32, 2, 6, True)])
 def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
-    """The TMA configs need an ungrouped conv on channels-contiguous x with 16-byte strides and address;
+    """The TMA configs need an ungrouped conv (or all groups run as one) on channels-contiguous x with 16-byte
+    strides and address;
     strided, also H and W divisible by the stride and pixels packed along W in whole channel blocks; any
     other launch runs the pointer configs, right either way (on CPU the interpreter runs the TMA config
     wherever it is allowed, so both kernels' paths are checked here)."""
     case = _case(c, 32, hw, 3, stride, 1, BF16, variant != "nchw", "relu", "stats",
-                 groups=2 if variant == "groups 2" else 1)
+                 groups=2 if variant.startswith("groups 2") else 1)
     x, w, kw = _make(case)
     if "channel view" in variant:  # x = channels [offset, offset + 32) of a 48-channel tensor
         offset = 4 if "8-byte" in variant else 8
@@ -391,11 +400,14 @@ def test_residual_layout_and_dtype():
 
 
 def test_small_groups_when_allowed(monkeypatch):
-    """Groups of 5 input and 3 output channels (flat reduction, column tails) once the minimum is lifted."""
+    """Groups of 5 input and 3 output channels (flat reduction, column tails) once the minimum is lifted and
+    groups are not merged."""
     gen = seeded("small-groups")
     x = rand_act(gen, (2, 20, 6, 6), F16, channels_last=True)
     w = rand_act(gen, (12, 5, 3, 3), F16)
-    assert "per group" in conv.unsupported_reason(x, w, 1, 1, 1, 4)
+    assert conv.unsupported_reason(x, w, 1, 1, 1, 4) is None  # all 4 run as one group: a conv of 20 -> 12
+    monkeypatch.setattr(conv_args, "_MAX_MERGED_GROUPS", 1)
+    assert "5 input / 3 output channels per group; the" in conv.unsupported_reason(x, w, 1, 1, 1, 4)
     monkeypatch.setattr(conv_args, "_MIN_GROUP_CHANNELS", 1)
     assert conv.unsupported_reason(x, w, 1, 1, 1, 4) is None
     kw = dict(padding=1, groups=4, in_scale=rand_vec(gen, 20, positive=True), in_shift=rand_vec(gen, 20),
@@ -405,6 +417,42 @@ def test_small_groups_when_allowed(monkeypatch):
     _check_stats(out, mean, var)
 
 
+@pytest.mark.parametrize("cg,kg,groups,merge", [
+    (4, 4, 32, 16),  # ResNeXt-50 32x4d's layer1: 16 groups of 4 channels make 64
+    (8, 8, 32, 8), (16, 16, 32, 4), (32, 32, 32, 2), (64, 64, 32, 1),  # its layer2-4 and wider
+    (4, 4, 6, 6),  # the largest divisor of the groups: 6 of 4 channels make 24
+    (5, 7, 12, 6),  # the wider side decides: 9 of 7 would fit 64, 6 divides 12
+    (1, 1, 64, 16),  # depthwise: at most 16 groups as one
+    (96, 16, 4, 1), (4, 4, 1, 1),
+])
+def test_narrow_groups_run_several_as_one(cg, kg, groups, merge):
+    geo = dict(Cg=cg, Kg=kg)
+    assert conv_args._merge_factor(geo, groups) == merge
+    assert conv_args._merged(geo, merge) == dict(Cg=cg * merge, Kg=kg * merge)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
+def test_a_merged_groups_weight_is_block_diagonal(transposed):
+    """Packed with 3 of its 6 groups run as one, a weight is two block-diagonal merged weights whose diagonal
+    blocks are the groups' weights as packed unmerged, and nothing but zeros off the diagonal (even where a
+    weight is not finite)."""
+    gen = seeded("merged-pack")
+    weight = rand_act(gen, (12, 5, 3, 3), F32)  # 6 groups of 5 input and 2 output channels
+    weight[0, 0, 0, 0] = float("inf")
+    merged = conv_args._packed_weight(weight, 6, transposed=transposed, merge=3)
+    alone = conv_args._packed_weight(weight, 6, transposed=transposed)  # (6, 9 * rows, cols)
+    rows, cols = (2, 5) if transposed else (5, 2)
+    assert merged.shape == (2, 9 * 3 * rows, 3 * cols)
+    blocks = merged.reshape(2, 9, 3, rows, 3, cols)  # (merged group, tap, group j, row, group j', column)
+    for g in range(6):
+        torch.testing.assert_close(blocks[g // 3, :, g % 3, :, g % 3, :].reshape(9 * rows, cols), alone[g],
+                                   rtol=0, atol=0)
+    off_diagonal = blocks.clone()
+    for j in range(3):
+        off_diagonal[:, :, j, :, j, :] = 0
+    assert (off_diagonal == 0).all() and not merged.isfinite().all()
+
+
 def test_unsupported_reason(monkeypatch):
     x = torch.randn(2, 32, 5, 5, device=DEVICE)
     w = torch.randn(16, 32, 3, 3, device=DEVICE)
@@ -412,7 +460,10 @@ def test_unsupported_reason(monkeypatch):
     assert "dtype torch.float64" in conv.unsupported_reason(x.double(), w.double(), 1, 1, 1, 1)
     assert "expected x's dtype" in conv.unsupported_reason(x.half(), w, 1, 1, 1, 1)
     assert "does not fit" in conv.unsupported_reason(x, w[:, :16], 1, 1, 1, 1)
-    assert "per group" in conv.unsupported_reason(x, torch.randn(16, 4, 3, 3, device=DEVICE), 1, 1, 1, 8)
+    assert conv.unsupported_reason(x, torch.randn(16, 4, 3, 3, device=DEVICE), 1, 1, 1, 8) is None  # 8 as one
+    depthwise_34 = torch.randn(2, 34, 5, 5, device=DEVICE), torch.randn(34, 1, 3, 3, device=DEVICE)  # 2 x 17 groups
+    assert ("1 input / 1 output channels per group, 2 / 2 with 2 groups run as one; the Triton conv needs at least "
+            "16 of each" == conv.unsupported_reason(*depthwise_34, 1, 1, 1, 34))
     assert "too small" in conv.unsupported_reason(x, w, 1, 0, 3, 1)
     assert "empty" in conv.unsupported_reason(x[:0], w, 1, 1, 1, 1)
     assert "padding" in conv.unsupported_reason(x, w, 1, -1, 1, 1)
@@ -458,8 +509,8 @@ def test_rejects_bad_inputs():
     for epilogue in (dict(out_scale=v4), dict(residual=residual), dict(out_relu=True)):
         with pytest.raises(ValueError, match="compute_stats returns the conv output"):
             conv.conv2d_fused(x, w, compute_stats=True, **epilogue)
-    with pytest.raises(RuntimeError, match="per group"):
-        conv.conv2d_fused(torch.randn(2, 16, 5, 5, device=DEVICE), w[:, :4], groups=4)
+    with pytest.raises(RuntimeError, match="per group"):  # 17 groups of 1 channel: none run together
+        conv.conv2d_fused(torch.randn(2, 17, 5, 5, device=DEVICE), torch.randn(17, 1, 3, 3, device=DEVICE), groups=17)
 
 
 # ----------------------------------------------------------------------------- input gradient
@@ -490,6 +541,9 @@ INPUT_GRAD_CASES = [
     (16, 24, 9, 3, 2, 1, 1, 1, F16, True, True, "relu"),  # phase convs that crop grad_out (negative padding)
     (16, 32, 7, 1, 1, 0, 1, 1, F32, False, True, "linear"),  # NCHW x and dz
     (32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"),  # 1x1: a GEMM over the pixels (conv._gemm_view)
+    # narrow groups run several as one (conv_args._merge_factor): the transposed weight block-diagonal too
+    (64, 64, 6, 3, 1, 1, 1, 16, BF16, True, True, "relu"),  # 4 channels a group: all 16 groups as one
+    (128, 128, 7, 3, 2, 1, 1, 8, F16, True, False, "linear"),  # 16 a group: 2 merged groups, 4 phases
 ]
 
 
@@ -553,12 +607,16 @@ def test_input_grad_unsupported_and_bad_arguments():
     x, w = rand_act(gen, (2, 16, 6, 6), F32), rand_act(gen, (16, 16, 3, 3), F32)
     grad = rand_act(gen, (2, 16, 6, 6), F32)
     vec = dict(in_scale=rand_vec(gen, 16), in_shift=rand_vec(gen, 16), in_relu=True, mean=rand_vec(gen, 16))
-    thin_groups = rand_act(gen, (16, 4, 3, 3), F32)  # 4 channels per group: left to cuDNN, strided or not
+    # 34 groups of 1 channel (2 x 17): 2 when run 2 as one, left to cuDNN, strided or not
+    thin_x, thin_groups = rand_act(gen, (2, 34, 6, 6), F32), rand_act(gen, (34, 1, 3, 3), F32)
+    thin_vec = dict(in_scale=rand_vec(gen, 34), in_shift=rand_vec(gen, 34), in_relu=True, mean=rand_vec(gen, 34))
     for stride, grad_size in ((1, 6), (2, 3)):
-        thin_grad = rand_act(gen, (2, 16, grad_size, grad_size), F32)
-        assert "per group" in conv_dgrad.input_grad_unsupported_reason(thin_grad, thin_groups, x, stride, 1, 1, 4)
+        thin_grad = rand_act(gen, (2, 34, grad_size, grad_size), F32)
+        assert "per group, 2 / 2 with 2 groups run as one" in conv_dgrad.input_grad_unsupported_reason(
+            thin_grad, thin_groups, thin_x, stride, 1, 1, 34)
         with pytest.raises(RuntimeError, match="conv2d_input_grad: .* per group"):
-            conv_dgrad.conv2d_input_grad(thin_grad, thin_groups, x, stride=stride, padding=1, groups=4, **vec)
+            conv_dgrad.conv2d_input_grad(thin_grad, thin_groups, thin_x, stride=stride, padding=1, groups=34,
+                                         **thin_vec)
     assert "conv output's shape (2, 16, 6, 6)" in conv_dgrad.input_grad_unsupported_reason(grad[:1], w, x, 1, 1, 1, 1)
     assert "conv output's shape (2, 16, 3, 3)" in conv_dgrad.input_grad_unsupported_reason(grad, w, x, 2, 1, 1, 1)
     with pytest.raises(TypeError, match="conv2d_input_grad: grad_out has dtype torch.float16, expected x's dtype "
@@ -974,10 +1032,10 @@ StandInH100.launcher_cls = RecordingLauncher
 jit.compute_cache_key = compute_cache_key
 kernel = conv._conv_kernel
 time_nothing(kernel)
-x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-w = torch.randn(64, 32, 3, 3, dtype=torch.bfloat16)  # 2 groups: a grid of 2 columns
-scale, shift = torch.rand(64) + 0.5, torch.randn(64)
-misaligned_scale = torch.empty(65)[1:].copy_(scale)  # 4 bytes past a 16-byte boundary
+x = torch.randn(16, 128, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+w = torch.randn(64, 64, 3, 3, dtype=torch.bfloat16)  # 2 groups of 64 input channels (not merged): 2 grid columns
+scale, shift = torch.rand(128) + 0.5, torch.randn(128)
+misaligned_scale = torch.empty(129)[1:].copy_(scale)  # 4 bytes past a 16-byte boundary
 
 
 def described(value):

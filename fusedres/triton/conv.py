@@ -31,7 +31,11 @@ GEMM view (per group g of G): rows m = (n, p, q) are the M = N*P*Q output positi
 the Kg = K/G output channels of the group, and the reduction runs over (r, s, c) with c one of the
 Cg = C/G input channels of the group. The weight is packed on the host to (G, R*S*Cg, Kg), row
 (r*S + s)*Cg + c, so each (BLOCK_K, BLOCK_N) weight tile is contiguous along its columns; packed
-weights are cached per weight tensor and version counter. x, residual and out are addressed
+weights are cached per weight tensor and version counter. Narrow groups (ResNeXt's 4-32 channels) run
+several consecutive groups as one (``conv_args._merge_factor``: up to 64 channels, 16 groups) with a
+block-diagonal weight: a column tile of 64 computes what it would compute for one narrow group anyway, and
+a merged group's input channels are contiguous rows of x, loaded whole; where all groups merge into one,
+the TMA configs may run it. x, residual and out are addressed
 through their four strides, so NCHW, channels_last and other layouts all work; out takes x's
 memory format, as with F.conv2d. channels_last is the fast case: with channels contiguous along the
 reduction (and C/G, K/G multiples of 16) the compiler turns the input loads into pipelined async
@@ -97,7 +101,8 @@ from torch import Tensor
 
 from ._host import cdiv
 from .autotuning import autotune
-from .conv_args import _DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _packed_weight, _vector
+from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _merge_factor, _merged,
+                        _packed_weight, _vector)
 from .relaunch import relaunched
 
 _FLAT_K_BELOW = 16  # per-group input channels below which the reduction is one flat (r, s, c) axis
@@ -423,7 +428,7 @@ def unsupported_reason(x: Tensor, weight: Tensor, stride, padding, dilation, gro
         geo = _geometry(x, weight, stride, padding, dilation, groups)
     except (TypeError, ValueError) as e:
         return str(e)
-    return _limit(geo, x, groups)
+    return _limit(geo, x, groups, _merge_factor(geo, groups))
 
 
 def _row_ones(device: torch.device) -> Tensor:
@@ -594,7 +599,8 @@ def conv2d_fused(
     """
     fn = "conv2d_fused"
     geo = _geometry(x, weight, stride, padding, dilation, groups)
-    reason = _limit(geo, x, groups)
+    merge = _merge_factor(geo, groups)
+    reason = _limit(geo, x, groups, merge)
     if reason is not None:
         raise RuntimeError(f"{fn}: {reason}")
     if (in_scale is None) != (in_shift is None):
@@ -627,7 +633,8 @@ def conv2d_fused(
     mean = var = None
     if compute_stats:  # separate tensors: the op returning them may not alias its outputs
         mean, var = (torch.empty(k, device=x.device, dtype=torch.float32) for _ in range(2))
-    _launch(x, _packed_weight(weight, groups), geo, groups, out, in_scale=in_scale, in_shift=in_shift,
-            in_relu=in_relu, out_scale=out_scale, out_shift=out_shift, residual=residual, out_relu=out_relu,
-            compute_stats=compute_stats, stats_shift=stats_shift, stats_out=(mean, var), moments=True)
+    _launch(x, _packed_weight(weight, groups, merge=merge), _merged(geo, merge), groups // merge, out,
+            in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, out_scale=out_scale, out_shift=out_shift,
+            residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift,
+            stats_out=(mean, var), moments=True)
     return out, mean, var

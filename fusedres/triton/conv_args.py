@@ -1,6 +1,6 @@
 """The Triton convs' arguments on the host (conv.py, conv_dgrad.py, conv_wgrad.py): a conv's validated geometry
-and why a valid one is left to torch (``_geometry``, ``_limit``), its weight packed for the kernels and cached
-(``_packed_weight``), checked per-channel vectors (``_vector``)."""
+and why a valid one is left to torch (``_geometry``, ``_limit``), the groups run as one (``_merge_factor``), its
+weight packed for the kernels and cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
 
 import os
 from typing import Optional
@@ -13,6 +13,11 @@ from ..ops.backends import channels_last, conv_allows_tf32
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_GROUP_CHANNELS = 16  # grouped convs with fewer input or output channels per group go to cuDNN
+# The forward and input-gradient kernels run several consecutive groups as one (``_merge_factor``), with a
+# block-diagonal weight: up to this many input and output channels (the GPU configs' narrowest column tile)
+# and at most this many groups (a merged group does that many times its groups' products)
+_MERGED_GROUP_CHANNELS = 64
+_MAX_MERGED_GROUPS = 16
 _MAX_M = 2**30  # output positions N*P*Q; row indices stay int32
 # Packed weights kept, least recently used dropped first. A ResNet-152 trained on the Triton kernels packs
 # 263: 154 forward weights, 100 transposed ones for its prologue convs' input gradients, 3 strided convs
@@ -56,15 +61,32 @@ def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int)
                 SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, R=r, S=s)
 
 
-def _limit(geo: dict, x: Tensor, groups: int) -> Optional[str]:
-    """Why a valid conv with this geometry is left to torch, or None."""
+def _merge_factor(geo: dict, groups: int) -> int:
+    """How many consecutive groups the forward and input-gradient kernels run as one group (1: none): the
+    largest divisor of ``groups``, at most _MAX_MERGED_GROUPS, whose merged group has at most
+    _MERGED_GROUP_CHANNELS input and output channels. A column tile narrower than a group's output channels
+    would compute that many columns for nothing anyway, and a merged group's channels are contiguous rows of x
+    (ResNeXt-50's 4-channel groups: 16 to a merged group of 64)."""
+    most = min(groups, _MAX_MERGED_GROUPS, _MERGED_GROUP_CHANNELS // max(geo["Cg"], geo["Kg"]))
+    return max((m for m in range(1, most + 1) if groups % m == 0), default=1)
+
+
+def _merged(geo: dict, merge: int) -> dict:
+    """The geometry of the conv with ``merge`` consecutive groups run as one (``_merge_factor``)."""
+    return geo if merge == 1 else dict(geo, Cg=geo["Cg"] * merge, Kg=geo["Kg"] * merge)
+
+
+def _limit(geo: dict, x: Tensor, groups: int, merge: int = 1) -> Optional[str]:
+    """Why a valid conv with this geometry is left to torch, or None; ``merge``: how many of its groups the
+    kernel runs as one (``_merge_factor``)."""
     if not (x.is_cuda or _INTERPRET):
         return f"x is on {x.device}; the Triton conv needs a CUDA tensor (or TRITON_INTERPRET=1)"
     if x.dtype == torch.float32 and not _INTERPRET and not conv_allows_tf32():
         return "float32 runs as TF32, which torch's flags forbid for convs (torch.backends.cudnn.allow_tf32)"
-    if groups > 1 and min(geo["Cg"], geo["Kg"]) < _MIN_GROUP_CHANNELS:
-        return (f"{geo['Cg']} input / {geo['Kg']} output channels per group; the Triton conv needs at least "
-                f"{_MIN_GROUP_CHANNELS} of each")
+    if groups > merge and min(geo["Cg"], geo["Kg"]) * merge < _MIN_GROUP_CHANNELS:
+        merged = f", {geo['Cg'] * merge} / {geo['Kg'] * merge} with {merge} groups run as one" if merge > 1 else ""
+        return (f"{geo['Cg']} input / {geo['Kg']} output channels per group{merged}; the Triton conv needs at "
+                f"least {_MIN_GROUP_CHANNELS} of each")
     if geo["M"] == 0 or geo["Cg"] * geo["R"] * geo["S"] == 0 or geo["K"] == 0:
         return "the conv is empty"
     if geo["M"] > _MAX_M:
@@ -72,18 +94,21 @@ def _limit(geo: dict, x: Tensor, groups: int) -> Optional[str]:
     return None
 
 
-def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=None) -> Tensor:
+def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=None, merge: int = 1) -> Tensor:
     """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g; or
     ``transposed``, the weight of the input-gradient conv: (G, R*S*Kg, Cg), row (r*S + s)*Kg + k holding
     weight[g*Kg + k, :, R-1-r, S-1-s] (the kernel flipped, input and output channels swapped). ``taps``
-    ((kernel rows), (kernel columns)) packs only those taps, as if the weight had no others.
+    ((kernel rows), (kernel columns)) packs only those taps, as if the weight had no others. With ``merge``
+    consecutive groups run as one (``_merge_factor``): (G/merge, R*S*merge*Cg, merge*Kg), each merged group's
+    weight block-diagonal (channels of one group meet only that group's; zeros elsewhere, written, not
+    multiplied, so a non-finite weight stays in its group), and likewise transposed.
 
-    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps) and checked against the
-    version counter, so in-place updates repack. An entry holds its weight tensor, so its memory cannot be
-    reused by another tensor while cached. Not seen: writes through ``.data`` (a separate version
+    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps, merge) and checked against
+    the version counter, so in-place updates repack. An entry holds its weight tensor, so its memory cannot
+    be reused by another tensor while cached. Not seen: writes through ``.data`` (a separate version
     counter) and inference tensors (none at all; they are packed on every call)."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
-           taps)
+           taps, merge)
     version = None if weight.is_inference() else weight._version
     hit = _PACK_CACHE.get(key)
     if hit is not None and version is not None and hit[1] == version:
@@ -91,12 +116,14 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
         return hit[2]
     chosen = weight.detach() if taps is None else weight.detach()[:, :, list(taps[0])][:, :, :, list(taps[1])]
     k, cg, r, s = chosen.shape
-    grouped = chosen.reshape(groups, k // groups, cg, r, s)
-    if transposed:
-        packed = grouped.flip(3, 4).permute(0, 3, 4, 1, 2).reshape(groups, r * s * (k // groups), cg)
-    else:
-        packed = grouped.permute(0, 3, 4, 2, 1).reshape(groups, r * s * cg, k // groups)
-    packed = packed.contiguous()
+    grouped = chosen.reshape(groups // merge, merge, k // groups, cg, r, s)
+    # per group, its (R, S, rows, columns) block: rows the input channels of the conv the kernel runs
+    blocks = grouped.flip(4, 5).permute(0, 1, 4, 5, 2, 3) if transposed else grouped.permute(0, 1, 4, 5, 3, 2)
+    rows, cols = blocks.shape[-2:]
+    packed = blocks.new_zeros(groups // merge, r, s, merge, rows, merge, cols)
+    for j in range(merge):
+        packed[:, :, :, j, :, j, :] = blocks[:, j]
+    packed = packed.reshape(groups // merge, r * s * merge * rows, merge * cols)
     if version is not None:
         _PACK_CACHE.pop(key, None)
         if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .conv import _launch
-from .conv_args import _geometry, _limit, _memory_format, _packed_weight, _vector
+from .conv_args import _geometry, _limit, _memory_format, _merge_factor, _merged, _packed_weight, _vector
 
 
 
@@ -67,8 +67,9 @@ def _phase_taps(a: int, stride: int, pad: int, dil: int, kernel: int) -> tuple[t
 
 
 def _input_grad_phases(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
-                       groups: int) -> tuple[list, Optional[str]]:
-    """(the phases of the input gradient, None), or (the phases, why they cannot run).
+                       groups: int) -> tuple[list, int, Optional[str]]:
+    """(the phases of the input gradient, how many groups run as one, None), or (.., why they cannot run).
+    A phase's geometry is that of the conv its launch runs (groups merged: ``_merge_factor``).
 
     Input row h = a + SH*i receives grad_out[p] * W[r] for the taps r with a + PH - r*DH divisible by SH,
     equally spaced: r_j = r0 + T*j (T = SH / gcd(SH, DH)), at p = i + f - e*j (f = (a + PH - r0*DH) / SH,
@@ -77,6 +78,7 @@ def _input_grad_phases(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padd
     stride 1 that is one phase with every tap and padding DH*(R-1) - PH. Raises TypeError / ValueError for
     invalid arguments."""
     geo = _gradient_geometry("conv2d_input_grad", x, weight, grad_out, stride, padding, dilation, groups)
+    merge = _merge_factor(geo, groups)
     phases, reason = [], None
     for a in range(min(geo["SH"], geo["H"])):
         taps_h, dil_h, pad_h = _phase_taps(a, geo["SH"], geo["PH"], geo["DH"], geo["R"])
@@ -89,16 +91,17 @@ def _input_grad_phases(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padd
                 phase_geo = dict(geo, C=geo["K"], H=geo["P"], W=geo["Q"], K=geo["C"], P=rows, Q=cols,
                                  M=geo["N"] * rows * cols, Cg=geo["Kg"], Kg=geo["Cg"], SH=1, SW=1, PH=pad_h,
                                  PW=pad_w, DH=dil_h, DW=dil_w, R=len(taps_h), S=len(taps_w))
-                reason = reason or _limit(phase_geo, grad_out, groups)
+                reason = reason or _limit(phase_geo, grad_out, groups, merge)
+                phase_geo = _merged(phase_geo, merge)
             phases.append(_Phase(slice(a, None, geo["SH"]), slice(b, None, geo["SW"]), phase_geo, (taps_h, taps_w)))
-    return phases, reason
+    return phases, merge, reason
 
 
 def input_grad_unsupported_reason(grad_out: Tensor, weight: Tensor, x: Tensor, stride, padding, dilation,
                                   groups: int) -> Optional[str]:
     """None when conv2d_input_grad can run, else a short sentence saying why not (invalid arguments too)."""
     try:
-        return _input_grad_phases(grad_out, weight, x, stride, padding, dilation, groups)[1]
+        return _input_grad_phases(grad_out, weight, x, stride, padding, dilation, groups)[2]
     except (TypeError, ValueError) as e:
         return str(e)
 
@@ -120,7 +123,7 @@ def conv2d_input_grad(
     here), TypeError / ValueError for invalid arguments.
     """
     fn = "conv2d_input_grad"
-    phases, reason = _input_grad_phases(grad_out, weight, x, stride, padding, dilation, groups)
+    phases, merge, reason = _input_grad_phases(grad_out, weight, x, stride, padding, dilation, groups)
     if reason is not None:
         raise RuntimeError(f"{fn}: {reason}")
     c = x.shape[1]
@@ -134,8 +137,8 @@ def conv2d_input_grad(
             dz_part.zero_()
             continue
         sums.append(torch.empty((2, c), device=x.device, dtype=torch.float32))
-        _launch(grad_out, _packed_weight(weight, groups, transposed=True, taps=phase.taps), phase.geo, groups,
-                dz_part, out_scale=in_scale, out_shift=in_shift, residual=x[:, :, phase.rows, phase.cols],
+        _launch(grad_out, _packed_weight(weight, groups, transposed=True, taps=phase.taps, merge=merge), phase.geo,
+                groups // merge, dz_part, out_scale=in_scale, out_shift=in_shift, residual=x[:, :, phase.rows, phase.cols],
                 out_relu=in_relu, compute_stats=True, prologue_grad=True, stats_shift=mean,
                 stats_out=sums[-1].unbind(0))
     return dz, functools.reduce(torch.add, sums) if sums else x.new_zeros((2, c), dtype=torch.float32)
