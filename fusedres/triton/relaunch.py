@@ -10,17 +10,21 @@ arguments. ``relaunched`` does this for a plain ``@triton.jit`` kernel; ``autotu
 key's config.
 
 Left to the JIT path: a launch while a launch hook is set (a profiler such as proton: the JIT path builds the
-hook's metadata), a warm-up, an argument of a kind not recognised here (not a tensor, int, bool, float,
-str or None), and any launch under TRITON_INTERPRET=1. Not checked again: that the kernel's globals keep the
-values they were compiled with (ours are constants; the JIT path raises if one changed).
+hook's metadata), a warm-up, a launch with an unhashable argument, any launch under TRITON_INTERPRET=1, and
+every launch with triton < 3.4. Not checked again: that the kernel's globals keep the values they were
+compiled with (ours are constants; the JIT path raises if one changed).
 """
 
 import inspect
 
-from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton import knobs
+except ImportError:  # triton < 3.4, whose launch path this does not know: every launch goes through the JIT
+    knobs = None
 
 
 def _silent(hook) -> bool:
@@ -31,10 +35,10 @@ def _silent(hook) -> bool:
 
 class Relaunches:
     """The compiled kernels of ``jit_fn``'s launches, by what the JIT specialised each on (none under
-    TRITON_INTERPRET=1, where ``jit_fn`` is triton's interpreted function)."""
+    TRITON_INTERPRET=1, where ``jit_fn`` is triton's interpreted function, or with triton < 3.4)."""
 
     def __init__(self, jit_fn):
-        self.compiled = isinstance(jit_fn, JITFunction)
+        self.compiled = knobs is not None and isinstance(jit_fn, JITFunction)
         self.names = jit_fn.arg_names
         self.not_options = frozenset([*self.names, "grid", "warmup"])
         self.defaults = {p.name: p.default for p in inspect.signature(jit_fn.fn).parameters.values()
