@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -1284,6 +1285,25 @@ def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
         _check_stats(out, mean, var)
         torch.testing.assert_close(mean, out.float().mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(var, out.float().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_relaunches_compute_what_the_jit_launch_computed():
+    """Launches like an earlier one run its kernel without triton's JIT path (fusedres.triton.relaunch): on the
+    GPU, each of several calls, new inputs every time, an in_scale 4 bytes past a 16-byte boundary (the JIT
+    specialises pointers on their alignment: another kernel) between aligned ones, and the statistics' own
+    launch, meets the reference."""
+    case = _case(64, 96, 9, 3, 1, 1, BF16, True, "relu", "stats", n=4)
+    for call in range(5):
+        x, w, kw = _make(dataclasses.replace(case, n=4 + call % 2))  # two batch sizes: two keys, alternating
+        if call == 2:
+            misaligned = torch.empty(65, device=DEVICE)[1:]
+            kw["in_scale"] = misaligned.copy_(kw["in_scale"])
+            assert kw["in_scale"].data_ptr() % 16 == 4
+        out, mean, var = conv.conv2d_fused(x, w, **kw)
+        _check_out(out, x, w, kw, f"call {call}")
+        _check_stats(out, mean, var)
 
 
 @pytest.mark.gpu
