@@ -15,7 +15,8 @@
 #    reports how many kernels it still compiled. Both compiles print ptxas's audit of the kernels (spills,
 #    serialised wgmma; every record in .device/ptxas-*.json).
 # About 7.5 minutes on 2 cores (759 kernels in ~6 min, the extension ~1.5 min); each step is skipped when its output is newer than
-# its sources.
+# its sources. Any edit of fusedres/triton redoes the kernels: triton's cache key includes each kernel's first line
+# number, so even a docstring line added above a kernel makes every compile of it a new one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${FUSEDRES_DEVICE_VENV:-/tmp/fusedres-py312}
