@@ -66,6 +66,10 @@ CASES = [
     _case(32, 48, 5, 1, 2, 0, F16, False, True, "linear", groups=2),
     _case(8, 8, 5, 3, 1, 1, F16, False, False, "none"),
     _case(16, 16, 13, 1, 1, 0, F32, False, False, "relu"),  # M = 338: several BLOCK_M steps per split
+    # narrow groups run several as one (conv_args._merge_factor): the gradient's diagonal blocks kept
+    _case(64, 64, 6, 3, 1, 1, BF16, True, True, "relu", groups=16),  # ResNeXt's 4 channels: all 16 as one
+    _case(128, 128, 7, 3, 2, 1, F16, True, False, "linear", groups=8),  # 16 channels: 2 merged groups
+    _case(20, 28, 6, 3, 1, 1, F32, False, True, "none", groups=4),  # 5 in / 7 out: 20 / 28, tails
 ]
 
 
@@ -229,7 +233,10 @@ def test_unsupported_reason(monkeypatch):
     assert "grad_out must have the conv output's shape (2, 16, 3, 3)" in conv_wgrad.unsupported_reason(
         x, dy, (16, 32, 3, 3), 1, 0, 1, 1)
     assert "does not fit" in conv_wgrad.unsupported_reason(x, dy, (16, 16, 3, 3), *args)
-    assert "per group" in conv_wgrad.unsupported_reason(x, dy, (16, 4, 3, 3), 1, 1, 1, 8)
+    assert conv_wgrad.unsupported_reason(x, dy, (16, 4, 3, 3), 1, 1, 1, 8) is None  # all 8 groups as one
+    depthwise_34 = torch.randn(2, 34, 5, 5, device=DEVICE), torch.randn(2, 34, 5, 5, device=DEVICE)  # 2 x 17
+    assert "1 input / 1 output channels per group, 2 / 2 with 2 groups run as one" in conv_wgrad.unsupported_reason(
+        *depthwise_34, (34, 1, 3, 3), 1, 1, 1, 34)
     assert "too small" in conv_wgrad.unsupported_reason(x, dy, (16, 32, 3, 3), 1, 0, 3, 1)
     assert "empty" in conv_wgrad.unsupported_reason(x[:0], dy[:0], (16, 32, 3, 3), *args)
     assert "weight_shape must be 4" in conv_wgrad.unsupported_reason(x, dy, (16, 32, 3), *args)
@@ -261,8 +268,9 @@ def test_rejects_bad_inputs():
         wgrad(x, dy, (4, 8, 3, 3), in_scale=v8, in_shift=v8.half())
     with pytest.raises(ValueError, match=r"in_scale must have shape \(8,\)"):
         wgrad(x, dy, (4, 8, 3, 3), in_scale=v8[:4], in_shift=v8)
-    with pytest.raises(RuntimeError, match="conv2d_weight_grad: .* per group"):
-        wgrad(torch.randn(2, 16, 5, 5, device=DEVICE), dy, (4, 4, 3, 3), groups=4)
+    with pytest.raises(RuntimeError, match="conv2d_weight_grad: .* per group"):  # 17 groups of 1: none merge
+        wgrad(torch.randn(2, 17, 5, 5, device=DEVICE), torch.randn(2, 17, 3, 3, device=DEVICE), (17, 1, 3, 3),
+              groups=17)
 
 
 _COMPILE_FOR_SM90 = """

@@ -44,7 +44,7 @@ from torch import Tensor
 from ._host import cdiv
 from .autotuning import autotune
 from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT, _configs, _reduction_size
-from .conv_args import _INTERPRET, _limit, _vector
+from .conv_args import _INTERPRET, _limit, _merge_factor, _merged, _vector
 from .conv_dgrad import _gradient_geometry
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
@@ -167,7 +167,7 @@ def unsupported_reason(x: Tensor, grad_out: Tensor, weight_shape, stride, paddin
         geo = _checked_geometry(x, grad_out, weight_shape, stride, padding, dilation, groups)
     except (TypeError, ValueError) as e:
         return str(e)
-    return _limit(geo, x, groups)
+    return _limit(geo, x, groups, _merge_factor(geo, groups))
 
 
 def _tiles(geo: dict, block_n: int, block_k: int) -> int:
@@ -206,7 +206,9 @@ def conv2d_weight_grad(
     ``torch.ops.aten.convolution_backward(grad_out, x', W, None, stride, padding, dilation, False, [0, 0],
     groups, [False, True, False])[1]`` gives with x' rounded to x's dtype. Raises TypeError / ValueError
     for invalid arguments and RuntimeError with ``unsupported_reason``'s sentence for valid calls this
-    kernel does not run.
+    kernel does not run. Narrow groups run several as one, as in the forward (``conv_args._merge_factor``):
+    the kernel computes the gradient of the merged groups' block-diagonal weight, whose diagonal blocks are
+    the groups' gradients (the rest, products of one group's outputs with another's inputs, is dropped).
     """
     geo = _checked_geometry(x, grad_out, weight_shape, stride, padding, dilation, groups)
     if (in_scale is None) != (in_shift is None):
@@ -214,21 +216,27 @@ def conv2d_weight_grad(
     if in_scale is not None:
         in_scale, in_shift = (_vector(_NAME, "in_scale", in_scale, geo["C"], x),
                               _vector(_NAME, "in_shift", in_shift, geo["C"], x))
-    reason = _limit(geo, x, groups)
+    merge = _merge_factor(geo, groups)
+    reason = _limit(geo, x, groups, merge)
     if reason is not None:
         raise RuntimeError(f"{_NAME}: {reason}")
 
-    rows_per_split = _rows_per_split(geo, x.device)
-    splits = cdiv(geo["M"], rows_per_split)
-    ws = torch.empty((splits, *weight_shape), device=x.device, dtype=torch.float32)
+    k, cg, r, s = weight_shape
+    run = _merged(geo, merge)  # merge groups run as one: dW of the block-diagonal weight, kept on its diagonal
+    rows_per_split = _rows_per_split(run, x.device)
+    splits = cdiv(run["M"], rows_per_split)
+    ws = torch.empty((splits, k, run["Cg"], r, s), device=x.device, dtype=torch.float32)
     strides = dict(zip(_STRIDE_NAMES, x.stride() + grad_out.stride()))
 
     def grid(meta):
-        return _tiles(geo, meta["BLOCK_N"], meta["BLOCK_K"]), groups, splits
+        return _tiles(run, meta["BLOCK_N"], meta["BLOCK_K"]), groups // merge, splits
 
     _wgrad_kernel[grid](
         x, grad_out, ws, in_scale if in_scale is not None else ws, in_shift if in_shift is not None else ws,
         ROWS_PER_SPLIT=rows_per_split, PROLOGUE=in_scale is not None,
-        IN_RELU=bool(in_relu) and in_scale is not None, FLAT_K=geo["Cg"] < _FLAT_K_BELOW,
-        **geo, **strides)
+        IN_RELU=bool(in_relu) and in_scale is not None, FLAT_K=run["Cg"] < _FLAT_K_BELOW,
+        **run, **strides)
+    if merge > 1:  # output channel kk of group j in a merged group meets only group j's input channels
+        ws = ws.reshape(splits, groups // merge, merge, k // groups, merge, cg, r, s).diagonal(dim1=2, dim2=4)
+        ws = ws.permute(0, 1, 6, 2, 3, 4, 5).reshape(splits, k, cg, r, s)
     return (ws.sum(0) if splits > 1 else ws[0]).to(x.dtype)
