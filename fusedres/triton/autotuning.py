@@ -79,7 +79,7 @@ def fast_path_and_record(tuner, keep):
             if config is not None and config.pre_hook is None:
                 tuner.best_config = config
                 kernel = tuner.fn.run(*args, **kwargs, **config.all_kwargs())
-                relaunches.remember(signature, kernel, config.kwargs, config)
+                relaunches.remember(signature, kernel, config)
                 return kernel
         known = len(tuner.cache)
         timings, seconds = getattr(tuner, "configs_timings", None), getattr(tuner, "bench_time", None)

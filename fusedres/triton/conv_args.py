@@ -13,9 +13,10 @@ from ..ops.backends import channels_last, conv_allows_tf32
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_GROUP_CHANNELS = 16  # grouped convs with fewer input or output channels per group go to cuDNN
-# The forward and input-gradient kernels run several consecutive groups as one (``_merge_factor``), with a
-# block-diagonal weight: up to this many input and output channels (the GPU configs' narrowest column tile)
-# and at most this many groups (a merged group does that many times its groups' products)
+# The conv kernels (forward, input and weight gradients) run several consecutive groups as one
+# (``_merge_factor``), with a block-diagonal weight: up to this many input and output channels (the GPU
+# configs' narrowest column tile) and at most this many groups (a merged group does that many times its
+# groups' products)
 _MERGED_GROUP_CHANNELS = 64
 _MAX_MERGED_GROUPS = 16
 _MAX_M = 2**30  # output positions N*P*Q; row indices stay int32
@@ -62,8 +63,8 @@ def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int)
 
 
 def _merge_factor(geo: dict, groups: int) -> int:
-    """How many consecutive groups the forward and input-gradient kernels run as one group (1: none): the
-    largest divisor of ``groups``, at most _MAX_MERGED_GROUPS, whose merged group has at most
+    """How many consecutive groups the conv kernels (forward, input and weight gradients) run as one (1:
+    none): the largest divisor of ``groups``, at most _MAX_MERGED_GROUPS, whose merged group has at most
     _MERGED_GROUP_CHANNELS input and output channels. A column tile narrower than a group's output channels
     would compute that many columns for nothing anyway, and a merged group's channels are contiguous rows of x
     (ResNeXt-50's 4-channel groups: 16 to a merged group of 64)."""
@@ -76,7 +77,7 @@ def _merged(geo: dict, merge: int) -> dict:
     return geo if merge == 1 else dict(geo, Cg=geo["Cg"] * merge, Kg=geo["Kg"] * merge)
 
 
-def _limit(geo: dict, x: Tensor, groups: int, merge: int = 1) -> Optional[str]:
+def _limit(geo: dict, x: Tensor, groups: int, merge: int) -> Optional[str]:
     """Why a valid conv with this geometry is left to torch, or None; ``merge``: how many of its groups the
     kernel runs as one (``_merge_factor``)."""
     if not (x.is_cuda or _INTERPRET):

@@ -43,7 +43,7 @@ class Relaunches:
         self.not_options = frozenset([*self.names, "grid", "warmup"])
         self.defaults = {p.name: p.default for p in inspect.signature(jit_fn.fn).parameters.values()
                          if p.default is not inspect.Parameter.empty}
-        self.kernels: dict = {}  # signature -> (compiled kernel, constexprs the launch added, its tag)
+        self.kernels: dict = {}  # signature -> (compiled kernel, the autotuner's config it ran or None)
         self.owners: tuple = ()
 
     def kept_for(self, *owners) -> None:
@@ -55,7 +55,7 @@ class Relaunches:
 
     def run(self, args: tuple, kwargs: dict) -> tuple:
         """Relaunch ``jit_fn[grid](*args, **kwargs)`` (kwargs holds the grid and warmup, as JITFunction.run's
-        do) if an earlier launch had its signature: then (the kernel, the tag ``remember`` was given, None), else
+        do) if an earlier launch had its signature: then (the kernel, its config from ``remember``, None), else
         (None, None, the signature for ``remember``, or None where this launch is left to the JIT path).
 
         The signature is what the JIT specialises a launch on: the device, triton's debug and instrumentation
@@ -80,20 +80,21 @@ class Relaunches:
             return None, None, None
         if known is None:
             return None, None, signature
-        kernel, constexprs, tag = known
-        values.update(constexprs)
+        kernel, config = known
+        if config is not None:
+            values.update(config.kwargs)
         grid = values["grid"]
         grid = grid(values) if callable(grid) else grid
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                    driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None, None,
                    None, *map(values.__getitem__, self.names))
-        return kernel, tag, None
+        return kernel, config, None
 
-    def remember(self, signature, kernel, constexprs: dict = None, tag=None) -> None:
+    def remember(self, signature, kernel, config=None) -> None:
         """Keep ``kernel``, what JITFunction.run returned for a launch of ``signature`` (from ``run``) with the
-        launch's arguments and ``constexprs`` besides, to relaunch with ``tag`` (the autotuner's config)."""
+        launch's arguments, and with ``config``'s constexprs besides where the autotuner added a config."""
         if signature is not None and isinstance(kernel, CompiledKernel):
-            self.kernels[signature] = kernel, constexprs or {}, tag
+            self.kernels[signature] = kernel, config
 
 
 def relaunched(jit_fn):
