@@ -94,6 +94,20 @@ def infer_step(target: nn.Module, inputs: dict[str, Tensor], autocast) -> Step:
     return run
 
 
+def graphed_infer_step(target: nn.Module, inputs: dict[str, Tensor], autocast) -> Step:
+    """``infer_step`` replayed from a CUDA graph (``fusedres.cuda_graphed``): the first call warms the target up
+    and captures its forward under autocast, every call copies x into the graph's input and replays it."""
+    forward = None
+
+    def run():
+        nonlocal forward
+        if forward is None:
+            with autocast():
+                forward = fusedres.cuda_graphed(target, inputs["x"])
+        return {"out": forward(inputs["x"])}
+    return run
+
+
 # ----------------------------------------------------------------------------- ops
 def eager_bn_add_relu(y, residual, weight, bias, running_mean, running_var):
     out = F.batch_norm(y, running_mean, running_var, weight, bias, True, BN_MOMENTUM, BN_EPS)
@@ -211,7 +225,7 @@ def _prepare_block(settings: Settings, cfg: BlockConfig, mode: str, batch: int) 
         inputs["grad"] = activation((batch, *cfg.out_shape), settings)
     return Setup(inputs, eager=lambda: copy.deepcopy(template),
                  fused=lambda backend: convert_copy(template, backend),
-                 step=grad_step if train else infer_step)
+                 step=grad_step if train else infer_step, graphed=None if train else graphed_infer_step)
 
 
 def block_cases(settings: Settings) -> list[Case]:
@@ -241,7 +255,7 @@ def _prepare_model(settings: Settings, name: str, mode: str, batch: int) -> Setu
               "labels": torch.randint(0, 1000, (batch,), device=settings.device)}
     return Setup(inputs, eager=lambda: copy.deepcopy(template),
                  fused=lambda backend: convert_copy(template, backend),
-                 step=sgd_step if train else infer_step)
+                 step=sgd_step if train else infer_step, graphed=None if train else graphed_infer_step)
 
 
 def model_cases(settings: Settings) -> list[Case]:

@@ -35,6 +35,7 @@ from fusedres.ops.backends import unavailable_reason
 
 Step = Callable[[], dict[str, Tensor]]
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+GRAPHED = "fused[auto]+graph"  # the "auto" fused target's inference forward replayed from a CUDA graph
 # Agreement (flash-attention's rule, with norms): against eager run once in REFERENCE_DTYPE without
 # autocast, each output / gradient of a contender may be off by 2x eager's own error + SLACK * |ref|.
 # Errors are L2 norms, |got - ref|_2: maximum errors of tiny-batch random ResNets are dominated by a
@@ -93,6 +94,8 @@ class Setup:
     # The target run upcast for the reference, when not eager: it returns every kind of output
     # the contenders return, and each contender's outputs are matched to it by name.
     reference: Optional[Callable[[], Any]] = None
+    # ``step`` replayed from a CUDA graph (inference cases: the GRAPHED contender), or None
+    graphed: Optional[Callable[[Any, dict[str, Tensor], Callable], Step]] = None
 
 
 @dataclass
@@ -131,6 +134,10 @@ def contenders(settings: Settings, case: Optional[Case] = None) -> list[tuple[st
     names = [("eager", None), ("compile", compile_skip)]
     names += [(f"fused[{b}]", None if b == "auto" else unavailable_reason(b, settings.device))
               for b in settings.backends]
+    inference = case.mode == "infer" if case is not None else (
+        bool({"blocks", "models"} & set(settings.levels)) and (settings.modes is None or "infer" in settings.modes))
+    if "auto" in settings.backends and inference:
+        names.append((GRAPHED, None if settings.cuda else "CUDA graphs need a CUDA device"))
     return names
 
 
@@ -150,6 +157,10 @@ def build(setup: Setup, name: str, settings: Settings) -> Step:
             torch.compiler.cudagraph_mark_step_begin()
             return step()
         return cudagraph_step
+    if name == GRAPHED:
+        if setup.graphed is None:
+            raise ValueError(f"{GRAPHED} replays inference forwards; this case's step is not one")
+        return setup.graphed(setup.fused("auto"), setup.inputs, settings.autocast)
     if name.startswith("fused[") and name.endswith("]"):
         name = name[len("fused["):-1]
     target = setup.fused(name)  # else a level's own

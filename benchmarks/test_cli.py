@@ -55,3 +55,32 @@ def test_a_failed_precompile_is_reported_and_the_step_still_timed(monkeypatch):
     headers = [header for header, _, _ in harness.columns("models")]
     assert "first call s" in headers and "precompile s" in headers
     assert harness.precompile_text(row) == "ERROR"
+
+
+def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monkeypatch):
+    """fused[auto]+graph: listed for inference cases only, skipped on CPU with the reason; its step (here with
+    the capture rerunning the forward, as tests/test_graphs.py's stand-in does) captures on its first call and
+    agrees with eager."""
+    from fusedres.graphs import CudaGraphedForward
+
+    settings = make_settings(["--device", "cpu", "--levels", "models", "--models", "resnet18", "--quick",
+                              "--batch", "2", "--size", "64", "--backends", "auto", "--repeats", "2",
+                              "--warmup", "0"])
+    by_mode = {case.mode: case for case in cases.build_cases(settings)}
+    assert harness.GRAPHED not in dict(harness.contenders(settings, by_mode["train"]))
+    assert dict(harness.contenders(settings, by_mode["infer"]))[harness.GRAPHED] == "CUDA graphs need a CUDA device"
+    captures = []
+
+    def rerun_capture(forward):
+        outputs = forward()
+        captures.append(outputs)
+        return (lambda: outputs.copy_(forward())), outputs
+
+    monkeypatch.setattr(fusedres, "cuda_graphed", lambda model, x: CudaGraphedForward(model, (x,), 1, rerun_capture))
+    setup = by_mode["infer"].prepare()
+    reference = harness.Reference.of(setup, settings)
+    rows = {name: harness.run_contender(by_mode["infer"], setup, name, settings, reference)
+            for name in ("eager", harness.GRAPHED)}
+    graphed = rows[harness.GRAPHED]
+    assert not graphed.get("error") and graphed["agree"] is True and graphed["median_ms"] > 0, graphed
+    assert len(captures) == 1  # captured once, in the first call; the timed calls replay

@@ -10,15 +10,16 @@
 #                                Triton cache, so the tests' and benchmarks' first calls load instead of compile;
 #                                the summary says how many kernels were compiled here all the same
 #     fusedres/_C.cpython-312-x86_64-linux-gnu.so   the extension, used when it imports (no ~97 s build)
-#   GPU_CHECK_TESTS         pytest targets (default: the Triton kernels', the inference ops', the modules' and
-#                           fusedres.precompile's tests);
+#   GPU_CHECK_TESTS         pytest targets (default: the Triton kernels', the inference ops', the modules',
+#                           fusedres.precompile's and fusedres.cuda_graphed's tests);
 #                           "tests" for all; the CPU emulation of the CUDA kernels (marker host_emulation) is CI's
 #   GPU_CHECK_PYTEST_ARGS   extra pytest arguments (default: "-n 8 --timeout 120", pytest-xdist and -timeout)
 #   GPU_CHECK_TESTS_TIMEOUT seconds before the tests are stopped (default 100; the log keeps what ran)
 #   GPU_CHECK_BENCH         ";"-separated runs of python -m benchmarks, each "SECONDS ARGS..." (default: the convs
 #                           level for 160 s, ResNet-50 inference at batch 1, 32, 256 for 120 s, its training step at
 #                           256 for 140 s, eager vs torch.compile vs fused "auto", the fused model precompiled
-#                           (fusedres.precompile: its row's "precompile s", then "first call s" is timing alone);
+#                           (fusedres.precompile: its row's "precompile s", then "first call s" is timing alone),
+#                           and in inference fused "auto" replayed from a CUDA graph (fused[auto]+graph);
 #                           with the tests about 9 minutes);
 #                           e.g. "300 --levels blocks --models resnet50" or
 #                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target) or
@@ -92,7 +93,7 @@ fi
 # -v: one line per finished test, so a run stopped by its timeout still says what passed and failed
 start=$SECONDS
 default_tests="tests/test_triton_conv.py tests/test_triton_conv_wgrad.py tests/test_triton_kernels.py
-               tests/test_inference_ops.py tests/test_modules.py tests/test_precompile.py"
+               tests/test_inference_ops.py tests/test_modules.py tests/test_precompile.py tests/test_graphs.py"
 # shellcheck disable=SC2086
 $(limit "${GPU_CHECK_TESTS_TIMEOUT:-100}") "$py" -m pytest ${GPU_CHECK_TESTS:-$default_tests} -m "not host_emulation" \
   -v -rfE ${GPU_CHECK_PYTEST_ARGS:--n 8 --timeout 120} --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1

@@ -1,0 +1,130 @@
+"""fusedres.cuda_graphed: a model's inference forward replayed from one CUDA graph.
+
+    fusedres.convert(model)
+    model.eval()
+    with torch.autocast("cuda", torch.bfloat16):   # optional: the capture keeps the autocast state it ran under
+        forward = fusedres.cuda_graphed(model, x)    # x: an example batch on the GPU
+    out = forward(x2)                               # x2: x's shape, dtype and device (any strides)
+
+At small batches a forward is host-bound: each of ResNet-50's ~50 conv units spends tens of microseconds of
+Python choosing and launching a kernel that runs for a few. A CUDA graph records the launches of one forward and
+replays them all from one call, so the forward costs what the GPU takes. This is torch's own capture
+(``torch.cuda.graph``) with what a converted model needs around it:
+
+- The forward runs ``warmup`` times on a side stream before the capture, so the measured dispatch has made its
+  choices, the Triton kernels are tuned and compiled and the BatchNorms folded; the capture then records the
+  choices the warm-up made (the dispatch measures nothing while a graph is captured).
+- The graph reads its inputs from buffers of its own and writes its outputs to tensors of its own. A call
+  copies its inputs into those buffers and returns those very output tensors, which the next call overwrites
+  (``.clone()`` what must be kept).
+- The graph computes with the weights as they were when it was captured (for a converted model: the folded
+  conv weights, made from them). A call raises when a parameter or buffer was replaced or changed in place
+  since (an optimizer step, ``load_state_dict``, ``.to``): capture again. Writes through ``.data`` are not seen.
+- Inference only: the model must be in eval mode, and the forward runs without autograd.
+"""
+
+import contextlib
+import operator
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+_VERSION = operator.attrgetter("_version")
+# capture(forward) -> (replay, outputs): records forward() once; replay() then recomputes outputs in place
+Capture = Callable[[Callable[[], Any]], tuple[Callable[[], None], Any]]
+
+
+def _capture_cuda_graph(forward: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = forward()
+    return graph.replay, outputs
+
+
+class CudaGraphedForward:
+    """``model(*inputs)`` replayed from one captured graph; made by ``cuda_graphed`` (see the module docstring).
+    ``capture`` is how the forward is recorded: a CUDA graph, or the tests' stand-in for one on CPU."""
+
+    def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...], warmup: int, capture: Capture):
+        self._static_inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                                    .copy_(t) for t in inputs)
+
+        def forward():
+            with torch.no_grad():
+                return model(*self._static_inputs)
+
+        # What the graph computes with: every parameter and buffer, and the module dict and name holding it
+        slots = [(module._parameters if name in module._parameters else module._buffers, name)
+                 for module in model.modules()
+                 for name, t in (*module._parameters.items(), *module._buffers.items()) if t is not None]
+        self._dicts, self._names = [d for d, _ in slots], [name for _, name in slots]
+        self._tensors = list(map(dict.get, self._dicts, self._names))
+        if any(t.is_inference() for t in self._tensors):
+            raise ValueError("fusedres.cuda_graphed: the model holds tensors made under torch.inference_mode, "
+                             "which keep no version counter, so a change to them could not be seen; make the "
+                             "model's parameters and buffers outside inference_mode")
+        device = inputs[0].device
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if side is not None:  # the warm-up's one-off work (allocations, cuBLAS / cuDNN set-up) away from the capture
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for _ in range(warmup):
+                forward()
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
+        self._replay, self._outputs = capture(forward)
+        self._snapshot = self._state()
+
+    def _state(self) -> tuple[list[int], list[int]]:
+        """The parameters' and buffers' version counters and addresses (``.to`` swaps a parameter's ``.data``).
+        ~30 us for ResNet-50's 320 on a 2-core CPU, where launching its 16 blocks' kernels one by one takes
+        ~3.8 ms (``python -m benchmarks.host_overhead --resnet50``)."""
+        return list(map(_VERSION, self._tensors)), list(map(Tensor.data_ptr, self._tensors))
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        """The outputs of ``model(*inputs)``: the graph's own tensors, overwritten by the next call."""
+        _check_inputs("fusedres.cuda_graphed: calling the graph", inputs, self._static_inputs)
+        if not (all(map(operator.is_, map(dict.get, self._dicts, self._names), self._tensors))
+                and self._state() == self._snapshot):
+            raise RuntimeError("fusedres.cuda_graphed: a parameter or buffer of the model was replaced or changed "
+                               "in place since the graph was captured, and the graph would still compute with the "
+                               "old one; capture the graph again (fusedres.cuda_graphed(model, ...))")
+        for static, t in zip(self._static_inputs, inputs):
+            static.copy_(t)
+        self._replay()
+        return self._outputs
+
+
+def _check_inputs(fn: str, inputs: tuple, examples: tuple) -> None:
+    if len(inputs) != len(examples):
+        raise TypeError(f"{fn}: expected {len(examples)} input tensor(s), as captured, got {len(inputs)}")
+    for i, (t, example) in enumerate(zip(inputs, examples)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: expected input {i} to be a Tensor, got {type(t).__name__}")
+        for what, got, want in (("size", tuple(t.shape), tuple(example.shape)), ("dtype", t.dtype, example.dtype),
+                                ("device", t.device, example.device)):
+            if got != want:
+                raise ValueError(f"{fn}: input {i} has {what} {got}, but the graph was captured for {want}; "
+                                 "capture a graph per input size, dtype and device")
+
+
+def cuda_graphed(model: nn.Module, *inputs: Tensor, warmup: int = 3) -> CudaGraphedForward:
+    """A callable that replays ``model(*inputs)`` from one CUDA graph, for inputs of the same sizes, dtypes and
+    device; see the module docstring. ``inputs``: example tensors on the GPU (their values are only run, not
+    kept); ``warmup``: forwards run before the capture (at least 1)."""
+    fn = "fusedres.cuda_graphed"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise RuntimeError(f"{fn} is for inference: the model is in training mode (call model.eval() first)")
+    if not inputs:
+        raise TypeError(f"{fn}: expected at least one example input tensor")
+    _check_inputs(fn, inputs, inputs)  # every one a Tensor
+    if not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"{fn}: warmup must be a positive int (the capture records the choices the warm-up "
+                         f"made), got {warmup!r}")
+    devices = {t.device for t in inputs}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise RuntimeError(f"{fn}: CUDA graphs need the inputs on one CUDA device, got {sorted(map(str, devices))}")
+    return CudaGraphedForward(model, inputs, warmup, _capture_cuda_graph)

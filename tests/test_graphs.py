@@ -1,0 +1,168 @@
+"""fusedres.cuda_graphed: the checks of its arguments; on CPU, the wrapper around the capture (inputs copied into
+the graph's buffers, the same output tensors returned, weights changed since the capture refused) with a stand-in
+capture that records the forward and reruns it; on a GPU, a converted ResNet's forward captured and replayed
+against eager."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fusedres
+from conftest import requires_cuda
+from fusedres.graphs import CudaGraphedForward
+from model_helpers import randomise_bn
+
+
+def _converted_resnet18(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    randomise_bn(model, seed)
+    fusedres.convert(model)
+    return model.eval()
+
+
+def _rerun_capture(forward):
+    """A CUDA graph's replay rewrites the captured outputs from the captured inputs' buffers: here by running
+    the forward again and copying its result into the tensors the capture returned."""
+    outputs = forward()
+
+    def replay():
+        outputs.copy_(forward())
+    return replay, outputs
+
+
+def _graphed_on_cpu(model, *inputs, warmup=1):
+    return CudaGraphedForward(model, inputs, warmup, _rerun_capture)
+
+
+def test_replays_return_the_forward_of_each_new_input_in_the_same_tensor():
+    model = _converted_resnet18(seed=1)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    forward = _graphed_on_cpu(model, x)
+    x.normal_()  # the example's values are not kept: the graph has buffers of its own
+    outputs = []
+    for seed in (2, 3):
+        new_x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        outputs.append(forward(new_x))
+        with torch.no_grad():
+            torch.testing.assert_close(outputs[-1], reference(new_x), rtol=1e-4, atol=1e-4)
+    assert outputs[0] is outputs[1]  # the graph's own output, overwritten by the next call
+    channels_last = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # another layout of the same size: copied into the graph's buffer
+        torch.testing.assert_close(forward(channels_last), reference(channels_last), rtol=1e-4, atol=1e-4)
+
+
+def test_warm_up_runs_the_forward_before_the_capture_without_autograd():
+    model = _converted_resnet18(seed=4)
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(torch.is_grad_enabled()))
+    captured = []
+
+    def capture(forward):
+        captured.append(len(calls))
+        return _rerun_capture(forward)
+
+    forward = CudaGraphedForward(model, (torch.randn(1, 3, 32, 32),), 3, capture)
+    assert captured == [3] and calls == [False] * 4  # 3 warm-up forwards, then the captured one
+    forward(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("change", ["weight in place", "running statistics in place", "parameter replaced",
+                                    "parameter's data swapped", "dtype changed", "buffer deleted", "load_state_dict"])
+def test_a_weight_changed_since_the_capture_is_refused(change):
+    model = _converted_resnet18(seed=5)
+    x = torch.randn(1, 3, 32, 32)
+    forward = _graphed_on_cpu(model, x)
+    forward(x)
+    bn, conv = model.layer2[0].bn1, model.layer2[0].conv1
+    with torch.no_grad():
+        if change == "weight in place":
+            conv.weight.mul_(1.5)
+        elif change == "running statistics in place":
+            bn.running_var.add_(1.0)
+        elif change == "parameter replaced":
+            conv.weight = nn.Parameter(conv.weight.detach().clone())
+        elif change == "parameter's data swapped":  # as nn.Module.to does
+            conv.weight.data = conv.weight.detach().clone()
+        elif change == "dtype changed":
+            model.double()
+        elif change == "buffer deleted":
+            del bn.running_mean
+            bn.register_buffer("running_mean", None)
+        else:
+            model.load_state_dict(_converted_resnet18(seed=6).state_dict())
+    with pytest.raises(RuntimeError, match="replaced or changed in place since the graph was captured"):
+        forward(x)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: (x[:1],), r"input 0 has size \(1, 3, 32, 32\), but the graph was captured for \(2, 3, 32, 32\)"),
+    (lambda x: (x.double(),), "input 0 has dtype torch.float64, but the graph was captured for torch.float32"),
+    (lambda x: (x, x), r"expected 1 input tensor\(s\), as captured, got 2"),
+    (lambda x: (x.numpy(),), "expected input 0 to be a Tensor, got ndarray"),
+])
+def test_a_call_unlike_the_capture_is_refused(bad, message):
+    x = torch.randn(2, 3, 32, 32)
+    forward = _graphed_on_cpu(_converted_resnet18(seed=7), x)
+    with pytest.raises((TypeError, ValueError), match=message):
+        forward(*bad(x))
+
+
+def test_inference_mode_parameters_are_refused():
+    with torch.inference_mode():
+        model = _converted_resnet18(seed=8)
+    with pytest.raises(ValueError, match="inference_mode, which keep no version counter"):
+        _graphed_on_cpu(model, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (lambda m, x: (object(), x), TypeError, "expected an nn.Module, got object"),
+    (lambda m, x: (m.train(), x), RuntimeError, r"the model is in training mode \(call model.eval\(\) first\)"),
+    (lambda m, x: (m,), TypeError, "expected at least one example input tensor"),
+    (lambda m, x: (m, [x]), TypeError, "expected input 0 to be a Tensor, got list"),
+    (lambda m, x: (m, x), RuntimeError, r"CUDA graphs need the inputs on one CUDA device, got \['cpu'\]"),
+])
+def test_cuda_graphed_checks_its_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        fusedres.cuda_graphed(*args(_converted_resnet18(seed=9), torch.randn(1, 3, 32, 32)))
+
+
+def test_warmup_must_be_positive():
+    with pytest.raises(ValueError, match="warmup must be a positive int"):
+        fusedres.cuda_graphed(_converted_resnet18(seed=9), torch.randn(1, 3, 32, 32), warmup=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_a_converted_resnet_replays_its_forward_from_a_cuda_graph(dtype, fresh_dispatch):
+    """Batch 1 and channels_last, the "auto" dispatch measuring during the warm-up; checked against eager (the
+    unconverted model, under the same autocast) on two new inputs, within eager's own distance from fp64."""
+    torch.manual_seed(10)
+    eager = torchvision.models.resnet18(num_classes=10)
+    randomise_bn(eager, 10)
+    eager = eager.eval().cuda().to(memory_format=torch.channels_last)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    x = torch.randn(1, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    with autocast:
+        forward = fusedres.cuda_graphed(model, x)
+    measured = fresh_dispatch.dispatch_table()
+    for seed in (11, 12):
+        new_x = torch.randn(1, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        got = forward(new_x).float()
+        with torch.no_grad():
+            exact = copy.deepcopy(eager).double()(new_x.double())
+            with autocast:
+                expected = eager(new_x).float()
+        eager_error = (expected.double() - exact).norm() / exact.norm()
+        assert (got.double() - exact).norm() / exact.norm() <= 2 * eager_error + 1e-3
+    assert fresh_dispatch.dispatch_table() == measured  # the replays measure nothing
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="capture the graph again"):
+        forward(x)
