@@ -3,8 +3,8 @@
 A level (``cases.py``, ``convs.py``) only says what to set up: a ``Case`` whose ``prepare()`` returns a
 ``Setup`` with the inputs, the eager target, the fused target per backend, and
 ``step(target, inputs, autocast)``, one timed iteration returning named tensors (outputs and
-gradients). From that the harness derives every contender (eager, torch.compile of the eager
-target, fused per backend), runs them on the same weights and inputs, checks each against one
+gradients). From that the harness derives every contender (eager, fused per backend, the "auto" fused
+target replayed from a CUDA graph in inference, torch.compile of the eager target), runs them on the same weights and inputs, checks each against one
 upcast run of eager (``Reference``), then times it and measures its memory. A level may name its
 own contenders instead (``Case.contenders``, the first one the anchor in eager's role; the convs
 level), built by ``Setup.fused(name)`` and checked against ``Setup.reference``'s outputs by name.
@@ -109,7 +109,7 @@ class Case:
     flops: Optional[int]  # FLOPs per iteration (formulas in common.py), or None
     prepare: Callable[[], Setup]
     # The level's own (contender, None or why it is skipped on this case), anchor first; None:
-    # eager, compile and fused per backend (``contenders``)
+    # eager, fused per backend, compile (``contenders``)
     contenders: Optional[list[tuple[str, Optional[str]]]] = None
     extra: dict = field(default_factory=dict)  # more fields for the case's rows (JSON)
 
@@ -124,21 +124,22 @@ class Case:
 
 # ----------------------------------------------------------------------------- contenders
 def contenders(settings: Settings, case: Optional[Case] = None) -> list[tuple[str, Optional[str]]]:
-    """(contender name, None or why it is skipped), the anchor first: the case's own, or eager,
-    then compile, then fused."""
+    """(contender name, None or why it is skipped), the anchor first: the case's own, or eager, then fused, then
+    compile (the slowest to build: a run stopped by its time limit keeps the fused rows; the console shows a fused
+    row before compile's time exists, the tables written after each case have its `vs compile`)."""
     if case is not None and case.contenders is not None:
         return case.contenders
     compile_skip = None if settings.compile else (
         "torch.compile skipped on CPU (slow to compile); pass --compile to include it"
         if not settings.cuda else "torch.compile skipped (--no-compile)")
-    names = [("eager", None), ("compile", compile_skip)]
+    names = [("eager", None)]
     names += [(f"fused[{b}]", None if b == "auto" else unavailable_reason(b, settings.device))
               for b in settings.backends]
     inference = case.mode == "infer" if case is not None else (
         bool({"blocks", "models"} & set(settings.levels)) and (settings.modes is None or "infer" in settings.modes))
     if "auto" in settings.backends and inference:
         names.append((GRAPHED, None if settings.cuda else "CUDA graphs need a CUDA device"))
-    return names
+    return names + [("compile", compile_skip)]
 
 
 def build(setup: Setup, name: str, settings: Settings) -> Step:

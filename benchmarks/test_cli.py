@@ -58,7 +58,7 @@ def test_a_failed_precompile_is_reported_and_the_step_still_timed(monkeypatch):
 
 
 def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monkeypatch):
-    """fused[auto]+graph: listed for inference cases only, skipped on CPU with the reason; its step (here with
+    """fused[auto]+graph: listed for inference cases only (before compile, after the fused rows), skipped on CPU with the reason; its step (here with
     the capture rerunning the forward, as tests/test_graphs.py's stand-in does) captures on its first call and
     agrees with eager."""
     from fusedres.graphs import CudaGraphedForward
@@ -67,7 +67,9 @@ def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monke
                               "--batch", "2", "--size", "64", "--backends", "auto", "--repeats", "2",
                               "--warmup", "0"])
     by_mode = {case.mode: case for case in cases.build_cases(settings)}
-    assert harness.GRAPHED not in dict(harness.contenders(settings, by_mode["train"]))
+    assert [name for name, _ in harness.contenders(settings, by_mode["train"])] == ["eager", "fused[auto]", "compile"]
+    assert [name for name, _ in harness.contenders(settings, by_mode["infer"])] == [
+        "eager", "fused[auto]", harness.GRAPHED, "compile"]  # compile last: the slowest to build
     assert dict(harness.contenders(settings, by_mode["infer"]))[harness.GRAPHED] == "CUDA graphs need a CUDA device"
     captures = []
 
