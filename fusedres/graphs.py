@@ -65,15 +65,11 @@ class CudaGraphedForward:
                              "which keep no version counter, so a change to them could not be seen; make the "
                              "model's parameters and buffers outside inference_mode")
         device = inputs[0].device
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if side is not None:  # the warm-up's one-off work (allocations, cuBLAS / cuDNN set-up) away from the capture
-            side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for _ in range(warmup):
-                forward()
-        if side is not None:
-            torch.cuda.current_stream(device).wait_stream(side)
-        self._replay, self._outputs = capture(forward)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # the inputs' GPU
+            with _side_stream(device):  # the warm-up's one-off work (allocations, cuDNN set-up) away from the capture
+                for _ in range(warmup):
+                    forward()
+            self._replay, self._outputs = capture(forward)
         self._snapshot = self._state()
 
     def _state(self) -> tuple[list[int], list[int]]:
@@ -94,6 +90,19 @@ class CudaGraphedForward:
             static.copy_(t)
         self._replay()
         return self._outputs
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """On CUDA, a new stream that starts after the current one's work and that the current one then waits for."""
+    if device.type != "cuda":
+        yield
+        return
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
 
 
 def _check_inputs(fn: str, inputs: tuple, examples: tuple) -> None:
