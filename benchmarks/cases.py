@@ -273,7 +273,34 @@ def model_cases(settings: Settings) -> list[Case]:
     return cases
 
 
-LEVEL_SUMMARIES = {"convs": conv_summary}
+# Issue 6's inference targets, as speed over torch.compile's (its time / the fused one's) by batch size
+INFER_TARGETS = {256: 1.5, 1: 1.0}
+
+
+def model_summary(rows: list[dict]) -> list[str]:
+    """Under the models table: each inference case's fused rows against torch.compile, with the target where the
+    batch has one (at 224 px on a GPU: ResNet-50's in the issue)."""
+    medians: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["mode"] == "infer" and r.get("median_ms"):
+            medians.setdefault((r["case"], r["batch"]), {})[r["contender"]] = r["median_ms"]
+    lines = []
+    for (name, batch), ms in medians.items():
+        fused = {c: t for c, t in ms.items() if c.startswith("fused[")}
+        target = INFER_TARGETS.get(batch)
+        if "compile" not in ms or not fused:
+            lines.append(f"{name} inference, batch {batch}: no torch.compile or fused time to compare.")
+            continue
+        speeds = ", ".join(f"{c} {ms['compile'] / t:.2f}x ({t:.3f} ms)" for c, t in fused.items())
+        best = max(ms["compile"] / t for t in fused.values())
+        verdict = ("no target at this batch" if target is None else
+                   f"target >= {target:.2f}x: {'met' if best >= target else 'not met'} (best {best:.2f}x)")
+        lines.append(f"{name} inference, batch {batch}, speed over torch.compile ({ms['compile']:.3f} ms): "
+                     f"{speeds}; {verdict}.")
+    return lines
+
+
+LEVEL_SUMMARIES = {"convs": conv_summary, "models": model_summary}
 
 
 def build_cases(settings: Settings) -> list[Case]:

@@ -86,3 +86,21 @@ def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monke
     graphed = rows[harness.GRAPHED]
     assert not graphed.get("error") and graphed["agree"] is True and graphed["median_ms"] > 0, graphed
     assert len(captures) == 1  # captured once, in the first call; the timed calls replay
+
+
+def test_the_models_summary_checks_the_inference_targets_against_compile():
+    def row(batch, contender, ms, mode="infer"):
+        return {"case": "resnet50", "mode": mode, "batch": batch, "contender": contender, "median_ms": ms}
+
+    rows = [row(256, "eager", 40.0), row(256, "fused[auto]", 20.0), row(256, "compile", 29.0),
+            row(256, "fused[auto]", 90.0, mode="train"), row(256, "compile", 80.0, mode="train"),
+            row(1, "fused[auto]", 3.0), row(1, "fused[auto]+graph", 0.5), row(1, "compile", 1.0),
+            row(32, "fused[auto]", 2.0), row(32, "compile", 2.0), row(4, "fused[auto]", 2.0)]
+    assert cases.model_summary(rows) == [
+        "resnet50 inference, batch 256, speed over torch.compile (29.000 ms): fused[auto] 1.45x (20.000 ms); "
+        "target >= 1.50x: not met (best 1.45x).",
+        "resnet50 inference, batch 1, speed over torch.compile (1.000 ms): fused[auto] 0.33x (3.000 ms), "
+        "fused[auto]+graph 2.00x (0.500 ms); target >= 1.00x: met (best 2.00x).",
+        "resnet50 inference, batch 32, speed over torch.compile (2.000 ms): fused[auto] 1.00x (2.000 ms); "
+        "no target at this batch.",
+        "resnet50 inference, batch 4: no torch.compile or fused time to compare."]
