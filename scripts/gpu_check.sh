@@ -16,12 +16,14 @@
 #   GPU_CHECK_PYTEST_ARGS   extra pytest arguments (default: "-n 8 --timeout 120", pytest-xdist and -timeout)
 #   GPU_CHECK_TESTS_TIMEOUT seconds before the tests are stopped (default 100; the log keeps what ran)
 #   GPU_CHECK_BENCH         ";"-separated runs of python -m benchmarks, each "SECONDS ARGS..." (default: the convs
-#                           level for 160 s, ResNet-50 inference at batch 256 and 1 for 120 s, its training step at
-#                           256 for 140 s, eager vs torch.compile vs fused "auto", the fused model precompiled
+#                           level's forward rows, those with targets, for 160 s, ResNet-50 inference at batch 256
+#                           and 1 for 120 s, its training step at 256 for 140 s, eager vs fused "auto" vs
+#                           torch.compile, the fused model precompiled
 #                           (fusedres.precompile: its row's "precompile s", then "first call s" is timing alone),
 #                           and in inference fused "auto" replayed from a CUDA graph (fused[auto]+graph);
 #                           with the tests about 9 minutes);
 #                           e.g. "300 --levels blocks --models resnet50" or
+#                           "300 --levels convs --models resnet50 --modes bwd" (Triton conv backward vs cuDNN's) or
 #                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target) or
 #                           "300 --levels convs --models resnext50_32x4d" (grouped convs: narrow groups merged)
 #   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
@@ -55,7 +57,7 @@ note() { steps+=("$1"); result[$1]=$2; summary; }
 limit() { if [ -n "${1:-}" ] && [ "$1" != 0 ]; then echo "timeout $1"; fi; }
 
 models="--levels models --models resnet50 --backends auto --precompile --modes"  # fused: precompile, then timed
-IFS=';' read -ra bench_runs <<< "${GPU_CHECK_BENCH:-160 --levels convs --models resnet50; 120 $models infer --batch 256,1; 140 $models train}"
+IFS=';' read -ra bench_runs <<< "${GPU_CHECK_BENCH:-160 --levels convs --models resnet50 --modes fwd; 120 $models infer --batch 256,1; 140 $models train}"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 
 # Triton kernels: one cache folder, the carried kernels unpacked into it; what is compiled here lands there too
