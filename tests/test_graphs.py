@@ -138,16 +138,16 @@ def test_warmup_must_be_positive():
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_a_converted_resnet_replays_its_forward_from_a_cuda_graph(dtype, fresh_dispatch):
-    """Batch 1 and channels_last, the "auto" dispatch measuring during the warm-up; checked against eager (the
-    unconverted model, under the same autocast) on two new inputs, within eager's own distance from fp64."""
+def test_gpu_a_converted_resnet_replays_its_forward_from_a_cuda_graph(fresh_dispatch):
+    """Batch 1, bf16 autocast and channels_last (the latency target's setting; one dtype: the "auto" dispatch's
+    warm-up compiles the Triton kernels of every conv shape), checked against eager (the unconverted model, under
+    the same autocast) on two new inputs, within eager's own distance from fp64."""
     torch.manual_seed(10)
     eager = torchvision.models.resnet18(num_classes=10)
     randomise_bn(eager, 10)
     eager = eager.eval().cuda().to(memory_format=torch.channels_last)
     model = fusedres.convert(copy.deepcopy(eager)).model
-    autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     x = torch.randn(1, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
     with autocast:
         forward = fusedres.cuda_graphed(model, x)
