@@ -20,7 +20,8 @@ replays them all from one call, so the forward costs what the GPU takes. This is
 - The graph computes with the weights as they were when it was captured (for a converted model: the folded
   conv weights, made from them). A call raises when a parameter or buffer was replaced or changed in place
   since (an optimizer step, ``load_state_dict``, ``.to``): capture again. Writes through ``.data`` are not seen.
-- Inference only: the model must be in eval mode, and the forward runs without autograd.
+- Inference only: the model and every module in it must be in eval mode, and the forward runs without
+  autograd.
 """
 
 import contextlib
@@ -125,8 +126,9 @@ def cuda_graphed(model: nn.Module, *inputs: Tensor, warmup: int = 3) -> CudaGrap
     fn = "fusedres.cuda_graphed"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
-    if model.training:
-        raise RuntimeError(f"{fn} is for inference: the model is in training mode (call model.eval() first)")
+    training = next((name or "the model" for name, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise RuntimeError(f"{fn} is for inference: {training} is in training mode (call model.eval() first)")
     if not inputs:
         raise TypeError(f"{fn}: expected at least one example input tensor")
     _check_inputs(fn, inputs, inputs)  # every one a Tensor

@@ -123,6 +123,7 @@ def test_inference_mode_parameters_are_refused():
 @pytest.mark.parametrize("args, error, message", [
     (lambda m, x: (object(), x), TypeError, "expected an nn.Module, got object"),
     (lambda m, x: (m.train(), x), RuntimeError, r"the model is in training mode \(call model.eval\(\) first\)"),
+    (lambda m, x: (m.layer3[1].bn2.train() and m, x), RuntimeError, "layer3.1.bn2 is in training mode"),
     (lambda m, x: (m,), TypeError, "expected at least one example input tensor"),
     (lambda m, x: (m, [x]), TypeError, "expected input 0 to be a Tensor, got list"),
     (lambda m, x: (m, x), RuntimeError, r"CUDA graphs need the inputs on one CUDA device, got \['cpu'\]"),
