@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -10,7 +11,8 @@ import fusedres
 
 
 def demo(model_name: str, steps: int, batch: int | None, size: int | None) -> None:
-    """Convert a torchvision ResNet, train it a few SGD steps next to the original, compare."""
+    """Convert a torchvision ResNet, train it a few SGD steps next to the original, compare; then both models'
+    batch-1 inference latency."""
     import torchvision
 
     cuda = torch.cuda.is_available()
@@ -50,7 +52,37 @@ def demo(model_name: str, steps: int, batch: int | None, size: int | None) -> No
             row.append((loss.item(), 1e3 * (time.perf_counter() - start)))
         (le, te), (lf, tf) = row
         print(f"{step:>4} {le:>11.5f} {lf:>11.5f} {te:>9.1f} {tf:>9.1f}")
+    inference_latency(eager, fused, x[:1], autocast)
     print("\nFor trustworthy timings (warm-up, medians, torch.compile, memory) run the benchmarks.")
+
+
+def inference_latency(eager: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, autocast) -> None:
+    """Both models in eval mode on one image: the median wall clock of a forward, and on a GPU the converted
+    model's forward replayed from a CUDA graph too (``fusedres.cuda_graphed``), each output against eager's."""
+    cuda = x.is_cuda
+    eager.eval(), fused.eval()
+    with autocast:
+        forwards = {"eager": eager, "fused": fused}
+        if cuda:
+            forwards["fused, CUDA graph"] = fusedres.cuda_graphed(fused, x)
+    print(f"\ninference, batch 1, eval mode: median of 20 forwards{'' if cuda else ' (CUDA graph: GPU only)'}")
+    print(f"{'':>18} {'ms':>8} {'max |out - eager|':>18}")
+    with torch.no_grad():
+        with autocast:
+            expected = eager(x).float()
+        for name, forward in forwards.items():
+            times = []
+            for _ in range(25):  # 5 to warm up
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                with autocast:
+                    out = forward(x)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(1e3 * (time.perf_counter() - start))
+            difference = (out.float() - expected).abs().max().item()
+            print(f"{name:>18} {statistics.median(times[5:]):>8.2f} {difference:>18.2e}")
 
 
 def main() -> None:
