@@ -289,7 +289,8 @@ def model_summary(rows: list[dict]) -> list[str]:
         fused = {c: t for c, t in ms.items() if c.startswith("fused[")}
         target = INFER_TARGETS.get(batch)
         if "compile" not in ms or not fused:
-            lines.append(f"{name} inference, batch {batch}: no torch.compile or fused time to compare.")
+            missing = "torch.compile" if "compile" not in ms else "fused"
+            lines.append(f"{name} inference, batch {batch}: no {missing} time to compare (the targets need both).")
             continue
         speeds = ", ".join(f"{c} {ms['compile'] / t:.2f}x ({t:.3f} ms)" for c, t in fused.items())
         best = max(ms["compile"] / t for t in fused.values())

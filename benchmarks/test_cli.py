@@ -95,7 +95,7 @@ def test_the_models_summary_checks_the_inference_targets_against_compile():
     rows = [row(256, "eager", 40.0), row(256, "fused[auto]", 20.0), row(256, "compile", 29.0),
             row(256, "fused[auto]", 90.0, mode="train"), row(256, "compile", 80.0, mode="train"),
             row(1, "fused[auto]", 3.0), row(1, "fused[auto]+graph", 0.5), row(1, "compile", 1.0),
-            row(32, "fused[auto]", 2.0), row(32, "compile", 2.0), row(4, "fused[auto]", 2.0)]
+            row(32, "fused[auto]", 2.0), row(32, "compile", 2.0), row(4, "fused[auto]", 2.0), row(8, "compile", 1.0)]
     assert cases.model_summary(rows) == [
         "resnet50 inference, batch 256, speed over torch.compile (29.000 ms): fused[auto] 1.45x (20.000 ms); "
         "target >= 1.50x: not met (best 1.45x).",
@@ -103,4 +103,5 @@ def test_the_models_summary_checks_the_inference_targets_against_compile():
         "fused[auto]+graph 2.00x (0.500 ms); target >= 1.00x: met (best 2.00x).",
         "resnet50 inference, batch 32, speed over torch.compile (2.000 ms): fused[auto] 1.00x (2.000 ms); "
         "no target at this batch.",
-        "resnet50 inference, batch 4: no torch.compile or fused time to compare."]
+        "resnet50 inference, batch 4: no torch.compile time to compare (the targets need both).",
+        "resnet50 inference, batch 8: no fused time to compare (the targets need both)."]
