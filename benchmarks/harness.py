@@ -4,8 +4,9 @@ A level (``cases.py``, ``convs.py``) only says what to set up: a ``Case`` whose 
 ``Setup`` with the inputs, the eager target, the fused target per backend, and
 ``step(target, inputs, autocast)``, one timed iteration returning named tensors (outputs and
 gradients). From that the harness derives every contender (eager, fused per backend, the "auto" fused
-target replayed from a CUDA graph in inference, torch.compile of the eager target), runs them on the same weights and inputs, checks each against one
-upcast run of eager (``Reference``), then times it and measures its memory. A level may name its
+target replayed from a CUDA graph in inference, torch.compile of the eager target), runs them on the
+same weights and inputs, checks each against one upcast run of eager (``Reference``), then times it
+and measures its memory. A level may name its
 own contenders instead (``Case.contenders``, the first one the anchor in eager's role; the convs
 level), built by ``Setup.fused(name)`` and checked against ``Setup.reference``'s outputs by name.
 
