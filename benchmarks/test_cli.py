@@ -58,9 +58,9 @@ def test_a_failed_precompile_is_reported_and_the_step_still_timed(monkeypatch):
 
 
 def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monkeypatch):
-    """fused[auto]+graph: listed for inference cases only (before compile, after the fused rows), skipped on CPU with the reason; its step (here with
-    the capture rerunning the forward, as tests/test_graphs.py's stand-in does) captures on its first call and
-    agrees with eager."""
+    """fused[auto]+graph: listed for inference cases only (after the fused rows, before compile), skipped on CPU
+    with the reason; its step (here with the capture rerunning the forward, as tests/test_graphs.py's stand-in
+    does) captures on its first call and agrees with eager."""
     from fusedres.graphs import CudaGraphedForward
 
     settings = make_settings(["--device", "cpu", "--levels", "models", "--models", "resnet18", "--quick",
