@@ -39,17 +39,16 @@ def demo(model_name: str, steps: int, batch: int | None, size: int | None) -> No
     for step in range(steps):
         row = []
         for model in (eager, fused):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            optims[model].step()
-            optims[model].zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            row.append((loss.item(), 1e3 * (time.perf_counter() - start)))
+            def train_step():
+                with autocast:
+                    loss = torch.nn.functional.cross_entropy(model(x), target)
+                loss.backward()
+                optims[model].step()
+                optims[model].zero_grad(set_to_none=True)
+                return loss
+
+            loss, ms = _timed(train_step, cuda)
+            row.append((loss.item(), ms))
         (le, te), (lf, tf) = row
         print(f"{step:>4} {le:>11.5f} {lf:>11.5f} {te:>9.1f} {tf:>9.1f}")
     inference_latency(eager, fused, x[:1], autocast)
@@ -71,18 +70,24 @@ def inference_latency(eager: torch.nn.Module, fused: torch.nn.Module, x: torch.T
         with autocast:
             expected = eager(x).float()
         for name, forward in forwards.items():
-            times = []
-            for _ in range(25):  # 5 to warm up
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+            def infer():
                 with autocast:
-                    out = forward(x)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(1e3 * (time.perf_counter() - start))
-            difference = (out.float() - expected).abs().max().item()
-            print(f"{name:>18} {statistics.median(times[5:]):>8.2f} {difference:>18.2e}")
+                    return forward(x)
+
+            runs = [_timed(infer, cuda) for _ in range(25)][5:]  # 5 to warm up
+            difference = (runs[-1][0].float() - expected).abs().max().item()
+            print(f"{name:>18} {statistics.median(ms for _, ms in runs):>8.2f} {difference:>18.2e}")
+
+
+def _timed(fn, cuda: bool):
+    """(fn(), its wall-clock ms), the GPU synchronised before and after."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return result, 1e3 * (time.perf_counter() - start)
 
 
 def main() -> None:
