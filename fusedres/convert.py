@@ -27,6 +27,7 @@ from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock, _q
 from .nn.hooks import has_run_hooks
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
+from .nn.stem import _FoldedStemModel, folded_stem_class, stem_unsupported_reason
 from .ops.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
 
 FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck)
@@ -114,6 +115,7 @@ def convert(
         report.model = _replace(report.model, name, fused)
         report.converted.append((name, f"{type(module).__name__} -> {fused_cls.__name__}"))
     _convert_bn_relu_pairs(report, backend, filter_fn)
+    _fold_stems(report, backend, filter_fn)
     if "timm" in sys.modules:  # a model holding timm modules has imported timm
         _convert_timm_norms(report, backend, filter_fn)
     report.backend_note = _backend_note(report.model, backend)
@@ -156,6 +158,27 @@ def _convert_bn_relu_pairs(report, backend, filter_fn) -> None:
         setattr(parent, bn_name, fused)
         setattr(parent, act_name, ReLUFusedIntoNorm(parent, bn_name, fused, act).train(act.training))
         report.converted.append((name, f"BatchNorm2d + {act_name} (ReLU) -> FusedBatchNormAct2d"))
+
+
+def _fold_stems(report, backend, filter_fn) -> None:
+    """Each torchvision / timm ResNet in the model gets the class of ours whose inference forward runs
+    conv1 + bn1 + ReLU as one folded conv unit (``fusedres/nn/stem.py``)."""
+    for name, model in report.model.named_modules():
+        stem_class = folded_stem_class(type(model))
+        if stem_class is None:
+            continue
+        conv_name = f"{name}.conv1" if name else "conv1"
+        reason = stem_unsupported_reason(model)
+        if reason is None and filter_fn is not None and not filter_fn(model.conv1, conv_name):
+            reason = "rejected by filter_fn"
+        if reason is not None:
+            report.skipped.append((conv_name, f"the stem is not folded in inference: {reason}"))
+            continue
+        vars(model)["fusedres_stem_backend"] = backend
+        source_name = type(model).__name__
+        model.__class__ = stem_class
+        report.converted.append((conv_name, f"{source_name} -> {stem_class.__name__} (conv1 + bn1 + ReLU one "
+                                            "conv unit in inference, the BatchNorm folded)"))
 
 
 def _convert_timm_norms(report, backend, filter_fn) -> None:
@@ -209,6 +232,11 @@ def revert(model: nn.Module) -> nn.Module:
             model = _replace(model, name, module.to_module())
         elif isinstance(module, ReLUFusedIntoNorm):
             model = _replace(model, name, module.original.train(module.training))
+    for module in model.modules():
+        if isinstance(module, _FoldedStemModel):
+            module.__class__ = next(cls for cls in type(module).__mro__ if not issubclass(cls, _FoldedStemModel))
+            for attribute in ("fusedres_stem_backend", "_folded"):
+                vars(module).pop(attribute, None)
     return model
 
 

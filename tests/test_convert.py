@@ -6,7 +6,11 @@ parameter gradient and running statistics after a few SGD steps as the unconvert
 
 import copy
 import io
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -16,21 +20,23 @@ from torch import nn
 
 import fusedres
 from fusedres.nn import FusedBasicBlock, FusedBatchNormAct2d, FusedBottleneck
+from fusedres.nn import stem
 from fusedres.nn.norm import ReLUFusedIntoNorm
 from model_helpers import assert_converted_trains_like_eager, assert_same_training, randomise_bn
 
 
 TRAINING_CASES = {
-    # name: (constructor, converted modules (blocks + stem BN+ReLU pairs), dtype, channels_last, SGD steps)
+    # name: (constructor, converted modules (blocks, stem BN+ReLU pairs, the folded stem), dtype, channels_last,
+    # SGD steps)
     # 64x64 inputs: at 32x32 the last stage is 1x1 and its BNs see 3 values per channel, which
     # amplifies fp64 rounding (1e-12 after one step) to 1e-7 over three SGD steps.
-    "tv-resnet18-fp64": (lambda: torchvision.models.resnet18(num_classes=10), 9, torch.float64, False, 3),
-    "tv-resnet18-fp64-cl": (lambda: torchvision.models.resnet18(num_classes=10), 9, torch.float64, True, 2),
-    "tv-resnet50-fp64": (lambda: torchvision.models.resnet50(num_classes=10), 17, torch.float64, False, 2),
-    "tv-resnet50-fp32-cl": (lambda: torchvision.models.resnet50(num_classes=10), 17, torch.float32, True, 1),
-    "tv-resnext50-fp32": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), 17, torch.float32, False, 1),
-    "timm-resnet18-fp64-cl": (lambda: timm.create_model("resnet18", num_classes=10), 9, torch.float64, True, 2),
-    "timm-resnet26d-fp64": (lambda: timm.create_model("resnet26d", num_classes=10), 11, torch.float64, False, 2),
+    "tv-resnet18-fp64": (lambda: torchvision.models.resnet18(num_classes=10), 10, torch.float64, False, 3),
+    "tv-resnet18-fp64-cl": (lambda: torchvision.models.resnet18(num_classes=10), 10, torch.float64, True, 2),
+    "tv-resnet50-fp64": (lambda: torchvision.models.resnet50(num_classes=10), 18, torch.float64, False, 2),
+    "tv-resnet50-fp32-cl": (lambda: torchvision.models.resnet50(num_classes=10), 18, torch.float32, True, 1),
+    "tv-resnext50-fp32": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), 18, torch.float32, False, 1),
+    "timm-resnet18-fp64-cl": (lambda: timm.create_model("resnet18", num_classes=10), 10, torch.float64, True, 2),
+    "timm-resnet26d-fp64": (lambda: timm.create_model("resnet26d", num_classes=10), 12, torch.float64, False, 2),
 }
 
 
@@ -43,10 +49,10 @@ def test_converted_model_trains_like_eager(case):
 
 
 @pytest.mark.parametrize("name,blocks,fused_cls", [
-    ("resnet34", 17, FusedBasicBlock),
-    ("resnet101", 34, FusedBottleneck),
-    ("resnet152", 51, FusedBottleneck),
-    ("wide_resnet50_2", 17, FusedBottleneck),
+    ("resnet34", 18, FusedBasicBlock),
+    ("resnet101", 35, FusedBottleneck),
+    ("resnet152", 52, FusedBottleneck),
+    ("wide_resnet50_2", 18, FusedBottleneck),
 ])
 def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls):
     torch.manual_seed(0)
@@ -67,10 +73,10 @@ def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls)
 def test_unsupported_timm_blocks_are_left_alone_with_a_reason():
     model = timm.create_model("seresnet18", num_classes=10)
     before = {n: type(m) for n, m in model.named_modules()}
-    report = fusedres.convert(model, filter_fn=lambda module, name: name != "bn1")
+    report = fusedres.convert(model, filter_fn=lambda module, name: name not in ("bn1", "conv1"))
     assert report.converted == []
-    assert len(report.skipped) == 9
-    assert all("se" in why for name, why in report.skipped if name != "bn1"), str(report)
+    assert len(report.skipped) == 10
+    assert all("se" in why for name, why in report.skipped if name not in ("bn1", "conv1")), str(report)
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
@@ -284,3 +290,104 @@ def test_hooks_inside_a_block_keep_it_unconverted_and_hooks_on_it_keep_running()
     with torch.no_grad():
         model(x)
     assert [name for name, _ in seen] == ["bn1", "conv2", "pre"]  # the pre-hook is the reverted block's
+
+
+FOLDED_STEM_MODELS = {
+    "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "timm-resnet18": lambda: timm.create_model("resnet18", num_classes=10),
+    "timm-resnet26d": lambda: timm.create_model("resnet26d", num_classes=10),  # deep stem: its last conv folds
+}
+
+
+@pytest.fixture
+def folded_stem_calls(monkeypatch):
+    """(conv, bn, relu) of every stem unit run folded (``fusedres.nn.stem``'s one launch)."""
+    calls = []
+    run = stem.folded_conv_bias_act
+
+    def spy(owner, x, conv, bn, residual, relu, backend):
+        calls.append((conv, bn, relu))
+        return run(owner, x, conv, bn, residual, relu, backend)
+
+    monkeypatch.setattr(stem, "folded_conv_bias_act", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", FOLDED_STEM_MODELS)
+def test_stem_folds_into_one_conv_unit_in_inference_only(name, folded_stem_calls):
+    torch.manual_seed(0)
+    eager = FOLDED_STEM_MODELS[name]().double().eval()
+    randomise_bn(eager, seed=6)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    assert isinstance(model, type(eager)) and type(model) is not type(eager)
+    assert list(model.state_dict()) == list(eager.state_dict())
+    stem_conv = model.conv1 if isinstance(model.conv1, nn.Conv2d) else model.conv1[-1]
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)
+        assert folded_stem_calls == [(stem_conv, model.bn1, True)]
+        model.bn1.running_mean.add_(0.5)  # changed in place: folded again
+        eager.bn1.running_mean.add_(0.5)
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)
+    folded_stem_calls.clear()
+    torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)  # autograd on: the original forward
+    with torch.no_grad():
+        torch.testing.assert_close(model.train()(x), eager.train()(x), rtol=1e-10, atol=1e-10)
+    assert folded_stem_calls == []
+    fusedres.revert(model)
+    assert type(model) is type(eager) and "fusedres_stem_backend" not in vars(model)
+    assert "_folded" not in vars(model)
+
+
+def test_folded_stem_model_pickles_into_a_fresh_process(tmp_path):
+    """Pickle names the folded-stem class; a process that never made it finds it on loading."""
+    torch.manual_seed(0)
+    model = fusedres.convert(torchvision.models.resnet18(num_classes=10)).model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(copy.deepcopy(model)(x), expected)
+    torch.save((model, x, expected), tmp_path / "model.pt")
+    code = ("import sys, torch; model, x, expected = torch.load(sys.argv[1], weights_only=False); "
+            "torch.set_grad_enabled(False); torch.testing.assert_close(model(x), expected); "
+            "print(type(model).__qualname__)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(fusedres.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "FoldedStemTorchvisionResNet"
+
+
+def test_hooks_on_the_stem_keep_the_original_forward(folded_stem_calls):
+    """A hook on a stem module before conversion: the stem is not folded, and the report says why; one added
+    afterwards: the forward runs the stem's modules, so the hook sees conv1's own output."""
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(num_classes=10).eval()
+    hooked = copy.deepcopy(eager)
+    hooked.bn1.register_forward_hook(lambda module, args, out: None)
+    report = fusedres.convert(hooked)
+    assert type(hooked) is type(eager)
+    assert ("conv1", "the stem is not folded in inference: bn1 has forward or backward hooks") in report.skipped
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    seen = []
+    model.conv1.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(seen[0], eager.conv1(x))
+    assert folded_stem_calls == []
+
+
+def test_a_resnet_inside_another_module_folds_and_a_subclass_does_not():
+    class MyResNet(torchvision.models.ResNet):  # its forward may differ from torchvision's: not ours to replace
+        pass
+
+    wrapped = nn.Sequential(nn.Identity(), torchvision.models.resnet18(num_classes=10))
+    report = fusedres.convert(wrapped)
+    assert ("1.conv1" in [name for name, _ in report.converted]) and type(wrapped[1]).__name__.startswith("Folded")
+    fusedres.revert(wrapped)
+    assert type(wrapped[1]) is torchvision.models.ResNet
+    mine = MyResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    report = fusedres.convert(mine)
+    assert type(mine) is MyResNet and "conv1" not in [name for name, _ in report.converted + report.skipped]

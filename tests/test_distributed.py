@@ -358,7 +358,7 @@ def ddp_plain_batchnorm(rank: int) -> None:
     x, target = global_batch(image_size=64)
     mine = rank_slice(rank)
     ref, model = resnet18(), resnet18()
-    assert len(fusedres.convert(model).converted) == 9  # 8 blocks and the stem's BN + ReLU
+    assert len(fusedres.convert(model).converted) == 10  # 8 blocks, the stem's BN + ReLU, its fold
     for m in (ref, model):  # a frozen shortcut BatchNorm: that block applies it on its own
         m.layer3[0].downsample[1].eval()
     ref_losses = train(DDP(ref), (x[mine], target[mine]), F.cross_entropy)

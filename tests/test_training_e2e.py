@@ -89,7 +89,7 @@ def _small_resnetv2(width: int) -> ResNetV2:
 
 # name: (builder, modules converted, fused block class)
 MODELS = {
-    "torchvision-resnet": (_small_resnet, 5, FusedBasicBlock),  # 4 blocks + the stem BN + ReLU
+    "torchvision-resnet": (_small_resnet, 6, FusedBasicBlock),  # 4 blocks, the stem BN + ReLU, its fold
     "timm-resnetv2": (_small_resnetv2, 5, FusedPreActBasic),  # 4 blocks + the final norm
 }
 

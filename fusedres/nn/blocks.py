@@ -75,6 +75,25 @@ def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
                                  **kwargs)
 
 
+def folded_conv_bias_act(owner: nn.Module, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module],
+                         residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
+    """act(conv(source) [eval BatchNorm ``bn`` folded in] + residual) in one ``conv_bias_act`` launch
+    (inference). The fold is cached in ``owner``'s plain attribute ``_folded`` (not in its state_dict;
+    an owner's ``__getstate__`` drops it), refolded when a source tensor changes (``FoldedWeights``)."""
+    if bn is None:
+        weight, bias = conv.weight, conv.bias
+    else:
+        cache = owner.__dict__.setdefault("_folded", {})
+        folded = cache.get((id(conv), id(bn)))
+        if folded is None:
+            folded = cache[id(conv), id(bn)] = inference.FoldedWeights()
+        autocast, weight = backends.autocast_dtype(source.device.type), conv.weight
+        weight, bias = folded.get(conv, bn, autocast if autocast and weight.dtype != torch.float64
+                                  else weight.dtype)
+    return inference.conv_module_bias_act(source, conv, weight, bias, residual, relu,
+                                          "torch" if backend == "torch" else "auto")
+
+
 def _conv_unsupported(name: str, conv: nn.Module) -> Optional[str]:
     if type(conv) is not nn.Conv2d:
         return f"{name} is {type(conv).__name__}, not nn.Conv2d"
@@ -206,18 +225,7 @@ class _FusedResidualBlock(nn.Module):
     def _conv_bias_act(self, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module] = None,
                        residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
         """act(conv(source) [BatchNorm ``bn`` folded in] + residual) in one launch (inference)."""
-        if bn is None:
-            weight, bias = conv.weight, conv.bias
-        else:
-            cache = self.__dict__.setdefault("_folded", {})  # plain attribute: not in state_dict
-            folded = cache.get((id(conv), id(bn)))
-            if folded is None:
-                folded = cache[id(conv), id(bn)] = inference.FoldedWeights()
-            autocast, weight = backends.autocast_dtype(source.device.type), conv.weight
-            weight, bias = folded.get(conv, bn, autocast if autocast and weight.dtype != torch.float64
-                                      else weight.dtype)
-        return inference.conv_module_bias_act(source, conv, weight, bias, residual, relu,
-                                              "torch" if self.backend == "torch" else "auto")
+        return folded_conv_bias_act(self, source, conv, bn, residual, relu, self.backend)
 
     def __getstate__(self):
         state = super().__getstate__().copy()

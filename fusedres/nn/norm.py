@@ -91,7 +91,9 @@ class ReLUFusedIntoNorm(nn.ReLU):
         # Plain references, not submodules: the state_dict and module tree stay the original's.
         vars(self).update(_parent=parent, _fused_norm=fused_norm, original=original)
 
+    def passes_through(self) -> bool:
+        """Whether this module is the identity now: its fused norm is still in place."""
+        return getattr(self._parent, self.norm_name) is self._fused_norm
+
     def forward(self, x: Tensor) -> Tensor:
-        if getattr(self._parent, self.norm_name) is self._fused_norm:
-            return x
-        return super().forward(x)
+        return x if self.passes_through() else super().forward(x)
