@@ -12,8 +12,8 @@ the benchmarks launch it:
 - ``train``: the converted model's training step (``benchmarks.convs.package_prologues``: each conv with its
   BatchNorm + ReLU prologue or none; the stem stays torch's): the forward with statistics, the input gradient
   of convs with a prologue, the weight gradient.
-- ``infer``: the eval model's folded-BatchNorm convs (``fusedres.ops.inference``): bias, the residual and ReLU
-  at a block's last conv, ReLU elsewhere but after the downsample conv.
+- ``infer``: the eval model's folded-BatchNorm convs (``fusedres.ops.inference``), the stem's too: bias, the
+  residual and ReLU at a block's last conv, ReLU elsewhere but after the downsample conv.
 - ``convs``: what the benchmarks' convs level adds (every conv, the stem too): the bare conv, the BN + ReLU
   prologue alone, the prologue with statistics.
 
@@ -149,8 +149,10 @@ def run_convs(model: str, mode: str, batch: int, only=None) -> None:
                 if prologue:
                     conv_dgrad.conv2d_input_grad(grad, weight, x, **spec.args, **prologue, mean=c)
                 conv_wgrad.conv2d_weight_grad(x, grad, spec.weight_shape, **spec.args, **prologue)
-        else:  # a block's last conv adds the residual; every conv but the downsample ends in ReLU
-            for last, relu in sorted({(m.endswith("conv3"), not m.endswith("downsample.0")) for m in fused}):
+        else:  # the blocks' convs and the stem (conv1, folded in inference too); a block's last conv adds the
+            # residual; every conv but the downsample ends in ReLU
+            folded = fused + [m for m in modules if m == "conv1"]
+            for last, relu in sorted({(m.endswith("conv3"), not m.endswith("downsample.0")) for m in folded}):
                 conv.conv2d_fused(x, weight, **spec.args, in_relu=False, out_shift=k,
                                   residual=grad if last else None, out_relu=relu)
 

@@ -105,6 +105,12 @@ CASES = [
     _case(128, 128, 5, 3, 1, 1, F32, True, "relu", "full", groups=8),  # 16 channels: 4 as one, 2 merged groups
     _case(20, 28, 6, 3, 1, 1, F32, True, "none", "stats", groups=4),  # 5 in / 7 out: 20 / 28, tails
     _case(128, 128, 4, 1, 1, 0, BF16, True, "none", "full", groups=2),  # 64 channels: none merged, 2 groups
+    # strided convs of few channels without a prologue run space-to-depth (conv_args._space_to_depth), as the
+    # 7x7/2 stem above does; with a prologue (the C = 8 strided cases above) they keep the flat reduction
+    _case(3, 16, (11, 9), 7, 2, 3, BF16, False, "none", "stats_bias"),  # NCHW x; odd P, Q
+    _case(5, 8, (9, 8), 3, (2, 1), (0, 1), F32, True, "none", "affine"),  # row stride only: C' = 8
+    _case(3, 8, 13, 2, 3, 0, F16, True, "none", "full"),  # the blocks' image ends before x's last row
+    _case(8, 20, 9, 1, 2, 0, BF16, True, "none", "stats"),  # a 1x1/2 of 8 channels
 ]
 
 
@@ -194,6 +200,48 @@ def test_conv2d_fused(case):
         _check_stats(out, mean, var)
     else:
         assert mean is None and var is None
+
+
+@pytest.mark.parametrize("c,kernel,stride,padding,hw", [
+    (3, 7, 2, 3, (16, 15)), (1, 3, 2, 1, (7, 8)), (5, (3, 2), (2, 1), (0, 1), (9, 8)), (3, 2, 3, 0, (13, 14)),
+    (3, 4, 3, 2, (10, 11)), (15, 1, 2, 0, (6, 7))])
+def test_space_to_depth_is_the_same_conv(c, kernel, stride, padding, hw):
+    """conv_args._space_to_depth's x' and weight, as a stride-1 unpadded F.conv2d, give the strided conv's
+    output exactly (fp64), padded channels and taps included; and C' * SH * SW is a multiple of 8 channels."""
+    gen = seeded(f"s2d-{c}-{kernel}-{stride}-{padding}-{hw}")
+    x = torch.randn(2, c, *hw, generator=gen, dtype=F64)
+    w = torch.randn(4, c, *pair(kernel), generator=gen, dtype=F64)
+    geo = conv_args._geometry(x.float(), w.float(), pair(stride), pair(padding), (1, 1), 1)  # checks the dtype
+    channels = conv_args._space_to_depth_channels(geo, 1, prologue=False)
+    assert channels >= c and channels * geo["SH"] * geo["SW"] % 8 == 0
+    x2, geo2 = conv_args._space_to_depth(x, geo, channels)
+    w2 = conv_args._space_to_depth_weight(w, geo["SH"], geo["SW"], channels)
+    assert x2.is_contiguous(memory_format=torch.channels_last) and tuple(w2.shape) == (4, geo2["C"], geo2["R"],
+                                                                                       geo2["S"])
+    assert tuple(x2.shape) == (2, geo2["C"], geo2["H"], geo2["W"]) and geo2["SH"] == geo2["SW"] == 1
+    torch.testing.assert_close(F.conv2d(x2, w2), F.conv2d(x, w, None, stride, padding), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prologue,groups,dilation,stride,c", [
+    (False, 1, 1, 2, 3), (True, 1, 1, 2, 3), (False, 3, 1, 2, 3), (False, 1, 2, 2, 3), (False, 1, 1, 1, 3),
+    (False, 1, 1, 2, 16)])
+def test_only_strided_convs_of_few_channels_without_a_prologue_run_space_to_depth(prologue, groups, dilation,
+                                                                                    stride, c, monkeypatch):
+    """The stem runs space-to-depth: the kernel sees a stride-1 unpadded conv with a flat reduction; a prologue,
+    groups, dilation, stride 1 or 16 channels keep the conv as it is."""
+    launched = []
+    launch = conv._launch
+    monkeypatch.setattr(conv, "_launch", lambda *args, **kw: launched.append((args[2], kw["flat"])) or launch(*args, **kw))
+    gen = seeded(f"s2d-route-{prologue}-{groups}-{dilation}-{stride}-{c}")
+    x = rand_act(gen, (2, c, 9, 9), F32, True)
+    w = rand_act(gen, (6, c // groups, 3, 3), F32)
+    kw = dict(stride=stride, padding=1, dilation=dilation, groups=groups)
+    if prologue:
+        kw.update(in_scale=rand_vec(gen, c, positive=True), in_shift=rand_vec(gen, c))
+    _check_out(conv.conv2d_fused(x, w, **kw)[0], x, w, kw)
+    (geo, flat), = launched
+    rewritten = not prologue and groups == 1 and dilation == 1 and stride == 2 and c < 16
+    assert ((geo["SH"], geo["PH"], geo["C"], flat) == (1, 0, 16, True)) == rewritten, geo
 
 
 @pytest.mark.parametrize("moments", [False, True], ids=["sums", "moments"])
@@ -766,6 +814,35 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     assert found["variants"]["prologue"]["st_shared"] == found["variants"]["bare"]["st_shared"], found
     _assert_wgmma_not_serialised(found)
     assert all(variant["spill_bytes"] == 0 for variant in found["variants"].values()), found
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_stem_runs_space_to_depth_on_asynchronous_16_byte_copies():
+    """ResNet-50's stem (3->64 7x7/2 at 224 px, batch 256, bf16 channels_last) as conv2d_fused launches it, run
+    space-to-depth (conv_args._space_to_depth): with the first config (128x64x64) its bare, inference (bias +
+    ReLU) and statistics variants load x only by 16-byte asynchronous copies (no synchronous global load in
+    the bare conv), run wgmma unserialised and spill nothing (166 registers). Launched as the 7x7/2 conv on 3
+    channels, the same config gathered x by 64 synchronous 2-byte loads a thread per step at 255 registers,
+    spilling 324-328 bytes (triton 3.8) or 520-536 (triton 3.6, the GPU image's), sm_90."""
+    x = torch.empty(256, 3, 224, 224, device="meta", dtype=BF16).to(memory_format=torch.channels_last)
+    w = torch.empty(64, 3, 7, 7, device="meta", dtype=BF16)
+    geo = conv_args._geometry(x, w, (2, 2), (3, 3), (1, 1), 1)
+    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1, prologue=False))
+    out_strides = (112 * 112 * 64, 1, 112 * 64, 64)
+    ints = dict({k: v for k, v in geo2.items() if k not in ("R", "S")}, WS_ROWS=geo2["M"] // 64,
+                **named_strides("stride_x", x2.stride()), **named_strides("stride_o", out_strides),
+                **named_strides("stride_r", out_strides))
+    flat = dict(_FLAGS_OFF, FLAT_K=True)
+    variants = {"bare": flat, "inference": dict(flat, HAS_OUT_SHIFT=True, OUT_RELU=True),
+                "stats": dict(flat, COMPUTE_STATS=True)}
+    found = compile_launch_like_for_sm90(
+        "fusedres.triton.conv", "_conv_kernel", dict(USE_TMA=False, BLOCK_M=128, BLOCK_N=64), ints,
+        dict(R=geo2["R"], S=geo2["S"], GROUP_M=8, TMA_OK=False, BOX_H=1, BOX_W=1, GEMM_VIEW=False),
+        variants, ("x_ptr", "w_ptr", "out_ptr", "res_ptr"))
+    for variant in found["variants"].values():
+        assert variant["wgmma"] > 0 and variant["cp_async"] > 0 and variant["spill_bytes"] == 0, found
+    assert found["variants"]["bare"]["ld_global"] == 0, found
+    _assert_wgmma_not_serialised(found)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")

@@ -47,7 +47,10 @@ reduction step loads a (BLOCK_M, BLOCK_K) input tile, gathered with the padding 
 (BLOCK_K, BLOCK_N) weight tile. With Cg >= _FLAT_K_BELOW a step is one (r, s) and a block of
 channels, so the spatial index math is per row; with fewer channels (the stem's C = 3) the
 reduction is one flat axis of R*S*Cg and each column decodes its own (r, s, c), so no step is
-mostly masked-off channels. Every tail (M, channels, spatial edges) is masked; offsets into x, out, residual
+mostly masked-off channels. A strided conv of so few channels without a prologue (the stem's 7x7/2) runs as
+a stride-1 conv on a space-to-depth copy of x (``conv_args._space_to_depth``: each SH x SW block of pixels
+one pixel of SH*SW*C' >= 16 channels), its reduction kept flat: each tap then reads 16-byte runs, which the
+compiler loads by asynchronous copies, where x's 3-channel pixels were gathered by synchronous 2-byte loads. Every tail (M, channels, spatial edges) is masked; offsets into x, out, residual
 and the workspace are int64, while M itself is capped at 2**30 output positions.
 
 Two kinds of config share the kernel (USE_TMA). The pointer configs above run every launch. The TMA
@@ -102,7 +105,7 @@ from torch import Tensor
 from ._host import cdiv
 from .autotuning import autotune
 from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _merge_factor, _merged,
-                        _packed_weight, _vector)
+                        _packed_weight, _space_to_depth, _space_to_depth_channels, _vector)
 from .relaunch import relaunched
 
 _FLAT_K_BELOW = 16  # per-group input channels below which the reduction is one flat (r, s, c) axis
@@ -529,18 +532,19 @@ def _with_descriptor_scratch(launch):
 def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
             in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
             out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(),
-            moments=False):
+            moments=False, flat=False):
     """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
     compute_stats, also _finish_stats_kernel into stats_out, two (K,) fp32 tensors: the per-channel sums of
-    d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y."""
+    d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y. The reduction
+    is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``."""
     k = geo["K"]
-    flat_k = geo["Cg"] < _FLAT_K_BELOW
+    flat_k = flat or geo["Cg"] < _FLAT_K_BELOW
     res = out if residual is None else residual
     tensor_strides = x.stride(), out.stride(), res.stride()
     gemm = _gemm_view(geo, (x.shape, out.shape, res.shape), tensor_strides)
     if gemm is not None:
         geo, tensor_strides = gemm
-    tma_ok = _tma_ok(x, tensor_strides[0], geo, groups)
+    tma_ok = not flat_k and _tma_ok(x, tensor_strides[0], geo, groups)
     box = _box(geo) if tma_ok else (1, 1)  # only the TMA configs tile by boxes: one compile of the others
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
@@ -633,8 +637,14 @@ def conv2d_fused(
     mean = var = None
     if compute_stats:  # separate tensors: the op returning them may not alias its outputs
         mean, var = (torch.empty(k, device=x.device, dtype=torch.float32) for _ in range(2))
-    _launch(x, _packed_weight(weight, groups, merge=merge), _merged(geo, merge), groups // merge, out,
+    space_to_depth = _space_to_depth_channels(geo, groups, in_scale is not None)
+    if space_to_depth:  # the stem: a stride-1 conv reading runs of SH*SW*C' channels (see conv_args)
+        packed = _packed_weight(weight, groups, space_to_depth=(geo["SH"], geo["SW"], space_to_depth))
+        x, geo = _space_to_depth(x, geo, space_to_depth)
+    else:
+        packed = _packed_weight(weight, groups, merge=merge)
+    _launch(x, packed, _merged(geo, merge), groups // merge, out,
             in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, out_scale=out_scale, out_shift=out_shift,
             residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift,
-            stats_out=(mean, var), moments=True)
+            stats_out=(mean, var), moments=True, flat=bool(space_to_depth))
     return out, mean, var

@@ -1,11 +1,13 @@
 """The Triton convs' arguments on the host (conv.py, conv_dgrad.py, conv_wgrad.py): a conv's validated geometry
-and why a valid one is left to torch (``_geometry``, ``_limit``), the groups run as one (``_merge_factor``), its
-weight packed for the kernels and cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
+and why a valid one is left to torch (``_geometry``, ``_limit``), the groups run as one (``_merge_factor``), a
+strided conv of few channels run as a stride-1 one (``_space_to_depth``), its weight packed for the kernels and
+cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
 
 import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.backends import channels_last, conv_allows_tf32
@@ -20,6 +22,7 @@ _MIN_GROUP_CHANNELS = 16  # grouped convs with fewer input or output channels pe
 _MERGED_GROUP_CHANNELS = 64
 _MAX_MERGED_GROUPS = 16
 _MAX_M = 2**30  # output positions N*P*Q; row indices stay int32
+_SPACE_TO_DEPTH_BELOW = 16  # strided convs of fewer input channels run space-to-depth (_space_to_depth_channels)
 # Packed weights kept, least recently used dropped first. A ResNet-152 trained on the Triton kernels packs
 # 263: 154 forward weights, 100 transposed ones for its prologue convs' input gradients, 3 strided convs
 # with 4 phases each; a cache smaller than a step's working set would repack every weight every step.
@@ -95,27 +98,63 @@ def _limit(geo: dict, x: Tensor, groups: int, merge: int) -> Optional[str]:
     return None
 
 
-def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=None, merge: int = 1) -> Tensor:
+def _space_to_depth_channels(geo: dict, groups: int, prologue: bool) -> int:
+    """C', the channels per pixel a conv runs space-to-depth with (``_space_to_depth``), or 0 for one that
+    does not: an ungrouped, undilated, strided conv of fewer than _SPACE_TO_DEPTH_BELOW input channels (the
+    stem's 7x7/2 on 3 channels) and no prologue (the padding a prologue must see as padding is written as
+    zeros here). C' >= C makes each SH x SW block of pixels a whole number of 16-byte runs (in 16-bit
+    dtypes)."""
+    sh, sw = geo["SH"], geo["SW"]
+    if prologue or groups != 1 or geo["C"] >= _SPACE_TO_DEPTH_BELOW or sh * sw == 1 or (geo["DH"], geo["DW"]) != (1, 1):
+        return 0
+    return next(c for c in range(geo["C"], geo["C"] + 8) if c * sh * sw % 8 == 0)
+
+
+def _space_to_depth(x: Tensor, geo: dict, channels: int) -> tuple[Tensor, dict]:
+    """The conv of ``geo`` as a stride-1, unpadded one: (x', its geometry). x' (channels_last) holds each SH x SW
+    block of x's zero-padded image (channels padded to ``channels`` = C') as one pixel of SH*SW*C' channels,
+    (a*SW + b)*C' + c for row a, column b of the block; the weight becomes (K, SH*SW*C', ceil(R/SH), ceil(S/SW))
+    (``_packed_weight``'s space_to_depth), its taps past R, S zero. The outputs are the same rows: tap r of
+    output row p reads padded row SH*p + r, which is row p + r // SH, block row r % SH, of x'. Each tap then
+    reads C' * SH * SW contiguous channels instead of C scattered ones."""
+    sh, sw, r2, s2 = geo["SH"], geo["SW"], -(-geo["R"] // geo["SH"]), -(-geo["S"] // geo["SW"])
+    h2, w2 = geo["P"] + r2 - 1, geo["Q"] + s2 - 1
+    # (N, H2*SH, W2*SW, C'): F.pad crops where the padded image ends before x does (negative padding)
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, channels - geo["C"], geo["PW"], w2 * sw - geo["W"] - geo["PW"],
+                                           geo["PH"], h2 * sh - geo["H"] - geo["PH"]))
+    blocks = padded.reshape(geo["N"], h2, sh, w2, sw, channels).permute(0, 1, 3, 2, 4, 5)
+    x2 = blocks.reshape(geo["N"], h2, w2, sh * sw * channels).permute(0, 3, 1, 2)
+    return x2, dict(geo, C=sh * sw * channels, Cg=sh * sw * channels, H=h2, W=w2, R=r2, S=s2, SH=1, SW=1, PH=0,
+                    PW=0)
+
+
+def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=None, merge: int = 1,
+                   space_to_depth: Optional[tuple[int, int, int]] = None) -> Tensor:
     """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g; or
     ``transposed``, the weight of the input-gradient conv: (G, R*S*Kg, Cg), row (r*S + s)*Kg + k holding
     weight[g*Kg + k, :, R-1-r, S-1-s] (the kernel flipped, input and output channels swapped). ``taps``
     ((kernel rows), (kernel columns)) packs only those taps, as if the weight had no others. With ``merge``
     consecutive groups run as one (``_merge_factor``): (G/merge, R*S*merge*Cg, merge*Kg), each merged group's
     weight block-diagonal (channels of one group meet only that group's; zeros elsewhere, written, not
-    multiplied, so a non-finite weight stays in its group), and likewise transposed.
+    multiplied, so a non-finite weight stays in its group), and likewise transposed. ``space_to_depth``
+    (SH, SW, C'), for a conv run space-to-depth (``_space_to_depth``): the weight of that conv,
+    (K, SH*SW*C', ceil(R/SH), ceil(S/SW)), packed as above.
 
-    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps, merge) and checked against
+    Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps, merge, space_to_depth) and
+    checked against
     the version counter, so in-place updates repack. An entry holds its weight tensor, so its memory cannot
     be reused by another tensor while cached. Not seen: writes through ``.data`` (a separate version
     counter) and inference tensors (none at all; they are packed on every call)."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
-           taps, merge)
+           taps, merge, space_to_depth)
     version = None if weight.is_inference() else weight._version
     hit = _PACK_CACHE.get(key)
     if hit is not None and version is not None and hit[1] == version:
         _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
         return hit[2]
     chosen = weight.detach() if taps is None else weight.detach()[:, :, list(taps[0])][:, :, :, list(taps[1])]
+    if space_to_depth is not None:
+        chosen = _space_to_depth_weight(chosen, *space_to_depth)
     k, cg, r, s = chosen.shape
     grouped = chosen.reshape(groups // merge, merge, k // groups, cg, r, s)
     # per group, its (R, S, rows, columns) block: rows the input channels of the conv the kernel runs
@@ -131,6 +170,15 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
             _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
         _PACK_CACHE[key] = (weight, version, packed)
     return packed
+
+
+def _space_to_depth_weight(weight: Tensor, sh: int, sw: int, channels: int) -> Tensor:
+    """weight (K, C, R, S) of a conv run space-to-depth with C' = ``channels`` (``_space_to_depth``):
+    w'[k, (a*SW + b)*C' + c, i, j] = weight[k, c, SH*i + a, SW*j + b], zero past C, R and S."""
+    k, c, r, s = weight.shape
+    r2, s2 = -(-r // sh), -(-s // sw)
+    padded = F.pad(weight, (0, s2 * sw - s, 0, r2 * sh - r, 0, channels - c))
+    return padded.reshape(k, channels, r2, sh, s2, sw).permute(0, 3, 5, 1, 2, 4).reshape(k, sh * sw * channels, r2, s2)
 
 
 def _vector(fn: str, name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
