@@ -8,8 +8,8 @@
   (``registry._conv_backward_local``: d act or dz, BatchNorm backward's sums, dW), its "cudnn"
   implementation (the anchor) vs its "triton" one (``CONV_BWD_CONTENDERS``), once per way the
   converted model runs convs of that shape (``PROLOGUES``: after the previous BatchNorm + ReLU as the
-  conv's prologue, or on a materialised input); convs the converted model leaves to torch (the stem)
-  have no bwd case.
+  conv's prologue, or on a materialised input; the stem's: on the image, no prologue); convs the
+  converted model leaves to torch have no bwd case.
 """
 
 import dataclasses
@@ -103,8 +103,8 @@ PROLOGUES = {"bn+relu": "prologue BN+ReLU", "bn": "prologue BN", "none": "no pro
 @functools.lru_cache(maxsize=None)
 def package_prologues(model_name: str) -> dict[str, str]:
     """"module" -> how the converted model runs that conv in training (a ``PROLOGUES`` key), for every
-    conv it runs through fusedres' conv ops; a conv outside the converted blocks (the stem) is absent:
-    torch's nn.Conv2d runs it. Found by watching those ops' calls (``conv_batch_norm_stats``,
+    conv it runs through fusedres' conv ops (the blocks' and the stem's, ``fusedres.nn.stem``); a conv
+    the converted model leaves to torch's nn.Conv2d is absent. Found by watching those ops' calls (``conv_batch_norm_stats``,
     ``bn_act_conv2d``, which the blocks look up on ``fusedres.ops`` per call) during one training
     forward of the converted model on CPU at 32 px."""
     model = fusedres.convert(build_model(model_name), backend="torch").model.train()

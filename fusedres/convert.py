@@ -10,6 +10,9 @@ torchvision's and timm's ResNet, and any BatchNorm2d -> ReLU pair inside an nn.S
 as timm's deep stems) into a ``FusedBatchNormAct2d`` (see ``fusedres/nn/norm.py`` for what takes the
 ReLU's place, and why).
 
+A torchvision / timm ResNet itself gets a subclass of its class whose forward runs the stem (conv1, bn1 and
+the ReLU) as a unit, as the blocks run theirs (``fusedres/nn/stem.py``); ``revert`` restores the class.
+
 Blocks whose BatchNorms are ``nn.SyncBatchNorm`` convert too, and
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` may run before or after ``convert`` (it swaps the
 BatchNorm children, which the fused blocks read at each forward); either way the state_dict is
@@ -27,7 +30,7 @@ from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock, _q
 from .nn.hooks import has_run_hooks
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
-from .nn.stem import _FoldedStemModel, folded_stem_class, stem_unsupported_reason
+from .nn.stem import _FusedStemModel, fused_stem_class, stem_unsupported_reason
 from .ops.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
 
 FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck)
@@ -115,7 +118,7 @@ def convert(
         report.model = _replace(report.model, name, fused)
         report.converted.append((name, f"{type(module).__name__} -> {fused_cls.__name__}"))
     _convert_bn_relu_pairs(report, backend, filter_fn)
-    _fold_stems(report, backend, filter_fn)
+    _convert_stems(report, backend, filter_fn)
     if "timm" in sys.modules:  # a model holding timm modules has imported timm
         _convert_timm_norms(report, backend, filter_fn)
     report.backend_note = _backend_note(report.model, backend)
@@ -160,11 +163,11 @@ def _convert_bn_relu_pairs(report, backend, filter_fn) -> None:
         report.converted.append((name, f"BatchNorm2d + {act_name} (ReLU) -> FusedBatchNormAct2d"))
 
 
-def _fold_stems(report, backend, filter_fn) -> None:
-    """Each torchvision / timm ResNet in the model gets the class of ours whose inference forward runs
-    conv1 + bn1 + ReLU as one folded conv unit (``fusedres/nn/stem.py``)."""
+def _convert_stems(report, backend, filter_fn) -> None:
+    """Each torchvision / timm ResNet in the model gets the class of ours whose forward runs conv1 + bn1 +
+    ReLU as a unit (``fusedres/nn/stem.py``)."""
     for name, model in report.model.named_modules():
-        stem_class = folded_stem_class(type(model))
+        stem_class = fused_stem_class(type(model))
         if stem_class is None:
             continue
         conv_name = f"{name}.conv1" if name else "conv1"
@@ -172,13 +175,13 @@ def _fold_stems(report, backend, filter_fn) -> None:
         if reason is None and filter_fn is not None and not filter_fn(model.conv1, conv_name):
             reason = "rejected by filter_fn"
         if reason is not None:
-            report.skipped.append((conv_name, f"the stem is not folded in inference: {reason}"))
+            report.skipped.append((conv_name, f"the stem is not run as a unit: {reason}"))
             continue
         vars(model)["fusedres_stem_backend"] = backend
         source_name = type(model).__name__
         model.__class__ = stem_class
-        report.converted.append((conv_name, f"{source_name} -> {stem_class.__name__} (conv1 + bn1 + ReLU one "
-                                            "conv unit in inference, the BatchNorm folded)"))
+        report.converted.append((conv_name, f"{source_name} -> {stem_class.__name__} (the stem conv1 + bn1 + ReLU "
+                                            "as a unit)"))
 
 
 def _convert_timm_norms(report, backend, filter_fn) -> None:
@@ -233,8 +236,8 @@ def revert(model: nn.Module) -> nn.Module:
         elif isinstance(module, ReLUFusedIntoNorm):
             model = _replace(model, name, module.original.train(module.training))
     for module in model.modules():
-        if isinstance(module, _FoldedStemModel):
-            module.__class__ = next(cls for cls in type(module).__mro__ if not issubclass(cls, _FoldedStemModel))
+        if isinstance(module, _FusedStemModel):
+            module.__class__ = next(cls for cls in type(module).__mro__ if not issubclass(cls, _FusedStemModel))
             for attribute in ("fusedres_stem_backend", "_folded"):
                 vars(module).pop(attribute, None)
     return model

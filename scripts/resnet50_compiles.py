@@ -10,8 +10,8 @@ through the Triton convs' host path behind the H100 stand-in driver of the kerne
 the benchmarks launch it:
 
 - ``train``: the converted model's training step (``benchmarks.convs.package_prologues``: each conv with its
-  BatchNorm + ReLU prologue or none; the stem stays torch's): the forward with statistics, the input gradient
-  of convs with a prologue, the weight gradient.
+  BatchNorm + ReLU prologue or none, the stem's none): the forward with statistics, the input gradient of
+  convs with a prologue, the weight gradient.
 - ``infer``: the eval model's folded-BatchNorm convs (``fusedres.ops.inference``), the stem's too: bias, the
   residual and ReLU at a block's last conv, ReLU elsewhere but after the downsample conv.
 - ``convs``: what the benchmarks' convs level adds (every conv, the stem too): the bare conv, the BN + ReLU
@@ -132,7 +132,7 @@ def run_convs(model: str, mode: str, batch: int, only=None) -> None:
         modules = [use.split(":")[1] for use in spec.uses]
         if only is not None and not only & set(modules):
             continue
-        fused = [m for m in modules if m in prologues]  # not the stem: torch's conv in the converted model
+        fused = [m for m in modules if m in prologues]  # the blocks' convs and the stem (conv1)
         x = torch.empty(batch, *spec.in_shape, **like).to(memory_format=torch.channels_last)
         weight = torch.empty(spec.weight_shape, **like)
         grad = torch.empty(batch, *spec.out_shape, **like).to(memory_format=torch.channels_last)
@@ -149,10 +149,8 @@ def run_convs(model: str, mode: str, batch: int, only=None) -> None:
                 if prologue:
                     conv_dgrad.conv2d_input_grad(grad, weight, x, **spec.args, **prologue, mean=c)
                 conv_wgrad.conv2d_weight_grad(x, grad, spec.weight_shape, **spec.args, **prologue)
-        else:  # the blocks' convs and the stem (conv1, folded in inference too); a block's last conv adds the
-            # residual; every conv but the downsample ends in ReLU
-            folded = fused + [m for m in modules if m == "conv1"]
-            for last, relu in sorted({(m.endswith("conv3"), not m.endswith("downsample.0")) for m in folded}):
+        else:  # a block's last conv adds the residual; every conv but the downsample ends in ReLU
+            for last, relu in sorted({(m.endswith("conv3"), not m.endswith("downsample.0")) for m in fused}):
                 conv.conv2d_fused(x, weight, **spec.args, in_relu=False, out_shift=k,
                                   residual=grad if last else None, out_relu=relu)
 

@@ -62,7 +62,8 @@ def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls)
     fused = report.model
     assert fused is not eager
     assert len(report.converted) == blocks
-    assert all(isinstance(m, (fused_cls, FusedBatchNormAct2d, ReLUFusedIntoNorm)) for m in fused.modules()
+    assert all(isinstance(m, (fused_cls, FusedBatchNormAct2d, ReLUFusedIntoNorm, stem._FusedStemModel))
+               for m in fused.modules()
                if "Fused" in type(m).__name__)
     assert not fused.training
     x = torch.randn(1, 3, 32, 32)
@@ -292,31 +293,39 @@ def test_hooks_inside_a_block_keep_it_unconverted_and_hooks_on_it_keep_running()
     assert [name for name, _ in seen] == ["bn1", "conv2", "pre"]  # the pre-hook is the reverted block's
 
 
-FOLDED_STEM_MODELS = {
+FUSED_STEM_MODELS = {
     "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=10),
     "timm-resnet18": lambda: timm.create_model("resnet18", num_classes=10),
-    "timm-resnet26d": lambda: timm.create_model("resnet26d", num_classes=10),  # deep stem: its last conv folds
+    "timm-resnet26d": lambda: timm.create_model("resnet26d", num_classes=10),  # deep stem: its last conv's unit
 }
 
 
 @pytest.fixture
-def folded_stem_calls(monkeypatch):
-    """(conv, bn, relu) of every stem unit run folded (``fusedres.nn.stem``'s one launch)."""
+def stem_units(monkeypatch):
+    """("folded" or "stats", conv, bn) of every stem run as a unit by ``fusedres.nn.stem``: folded into one
+    launch (inference), or the conv and the BatchNorm's statistics as one op (training or autograd)."""
     calls = []
-    run = stem.folded_conv_bias_act
+    folded, stats = stem.folded_conv_bias_act, stem.conv_pending_bn
 
-    def spy(owner, x, conv, bn, residual, relu, backend):
-        calls.append((conv, bn, relu))
-        return run(owner, x, conv, bn, residual, relu, backend)
+    def folded_spy(owner, x, conv, bn, *args):
+        calls.append(("folded", conv, bn))
+        return folded(owner, x, conv, bn, *args)
 
-    monkeypatch.setattr(stem, "folded_conv_bias_act", spy)
+    def stats_spy(x, conv, bn, *args):
+        calls.append(("stats", conv, bn))
+        return stats(x, conv, bn, *args)
+
+    monkeypatch.setattr(stem, "folded_conv_bias_act", folded_spy)
+    monkeypatch.setattr(stem, "conv_pending_bn", stats_spy)
     return calls
 
 
-@pytest.mark.parametrize("name", FOLDED_STEM_MODELS)
-def test_stem_folds_into_one_conv_unit_in_inference_only(name, folded_stem_calls):
+@pytest.mark.parametrize("name", FUSED_STEM_MODELS)
+def test_stem_runs_as_a_unit_folded_in_inference(name, stem_units):
+    """The converted model's stem: folded in eval mode without autograd (and folded again once bn1 changes),
+    else the conv with bn1's statistics: outputs, conv1's gradient and bn1's running statistics as eager's."""
     torch.manual_seed(0)
-    eager = FOLDED_STEM_MODELS[name]().double().eval()
+    eager = FUSED_STEM_MODELS[name]().double().eval()
     randomise_bn(eager, seed=6)
     model = fusedres.convert(copy.deepcopy(eager)).model
     assert isinstance(model, type(eager)) and type(model) is not type(eager)
@@ -325,22 +334,25 @@ def test_stem_folds_into_one_conv_unit_in_inference_only(name, folded_stem_calls
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)
-        assert folded_stem_calls == [(stem_conv, model.bn1, True)]
+        assert stem_units == [("folded", stem_conv, model.bn1)]
         model.bn1.running_mean.add_(0.5)  # changed in place: folded again
         eager.bn1.running_mean.add_(0.5)
         torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)
-    folded_stem_calls.clear()
-    torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)  # autograd on: the original forward
-    with torch.no_grad():
-        torch.testing.assert_close(model.train()(x), eager.train()(x), rtol=1e-10, atol=1e-10)
-    assert folded_stem_calls == []
+    stem_units.clear()
+    for m in (model, eager):  # eval mode with autograd (fine-tuning a frozen model), then training
+        m(x).square().sum().backward()
+        m.train()(x).square().sum().backward()
+    assert stem_units == [("stats", stem_conv, model.bn1)] * 2
+    eager_conv = eager.conv1 if isinstance(eager.conv1, nn.Conv2d) else eager.conv1[-1]
+    torch.testing.assert_close(stem_conv.weight.grad, eager_conv.weight.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.bn1.running_var, eager.bn1.running_var, rtol=1e-10, atol=1e-10)
     fusedres.revert(model)
     assert type(model) is type(eager) and "fusedres_stem_backend" not in vars(model)
     assert "_folded" not in vars(model)
 
 
-def test_folded_stem_model_pickles_into_a_fresh_process(tmp_path):
-    """Pickle names the folded-stem class; a process that never made it finds it on loading."""
+def test_fused_stem_model_pickles_into_a_fresh_process(tmp_path):
+    """Pickle names the fused-stem class; a process that never made it finds it on loading."""
     torch.manual_seed(0)
     model = fusedres.convert(torchvision.models.resnet18(num_classes=10)).model.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -356,10 +368,10 @@ def test_folded_stem_model_pickles_into_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt")], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "FoldedStemTorchvisionResNet"
+    assert done.stdout.strip() == "FusedStemTorchvisionResNet"
 
 
-def test_hooks_on_the_stem_keep_the_original_forward(folded_stem_calls):
+def test_hooks_on_the_stem_keep_the_original_forward(stem_units):
     """A hook on a stem module before conversion: the stem is not folded, and the report says why; one added
     afterwards: the forward runs the stem's modules, so the hook sees conv1's own output."""
     torch.manual_seed(0)
@@ -368,7 +380,7 @@ def test_hooks_on_the_stem_keep_the_original_forward(folded_stem_calls):
     hooked.bn1.register_forward_hook(lambda module, args, out: None)
     report = fusedres.convert(hooked)
     assert type(hooked) is type(eager)
-    assert ("conv1", "the stem is not folded in inference: bn1 has forward or backward hooks") in report.skipped
+    assert ("conv1", "the stem is not run as a unit: bn1 has forward or backward hooks") in report.skipped
     model = fusedres.convert(copy.deepcopy(eager)).model
     seen = []
     model.conv1.register_forward_hook(lambda module, args, out: seen.append(out))
@@ -376,7 +388,7 @@ def test_hooks_on_the_stem_keep_the_original_forward(folded_stem_calls):
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(seen[0], eager.conv1(x))
-    assert folded_stem_calls == []
+    assert stem_units == []
 
 
 def test_a_resnet_inside_another_module_folds_and_a_subclass_does_not():
@@ -385,7 +397,7 @@ def test_a_resnet_inside_another_module_folds_and_a_subclass_does_not():
 
     wrapped = nn.Sequential(nn.Identity(), torchvision.models.resnet18(num_classes=10))
     report = fusedres.convert(wrapped)
-    assert ("1.conv1" in [name for name, _ in report.converted]) and type(wrapped[1]).__name__.startswith("Folded")
+    assert ("1.conv1" in [name for name, _ in report.converted]) and type(wrapped[1]).__name__.startswith("FusedStem")
     fusedres.revert(wrapped)
     assert type(wrapped[1]) is torchvision.models.ResNet
     mine = MyResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)

@@ -1,16 +1,23 @@
-"""The stem of a converted torchvision / timm ResNet as one conv unit in inference.
+"""The stem of a converted torchvision / timm ResNet run as a unit, as the blocks run theirs.
 
 The stem ``conv1 -> bn1 -> ReLU -> maxpool`` (conv1 a conv, or timm's deep stem: a Sequential ending
-in one, whose last conv is the one folded) runs in the model's own forward (torchvision's
+in one, whose last conv is the unit's) runs in the model's own forward (torchvision's
 ``ResNet._forward_impl``, timm's ``ResNet.forward_features``), not inside a block, so no module of ours
-can fold ``bn1`` into ``conv1``: a replaced ``conv1`` returning normalised values would change what
+can fuse ``conv1`` with ``bn1``: a replaced ``conv1`` returning normalised values would change what
 ``model.conv1(x)`` and hooks on it see. ``convert`` instead gives the model a class of ours
-(``folded_stem_class``: a subclass of the model's own class) whose forward, in eval mode without
-autograd, runs conv1 with bn1 folded into it and the ReLU as one ``conv_bias_act`` launch, then the
-rest of the original forward; in any other case (training, autograd, hooks on a stem module, a stem
-module replaced by something else, an empty batch) it runs the original forward unchanged. The class
-adds no parameters, buffers, children or hooks: the state_dict, the module tree and ``isinstance``
-checks are the model's own, and ``revert`` puts the original class back.
+(``fused_stem_class``: a subclass of the model's own class) whose forward runs the stem as a unit, then
+the rest of the original forward:
+
+- in eval mode without autograd, conv1 with bn1 folded into it and the ReLU as one ``conv_bias_act``
+  launch (the dispatch times cuDNN's fused conv + bias + ReLU against the Triton conv);
+- otherwise (training, or autograd on), conv1 and bn1's statistics as one op (``conv_batch_norm_stats``:
+  one launch with the Triton conv where it measured faster), then bn1 and the ReLU as one ``bn_act``
+  pass, as in a block.
+
+Where the stem's modules are not what convert saw (hooks on one of them, one replaced by something else) or
+the batch is empty, it runs the original forward unchanged. The class adds no parameters, buffers,
+children or hooks: the state_dict, the module tree and ``isinstance`` checks are the model's own, and
+``revert`` puts the original class back.
 
 The classes are made on first use, and pickling finds them by name in this module
 (``__getattr__`` makes them on demand), so a pickled converted model loads in a fresh process.
@@ -22,27 +29,28 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .blocks import _qualified_name, folded_conv_bias_act
+from .. import ops
+from .blocks import _qualified_name, conv_pending_bn, folded_conv_bias_act
 from .hooks import has_run_hooks
 from .norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 
 
-class _FoldedStemModel(nn.Module):
-    """What every folded-stem class adds to its model class: the stem unit and the folds' cache.
+class _FusedStemModel(nn.Module):
+    """What every fused-stem class adds to its model class: the stem unit and the folds' cache.
     ``act_name``: the model's attribute holding the stem's ReLU."""
 
     act_name = "relu"
 
-    def _folded_stem(self, x: Tensor) -> Optional[Tensor]:
-        """relu(bn1(conv1(x))) as one launch with bn1 folded into conv1, or None where the original
-        forward must run instead (see the module docstring)."""
-        if torch.is_grad_enabled() or x.numel() == 0:
+    def _fused_stem(self, x: Tensor) -> Optional[Tensor]:
+        """relu(bn1(conv1(x))) run as a unit (see the module docstring), or None where the original forward
+        must run instead."""
+        if x.numel() == 0:
             return None
         conv1, bn, act = self._modules.get("conv1"), self._modules.get("bn1"), self._modules.get(self.act_name)
         before, conv = _stem_conv(conv1)
         if (type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
-                or not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or bn.training
-                or bn.running_mean is None or type(act) not in (nn.ReLU, ReLUFusedIntoNorm)
+                or not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
+                or type(act) not in (nn.ReLU, ReLUFusedIntoNorm)
                 or has_run_hooks(conv1) or has_run_hooks(conv) or has_run_hooks(bn) or has_run_hooks(act)):
             return None
         for module in before:
@@ -51,7 +59,10 @@ class _FoldedStemModel(nn.Module):
         # (our fused norm)
         relu = ((type(act) is nn.ReLU or not act.passes_through())
                 or (isinstance(bn, FusedBatchNormAct2d) and bn.relu))
-        return folded_conv_bias_act(self, x, conv, bn, None, relu, self.fusedres_stem_backend)
+        backend = self.fusedres_stem_backend
+        if not (bn.training or bn.running_mean is None or torch.is_grad_enabled()):
+            return folded_conv_bias_act(self, x, conv, bn, None, relu, backend)
+        return ops.bn_act(conv_pending_bn(x, conv, bn, backend), relu=relu, backend=backend)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -59,11 +70,11 @@ class _FoldedStemModel(nn.Module):
         return state
 
 
-class _TorchvisionStem(_FoldedStemModel):
+class _TorchvisionStem(_FusedStemModel):
     act_name = "relu"
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        stem = self._folded_stem(x)
+        stem = self._fused_stem(x)
         if stem is None:
             return super()._forward_impl(x)
         # the rest of torchvision.models.ResNet._forward_impl
@@ -71,21 +82,25 @@ class _TorchvisionStem(_FoldedStemModel):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-class _TimmStem(_FoldedStemModel):
+class _TimmStem(_FusedStemModel):
     act_name = "act1"
 
     def forward_features(self, x: Tensor) -> Tensor:
-        stem = self._folded_stem(x)
+        stem = self._fused_stem(x)
         if stem is None:
             return super().forward_features(x)
-        # the rest of timm.models.resnet.ResNet.forward_features (its gradient checkpointing is for training)
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.maxpool(stem)))))
+        # the rest of timm.models.resnet.ResNet.forward_features
+        x = self.maxpool(stem)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models import resnet  # the checkpointing timm's own forward uses
+            return resnet.checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-# the model classes whose stem folds: qualified name -> (our class's name, the family's forward)
-_FOLDED_STEM_CLASSES = {
-    "torchvision.models.resnet.ResNet": ("FoldedStemTorchvisionResNet", _TorchvisionStem),
-    "timm.models.resnet.ResNet": ("FoldedStemTimmResNet", _TimmStem),
+# the model classes whose stem runs as a unit: qualified name -> (our class's name, the family's forward)
+_FUSED_STEM_CLASSES = {
+    "torchvision.models.resnet.ResNet": ("FusedStemTorchvisionResNet", _TorchvisionStem),
+    "timm.models.resnet.ResNet": ("FusedStemTimmResNet", _TimmStem),
 }
 
 
@@ -97,16 +112,16 @@ def _stem_conv(conv1: Optional[nn.Module]) -> tuple[tuple, Optional[nn.Module]]:
     return (), conv1
 
 
-def folded_stem_class(model_cls: type) -> Optional[type]:
-    """Our class for models of class ``model_cls`` (exactly one of _FOLDED_STEM_CLASSES; not a subclass,
+def fused_stem_class(model_cls: type) -> Optional[type]:
+    """Our class for models of class ``model_cls`` (exactly one of _FUSED_STEM_CLASSES; not a subclass,
     whose forward we do not know), or None."""
-    entry = _FOLDED_STEM_CLASSES.get(f"{model_cls.__module__}.{model_cls.__qualname__}")
+    entry = _FUSED_STEM_CLASSES.get(f"{model_cls.__module__}.{model_cls.__qualname__}")
     return None if entry is None else _made_class(entry[0])
 
 
 def stem_unsupported_reason(model: nn.Module) -> Optional[str]:
-    """Why ``convert`` leaves the stem of ``model`` (a model of one of _FOLDED_STEM_CLASSES) unfolded, or None."""
-    act_name = _FOLDED_STEM_CLASSES[_qualified_name(model)][1].act_name
+    """Why ``convert`` leaves the stem of ``model`` (a model of one of _FUSED_STEM_CLASSES) as it is, or None."""
+    act_name = _FUSED_STEM_CLASSES[_qualified_name(model)][1].act_name
     conv1, bn, act = (model._modules.get(name) for name in ("conv1", "bn1", act_name))
     conv = _stem_conv(conv1)[1]
     if type(conv) is not nn.Conv2d:
@@ -124,21 +139,21 @@ def stem_unsupported_reason(model: nn.Module) -> Optional[str]:
 
 
 def _made_class(name: str) -> type:
-    """The class called ``name`` of _FOLDED_STEM_CLASSES, made on first use from the model's class."""
+    """The class called ``name`` of _FUSED_STEM_CLASSES, made on first use from the model's class."""
     made = globals().get(name)
     if made is None:
-        source, family = next((source, family) for source, (our_name, family) in _FOLDED_STEM_CLASSES.items()
+        source, family = next((source, family) for source, (our_name, family) in _FUSED_STEM_CLASSES.items()
                               if our_name == name)
         module_name, _, class_name = source.rpartition(".")
         base = getattr(importlib.import_module(module_name), class_name)
         made = type(name, (family, base), {"__module__": __name__, "__qualname__": name,
-                                           "__doc__": f"{source} whose stem folds in inference (fusedres.nn.stem)"})
+                                           "__doc__": f"{source} whose stem runs as a unit (fusedres.nn.stem)"})
         globals()[name] = made
     return made
 
 
 def __getattr__(name: str) -> type:
     """Pickle finds our classes by name: make one on first access."""
-    if any(our_name == name for our_name, _ in _FOLDED_STEM_CLASSES.values()):
+    if any(our_name == name for our_name, _ in _FUSED_STEM_CLASSES.values()):
         return _made_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
