@@ -435,3 +435,23 @@ def test_gpu_stem_unit_matches_eager(backend, training):
     err_ours = (ours.double() - expected).abs().max().item()
     err_eager = (eager_out.double() - expected).abs().max().item()
     assert err_ours <= 2 * err_eager + 1e-2 * expected.abs().max().item(), (err_ours, err_eager)
+
+
+def test_timm_gradient_checkpointing_keeps_working_with_the_stem_unit(stem_units, monkeypatch):
+    """timm's forward_features checkpoints the stages when asked; the fused stem's forward does too."""
+    checkpointed = []
+    checkpoint_seq = timm.models.resnet.checkpoint_seq
+    monkeypatch.setattr(timm.models.resnet, "checkpoint_seq",
+                        lambda *args, **kwargs: checkpointed.append(1) or checkpoint_seq(*args, **kwargs))
+    torch.manual_seed(0)
+    eager = timm.create_model("resnet18", num_classes=10).double()
+    randomise_bn(eager, seed=8)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    for m in (eager, model):
+        m.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for m in (eager, model):
+        m(x).square().sum().backward()
+    assert [kind for kind, _, _ in stem_units] == ["stats"] and len(checkpointed) == 2
+    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)
