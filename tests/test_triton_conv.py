@@ -222,6 +222,22 @@ def test_space_to_depth_is_the_same_conv(c, kernel, stride, padding, hw):
     torch.testing.assert_close(F.conv2d(x2, w2), F.conv2d(x, w, None, stride, padding), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("c,kernel,stride", [(3, 7, 2), (5, (3, 2), (2, 1)), (3, 4, 3)])
+def test_space_to_depth_weight_grad_is_the_weight_maps_adjoint(c, kernel, stride):
+    """<w', g'> = <w, grad(g')> for the weight's space-to-depth form w' (conv_args._space_to_depth_weight)
+    and any g' of its shape: the weight gradient of the stem's space-to-depth conv, taken back by
+    _space_to_depth_weight_grad, is the conv's own (the padded channels and taps drop out)."""
+    gen = seeded(f"s2d-adjoint-{c}-{kernel}-{stride}")
+    (sh, sw), (r, s) = pair(stride), pair(kernel)
+    channels = next(ch for ch in range(c, c + 8) if ch * sh * sw % 8 == 0)
+    w = torch.randn(4, c, r, s, generator=gen, dtype=F64)
+    w2 = conv_args._space_to_depth_weight(w, sh, sw, channels)
+    g2 = torch.randn(w2.shape, generator=gen, dtype=F64)
+    g = conv_args._space_to_depth_weight_grad(g2, tuple(w.shape), sh, sw, channels)
+    assert g.shape == w.shape
+    torch.testing.assert_close((w2 * g2).sum(), (w * g).sum(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("prologue,groups,dilation,stride,c", [
     (False, 1, 1, 2, 3), (True, 1, 1, 2, 3), (False, 3, 1, 2, 3), (False, 1, 2, 2, 3), (False, 1, 1, 1, 3),
     (False, 1, 1, 2, 16)])

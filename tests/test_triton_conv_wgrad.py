@@ -70,6 +70,11 @@ CASES = [
     _case(64, 64, 6, 3, 1, 1, BF16, True, True, "relu", groups=16),  # ResNeXt's 4 channels: all 16 as one
     _case(128, 128, 7, 3, 2, 1, F16, True, False, "linear", groups=8),  # 16 channels: 2 merged groups
     _case(20, 28, 6, 3, 1, 1, F32, False, True, "none", groups=4),  # 5 in / 7 out: 20 / 28, tails
+    # strided convs of few channels without a prologue run space-to-depth, as the forward (the stem: the
+    # 7x7/2 "none" case above too); with a prologue (the C = 3 "relu" case above) the flat columns
+    _case(3, 16, (11, 9), 7, 2, 3, BF16, False, True, "none"),  # NCHW x; odd P, Q
+    _case(5, 8, (9, 8), 3, (2, 1), (0, 1), F32, True, False, "none"),  # row stride only: C' = 8
+    _case(3, 8, 13, 2, 3, 0, F16, True, True, "none"),  # the blocks' image ends before x's last row
 ]
 
 
@@ -185,8 +190,8 @@ def test_split_k(monkeypatch):
     x, dy, weight_shape, kw = _make(case)
     chosen = []
 
-    def spy(geo, device):
-        chosen.append((geo["M"], real(geo, device)))
+    def spy(geo, device, flat):
+        chosen.append((geo["M"], real(geo, device, flat)))
         return chosen[-1][1]
 
     real = conv_wgrad._rows_per_split
@@ -197,7 +202,7 @@ def test_split_k(monkeypatch):
     assert rows_per_split % max(cfg.kwargs["BLOCK_M"] for cfg in conv_wgrad._CONFIGS) == 0
     _check(dw, x, dy, weight_shape, kw)
     assert torch.equal(dw, conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw))
-    monkeypatch.setattr(conv_wgrad, "_rows_per_split", lambda geo, device: 1 << 20)
+    monkeypatch.setattr(conv_wgrad, "_rows_per_split", lambda geo, device, flat: 1 << 20)
     one_split = conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw)
     torch.testing.assert_close(dw, one_split, rtol=1e-5, atol=1e-5)
 
@@ -212,14 +217,27 @@ def test_gpu_split_heuristic(n, c, k, h, split, monkeypatch):
     monkeypatch.setattr(conv_wgrad, "_INTERPRET", False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     geo = conv._geometry(torch.empty(n, c, h, h), torch.empty(k, c, 3, 3), 1, 1, 1, 1)
-    rows_per_split = conv_wgrad._rows_per_split(geo, "cuda")
+    rows_per_split = conv_wgrad._rows_per_split(geo, "cuda", flat=False)
     splits = -(-geo["M"] // rows_per_split)
     fewest_tiles = conv_wgrad._tiles(geo, *(max(cfg.kwargs[b] for cfg in conv_wgrad._CONFIGS)
-                                            for b in ("BLOCK_N", "BLOCK_K")))
+                                            for b in ("BLOCK_N", "BLOCK_K")), flat=False)
     assert all(rows_per_split % cfg.kwargs["BLOCK_M"] == 0 for cfg in conv_wgrad._CONFIGS)
     assert (splits * fewest_tiles >= conv_wgrad._SPLIT_WAVES * 132
             or rows_per_split <= conv_wgrad._MIN_ROWS_PER_SPLIT)
     assert (splits > 1) == split
+
+
+@pytest.mark.parametrize("prologue", [False, True], ids=["stem", "prologue"])
+def test_the_stem_runs_space_to_depth(prologue, monkeypatch):
+    """A 7x7/2 conv on 3 channels without a prologue takes its gradient through the space-to-depth copy of x
+    (as the forward does); with a prologue, through its flat columns on x itself."""
+    copies = []
+    space_to_depth = conv_wgrad._space_to_depth
+    monkeypatch.setattr(conv_wgrad, "_space_to_depth", lambda *args: copies.append(1) or space_to_depth(*args))
+    case = _case(3, 8, 9, 7, 2, 3, F32, True, True, "relu" if prologue else "none")
+    x, dy, weight_shape, kw = _make(case)
+    _check(conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw), x, dy, weight_shape, kw, str(case))
+    assert len(copies) == (not prologue)
 
 
 def test_unsupported_reason(monkeypatch):
@@ -315,6 +333,26 @@ def test_channels_last_kernel_is_pipelined_on_hopper_tensor_cores():
     block = found["block"]
     tile_bytes = 2 * block["BLOCK_M"] * (block["BLOCK_N"] + block["BLOCK_K"])  # bf16 BLOCK_M x (BLOCK_N + BLOCK_K)
     assert_pipelined(found, "bare", "prologue", tile_bytes)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_stem_gradient_runs_space_to_depth_on_asynchronous_copies():
+    """ResNet-50's stem (3->64 7x7/2, 224 px, batch 256, bf16 channels_last) as conv2d_weight_grad launches it,
+    space-to-depth with flat columns: every config's kernel runs wgmma fed by asynchronous copies, loads
+    nothing synchronously and spills nothing."""
+    x = torch.empty(256, 3, 224, 224, device="meta", dtype=BF16).to(memory_format=torch.channels_last)
+    geo = conv._geometry(x, torch.empty(64, 3, 7, 7, device="meta", dtype=BF16), (2, 2), (3, 3), (1, 1), 1)
+    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1, prologue=False))
+    dy_strides = (112 * 112 * 64, 1, 112 * 64, 64)
+    ints = dict({k: v for k, v in geo2.items() if k not in ("R", "S")}, ROWS_PER_SPLIT=8192,
+                **named_strides("stride_x", x2.stride()), **named_strides("stride_d", dy_strides))
+    for block in ({"BLOCK_M": 64, "BLOCK_K": 128}, {"BLOCK_M": 128}):
+        found = compile_launch_like_for_sm90(
+            "fusedres.triton.conv_wgrad", "_wgrad_kernel", block, ints, dict(R=geo2["R"], S=geo2["S"]),
+            {"bare": dict(PROLOGUE=False, IN_RELU=False, FLAT_K=True)}, ("x_ptr", "dy_ptr"))
+        bare = found["variants"]["bare"]
+        assert bare["wgmma"] > 0 and bare["cp_async"] > 0 and bare["ld_global"] == 0, found
+        assert bare["spill_bytes"] == 0, found
 
 
 # ----------------------------------------------------------------------------- GPU only

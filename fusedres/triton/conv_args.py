@@ -181,6 +181,15 @@ def _space_to_depth_weight(weight: Tensor, sh: int, sw: int, channels: int) -> T
     return padded.reshape(k, channels, r2, sh, s2, sw).permute(0, 3, 5, 1, 2, 4).reshape(k, sh * sw * channels, r2, s2)
 
 
+def _space_to_depth_weight_grad(grad: Tensor, weight_shape: tuple, sh: int, sw: int, channels: int) -> Tensor:
+    """The gradient of the weight (K, C, R, S) of ``weight_shape`` from ``grad``, that of its space-to-depth
+    form (``_space_to_depth_weight``, whose adjoint this is): each weight entry's one place in it."""
+    k, c, r, s = weight_shape
+    r2, s2 = grad.shape[2:]
+    blocks = grad.reshape(k, sh, sw, channels, r2, s2).permute(0, 3, 4, 1, 5, 2)
+    return blocks.reshape(k, channels, r2 * sh, s2 * sw)[:, :c, :r, :s]
+
+
 def _vector(fn: str, name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
     if v.dtype != torch.float32:
         raise TypeError(f"{fn}: {name} must be a float32 tensor, got {v.dtype}")

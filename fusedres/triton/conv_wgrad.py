@@ -15,7 +15,9 @@ packed weight, where x'[m, col] = x'[n, g*Cg + c, p*SH - PH + r*DH, q*SW - PW + 
 program computes a (BLOCK_N, BLOCK_K) tile of dW_g (output channels x columns) as the sum of
 dy_tile^T @ x'_tile over BLOCK_M-row steps. With Cg >= conv._FLAT_K_BELOW a column tile is one (r, s)
 and a block of channels; with fewer channels (the stem's C = 3) the columns are one flat axis and each
-decodes its own (r, s, c). x and dy are addressed through their four strides (NCHW, channels_last, ...);
+decodes its own (r, s, c). A strided conv of so few channels without a prologue (the stem) runs as the
+forward does (``conv_args._space_to_depth``): the gradient of the stride-1 conv on the space-to-depth copy
+of x, its columns flat, taken back to the conv's weight (``conv_args._space_to_depth_weight_grad``). x and dy are addressed through their four strides (NCHW, channels_last, ...);
 offsets into them and the workspace are int64; every tail is masked.
 
 Split-K: M is large (N*56*56) and dW small (64 x 576), so the rows are cut into SPLITS contiguous
@@ -44,7 +46,8 @@ from torch import Tensor
 from ._host import cdiv
 from .autotuning import autotune
 from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT, _configs, _reduction_size
-from .conv_args import _INTERPRET, _limit, _merge_factor, _merged, _vector
+from .conv_args import (_INTERPRET, _limit, _merge_factor, _merged, _space_to_depth, _space_to_depth_channels,
+                        _space_to_depth_weight_grad, _vector)
 from .conv_dgrad import _gradient_geometry
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
@@ -170,23 +173,23 @@ def unsupported_reason(x: Tensor, grad_out: Tensor, weight_shape, stride, paddin
     return _limit(geo, x, groups, _merge_factor(geo, groups))
 
 
-def _tiles(geo: dict, block_n: int, block_k: int) -> int:
-    """dW tiles of one group: output-channel tiles times column tiles."""
-    if geo["Cg"] < _FLAT_K_BELOW:
+def _tiles(geo: dict, block_n: int, block_k: int, flat: bool) -> int:
+    """dW tiles of one group: output-channel tiles times column tiles (``flat``: one flat axis of columns)."""
+    if flat:
         col_tiles = cdiv(geo["R"] * geo["S"] * geo["Cg"], block_k)
     else:
         col_tiles = geo["R"] * geo["S"] * cdiv(geo["Cg"], block_k)
     return cdiv(geo["Kg"], block_n) * col_tiles
 
 
-def _rows_per_split(geo: dict, device: torch.device) -> int:
+def _rows_per_split(geo: dict, device: torch.device, flat: bool) -> int:
     """Rows of M each split reduces over (see the module docstring)."""
     if _INTERPRET:
         splits = _INTERPRET_SPLITS
     else:  # the config with the largest tiles launches the fewest programs
         groups = geo["K"] // geo["Kg"]
         tiles = groups * _tiles(geo, max(c.kwargs["BLOCK_N"] for c in _CONFIGS),
-                                max(c.kwargs["BLOCK_K"] for c in _CONFIGS))
+                                max(c.kwargs["BLOCK_K"] for c in _CONFIGS), flat)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         splits = min(cdiv(_SPLIT_WAVES * sms, tiles), cdiv(geo["M"], _MIN_ROWS_PER_SPLIT))
     # whole steps of _ROW_QUANTUM rows, rounded down: at least that many splits where M has the steps
@@ -221,21 +224,28 @@ def conv2d_weight_grad(
     if reason is not None:
         raise RuntimeError(f"{_NAME}: {reason}")
 
+    space_to_depth = _space_to_depth_channels(geo, groups, in_scale is not None)
+    if space_to_depth:  # the stem: the gradient of the stride-1 conv on x's space-to-depth copy (see conv_args)
+        x, run = _space_to_depth(x, geo, space_to_depth)
+    else:
+        run = _merged(geo, merge)  # merge groups run as one: dW of the block-diagonal weight, kept on its diagonal
     k, cg, r, s = weight_shape
-    run = _merged(geo, merge)  # merge groups run as one: dW of the block-diagonal weight, kept on its diagonal
-    rows_per_split = _rows_per_split(run, x.device)
+    flat = bool(space_to_depth) or run["Cg"] < _FLAT_K_BELOW
+    rows_per_split = _rows_per_split(run, x.device, flat)
     splits = cdiv(run["M"], rows_per_split)
-    ws = torch.empty((splits, k, run["Cg"], r, s), device=x.device, dtype=torch.float32)
+    ws = torch.empty((splits, k, run["Cg"], run["R"], run["S"]), device=x.device, dtype=torch.float32)
     strides = dict(zip(_STRIDE_NAMES, x.stride() + grad_out.stride()))
 
     def grid(meta):
-        return _tiles(run, meta["BLOCK_N"], meta["BLOCK_K"]), groups // merge, splits
+        return _tiles(run, meta["BLOCK_N"], meta["BLOCK_K"], flat), groups // merge, splits
 
     _wgrad_kernel[grid](
         x, grad_out, ws, in_scale if in_scale is not None else ws, in_shift if in_shift is not None else ws,
         ROWS_PER_SPLIT=rows_per_split, PROLOGUE=in_scale is not None,
-        IN_RELU=bool(in_relu) and in_scale is not None, FLAT_K=run["Cg"] < _FLAT_K_BELOW,
-        **run, **strides)
+        IN_RELU=bool(in_relu) and in_scale is not None, FLAT_K=flat, **run, **strides)
+    if space_to_depth:
+        ws = _space_to_depth_weight_grad(ws.sum(0), weight_shape, geo["SH"], geo["SW"], space_to_depth)
+        return ws.to(x.dtype).contiguous()
     if merge > 1:  # output channel kk of group j in a merged group meets only group j's input channels
         ws = ws.reshape(splits, groups // merge, merge, k // groups, merge, cg, r, s).diagonal(dim1=2, dim2=4)
         ws = ws.permute(0, 1, 6, 2, 3, 4, 5).reshape(splits, k, cg, r, s)
