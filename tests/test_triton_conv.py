@@ -105,8 +105,8 @@ CASES = [
     _case(128, 128, 5, 3, 1, 1, F32, True, "relu", "full", groups=8),  # 16 channels: 4 as one, 2 merged groups
     _case(20, 28, 6, 3, 1, 1, F32, True, "none", "stats", groups=4),  # 5 in / 7 out: 20 / 28, tails
     _case(128, 128, 4, 1, 1, 0, BF16, True, "none", "full", groups=2),  # 64 channels: none merged, 2 groups
-    # strided convs of few channels without a prologue run space-to-depth (conv_args._space_to_depth), as the
-    # 7x7/2 stem above does; with a prologue (the C = 8 strided cases above) they keep the flat reduction
+    # strided ungrouped convs of few channels run space-to-depth (conv_args._space_to_depth), as the 7x7/2 stem
+    # above does, with a prologue applied to the copy (the C = 8 strided cases above)
     _case(3, 16, (11, 9), 7, 2, 3, BF16, False, "none", "stats_bias"),  # NCHW x; odd P, Q
     _case(5, 8, (9, 8), 3, (2, 1), (0, 1), F32, True, "none", "affine"),  # row stride only: C' = 8
     _case(3, 8, 13, 2, 3, 0, F16, True, "none", "full"),  # the blocks' image ends before x's last row
@@ -212,7 +212,7 @@ def test_space_to_depth_is_the_same_conv(c, kernel, stride, padding, hw):
     x = torch.randn(2, c, *hw, generator=gen, dtype=F64)
     w = torch.randn(4, c, *pair(kernel), generator=gen, dtype=F64)
     geo = conv_args._geometry(x.float(), w.float(), pair(stride), pair(padding), (1, 1), 1)  # checks the dtype
-    channels = conv_args._space_to_depth_channels(geo, 1, prologue=False)
+    channels = conv_args._space_to_depth_channels(geo, 1)
     assert channels >= c and channels * geo["SH"] * geo["SW"] % 8 == 0
     x2, geo2 = conv_args._space_to_depth(x, geo, channels)
     w2 = conv_args._space_to_depth_weight(w, geo["SH"], geo["SW"], channels)
@@ -241,13 +241,15 @@ def test_space_to_depth_weight_grad_is_the_weight_maps_adjoint(c, kernel, stride
 @pytest.mark.parametrize("prologue,groups,dilation,stride,c", [
     (False, 1, 1, 2, 3), (True, 1, 1, 2, 3), (False, 3, 1, 2, 3), (False, 1, 2, 2, 3), (False, 1, 1, 1, 3),
     (False, 1, 1, 2, 16)])
-def test_only_strided_convs_of_few_channels_without_a_prologue_run_space_to_depth(prologue, groups, dilation,
-                                                                                    stride, c, monkeypatch):
-    """The stem runs space-to-depth: the kernel sees a stride-1 unpadded conv with a flat reduction; a prologue,
-    groups, dilation, stride 1 or 16 channels keep the conv as it is."""
+def test_only_strided_ungrouped_convs_of_few_channels_run_space_to_depth(prologue, groups, dilation, stride, c,
+                                                                          monkeypatch):
+    """The stem runs space-to-depth, with or without a prologue (applied to the copy: the kernel runs none):
+    the kernel sees a stride-1 unpadded conv with a flat reduction; groups, dilation, stride 1 or 16 channels
+    keep the conv as it is."""
     launched = []
     launch = conv._launch
-    monkeypatch.setattr(conv, "_launch", lambda *args, **kw: launched.append((args[2], kw["flat"])) or launch(*args, **kw))
+    monkeypatch.setattr(conv, "_launch", lambda *args, **kw: launched.append((args[2], kw["flat"], kw["in_scale"] is not None))
+                        or launch(*args, **kw))
     gen = seeded(f"s2d-route-{prologue}-{groups}-{dilation}-{stride}-{c}")
     x = rand_act(gen, (2, c, 9, 9), F32, True)
     w = rand_act(gen, (6, c // groups, 3, 3), F32)
@@ -255,9 +257,10 @@ def test_only_strided_convs_of_few_channels_without_a_prologue_run_space_to_dept
     if prologue:
         kw.update(in_scale=rand_vec(gen, c, positive=True), in_shift=rand_vec(gen, c))
     _check_out(conv.conv2d_fused(x, w, **kw)[0], x, w, kw)
-    (geo, flat), = launched
-    rewritten = not prologue and groups == 1 and dilation == 1 and stride == 2 and c < 16
+    (geo, flat, kernel_prologue), = launched
+    rewritten = groups == 1 and dilation == 1 and stride == 2 and c < 16
     assert ((geo["SH"], geo["PH"], geo["C"], flat) == (1, 0, 16, True)) == rewritten, geo
+    assert kernel_prologue == (prologue and not rewritten)
 
 
 @pytest.mark.parametrize("moments", [False, True], ids=["sums", "moments"])
@@ -843,7 +846,7 @@ def test_stem_runs_space_to_depth_on_asynchronous_16_byte_copies():
     x = torch.empty(256, 3, 224, 224, device="meta", dtype=BF16).to(memory_format=torch.channels_last)
     w = torch.empty(64, 3, 7, 7, device="meta", dtype=BF16)
     geo = conv_args._geometry(x, w, (2, 2), (3, 3), (1, 1), 1)
-    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1, prologue=False))
+    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1))
     out_strides = (112 * 112 * 64, 1, 112 * 64, 64)
     ints = dict({k: v for k, v in geo2.items() if k not in ("R", "S")}, WS_ROWS=geo2["M"] // 64,
                 **named_strides("stride_x", x2.stride()), **named_strides("stride_o", out_strides),

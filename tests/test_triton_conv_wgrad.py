@@ -70,8 +70,8 @@ CASES = [
     _case(64, 64, 6, 3, 1, 1, BF16, True, True, "relu", groups=16),  # ResNeXt's 4 channels: all 16 as one
     _case(128, 128, 7, 3, 2, 1, F16, True, False, "linear", groups=8),  # 16 channels: 2 merged groups
     _case(20, 28, 6, 3, 1, 1, F32, False, True, "none", groups=4),  # 5 in / 7 out: 20 / 28, tails
-    # strided convs of few channels without a prologue run space-to-depth, as the forward (the stem: the
-    # 7x7/2 "none" case above too); with a prologue (the C = 3 "relu" case above) the flat columns
+    # strided ungrouped convs of few channels run space-to-depth, as the forward (the stem: the 7x7/2 cases
+    # above too), a prologue applied to the copy (the C = 3 "relu" case above)
     _case(3, 16, (11, 9), 7, 2, 3, BF16, False, True, "none"),  # NCHW x; odd P, Q
     _case(5, 8, (9, 8), 3, (2, 1), (0, 1), F32, True, False, "none"),  # row stride only: C' = 8
     _case(3, 8, 13, 2, 3, 0, F16, True, True, "none"),  # the blocks' image ends before x's last row
@@ -144,23 +144,26 @@ def test_padding_after_prologue(in_relu):
     assert (dw.double() - wrong).abs().max() > 1.0
 
 
-@pytest.mark.parametrize("c,channels_last", [(20, False), (3, True)], ids=["c20-nchw", "c3-cl"])
-def test_columns_are_the_rounded_prologue(c, channels_last):
+@pytest.mark.parametrize("c,channels_last,stride", [(20, False, 1), (3, True, 1), (3, True, 2)],
+                         ids=["c20-nchw", "c3-cl", "c3-cl-stride2"])
+def test_columns_are_the_rounded_prologue(c, channels_last, stride):
     """dy is one-hot: output channel k sees the gradient 1 at one position m_k (spread over both images),
     so dW[k, :, r, s] is x' at that position's (r, s) input window, exactly: x' = relu(x * s + t) computed
     in fp32 and rounded to fp16 (torch and the interpreter round fp16 to nearest), the sum over the
-    other rows adds zeros. Checks the (r, s, c) column decode of both paths and the padding."""
-    gen = seeded(f"one-hot-{c}-{channels_last}")
+    other rows adds zeros. Checks the (r, s, c) column decode of both paths, the space-to-depth one
+    (stride 2 on 3 channels, its prologue applied to the copy) and the padding."""
+    gen = seeded(f"one-hot-{c}-{channels_last}-{stride}")
     x = rand_act(gen, (2, c, 5, 4), F16, channels_last)
     s, t = rand_vec(gen, c, positive=True), rand_vec(gen, c)
-    k = 12
-    dy = torch.zeros(2, k, 5, 4, device=DEVICE, dtype=F16)
-    positions = [divmod(3 * i + 1, 20) for i in range(k)]  # (n, p*4 + q) of 40 output positions
+    k, p, q = 12, 4 // stride + 1, 3 // stride + 1
+    dy = torch.zeros(2, k, p, q, device=DEVICE, dtype=F16)
+    positions = [divmod((3 * i + 1) % (2 * p * q), p * q) for i in range(k)]  # (n, p*Q + q) of 2*P*Q
     for i, (n, pq) in enumerate(positions):
-        dy[n, i, pq // 4, pq % 4] = 1.0
-    dw = conv_wgrad.conv2d_weight_grad(x, dy, (k, c, 3, 3), padding=1, in_scale=s, in_shift=t)
+        dy[n, i, pq // q, pq % q] = 1.0
+    dw = conv_wgrad.conv2d_weight_grad(x, dy, (k, c, 3, 3), stride=stride, padding=1, in_scale=s, in_shift=t)
     xp = F.pad((x.float() * s[:, None, None] + t[:, None, None]).relu().half(), (1, 1, 1, 1))
-    want = torch.stack([xp[n, :, pq // 4:pq // 4 + 3, pq % 4:pq % 4 + 3] for n, pq in positions])
+    want = torch.stack([xp[n, :, pq // q * stride:pq // q * stride + 3, pq % q * stride:pq % q * stride + 3]
+                        for n, pq in positions])
     assert torch.equal(dw, want)
 
 
@@ -229,15 +232,15 @@ def test_gpu_split_heuristic(n, c, k, h, split, monkeypatch):
 
 @pytest.mark.parametrize("prologue", [False, True], ids=["stem", "prologue"])
 def test_the_stem_runs_space_to_depth(prologue, monkeypatch):
-    """A 7x7/2 conv on 3 channels without a prologue takes its gradient through the space-to-depth copy of x
-    (as the forward does); with a prologue, through its flat columns on x itself."""
+    """A 7x7/2 conv on 3 channels takes its gradient through the space-to-depth copy of x (as the forward
+    does), a prologue applied to the copy."""
     copies = []
     space_to_depth = conv_wgrad._space_to_depth
     monkeypatch.setattr(conv_wgrad, "_space_to_depth", lambda *args: copies.append(1) or space_to_depth(*args))
     case = _case(3, 8, 9, 7, 2, 3, F32, True, True, "relu" if prologue else "none")
     x, dy, weight_shape, kw = _make(case)
     _check(conv_wgrad.conv2d_weight_grad(x, dy, weight_shape, **kw), x, dy, weight_shape, kw, str(case))
-    assert len(copies) == (not prologue)
+    assert len(copies) == 1
 
 
 def test_unsupported_reason(monkeypatch):
@@ -342,7 +345,7 @@ def test_stem_gradient_runs_space_to_depth_on_asynchronous_copies():
     nothing synchronously and spills nothing."""
     x = torch.empty(256, 3, 224, 224, device="meta", dtype=BF16).to(memory_format=torch.channels_last)
     geo = conv._geometry(x, torch.empty(64, 3, 7, 7, device="meta", dtype=BF16), (2, 2), (3, 3), (1, 1), 1)
-    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1, prologue=False))
+    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1))
     dy_strides = (112 * 112 * 64, 1, 112 * 64, 64)
     ints = dict({k: v for k, v in geo2.items() if k not in ("R", "S")}, ROWS_PER_SPLIT=8192,
                 **named_strides("stride_x", x2.stride()), **named_strides("stride_d", dy_strides))

@@ -47,10 +47,11 @@ reduction step loads a (BLOCK_M, BLOCK_K) input tile, gathered with the padding 
 (BLOCK_K, BLOCK_N) weight tile. With Cg >= _FLAT_K_BELOW a step is one (r, s) and a block of
 channels, so the spatial index math is per row; with fewer channels (the stem's C = 3) the
 reduction is one flat axis of R*S*Cg and each column decodes its own (r, s, c), so no step is
-mostly masked-off channels. A strided conv of so few channels without a prologue (the stem's 7x7/2) runs as
-a stride-1 conv on a space-to-depth copy of x (``conv_args._space_to_depth``: each SH x SW block of pixels
-one pixel of SH*SW*C' >= 16 channels), its reduction kept flat: each tap then reads 16-byte runs, which the
-compiler loads by asynchronous copies, where x's 3-channel pixels were gathered by synchronous 2-byte loads. Every tail (M, channels, spatial edges) is masked; offsets into x, out, residual
+mostly masked-off channels. A strided conv of so few channels (the stem's 7x7/2) runs as a stride-1 conv on
+a space-to-depth copy of x (``conv_args._space_to_depth``: each SH x SW block of pixels one pixel of
+SH*SW*C' >= 16 channels; a prologue applied as x is copied), its reduction kept flat: each tap then reads
+16-byte runs, which the compiler loads by asynchronous copies, where x's 3-channel pixels were gathered by
+synchronous 2-byte loads. Every tail (M, channels, spatial edges) is masked; offsets into x, out, residual
 and the workspace are int64, while M itself is capped at 2**30 output positions.
 
 Two kinds of config share the kernel (USE_TMA). The pointer configs above run every launch. The TMA
@@ -637,10 +638,12 @@ def conv2d_fused(
     mean = var = None
     if compute_stats:  # separate tensors: the op returning them may not alias its outputs
         mean, var = (torch.empty(k, device=x.device, dtype=torch.float32) for _ in range(2))
-    space_to_depth = _space_to_depth_channels(geo, groups, in_scale is not None)
-    if space_to_depth:  # the stem: a stride-1 conv reading runs of SH*SW*C' channels (see conv_args)
+    space_to_depth = _space_to_depth_channels(geo, groups)
+    if space_to_depth:  # the stem: a stride-1 conv reading runs of SH*SW*C' channels (see conv_args), the
+        # prologue applied to the copy
         packed = _packed_weight(weight, groups, space_to_depth=(geo["SH"], geo["SW"], space_to_depth))
-        x, geo = _space_to_depth(x, geo, space_to_depth)
+        x, geo = _space_to_depth(x, geo, space_to_depth, None if in_scale is None else (in_scale, in_shift, in_relu))
+        in_scale = in_shift = None
     else:
         packed = _packed_weight(weight, groups, merge=merge)
     _launch(x, packed, _merged(geo, merge), groups // merge, out,

@@ -98,25 +98,30 @@ def _limit(geo: dict, x: Tensor, groups: int, merge: int) -> Optional[str]:
     return None
 
 
-def _space_to_depth_channels(geo: dict, groups: int, prologue: bool) -> int:
+def _space_to_depth_channels(geo: dict, groups: int) -> int:
     """C', the channels per pixel a conv runs space-to-depth with (``_space_to_depth``), or 0 for one that
     does not: an ungrouped, undilated, strided conv of fewer than _SPACE_TO_DEPTH_BELOW input channels (the
-    stem's 7x7/2 on 3 channels) and no prologue (the padding a prologue must see as padding is written as
-    zeros here). C' >= C makes each SH x SW block of pixels a whole number of 16-byte runs (in 16-bit
-    dtypes)."""
+    stem's 7x7/2 on 3 channels). C' >= C makes each SH x SW block of pixels a whole number of 16-byte runs (in
+    16-bit dtypes)."""
     sh, sw = geo["SH"], geo["SW"]
-    if prologue or groups != 1 or geo["C"] >= _SPACE_TO_DEPTH_BELOW or sh * sw == 1 or (geo["DH"], geo["DW"]) != (1, 1):
+    if groups != 1 or geo["C"] >= _SPACE_TO_DEPTH_BELOW or sh * sw == 1 or (geo["DH"], geo["DW"]) != (1, 1):
         return 0
     return next(c for c in range(geo["C"], geo["C"] + 8) if c * sh * sw % 8 == 0)
 
 
-def _space_to_depth(x: Tensor, geo: dict, channels: int) -> tuple[Tensor, dict]:
+def _space_to_depth(x: Tensor, geo: dict, channels: int, prologue: Optional[tuple] = None) -> tuple[Tensor, dict]:
     """The conv of ``geo`` as a stride-1, unpadded one: (x', its geometry). x' (channels_last) holds each SH x SW
     block of x's zero-padded image (channels padded to ``channels`` = C') as one pixel of SH*SW*C' channels,
     (a*SW + b)*C' + c for row a, column b of the block; the weight becomes (K, SH*SW*C', ceil(R/SH), ceil(S/SW))
     (``_packed_weight``'s space_to_depth), its taps past R, S zero. The outputs are the same rows: tap r of
     output row p reads padded row SH*p + r, which is row p + r // SH, block row r % SH, of x'. Each tap then
-    reads C' * SH * SW contiguous channels instead of C scattered ones."""
+    reads C' * SH * SW contiguous channels instead of C scattered ones. ``prologue`` (in_scale, in_shift,
+    in_relu), if given, is applied to x before it is padded, as the kernels' prologue is: fp32 arithmetic
+    rounded to x's dtype, NaN through the ReLU; the padding stays zero."""
+    if prologue is not None:
+        in_scale, in_shift, in_relu = prologue
+        act = (x * in_scale.view(1, -1, 1, 1)).add_(in_shift.view(1, -1, 1, 1))  # fp32: the scale's dtype
+        x = (act.relu_() if in_relu else act).to(x.dtype)
     sh, sw, r2, s2 = geo["SH"], geo["SW"], -(-geo["R"] // geo["SH"]), -(-geo["S"] // geo["SW"])
     h2, w2 = geo["P"] + r2 - 1, geo["Q"] + s2 - 1
     # (N, H2*SH, W2*SW, C'): F.pad crops where the padded image ends before x does (negative padding)

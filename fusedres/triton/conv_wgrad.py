@@ -15,9 +15,10 @@ packed weight, where x'[m, col] = x'[n, g*Cg + c, p*SH - PH + r*DH, q*SW - PW + 
 program computes a (BLOCK_N, BLOCK_K) tile of dW_g (output channels x columns) as the sum of
 dy_tile^T @ x'_tile over BLOCK_M-row steps. With Cg >= conv._FLAT_K_BELOW a column tile is one (r, s)
 and a block of channels; with fewer channels (the stem's C = 3) the columns are one flat axis and each
-decodes its own (r, s, c). A strided conv of so few channels without a prologue (the stem) runs as the
-forward does (``conv_args._space_to_depth``): the gradient of the stride-1 conv on the space-to-depth copy
-of x, its columns flat, taken back to the conv's weight (``conv_args._space_to_depth_weight_grad``). x and dy are addressed through their four strides (NCHW, channels_last, ...);
+decodes its own (r, s, c). A strided conv of so few channels (the stem) runs as the forward does
+(``conv_args._space_to_depth``, a prologue applied to the copy): the gradient of the stride-1 conv on the
+space-to-depth copy of x, its columns flat, taken back to the conv's weight
+(``conv_args._space_to_depth_weight_grad``). x and dy are addressed through their four strides (NCHW, channels_last, ...);
 offsets into them and the workspace are int64; every tail is masked.
 
 Split-K: M is large (N*56*56) and dW small (64 x 576), so the rows are cut into SPLITS contiguous
@@ -224,9 +225,11 @@ def conv2d_weight_grad(
     if reason is not None:
         raise RuntimeError(f"{_NAME}: {reason}")
 
-    space_to_depth = _space_to_depth_channels(geo, groups, in_scale is not None)
-    if space_to_depth:  # the stem: the gradient of the stride-1 conv on x's space-to-depth copy (see conv_args)
-        x, run = _space_to_depth(x, geo, space_to_depth)
+    space_to_depth = _space_to_depth_channels(geo, groups)
+    if space_to_depth:  # the stem: the gradient of the stride-1 conv on x's space-to-depth copy (see conv_args),
+        # the prologue applied to the copy
+        x, run = _space_to_depth(x, geo, space_to_depth, None if in_scale is None else (in_scale, in_shift, in_relu))
+        in_scale = in_shift = None
     else:
         run = _merged(geo, merge)  # merge groups run as one: dW of the block-diagonal weight, kept on its diagonal
     k, cg, r, s = weight_shape
