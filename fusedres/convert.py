@@ -171,7 +171,7 @@ def _convert_stems(report, backend, filter_fn) -> None:
         if stem_class is None:
             continue
         conv_name = f"{name}.conv1" if name else "conv1"
-        reason = stem_unsupported_reason(model)
+        reason = stem_unsupported_reason(model, stem_class.act_name)
         if reason is None and filter_fn is not None and not filter_fn(model.conv1, conv_name):
             reason = "rejected by filter_fn"
         if reason is not None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .blocks import _qualified_name, conv_pending_bn, folded_conv_bias_act
+from .blocks import conv_pending_bn, folded_conv_bias_act
 from .hooks import has_run_hooks
 from .norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 
@@ -44,15 +44,10 @@ class _FusedStemModel(nn.Module):
     def _fused_stem(self, x: Tensor) -> Optional[Tensor]:
         """relu(bn1(conv1(x))) run as a unit (see the module docstring), or None where the original forward
         must run instead."""
-        if x.numel() == 0:
+        if x.numel() == 0 or stem_unsupported_reason(self, self.act_name) is not None:
             return None
-        conv1, bn, act = self._modules.get("conv1"), self._modules.get("bn1"), self._modules.get(self.act_name)
+        conv1, bn, act = self._modules["conv1"], self._modules["bn1"], self._modules[self.act_name]
         before, conv = _stem_conv(conv1)
-        if (type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
-                or not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
-                or type(act) not in (nn.ReLU, ReLUFusedIntoNorm)
-                or has_run_hooks(conv1) or has_run_hooks(conv) or has_run_hooks(bn) or has_run_hooks(act)):
-            return None
         for module in before:
             x = module(x)
         # the ReLU is act's (a ReLU, or our placeholder once the norm it stands for was replaced), or bn1's
@@ -119,9 +114,10 @@ def fused_stem_class(model_cls: type) -> Optional[type]:
     return None if entry is None else _made_class(entry[0])
 
 
-def stem_unsupported_reason(model: nn.Module) -> Optional[str]:
-    """Why ``convert`` leaves the stem of ``model`` (a model of one of _FUSED_STEM_CLASSES) as it is, or None."""
-    act_name = _FUSED_STEM_CLASSES[_qualified_name(model)][1].act_name
+def stem_unsupported_reason(model: nn.Module, act_name: str) -> Optional[str]:
+    """Why the stem of ``model`` (a model of one of _FUSED_STEM_CLASSES, or ours; ``act_name``: its ReLU's
+    attribute) cannot run as a unit, or None: asked by ``convert``, and by the forward at every call (a stem
+    module may be replaced or hooked after conversion)."""
     conv1, bn, act = (model._modules.get(name) for name in ("conv1", "bn1", act_name))
     conv = _stem_conv(conv1)[1]
     if type(conv) is not nn.Conv2d:
