@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .nn.blocks import FusedBasicBlock, FusedBottleneck, _FusedResidualBlock, _qualified_name
+from .nn.blocks import FOLDS, FusedBasicBlock, FusedBottleneck, _FusedResidualBlock, _qualified_name
 from .nn.hooks import has_run_hooks
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
@@ -237,8 +237,8 @@ def revert(model: nn.Module) -> nn.Module:
             model = _replace(model, name, module.original.train(module.training))
     for module in model.modules():
         if isinstance(module, _FusedStemModel):
-            module.__class__ = next(cls for cls in type(module).__mro__ if not issubclass(cls, _FusedStemModel))
-            for attribute in ("fusedres_stem_backend", "_folded"):
+            module.__class__ = module.source_class
+            for attribute in ("fusedres_stem_backend", FOLDS):
                 vars(module).pop(attribute, None)
     return model
 

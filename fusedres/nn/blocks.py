@@ -75,15 +75,28 @@ def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
                                  **kwargs)
 
 
-def folded_conv_bias_act(owner: nn.Module, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module],
+FOLDS = "_folded"  # the plain attribute in which a FoldingModule keeps its folds (folded_conv_bias_act)
+
+
+class FoldingModule(nn.Module):
+    """Base of the modules that run units with their BatchNorms folded (``folded_conv_bias_act``): the folds
+    are a cache of derived tensors in a plain attribute (``FOLDS``), neither in the state_dict nor pickled."""
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop(FOLDS, None)  # rebuilt on first use
+        return state
+
+
+def folded_conv_bias_act(owner: FoldingModule, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module],
                          residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
     """act(conv(source) [eval BatchNorm ``bn`` folded in] + residual) in one ``conv_bias_act`` launch
-    (inference). The fold is cached in ``owner``'s plain attribute ``_folded`` (not in its state_dict;
-    an owner's ``__getstate__`` drops it), refolded when a source tensor changes (``FoldedWeights``)."""
+    (inference). The fold is cached in ``owner`` (``FoldingModule``), refolded when a source tensor changes
+    (``FoldedWeights``)."""
     if bn is None:
         weight, bias = conv.weight, conv.bias
     else:
-        cache = owner.__dict__.setdefault("_folded", {})
+        cache = owner.__dict__.setdefault(FOLDS, {})
         folded = cache.get((id(conv), id(bn)))
         if folded is None:
             folded = cache[id(conv), id(bn)] = inference.FoldedWeights()
@@ -129,7 +142,7 @@ def _downsample_unsupported(downsample: Optional[nn.Module]) -> Optional[str]:
     return _conv_unsupported("downsample conv", conv) or _bn_unsupported("downsample norm", bn)
 
 
-class _FusedResidualBlock(nn.Module):
+class _FusedResidualBlock(FoldingModule):
     """Base of every fused block: holds the very children of the block it replaces.
 
     Subclasses say which source classes they convert (``source_classes``: qualified class name
@@ -226,11 +239,6 @@ class _FusedResidualBlock(nn.Module):
                        residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
         """act(conv(source) [BatchNorm ``bn`` folded in] + residual) in one launch (inference)."""
         return folded_conv_bias_act(self, source, conv, bn, residual, relu, self.backend)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state.pop("_folded", None)  # a cache of derived tensors, rebuilt on first use
-        return state
 
     # ------------------------------------------------------------------ forward
     def _conv(self, source: Union[Tensor, PendingBN], conv: nn.Conv2d, relu: bool = True) -> Tensor:

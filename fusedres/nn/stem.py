@@ -30,16 +30,18 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .blocks import conv_pending_bn, folded_conv_bias_act
+from .blocks import FoldingModule, conv_pending_bn, folded_conv_bias_act
 from .hooks import has_run_hooks
 from .norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 
 
-class _FusedStemModel(nn.Module):
-    """What every fused-stem class adds to its model class: the stem unit and the folds' cache.
-    ``act_name``: the model's attribute holding the stem's ReLU."""
+class _FusedStemModel(FoldingModule):
+    """What every fused-stem class adds to its model class: the stem unit (its fold kept as a FoldingModule).
+    ``act_name``: the model's attribute holding the stem's ReLU; ``source_class``: the model's own class
+    (``_made_class``), which ``revert`` puts back."""
 
     act_name = "relu"
+    source_class: type
 
     def _fused_stem(self, x: Tensor) -> Optional[Tensor]:
         """relu(bn1(conv1(x))) run as a unit (see the module docstring), or None where the original forward
@@ -58,11 +60,6 @@ class _FusedStemModel(nn.Module):
         if not (bn.training or bn.running_mean is None or torch.is_grad_enabled()):
             return folded_conv_bias_act(self, x, conv, bn, None, relu, backend)
         return ops.bn_act(conv_pending_bn(x, conv, bn, backend), relu=relu, backend=backend)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state.pop("_folded", None)  # a cache of derived tensors, rebuilt on first use
-        return state
 
 
 class _TorchvisionStem(_FusedStemModel):
@@ -142,7 +139,7 @@ def _made_class(name: str) -> type:
                               if our_name == name)
         module_name, _, class_name = source.rpartition(".")
         base = getattr(importlib.import_module(module_name), class_name)
-        made = type(name, (family, base), {"__module__": __name__, "__qualname__": name,
+        made = type(name, (family, base), {"__module__": __name__, "__qualname__": name, "source_class": base,
                                            "__doc__": f"{source} whose stem runs as a unit (fusedres.nn.stem)"})
         globals()[name] = made
     return made

@@ -642,7 +642,7 @@ def conv2d_fused(
     if space_to_depth:  # the stem: a stride-1 conv reading runs of SH*SW*C' channels (see conv_args), the
         # prologue applied to the copy
         packed = _packed_weight(weight, groups, space_to_depth=(geo["SH"], geo["SW"], space_to_depth))
-        x, geo = _space_to_depth(x, geo, space_to_depth, None if in_scale is None else (in_scale, in_shift, in_relu))
+        x, geo = _space_to_depth(x, geo, space_to_depth, in_scale, in_shift, in_relu)
         in_scale = in_shift = None
     else:
         packed = _packed_weight(weight, groups, merge=merge)

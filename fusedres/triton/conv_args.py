@@ -109,17 +109,17 @@ def _space_to_depth_channels(geo: dict, groups: int) -> int:
     return next(c for c in range(geo["C"], geo["C"] + 8) if c * sh * sw % 8 == 0)
 
 
-def _space_to_depth(x: Tensor, geo: dict, channels: int, prologue: Optional[tuple] = None) -> tuple[Tensor, dict]:
+def _space_to_depth(x: Tensor, geo: dict, channels: int, in_scale: Optional[Tensor] = None,
+                    in_shift: Optional[Tensor] = None, in_relu: bool = False) -> tuple[Tensor, dict]:
     """The conv of ``geo`` as a stride-1, unpadded one: (x', its geometry). x' (channels_last) holds each SH x SW
     block of x's zero-padded image (channels padded to ``channels`` = C') as one pixel of SH*SW*C' channels,
     (a*SW + b)*C' + c for row a, column b of the block; the weight becomes (K, SH*SW*C', ceil(R/SH), ceil(S/SW))
     (``_packed_weight``'s space_to_depth), its taps past R, S zero. The outputs are the same rows: tap r of
     output row p reads padded row SH*p + r, which is row p + r // SH, block row r % SH, of x'. Each tap then
-    reads C' * SH * SW contiguous channels instead of C scattered ones. ``prologue`` (in_scale, in_shift,
-    in_relu), if given, is applied to x before it is padded, as the kernels' prologue is: fp32 arithmetic
-    rounded to x's dtype, NaN through the ReLU; the padding stays zero."""
-    if prologue is not None:
-        in_scale, in_shift, in_relu = prologue
+    reads C' * SH * SW contiguous channels instead of C scattered ones. The prologue act_in(x * in_scale +
+    in_shift), if ``in_scale`` is given, is applied to x before it is padded, as the kernels' prologue is: fp32
+    arithmetic rounded to x's dtype, NaN through the ReLU; the padding stays zero."""
+    if in_scale is not None:
         act = (x * in_scale.view(1, -1, 1, 1)).add_(in_shift.view(1, -1, 1, 1))  # fp32: the scale's dtype
         x = (act.relu_() if in_relu else act).to(x.dtype)
     sh, sw, r2, s2 = geo["SH"], geo["SW"], -(-geo["R"] // geo["SH"]), -(-geo["S"] // geo["SW"])

@@ -228,7 +228,7 @@ def conv2d_weight_grad(
     space_to_depth = _space_to_depth_channels(geo, groups)
     if space_to_depth:  # the stem: the gradient of the stride-1 conv on x's space-to-depth copy (see conv_args),
         # the prologue applied to the copy
-        x, run = _space_to_depth(x, geo, space_to_depth, None if in_scale is None else (in_scale, in_shift, in_relu))
+        x, run = _space_to_depth(x, geo, space_to_depth, in_scale, in_shift, in_relu)
         in_scale = in_shift = None
     else:
         run = _merged(geo, merge)  # merge groups run as one: dW of the block-diagonal weight, kept on its diagonal
