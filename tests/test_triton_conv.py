@@ -376,11 +376,24 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
 def test_persistent_configs_run_only_gemm_view_launches_without_a_prologue():
     """Where x's tile reaches the dot through registers (a 5-D box, or the prologue's transform) the flattened
     persistent loop compiles to serialised wgmma: those launches keep to the other configs."""
-    persistent = dict(USE_TMA=True, PERSISTENT=1)
+    persistent = dict(USE_TMA=True, PERSISTENT=1, X_IN_L1=False)
     for prologue, gemm_view, usable in ((False, True, True), (True, True, False), (False, False, False)):
         launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view)
         assert conv._usable(persistent, launch) == usable, launch
         assert conv._usable(dict(persistent, PERSISTENT=0), launch)
+
+
+@pytest.mark.parametrize("taps,flat_k,cg,usable", [
+    ((3, 3), False, 64, True), ((1, 3), False, 5, True), ((4, 4), True, 16, True),  # the space-to-depth stem
+    ((1, 1), False, 64, False), ((7, 7), True, 3, False), ((3, 3), True, 6, False)])
+def test_x_in_l1_configs_run_only_convs_whose_taps_overlap(taps, flat_k, cg, usable):
+    """The X_IN_L1 configs (x's tiles copied in 8-byte runs, cached in L1) serve convs of several taps, where a
+    tile's next steps read most of what this one read, and only where the compiler hint they rest on holds: x's
+    channels contiguous in runs of 4. A flat (r, s, c) reduction has those only with Cg a multiple of 4; a false
+    hint would load wrong elements. Every other config may run these launches."""
+    launch = dict(TMA_OK=False, PROLOGUE=False, GEMM_VIEW=False, R=taps[0], S=taps[1], FLAT_K=flat_k, Cg=cg)
+    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=True), launch) == usable
+    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False), launch)
 
 
 @pytest.mark.parametrize("channels", [8, 24], ids=["flat-columns", "row-padding"])
@@ -931,6 +944,25 @@ def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm):
     assert all(variant["spill_bytes"] == 0 for variant in found["variants"].values()), found
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+@pytest.mark.parametrize("tile", [dict(BLOCK_N=64), dict(BLOCK_N=128)])
+def test_x_in_l1_configs_copy_x_in_8_byte_runs_cached_in_l1(tile):
+    """On the layer1 3x3 conv (bf16, channels_last), the X_IN_L1 configs copy x's tiles by 8-byte cp.async.ca
+    (cached in L1 as well as L2) and still load nothing synchronously; the weight keeps its 16-byte copies, the
+    wgmma stays pipelined and the bare, inference and input-gradient variants spill nothing (the prologue +
+    statistics variant of the 128x64 tile spills 8 bytes at 255 registers, as the 4-stage pointer config of
+    that tile spills 4: not asserted). The same tile without the flag copies x by 16-byte cp.async.cg only."""
+    variants = ("bare", "prologue+stats", "inference epilogue", "input grad")
+    cached = _compile_for_sm90(dict(tile, USE_TMA=False, X_IN_L1=True), variants=variants)
+    plain = _compile_for_sm90(dict(tile, USE_TMA=False, X_IN_L1=False), variants=("bare",))
+    assert plain["variants"]["bare"]["cp_async_l1_8_bytes"] == 0, plain
+    for name, variant in cached["variants"].items():
+        assert variant["cp_async_l1_8_bytes"] > 0 and variant["wgmma"] > 0, (name, cached)
+    assert cached["variants"]["bare"]["ld_global"] == 0, cached
+    _assert_wgmma_not_serialised(cached)
+    assert all(cached["variants"][name]["spill_bytes"] == 0 for name in ("bare", "inference epilogue", "input grad"))
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts compiles behind the CPU's stand-in driver")
 def test_compiles_script_counts_a_resnet50_inference():
     """scripts/resnet50_compiles.py (README, benchmarks/RESULTS.md) runs the converted ResNet-50's convs through
@@ -1349,16 +1381,24 @@ RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding) of torchvision ResNet-5
 # checked on its own ("tma": not the stem, whose 3 channels take the flat reduction, see _tma_ok)
 _RESNET50_MODES = ([(name, mode) for name in RESNET50_CONVS
                     for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))]
-                   + [("l1_expand", "persistent")])  # the 1x1 stride-1 conv: a GEMM over the pixels
+                   + [("l1_expand", "persistent")]  # the 1x1 stride-1 conv: a GEMM over the pixels
+                   + [(name, "x in L1") for name in ("stem", "l1_3x3", "l2_3x3_s2")])  # convs of several taps
+
+
+_KINDS = {"pointer": (False, False, False), "tma": (True, False, False), "persistent": (True, True, False),
+          "x in L1": (False, False, True)}  # mode: _kind of its configs
+
+
+def _kind(config: dict) -> tuple:
+    return config["USE_TMA"], config["PERSISTENT"] > 0, config["X_IN_L1"]
 
 
 def _only_configs(monkeypatch, mode: str) -> None:
-    """The conv kernel autotunes among its pointer configs alone (mode "pointer"), its TMA ones ("tma") or its
-    persistent TMA ones ("persistent")."""
+    """The conv kernel autotunes among its pointer configs alone (mode "pointer"), its TMA ones ("tma"), its
+    persistent TMA ones ("persistent") or its pointer configs that cache x in L1 ("x in L1")."""
     kernel = conv._conv_kernel
-    kind = {"pointer": (False, False), "tma": (True, False), "persistent": (True, True)}[mode]
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs
-                                            if (c.kwargs["USE_TMA"], c.kwargs["PERSISTENT"] > 0) == kind])
+    kind = _KINDS[mode]
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if _kind(c.kwargs) == kind])
     monkeypatch.setattr(kernel, "cache", {})
 
 
@@ -1374,8 +1414,7 @@ def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
     _only_configs(monkeypatch, mode)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
-    assert conv._conv_kernel.best_config.kwargs["USE_TMA"] == (mode != "pointer")
-    assert (conv._conv_kernel.best_config.kwargs["PERSISTENT"] > 0) == (mode == "persistent")
+    assert _kind(conv._conv_kernel.best_config.kwargs) == _KINDS[mode]
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
         _check_stats(out, mean, var)
@@ -1465,6 +1504,26 @@ def test_gpu_input_grad_resnet50_shapes_bf16(name, mode, monkeypatch):
     c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
     _only_configs(monkeypatch, mode)
     _check_input_grad((c, k, min(h, 112), kernel, stride, padding, 1, 1, BF16, True, True, "relu"))
+
+
+# CASES the X_IN_L1 configs may run (conv._usable): several taps, and channels per group a multiple of 4, which
+# keeps the hint true merged, flat (r, s, c) or space-to-depth (C' * SH * SW, a multiple of 8) alike
+_X_IN_L1_CASES = [case for case in CASES if case.kernel != (1, 1) and case.c // case.groups % 4 == 0]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", _X_IN_L1_CASES, ids=str)
+def test_gpu_x_in_l1_configs_match_the_reference(case, monkeypatch):
+    """The X_IN_L1 configs alone (x copied in 8-byte runs: a compiler hint, which the interpreter ignores) on
+    every dtype, layout, prologue and epilogue of CASES they may run, against the reference."""
+    x, w, kw = _make(case)
+    _only_configs(monkeypatch, "x in L1")
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
+    assert _kind(conv._conv_kernel.best_config.kwargs) == _KINDS["x in L1"]
+    _check_out(out, x, w, kw, str(case))
+    if case.epilogue.startswith("stats"):
+        _check_stats(out, mean, var)
 
 
 @pytest.mark.gpu

@@ -244,6 +244,7 @@ for name, flags in spec["variants"].items():
                                  os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
     found[name] = dict(wgmma=ptx.count("wgmma.mma_async"),
                        cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                       cp_async_l1_8_bytes=len(re.findall(r"cp\\.async\\.ca\\.shared\\.global[^;]*, 0x8[,;]", ptx)),
                        tma=ptx.count("cp.async.bulk.tensor"),
                        wgmma_a_in_registers=len(re.findall(r"wgmma\\.mma_async[^;]*\\}, \\{", ptx)),
                        ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
@@ -259,8 +260,8 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
     specialised as triton's launcher specialises them: ints equal to 1 become constants, pointers and
     multiples of 16 get a divisibility-16 hint. Per variant (constexpr flags added to ``consts``), what the
     PTX holds: wgmma (Hopper's warpgroup MMA; wgmma_a_in_registers: those whose A operand is in registers,
-    not read from shared memory), cp_async (asynchronous copies into shared memory), tma
-    (tensor copies), ld_global and st_shared instruction counts, the shared memory in bytes, and what ptxas
+    not read from shared memory), cp_async (asynchronous copies into shared memory; cp_async_l1_8_bytes: those
+    of 8 bytes cached in L1, cp.async.ca), tma (tensor copies), ld_global and st_shared instruction counts, the shared memory in bytes, and what ptxas
     reports (``ptxas_findings``: registers, spill_bytes, warnings, C7515 being a serialised wgmma); with the
     config's stages and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,

@@ -68,6 +68,14 @@ the device (their block shapes follow the config), in a global scratch that ``_w
 lends triton for the launch. The autotuner times both kinds where both may run; the key's TMA_OK keeps them
 apart where not.
 
+The pointer configs copy x's tiles by 16-byte cp.async.cg, which triton emits for every 16-byte asynchronous
+copy, and which caches in L2 only: a conv of R x S taps reads each element of x once per tap, all of them through
+L2 (layer1's 3x3: ~0.9 GB of the ~1.5 GB a 128-row tiling makes L2 serve, where x itself is 0.1 GB). The
+X_IN_L1 configs tell the compiler x's channels run contiguous for 8 bytes only (``tl.max_contiguous``), which it
+copies by cp.async.ca, cached in L1 too: a tile's next taps read mostly the pixels this one read, shifted by a
+column or a row, from L1. Twice the copy instructions for x, so the autotuner times them beside the others, on
+convs of several taps only (``_usable``).
+
 A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels on one stride (channels_last)
 launches as a GEMM over the pixels (``_gemm_view``: the same conv on N = M images of 1x1): rows need no division
 by P and Q (ints equal to 1 compile as constants), and the TMA configs load x as 2-D tiles of the (M, C)
@@ -129,12 +137,14 @@ def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], **flags) -> list[t
 
 
 _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                      (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], USE_TMA=False, PERSISTENT=0)
+                      (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], USE_TMA=False, PERSISTENT=0, X_IN_L1=False)
+            + ([] if _INTERPRET else  # x cached in L1: convs of several taps (see _usable)
+               _configs([(128, 64, 64, 4, 3), (128, 128, 64, 8, 3)], USE_TMA=False, PERSISTENT=0, X_IN_L1=True))
             + _configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
-                       USE_TMA=True, PERSISTENT=0)
+                       USE_TMA=True, PERSISTENT=0, X_IN_L1=False)
             + ([] if _INTERPRET else  # persistent: GEMM_VIEW launches without a prologue only (see _usable)
-               _configs([(128, 64, 64, 4, 4)], USE_TMA=True, PERSISTENT=2)
-               + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1)))
+               _configs([(128, 64, 64, 4, 4)], USE_TMA=True, PERSISTENT=2, X_IN_L1=False)
+               + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1, X_IN_L1=False)))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
@@ -164,8 +174,12 @@ def _usable(config: dict, args: dict) -> bool:
     TRITON_INTERPRET=1, where one config runs untimed, the TMA one wherever it is allowed. Persistent configs
     only on a GEMM_VIEW launch without a prologue: elsewhere the dot takes x's tile from registers, and in the
     flattened loop ptxas then serialises every wgmma (C7515, sm_90; the 5-D box and the prologue's transform
-    both put the tile in registers)."""
+    both put the tile in registers). X_IN_L1 configs only where taps overlap (R*S > 1: the next steps read
+    most of this step's x again) and their hint holds: runs of 4 channels contiguous, which a flat (r, s, c)
+    reduction has only with Cg a multiple of 4 (a false hint would load wrong elements)."""
     if config["PERSISTENT"] and (args["PROLOGUE"] or not args["GEMM_VIEW"]):
+        return False
+    if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
         return False
     return config["USE_TMA"] == args["TMA_OK"] if _INTERPRET else args["TMA_OK"] or not config["USE_TMA"]
 
@@ -200,6 +214,7 @@ def _conv_kernel(
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,  # 0: a program per output tile; else PERSISTENT programs per SM take the tiles in turn
+    X_IN_L1: tl.constexpr,  # pointer configs: x's tiles by 8-byte copies, cached in L1 (see _usable)
 ):
     g = tl.program_id(1)
     if USE_TMA:  # a row tile is a box of BOX_I images x BOX_H x BOX_W output positions; descriptors of x, w
@@ -296,8 +311,12 @@ def _conv_kernel(
                 a = a.reshape(BLOCK_M, BLOCK_K)
             else:
                 a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_ch = ch
+                if X_IN_L1:  # contiguous runs of 8 bytes, which triton copies by cp.async.ca (cached in L1 and L2),
+                    # where its 16-byte copies are cp.async.cg (L2 only) whatever the load's cache modifier
+                    x_ch = tl.max_contiguous(ch, 64 // x_ptr.dtype.element_ty.primitive_bitwidth)
                 a_ptrs = (x_rows[:, None] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                          + ch.to(tl.int64)[None, :] * stride_xc)
+                          + x_ch.to(tl.int64)[None, :] * stride_xc)
                 a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if PROLOGUE:
                 shift = tl.load(in_shift_ptr + ch, mask=k_mask, other=0.0)[None, :]  # 0 past Cg, where a is 0 too
