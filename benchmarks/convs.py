@@ -416,17 +416,18 @@ def conv_summary(rows: list[dict]) -> list[str]:
     return ["Targets (fwd, 1x1 and 3x3 convs): " + "; ".join(parts) + ".", conv_bwd_summary(rows),
             "First calls summed over the shapes (s): "
             + ", ".join(f"{n} {sum(v):.2f} ({len(v)} shapes)" for n, v in first.items()) + ".",
-            tma_summary(rows)]
+            config_kinds_summary(rows)]
 
 
-def tma_summary(rows: list[dict]) -> str:
+def config_kinds_summary(rows: list[dict]) -> str:
     """Which kind of Triton conv config the autotuner chose, over the keys the rows' first calls tuned."""
     chosen = [t["best"] for r in rows for t in r.get("tuned", ()) if t["kernel"] == "_conv_kernel"]
     if not chosen:
         return "Triton conv autotuning: no key tuned in this run's first calls (none on CPU)."
     tma = sum("USE_TMA=True" in best for best in chosen)
     persistent = sum("USE_TMA=True" in best and "PERSISTENT=0" not in best for best in chosen)
+    x_in_l1 = sum("X_IN_L1=True" in best for best in chosen)
     return (f"Triton conv autotuning (forward and input-gradient keys tuned in this run): TMA configs chosen for "
-            f"{tma} of {len(chosen)} ({persistent} persistent), pointer configs for the rest; every config's time "
-            "in results.json (rows' `tuned`).")
+            f"{tma} of {len(chosen)} ({persistent} persistent), pointer configs for the rest ({x_in_l1} caching x "
+            "in L1); every config's time in results.json (rows' `tuned`).")
 

@@ -29,7 +29,7 @@
 #   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu
-#                           (scripts/ncu_convs.py; speed of light, occupancy, launch and warp-state sections)
+#                           (scripts/ncu_convs.py; speed of light, occupancy, launch, warp-state and memory sections)
 #   GPU_CHECK_BUILD         auto (default): use a carried extension that imports, else build; 1: build; 0: never
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -119,7 +119,8 @@ fi
 
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then  # hardware counters of cuDNN's and the Triton conv's kernels, a few shapes
   ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --csv --page details "$py" scripts/ncu_convs.py \
+    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+    "$py" scripts/ncu_convs.py \
     > "$out/ncu_convs.csv" 2> "$out/ncu_convs.log"
   note ncu "rc=$? ($out/ncu_convs.csv)"
 fi

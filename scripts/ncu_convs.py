@@ -2,10 +2,13 @@
 kernels side by side, each launched once inside the profiled range.
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \\
-        --section LaunchStats --section WarpStateStats --csv --page details python3 scripts/ncu_convs.py
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \\
+        python3 scripts/ncu_convs.py
 
 Each Triton variant (bare; BN + ReLU prologue with the statistics epilogue) is autotuned and run once before
-the range starts, so only the chosen config's launch (and the statistics' finishing kernel) is profiled.
+the range starts, so only the chosen config's launch (and the statistics' finishing kernel) is profiled. On
+the 3x3 convs the bare conv also runs on each kind of pointer config alone: x copied by 16-byte copies through
+L2 ("pointer") and in 8-byte runs cached in L1 ("x in L1"; the memory section's L1 hit rate tells them apart).
 Needs a CUDA GPU (scripts/gpu_check.sh runs it with GPU_CHECK_NCU=1).
 """
 
@@ -13,6 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from fusedres.triton import conv
+
+
+class ConfigSubset:
+    """A subset of the Triton conv's configs with its own autotuning cache: a call run through it tunes its key
+    among those configs only (the kernel's own configs and cache are back after each call)."""
+
+    def __init__(self, keep):
+        self.configs = [c for c in conv._conv_kernel.configs if keep(c.kwargs)]
+        self.cache: dict = {}
+
+    def run(self, call):
+        kernel = conv._conv_kernel
+        saved = kernel.configs, kernel.cache
+        kernel.configs, kernel.cache = self.configs, self.cache
+        try:
+            return call()
+        finally:
+            kernel.configs, kernel.cache = saved
 
 SHAPES = {  # name: (C, K, H, kernel, stride, padding), ResNet-50 at 224 px
     "layer1 1x1 64->64": (64, 64, 56, 1, 1, 0),
@@ -38,6 +59,11 @@ def main() -> None:
             "triton prologue+stats": lambda x=x, w=w, args=args, scale=scale, shift=shift: conv.conv2d_fused(
                 x, w, **args, in_scale=scale, in_shift=shift, compute_stats=True),
         }
+        if r > 1:
+            for kind, x_in_l1 in (("pointer", False), ("x in L1", True)):
+                subset = ConfigSubset(lambda c, x_in_l1=x_in_l1: not c["USE_TMA"] and c["X_IN_L1"] == x_in_l1)
+                variants[f"triton {kind}"] = lambda x=x, w=w, args=args, subset=subset: subset.run(
+                    lambda: conv.conv2d_fused(x, w, **args))
         for variant, run in variants.items():
             run()  # autotunes and compiles outside the profiled range
             launches.append((f"{name}: {variant}", run))

@@ -1330,15 +1330,18 @@ def test_conv_launches_find_their_tuned_config_by_key(monkeypatch):
 
 
 def test_convs_benchmark_counts_the_kinds_of_config_chosen():
-    from benchmarks.convs import tma_summary
+    from benchmarks.convs import config_kinds_summary
 
-    def tuned(kernel, use_tma, persistent=0):
-        return dict(kernel=kernel, best=f"BLOCK_M=128 USE_TMA={use_tma} PERSISTENT={persistent} warps=4 stages=4")
+    def tuned(kernel, use_tma, persistent=0, x_in_l1=False):
+        return dict(kernel=kernel, best=f"BLOCK_M=128 USE_TMA={use_tma} PERSISTENT={persistent} X_IN_L1={x_in_l1} "
+                                        "warps=4 stages=4")
 
     rows = [dict(tuned=[tuned("_conv_kernel", True), tuned("_wgrad_kernel", False)]), dict(),
-            dict(tuned=[tuned("_conv_kernel", False), tuned("_conv_kernel", True, 2)])]
-    assert "TMA configs chosen for 2 of 3 (1 persistent)," in tma_summary(rows)
-    assert "no key tuned" in tma_summary([dict(), dict(tuned=[tuned("_wgrad_kernel", False)])])
+            dict(tuned=[tuned("_conv_kernel", False), tuned("_conv_kernel", True, 2),
+                        tuned("_conv_kernel", False, x_in_l1=True)])]
+    assert "TMA configs chosen for 2 of 4 (1 persistent), pointer configs for the rest (1 caching x in L1);" in (
+        config_kinds_summary(rows))
+    assert "no key tuned" in config_kinds_summary([dict(), dict(tuned=[tuned("_wgrad_kernel", False)])])
 
 
 def _config(block_m, block_n, block_k):
