@@ -215,6 +215,32 @@ def test_torch_compile_has_no_graph_breaks_on_fused_block():
     torch.testing.assert_close(compiled(x), eager_block(x))
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("make", [lambda: torchvision.models.resnet18(num_classes=10),
+                                  lambda: timm.create_model("resnet26d", num_classes=10),
+                                  lambda: timm.create_model("resnetv2_50", num_classes=10)],
+                         ids=["torchvision-resnet18", "timm-resnet26d", "timm-resnetv2_50"])
+def test_torch_jit_trace_of_an_eval_model_passes_its_check(make, grad):
+    """torch.jit.trace (TorchScript serving) of a converted eval model: trace's own check, which traces again
+    under no_grad, passes with autograd on or off (traced, the units record the running-statistics path, never
+    the cached folds), and the traced module computes eager's output from the modules' own weights and
+    buffers: changed in place, they change its output as they change eager's."""
+    torch.manual_seed(0)
+    eager = make().double().eval()
+    randomise_bn(eager, seed=7)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, x)  # check_trace: raises where the check's trace differs
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), eager(x), rtol=1e-10, atol=1e-10)
+        for m in (eager, model):  # every conv weight and running variance
+            for tensor in [p for p in m.parameters() if p.dim() == 4] + [
+                    b for name, b in m.named_buffers() if name.endswith("running_var")]:
+                tensor.mul_(1.25)
+        torch.testing.assert_close(traced(x), eager(x), rtol=1e-10, atol=1e-10)
+
+
 def test_stem_batchnorm_relu_is_fused_and_reverted():
     torch.manual_seed(0)
     eager = timm.create_model("resnet26d", num_classes=10)

@@ -78,6 +78,14 @@ def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
 FOLDS = "_folded"  # the plain attribute in which a FoldingModule keeps its folds (folded_conv_bias_act)
 
 
+def folding_allowed() -> bool:
+    """Whether a forward in eval mode may run its units with their BatchNorms folded (``folded_conv_bias_act``):
+    without autograd (the folded launch has no backward), and not under ``torch.jit.trace``, which would keep
+    the cached folds as constants and whose check traces again under no_grad: traced, every forward records the
+    running-statistics path, with autograd on or off, its weights read from the modules."""
+    return not torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
 class FoldingModule(nn.Module):
     """Base of the modules that run units with their BatchNorms folded (``folded_conv_bias_act``): the folds
     are a cache of derived tensors in a plain attribute (``FOLDS``), neither in the state_dict nor pickled."""
@@ -223,8 +231,8 @@ class _FusedResidualBlock(FoldingModule):
     # ------------------------------------------------------------------ inference
     def _folding_applies(self) -> bool:
         """Whether this forward may fold the block's BatchNorms into their convs: eval mode,
-        running statistics in every one, and no autograd (the folded path has no backward)."""
-        if self.training or torch.is_grad_enabled():
+        running statistics in every one, and ``folding_allowed``."""
+        if self.training or not folding_allowed():
             return False
         # the BatchNorms are children or grandchildren (in the downsample); a flat loop, not
         # self.modules(): this runs at every inference forward

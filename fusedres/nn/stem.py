@@ -8,9 +8,9 @@ can fuse ``conv1`` with ``bn1``: a replaced ``conv1`` returning normalised value
 (``fused_stem_class``: a subclass of the model's own class) whose forward runs the stem as a unit, then
 the rest of the original forward:
 
-- in eval mode without autograd, conv1 with bn1 folded into it and the ReLU as one ``conv_bias_act``
-  launch (the dispatch times cuDNN's fused conv + bias + ReLU against the Triton conv);
-- otherwise (training, or autograd on), conv1 and bn1's statistics as one op (``conv_batch_norm_stats``:
+- in eval mode without autograd (``blocks.folding_allowed``), conv1 with bn1 folded into it and the ReLU as
+  one ``conv_bias_act`` launch (the dispatch times cuDNN's fused conv + bias + ReLU against the Triton conv);
+- otherwise (training, autograd on, or traced), conv1 and bn1's statistics as one op (``conv_batch_norm_stats``:
   one launch with the Triton conv where it measured faster), then bn1 and the ReLU as one ``bn_act``
   pass, as in a block.
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .blocks import FoldingModule, conv_pending_bn, folded_conv_bias_act
+from .blocks import FoldingModule, conv_pending_bn, folded_conv_bias_act, folding_allowed
 from .hooks import has_run_hooks
 from .norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 
@@ -57,7 +57,7 @@ class _FusedStemModel(FoldingModule):
         relu = ((type(act) is nn.ReLU or not act.passes_through())
                 or (isinstance(bn, FusedBatchNormAct2d) and bn.relu))
         backend = self.fusedres_stem_backend
-        if not (bn.training or bn.running_mean is None or torch.is_grad_enabled()):
+        if not (bn.training or bn.running_mean is None) and folding_allowed():
             return folded_conv_bias_act(self, x, conv, bn, None, relu, backend)
         return ops.bn_act(conv_pending_bn(x, conv, bn, backend), relu=relu, backend=backend)
 
