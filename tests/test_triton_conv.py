@@ -209,8 +209,8 @@ def test_space_to_depth_is_the_same_conv(c, kernel, stride, padding, hw):
     """conv_args._space_to_depth's x' and weight, as a stride-1 unpadded F.conv2d, give the strided conv's
     output exactly (fp64), padded channels and taps included; and C' * SH * SW is a multiple of 8 channels."""
     gen = seeded(f"s2d-{c}-{kernel}-{stride}-{padding}-{hw}")
-    x = torch.randn(2, c, *hw, generator=gen, dtype=F64)
-    w = torch.randn(4, c, *pair(kernel), generator=gen, dtype=F64)
+    x = torch.randn(2, c, *hw, generator=gen, dtype=F64).to(DEVICE)
+    w = torch.randn(4, c, *pair(kernel), generator=gen, dtype=F64).to(DEVICE)
     geo = conv_args._geometry(x.float(), w.float(), pair(stride), pair(padding), (1, 1), 1)  # checks the dtype
     channels = conv_args._space_to_depth_channels(geo, 1)
     assert channels >= c and channels * geo["SH"] * geo["SW"] % 8 == 0
@@ -220,6 +220,29 @@ def test_space_to_depth_is_the_same_conv(c, kernel, stride, padding, hw):
                                                                                        geo2["S"])
     assert tuple(x2.shape) == (2, geo2["C"], geo2["H"], geo2["W"]) and geo2["SH"] == geo2["SW"] == 1
     torch.testing.assert_close(F.conv2d(x2, w2), F.conv2d(x, w, None, stride, padding), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,channels_last,in_relu", [(BF16, True, True), (F16, False, True), (F32, True, False)])
+def test_space_to_depth_copy_applies_the_prologue_inside_the_image(dtype, channels_last, in_relu):
+    """_space_to_depth's one-pass copy with a BN (+ ReLU) prologue, element for element against torch: the
+    prologue (fp32, rounded to x's dtype) applied to x, then zero padding of the image and of the channels,
+    blocks of SH x SW pixels as pixels of SH*SW*C' channels; NaN passes through the ReLU."""
+    gen = seeded(f"s2d-copy-{dtype}-{channels_last}-{in_relu}")
+    x = rand_act(gen, (2, 3, 11, 9), dtype, channels_last)
+    x[1, 2, 4, 5] = float("nan")
+    w = rand_act(gen, (4, 3, 7, 7), dtype)
+    scale, shift = rand_vec(gen, 3, positive=True), rand_vec(gen, 3)
+    geo = conv_args._geometry(x, w, (2, 2), (3, 3), (1, 1), 1)
+    channels = conv_args._space_to_depth_channels(geo, 1)
+    x2, geo2 = conv_args._space_to_depth(x, geo, channels, scale, shift, in_relu)
+    act = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    act = (act.relu() if in_relu else act).to(dtype)
+    n, (h, w_), (h2, w2) = x.shape[0], x.shape[2:], (geo2["H"], geo2["W"])
+    padded = F.pad(act.permute(0, 2, 3, 1), (0, channels - 3, 3, 2 * w2 - w_ - 3, 3, 2 * h2 - h - 3))
+    want = padded.reshape(n, h2, 2, w2, 2, channels).permute(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, -1)
+    assert x2.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x2, want.permute(0, 3, 1, 2), equal_nan=True)
+    assert x2.isnan().sum() == 1
 
 
 @pytest.mark.parametrize("c,kernel,stride", [(3, 7, 2), (5, (3, 2), (2, 1)), (3, 4, 3)])
@@ -757,7 +780,7 @@ _COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fusedres.triton import autotuning, conv, conv_dgrad
+from fusedres.triton import autotuning, conv, conv_args, conv_dgrad
 
 fn = conv._conv_kernel.fn
 off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
@@ -778,14 +801,19 @@ consts = dict(MOMENTS=True, BLOCK_R=conv._FINISH_BLOCK_R, BLOCK_C=conv._FINISH_B
 sig = {a: "constexpr" if a in consts else "*fp32" if a.endswith("_ptr") else "i32" for a in finish.arg_names}
 triton.compile(ASTSource(finish, sig, consts), target=GPUTarget("cuda", 90, 32),
                options=dict(num_warps=conv._FINISH_WARPS))
+copy = conv_args._space_to_depth_kernel  # the stem's copy, with a BN + ReLU prologue
+consts = dict(SH=2, SW=2, CHANNELS=4, PROLOGUE=True, IN_RELU=True, BLOCK=conv_args._SPACE_TO_DEPTH_BLOCK)
+sig = {a: "constexpr" if a in consts else "*bf16" if a in ("x_ptr", "out_ptr") else "*fp32" if a.endswith("_ptr")
+       else "i32" for a in copy.arg_names}
+triton.compile(ASTSource(copy, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 """
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile the kernel for real")
 def test_kernel_compiles_for_sm90_on_cpu():
     """The interpreter runs code the compiler rejects (a reshape to a shape held in a tuple variable, say):
-    compile three variants of the conv and the statistics' finishing kernel with its GPU tile for an H100 with
-    the wheel's ptxas, in a process without TRITON_INTERPRET."""
+    compile three variants of the conv, the statistics' finishing kernel with its GPU tile and the stem's
+    space-to-depth copy for an H100 with the wheel's ptxas, in a process without TRITON_INTERPRET."""
     done = compile_for_sm90(_COMPILE_FOR_SM90)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -859,7 +887,8 @@ def test_stem_runs_space_to_depth_on_asynchronous_16_byte_copies():
     x = torch.empty(256, 3, 224, 224, device="meta", dtype=BF16).to(memory_format=torch.channels_last)
     w = torch.empty(64, 3, 7, 7, device="meta", dtype=BF16)
     geo = conv_args._geometry(x, w, (2, 2), (3, 3), (1, 1), 1)
-    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1))
+    geo2 = conv_args._space_to_depth_geometry(geo, conv_args._space_to_depth_channels(geo, 1))
+    x2 = torch.empty(256, geo2["H"], geo2["W"], geo2["C"], device="meta", dtype=BF16).permute(0, 3, 1, 2)
     out_strides = (112 * 112 * 64, 1, 112 * 64, 64)
     ints = dict({k: v for k, v in geo2.items() if k not in ("R", "S")}, WS_ROWS=geo2["M"] // 64,
                 **named_strides("stride_x", x2.stride()), **named_strides("stride_o", out_strides),

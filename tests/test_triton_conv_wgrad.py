@@ -345,7 +345,8 @@ def test_stem_gradient_runs_space_to_depth_on_asynchronous_copies():
     nothing synchronously and spills nothing."""
     x = torch.empty(256, 3, 224, 224, device="meta", dtype=BF16).to(memory_format=torch.channels_last)
     geo = conv._geometry(x, torch.empty(64, 3, 7, 7, device="meta", dtype=BF16), (2, 2), (3, 3), (1, 1), 1)
-    x2, geo2 = conv_args._space_to_depth(x, geo, conv_args._space_to_depth_channels(geo, 1))
+    geo2 = conv_args._space_to_depth_geometry(geo, conv_args._space_to_depth_channels(geo, 1))
+    x2 = torch.empty(256, geo2["H"], geo2["W"], geo2["C"], device="meta", dtype=BF16).permute(0, 3, 1, 2)
     dy_strides = (112 * 112 * 64, 1, 112 * 64, 64)
     ints = dict({k: v for k, v in geo2.items() if k not in ("R", "S")}, ROWS_PER_SPLIT=8192,
                 **named_strides("stride_x", x2.stride()), **named_strides("stride_d", dy_strides))

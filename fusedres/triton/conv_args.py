@@ -1,16 +1,20 @@
 """The Triton convs' arguments on the host (conv.py, conv_dgrad.py, conv_wgrad.py): a conv's validated geometry
 and why a valid one is left to torch (``_geometry``, ``_limit``), the groups run as one (``_merge_factor``), a
-strided conv of few channels run as a stride-1 one (``_space_to_depth``), its weight packed for the kernels and
-cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
+strided conv of few channels run as a stride-1 one (``_space_to_depth``: its input copied by one kernel), its
+weight packed for the kernels and cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
 
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from ..ops.backends import channels_last, conv_allows_tf32
+from ._host import cdiv
+from .relaunch import relaunched
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -109,28 +113,72 @@ def _space_to_depth_channels(geo: dict, groups: int) -> int:
     return next(c for c in range(geo["C"], geo["C"] + 8) if c * sh * sw % 8 == 0)
 
 
+def _space_to_depth_geometry(geo: dict, channels: int) -> dict:
+    """The geometry of the stride-1, unpadded conv that ``_space_to_depth`` runs the conv of ``geo`` as, with
+    ``channels`` = C' (``_space_to_depth_channels``)."""
+    sh, sw, r2, s2 = geo["SH"], geo["SW"], -(-geo["R"] // geo["SH"]), -(-geo["S"] // geo["SW"])
+    return dict(geo, C=sh * sw * channels, Cg=sh * sw * channels, H=geo["P"] + r2 - 1, W=geo["Q"] + s2 - 1, R=r2,
+                S=s2, SH=1, SW=1, PH=0, PW=0)
+
+
 def _space_to_depth(x: Tensor, geo: dict, channels: int, in_scale: Optional[Tensor] = None,
                     in_shift: Optional[Tensor] = None, in_relu: bool = False) -> tuple[Tensor, dict]:
-    """The conv of ``geo`` as a stride-1, unpadded one: (x', its geometry). x' (channels_last) holds each SH x SW
-    block of x's zero-padded image (channels padded to ``channels`` = C') as one pixel of SH*SW*C' channels,
-    (a*SW + b)*C' + c for row a, column b of the block; the weight becomes (K, SH*SW*C', ceil(R/SH), ceil(S/SW))
-    (``_packed_weight``'s space_to_depth), its taps past R, S zero. The outputs are the same rows: tap r of
-    output row p reads padded row SH*p + r, which is row p + r // SH, block row r % SH, of x'. Each tap then
-    reads C' * SH * SW contiguous channels instead of C scattered ones. The prologue act_in(x * in_scale +
-    in_shift), if ``in_scale`` is given, is applied to x before it is padded, as the kernels' prologue is: fp32
-    arithmetic rounded to x's dtype, NaN through the ReLU; the padding stays zero."""
-    if in_scale is not None:
-        act = (x * in_scale.view(1, -1, 1, 1)).add_(in_shift.view(1, -1, 1, 1))  # fp32: the scale's dtype
-        x = (act.relu_() if in_relu else act).to(x.dtype)
-    sh, sw, r2, s2 = geo["SH"], geo["SW"], -(-geo["R"] // geo["SH"]), -(-geo["S"] // geo["SW"])
-    h2, w2 = geo["P"] + r2 - 1, geo["Q"] + s2 - 1
-    # (N, H2*SH, W2*SW, C'): F.pad crops where the padded image ends before x does (negative padding)
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, channels - geo["C"], geo["PW"], w2 * sw - geo["W"] - geo["PW"],
-                                           geo["PH"], h2 * sh - geo["H"] - geo["PH"]))
-    blocks = padded.reshape(geo["N"], h2, sh, w2, sw, channels).permute(0, 1, 3, 2, 4, 5)
-    x2 = blocks.reshape(geo["N"], h2, w2, sh * sw * channels).permute(0, 3, 1, 2)
-    return x2, dict(geo, C=sh * sw * channels, Cg=sh * sw * channels, H=h2, W=w2, R=r2, S=s2, SH=1, SW=1, PH=0,
-                    PW=0)
+    """The conv of ``geo`` as a stride-1, unpadded one: (x', its geometry, ``_space_to_depth_geometry``). x'
+    (channels_last) holds each SH x SW block of x's zero-padded image (channels padded to ``channels`` = C') as
+    one pixel of SH*SW*C' channels, (a*SW + b)*C' + c for row a, column b of the block; the weight becomes (K,
+    SH*SW*C', ceil(R/SH), ceil(S/SW)) (``_packed_weight``'s space_to_depth), its taps past R, S zero. The
+    outputs are the same rows: tap r of output row p reads padded row SH*p + r, which is row p + r // SH, block
+    row r % SH, of x'. Each tap then reads C' * SH * SW contiguous channels instead of C scattered ones. The
+    prologue act_in(x * in_scale + in_shift), if ``in_scale`` is given, is applied to x's elements as they are
+    copied, as the kernels' prologue is: fp32 arithmetic rounded to x's dtype, NaN through the ReLU; the padding
+    stays zero. One pass over x and x' (``_space_to_depth_kernel``)."""
+    geo2 = _space_to_depth_geometry(geo, channels)
+    out = torch.empty(geo["N"], geo2["H"], geo2["W"], geo2["C"], dtype=x.dtype, device=x.device)
+    prologue = in_scale is not None
+    _space_to_depth_kernel[(cdiv(out.numel(), _SPACE_TO_DEPTH_BLOCK),)](
+        x, out, in_scale if prologue else out, in_shift if prologue else out, out.numel(), geo["C"], geo["H"],
+        geo["W"], geo2["H"], geo2["W"], geo["PH"], geo["PW"], *x.stride(), SH=geo["SH"], SW=geo["SW"],
+        CHANNELS=channels, PROLOGUE=prologue, IN_RELU=in_relu, BLOCK=_SPACE_TO_DEPTH_BLOCK)
+    return out.permute(0, 3, 1, 2), geo2
+
+
+_SPACE_TO_DEPTH_BLOCK = 1024  # elements of x' a program writes
+
+
+@relaunched
+@triton.jit
+def _space_to_depth_kernel(
+    x_ptr,  # (N, C, H, W) any strides
+    out_ptr,  # (N, H2, W2, SH, SW, CHANNELS) contiguous: x' of _space_to_depth, channels_last
+    in_scale_ptr, in_shift_ptr,  # (C,) fp32, read if PROLOGUE
+    total, C, H, W, H2, W2, PH, PW,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    SH: tl.constexpr, SW: tl.constexpr, CHANNELS: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Each element of x' reads its element of x's zero-padded image (zero in the padding and past C), with the
+    # prologue applied to those inside x (fp32, rounded to x's dtype), and is written once.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < total
+    c = e % CHANNELS
+    t = e // CHANNELS
+    w = t % SW
+    t = t // SW
+    h = t % SH
+    t = t // SH
+    w += t % W2 * SW - PW
+    t = t // W2
+    h += t % H2 * SH - PH
+    n = t // H2
+    inside = mask & (c < C) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    v = tl.load(x_ptr + n * stride_xn + c * stride_xc + h * stride_xh + w * stride_xw, mask=inside, other=0.0)
+    if PROLOGUE:  # 0 * 0 + 0 outside x: the padding stays zero
+        v = (v.to(tl.float32) * tl.load(in_scale_ptr + c, mask=inside, other=0.0)
+             + tl.load(in_shift_ptr + c, mask=inside, other=0.0))
+        if IN_RELU:
+            v = tl.where(v < 0, 0.0, v)  # like clamp_min(0): NaN propagates
+        v = v.to(x_ptr.dtype.element_ty)
+    tl.store(out_ptr + e, v, mask=mask)
 
 
 def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=None, merge: int = 1,
