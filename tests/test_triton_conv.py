@@ -1529,7 +1529,9 @@ def test_gpu_grouped_resnext_shape():
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("name,mode", _RESNET50_MODES)
+# not the strided 3x3 on X_IN_L1 configs alone: one phase of its input gradient has a single tap, which they
+# may not run (conv._usable)
+@pytest.mark.parametrize("name,mode", [case for case in _RESNET50_MODES if case != ("l2_3x3_s2", "x in L1")])
 def test_gpu_input_grad_resnet50_shapes_bf16(name, mode, monkeypatch):
     """conv2d_input_grad on ResNet-50's shapes (the stem at 112x112), bf16 channels_last, against fp64 by the
     module's error rule, on each kind of config."""
