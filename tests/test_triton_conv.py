@@ -419,6 +419,25 @@ def test_x_in_l1_configs_run_only_convs_whose_taps_overlap(taps, flat_k, cg, usa
     assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False), launch)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="test_gpu_x_in_l1_configs_match_the_reference runs them compiled")
+@pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[8], next(c for c in CASES if c.groups == 8)], ids=str)
+def test_x_in_l1_config_in_the_interpreter(case, monkeypatch):
+    """The X_IN_L1 path on CPU, where the interpreter's configs have none (its hint means nothing there): the
+    interpreter's tile with X_IN_L1 set gives the reference's output (a 3x3 with the statistics epilogue, the
+    stem's space-to-depth flat reduction, a dilated NCHW conv, two groups of 4 merged ones with a prologue)."""
+    kernel = conv._conv_kernel
+    tile = kernel.configs[0]
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(tile.kwargs, X_IN_L1=True), num_warps=tile.num_warps,
+                                                          num_stages=tile.num_stages)])
+    monkeypatch.setattr(kernel, "cache", {})
+    x, w, kw = _make(case)
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
+    assert kernel.best_config.kwargs["X_IN_L1"]
+    _check_out(out, x, w, kw, str(case))
+    if case.epilogue.startswith("stats"):
+        _check_stats(out, mean, var)
+
+
 @pytest.mark.parametrize("channels", [8, 24], ids=["flat-columns", "row-padding"])
 @pytest.mark.parametrize("in_relu", [True, False], ids=["relu", "linear"])
 def test_padding_after_prologue(in_relu, channels):
