@@ -139,7 +139,8 @@ def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], **flags) -> list[t
 _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
                       (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], USE_TMA=False, PERSISTENT=0, X_IN_L1=False)
             + ([] if _INTERPRET else  # x cached in L1: convs of several taps (see _usable)
-               _configs([(128, 64, 64, 4, 3), (128, 128, 64, 8, 3)], USE_TMA=False, PERSISTENT=0, X_IN_L1=True))
+               _configs([(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)], USE_TMA=False, PERSISTENT=0,
+                        X_IN_L1=True))
             + _configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
                        USE_TMA=True, PERSISTENT=0, X_IN_L1=False)
             + ([] if _INTERPRET else  # persistent: GEMM_VIEW launches without a prologue only (see _usable)
