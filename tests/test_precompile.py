@@ -162,8 +162,9 @@ def test_after_precompile_the_first_step_compiles_nothing(training, fresh_dispat
 
 def test_the_demo_precompiles_and_the_models_still_train_alike():
     """python -m fusedres demo (the README's first command) precompiles the converted model before its steps;
-    the losses of the eager and the converted model stay equal after it; then both models' batch-1 inference, the
-    converted model's output as eager's."""
+    the losses of the eager and the converted model stay equal after it; then both models' batch-1 inference with
+    eager's weights, the converted model's error against the float64 model within a few times eager's own (fp32
+    on CPU)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "fusedres", "demo", "--steps", "2", "--batch", "4", "--size", "64"],
                           cwd=root, capture_output=True, text=True, timeout=300)
@@ -172,4 +173,4 @@ def test_the_demo_precompiles_and_the_models_still_train_alike():
     steps = re.findall(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s", done.stdout, re.MULTILINE)
     assert [s[0] for s in steps] == ["0", "1"] and all(eager == fused for _, eager, fused in steps), done.stdout
     latency = dict(re.findall(r"^\s+(eager|fused)\s+\S+\s+(\S+)$", done.stdout, re.MULTILINE))
-    assert float(latency["eager"]) == 0 and float(latency["fused"]) < 1e-4, done.stdout  # batch 1, eval mode
+    assert float(latency["fused"]) <= 4 * float(latency["eager"]) + 1e-6, done.stdout  # batch 1, eval mode
