@@ -53,10 +53,12 @@ class ConversionReport:
     converted: list[tuple[str, str]] = field(default_factory=list)  # (name, "A -> B")
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     backend_note: str = ""  # which backend "auto" runs for the model's device and dtype, and why
+    already_fused: int = 0  # modules of ours the model held before (converted earlier), left as they are
 
     def __str__(self) -> str:
+        already = f", {self.already_fused} already fused" if self.already_fused else ""
         lines = [f"fusedres.convert: {len(self.converted)} module(s) converted, "
-                 f"{len(self.skipped)} left as they are; {self.backend_note}"]
+                 f"{len(self.skipped)} left as they are{already}; {self.backend_note}"]
         lines += [f"  converted {name}: {what}" for name, what in self.converted]
         lines += [f"  left      {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -102,7 +104,8 @@ def convert(
         raise ValueError(f"fusedres.convert: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     if not inplace:
         model = copy.deepcopy(model)
-    report = ConversionReport(model)
+    report = ConversionReport(model, already_fused=sum(
+        isinstance(m, (_FusedResidualBlock, FusedBatchNormAct2d, _FusedStemModel)) for m in model.modules()))
     for name, module in list(model.named_modules()):
         found = _candidate_reason(module)
         if found is None:
@@ -189,7 +192,8 @@ def _convert_timm_norms(report, backend, filter_fn) -> None:
     timm's other norm layers there are reported and left alone."""
     from .nn.timm_norm import FusedTimmBatchNormAct2d, unsupported_reason
 
-    blocks = [name + "." for name, _ in report.converted + report.skipped]
+    blocks = [name + "." for name, _ in report.converted + report.skipped] + [  # and those converted earlier
+        name + "." for name, module in report.model.named_modules() if isinstance(module, _FusedResidualBlock)]
     for name, module in list(report.model.named_modules()):
         if any(name.startswith(block) for block in blocks) or isinstance(module, FusedBatchNormAct2d):
             continue

@@ -241,6 +241,22 @@ def test_torch_jit_trace_of_an_eval_model_passes_its_check(make, grad):
         torch.testing.assert_close(traced(x), eager(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("make", [torchvision.models.resnet50, lambda: timm.create_model("resnetv2_50"),
+                                  lambda: timm.create_model("resnet26d")],
+                         ids=["torchvision-resnet50", "timm-resnetv2_50", "timm-resnet26d"])
+def test_converting_twice_changes_nothing_and_says_so(make):
+    """convert on a converted model leaves every module as it is (the norms inside fused pre-activation blocks
+    included) and reports the modules already fused in its first line."""
+    model = make()
+    first = fusedres.convert(model)
+    modules = [(name, type(module)) for name, module in model.named_modules()]
+    second = fusedres.convert(model)
+    assert second.converted == [] and second.skipped == first.skipped
+    assert second.already_fused == len(first.converted)
+    assert f"left as they are, {len(first.converted)} already fused;" in str(second).splitlines()[0]
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
+
+
 def test_stem_batchnorm_relu_is_fused_and_reverted():
     torch.manual_seed(0)
     eager = timm.create_model("resnet26d", num_classes=10)
