@@ -188,11 +188,18 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
                   f"({c['copy_what']}); GEMM {c['gemm_TFLOPs']:.2f} TFLOP/s ({c['gemm_what']})"]
     lines += [f"- note: {n}" for n in meta["notes"]]
     chosen: dict[str, dict[str, int]] = {}
+    disagreed: dict[str, dict[str, int]] = {}  # per op: implementations whose result the reference's refuted
     for key, entry in dispatch.items():
-        counts = chosen.setdefault(key.split("|")[0], {})
+        op = key.split("|")[0]
+        counts = chosen.setdefault(op, {})
         counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
+        for name, ms in entry["ms"].items():
+            if isinstance(ms, str) and ms.startswith("failed: disagrees"):
+                disagreed.setdefault(op, {})[name] = disagreed.get(op, {}).get(name, 0) + 1
     lines += [f"- measured dispatch ({op}, per call signature; every timing in results.json): "
               + ", ".join(f"{name} chosen {n}x" for name, n in sorted(counts.items()))
+              + "".join(f"; {name} DISAGREED with the reference {n}x (never chosen there)"
+                        for name, n in sorted(disagreed.get(op, {}).items()))
               for op, counts in sorted(chosen.items())]
     lines += ["", "Agreement (`agree`): every output and gradient of a contender is compared with one "
               "run of eager in higher precision (fp32 for bf16/fp16, fp64 for fp32; no autocast, no TF32) "

@@ -105,3 +105,22 @@ def test_the_models_summary_checks_the_inference_targets_against_compile():
         "no target at this batch.",
         "resnet50 inference, batch 4: no torch.compile time to compare (the targets need both).",
         "resnet50 inference, batch 8: no fused time to compare (the targets need both)."]
+
+
+def test_results_md_counts_the_dispatch_choices_and_the_implementations_that_disagreed(monkeypatch, tmp_path):
+    """The summary's dispatch lines: per op, how often each implementation was chosen and, loudly, how often one
+    was refused because its result disagreed with the reference's (a fusedres bug the run has found)."""
+    from benchmarks import __main__ as main
+
+    disagrees = "failed: disagrees with cudnn: the output differs by up to 3 where 0.1 is allowed (scale 4)"
+    monkeypatch.setattr(main, "dispatch_table", lambda: {
+        "unit_conv2d|GPU|a": {"choice": "cudnn", "ms": {"cudnn": 1.0, "triton": disagrees}},
+        "unit_conv2d|GPU|b": {"choice": "triton", "ms": {"cudnn": 1.0, "triton": 0.5}},
+        "conv_bias_act|GPU|a": {"choice": "cudnn", "ms": {"cudnn": 1.0, "triton": 2.0, "torch": 3.0}}})
+    meta = dict(date="today", command="python -m benchmarks", git="abc", timings="t", settings={}, notes=[],
+                environment={"backends": {}})
+    md = main.write_results(tmp_path, meta, [])[1].read_text()
+    assert ("- measured dispatch (unit_conv2d, per call signature; every timing in results.json): cudnn chosen 1x, "
+            "triton chosen 1x; triton DISAGREED with the reference 1x (never chosen there)") in md.splitlines()
+    assert ("- measured dispatch (conv_bias_act, per call signature; every timing in results.json): cudnn chosen "
+            "1x") in md.splitlines()

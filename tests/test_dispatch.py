@@ -93,10 +93,101 @@ def test_ops_with_the_same_signature_keep_separate_entries(dispatch):
     assert dispatch.dispatch_table() == {**first.table(), **second.table()}
 
 
-@pytest.mark.parametrize("op, implementations", [("a|b", ("a",)), ("op", ())], ids=["bar", "empty"])
-def test_rejects_bad_construction(op, implementations):
-    with pytest.raises(ValueError, match="expected an op name without '|' and at least one implementation"):
-        MeasuredDispatch(op, implementations)
+@pytest.mark.parametrize("op, implementations, references", [("a|b", ("a",), ()), ("op", (), ()),
+                                                                ("op", ("a", "b"), ("c",))],
+                         ids=["bar", "empty", "unknown-reference"])
+def test_rejects_bad_construction(op, implementations, references):
+    with pytest.raises(ValueError, match="expected an op name without '|', at least one implementation and "
+                                         "references among them"):
+        MeasuredDispatch(op, implementations, references=references)
+
+
+class Results(Fake):
+    """A call whose implementations return results (``timings`` holds each one's result, or the exception it
+    raises; the test's timer gives the times): ``compare`` records what it is given."""
+
+    def choose(self, op, signature="sig", device=DEVICE):
+        def compare(reference, result):
+            self.compared.append((reference, result))
+            return None if result == reference else f"{result} is not {reference}"
+
+        self.compared = []
+        return op.choose(device, signature, self.unavailable.get, self.run, compare)
+
+
+def timer(monkeypatch, dispatch, times: dict) -> list:
+    """Patch the dispatch's timer to give each implementation its time from ``times`` without running it; the
+    names timed, in order, are the list returned."""
+    timed = []
+    monkeypatch.setattr(dispatch, "_time_ms", lambda fn: timed.append(fn.args[0]) or times[fn.args[0]])
+    return timed
+
+
+def test_an_implementation_whose_result_disagrees_with_the_reference_is_never_chosen(dispatch, monkeypatch):
+    """Speed does not choose a wrong result: the reference runs first, the others' results are compared with
+    it before they are timed, and one that disagrees is recorded as failed, warned of and never chosen, however
+    fast. Agreeing ones are timed as before."""
+    timed = timer(monkeypatch, dispatch, {"a": 1.0, "b": 2.0, "c": 3.0})
+    op = MeasuredDispatch("op", IMPLEMENTATIONS, references=("c",))
+    fake = Results({"a": "wrong", "b": "right", "c": "right"})
+    with pytest.warns(RuntimeWarning, match=r"fusedres: op: 'a' disagrees with 'c' on this call \(sig\): wrong is "
+                                            r"not right; it will not run this call\. This is a fusedres bug"):
+        assert fake.choose(op) == "b"
+    assert fake.runs == ["c", "a", "b"]  # the reference first
+    assert fake.compared == [("right", "wrong"), ("right", "right")]
+    assert timed == ["c", "b"]  # a is never timed
+    entry = op.table()["op|FakeGPU0|sig"]
+    assert entry == {"choice": "b", "ms": {"a": "failed: disagrees with c: wrong is not right", "b": 2.0, "c": 3.0}}
+    assert list(entry["ms"]) == list(IMPLEMENTATIONS)  # listed in the fixed order, whatever ran first
+    assert fake.choose(op) == "b" and fake.runs == ["c", "a", "b"]  # known: neither run nor compared again
+
+
+def test_results_are_checked_against_the_first_reference_that_runs(dispatch, monkeypatch):
+    """A reference that cannot run or fails leaves the next one the reference; with none, the others are
+    timed unchecked (nothing to check them against); without a compare nothing is run but the timings."""
+    timed = timer(monkeypatch, dispatch, {"a": 1.0, "b": 2.0, "c": 3.0})
+    op = MeasuredDispatch("op", IMPLEMENTATIONS, references=("b", "c"))
+    fake = Results({"a": "x", "b": RuntimeError("b broke"), "c": "x"})
+    assert fake.choose(op) == "a"
+    assert fake.runs == ["b", "c", "a"] and fake.compared == [("x", "x")]
+    assert op.table()["op|FakeGPU0|sig"]["ms"]["b"] == "failed: RuntimeError: b broke"
+    fake = Results({"a": "y", "b": "x", "c": "x"}, unavailable={"b": "no b here"})
+    with pytest.warns(RuntimeWarning, match="'a' disagrees with 'c'"):
+        assert fake.choose(op, "other") == "c"
+    fake = Results({"a": "y", "b": "x", "c": "x"}, unavailable={"b": "no b", "c": "no c"})
+    assert fake.choose(op, "third") == "a" and fake.compared == [] and fake.runs == ["a"]
+    timed.clear()
+    plain = Fake({"a": "y", "b": "x", "c": "x"})
+    assert plain.choose(op, "plain") == "a" and plain.runs == []  # no compare: only timed, in the fixed order
+    assert timed == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_mismatch_allows_rounding_and_names_what_differs(dtype):
+    """``mismatch``: a result an ulp away from the reference everywhere agrees with it; one with a wrong element,
+    another shape or a non-finite element where the reference is finite does not, and says so."""
+    from fusedres.ops.dispatch import mismatch, tolerance
+
+    torch.manual_seed(0)
+    reference = torch.randn(4, 8, 5, 5).to(dtype)
+    ulp = torch.finfo(dtype).eps * reference.abs().float()
+    assert mismatch("y", reference, (reference.float() + ulp).to(dtype)) is None
+    assert mismatch("y", reference, (reference.float() - ulp).to(dtype)) is None
+    assert mismatch("y", reference[:0], reference[:0]) is None
+    scale = reference.abs().max().item()
+    wrong = reference.clone()
+    wrong[1, 3, 2, 2] += 4 * tolerance(dtype) * scale
+    assert mismatch("y", reference, wrong) == (
+        f"y differs by up to {4 * tolerance(dtype) * scale:.3g} where {tolerance(dtype) * scale:.3g} is allowed "
+        f"(scale {scale:.3g})")
+    assert mismatch("y", reference, wrong, scale=8 * scale) is None  # a scale of the caller's
+    assert mismatch("the mean", reference.float(), wrong.float(), dtype=dtype).startswith("the mean differs")
+    assert mismatch("y", reference, reference[:, :4]) == "y has shape [4, 4, 5, 5], expected [4, 8, 5, 5]"
+    nan = reference.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert mismatch("y", reference, nan) == "y is finite at 1 element(s) where the reference is not, or the reverse"
+    assert mismatch("y", nan, nan) is None  # NaN where the reference has NaN
+    assert mismatch("y", nan, reference) is not None
 
 
 def test_disk_cache_round_trip_across_processes(dispatch, cache_path):
@@ -218,6 +309,7 @@ def test_training_conv_choice_measures_again_when_torch_conv_flags_change(dispat
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
     monkeypatch.setattr(registry, "_triton_conv_unavailable", lambda y, w, conv_args: (
         None if registry.backends.conv_allows_tf32() else "TF32 is forbidden"))
+    monkeypatch.setattr(registry, "_unit_forward_mismatch", lambda *args: None)  # the fake results are times
     y = torch.empty(2, 16, 5, 5).to(memory_format=torch.channels_last)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     monkeypatch.setattr(torch.Tensor, "device", property(lambda t: DEVICE))

@@ -392,6 +392,7 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path, fresh_disp
     that return their fake timing, which the patched timer takes from one run."""
     monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "FakeGPU")
     monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
+    monkeypatch.setattr(inference, "_output_mismatch", lambda *args: None)  # the fake results are times
     monkeypatch.setattr(inference.backends, "triton_conv", lambda: (None, "no triton here"))
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
     timings = {"cudnn": 2.0, "torch": 3.0}
@@ -441,6 +442,7 @@ def test_auto_dispatch_measures_again_when_torch_conv_flags_change(monkeypatch, 
     nor a cuDNN choice once cuDNN is disabled."""
     monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "FakeGPU")
     monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
+    monkeypatch.setattr(inference, "_output_mismatch", lambda *args: None)  # the fake results are times
     fake_triton = SimpleNamespace(unsupported_reason=lambda x, w, *conv: (
         None if inference.backends.conv_allows_tf32() else "TF32 is forbidden"))
     monkeypatch.setattr(inference.backends, "triton_conv", lambda: (fake_triton, ""))

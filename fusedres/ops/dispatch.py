@@ -12,6 +12,13 @@ An implementation that raises while timed is recorded as ``"failed: ..."`` and n
 cannot run the call as ``"unavailable: <why>"``; when none ran, ``choose`` raises RuntimeError with
 every reason and records nothing.
 
+Speed alone must not choose a wrong result: a kernel that skips work is fast. Where the caller passes a
+``compare`` (the conv ops do), the measurement runs the op's ``references`` first (torch's own conv, say) and
+checks every other implementation's result against the first reference that ran before timing it; one whose
+result differs beyond what rounding explains (``mismatch``) is recorded as ``"failed: disagrees with ..."``,
+never chosen, and reported by a RuntimeWarning. This holds the reference's result while the others run once
+more each, on the first call per key only.
+
 ``FUSEDRES_DISPATCH_CACHE=<path>`` also keeps the entries in a JSON file shared by processes: read once
 per process, read again before each write so that other processes' entries stay, replaced atomically.
 An entry from the file is trusted only while its choice is still available for the call; otherwise
@@ -35,9 +42,11 @@ import functools
 import json
 import os
 import statistics
+import warnings
 from typing import Callable, Hashable, Optional, Union
 
 import torch
+from torch import Tensor
 
 CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
 _WARMUP, _REPS = 3, 10
@@ -100,6 +109,45 @@ def _time_ms(fn: Callable[[], object]) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def tolerance(dtype: torch.dtype) -> float:
+    """How far two correct implementations' results in ``dtype`` may differ, as a fraction of the result's
+    scale: each rounds its fp32 sums to ``dtype``, so where the sums' order differs an element may differ by an
+    ulp (bfloat16: 2**-7 of it), four times that allowed; float16 and float32 (TF32 products) results closer."""
+    return 2.0 ** -5 if dtype == torch.bfloat16 else 2.0 ** -7
+
+
+@torch.no_grad()
+def magnitude(t: Optional[Tensor]) -> float:
+    """The largest finite magnitude in ``t`` (0 for None or an empty tensor): a scale for ``mismatch``."""
+    if t is None or t.numel() == 0:
+        return 0.0
+    return float(t.abs().nan_to_num_(0.0, 0.0, 0.0).max())
+
+
+@torch.no_grad()
+def mismatch(what: str, reference: Tensor, result: Tensor, scale: Optional[float] = None,
+             dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why ``result`` is not ``reference`` (``what`` names them), or None where it is: the same shape, finite at
+    the same elements, and nowhere further from it than ``tolerance(dtype)`` (``dtype``: ``reference``'s by
+    default) times ``scale`` (default: the largest finite magnitude of ``reference``). The difference is taken in
+    the tensors' dtype (rounded to 2**-8 of itself at worst), so the check holds one more tensor of their size."""
+    if result.shape != reference.shape:
+        return f"{what} has shape {list(result.shape)}, expected {list(reference.shape)}"
+    if reference.numel() == 0:
+        return None
+    finite = torch.isfinite(reference)
+    differently_finite = int((finite != torch.isfinite(result)).sum())
+    if differently_finite:
+        return f"{what} is finite at {differently_finite} element(s) where the reference is not, or the reverse"
+    if scale is None:
+        scale = magnitude(reference)
+    error = float(torch.sub(result, reference).abs_().masked_fill_(~finite, 0).max())
+    allowed = tolerance(dtype or reference.dtype) * scale
+    if error > allowed:
+        return f"{what} differs by up to {error:.3g} where {allowed:.3g} is allowed (scale {scale:.3g})"
+    return None
+
+
 def _capturing_or_compiling() -> bool:
     # No capture can be under way before CUDA is initialised, and asking would fail without a driver.
     return torch.compiler.is_compiling() or (torch.cuda.is_initialized()
@@ -116,20 +164,25 @@ def reset() -> None:
 class MeasuredDispatch:
     """Per-call-signature choice among the implementations of one op, made from timings."""
 
-    def __init__(self, op: str, implementations: tuple[str, ...], describe: Callable[[Hashable], str] = str):
+    def __init__(self, op: str, implementations: tuple[str, ...], describe: Callable[[Hashable], str] = str,
+                 references: tuple[str, ...] = ()):
         """``implementations`` in the fixed order used when nothing may be measured; ``describe(signature)``
-        is a signature's text in the keys of the table and the file."""
-        if "|" in op or not implementations:
-            raise ValueError(f"MeasuredDispatch: expected an op name without '|' and at least one "
-                             f"implementation, got {op!r} and {implementations!r}")
+        is a signature's text in the keys of the table and the file; ``references``: the implementations whose
+        result the others must agree with where ``choose`` is given a ``compare``, the first that runs."""
+        if "|" in op or not implementations or not set(references) <= set(implementations):
+            raise ValueError(f"MeasuredDispatch: expected an op name without '|', at least one implementation "
+                             f"and references among them, got {op!r}, {implementations!r} and {references!r}")
         self.op, self.implementations, self.describe = op, tuple(implementations), describe
+        self.references = tuple(references)
 
     def choose(self, device: torch.device, signature: Hashable,
-               unavailable_reason: Callable[[str], Optional[str]], run: Callable[[str], object]) -> str:
+               unavailable_reason: Callable[[str], Optional[str]], run: Callable[[str], object],
+               compare: Optional[Callable[[object, object], Optional[str]]] = None) -> str:
         """The implementation to run on CUDA device ``device`` for a call described by ``signature``.
 
         ``unavailable_reason(name)`` is None when ``name`` can run this call, else why not; ``run(name)``
-        runs it once on the call's own inputs (timed).
+        runs it once on the call's own inputs (timed) and returns its result; ``compare(reference's result,
+        result)`` is None where two results agree, else why not (see the module's docstring).
         """
         chosen = _CHOSEN.get((self.op, device.index, signature))
         if chosen is not None:
@@ -151,7 +204,7 @@ class MeasuredDispatch:
                     raise RuntimeError(f"{self.op}: no implementation can run this call ({text})")
                 return available[0]  # not kept: measured once capturing or compiling is over
             else:
-                _TABLE[key] = entry = self._measure(text, unavailable_reason, run)
+                _TABLE[key] = entry = self._measure(text, unavailable_reason, run, compare)
                 if path:
                     _save(path, key, entry)
         _CHOSEN[self.op, device.index, signature] = entry["choice"]
@@ -174,14 +227,35 @@ class MeasuredDispatch:
         return (ran or available)[0]
 
     def _measure(self, signature: str, unavailable_reason: Callable[[str], Optional[str]],
-                 run: Callable[[str], object]) -> dict:
+                 run: Callable[[str], object], compare: Optional[Callable[[object, object], Optional[str]]]) -> dict:
         ms: dict[str, Union[float, str]] = {}
-        for name in self.implementations:
+        reference = None  # (name, result) of the first reference that ran, where results are compared
+        order = self.implementations
+        if compare is not None:  # the references first, each in the fixed order
+            order = sorted(order, key=lambda name: name not in self.references)
+        for name in order:
             reason = unavailable_reason(name)
+            if reason:
+                ms[name] = f"unavailable: {reason}"
+                continue
             try:
-                ms[name] = f"unavailable: {reason}" if reason else _time_ms(functools.partial(run, name))
+                if compare is not None:
+                    result = run(name)
+                    if reference is None and name in self.references:
+                        reference = name, result
+                    elif reference is not None:
+                        why = compare(reference[1], result)
+                        if why:
+                            ms[name] = f"failed: disagrees with {reference[0]}: {why}"
+                            warnings.warn(f"fusedres: {self.op}: {name!r} disagrees with {reference[0]!r} on this "
+                                          f"call ({signature}): {why}; it will not run this call. This is a "
+                                          "fusedres bug: please report it.", RuntimeWarning, stacklevel=2)
+                            continue
+                    del result
+                ms[name] = _time_ms(functools.partial(run, name))
             except Exception as exc:  # e.g. no cuDNN engine for this graph: never chosen
                 ms[name] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        ms = {name: ms[name] for name in self.implementations}
         ran = {name: t for name, t in ms.items() if not isinstance(t, str)}
         if not ran:
             raise RuntimeError(f"{self.op}: no implementation could run this call ({signature}): "

@@ -15,9 +15,9 @@ dtype. ``triton`` = ``fusedres.triton.conv.conv2d_fused``, the bias (fp32) as it
 
 ``backend="auto"``: torch on CPU. On CUDA, ``dispatch.MeasuredDispatch`` (see ``dispatch.py``) times
 every available implementation on the first call per (GPU, dtype, layout, shapes, conv arguments,
-bias / residual / ReLU, torch's cuDNN-enabled and TF32 flags) and keeps the fastest
-(``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>`` shares them across processes); while a CUDA graph is captured, a known choice, else the first
-available of cudnn, triton, torch. The output is dense in x's memory format (channels_last when x is
+bias / residual / ReLU, torch's cuDNN-enabled and TF32 flags) and keeps the fastest whose output agrees with
+torch's (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>`` shares them across processes); while a CUDA
+graph is captured, a known choice, else the first available of cudnn, triton, torch. The output is dense in x's memory format (channels_last when x is
 channels_last and not also NCHW-contiguous) whichever implementation ran.
 """
 
@@ -211,7 +211,16 @@ def _describe(signature: tuple) -> str:
             f"relu{int(relu)}|{backends.describe_conv_flags(flags)}")
 
 
-_DISPATCH = dispatch.MeasuredDispatch("conv_bias_act", IMPLEMENTATIONS, _describe)
+_DISPATCH = dispatch.MeasuredDispatch("conv_bias_act", IMPLEMENTATIONS, _describe, references=("torch",))
+
+
+def _output_mismatch(args, reference: Tensor, result: Tensor) -> Optional[str]:
+    """Why an implementation's output of the call ``args`` is not the reference's (``dispatch.mismatch``), or
+    None. The scale adds the largest bias and residual to the output's: an implementation that rounds the conv
+    before adding them may be an ulp of the conv off, and the conv can be larger than the output they cancel."""
+    bias, residual = args[2:4]
+    scale = dispatch.magnitude(reference) + dispatch.magnitude(bias) + dispatch.magnitude(residual)
+    return dispatch.mismatch("the output", reference, result, scale)
 
 
 def _choose(backend: str, channels_last: bool, args) -> str:
@@ -224,7 +233,8 @@ def _choose(backend: str, channels_last: bool, args) -> str:
     if not backends.measured(x):
         return "torch"
     return _DISPATCH.choose(x.device, _signature(args, channels_last), lambda name: unavailable_reason(name, *args),
-                            lambda name: _IMPLS[name](*args))
+                            lambda name: _IMPLS[name](*args),
+                            lambda reference, result: _output_mismatch(args, reference, result))
 
 
 def dispatch_table() -> dict[str, dict]:

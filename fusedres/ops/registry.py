@@ -29,7 +29,8 @@ dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     (``triton/conv.py``: one launch, applying the prologue as it loads y) or torch's (cuDNN's)
     after one BN-apply pass: the triton backend takes the Triton conv wherever it supports the
     call, cuda and torch take cuDNN's, and "auto" on CUDA times both per call signature and keeps
-    the faster (``_conv_implementation``). The backward chooses the same way (``_CONV_BACKWARD_DISPATCH``)
+    the faster, where its results agree with cuDNN's (``_conv_implementation``). The backward chooses the
+    same way (``_CONV_BACKWARD_DISPATCH``)
     between torch's convolution_backward on the recomputed activation plus the BN backward stages, and
     the Triton kernels: the weight gradient recomputing the prologue as it loads y
     (``triton/conv_wgrad.py``) and the input gradient with the ReLU mask and the BN backward's sums
@@ -404,6 +405,46 @@ def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stri
                                     relu, compute_stats, run))
 
 
+def _unit_forward_mismatch(conv_bias: Optional[Tensor], reference: tuple, result: tuple) -> Optional[str]:
+    """Why an implementation's (out, out_mean, out_var) of a bn_act_conv2d / conv2d_stats call is not the
+    reference's (``dispatch.mismatch``), or None: out on its own scale plus the conv bias's, the mean on out's
+    (it is off by at most what out is), the variance on its own, all with out's dtype's tolerance."""
+    out, mean, var = reference
+    scale = dispatch.magnitude(out) + dispatch.magnitude(conv_bias)
+    why = dispatch.mismatch("the output", out, result[0], scale)
+    if why is None and mean is not None:
+        why = (dispatch.mismatch("the batch mean", mean, result[1], scale, out.dtype)
+               or dispatch.mismatch("the batch variance", var, result[2], dtype=out.dtype))
+    return why
+
+
+@torch.no_grad()
+def _unit_backward_mismatch(y: Tensor, mean: Optional[Tensor], reference: tuple, result: tuple) -> Optional[str]:
+    """Why an implementation's (d_input, sums, d_conv_weight, masked) of a unit's conv backward is not the
+    reference's (cuDNN's: d_input is d act, unmasked), or None. The input gradients are compared where both are
+    masked alike. BatchNorm's sums over each channel's N*H*W terms dz and dz * (y - mean) (|dz| <= |d act|) may
+    be off by the terms' rounding, which takes either sign: an ulp of every term, added as a random walk, is
+    about an ulp of their root-sum-square. Their scales: the largest of each channel's |d act|_2, and of that
+    times the channel's largest |y - mean| (no smaller than the second sum's root-sum-square; neither needs a
+    copy of d act or y)."""
+    d_act, sums, d_weight, masked = reference
+    why = None
+    if d_weight is not None:
+        why = dispatch.mismatch("the weight gradient", d_weight, result[2])
+    if why is None and d_act is not None and masked == result[3]:
+        why = dispatch.mismatch("the input gradient", d_act, result[0])
+    if why is None and sums is not None:
+        norms = torch.linalg.vector_norm(d_act, dim=(0, 2, 3)).float()
+        why = dispatch.mismatch("BatchNorm's backward sum of dz", sums[0], result[1][0], float(norms.max()),
+                                d_act.dtype)
+        if why is None:
+            mean = mean.float()
+            deviation = torch.maximum(y.amax((0, 2, 3)).float() - mean, mean - y.amin((0, 2, 3)).float())
+            why = dispatch.mismatch("BatchNorm's backward sum of dz * (y - mean)", sums[1], result[1][1],
+                                    float((norms * deviation).max()), d_act.dtype)
+    return why
+
+
 def _triton_conv_unavailable(y, conv_weight, conv_args) -> Optional[str]:
     """None when ``fusedres.triton.conv`` can run this bn_act_conv2d / conv2d_stats call, else why not."""
     module, reason = backends.triton_conv()
@@ -432,16 +473,18 @@ def _describe_conv_signature(signature: tuple) -> str:
             + "|".join(f"{name}{int(value)}" for name, value in flags) + f"|{backends.describe_conv_flags(conv_flags)}")
 
 
-_CONV_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d", ("cudnn", "triton"), _describe_conv_signature)
+_CONV_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d", ("cudnn", "triton"), _describe_conv_signature,
+                                           references=("cudnn",))
 _CONV_BACKWARD_DISPATCH = dispatch.MeasuredDispatch("unit_conv2d_backward", ("cudnn", "triton"),
-                                                    _describe_conv_signature)
+                                                    _describe_conv_signature, references=("cudnn",))
 
 
-def _choose_conv(conv_dispatch, backend, y, triton_unavailable, signature, run) -> str:
+def _choose_conv(conv_dispatch, backend, y, triton_unavailable, signature, run, compare) -> str:
     """"triton" or "cudnn" for a unit's conv (forward or backward) on ``y``: the triton backend takes the
     Triton kernels wherever ``triton_unavailable()`` is None, cuda and torch take torch's (cuDNN's), and
-    "auto" on a CUDA tensor times both on the first call per ``signature()`` and keeps the faster
-    (``dispatch.py``: a known signature is answered without checking the call again)."""
+    "auto" on a CUDA tensor times both on the first call per ``signature()`` and keeps the faster, of those
+    whose results ``compare`` finds in agreement with cuDNN's (``dispatch.py``: a known signature is answered
+    without checking the call again)."""
     name = backends.requested_backend(backend)
     if name == "triton":
         return "cudnn" if triton_unavailable() else "triton"
@@ -449,7 +492,7 @@ def _choose_conv(conv_dispatch, backend, y, triton_unavailable, signature, run) 
         return "cudnn"
     return conv_dispatch.choose(
         y.device, signature(), lambda implementation: triton_unavailable() if implementation == "triton" else None,
-        run)
+        run, compare)
 
 
 def _conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue, relu, compute_stats,
@@ -460,7 +503,8 @@ def _conv_implementation(backend, y, conv_weight, conv_bias, conv_args, prologue
     return _choose_conv(
         _CONV_DISPATCH, backend, y, lambda: _triton_conv_unavailable(y, conv_weight, conv_args),
         lambda: _conv_signature(y, conv_weight, conv_args, prologue=prologue, relu=relu, stats=compute_stats,
-                                bias=conv_bias is not None), run)
+                                bias=conv_bias is not None), run,
+        lambda reference, result: _unit_forward_mismatch(conv_bias, reference, result))
 
 
 def _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups):
@@ -577,7 +621,8 @@ def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
         implementation = _choose_conv(
             _CONV_BACKWARD_DISPATCH, backend, y, lambda: None if any(triton_parts()[:2]) else triton_parts()[2],
             lambda: _conv_signature(y, conv_weight, conv_args, prologue=has_prologue, relu=relu,
-                                    grad_cl=backends.channels_last(grad_out), input=want[0], weight=want[1]), local)
+                                    grad_cl=backends.channels_last(grad_out), input=want[0], weight=want[1]), local,
+            lambda reference, result: _unit_backward_mismatch(y, mean, reference, result))
     d_input, sums, d_conv_weight, masked = local(implementation)
     dy, dweight, dbias = d_input, None, None
     if want[0] and has_prologue:  # BatchNorm's backward: the sums (all-reduced when synchronised), then apply
