@@ -435,3 +435,40 @@ def test_compile_fullgraph_inductor():
         assert_close(t.grad, e.grad, F32, f"grad of input {i}")
     for t, e in zip(running, eager_running):
         assert_close(t, e, F32, "running stats")
+
+
+def test_double_backward_through_a_fused_batchnorm_names_what_is_not_supported():
+    """A gradient penalty on a converted model: the first backward (create_graph=True) runs, the second raises
+    a fusedres error saying what cannot be done and what can (not torch's "no autograd formula" about an op)."""
+    import torchvision
+
+    import fusedres
+
+    model = torchvision.models.resnet18(num_classes=4).double()
+    fusedres.convert(model)
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()), create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match=r"fusedres: the backward of a fused BatchNorm cannot be differentiated "
+                                           r"again .* fusedres.revert\(model\)"):
+        penalty.backward()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_conv_without_prologue_can_be_differentiated_twice(backend):
+    """conv2d_stats without a BatchNorm before it (a block's first conv): with create_graph=True its backward
+    is torch's ops whatever the backend, so a gradient penalty on its weight gradient is eager's (the Triton
+    kernels' results would enter the graph as constants and drop the penalty's own term)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 6, 6, generator=gen)
+    weight = (torch.randn(8, 16, 3, 3, generator=gen) * 0.2).requires_grad_()
+
+    def penalty_gradient(conv):
+        out = conv(weight)
+        g, = torch.autograd.grad(out.square().sum(), weight, create_graph=True)
+        return torch.autograd.grad(g.square().sum() + weight.square().sum(), weight)[0]
+
+    ours = penalty_gradient(lambda w: torch.ops.fusedres.conv2d_stats(
+        x, None, None, None, None, w, None, [1, 1], [1, 1], [1, 1], 1, True, True, backend)[0])
+    eager = penalty_gradient(lambda w: F.conv2d(x, w, padding=1))
+    torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-4)

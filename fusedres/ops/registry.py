@@ -331,6 +331,16 @@ def _bn_act_backward(ctx, grad_out):
 bn_act.register_autograd(_bn_act_backward, setup_context=_bn_act_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedres: the backward of a fused BatchNorm cannot be differentiated again (double backward: "
+                       "a gradient taken with create_graph=True, then differentiated, as a gradient penalty does); "
+                       "fusedres.revert(model) gives the model back in torch's modules, which can")
+
+
+for _op in (bn_act_backward_reduce, bn_act_backward_apply):  # reached by a second backward only
+    _op.register_autograd(_no_double_backward)
+
+
 # --------------------------------------------------------------------------- bn_act_conv2d, conv2d_stats
 @custom_op(f"{_LIB}::bn_act_conv2d", mutates_args=())
 def bn_act_conv2d(
@@ -615,7 +625,9 @@ def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
         return _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_weight, conv_args,
                                     batch_stats, relu, backend, want, triton_parts)
 
-    if torch.compiler.is_compiling():  # traced into the graph: only ops, and the Triton kernels are called directly
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        # traced into the graph, or recorded for a double backward (create_graph=True): torch's ops only. The
+        # Triton kernels are called directly: the graph would hold their results as constants
         implementation = "cudnn"
     else:
         implementation = _choose_conv(
