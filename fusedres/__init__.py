@@ -14,10 +14,10 @@ backend runs instead (``fusedres.info()`` says which and why).
 from . import nn, ops, reference
 from ._extension import build_extension
 from ._info import info
-from .convert import ConversionReport, convert, revert
+from .convert import ConversionReport, convert, refold, revert
 from .graphs import CudaGraphedForward, cuda_graphed
 from .precompile import PrecompileReport, precompile
 
 __version__ = "0.1.0"
 __all__ = ["ConversionReport", "CudaGraphedForward", "PrecompileReport", "build_extension", "convert",
-           "cuda_graphed", "info", "nn", "ops", "precompile", "reference", "revert"]
+           "cuda_graphed", "info", "nn", "ops", "precompile", "reference", "refold", "revert"]

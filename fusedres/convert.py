@@ -3,7 +3,8 @@
 ``convert(model)`` walks the module tree, replaces every residual block it can fuse with the
 fused block of the same structure (sharing its conv/BN modules, so weights, buffers, device,
 dtype and train/eval state are kept), leaves every other module untouched, and reports what it
-changed and why it left the rest. ``revert(model)`` puts the original block classes back.
+changed and why it left the rest. ``revert(model)`` puts the original block classes back; ``refold(model)``
+drops the BatchNorm folds its eval forwards cache (needed only after writes through ``.data``).
 
 Outside the blocks it fuses a BatchNorm2d with the ReLU that follows it (the stem of
 torchvision's and timm's ResNet, and any BatchNorm2d -> ReLU pair inside an nn.Sequential, such
@@ -244,6 +245,16 @@ def revert(model: nn.Module) -> nn.Module:
             module.__class__ = module.source_class
             for attribute in ("fusedres_stem_backend", FOLDS):
                 vars(module).pop(attribute, None)
+    return model
+
+
+def refold(model: nn.Module) -> nn.Module:
+    """Forget the BatchNorm folds that a converted model's eval forwards keep (in place); returns model. A fold is
+    made again by itself when a tensor it came from is replaced or changed in place (its version counter), but
+    not after a write through ``.data`` (``p.data.copy_(...)``, as some EMA and manual-update code does), which
+    changes neither: call this after such writes, or write the tensors themselves under ``torch.no_grad()``."""
+    for module in model.modules():
+        vars(module).pop(FOLDS, None)
     return model
 
 

@@ -497,3 +497,26 @@ def test_timm_gradient_checkpointing_keeps_working_with_the_stem_unit(stem_units
     assert [kind for kind, _, _ in stem_units] == ["stats"] and len(checkpointed) == 2
     for (name, p), q in zip(eager.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("make", [lambda: torchvision.models.resnet18(num_classes=10),
+                                  lambda: timm.create_model("resnetv2_50", num_classes=10)],
+                         ids=["torchvision-resnet18", "timm-resnetv2_50"])
+def test_refold_after_writes_through_data_gives_eager_again(make):
+    """Writes through ``.data`` (an EMA update written the old way) move no version counter, so the eval folds
+    cached before them stay; ``fusedres.refold`` drops them, and the next forward is eager's again (the stem
+    and the blocks, post- and pre-activation)."""
+    torch.manual_seed(0)
+    eager = make().double().eval()
+    randomise_bn(eager, seed=3)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)
+        for m in (eager, model):
+            for tensor in [p for p in m.parameters() if p.dim() == 4] + [
+                    b for name, b in m.named_buffers() if name.endswith("running_var")]:
+                tensor.data.mul_(1.25)
+        assert not torch.allclose(model(x), eager(x), rtol=1e-6, atol=1e-6)  # the folds made before the writes
+        assert fusedres.refold(model) is model
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)

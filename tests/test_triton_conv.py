@@ -763,6 +763,26 @@ def test_packed_weight_cache_follows_in_place_updates():
     torch.testing.assert_close(second, -2.0 * first, rtol=1e-6, atol=1e-5)
 
 
+def test_a_weight_that_needs_a_gradient_is_packed_at_every_call():
+    """A trained weight is not cached packed: a manual update through ``.data`` (its version counter unmoved)
+    is seen at the next call, forward and input gradient alike; a weight needing no gradient (a folded one)
+    is still packed once."""
+    gen = seeded("data-writes")
+    x = rand_act(gen, (2, 8, 5, 5), F32)
+    w = rand_act(gen, (4, 8, 3, 3), F32).requires_grad_()
+    assert conv._packed_weight(w, 1) is not conv._packed_weight(w, 1)
+    assert conv._packed_weight(w.detach(), 1) is conv._packed_weight(w.detach(), 1)
+    first, _, _ = conv.conv2d_fused(x, w, padding=1)
+    version = w._version
+    w.data.mul_(-2.0)
+    assert w._version == version
+    second, _, _ = conv.conv2d_fused(x, w, padding=1)
+    torch.testing.assert_close(second, -2.0 * first, rtol=1e-6, atol=1e-5)
+    transposed = conv._packed_weight(w, 1, transposed=True)
+    w.data.mul_(-0.5)
+    torch.testing.assert_close(conv._packed_weight(w, 1, transposed=True), -0.5 * transposed)
+
+
 def test_row_ones_are_made_once_per_device_but_not_kept_from_a_graph_capture(monkeypatch):
     """The prologue's buffer of ones: cached per device, except one made while a CUDA graph is captured (its
     fill runs only when the graph replays, so it must not serve later calls). Host logic only: torch.ones

@@ -27,9 +27,9 @@ _MERGED_GROUP_CHANNELS = 64
 _MAX_MERGED_GROUPS = 16
 _MAX_M = 2**30  # output positions N*P*Q; row indices stay int32
 _SPACE_TO_DEPTH_BELOW = 16  # strided convs of fewer input channels run space-to-depth (_space_to_depth_channels)
-# Packed weights kept, least recently used dropped first. A ResNet-152 trained on the Triton kernels packs
-# 263: 154 forward weights, 100 transposed ones for its prologue convs' input gradients, 3 strided convs
-# with 4 phases each; a cache smaller than a step's working set would repack every weight every step.
+# Packed weights kept (those needing no gradient: see _packed_weight), least recently used dropped first. A
+# converted ResNet-152 in eval mode packs its 155 folded conv weights; a cache smaller than a forward's working
+# set would repack every weight every forward.
 _PACK_CACHE_SIZE = 1024
 _PACK_CACHE: dict = {}
 
@@ -194,13 +194,16 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     (K, SH*SW*C', ceil(R/SH), ceil(S/SW)), packed as above.
 
     Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps, merge, space_to_depth) and
-    checked against
-    the version counter, so in-place updates repack. An entry holds its weight tensor, so its memory cannot
-    be reused by another tensor while cached. Not seen: writes through ``.data`` (a separate version
-    counter) and inference tensors (none at all; they are packed on every call)."""
+    checked against the version counter, so in-place updates repack; only for a weight that needs no gradient
+    (a BatchNorm-folded weight, a frozen layer's). A trained weight is packed at every call: each optimizer step
+    changes it anyway, autocast hands the conv a new copy of it each step (entries that never hit again, each
+    holding its weight and packing), and a write through ``.data`` (a manual update) leaves its version counter
+    as it was, so a cached packing would go on serving the old values. Inference tensors have no version counter
+    and are packed on every call. An entry holds its weight tensor, so its memory cannot be reused by another
+    tensor while cached. Not seen: writes through ``.data`` to a weight that needs no gradient."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
            taps, merge, space_to_depth)
-    version = None if weight.is_inference() else weight._version
+    version = None if weight.is_inference() or weight.requires_grad else weight._version
     hit = _PACK_CACHE.get(key)
     if hit is not None and version is not None and hit[1] == version:
         _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
