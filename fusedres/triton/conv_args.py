@@ -216,10 +216,13 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     # per group, its (R, S, rows, columns) block: rows the input channels of the conv the kernel runs
     blocks = grouped.flip(4, 5).permute(0, 1, 4, 5, 2, 3) if transposed else grouped.permute(0, 1, 4, 5, 3, 2)
     rows, cols = blocks.shape[-2:]
-    packed = blocks.new_zeros(groups // merge, r, s, merge, rows, merge, cols)
-    for j in range(merge):
-        packed[:, :, :, j, :, j, :] = blocks[:, j]
-    packed = packed.reshape(groups // merge, r * s * merge * rows, merge * cols)
+    if merge == 1:  # one copy
+        packed = blocks[:, 0].contiguous().reshape(groups, r * s * rows, cols)
+    else:
+        packed = blocks.new_zeros(groups // merge, r, s, merge, rows, merge, cols)
+        for j in range(merge):
+            packed[:, :, :, j, :, j, :] = blocks[:, j]
+        packed = packed.reshape(groups // merge, r * s * merge * rows, merge * cols)
     if version is not None:
         _PACK_CACHE.pop(key, None)
         if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
