@@ -24,11 +24,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def handed_over(monkeypatch):
     """Make "auto" measure CPU calls, and each dispatch hand its call to the test instead: a list of
-    (op, unavailable_reason, run, compare) per call; the reference implementation then runs the call."""
+    (op, its reference, unavailable_reason, run, compare) per call; the reference then runs the call."""
     calls = []
 
     def choose(self, device, signature, unavailable_reason, run, compare=None):
-        calls.append((self.op, unavailable_reason, run, compare))
+        calls.append((self.op, self.references[0], unavailable_reason, run, compare))
         return self.references[0]
 
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
@@ -44,9 +44,9 @@ def randn(gen, *shape, dtype=F32, channels_last=False):
 
 def reference_and_triton(calls, op):
     """The one call ``op`` handed over: (compare, the reference's result, the Triton kernels' result)."""
-    (name, unavailable_reason, run, compare), = [call for call in calls if call[0] == op]
+    (_, reference, unavailable_reason, run, compare), = [call for call in calls if call[0] == op]
     assert unavailable_reason("triton") is None
-    return compare, run("cudnn" if op.startswith("unit") else "torch"), run("triton")
+    return compare, run(reference), run("triton")
 
 
 def replaced(result: tuple, index: int, value) -> tuple:
