@@ -195,7 +195,8 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
         counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
         for name, ms in entry["ms"].items():
             if isinstance(ms, str) and ms.startswith("failed: disagrees"):
-                disagreed.setdefault(op, {})[name] = disagreed.get(op, {}).get(name, 0) + 1
+                refuted = disagreed.setdefault(op, {})
+                refuted[name] = refuted.get(name, 0) + 1
     lines += [f"- measured dispatch ({op}, per call signature; every timing in results.json): "
               + ", ".join(f"{name} chosen {n}x" for name, n in sorted(counts.items()))
               + "".join(f"; {name} DISAGREED with the reference {n}x (never chosen there)"

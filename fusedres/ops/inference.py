@@ -17,8 +17,8 @@ dtype. ``triton`` = ``fusedres.triton.conv.conv2d_fused``, the bias (fp32) as it
 every available implementation on the first call per (GPU, dtype, layout, shapes, conv arguments,
 bias / residual / ReLU, torch's cuDNN-enabled and TF32 flags) and keeps the fastest whose output agrees with
 torch's (``dispatch_table()``; ``FUSEDRES_DISPATCH_CACHE=<path>`` shares them across processes); while a CUDA
-graph is captured, a known choice, else the first available of cudnn, triton, torch. The output is dense in x's memory format (channels_last when x is
-channels_last and not also NCHW-contiguous) whichever implementation ran.
+graph is captured, a known choice, else the first available of cudnn, triton, torch. The output is dense in x's
+memory format (channels_last when x is channels_last and not also NCHW-contiguous) whichever implementation ran.
 """
 
 import contextlib
