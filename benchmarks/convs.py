@@ -5,7 +5,7 @@
   statistics epilogue) vs cuDNN + fusedres ``channel_stats``; the issue's targets for the Triton conv
   are ``CONV_TARGETS``.
 - ``bwd``: the training unit's conv backward as the package runs it before BatchNorm's apply pass
-  (``registry._conv_backward_local``: d act or dz, BatchNorm backward's sums, dW), its "cudnn"
+  (``unit_conv._conv_backward_local``: d act or dz, BatchNorm backward's sums, dW), its "cudnn"
   implementation (the anchor) vs its "triton" one (``CONV_BWD_CONTENDERS``), once per way the
   converted model runs convs of that shape (``PROLOGUES``: after the previous BatchNorm + ReLU as the
   conv's prologue, or on a materialised input; the stem's: on the image, no prologue); convs the
@@ -175,7 +175,7 @@ def conv_notes(settings: Settings) -> list[str]:
         f"convs: cudnn+stats takes the channel statistics, and the bwd contenders recompute the activation "
         f"(cudnn) and take BatchNorm backward's sums (cudnn; triton where torch computes its input gradient), "
         f"with fusedres' {stats_backend(settings)} backend",
-        "convs bwd: each contender is fusedres.ops.registry._conv_backward_local (the conv backward of a "
+        "convs bwd: each contender is fusedres.ops.unit_conv._conv_backward_local (the conv backward of a "
         "training unit up to BatchNorm's apply pass: d act or dz, sum dz, sum dz*(x-mean), dW) with its "
         "cudnn or triton implementation; TFLOP/s from 2x the forward's FLOPs (input + weight gradient)"]
 
@@ -193,7 +193,7 @@ def _triton_conv_skip(settings: Settings, spec: ConvSpec, batch: int) -> Optiona
 def _triton_bwd_parts(settings: Settings, spec: ConvSpec, batch: int, prologue: str) -> dict[str, Optional[str]]:
     """Why the Triton backward kernels do not take each part of this conv's backward ("input gradient":
     ``conv2d_input_grad``, "weight gradient": ``conv2d_weight_grad``), or None per part; the package runs
-    a part they do not take with torch (``registry._triton_backward_parts``). Checked on expanded 0-d
+    a part they do not take with torch (``unit_conv._triton_backward_parts``). Checked on expanded 0-d
     tensors: no memory."""
     from fusedres.triton.conv_dgrad import input_grad_unsupported_reason
     from fusedres.triton.conv_wgrad import unsupported_reason
@@ -285,7 +285,7 @@ def conv_bwd_target(name: str, spec: ConvSpec, stats: str,
         return lambda i: functools.partial(_bwd_reference, i, spec, prologue)
     if name not in CONV_BWD_CONTENDERS:
         raise ValueError(f"unknown conv bwd contender {name!r}")
-    from fusedres.ops import registry
+    from fusedres.ops import registry, unit_conv
 
     conv_args = _conv_args_lists(spec)
     has_prologue, relu = prologue != "none", prologue == "bn+relu"
@@ -294,14 +294,14 @@ def conv_bwd_target(name: str, spec: ConvSpec, stats: str,
         x, grad, weight = i["x"], i["grad"], i["weight"]
         bn = (i["mean"], i["scale"], None, i["shift"]) if has_prologue else (None,) * 4
         bn_tensors = (x, *bn) + (None,) * 6
-        affine = registry._affine(*bn) if has_prologue else None  # = (scale, shift)
+        affine = registry.bn_affine(*bn) if has_prologue else None  # = (scale, shift)
 
         def run():
             # per call, as in the package: which parts the Triton kernels take, asked at most once
-            triton_parts = functools.cache(lambda: registry._triton_backward_parts(
+            triton_parts = functools.cache(lambda: unit_conv._triton_backward_parts(
                 grad, x, weight, conv_args, has_prologue, True, True))
             with torch.no_grad():
-                d_input, sums, d_weight, masked = registry._conv_backward_local(
+                d_input, sums, d_weight, masked = unit_conv._conv_backward_local(
                     name, grad, bn_tensors, affine, weight, conv_args, True, relu, stats, (True, True),
                     triton_parts)
             out = {DZ if masked else D_ACT: d_input, D_WEIGHT: d_weight}

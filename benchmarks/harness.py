@@ -554,7 +554,7 @@ LEVEL_TITLES = {
              "F.conv2d, then fusedres channel_stats. TFLOP/s from 2*N*P*Q*K*R*S*C/groups, % of the "
              "measured GEMM ceiling; agreement on the conv output only, vs F.conv2d(x) or "
              "F.conv2d(relu(x * scale + shift)) in fp32 (fp64 for fp32). bwd: a training unit's conv "
-             "backward up to BatchNorm's apply pass (fusedres.ops.registry._conv_backward_local), once per "
+             "backward up to BatchNorm's apply pass (fusedres.ops.unit_conv._conv_backward_local), once per "
              "way the converted model runs convs of that shape in training (`prologue BN+ReLU`: after the "
              "previous BatchNorm + ReLU; `no prologue`: on a materialised input, so no BatchNorm sums and "
              "no Triton input gradient; the stem, left to torch, has no bwd row), its "

@@ -304,12 +304,12 @@ def test_a_known_signature_is_answered_without_describing_or_checking_it(dispatc
 def test_training_conv_choice_measures_again_when_torch_conv_flags_change(dispatch, monkeypatch):
     """The training unit's conv ("unit_conv2d"): a CUDA call on "auto" is measured once per signature, which
     holds torch's TF32 and cuDNN flags, so a Triton (TF32) choice stops once TF32 is forbidden."""
-    from fusedres.ops import registry
+    from fusedres.ops import unit_conv
 
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
-    monkeypatch.setattr(registry, "_triton_conv_unavailable", lambda y, w, conv_args: (
-        None if registry.backends.conv_allows_tf32() else "TF32 is forbidden"))
-    monkeypatch.setattr(registry, "_unit_forward_mismatch", lambda *args: None)  # the fake results are times
+    monkeypatch.setattr(unit_conv, "_triton_conv_unavailable", lambda y, w, conv_args: (
+        None if unit_conv.backends.conv_allows_tf32() else "TF32 is forbidden"))
+    monkeypatch.setattr(unit_conv, "_unit_forward_mismatch", lambda *args: None)  # the fake results are times
     y = torch.empty(2, 16, 5, 5).to(memory_format=torch.channels_last)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     monkeypatch.setattr(torch.Tensor, "device", property(lambda t: DEVICE))
@@ -317,8 +317,8 @@ def test_training_conv_choice_measures_again_when_torch_conv_flags_change(dispat
     timings = {"cudnn": 2.0, "triton": 1.0}
 
     def choice():
-        return registry._conv_implementation("auto", y, weight, None, ([1, 1], [1, 1], [1, 1], 1), True, True,
-                                             True, timings.get)
+        return unit_conv._conv_implementation("auto", y, weight, None, ([1, 1], [1, 1], [1, 1], 1), True, True,
+                                              True, timings.get)
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert choice() == "triton"

@@ -349,14 +349,14 @@ def test_which_conv_runs_a_unit(monkeypatch):
     """The triton backend takes the Triton conv wherever it runs the call; cuda and torch take
     cuDNN's; "auto" measures only on CUDA tensors (never the interpreter); FUSEDRES_BACKEND stands
     in for "auto"."""
-    from fusedres.ops import registry
+    from fusedres.ops import unit_conv
 
     def choice(backend, *, bias=False, stats=True, dtype=torch.float32):
         y = torch.randn(2, 16, 5, 5, device=DEVICE)
         weight = torch.randn(8, 16, 3, 3, device=DEVICE, dtype=dtype)
         conv_bias = torch.randn(8, device=DEVICE) if bias else None
-        return registry._conv_implementation(backend, y, weight, conv_bias, ([1, 1], [1, 1], [1, 1], 1),
-                                             True, True, stats, run=None)
+        return unit_conv._conv_implementation(backend, y, weight, conv_bias, ([1, 1], [1, 1], [1, 1], 1),
+                                              True, True, stats, run=None)
 
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
     assert choice("triton") == "triton"

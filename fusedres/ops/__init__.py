@@ -1,7 +1,8 @@
-"""The op registry (``registry``; the inference op in ``inference``), backend choice
-(``backends``; per call signature, measured, in ``dispatch``) and the functional API."""
+"""The ops: ``registry`` (the BatchNorm ops), ``unit_conv`` (the training unit's conv ops) and
+``inference`` (the eval-mode unit's op) declare them; backend choice (``backends``; per call
+signature, measured, in ``dispatch``) and the functional API."""
 
-from . import registry  # noqa: F401  (registers the torch.ops.fusedres.* ops)
+from . import registry, unit_conv  # noqa: F401  (register the torch.ops.fusedres.* ops)
 from .dispatch import dispatch_table
 from .functional import PendingBN, batch_norm_stats, bn_act, bn_act_conv2d, conv_batch_norm_stats
 from .inference import conv_bias_act, fold_batch_norm

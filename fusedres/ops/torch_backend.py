@@ -12,7 +12,7 @@ Notation, for an activation ``y`` of shape (N, C, H, W) and per-channel (C,) vec
     out = relu(z) if relu else z
     dz  = grad_out * (z > 0) if relu else grad_out
 
-Layout contract (the dispatcher in ``registry.py`` guarantees it): ``y`` is contiguous in
+Layout contract (the ops in ``registry.py`` and ``unit_conv.py`` guarantee it): ``y`` is contiguous in
 either NCHW or channels_last; ``residual`` and ``grad_out`` have ``y``'s shape and memory
 format; per-channel vectors are contiguous fp32 (fp64 when ``y`` is fp64). Results have
 ``y``'s (or ``residual``'s) dtype and ``y``'s memory format. All arithmetic is done in fp32
