@@ -3,7 +3,8 @@
 - ``fwd`` (no autograd): cuDNN (the anchor) vs fusedres' prologue conv (``bn_act_conv2d``) per
   backend vs the Triton implicit-GEMM conv bare and as the training forward unit (BN + ReLU prologue,
   statistics epilogue) vs cuDNN + fusedres ``channel_stats``; the issue's targets for the Triton conv
-  are ``CONV_TARGETS``.
+  are ``CONV_TARGETS``. Each contender's output, and the +stats contenders' per-channel mean and
+  variance, are checked against an upcast reference.
 - ``bwd``: the training unit's conv backward as the package runs it before BatchNorm's apply pass
   (``unit_conv._conv_backward_local``: d act or dz, BatchNorm backward's sums, dW), its "cudnn"
   implementation (the anchor) vs its "triton" one (``CONV_BWD_CONTENDERS``), once per way the
@@ -40,6 +41,16 @@ CONV_MODES = ("fwd", "bwd")
 # The issue's targets: time at most this factor of cudnn's, on the 1x1 and 3x3 convs
 CONV_TARGETS = {"triton+stats": 1.15, "triton": 1 / 0.9}
 BARE, PROLOGUE = "conv(x)", "conv(relu(x*scale+shift))"  # what a contender's output is
+
+
+def _stats_names(output: str) -> tuple[str, str]:
+    """The names of the per-channel batch mean and (biased) variance of ``output``, as +stats contenders return
+    them."""
+    return f"mean of {output}", f"var of {output}"
+
+
+def _named_stats(output: str, y: Tensor, mean: Tensor, var: Tensor) -> dict[str, Tensor]:
+    return dict(zip((output,) + _stats_names(output), (y, mean, var)))
 
 
 @dataclass(frozen=True)
@@ -212,18 +223,24 @@ def _bn_relu(i: dict[str, Tensor]) -> Tensor:
 
 def conv_target(name: str, spec: ConvSpec, stats: str) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
     """Contender ``name``'s forward on the inputs (x, weight, scale, shift, mean): its conv output,
-    named BARE or PROLOGUE; "reference" (run upcast) returns both."""
+    named BARE or PROLOGUE, and for the +stats contenders its per-channel statistics (``_stats_names``);
+    "reference" (run upcast) returns all of them."""
     args = spec.args
     if name == "reference":
-        return lambda i: {BARE: F.conv2d(i["x"], i["weight"], **args),
-                          PROLOGUE: F.conv2d(_bn_relu(i), i["weight"], **args)}
-    if name in ("cudnn", "cudnn+stats"):
-        def cudnn(i):
+        def reference(i):
+            outputs = {BARE: F.conv2d(i["x"], i["weight"], **args),
+                       PROLOGUE: F.conv2d(_bn_relu(i), i["weight"], **args)}
+            for output, y in list(outputs.items()):
+                outputs.update(_named_stats(output, y, *torch.var_mean(y, (0, 2, 3), correction=0)[::-1]))
+            return outputs
+        return reference
+    if name == "cudnn":
+        return lambda i: {BARE: F.conv2d(i["x"], i["weight"], **args)}
+    if name == "cudnn+stats":
+        def cudnn_stats(i):
             y = F.conv2d(i["x"], i["weight"], **args)
-            if name == "cudnn+stats":
-                torch.ops.fusedres.channel_stats(y, stats)
-            return {BARE: y}
-        return cudnn
+            return _named_stats(BARE, y, *torch.ops.fusedres.channel_stats(y, stats))
+        return cudnn_stats
     if name.startswith("prologue["):  # BatchNorm as y * scale + shift: mean 0, invstd scale, bias shift
         backend = name[len("prologue["):-1]
         return lambda i: {PROLOGUE: fusedres.ops.bn_act_conv2d(
@@ -234,8 +251,8 @@ def conv_target(name: str, spec: ConvSpec, stats: str) -> Callable[[dict[str, Te
     if name == "triton":
         return lambda i: {BARE: conv2d_fused(i["x"], i["weight"], **args)[0]}
     if name == "triton+stats":
-        return lambda i: {PROLOGUE: conv2d_fused(i["x"], i["weight"], **args, in_scale=i["scale"],
-                                                 in_shift=i["shift"], in_relu=True, compute_stats=True)[0]}
+        return lambda i: _named_stats(PROLOGUE, *conv2d_fused(i["x"], i["weight"], **args, in_scale=i["scale"],
+                                                              in_shift=i["shift"], in_relu=True, compute_stats=True))
     raise ValueError(f"unknown conv contender {name!r}")
 
 
