@@ -208,8 +208,9 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
               "eager's own plus a small fraction of |ref|_2. The number is the worst relative error "
               "|got - ref|_2 / |ref|_2; eager's row (`ref`) shows its own. In the convs level cudnn takes "
               "eager's role, and the reference is F.conv2d upcast (of x, or of relu(x * scale + shift) "
-              "for the contenders with the BN + ReLU prologue), on the conv output only (fwd), or the conv "
-              "backward written out in torch ops (bwd).", "",
+              "for the contenders with the BN + ReLU prologue), on the conv output and the +stats "
+              "contenders' per-channel mean and variance (fwd), or the conv backward written out in torch "
+              "ops (bwd).", "",
               markdown_tables(rows)]
     md_path.write_text("\n".join(lines))
     return json_path, md_path
