@@ -43,14 +43,10 @@ CONV_TARGETS = {"triton+stats": 1.15, "triton": 1 / 0.9}
 BARE, PROLOGUE = "conv(x)", "conv(relu(x*scale+shift))"  # what a contender's output is
 
 
-def _stats_names(output: str) -> tuple[str, str]:
-    """The names of the per-channel batch mean and (biased) variance of ``output``, as +stats contenders return
-    them."""
-    return f"mean of {output}", f"var of {output}"
-
-
 def _named_stats(output: str, y: Tensor, mean: Tensor, var: Tensor) -> dict[str, Tensor]:
-    return dict(zip((output,) + _stats_names(output), (y, mean, var)))
+    """A +stats contender's outputs by name: ``y`` (named ``output``, BARE or PROLOGUE) and its per-channel batch
+    mean and biased variance."""
+    return {output: y, f"mean of {output}": mean, f"var of {output}": var}
 
 
 @dataclass(frozen=True)
@@ -223,7 +219,7 @@ def _bn_relu(i: dict[str, Tensor]) -> Tensor:
 
 def conv_target(name: str, spec: ConvSpec, stats: str) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
     """Contender ``name``'s forward on the inputs (x, weight, scale, shift, mean): its conv output,
-    named BARE or PROLOGUE, and for the +stats contenders its per-channel statistics (``_stats_names``);
+    named BARE or PROLOGUE, and for the +stats contenders its per-channel statistics (``_named_stats``);
     "reference" (run upcast) returns all of them."""
     args = spec.args
     if name == "reference":
