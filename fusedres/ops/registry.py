@@ -55,8 +55,6 @@ from torch.library import custom_op
 
 from . import backends
 
-_LIB = "fusedres"
-
 
 def compute_dtype(y: Tensor) -> torch.dtype:
     return torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -95,7 +93,7 @@ def _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, weight, batch_stats: bool,
 
 
 # --------------------------------------------------------------------------- channel_stats
-@custom_op(f"{_LIB}::channel_stats", mutates_args=())
+@custom_op("fusedres::channel_stats", mutates_args=())
 def channel_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return backends.select(backend, y).channel_stats(y)
 
@@ -115,7 +113,7 @@ def _residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias):
     return residual, None, None, None
 
 
-@custom_op(f"{_LIB}::bn_act", mutates_args=())
+@custom_op("fusedres::bn_act", mutates_args=())
 def bn_act(
     y: Tensor,
     mean: Tensor,
@@ -154,7 +152,7 @@ def _backward_stage_args(grad_out, y, mean, invstd, weight, bias, residual, sc_y
             *_residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias))
 
 
-@custom_op(f"{_LIB}::bn_act_backward_reduce", mutates_args=())
+@custom_op("fusedres::bn_act_backward_reduce", mutates_args=())
 def bn_act_backward_reduce(
     grad_out: Tensor,
     y: Tensor,
@@ -185,7 +183,7 @@ def _(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invst
     return [torch.empty_like(mean) for _ in range(2 if sc_y is None else 3)]
 
 
-@custom_op(f"{_LIB}::bn_act_backward_apply", mutates_args=())
+@custom_op("fusedres::bn_act_backward_apply", mutates_args=())
 def bn_act_backward_apply(
     grad_out: Tensor,
     y: Tensor,

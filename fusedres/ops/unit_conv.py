@@ -13,14 +13,14 @@ dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     (``triton/conv.py``: one launch, applying the prologue as it loads y) or torch's (cuDNN's)
     after one BN-apply pass: the triton backend takes the Triton conv wherever it supports the
     call, cuda and torch take cuDNN's, and "auto" on CUDA times both per call signature and keeps
-    the faster, where its results agree with cuDNN's (``_conv_implementation``). The backward chooses the
-    same way (``_CONV_BACKWARD_DISPATCH``)
-    between torch's convolution_backward on the recomputed activation plus the BN backward stages, and
-    the Triton kernels: the weight gradient recomputing the prologue as it loads y
-    (``triton/conv_wgrad.py``) and the input gradient with the ReLU mask and the BN backward's sums
-    in its epilogue (``conv2d_input_grad``; a strided conv's in one launch per phase of the stride),
-    then bn_act_backward_apply. Under
-    torch.compile the backward is traced, so it takes torch's (only ops).
+    the faster, where its results agree with cuDNN's (``_conv_implementation``). The backward
+    chooses the same way (``_CONV_BACKWARD_DISPATCH``) between torch's convolution_backward on the
+    recomputed activation plus the BN backward stages, and the Triton kernels: the weight gradient
+    recomputing the prologue as it loads y (``triton/conv_wgrad.py``) and the input gradient with
+    the ReLU mask and the BN backward's sums in its epilogue (``conv2d_input_grad``; a strided
+    conv's in one launch per phase of the stride), then bn_act_backward_apply. A backward traced by
+    torch.compile, or recorded for a second backward (``create_graph=True``), takes torch's (only
+    ops: the graph would hold the Triton kernels' results as constants).
 
 ``conv2d_stats(<bn_act_conv2d's arguments>, stats_shift?)``
     -> (out, out_mean, out_var): bn_act_conv2d's out and the per-channel mean and biased
@@ -42,10 +42,10 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends, dispatch
-from .registry import _LIB, bn_act_grads, bn_affine, compute_dtype
+from .registry import bn_act_grads, bn_affine, compute_dtype
 
 
-@custom_op(f"{_LIB}::bn_act_conv2d", mutates_args=())
+@custom_op("fusedres::bn_act_conv2d", mutates_args=())
 def bn_act_conv2d(
     y: Tensor,
     mean: Optional[Tensor],
@@ -68,7 +68,7 @@ def bn_act_conv2d(
                             dilation, groups, relu, backend, compute_stats=False)[0]
 
 
-@custom_op(f"{_LIB}::conv2d_stats", mutates_args=())
+@custom_op("fusedres::conv2d_stats", mutates_args=())
 def conv2d_stats(
     y: Tensor,
     mean: Optional[Tensor],
