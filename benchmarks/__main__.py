@@ -25,6 +25,7 @@ import torch
 from fusedres._info import collect
 from fusedres.ops import dispatch_table
 from fusedres.ops.backends import BACKENDS
+from fusedres.ops.dispatch import DISAGREES
 
 from . import cases, common, convs, harness
 
@@ -194,7 +195,7 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
         counts = chosen.setdefault(op, {})
         counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
         for name, ms in entry["ms"].items():
-            if isinstance(ms, str) and ms.startswith("failed: disagrees"):
+            if isinstance(ms, str) and ms.startswith(DISAGREES):
                 refuted = disagreed.setdefault(op, {})
                 refuted[name] = refuted.get(name, 0) + 1
     lines += [f"- measured dispatch ({op}, per call signature; every timing in results.json): "

@@ -112,7 +112,9 @@ def test_results_md_counts_the_dispatch_choices_and_the_implementations_that_dis
     was refused because its result disagreed with the reference's (a fusedres bug the run has found)."""
     from benchmarks import __main__ as main
 
-    disagrees = "failed: disagrees with cudnn: the output differs by up to 3 where 0.1 is allowed (scale 4)"
+    from fusedres.ops.dispatch import DISAGREES
+
+    disagrees = f"{DISAGREES} cudnn: the output differs by up to 3 where 0.1 is allowed (scale 4)"
     monkeypatch.setattr(main, "dispatch_table", lambda: {
         "unit_conv2d|GPU|a": {"choice": "cudnn", "ms": {"cudnn": 1.0, "triton": disagrees}},
         "unit_conv2d|GPU|b": {"choice": "triton", "ms": {"cudnn": 1.0, "triton": 0.5}},

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
+DISAGREES = "failed: disagrees with"  # starts the entry of an implementation whose result the reference's refuted
 _WARMUP, _REPS = 3, 10
 _TABLE: dict[str, dict] = {}  # every op's: key -> {"choice": name, "ms": {name: median ms or why not}}
 _CHOSEN: dict[tuple, str] = {}  # (op, device index, signature) -> choice: known calls skip building the key
@@ -246,7 +247,7 @@ class MeasuredDispatch:
                     elif reference is not None:
                         why = compare(reference[1], result)
                         if why:
-                            ms[name] = f"failed: disagrees with {reference[0]}: {why}"
+                            ms[name] = f"{DISAGREES} {reference[0]}: {why}"
                             warnings.warn(f"fusedres: {self.op}: {name!r} disagrees with {reference[0]!r} on this "
                                           f"call ({signature}): {why}; it will not run this call. This is a "
                                           "fusedres bug: please report it.", RuntimeWarning, stacklevel=2)
