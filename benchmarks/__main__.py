@@ -144,7 +144,8 @@ def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
     if "convs" in settings.levels:
         settings.notes += convs.conv_notes(settings)
     if settings.dtype != torch.float32:
-        settings.notes.append(f"{args.dtype or 'bf16'} via torch.autocast (ops and convs levels: tensors in that dtype)")
+        settings.notes.append(f"{args.dtype or 'bf16'} via torch.autocast "
+                              "(ops and convs levels: tensors in that dtype)")
     return settings
 
 

@@ -111,9 +111,9 @@ PROLOGUES = {"bn+relu": "prologue BN+ReLU", "bn": "prologue BN", "none": "no pro
 def package_prologues(model_name: str) -> dict[str, str]:
     """"module" -> how the converted model runs that conv in training (a ``PROLOGUES`` key), for every
     conv it runs through fusedres' conv ops (the blocks' and the stem's, ``fusedres.nn.stem``); a conv
-    the converted model leaves to torch's nn.Conv2d is absent. Found by watching those ops' calls (``conv_batch_norm_stats``,
-    ``bn_act_conv2d``, which the blocks look up on ``fusedres.ops`` per call) during one training
-    forward of the converted model on CPU at 32 px."""
+    the converted model leaves to torch's nn.Conv2d is absent. Found by watching those ops' calls
+    (``conv_batch_norm_stats``, ``bn_act_conv2d``, which the blocks look up on ``fusedres.ops`` per call)
+    during one training forward of the converted model on CPU at 32 px."""
     model = fusedres.convert(build_model(model_name), backend="torch").model.train()
     conv_names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     seen: dict[str, str] = {}
@@ -405,7 +405,8 @@ def conv_bwd_summary(rows: list[dict]) -> str:
     return (f"Backward (bwd), triton time vs cudnn's: faster on {len(got) - len(slower)}/{len(got)} shapes, "
             f"median speedup {median:.2f}x (range {speed[0]:.2f}x-{speed[-1]:.2f}x)"
             + (f"; slower (time vs cudnn's): {', '.join(slower)}" if slower else "")
-            + (f"; {by_torch} of the shapes with torch's input gradient (no prologue, or a conv the Triton kernel does not take)" if by_torch else "") + ".")
+            + (f"; {by_torch} of the shapes with torch's input gradient (no prologue, or a conv the Triton "
+               "kernel does not take)" if by_torch else "") + ".")
 
 
 def conv_summary(rows: list[dict]) -> list[str]:
@@ -443,4 +444,3 @@ def config_kinds_summary(rows: list[dict]) -> str:
     return (f"Triton conv autotuning (forward and input-gradient keys tuned in this run): TMA configs chosen for "
             f"{tma} of {len(chosen)} ({persistent} persistent), pointer configs for the rest ({x_in_l1} caching x "
             "in L1); every config's time in results.json (rows' `tuned`).")
-

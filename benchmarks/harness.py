@@ -13,10 +13,10 @@ level), built by ``Setup.fused(name)`` and checked against ``Setup.reference``'s
 Timing: CUDA events around each iteration, the L2 cache flushed before each one (as
 ``triton.testing.do_bench`` does), after warm-up; ``time.perf_counter`` on CPU. Reported: median
 and p20/p80 of the per-iteration times, and apart the wall-clock time of the first call
-(synchronised; it pays one-off costs: compilation, autotuning, cuDNN's algorithm search). Peak memory (CUDA only): ``max_memory_allocated`` over
-the timed iterations, counted above what was allocated before the contender was built (inputs,
-the pristine weights and the eager reference are not charged to it; its own weight copy, gradients,
-optimizer state and activations are).
+(synchronised; it pays one-off costs: compilation, autotuning, cuDNN's algorithm search). Peak memory
+(CUDA only): ``max_memory_allocated`` over the timed iterations, counted above what was allocated before
+the contender was built (inputs, the pristine weights and the eager reference are not charged to it; its
+own weight copy, gradients, optimizer state and activations are).
 """
 
 import contextlib

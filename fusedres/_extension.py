@@ -114,4 +114,3 @@ def build_extension(verbose: bool = True) -> ModuleType:
 
     backends.refresh()
     return _jit_module
-

@@ -35,6 +35,7 @@ class ConfigSubset:
         finally:
             kernel.configs, kernel.cache = saved
 
+
 SHAPES = {  # name: (C, K, H, kernel, stride, padding), ResNet-50 at 224 px
     "layer1 1x1 64->64": (64, 64, 56, 1, 1, 0),
     "layer1 3x3 64->64": (64, 64, 56, 3, 1, 1),

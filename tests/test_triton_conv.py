@@ -271,8 +271,8 @@ def test_only_strided_ungrouped_convs_of_few_channels_run_space_to_depth(prologu
     keep the conv as it is."""
     launched = []
     launch = conv._launch
-    monkeypatch.setattr(conv, "_launch", lambda *args, **kw: launched.append((args[2], kw["flat"], kw["in_scale"] is not None))
-                        or launch(*args, **kw))
+    monkeypatch.setattr(conv, "_launch", lambda *args, **kw: launched.append(
+        (args[2], kw["flat"], kw["in_scale"] is not None)) or launch(*args, **kw))
     gen = seeded(f"s2d-route-{prologue}-{groups}-{dilation}-{stride}-{c}")
     x = rand_act(gen, (2, c, 9, 9), F32, True)
     w = rand_act(gen, (6, c // groups, 3, 3), F32)

@@ -30,6 +30,7 @@ from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 from .hooks import hooks_reason, share_hooks
 
+
 def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 

@@ -26,7 +26,6 @@ from .conv import _launch
 from .conv_args import _geometry, _limit, _memory_format, _merge_factor, _merged, _packed_weight, _vector
 
 
-
 def _gradient_geometry(fn: str, x: Tensor, weight: Tensor, grad_out: Tensor, stride, padding, dilation,
                        groups: int) -> dict:
     """The forward conv's validated geometry (``_geometry``, its messages under gradient function ``fn``'s

@@ -18,8 +18,8 @@ and a block of channels; with fewer channels (the stem's C = 3) the columns are 
 decodes its own (r, s, c). A strided conv of so few channels (the stem) runs as the forward does
 (``conv_args._space_to_depth``, a prologue applied to the copy): the gradient of the stride-1 conv on the
 space-to-depth copy of x, its columns flat, taken back to the conv's weight
-(``conv_args._space_to_depth_weight_grad``). x and dy are addressed through their four strides (NCHW, channels_last, ...);
-offsets into them and the workspace are int64; every tail is masked.
+(``conv_args._space_to_depth_weight_grad``). x and dy are addressed through their four strides
+(NCHW, channels_last, ...); offsets into them and the workspace are int64; every tail is masked.
 
 Split-K: M is large (N*56*56) and dW small (64 x 576), so the rows are cut into SPLITS contiguous
 ranges of ROWS_PER_SPLIT and grid axis 2 runs one range per program. Each split writes its fp32
