@@ -94,7 +94,7 @@ CASES = [
     _case(16, 48, 8, 3, 1, 1, F32, True, "linear", "affine", dilation=2),  # P = Q = 6: 2x2 boxes
     _case(24, 32, (8, 12), 3, 1, 1, BF16, True, "relu", "stats"),  # 8x4 boxes: one image a tile
     # strided TMA launches (H, W divisible by the stride; C a whole number of channel blocks): x seen as
-    # (N, H/SH, SH, W/SW, SW*C), each tap's box in one residue of the stride
+    # (H/SH, SH, W/SW, N, SW*C), each tap's box in one residue of the stride
     _case(32, 24, 8, 3, 2, 1, BF16, True, "relu", "stats"),  # ResNet's 3x3/2: taps in both residues
     _case(48, 32, (12, 8), 1, 2, 0, F16, True, "none", "full"),  # the 1x1/2 downsample
     _case(16, 16, (9, 8), (3, 5), (3, 2), (1, 2), F32, True, "linear", "affine", dilation=(2, 1)),  # mixed, SH 3
@@ -370,6 +370,44 @@ def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch)
     _check_out(out, x, w, kw, variant)
     if mean is not None:
         _check_stats(out, mean, var)
+
+
+# batches that fill TMA row tiles of images at one output position (conv._box: at most 1/8 of a tile's rows past N;
+# the interpreter's TMA tile has 32 rows), whose x tile an H100's tensor-core dot reads from shared memory
+_ONE_POSITION_BOX_CASES = [
+    _case(24, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=32),  # 6x6 outputs: 2x2 boxes for a small batch
+    _case(32, 24, 6, 3, 2, 1, F16, True, "none", "full", n=60),  # 3x3/2; the second tile 4 rows past N
+    _case(16, 32, (4, 6), 1, 2, 0, F32, True, "linear", "affine", n=64),  # the 1x1/2 downsample
+]
+
+
+def test_one_position_boxes_only_where_the_batch_fills_the_tiles():
+    tile = conv._MAX_BOX
+    for n, box in ((tile, (1, 1)), (2 * tile, (1, 1)), (tile * 8 // 9 + 1, (1, 1)), (tile * 8 // 9 - 1, (2, 8)),
+                   (tile + 1, (2, 8)), (2, (2, 8))):
+        assert conv._box(dict(N=n, P=6, Q=8)) == box, (n, box)
+    assert conv._box(dict(N=2, P=7, Q=7)) == (1, 1)  # odd sizes: one position whatever the batch
+
+
+@pytest.mark.parametrize("case", _ONE_POSITION_BOX_CASES, ids=str)
+def test_one_position_boxes_compute_the_conv(case, monkeypatch):
+    """Forward (prologue, statistics, residual epilogues) and, for the first case, the input gradient, with TMA
+    row tiles of images at one output position: rows (image fastest) and x's descriptor (its images next to
+    last, see conv.py) agree, padding and strided taps land where they should."""
+    boxes, box = [], conv._box
+    monkeypatch.setattr(conv, "_box", lambda geo: boxes.append(box(geo)) or boxes[-1])
+    x, w, kw = _make(case)
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
+    assert boxes == [(1, 1)]
+    if DEVICE == "cpu":
+        assert conv._conv_kernel.best_config.kwargs["USE_TMA"]
+    _check_out(out, x, w, kw, str(case))
+    if mean is not None:
+        _check_stats(out, mean, var)
+        boxes.clear()
+        _check_input_grad((case.c, case.k, case.hw, case.kernel, case.stride, case.padding, 1, 1, case.dtype, True,
+                           True, case.prologue), batch=case.n)
+        assert boxes == [(1, 1)]
 
 
 @pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
@@ -696,17 +734,17 @@ def test_conv2d_input_grad(case):
     _check_input_grad(case)
 
 
-def _check_input_grad(case):
+def _check_input_grad(case, batch: int = 2):
     """dz = d act * ReLU'(z) and BatchNorm backward's two sums, against fp64: the module's error rule, where
     for a sum ATOL applies to each summand (the sums are taken of dz as stored, rounded in dz's dtype)."""
     c, k, hw, r, stride, pad, dil, groups, dtype, x_cl, g_cl, prologue = case
     gen = seeded(case)
-    x = rand_act(gen, (2, c, *pair(hw)), dtype, x_cl)
+    x = rand_act(gen, (batch, c, *pair(hw)), dtype, x_cl)
     w = rand_act(gen, (k, c // groups, *pair(r)), dtype) / (c // groups) ** 0.5
     kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups, in_scale=rand_vec(gen, c, positive=True),
               in_shift=rand_vec(gen, c) * 0.5, in_relu=prologue == "relu", mean=rand_vec(gen, c))
     geometry = SimpleNamespace(hw=pair(hw), kernel=pair(r), stride=pair(stride), padding=pair(pad), dilation=pair(dil))
-    grad_out = rand_act(gen, (2, k, *out_hw(geometry)), dtype, g_cl)
+    grad_out = rand_act(gen, (batch, k, *out_hw(geometry)), dtype, g_cl)
     assert conv_dgrad.input_grad_unsupported_reason(grad_out, w, x, stride, pad, dil, groups) is None
     dz, sums = conv_dgrad.conv2d_input_grad(grad_out, w, x, **kw)
 
@@ -973,17 +1011,43 @@ def test_tma_config_loads_its_tiles_with_the_tensor_memory_accelerator():
     _assert_wgmma_not_serialised(strided)
 
 
+_SMALL_BATCH_LAYER1_3X3 = dict(LAYER1_3X3, N=2, M=2 * 56 * 56)  # TMA row tiles of 16x8 output positions (conv._box)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_one_position_boxes_feed_the_dot_from_shared_memory():
+    """At batch 256 the TMA configs' row tiles are BLOCK_M images at one output position (conv._box), and wgmma
+    reads x's tile from shared memory in every variant without the BN + ReLU prologue (the bare conv, the
+    inference epilogue, the input gradient), on the layer1 3x3 and the strided layer2 3x3 alike, with fewer
+    registers than a box of several positions (batch 2), whose tile reaches wgmma through registers. The
+    prologue's transformed tile is in registers whatever the box. Nothing serialised or spilled."""
+    plain = ("bare", "inference epilogue", "input grad")
+    one = _compile_for_sm90(dict(USE_TMA=True), variants=(*plain, "prologue+stats"))
+    strided = _compile_for_sm90(dict(USE_TMA=True), LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
+                                (*plain, "prologue+stats"))
+    several = _compile_for_sm90(dict(USE_TMA=True), _SMALL_BATCH_LAYER1_3X3, variants=("bare",))
+    for found in (one, strided):
+        for name, variant in found["variants"].items():
+            in_registers = variant["wgmma"] if name == "prologue+stats" else 0
+            assert variant["tma"] >= 2 and variant["wgmma"] > 0, (name, found)
+            assert variant["wgmma_a_in_registers"] == in_registers and variant["spill_bytes"] == 0, (name, found)
+        _assert_wgmma_not_serialised(found)
+    bare, several_bare = one["variants"]["bare"], several["variants"]["bare"]
+    assert several_bare["wgmma_a_in_registers"] == several_bare["wgmma"] > 0, several
+    assert bare["registers"] < several_bare["registers"], (bare, several_bare)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
     """A 1x1 conv run as a GEMM over the pixels (conv._gemm_view; ResNet-50's layer1 64->256 1x1, bf16): the
     TMA configs load x as 2-D tiles of the (M, C) matrix, which wgmma reads from shared memory as it reads the
-    weight (a 5-D box of x is reshaped in registers first: every TMA wgmma took A from registers), with
-    fewer registers than the 5-D box needed; every variant unserialised and unspilled, pointer configs too,
+    weight (a 5-D box of several output positions, as a batch of 2 gets, is reshaped in registers first:
+    every TMA wgmma took A from registers), with fewer registers than that box needed; every variant unserialised and unspilled, pointer configs too,
     and the BN + ReLU prologue's tile (no padding rows to zero) reaches the dot without going through shared
     memory."""
     found = {kind: _compile_for_sm90(dict(USE_TMA=kind == "tma"), LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES,
                                      taps=1, gemm_view=True) for kind in ("tma", "pointer")}
-    box = _compile_for_sm90(dict(USE_TMA=True), LAYER1_3X3, variants=("bare",), taps=1)
+    box = _compile_for_sm90(dict(USE_TMA=True), _SMALL_BATCH_LAYER1_3X3, variants=("bare",), taps=1)
     tma_bare = found["tma"]["variants"]["bare"]
     assert tma_bare["tma"] >= 2 and tma_bare["wgmma"] > 0 and tma_bare["wgmma_a_in_registers"] == 0, found
     assert box["variants"]["bare"]["wgmma_a_in_registers"] == box["variants"]["bare"]["wgmma"] > 0, box
@@ -1454,11 +1518,13 @@ RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding) of torchvision ResNet-5
 _RESNET50_MODES = ([(name, mode) for name in RESNET50_CONVS
                     for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))]
                    + [("l1_expand", "persistent")]  # the 1x1 stride-1 conv: a GEMM over the pixels
+                   # a batch of 128: TMA row tiles of images at one output position (conv._box)
+                   + [(name, "tma, one position") for name in ("l1_3x3", "l2_3x3_s2", "l3_downsample")]
                    + [(name, "x in L1") for name in ("stem", "l1_3x3", "l2_3x3_s2")])  # convs of several taps
 
 
-_KINDS = {"pointer": (False, False, False), "tma": (True, False, False), "persistent": (True, True, False),
-          "x in L1": (False, False, True)}  # mode: _kind of its configs
+_KINDS = {"pointer": (False, False, False), "tma": (True, False, False), "tma, one position": (True, False, False),
+          "persistent": (True, True, False), "x in L1": (False, False, True)}  # mode: _kind of its configs
 
 
 def _kind(config: dict) -> tuple:
@@ -1481,12 +1547,19 @@ def _only_configs(monkeypatch, mode: str) -> None:
 def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
     prologue = "none" if name == "stem" or mode == "persistent" else "relu"  # persistent: no prologue (_usable)
-    case = _case(c, k, h, kernel, stride, padding, BF16, True, prologue, epilogue, n=8)
+    if mode == "tma, one position" and epilogue == "full":  # x's tile from shared memory: no prologue
+        prologue = "none"
+    case = _case(c, k, h, kernel, stride, padding, BF16, True, prologue, epilogue,
+                 n=128 if mode == "tma, one position" else 8)
     x, w, kw = _make(case)
     assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
     _only_configs(monkeypatch, mode)
+    boxes, box = [], conv._box
+    monkeypatch.setattr(conv, "_box", lambda geo: boxes.append(box(geo)) or boxes[-1])
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert _kind(conv._conv_kernel.best_config.kwargs) == _KINDS[mode]
+    if mode.startswith("tma"):  # a batch of 8: boxes of several positions of one image
+        assert (boxes == [(1, 1)]) == (mode == "tma, one position"), boxes
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
         _check_stats(out, mean, var)

@@ -57,13 +57,17 @@ and the workspace are int64, while M itself is capped at 2**30 output positions.
 Two kinds of config share the kernel (USE_TMA). The pointer configs above run every launch. The TMA
 configs run the launches _tma_ok allows (groups 1, Cg >= _FLAT_K_BELOW, channels contiguous, other strides
 and the address multiples of 16 bytes, sm_90+; a strided conv's H and W divisible by its stride): their row
-tile is a box of BOX_I images x BOX_H x BOX_W output positions (``_box``: the largest powers of two
-dividing P and Q, so boxes tile the output), and each step loads the box shifted by its (r, s) from one
-tensor descriptor of x, and the weight tile from one of (R*S, Cg, Kg), with Hopper's tensor memory
-accelerator: one copy per tile instead of an address per 16 bytes, and zeros wherever the box leaves the
-image or the channels (padding and tails need no mask). x is described as (N, H/SH, SH, W/SW, SW*C): the
-input rows a strided box reads are those of one residue of h modulo SH, every SH-th row, which is a box of
-that view (and likewise the columns); with stride 1 it is x as (N, H, 1, W, C). The descriptors are made on
+tile is a box of BOX_I images x BOX_H x BOX_W output positions (``_box``: BLOCK_M images at one position
+where the batch fills such tiles, else the largest powers of two dividing P and Q, so boxes tile the
+output), and each step loads the box shifted by its (r, s) from one tensor descriptor of x, and the weight
+tile from one of (R*S, Cg, Kg), with Hopper's tensor memory accelerator: one copy per tile instead of an
+address per 16 bytes, and zeros wherever the box leaves the image or the channels (padding and tails need no
+mask). x is described as (H/SH, SH, W/SW, N, SW*C): the input rows a strided box reads are those of one
+residue of h modulo SH, every SH-th row, which is a box of that view (and likewise the columns); with stride 1
+it is x as (H, 1, W, N, C). The dot reads a box of one position, (1, 1, 1, BLOCK_M, BLOCK_K), from shared
+memory as it reads a 2-D tile; a box of several positions is reshaped in registers on its way (sm_90 PTX,
+triton 3.6: wgmma with A in registers, each step's tile copied out of shared memory by ldmatrix first, 122
+registers against 90 for the layer1 3x3 at 128x64). The descriptors are made on
 the device (their block shapes follow the config), in a global scratch that ``_with_descriptor_scratch``
 lends triton for the launch. The autotuner times both kinds where both may run; the key's TMA_OK keeps them
 apart where not.
@@ -79,12 +83,13 @@ convs of several taps only (``_usable``).
 A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels on one stride (channels_last)
 launches as a GEMM over the pixels (``_gemm_view``: the same conv on N = M images of 1x1): rows need no division
 by P and Q (ints equal to 1 compile as constants), and the TMA configs load x as 2-D tiles of the (M, C)
-matrix (GEMM_VIEW), which the tensor-core dot reads from shared memory; a 5-D box of x is reshaped in registers
-on its way to the dot (sm_90 PTX, triton 3.6 and 3.8). On those launches without a prologue the autotuner also
-times persistent TMA configs: PERSISTENT programs per SM take the output tiles in turn, in a loop that triton
+matrix (GEMM_VIEW), which the tensor-core dot reads from shared memory, as it does a box of one output
+position (a box of several is reshaped in registers on its way to the dot; sm_90 PTX, triton 3.6 and 3.8). On
+those launches without a prologue the autotuner also times persistent TMA configs: PERSISTENT programs per SM take the output tiles in turn, in a loop that triton
 flattens with the reduction loop, so one tile's epilogue overlaps the next tile's loads (short reductions, such
 as the 64 input channels of ResNet's layer1 1x1 convs, are one or a few steps a tile). Where the dot's x tile
-is in registers (a 5-D box, or the prologue's transform) ptxas serialises that loop's wgmma (warning C7515).
+is in registers (a box of several positions, or the prologue's transform) ptxas serialises that loop's wgmma
+(warning C7515).
 
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
@@ -149,6 +154,7 @@ _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
+_ONE_POSITION_BOX_WASTE = 1 / 8  # the share of its rows past N a tile of images at one position may have (_box)
 _ROW_TILINGS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"]) for c in _CONFIGS})  # the configs' row tiles
 _TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
@@ -229,12 +235,14 @@ def _conv_kernel(
             x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, C], strides=[stride_xn, 1],
                                                block_shape=[BLOCK_M, BLOCK_K])
         else:
-            # x as (N, H/SH, SH, W/SW, SW*C): input row h = SH*i + a is (i, a) and column w = SW*j + b with
-            # channel c is (j, b*C + c), so a box of output positions shifted by a tap is one box of it
+            # x as (H/SH, SH, W/SW, N, SW*C): input row h = SH*i + a is (i, a) and column w = SW*j + b with
+            # channel c is (j, b*C + c), so a box of output positions shifted by a tap is one box of it; the
+            # images next to last, so a box of one output position (BOX_H = BOX_W = 1) leads with dims of 1
+            # and reaches the dot from shared memory like a 2-D tile (other boxes via registers; sm_90 PTX)
             x_desc = tl.make_tensor_descriptor(
-                x_ptr, shape=[N, H // SH, SH, W // SW, SW * C], strides=[stride_xn, SH * stride_xh, stride_xh,
-                                                                          SW * stride_xw, 1],
-                block_shape=[BOX_I, BOX_H, 1, BOX_W, BLOCK_K])
+                x_ptr, shape=[H // SH, SH, W // SW, N, SW * C], strides=[SH * stride_xh, stride_xh, SW * stride_xw,
+                                                                          stride_xn, 1],
+                block_shape=[BOX_H, 1, BOX_W, BOX_I, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, Cg, Kg], strides=[Cg * Kg, Kg, 1],  # G = 1
                                            block_shape=[1, BLOCK_K, BLOCK_N])
     else:  # a row tile is BLOCK_M consecutive output positions
@@ -254,13 +262,13 @@ def _conv_kernel(
         pid_n = (pid % band) // band_rows
 
         i = tl.arange(0, BLOCK_M)
-        if USE_TMA:  # the tile's box
+        if USE_TMA:  # the tile's box, its rows (h, w, image) with the image fastest, as x's descriptor has them
             q0 = pid_m % box_cols * BOX_W
             p0 = pid_m // box_cols % box_rows * BOX_H
             n0 = pid_m // (box_cols * box_rows) * BOX_I
-            n = n0 + i // (BOX_H * BOX_W)
-            p = p0 + i // BOX_W % BOX_H
-            q = q0 + i % BOX_W
+            n = n0 + i % BOX_I
+            p = p0 + i // (BOX_I * BOX_W)
+            q = q0 + i // BOX_I % BOX_W
             row_mask = (n < N) & (p < P) & (q < Q)
             n = n.to(tl.int64)
         else:
@@ -308,7 +316,7 @@ def _conv_kernel(
             elif USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
                 th = r * DH - PH + SH * PH  # >= 0: h = SH*p + r*DH - PH = SH*(p + th // SH - PH) + th % SH
                 tw = s * DW - PW + SW * PW
-                a = x_desc.load([n0, p0 + th // SH - PH, th % SH, q0 + tw // SW - PW, tw % SW * C + c0])
+                a = x_desc.load([p0 + th // SH - PH, th % SH, q0 + tw // SW - PW, n0, tw % SW * C + c0])
                 a = a.reshape(BLOCK_M, BLOCK_K)
             else:
                 a_mask = row_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -471,7 +479,7 @@ def _tma_ok(x: Tensor, x_strides: tuple, geo: dict, groups: int) -> bool:
     with ``x_strides``) whose channels are contiguous, whose other strides and address are multiples of 16
     bytes (the tensor memory accelerator's rule; the packed weight's rows likewise), on a GPU that has one
     (sm_90+). A strided conv
-    also needs H and W divisible by its stride (x seen as (N, H/SH, SH, W/SW, SW*C), see the kernel) and,
+    also needs H and W divisible by its stride (x seen as (H/SH, SH, W/SW, N, SW*C), see the kernel) and,
     with a column stride, pixels packed along W with a whole number of channel blocks (a block past C would
     read the next pixel's channels where a descriptor of C columns gives zeros)."""
     size = x.element_size()
@@ -515,8 +523,13 @@ def _gemm_view(geo: dict, shapes: tuple, tensor_strides: tuple) -> Optional[tupl
 
 
 def _box(geo: dict) -> tuple[int, int]:
-    """(BOX_H, BOX_W) of a TMA row tile: the largest powers of two dividing P and Q, the box at most
-    _MAX_BOX positions, so that boxes tile the output without a partial one where they can."""
+    """(BOX_H, BOX_W) of a TMA row tile. (1, 1), a tile of BLOCK_M images at one output position, where the
+    batch fills tiles of _MAX_BOX images but for at most _ONE_POSITION_BOX_WASTE of their rows (ResNet's batch of 256):
+    the dot then reads x's tile from shared memory (see the kernel). Else the largest powers of two dividing P
+    and Q, the box at most _MAX_BOX positions, so that boxes tile the output without a partial one where they
+    can."""
+    if cdiv(geo["N"], _MAX_BOX) * _MAX_BOX <= geo["N"] * (1 + _ONE_POSITION_BOX_WASTE):
+        return 1, 1
     box_w = min(geo["Q"] & -geo["Q"], _MAX_BOX)
     return min(geo["P"] & -geo["P"], _MAX_BOX // box_w), box_w
 
