@@ -1042,9 +1042,9 @@ def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
     """A 1x1 conv run as a GEMM over the pixels (conv._gemm_view; ResNet-50's layer1 64->256 1x1, bf16): the
     TMA configs load x as 2-D tiles of the (M, C) matrix, which wgmma reads from shared memory as it reads the
     weight (a 5-D box of several output positions, as a batch of 2 gets, is reshaped in registers first:
-    every TMA wgmma took A from registers), with fewer registers than that box needed; every variant unserialised and unspilled, pointer configs too,
-    and the BN + ReLU prologue's tile (no padding rows to zero) reaches the dot without going through shared
-    memory."""
+    every TMA wgmma took A from registers), with fewer registers than that box needed; every variant
+    unserialised and unspilled, pointer configs too, and the BN + ReLU prologue's tile (no padding rows to
+    zero) reaches the dot without going through shared memory."""
     found = {kind: _compile_for_sm90(dict(USE_TMA=kind == "tma"), LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES,
                                      taps=1, gemm_view=True) for kind in ("tma", "pointer")}
     box = _compile_for_sm90(dict(USE_TMA=True), _SMALL_BATCH_LAYER1_3X3, variants=("bare",), taps=1)
