@@ -343,6 +343,14 @@ def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
     _check_stats(out, mean, var)
 
 
+def _recorded(monkeypatch, name: str) -> list:
+    """The results of conv.<name> (a host helper of the launch, e.g. _box or _gemm_view), appended as the conv
+    calls it; what it returns is unchanged."""
+    results, original = [], getattr(conv, name)
+    monkeypatch.setattr(conv, name, lambda *args: results.append(original(*args)) or results[-1])
+    return results
+
+
 @pytest.mark.parametrize("variant,gemm,tma", [
     ("channels_last", True, True), ("one image", True, True), ("40-byte pixels", True, False),
     ("prologue + stats", True, True), ("nchw", False, False), ("nchw residual", False, True),
@@ -352,8 +360,7 @@ def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch)
     """A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels on one stride runs as a
     GEMM over N*H*W pixels of 1x1 (conv._gemm_view; the TMA configs load x as one (M, C) matrix); any other
     conv as a conv; right either way (on CPU the interpreter runs the TMA config wherever it is allowed)."""
-    views, gemm_view = [], conv._gemm_view
-    monkeypatch.setattr(conv, "_gemm_view", lambda *args: views.append(gemm_view(*args)) or views[-1])
+    views = _recorded(monkeypatch, "_gemm_view")
     kernel, stride, padding = {"3x3": (3, 1, 1), "stride 2": (1, 2, 0), "padded": (1, 1, 1)}.get(variant, (1, 1, 0))
     case = _case(20 if variant == "40-byte pixels" else 32, 24, 6, kernel, stride, padding, BF16, variant != "nchw",
                  "relu" if variant == "prologue + stats" else "none",
@@ -394,8 +401,7 @@ def test_one_position_boxes_compute_the_conv(case, monkeypatch):
     """Forward (prologue, statistics, residual epilogues) and, for the first case, the input gradient, with TMA
     row tiles of images at one output position: rows (image fastest) and x's descriptor (its images next to
     last, see conv.py) agree, padding and strided taps land where they should."""
-    boxes, box = [], conv._box
-    monkeypatch.setattr(conv, "_box", lambda geo: boxes.append(box(geo)) or boxes[-1])
+    boxes = _recorded(monkeypatch, "_box")
     x, w, kw = _make(case)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert boxes == [(1, 1)]
@@ -1559,11 +1565,10 @@ def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     x, w, kw = _make(case)
     assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
     _only_configs(monkeypatch, mode)
-    boxes, box = [], conv._box
-    monkeypatch.setattr(conv, "_box", lambda geo: boxes.append(box(geo)) or boxes[-1])
+    boxes = _recorded(monkeypatch, "_box")
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert _kind(conv._conv_kernel.best_config.kwargs) == _KINDS[mode]
-    if mode.startswith("tma"):  # a batch of 8: boxes of several positions of one image
+    if mode.startswith("tma"):  # "tma": a batch of 8, boxes of several positions; one position: a batch of 128
         assert (boxes == [(1, 1)]) == (mode == "tma, one position"), boxes
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
