@@ -396,24 +396,76 @@ def test_one_position_boxes_only_where_the_batch_fills_the_tiles():
     assert conv._box(dict(N=2, P=7, Q=7)) == (1, 1)  # odd sizes: one position whatever the batch
 
 
+_BOX_COMPILES = STAND_IN_LAUNCH + """
+import json
+from triton.runtime.jit import JITFunction
+
+kernel = conv._conv_kernel
+names = ("USE_TMA", "X_IN_L1", "PERSISTENT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BOX_H", "BOX_W")
+compiles = []
+
+
+def record(self, key, signature, device, constexprs, options, attrs, warmup):  # compiles nothing
+    if self is kernel.fn:
+        constants = {self.arg_names[index]: value for (index,), value in constexprs.items()}
+        compiles.append([constants[name] for name in names] + [options.num_warps, options.num_stages])
+    self.device_caches[device][0][key] = placeholder = object()
+    return placeholder
+
+
+JITFunction._do_compile = record
+compile_without_launching(kernel)
+w = torch.randn(128, 64, 3, 3, dtype=torch.bfloat16)
+for size in (12, 8):  # no multiple of 16: the JIT specialises the two launches alike
+    x = torch.randn(3, 64, size, size, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    conv.conv2d_fused(x, w, padding=(1, 1))
+print(json.dumps(dict(names=names, compiles=compiles, boxes=[conv._box(dict(N=3, P=s, Q=s)) for s in (12, 8)])))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="compiles behind a stand-in driver")
+def test_only_the_tma_configs_compile_again_for_another_box(tmp_path):
+    """Two 3x3 convs alike but for their size, whose TMA row tiles are boxes of other shapes (4x4 and 8x8
+    output positions of a batch of 3): each TMA config compiles once per box, launched with it; each pointer
+    config once, with the box (1, 1) whatever the launch's (conv._config_box). Behind the H100 stand-in driver,
+    nothing compiled for real."""
+    found = run_behind_stand_in(_BOX_COMPILES, tmp_path)
+    compiles = [dict(zip([*found["names"], "warps", "stages"], c)) for c in found["compiles"]]
+    boxes = [tuple(b) for b in found["boxes"]]
+    assert len(set(boxes)) == 2 and (1, 1) not in boxes, boxes
+    tma = [c for c in compiles if c["USE_TMA"]]
+    pointer = [c for c in compiles if not c["USE_TMA"]]
+    assert tma and pointer, compiles
+
+    def config(c):
+        return tuple(v for name, v in c.items() if not name.startswith("BOX"))
+
+    assert sorted((c["BOX_H"], c["BOX_W"]) for c in tma) == sorted(boxes * (len(tma) // 2)), tma
+    assert sorted(config(c) for c in tma if (c["BOX_H"], c["BOX_W"]) == boxes[0]) == sorted(
+        config(c) for c in tma if (c["BOX_H"], c["BOX_W"]) == boxes[1]), tma
+    assert all((c["BOX_H"], c["BOX_W"]) == (1, 1) for c in pointer), pointer
+    assert len({config(c) for c in pointer}) == len(pointer), pointer  # each once for both convs
+
+
 @pytest.mark.parametrize("case", _ONE_POSITION_BOX_CASES, ids=str)
 def test_one_position_boxes_compute_the_conv(case, monkeypatch):
     """Forward (prologue, statistics, residual epilogues) and, for the first case, the input gradient, with TMA
     row tiles of images at one output position: rows (image fastest) and x's descriptor (its images next to
     last, see conv.py) agree, padding and strided taps land where they should."""
-    boxes = _recorded(monkeypatch, "_box")
+    boxes = _recorded(monkeypatch, "_box")  # by the launch, and for its TMA configs by the autotuner
     x, w, kw = _make(case)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
-    assert boxes == [(1, 1)]
+    assert set(boxes) == {(1, 1)}, boxes
     if DEVICE == "cpu":
-        assert conv._conv_kernel.best_config.kwargs["USE_TMA"]
+        ran = conv._conv_kernel.best_config.kwargs
+        assert ran["USE_TMA"] and (ran["BOX_H"], ran["BOX_W"]) == (1, 1)
     _check_out(out, x, w, kw, str(case))
     if mean is not None:
         _check_stats(out, mean, var)
         boxes.clear()
         _check_input_grad((case.c, case.k, case.hw, case.kernel, case.stride, case.padding, 1, 1, case.dtype, True,
                            True, case.prologue), batch=case.n)
-        assert boxes == [(1, 1)]
+        assert set(boxes) == {(1, 1)}, boxes
 
 
 @pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
@@ -437,7 +489,7 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
         _check_out(out, x, w, kw, launch)
         if mean is not None:
             _check_stats(out, mean, var)
-    assert asked and kernel.best_config is persistent
+    assert asked and kernel.best_config.kwargs == dict(persistent.kwargs, BOX_H=1, BOX_W=1)  # a GEMM: no box
 
 
 def test_persistent_configs_run_only_gemm_view_launches_without_a_prologue():
@@ -1332,10 +1384,16 @@ def forward(in_scale):  # how the conv kernel's and the statistics kernel's laun
 
 found = dict(tuning=forward(scale), aligned=[forward(scale), forward(scale)],
              misaligned=[forward(misaligned_scale), forward(misaligned_scale)], aligned_again=forward(scale))
-chosen = kernel.best_config
-kernel.configs, kernel.cache = [c for c in kernel.configs if c is not chosen], {}  # as the GPU tests pick configs
+
+
+def base(config):  # a config as kernel.configs holds it: without the box a launch adds (conv._config_box)
+    return {k: v for k, v in config.all_kwargs().items() if k not in ("BOX_H", "BOX_W")}
+
+
+chosen = base(kernel.best_config)
+kernel.configs, kernel.cache = [c for c in kernel.configs if base(c) != chosen], {}  # as the GPU tests pick configs
 found["other_configs"] = forward(scale)
-found["chosen_then"] = [chosen is kernel.best_config, kernel.best_config in kernel.configs]
+found["chosen_then"] = [base(kernel.best_config) == chosen, base(kernel.best_config) in map(base, kernel.configs)]
 print(json.dumps(found))
 """
 
@@ -1445,6 +1503,28 @@ def test_autotuning_records_every_new_key_it_tunes(monkeypatch):
     assert autotuning.TUNINGS[1]["ms"] == {"BLOCK=16 warps=4 stages=3": 5.0, "BLOCK=32 warps=4 stages=3": 4.0}
     assert all(t["seconds"] >= 0 for t in autotuning.TUNINGS[:2])
     assert autotuning.TUNINGS[2]["ms"] in ({}, {"BLOCK=16 warps=4 stages=3": 1.0})  # triton >= 3.8 times no lone config
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="times configs with a stand-in clock")
+def test_autotuning_adds_the_constants_a_launch_gives_its_configs(monkeypatch):
+    """autotune's ``constants(config, arguments)``: constexprs a config launches with besides its own, decided
+    by the key (here BLOCK by the length n); the key's tuned config holds them and a later launch of the key
+    runs it with them; the configs themselves stay as they were. A lone config (which triton launches without
+    pruning) gets them too."""
+    monkeypatch.setenv("FUSEDRES_COMPILE_THREADS", "1")
+    monkeypatch.setattr(autotuning, "time_config", lambda call, quantiles: call() or [1.0] * 3)
+    configs = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2)]
+    constants = lambda config, args: {"BLOCK": 16 if args["n"] < 20 else 32}  # noqa: E731
+    kernel = autotuning.autotune(configs, ["n"], lambda args: {}, constants=constants)(_fill_kernel)
+    for n, block in ((40, 32), (7, 16), (40, 32)):
+        out = torch.zeros(n)
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](out, n)
+        assert (out == block).all() and kernel.best_config.kwargs == {"BLOCK": block}, n
+    assert len(kernel.cache) == 2 and [c.kwargs for c in kernel.configs] == [{}, {}]
+    kernel.configs = configs[1:]
+    out = torch.zeros(7)
+    kernel[lambda meta: (triton.cdiv(7, meta["BLOCK"]),)](out, 7)
+    assert (out == 16).all() and kernel.best_config.kwargs == {"BLOCK": 16} and configs[1].kwargs == {}
 
 
 def test_host_integer_helpers_agree_with_triton():
@@ -1569,7 +1649,9 @@ def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert _kind(conv._conv_kernel.best_config.kwargs) == _KINDS[mode]
     if mode.startswith("tma"):  # "tma": a batch of 8, boxes of several positions; one position: a batch of 128
-        assert (boxes == [(1, 1)]) == (mode == "tma, one position"), boxes
+        ran = conv._conv_kernel.best_config.kwargs
+        assert set(boxes) == {(ran["BOX_H"], ran["BOX_W"])}, boxes  # the launch's box is its TMA configs'
+        assert (boxes[0] == (1, 1)) == (mode == "tma, one position"), boxes
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
         _check_stats(out, mean, var)

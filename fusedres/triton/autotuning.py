@@ -17,6 +17,7 @@ cores instead of, key after key, for each key's slowest compile.
 """
 
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -53,7 +54,7 @@ def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
-def fast_path_and_record(tuner, keep):
+def fast_path_and_record(tuner, keep, constants):
     """``tuner`` (a triton Autotuner) with a fast path for keys it has tuned (their config launched straight
     away, ``tuning_key``), appending to TUNINGS whenever a call tunes a new key: the kernel, the key, the
     chosen config, and from the timing (none where one config was left: triton >= 3.8 runs it untimed; none
@@ -61,7 +62,8 @@ def fast_path_and_record(tuner, keep):
     Triton itself keeps only the last key's timings. A tuned key's launch like an earlier one goes through
     ``relaunch.Relaunches``. Inside a compile-ahead pass's ``compile_only()`` a call
     launches nothing and submits the compiles of the configs it would time (``keep(configs, arguments)``:
-    those it may run that fit, see ``prune_and_compile``) instead."""
+    those it may run that fit, with their constants, see ``prune_and_compile``) instead. A lone config, which
+    triton launches without pruning, launches with its ``constants(config kwargs, arguments)`` too."""
     plain_run = tuner.run
     relaunches = Relaunches(tuner.fn)
 
@@ -69,18 +71,22 @@ def fast_path_and_record(tuner, keep):
         ahead = getattr(_AHEAD, "pass_", None)
         if ahead is not None:
             return ahead.submit(tuner, keep, args, kwargs)
-        if len(tuner.configs) > 1:  # with one config triton keys nothing
-            relaunches.kept_for(tuner.cache, tuner.configs)
-            kernel, config, signature = relaunches.run(args, kwargs)
-            if kernel is not None:
-                tuner.best_config = config
-                return kernel
-            config = tuner.cache.get(tuning_key(tuner, args, kwargs))
-            if config is not None and config.pre_hook is None:
-                tuner.best_config = config
-                kernel = tuner.fn.run(*args, **kwargs, **config.all_kwargs())
-                relaunches.remember(signature, kernel, config)
-                return kernel
+        if len(tuner.configs) == 1:  # which triton launches as it is: no key, no pruning, no constants
+            config = tuner.configs[0]
+            config = tuner.best_config = _with_constants(
+                config, constants(config.kwargs, {**dict(zip(tuner.arg_names, args)), **kwargs}))
+            return tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+        relaunches.kept_for(tuner.cache, tuner.configs)
+        kernel, config, signature = relaunches.run(args, kwargs)
+        if kernel is not None:
+            tuner.best_config = config
+            return kernel
+        config = tuner.cache.get(tuning_key(tuner, args, kwargs))
+        if config is not None and config.pre_hook is None:
+            tuner.best_config = config
+            kernel = tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+            relaunches.remember(signature, kernel, config)
+            return kernel
         known = len(tuner.cache)
         timings, seconds = getattr(tuner, "configs_timings", None), getattr(tuner, "bench_time", None)
         result = plain_run(*args, **kwargs)
@@ -120,10 +126,21 @@ def fitting(configs: list, sizes: dict) -> list:
     return fit or configs
 
 
-def runnable(gemm_sizes, usable, configs: list, arguments: dict) -> list:
+def runnable(gemm_sizes, usable, constants, configs: list, arguments: dict) -> list:
     """The configs a launch with ``arguments`` may run (``usable(config kwargs, arguments)``) that fit its GEMM
-    (``gemm_sizes(arguments)``: {block name: size}, see ``fitting``): those the autotuner times."""
-    return fitting([c for c in configs if usable(c.kwargs, arguments)], gemm_sizes(arguments))
+    (``gemm_sizes(arguments)``: {block name: size}, see ``fitting``), each with the constexprs
+    ``constants(config kwargs, arguments)`` added: those the autotuner times."""
+    return [_with_constants(c, constants(c.kwargs, arguments))
+            for c in fitting([c for c in configs if usable(c.kwargs, arguments)], gemm_sizes(arguments))]
+
+
+def _with_constants(config, constants: dict):
+    """``config``, or where ``constants`` holds any a copy of it with them added to its constexprs."""
+    if not constants:
+        return config
+    config = copy.copy(config)
+    config.kwargs = {**config.kwargs, **constants}
+    return config
 
 
 def prune_and_compile(jit_fn, keep, configs: list, positional: dict, **launch) -> list:
@@ -244,18 +261,20 @@ def time_config(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, arguments: True):
+def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, arguments: True,
+             constants=lambda config, arguments: {}):
     """triton.autotune over ``configs`` keyed by the argument names ``key``, timing (``time_config``) only
     the configs a new key may run and that fit its GEMM, compiled in parallel (``prune_and_compile``;
     ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}, ``usable(config kwargs,
-    arguments)`` says whether a config may run them: the key must decide it), with the disk cache if
-    FUSEDRES_AUTOTUNE_CACHE=1; a key tuned before launches its config directly, and each new key's tuning is
-    recorded (``fast_path_and_record``)."""
+    arguments)`` says whether a config may run them, ``constants(config kwargs, arguments)`` gives constexprs
+    the config launches with besides its own, which the launch then does not pass: the key must decide both),
+    with the disk cache if FUSEDRES_AUTOTUNE_CACHE=1; a key tuned before launches its config directly, and
+    each new key's tuning is recorded (``fast_path_and_record``)."""
     def decorate(jit_fn):
         extra = ({"cache_results": os.environ.get("FUSEDRES_AUTOTUNE_CACHE") == "1"}
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
-        keep = functools.partial(runnable, gemm_sizes, usable)
+        keep = functools.partial(runnable, gemm_sizes, usable, constants)
         hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, keep)}
         return fast_path_and_record(triton.autotune(configs=configs, key=key, prune_configs_by=hook,
-                                                    do_bench=time_config, **extra)(jit_fn), keep)
+                                                    do_bench=time_config, **extra)(jit_fn), keep, constants)
     return decorate

@@ -197,7 +197,7 @@ def _usable(config: dict, args: dict) -> bool:
 
 # the forward / input-gradient GEMM: output positions x output channels, reducing over the input's columns
 @autotune(_CONFIGS, _AUTOTUNE_KEY, lambda a: dict(BLOCK_M=a["M"], BLOCK_N=a["Kg"], BLOCK_K=_reduction_size(a)),
-          usable=_usable)
+          usable=_usable, constants=lambda config, args: _config_box(config["USE_TMA"], args))
 # WS_ROWS unspecialised: whether it is 1 or a multiple of 16 changes nothing but would compile every variant
 # once more (36 of the 306 compiles a ResNet-50 training step needed)
 @triton.jit(do_not_specialize=["WS_ROWS"])
@@ -220,7 +220,7 @@ def _conv_kernel(
     PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, PROLOGUE_GRAD: tl.constexpr,
     FLAT_K: tl.constexpr,
-    TMA_OK: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,  # see _tma_ok and _box
+    TMA_OK: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,  # see _tma_ok and _config_box
     GEMM_VIEW: tl.constexpr,  # x is the GEMM's (M, C) operand: N = M pixels of 1x1, R = S = 1 (see _gemm_view)
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
@@ -544,6 +544,14 @@ def _box(geo: dict) -> tuple[int, int]:
     return min(geo["P"] & -geo["P"], _MAX_BOX // box_w), box_w
 
 
+def _config_box(use_tma: bool, args: dict) -> dict:
+    """The constexprs BOX_H, BOX_W a config launches with (``autotune``'s ``constants``): a TMA config's box of
+    the launch (``_box``), (1, 1) for the pointer configs, which tile rows without boxes. Given per config, not
+    by the launch, so that the pointer configs compile once for launches whose boxes differ."""
+    box_h, box_w = _box(args) if use_tma else (1, 1)
+    return dict(BOX_H=box_h, BOX_W=box_w)
+
+
 def _row_tiles(geo: dict, box: tuple[int, int], block_m: int, use_tma: bool) -> int:
     """The row tiles (grid rows, statistics workspace rows) of a launch with BLOCK_M ``block_m``."""
     if not use_tma:
@@ -589,7 +597,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     if gemm is not None:
         geo, tensor_strides = gemm
     tma_ok = not flat_k and _tma_ok(x, tensor_strides[0], geo, groups)
-    box = _box(geo) if tma_ok else (1, 1)  # only the TMA configs tile by boxes: one compile of the others
+    box = _box(geo) if tma_ok else (1, 1)
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     strides = dict(zip(_STRIDE_NAMES, tensor_strides[0] + tensor_strides[1] + tensor_strides[2]))
@@ -611,7 +619,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
             HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
             HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
             COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=flat_k,
-            TMA_OK=tma_ok, BOX_H=box[0], BOX_W=box[1], GEMM_VIEW=gemm is not None, WS_ROWS=ws_rows, GROUP_M=8,
+            TMA_OK=tma_ok, GEMM_VIEW=gemm is not None, WS_ROWS=ws_rows, GROUP_M=8,
             **geo, **strides)
 
     if tma_ok:  # only the TMA configs make descriptors
