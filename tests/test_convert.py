@@ -24,7 +24,7 @@ from fusedres.nn import stem
 from fusedres.nn.norm import ReLUFusedIntoNorm
 from fusedres.ops.backends import unavailable_reason
 from conftest import requires_cuda
-from model_helpers import assert_converted_trains_like_eager, assert_same_training, randomise_bn
+from model_helpers import assert_converted_trains_like_eager, assert_same_training, randomise_bn, rel_error
 
 
 TRAINING_CASES = {
@@ -57,6 +57,12 @@ def test_converted_model_trains_like_eager(case):
     ("wide_resnet50_2", 18, FusedBottleneck),
 ])
 def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls):
+    """Converted in eval mode (BatchNorm folded into the convs), each family computes its output as closely to
+    an fp64 run of the eager model as the fp32 eager model does (at most 2x its error, plus 1e-6). Not element
+    by element against fp32 eager: with random BatchNorm statistics the deeper nets' outputs spread over
+    several orders of magnitude (resnet101's up to 1.5e4, resnet152's 3e7), and the last bits of the small
+    ones depend on the CPU's conv kernels (one of resnet101's differed by 1.2e-4 relative on an AMD EPYC with
+    AVX-512, both runs ~1e-6 off fp64)."""
     torch.manual_seed(0)
     eager = getattr(torchvision.models, name)(num_classes=10).eval()
     randomise_bn(eager, seed=1)
@@ -70,7 +76,9 @@ def test_torchvision_families_convert_and_match_in_eval(name, blocks, fused_cls)
     assert not fused.training
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-4)
+        exact = copy.deepcopy(eager).double()(x.double())
+        eager_error, fused_error = rel_error(eager(x), exact), rel_error(fused(x), exact)
+    assert fused_error <= 2 * eager_error + 1e-6, (fused_error, eager_error)
 
 
 def test_unsupported_timm_blocks_are_left_alone_with_a_reason():
