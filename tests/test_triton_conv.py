@@ -925,7 +925,8 @@ for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
               dict(off, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True, COMPUTE_STATS=True,
                    PROLOGUE_GRAD=True)):
     config = conv._CONFIGS[0]
-    consts = dict(R=3, S=3, GROUP_M=8, TMA_OK=False, BOX_H=1, BOX_W=1, GEMM_VIEW=False, **flags, **config.kwargs)
+    consts = dict(R=3, S=3, SH=1, SW=1, GROUP_M=8, TMA_OK=False, BOX_H=1, BOX_W=1, GEMM_VIEW=False, **flags,
+                  **config.kwargs)
     bf16 = ("x_ptr", "w_ptr", "out_ptr", "res_ptr")
     sig = {a: "constexpr" if a in consts else "*bf16" if a in bf16 else "*fp32" if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}
@@ -1080,7 +1081,8 @@ def test_one_position_boxes_feed_the_dot_from_shared_memory():
     registers than a box of several positions (batch 2), whose tile reaches wgmma through registers. The
     prologue's transformed tile is in registers whatever the box; on one-position tiles it needs no per-row
     padding factor (the tap's shift is loaded masked), so fewer registers than on a box of several positions,
-    and its ReLU is one NaN-propagating max. Nothing serialised or spilled."""
+    and its ReLU is one NaN-propagating max. Nothing serialised or spilled, and the reduction step divides
+    nothing (the tap and channel block are counted on from step to step)."""
     plain = ("bare", "inference epilogue", "input grad")
     one = _compile_for_sm90(dict(USE_TMA=True), variants=(*plain, "prologue+stats"))
     strided = _compile_for_sm90(dict(USE_TMA=True), LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
@@ -1091,6 +1093,7 @@ def test_one_position_boxes_feed_the_dot_from_shared_memory():
             in_registers = variant["wgmma"] if name == "prologue+stats" else 0
             assert variant["tma"] >= 2 and variant["wgmma"] > 0, (name, found)
             assert variant["wgmma_a_in_registers"] == in_registers and variant["spill_bytes"] == 0, (name, found)
+            assert variant["step_divisions"] == 0, (name, found)
         _assert_wgmma_not_serialised(found)
     bare, several_bare = one["variants"]["bare"], several["variants"]["bare"]
     assert several_bare["wgmma_a_in_registers"] == several_bare["wgmma"] > 0, several

@@ -221,9 +221,25 @@ module = importlib.import_module(spec["module"])
 fn = getattr(module, spec["kernel"]).fn
 config = next(c for c in module._CONFIGS if spec["config"].items() <= c.kwargs.items())
 ints = spec["ints"]
+constexprs = {p.name for p in fn.params if p.is_constexpr}  # ints the kernel takes as constants (a stride)
 found = {}
+
+
+def reduction_loop(lines):  # the innermost loop around the first wgmma: from its label to the branch back
+    first = next(i for i, line in enumerate(lines) if "wgmma.mma_async" in line)
+    for head in reversed(range(first)):
+        label = re.match(r"(\\$L__BB\\w+):", lines[head])
+        if label is None:
+            continue
+        for back in range(first, len(lines)):
+            if re.search(r"\\bbra(\\.uni)?\\s+" + re.escape(label.group(1)) + ";", lines[back]):
+                return lines[head:back]
+    return []
+
+
 for name, flags in spec["variants"].items():
-    consts = dict(spec["consts"], **flags, **config.kwargs, **{k: 1 for k, v in ints.items() if v == 1})
+    consts = dict(spec["consts"], **flags, **config.kwargs,
+                  **{k: v for k, v in ints.items() if v == 1 or k in constexprs})
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in consts:
@@ -236,6 +252,7 @@ for name, flags in spec["variants"].items():
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     ptx = kernel.asm["ptx"]
+    step = reduction_loop(ptx.splitlines())
     with tempfile.TemporaryDirectory() as tmp:  # ptxas's report: warnings and spills
         with open(os.path.join(tmp, "k.ptx"), "w") as f:
             f.write(ptx)
@@ -249,6 +266,8 @@ for name, flags in spec["variants"].items():
                        wgmma_a_in_registers=len(re.findall(r"wgmma\\.mma_async[^;]*\\}, \\{", ptx)),
                        ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
                        max_nan=ptx.count("max.NaN.f32"),
+                       step_divisions=sum(bool(re.search(r"\\b(div|rem)\\.[su](32|64)\\b", line))
+                                          for line in step),
                        shared=kernel.metadata.shared, ptxas_log=report)
 print(json.dumps(dict(variants=found, stages=config.num_stages, block=config.kwargs)))
 """
@@ -258,14 +277,15 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
                                  variants: dict, bf16_pointers: tuple) -> dict:
     """Compile ``module.kernel`` with the first of its GPU ``_CONFIGS`` whose kwargs include ``config`` for an
     H100 (the wheel's ptxas, no GPU), its int arguments (``ints``: their values at a real launch)
-    specialised as triton's launcher specialises them: ints equal to 1 become constants, pointers and
-    multiples of 16 get a divisibility-16 hint. Per variant (constexpr flags added to ``consts``), what the
-    PTX holds: wgmma (Hopper's warpgroup MMA; wgmma_a_in_registers: those whose A operand is in registers,
-    not read from shared memory), cp_async (asynchronous copies into shared memory; cp_async_l1_8_bytes: those
-    of 8 bytes cached in L1, cp.async.ca), tma (tensor copies), ld_global, st_shared and max_nan (fp32
-    NaN-propagating maximum) instruction counts, the shared memory in bytes, and what ptxas reports
-    (``ptxas_findings``: registers, spill_bytes, warnings, C7515 being a serialised wgmma); with the config's
-    stages and block sizes."""
+    specialised as triton's launcher specialises them: ints equal to 1 (and those the kernel declares
+    constexpr) become constants, pointers and multiples of 16 get a divisibility-16 hint. Per variant
+    (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA;
+    wgmma_a_in_registers: those whose A operand is in registers, not read from shared memory), cp_async
+    (asynchronous copies into shared memory; cp_async_l1_8_bytes: those of 8 bytes cached in L1,
+    cp.async.ca), tma (tensor copies), ld_global, st_shared and max_nan (fp32 NaN-propagating maximum)
+    instruction counts, step_divisions (integer divisions and remainders in the reduction loop, the one around
+    the first wgmma), the shared memory in bytes, and what ptxas reports (``ptxas_findings``: registers,
+    spill_bytes, warnings, C7515 being a serialised wgmma); with the config's stages and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
     done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))

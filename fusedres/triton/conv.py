@@ -215,7 +215,8 @@ def _conv_kernel(
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_on, stride_ok, stride_op, stride_oq,
     stride_rn, stride_rk, stride_rp, stride_rq,
-    SH, SW, PH, PW, DH, DW,  # conv stride, padding, dilation
+    PH, PW, DH, DW,  # conv padding, dilation
+    SH: tl.constexpr, SW: tl.constexpr,  # conv stride: constants, so a TMA step's tap offsets divide by no variable
     R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, PROLOGUE_GRAD: tl.constexpr,
@@ -298,6 +299,8 @@ def _conv_kernel(
         # steps >= 1 already: saying so drops the compiled path around a loop of no step, on which ptxas
         # serialised the pipelined wgmma (warning C7515, each wgmma waiting for the one before)
         steps = tl.maximum(steps, 1)
+        rs = 0  # TMA configs: the step's tap (r, s) and first channel, counted on from step to step (below)
+        c0 = 0
         for step in range(steps):
             if FLAT_K:  # every column decodes its own (r, s, c): (1, BLOCK_K) spatial offsets
                 kk = step * BLOCK_K + tl.arange(0, BLOCK_K)  # packed weight rows
@@ -306,8 +309,9 @@ def _conv_kernel(
                 r = (kk // Cg // S)[None, :]
                 s = (kk // Cg % S)[None, :]
             else:  # one (r, s) per step and a block of channels: scalar spatial offsets
-                rs = step // c_blocks
-                c0 = (step % c_blocks) * BLOCK_K
+                if not USE_TMA:
+                    rs = step // c_blocks
+                    c0 = (step % c_blocks) * BLOCK_K
                 c = c0 + tl.arange(0, BLOCK_K)
                 k_mask = c < Cg
                 kk = rs * Cg + c
@@ -359,6 +363,14 @@ def _conv_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=_DOT_PRECISION)
+            # TMA configs: the next channel block, else the next tap, without dividing step by the runtime
+            # c_blocks, which took 34 of the bare step's 127 sm_90 instructions (layer1 3x3). The pointer configs
+            # divide: counting saved them 23-30 of 377-855 but pushed X_IN_L1 ones to spill (triton 3.8)
+            if USE_TMA:
+                c0 += BLOCK_K
+                next_tap = c0 >= Cg
+                rs += next_tap.to(tl.int32)
+                c0 = tl.where(next_tap, 0, c0)
 
         # an epilogue that loads a tile (the residual, or PROLOGUE_GRAD's unit input) runs on column sub-tiles
         # of _EPILOGUE_COLUMNS: whole (BLOCK_M, BLOCK_N) tiles of offsets, masks and loaded values spilled
@@ -597,7 +609,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     if gemm is not None:
         geo, tensor_strides = gemm
     tma_ok = not flat_k and _tma_ok(x, tensor_strides[0], geo, groups)
-    box = _box(geo) if tma_ok else (1, 1)
+    box = _box(geo) if tma_ok else (1, 1)  # the TMA configs' (_config_box); the others tile rows without one
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
     strides = dict(zip(_STRIDE_NAMES, tensor_strides[0] + tensor_strides[1] + tensor_strides[2]))
