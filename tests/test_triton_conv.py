@@ -792,6 +792,18 @@ def test_conv2d_input_grad(case):
     _check_input_grad(case)
 
 
+@pytest.mark.parametrize("case", [
+    (24, 24, 4, 3, 3, 1, 1, 1, F16, False, False, "linear"),  # 3x3/3 on 4x4: phases of one tap, 2x1 of 2x2
+    (24, 24, 4, 3, 3, 1, 1, 1, BF16, True, True, "relu"),
+    (16, 24, 9, 3, 2, 1, 1, 1, F16, False, True, "relu"),
+], ids=_input_grad_case_id)
+def test_conv2d_input_grad_of_one_image(case):
+    """A batch of one: an NCHW tensor's pixels lie on one stride too, so a strided conv's phase convs of one
+    tap are 1x1 convs on pixel grids; those whose output covers only part of grad_out (fewer rows or columns)
+    are not GEMMs over the pixels (conv._gemm_view), which a random search found they were taken for."""
+    _check_input_grad(case, batch=1)
+
+
 def _check_input_grad(case, batch: int = 2):
     """dz = d act * ReLU'(z) and BatchNorm backward's two sums, against fp64: the module's error rule, where
     for a sum ATOL applies to each summand (the sums are taken of dz as stored, rounded in dz's dtype)."""

@@ -530,12 +530,14 @@ def _pixel_stride(shape, strides) -> Optional[int]:
 
 
 def _gemm_view(geo: dict, shapes: tuple, tensor_strides: tuple) -> Optional[tuple]:
-    """A 1x1, stride-1, unpadded conv whose x, out and residual (their ``shapes`` and ``tensor_strides``) each
-    keep their pixels on one stride is a GEMM over the M pixels: (geometry, strides) of the same conv on
-    N = M images of 1x1, each tensor's 4 strides as if it were viewed as (M, channels, 1, 1); or None. The
-    kernel then indexes rows without dividing by P and Q (ints equal to 1 compile as constants) and its TMA
-    configs load x as the GEMM's (M, C) matrix (GEMM_VIEW)."""
-    if (geo["R"], geo["S"], geo["SH"], geo["SW"], geo["PH"], geo["PW"]) != (1, 1, 1, 1, 0, 0):
+    """A 1x1, stride-1, unpadded conv over all of x (P = H, Q = W) whose x, out and residual (their ``shapes``
+    and ``tensor_strides``) each keep their pixels on one stride is a GEMM over the M pixels: (geometry,
+    strides) of the same conv on N = M images of 1x1, each tensor's 4 strides as if it were viewed as
+    (M, channels, 1, 1); or None. The kernel then indexes rows without dividing by P and Q (ints equal to 1
+    compile as constants) and its TMA configs load x as the GEMM's (M, C) matrix (GEMM_VIEW). (An input
+    gradient's phase convs may cover part of x only: output pixel m is then not x's pixel m.)"""
+    if (geo["R"], geo["S"], geo["SH"], geo["SW"], geo["PH"], geo["PW"]) != (1, 1, 1, 1, 0, 0) or (
+            (geo["P"], geo["Q"]) != (geo["H"], geo["W"])):
         return None
     pixel_strides = [_pixel_stride(shape, strides) for shape, strides in zip(shapes, tensor_strides)]
     if None in pixel_strides:
