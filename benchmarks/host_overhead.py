@@ -19,6 +19,13 @@ driver's own launch call. There, ``--resnet50`` adds the host time of a converte
 batch-1 inference forward, every conv unit on the Triton conv (its first forward compiles ~100 kernels).
 
     PYTHONPATH=. python -m benchmarks.host_overhead --resnet50             # CPU: + ResNet-50's blocks
+
+``--train`` (CPU, TRITON_INTERPRET=1) times instead the host side of a training step, forward and backward,
+through ResNet-50's 16 blocks at a sixteenth of their widths (the same 53 conv units and the same calls; the
+tensors too small for the CPU's own arithmetic to count), every Triton kernel stubbed out, backend "triton",
+with eager torch's step on the same blocks beside it:
+
+    PYTHONPATH=. TRITON_INTERPRET=1 python -m benchmarks.host_overhead --train
 """
 
 import os
@@ -87,7 +94,57 @@ def _resnet50_blocks_ms() -> float:
         return _microseconds(lambda: blocks(x), calls=5, rounds=5) / 1e3
 
 
+def _training_step_ms() -> dict[str, tuple[float, float]]:
+    """Host ms of a training step (forward, backward) through ResNet-50's blocks at 1/16 of its widths, batch 2,
+    8x8 images, fp32: eager torch and the blocks converted with backend "triton", each Triton kernel's launch
+    returning at once (the interpreter's). Lowest decile of 100 steps, after 10: the host's own time, the
+    least disturbed by whatever else the machine runs."""
+    import copy
+
+    import torchvision
+    import triton.runtime.interpreter
+
+    import fusedres
+
+    triton.runtime.interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet
+    blocks, inplanes = [], 4
+    for planes, count, stride in ((4, 3, 1), (8, 4, 2), (16, 6, 2), (32, 3, 2)):  # layer1..layer4 / 16
+        for index in range(count):
+            downsample = None
+            if index == 0:
+                downsample = torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                                  torch.nn.BatchNorm2d(planes * 4))
+            blocks.append(resnet.Bottleneck(inplanes, planes, stride if index == 0 else 1, downsample))
+            inplanes = planes * 4
+    eager = torch.nn.Sequential(*blocks).to(memory_format=torch.channels_last)
+    fused = fusedres.convert(copy.deepcopy(eager), backend="triton").model
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    result = {}
+    for name, model in (("eager", eager), ("fused[triton]", fused)):
+        forward, backward = [], []
+        for step in range(110):
+            start = time.perf_counter()
+            out = model(x)
+            middle = time.perf_counter()
+            out.sum().backward()
+            if step >= 10:
+                forward.append(middle - start)
+                backward.append(time.perf_counter() - middle)
+        result[name] = tuple(sorted(times)[len(times) // 10] * 1e3 for times in (forward, backward))
+    return result
+
+
 def main() -> None:
+    if "--train" in sys.argv[1:]:
+        if not conv._INTERPRET:
+            raise SystemExit("--train stubs the kernels in Triton's interpreter: run it with TRITON_INTERPRET=1")
+        print(f"host ms of a training step, ResNet-50's 16 blocks at 1/16 width, batch 2, every Triton kernel "
+              f"stubbed (cpu, torch {torch.__version__}, triton {triton.__version__}):")
+        for name, (forward, backward) in _training_step_ms().items():
+            print(f"  {name:14s} forward {forward:6.2f}  backward {backward:6.2f}  step {forward + backward:6.2f}")
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     launches = device == "cuda" or not conv._INTERPRET
     if device == "cpu" and launches:

@@ -1,6 +1,6 @@
 """The ops: ``registry`` (the BatchNorm ops), ``unit_conv`` (the training unit's conv ops) and
-``inference`` (the eval-mode unit's op) declare them; backend choice (``backends``; per call
-signature, measured, in ``dispatch``) and the functional API."""
+``inference`` (the eval-mode unit's op) declare them, ``eager`` makes the entry points eager code calls;
+backend choice (``backends``; per call signature, measured, in ``dispatch``) and the functional API."""
 
 from . import registry, unit_conv  # noqa: F401  (register the torch.ops.fusedres.* ops)
 from .dispatch import dispatch_table

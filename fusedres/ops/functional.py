@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends, registry
+from . import backends, registry, unit_conv
 from .registry import same_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -139,7 +139,7 @@ def batch_norm_stats(
                            batch_stats, process_group)
     y = _kernel_layout(y)
     with torch.no_grad():
-        stats = torch.ops.fusedres.channel_stats(y, backend) if batch_stats else None
+        stats = registry.channel_stats(y, backend) if batch_stats else None
     return _pending_bn(y, stats, weight, bias, running_mean, running_var, momentum, eps, process_group)
 
 
@@ -212,7 +212,7 @@ def bn_act(
         _check_like(fn, "residual", residual, y)
         identity = same_layout(residual, y)
     sc_args = (None,) * 5 if sc is None else (sc.y, sc.mean, sc.invstd, sc.weight, sc.bias)
-    return torch.ops.fusedres.bn_act(
+    return registry.bn_act(
         y, pending.mean, pending.invstd, pending.weight, pending.bias, identity, *sc_args,
         pending.batch_stats, relu, backend, pending.sync_group, pending.count)
 
@@ -280,7 +280,7 @@ def bn_act_conv2d(
     """conv2d(act(bn(y))) with the activation recomputed in backward instead of saved."""
     conv_args = _checked_conv_args("fusedres.bn_act_conv2d", pending.y, conv_weight, conv_bias,
                                    stride, padding, dilation, groups)
-    return torch.ops.fusedres.bn_act_conv2d(
+    return unit_conv.bn_act_conv2d(
         pending.y, pending.mean, pending.invstd, pending.weight, pending.bias, *conv_args, groups,
         pending.batch_stats, relu, backend, pending.sync_group, pending.count)
 
@@ -332,7 +332,7 @@ def conv_batch_norm_stats(
     conv = (*prologue, conv_weight, conv_bias, stride, padding, dilation, groups)
     if not batch_stats:
         if pending:
-            out = torch.ops.fusedres.bn_act_conv2d(y, *conv, *flags)
+            out = unit_conv.bn_act_conv2d(y, *conv, *flags)
         else:
             out = torch.nn.functional.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
         return batch_norm_stats(out, weight, bias, running_mean, running_var, batch_stats=False,
@@ -344,6 +344,6 @@ def conv_batch_norm_stats(
     _check_batch_norm_args(fn, out_size, y.device, weight, bias, running_mean, running_var, True,
                            process_group)
     stats_shift = None if running_mean is None else running_mean.detach()
-    out, mean, var = torch.ops.fusedres.conv2d_stats(y, *conv, *flags, stats_shift)
+    out, mean, var = unit_conv.conv2d_stats(y, *conv, *flags, stats_shift)
     return _pending_bn(out, (mean, var), weight, bias, running_mean, running_var, momentum, eps,
                        process_group)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.library import custom_op
 
-from . import backends, dispatch
+from . import backends, dispatch, eager
 from .functional import _check_activation, _conv_tuple, conv_output_size
 
 IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
@@ -245,16 +245,10 @@ def dispatch_table() -> dict[str, dict]:
 
 # --------------------------------------------------------------------------- the op
 def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-                     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
-                     backend: str) -> Tensor:
-    return _run(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend,
-                autocast=backends.autocast_dtype(x.device.type) is not None)
-
-
-def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride, padding, dilation,
-         groups: int, relu: bool, backend: str, autocast: bool) -> Tensor:
-    """The op's body, told whether autocast is on for x's device (it reaches into a custom op's body; the op
-    computes in its inputs' dtype, so it is turned off inside)."""
+                   stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+                   backend: str) -> Tensor:
+    """The op's body. It computes in its inputs' dtype, so autocast (which a custom op's body still sees)
+    is turned off inside."""
     channels_last = backends.channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The weight stays as it is (every implementation takes any layout; cuDNN's fused convs pick one from
@@ -263,6 +257,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
     x = x.contiguous(memory_format=fmt)
     residual = None if residual is None else residual.contiguous(memory_format=fmt)
     args = (x, weight, bias, residual, (stride, padding, dilation, groups), relu)
+    autocast = backends.autocast_dtype(x.device.type) is not None
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         out = _IMPLS[_choose(backend, channels_last, args)](*args)
     strides = _dense_strides(out.shape, channels_last)
@@ -271,9 +266,8 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
     return out
 
 
-# The op, for torch.compile and the dispatcher; eager calls from ``conv_bias_act`` run its body (``_run``)
-# directly, skipping the custom-op machinery (tens of microseconds a call: batch-1 latency is host-bound).
 conv_bias_act_op = custom_op("fusedres::conv_bias_act", mutates_args=())(_conv_bias_act)
+_conv_bias_act_entry = eager.entry(conv_bias_act_op, _conv_bias_act)  # no autograd: inference only
 
 
 @conv_bias_act_op.register_fake
@@ -354,8 +348,4 @@ def _checked_call(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], re
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         raise RuntimeError(f"{fn} is inference-only (it has no backward): call it under torch.no_grad() "
                            "or torch.inference_mode()")
-    if torch.compiler.is_compiling():
-        return torch.ops.fusedres.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups,
-                                                relu, backend)
-    return _run(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend,
-                autocast=dtype is not None)
+    return _conv_bias_act_entry(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)

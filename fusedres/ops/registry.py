@@ -1,4 +1,5 @@
-"""The BatchNorm ops of fusedres, each declared once: torch.library custom op + fake kernel + autograd.
+"""The BatchNorm ops of fusedres, each declared once: torch.library custom op + fake kernel + autograd, and
+the entry point the package calls (``eager.entry``: the op's body without the dispatcher in eager code).
 
 The ops (all in the ``fusedres`` namespace, so ``torch.compile`` sees them without graph
 breaks) and their maths; "act" is ReLU or identity, per-channel vectors broadcast over (N, H, W):
@@ -53,7 +54,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.library import custom_op
 
-from . import backends
+from . import backends, eager
 
 
 def compute_dtype(y: Tensor) -> torch.dtype:
@@ -93,12 +94,15 @@ def _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, weight, batch_stats: bool,
 
 
 # --------------------------------------------------------------------------- channel_stats
-@custom_op("fusedres::channel_stats", mutates_args=())
-def channel_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _channel_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return backends.select(backend, y).channel_stats(y)
 
 
-@channel_stats.register_fake
+channel_stats_op = custom_op("fusedres::channel_stats", mutates_args=())(_channel_stats)
+channel_stats = eager.entry(channel_stats_op, _channel_stats)
+
+
+@channel_stats_op.register_fake
 def _(y, backend):
     stat = y.new_empty((y.shape[1],), dtype=compute_dtype(y))
     return stat, torch.empty_like(stat)
@@ -113,8 +117,7 @@ def _residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias):
     return residual, None, None, None
 
 
-@custom_op("fusedres::bn_act", mutates_args=())
-def bn_act(
+def _bn_act(
     y: Tensor,
     mean: Tensor,
     invstd: Tensor,
@@ -137,7 +140,10 @@ def bn_act(
     return backends.select(backend, y).act_forward(y, scale, shift, res, res_scale, res_shift, relu)
 
 
-@bn_act.register_fake
+bn_act_op = custom_op("fusedres::bn_act", mutates_args=())(_bn_act)
+
+
+@bn_act_op.register_fake
 def _(y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias,
       batch_stats, relu, backend, sync_group="", count=0):
     return torch.empty_like(y)
@@ -152,8 +158,7 @@ def _backward_stage_args(grad_out, y, mean, invstd, weight, bias, residual, sc_y
             *_residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias))
 
 
-@custom_op("fusedres::bn_act_backward_reduce", mutates_args=())
-def bn_act_backward_reduce(
+def _bn_act_backward_reduce(
     grad_out: Tensor,
     y: Tensor,
     mean: Tensor,
@@ -177,14 +182,16 @@ def bn_act_backward_reduce(
     return [s for s in sums if s is not None]
 
 
-@bn_act_backward_reduce.register_fake
+bn_act_backward_reduce_op = custom_op("fusedres::bn_act_backward_reduce", mutates_args=())(_bn_act_backward_reduce)
+
+
+@bn_act_backward_reduce_op.register_fake
 def _(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
       sc_bias, relu, backend):
     return [torch.empty_like(mean) for _ in range(2 if sc_y is None else 3)]
 
 
-@custom_op("fusedres::bn_act_backward_apply", mutates_args=())
-def bn_act_backward_apply(
+def _bn_act_backward_apply(
     grad_out: Tensor,
     y: Tensor,
     mean: Tensor,
@@ -224,7 +231,10 @@ def bn_act_backward_apply(
     return grads
 
 
-@bn_act_backward_apply.register_fake
+bn_act_backward_apply_op = custom_op("fusedres::bn_act_backward_apply", mutates_args=())(_bn_act_backward_apply)
+
+
+@bn_act_backward_apply_op.register_fake
 def _(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
       sc_bias, sums, group_sums, count, batch_stats, relu, want_residual_grad, backend):
     grads = [torch.empty_like(y), torch.empty_like(mean), torch.empty_like(mean)]
@@ -250,13 +260,13 @@ def bn_act_grads(grad_out, bn_tensors, batch_stats, relu, want_residual_grad, ba
     """bn_act_backward_apply's gradients; ``bn_tensors`` are bn_act's first 11 arguments, ``sums`` this
     rank's bn_act_backward_reduce of them when already taken."""
     if sums is None:
-        sums = torch.ops.fusedres.bn_act_backward_reduce(grad_out, *bn_tensors, relu, backend)
+        sums = bn_act_backward_reduce(grad_out, *bn_tensors, relu, backend)
     if sync_group:
         group_sums = _all_reduce_sums(sums, sync_group)
     else:
         y = bn_tensors[0]
         group_sums, count = sums, y.numel() // y.shape[1]
-    return torch.ops.fusedres.bn_act_backward_apply(
+    return bn_act_backward_apply(
         grad_out, *bn_tensors, sums, group_sums, count, batch_stats, relu, want_residual_grad,
         backend)
 
@@ -298,14 +308,14 @@ def _bn_act_backward(ctx, grad_out):
             None, None, None, None, None)
 
 
-bn_act.register_autograd(_bn_act_backward, setup_context=_bn_act_setup_context)
-
-
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("fusedres: the backward of a fused BatchNorm cannot be differentiated again (double backward: "
                        "a gradient taken with create_graph=True, then differentiated, as a gradient penalty does); "
                        "fusedres.revert(model) gives the model back in torch's modules, which can")
 
 
-for _op in (bn_act_backward_reduce, bn_act_backward_apply):  # reached by a second backward only
-    _op.register_autograd(_no_double_backward)
+# What the package calls (eager.entry: the op's body without the dispatcher where nothing needs it). The backward
+# stages are differentiated only by a second backward, which their autograd refuses.
+bn_act = eager.entry(bn_act_op, _bn_act, _bn_act_setup_context, _bn_act_backward)
+bn_act_backward_reduce = eager.entry(bn_act_backward_reduce_op, _bn_act_backward_reduce, None, _no_double_backward)
+bn_act_backward_apply = eager.entry(bn_act_backward_apply_op, _bn_act_backward_apply, None, _no_double_backward)

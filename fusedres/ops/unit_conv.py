@@ -1,5 +1,6 @@
-"""The training unit's conv ops, declared once each: torch.library custom op + fake kernel + autograd,
-and the per-call choice between the Triton conv kernels and cuDNN's that runs them.
+"""The training unit's conv ops, declared once each: torch.library custom op + fake kernel + autograd (and
+``eager.entry``'s entry point, which the package calls), and the per-call choice between the Triton conv
+kernels and cuDNN's that runs them.
 
 Notation as in ``registry.py`` (whose BatchNorm ops these build on): "act" is ReLU or identity,
 bn(y) = (y - mean) * invstd * weight + bias, per-channel vectors broadcast over (N, H, W).
@@ -41,12 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from . import backends, dispatch
-from .registry import bn_act_grads, bn_affine, compute_dtype
+from . import backends, dispatch, eager
+from .registry import bn_act, bn_act_backward_reduce, bn_act_grads, bn_affine, compute_dtype
 
 
-@custom_op("fusedres::bn_act_conv2d", mutates_args=())
-def bn_act_conv2d(
+def _bn_act_conv2d(
     y: Tensor,
     mean: Optional[Tensor],
     invstd: Optional[Tensor],
@@ -68,8 +68,7 @@ def bn_act_conv2d(
                             dilation, groups, relu, backend, compute_stats=False)[0]
 
 
-@custom_op("fusedres::conv2d_stats", mutates_args=())
-def conv2d_stats(
+def _conv2d_stats(
     y: Tensor,
     mean: Optional[Tensor],
     invstd: Optional[Tensor],
@@ -90,6 +89,10 @@ def conv2d_stats(
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding,
                             dilation, groups, relu, backend, compute_stats=True, stats_shift=stats_shift)
+
+
+bn_act_conv2d_op = custom_op("fusedres::bn_act_conv2d", mutates_args=())(_bn_act_conv2d)
+conv2d_stats_op = custom_op("fusedres::conv2d_stats", mutates_args=())(_conv2d_stats)
 
 
 def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation,
@@ -225,13 +228,13 @@ def _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups)
     return F.conv2d(act, conv_weight, conv_bias, stride, padding, dilation, groups)
 
 
-@bn_act_conv2d.register_fake
+@bn_act_conv2d_op.register_fake
 def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
       batch_stats, relu, backend, sync_group="", count=0):
     return _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups)
 
 
-@conv2d_stats.register_fake
+@conv2d_stats_op.register_fake
 def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
       batch_stats, relu, backend, sync_group="", count=0, stats_shift=None):
     out = _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups)
@@ -299,14 +302,14 @@ def _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_we
     if torch_input or torch_weight:
         act = y  # only its shape matters unless the weight gradient is taken here
         if torch_weight and prologue is not None:  # recompute the prologue's activation: it was never saved
-            act = torch.ops.fusedres.bn_act(*bn_tensors, batch_stats, relu, backend)
+            act = bn_act(*bn_tensors, batch_stats, relu, backend)
         d_act, d_weight = torch.ops.aten.convolution_backward(
             grad_out, act.to(conv_weight.dtype), conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
             [torch_input, torch_weight, False])[:2]
         if torch_input:
             d_input = d_act
             if prologue is not None:
-                sums = torch.ops.fusedres.bn_act_backward_reduce(d_act, *bn_tensors, relu, backend)
+                sums = bn_act_backward_reduce(d_act, *bn_tensors, relu, backend)
         if torch_weight:
             d_conv_weight = d_weight
     return d_input, sums, d_conv_weight, triton_input
@@ -352,5 +355,7 @@ def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
     return grads + (None,) * (len(need) - len(grads))
 
 
-for _op in (bn_act_conv2d, conv2d_stats):
-    _op.register_autograd(_prologue_conv2d_backward, setup_context=_prologue_conv2d_setup_context)
+# What the package calls (eager.entry: the op's body without the dispatcher where nothing needs it)
+bn_act_conv2d = eager.entry(bn_act_conv2d_op, _bn_act_conv2d, _prologue_conv2d_setup_context,
+                            _prologue_conv2d_backward)
+conv2d_stats = eager.entry(conv2d_stats_op, _conv2d_stats, _prologue_conv2d_setup_context, _prologue_conv2d_backward)
