@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import triton
 
-from fusedres.ops import backends, inference
+from fusedres.ops import backends, inference, unit_conv
 from fusedres.triton import conv
 
 
@@ -106,34 +106,38 @@ def _training_step_ms() -> dict[str, tuple[float, float]]:
 
     import fusedres
 
-    triton.runtime.interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
-    torch.manual_seed(0)
-    resnet = torchvision.models.resnet
-    blocks, inplanes = [], 4
-    for planes, count, stride in ((4, 3, 1), (8, 4, 2), (16, 6, 2), (32, 3, 2)):  # layer1..layer4 / 16
-        for index in range(count):
-            downsample = None
-            if index == 0:
-                downsample = torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-                                                  torch.nn.BatchNorm2d(planes * 4))
-            blocks.append(resnet.Bottleneck(inplanes, planes, stride if index == 0 else 1, downsample))
-            inplanes = planes * 4
-    eager = torch.nn.Sequential(*blocks).to(memory_format=torch.channels_last)
-    fused = fusedres.convert(copy.deepcopy(eager), backend="triton").model
-    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
-    result = {}
-    for name, model in (("eager", eager), ("fused[triton]", fused)):
-        forward, backward = [], []
-        for step in range(110):
-            start = time.perf_counter()
-            out = model(x)
-            middle = time.perf_counter()
-            out.sum().backward()
-            if step >= 10:
-                forward.append(middle - start)
-                backward.append(time.perf_counter() - middle)
-        result[name] = tuple(sorted(times)[len(times) // 10] * 1e3 for times in (forward, backward))
-    return result
+    interpreted = triton.runtime.interpreter.InterpretedFunction
+    launch, interpreted.run = interpreted.run, lambda self, *args, **kwargs: None
+    try:
+        torch.manual_seed(0)
+        resnet = torchvision.models.resnet
+        blocks, inplanes = [], 4
+        for planes, count, stride in ((4, 3, 1), (8, 4, 2), (16, 6, 2), (32, 3, 2)):  # layer1..layer4 / 16
+            for index in range(count):
+                downsample = None
+                if index == 0:
+                    downsample = torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                                      torch.nn.BatchNorm2d(planes * 4))
+                blocks.append(resnet.Bottleneck(inplanes, planes, stride if index == 0 else 1, downsample))
+                inplanes = planes * 4
+        eager = torch.nn.Sequential(*blocks).to(memory_format=torch.channels_last)
+        fused = fusedres.convert(copy.deepcopy(eager), backend="triton").model
+        x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+        result = {}
+        for name, model in (("eager", eager), ("fused[triton]", fused)):
+            forward, backward = [], []
+            for step in range(110):
+                start = time.perf_counter()
+                out = model(x)
+                middle = time.perf_counter()
+                out.sum().backward()
+                if step >= 10:
+                    forward.append(middle - start)
+                    backward.append(time.perf_counter() - middle)
+            result[name] = tuple(sorted(times)[len(times) // 10] * 1e3 for times in (forward, backward))
+        return result
+    finally:
+        interpreted.run = launch
 
 
 def main() -> None:
@@ -155,6 +159,9 @@ def main() -> None:
     ones_c, zeros_k = torch.ones(c, device=device), torch.zeros(k, device=device)
     bn = (torch.zeros(c, device=device), torch.ones(c, device=device), ones_c, torch.zeros(c, device=device))
     unit = (x, *bn, w, None, [1, 1], [0, 0], [1, 1], 1, True, True)
+    # x needing its gradient makes the call record autograd's graph; w does not (a trained weight is packed anew
+    # at every call, on CPU a copy whose time would hide the rest)
+    unit_grad = (x.detach().requires_grad_(), *unit[1:])
     x_k = torch.randn(n, k, hw, hw, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
     w_k, bias_k = (torch.randn(*shape, dtype=torch.bfloat16, device=device) for shape in ((k, k, 1, 1), (k,)))
     rows = {
@@ -162,8 +169,11 @@ def main() -> None:
         "conv2d_fused, BN + ReLU prologue": lambda: conv.conv2d_fused(x, w, in_scale=ones_c, in_shift=ones_c),
         "conv2d_fused, prologue + statistics": lambda: conv.conv2d_fused(
             x, w, in_scale=ones_c, in_shift=ones_c, compute_stats=True, stats_shift=zeros_k),
-        "op bn_act_conv2d (triton)": lambda: torch.ops.fusedres.bn_act_conv2d(*unit, "triton"),
-        "op conv2d_stats (triton)": lambda: torch.ops.fusedres.conv2d_stats(*unit, "triton", "", 0, zeros_k),
+        # the ops as the package calls them (eager.entry: the body, without the dispatcher), and the op itself
+        "bn_act_conv2d (triton)": lambda: unit_conv.bn_act_conv2d(*unit, "triton"),
+        "conv2d_stats (triton)": lambda: unit_conv.conv2d_stats(*unit, "triton", "", 0, zeros_k),
+        "conv2d_stats (triton), with autograd": lambda: unit_conv.conv2d_stats(*unit_grad, "triton", "", 0, zeros_k),
+        "op conv2d_stats, with autograd": lambda: torch.ops.fusedres.conv2d_stats(*unit_grad, "triton", "", 0, zeros_k),
         # an inference unit (folded BN as a bias, + residual, ReLU) as a converted block runs it
         "conv_bias_act, residual (triton)": lambda: inference.conv_bias_act(x_k, w_k, bias_k, x_k, backend="triton"),
     }

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from torch._library.custom_ops import CustomOpDef
 
 _PLAIN_TYPES = (Tensor, nn.Parameter)
-_BODY_DEVICES = ("cpu", "cuda")
 
 
 def _plain(t: Tensor) -> bool:
+    """Not a subclass (fake tensors, DTensor), on a device the bodies run on."""
     return type(t) in _PLAIN_TYPES and (t.is_cpu or t.is_cuda)
 
 
