@@ -114,6 +114,40 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _NoGradient(torch.autograd.Function):
+    """Identity whose backward gives its input no gradient (None), as some consumers of a tensor do."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("through", ["entry", "op"])
+def test_conv2d_stats_backward_fills_no_statistics_gradients(through):
+    """conv2d_stats' statistics are not differentiable: its backward gets None for them, not two tensors of
+    zeros filled at every backward (two launches per unit on a GPU), and runs on its output's gradient. An
+    output reached with no gradient at all leaves the inputs' gradients None, as torch's conv would."""
+    args = _unit_args(torch.Generator().manual_seed(6)) + ("torch", "", 0, None)
+    call = unit_conv.conv2d_stats if through == "entry" else torch.ops.fusedres.conv2d_stats
+    out, mean, var = call(*args)
+    with _OpNames() as mode:
+        out.backward(torch.randn(out.shape, dtype=out.dtype))
+    assert not [name for name in mode.names if "zero" in name or "fill" in name], mode.names
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    assert all(t.grad is not None for t in leaves)
+
+    for t in leaves:
+        t.grad = None
+    out, mean, var = call(*args)
+    y = args[0]
+    (_NoGradient.apply(out).sum() + (y * 0).sum()).backward()  # the op's node reached with no gradient
+    assert [t.grad is None for t in leaves] == [False] + [True] * (len(leaves) - 1)
+
+
 def test_dispatch_modes_see_the_ops():
     """Under a dispatch mode (selective activation checkpointing, FlopCounterMode, ...) the ops themselves
     run, as the mode sees them."""

@@ -425,7 +425,7 @@ def test_backward_apply_is_centred_so_large_means_do_not_cancel(backend):
     mean = y64.mean((0, 2, 3))
     invstd = (y64.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()
     sum_dz, sum_dz_yc = dz.double().sum((0, 2, 3)), (dz.double() * (y64 - mean.view(1, -1, 1, 1))).sum((0, 2, 3))
-    coef = registry._input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, None, True, y.numel() // 5)
+    coef = registry._input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, invstd, True, y.numel() // 5)  # no weight
     ones, zeros = torch.ones(5), torch.zeros(5)
     exact, _ = torch_backend.backward_apply(dz.double(), y64, ones.double(), zeros.double(), None,
                                             None, None, False, coef, None, False)

@@ -76,21 +76,22 @@ def bn_affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Opti
     return scale.contiguous(), shift.contiguous()
 
 
-def _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, weight, batch_stats: bool, count: int):
-    """(4, C) coefficients with dy = dz * c0 + (y - c3) * c1 + c2 (BatchNorm's input gradient).
+def _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, scale, batch_stats: bool, count: int):
+    """(4, C) coefficients with dy = dz * c0 + (y - c3) * c1 + c2 (BatchNorm's input gradient); ``scale`` is
+    weight * invstd (``bn_affine``'s), which is c0.
 
     Batch statistics: dy = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), so
     c0 = w * invstd, c1 = -c0 * invstd^2 * mean(dz * (y - mean)), c2 = -c0 * mean(dz), c3 = mean.
     Running statistics: dy = w * invstd * dz. Kept centred on the mean: folding c3 into c2
-    cancels catastrophically when |mean| >> std.
+    cancels catastrophically when |mean| >> std. Five small ops (each a launch on the GPU, next to the
+    kernel they feed).
     """
-    c0 = invstd if weight is None else invstd * weight.to(invstd.dtype)
     if not batch_stats:
-        zero = torch.zeros_like(c0)
-        return torch.stack([c0, zero, zero, zero])
-    c1 = -c0 * invstd * invstd * sum_dz_yc / count
-    c2 = -c0 * sum_dz / count
-    return torch.stack([c0, c1, c2, mean])
+        zero = torch.zeros_like(scale)
+        return torch.stack([scale, zero, zero, zero])
+    coef = torch.stack([scale, sum_dz_yc * invstd.square(), sum_dz, mean])
+    coef[1:3].mul_(scale * (-1.0 / count))  # mul_ on the view: `*=` would also copy it back onto itself
+    return coef
 
 
 # --------------------------------------------------------------------------- channel_stats
@@ -215,11 +216,11 @@ def _bn_act_backward_apply(
     kernels, grad_out, scale, shift, res, res_scale, res_shift, _ = _backward_stage_args(
         grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
         sc_bias, backend)
-    coef = _input_grad_coef(group_sums[0], group_sums[1], mean, invstd, weight, batch_stats, count)
+    coef = _input_grad_coef(group_sums[0], group_sums[1], mean, invstd, scale, batch_stats, count)
     res_coef = None
     if sc_y is not None:
-        res_coef = _input_grad_coef(group_sums[0], group_sums[2], sc_mean, sc_invstd, sc_weight,
-                                    batch_stats, count)
+        res_coef = _input_grad_coef(group_sums[0], group_sums[2], sc_mean, sc_invstd, res_scale, batch_stats,
+                                    count)
     want_res = want_residual_grad or sc_y is not None
     dy, d_res = kernels.backward_apply(
         grad_out, y, scale, shift, res, res_scale, res_shift, relu, coef, res_coef, want_res)

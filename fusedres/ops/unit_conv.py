@@ -251,6 +251,7 @@ def _prologue_conv2d_setup_context(ctx, inputs, output):
     ctx.conv_bias_dtype = None if conv_bias is None else conv_bias.dtype
     if isinstance(output, tuple):  # conv2d_stats: BatchNorm's consumer op owns its backward
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # the statistics' gradients stay None, not zeros filled each backward
 
 
 def _triton_backward_parts(grad_out, y, conv_weight, conv_args, has_prologue, want_input, want_weight):
@@ -316,6 +317,8 @@ def _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_we
 
 
 def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
+    if grad_out is None:  # conv2d_stats' output reached with no gradient (its gradients are not materialised)
+        return (None,) * len(ctx.needs_input_grad)
     y, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
     conv_args = ctx.conv_args
     batch_stats, relu, backend, sync_group, count = ctx.flags

@@ -379,9 +379,9 @@ def backward_reduce(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, r
     _backward_reduce_kernel[grid](
         grad_out, y, _or(residual, y), scale, shift, _or(res_scale, scale), _or(res_shift, shift),
         mean, _or(res_mean, mean), ws, RES=res, RELU=bool(relu), RES_SUM=res_mean is not None, **geo)
-    # One sum per row of ws, each its own tensor: ops must not return views of one another.
-    sum_dz, sum_dz_yc, sum_dz_rc = (part.sum(0) for part in ws)
-    return sum_dz, sum_dz_yc, (sum_dz_rc if res_mean is not None else None)
+    # One sum per row of ws the kernel wrote, each its own tensor: ops must not return views of one another.
+    sum_dz, sum_dz_yc = ws[0].sum(0), ws[1].sum(0)
+    return sum_dz, sum_dz_yc, (ws[2].sum(0) if res_mean is not None else None)
 
 
 def backward_apply(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],

@@ -186,10 +186,10 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     """weight (K, Cg, R, S) as a contiguous (G, R*S*Cg, Kg) tensor, row (r*S + s)*Cg + c of group g; or
     ``transposed``, the weight of the input-gradient conv: (G, R*S*Kg, Cg), row (r*S + s)*Kg + k holding
     weight[g*Kg + k, :, R-1-r, S-1-s] (the kernel flipped, input and output channels swapped). ``taps``
-    ((kernel rows), (kernel columns)) packs only those taps, as if the weight had no others. With ``merge``
-    consecutive groups run as one (``_merge_factor``): (G/merge, R*S*merge*Cg, merge*Kg), each merged group's
-    weight block-diagonal (channels of one group meet only that group's; zeros elsewhere, written, not
-    multiplied, so a non-finite weight stays in its group), and likewise transposed. ``space_to_depth``
+    (range of kernel rows, range of kernel columns) packs only those taps, as if the weight had no others.
+    With ``merge`` consecutive groups run as one (``_merge_factor``): (G/merge, R*S*merge*Cg, merge*Kg), each
+    merged group's weight block-diagonal (channels of one group meet only that group's; zeros elsewhere,
+    written, not multiplied, so a non-finite weight stays in its group), and likewise transposed. ``space_to_depth``
     (SH, SW, C'), for a conv run space-to-depth (``_space_to_depth``): the weight of that conv,
     (K, SH*SW*C', ceil(R/SH), ceil(S/SW)), packed as above.
 
@@ -208,13 +208,19 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     if hit is not None and version is not None and hit[1] == version:
         _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
         return hit[2]
-    chosen = weight.detach() if taps is None else weight.detach()[:, :, list(taps[0])][:, :, :, list(taps[1])]
+    chosen = weight.detach()
+    if taps is not None:
+        chosen = chosen[:, :, _as_slice(taps[0]), _as_slice(taps[1])]
     if space_to_depth is not None:
         chosen = _space_to_depth_weight(chosen, *space_to_depth)
     k, cg, r, s = chosen.shape
     grouped = chosen.reshape(groups // merge, merge, k // groups, cg, r, s)
     # per group, its (R, S, rows, columns) block: rows the input channels of the conv the kernel runs
-    blocks = grouped.flip(4, 5).permute(0, 1, 4, 5, 2, 3) if transposed else grouped.permute(0, 1, 4, 5, 3, 2)
+    if transposed:  # flip() copies even along a dimension of one tap (a 1x1 conv's): those are left out
+        flipped = [dim for dim in (4, 5) if grouped.shape[dim] > 1]
+        blocks = (grouped.flip(flipped) if flipped else grouped).permute(0, 1, 4, 5, 2, 3)
+    else:
+        blocks = grouped.permute(0, 1, 4, 5, 3, 2)
     rows, cols = blocks.shape[-2:]
     if merge == 1:  # one copy
         packed = blocks[:, 0].contiguous().reshape(groups, r * s * rows, cols)
@@ -229,6 +235,10 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
             _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
         _PACK_CACHE[key] = (weight, version, packed)
     return packed
+
+
+def _as_slice(taps: range) -> slice:
+    return slice(taps.start, taps.stop, taps.step)
 
 
 def _space_to_depth_weight(weight: Tensor, sh: int, sw: int, channels: int) -> Tensor:

@@ -51,13 +51,16 @@ class _Phase:
     rows: slice
     cols: slice
     geo: Optional[dict]
-    taps: tuple
+    taps: tuple[range, range]
 
 
-def _phase_taps(a: int, stride: int, pad: int, dil: int, kernel: int) -> tuple[tuple, int, int]:
+def _phase_taps(a: int, stride: int, pad: int, dil: int, kernel: int) -> tuple[range, int, int]:
     """(taps, dilation, padding) along one dimension of the conv that gives input rows h = a + stride*i
-    their gradient (``_input_grad_phases``); taps () when no tap reaches them."""
-    taps = tuple(r for r in range(kernel) if (a + pad - r * dil) % stride == 0)  # spaced stride / gcd apart
+    their gradient (``_input_grad_phases``); taps an empty range when no tap reaches them. The taps r with
+    r*dil = a + pad modulo the stride are one residue modulo stride / gcd(stride, dil): a range, which the
+    weight's packing takes as a slice (a view, where indexing by a list would copy)."""
+    first = next((r for r in range(kernel) if (a + pad - r * dil) % stride == 0), kernel)
+    taps = range(first, kernel, stride // math.gcd(stride, dil))
     if not taps:
         return taps, 1, 0
     step_in_grad_out = dil // math.gcd(stride, dil)  # rows of grad_out between consecutive taps
