@@ -23,7 +23,8 @@ batch-1 inference forward, every conv unit on the Triton conv (its first forward
 ``--train`` (CPU, TRITON_INTERPRET=1) times instead the host side of a training step, forward and backward,
 through ResNet-50's 16 blocks at a sixteenth of their widths (the same 53 conv units and the same calls; the
 tensors too small for the CPU's own arithmetic to count), every Triton kernel stubbed out, backend "triton",
-with eager torch's step on the same blocks beside it:
+with eager torch's step on the same blocks beside it, and what each step would launch on a GPU: the torch ops
+that compute or copy (each a kernel launch at least) and the Triton kernels:
 
     PYTHONPATH=. TRITON_INTERPRET=1 python -m benchmarks.host_overhead --train
 """
@@ -94,11 +95,32 @@ def _resnet50_blocks_ms() -> float:
         return _microseconds(lambda: blocks(x), calls=5, rounds=5) / 1e3
 
 
-def _training_step_ms() -> dict[str, tuple[float, float]]:
+# aten ops that only make a view, allocate, or call another op to do their work (which then counts itself)
+_NO_WORK = frozenset("aten::" + name for name in (
+    "view", "view_as", "reshape", "_reshape_alias", "permute", "as_strided", "expand", "unbind", "select", "slice",
+    "detach", "alias", "t", "transpose", "unsqueeze", "squeeze", "empty", "empty_strided", "empty_like",
+    "new_empty", "new_empty_strided", "to", "contiguous", "result_type", "lift_fresh", "resolve_conj",
+    "resolve_neg"))
+
+
+def _torch_ops_with_work(events) -> int:
+    """The outermost aten ops among a profile's ``events`` that compute or copy (themselves or through the ops
+    they call): on a GPU, each a kernel launch at least."""
+    def works(event) -> bool:
+        return event.name.startswith("aten::") and (
+            event.name not in _NO_WORK or any(works(child) for child in event.cpu_children))
+
+    return sum(1 for event in events if works(event) and not (
+        event.cpu_parent is not None and event.cpu_parent.name.startswith("aten::")))
+
+
+def _training_step_ms() -> dict[str, tuple[float, float, int, int]]:
     """Host ms of a training step (forward, backward) through ResNet-50's blocks at 1/16 of its widths, batch 2,
     8x8 images, fp32: eager torch and the blocks converted with backend "triton", each Triton kernel's launch
     returning at once (the interpreter's). Lowest decile of 100 steps, after 10: the host's own time, the
-    least disturbed by whatever else the machine runs."""
+    least disturbed by whatever else the machine runs. Then, counted over one more step: the torch ops that
+    compute or copy (``_torch_ops_with_work``) and the Triton kernel launches, what the step would launch on a
+    GPU (cuDNN's kernels per torch conv and the autograd engine's own gradient sums aside)."""
     import copy
 
     import torchvision
@@ -107,7 +129,12 @@ def _training_step_ms() -> dict[str, tuple[float, float]]:
     import fusedres
 
     interpreted = triton.runtime.interpreter.InterpretedFunction
-    launch, interpreted.run = interpreted.run, lambda self, *args, **kwargs: None
+    triton_launches = [0]
+
+    def no_launch(self, *args, **kwargs):
+        triton_launches[0] += 1
+
+    launch, interpreted.run = interpreted.run, no_launch
     try:
         torch.manual_seed(0)
         resnet = torchvision.models.resnet
@@ -134,7 +161,11 @@ def _training_step_ms() -> dict[str, tuple[float, float]]:
                 if step >= 10:
                     forward.append(middle - start)
                     backward.append(time.perf_counter() - middle)
-            result[name] = tuple(sorted(times)[len(times) // 10] * 1e3 for times in (forward, backward))
+            triton_launches[0] = 0
+            with torch.autograd.profiler.profile(use_kineto=False) as step_profile:
+                model(x).sum().backward()
+            result[name] = (*(sorted(times)[len(times) // 10] * 1e3 for times in (forward, backward)),
+                            _torch_ops_with_work(step_profile.function_events), triton_launches[0])
         return result
     finally:
         interpreted.run = launch
@@ -146,8 +177,9 @@ def main() -> None:
             raise SystemExit("--train stubs the kernels in Triton's interpreter: run it with TRITON_INTERPRET=1")
         print(f"host ms of a training step, ResNet-50's 16 blocks at 1/16 width, batch 2, every Triton kernel "
               f"stubbed (cpu, torch {torch.__version__}, triton {triton.__version__}):")
-        for name, (forward, backward) in _training_step_ms().items():
-            print(f"  {name:14s} forward {forward:6.2f}  backward {backward:6.2f}  step {forward + backward:6.2f}")
+        for name, (forward, backward, torch_ops, triton_launches) in _training_step_ms().items():
+            print(f"  {name:14s} forward {forward:6.2f}  backward {backward:6.2f}  step {forward + backward:6.2f}"
+                  f"   launches: {torch_ops} torch ops + {triton_launches} Triton kernels")
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     launches = device == "cuda" or not conv._INTERPRET

@@ -126,3 +126,23 @@ def test_results_md_counts_the_dispatch_choices_and_the_implementations_that_dis
             "triton chosen 1x; triton DISAGREED with the reference 1x (never chosen there)") in md.splitlines()
     assert ("- measured dispatch (conv_bias_act, per call signature; every timing in results.json): cudnn chosen "
             "1x") in md.splitlines()
+
+
+def test_host_overhead_counts_the_torch_ops_that_compute_or_copy():
+    """``host_overhead --train``'s launch count: views, allocations and no-op conversions count nothing, an op
+    that computes or copies (itself or through the op it calls) counts once."""
+    import torch
+
+    from benchmarks.host_overhead import _torch_ops_with_work
+
+    x = torch.randn(4, 6)
+    with torch.autograd.profiler.profile(use_kineto=False) as nothing:
+        x.t()
+        x.view(6, 4).reshape(24).to(torch.float32).contiguous()
+        torch.empty(3).unsqueeze(0).expand(2, 3)
+    with torch.autograd.profiler.profile(use_kineto=False) as three:
+        x.t().contiguous()  # a copy, through clone
+        x.to(torch.float64)  # a copy, through _to_copy
+        (x * 2).sum()  # only the outermost op that works counts, and each of them
+    assert _torch_ops_with_work(nothing.function_events) == 0
+    assert _torch_ops_with_work(three.function_events) == 4
