@@ -180,9 +180,9 @@ def _pending_bn(y: Tensor, stats: Optional[tuple[Tensor, Tensor]], weight, bias,
                 if count <= 1:
                     raise ValueError("Expected more than 1 value per channel when training, got "
                                      f"{count} over the process group's ranks")
-            if running_mean is not None:
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+            if running_mean is not None:  # one launch for both on a GPU (foreach)
+                torch._foreach_lerp_([running_mean, running_var], [
+                    mean.to(running_mean.dtype), (var * (count / (count - 1))).to(running_var.dtype)], momentum)
         else:
             mean = running_mean.to(registry.compute_dtype(y), copy=True)
             var = running_var.to(mean.dtype)
