@@ -298,7 +298,7 @@ def conv_bwd_target(name: str, spec: ConvSpec, stats: str,
         return lambda i: functools.partial(_bwd_reference, i, spec, prologue)
     if name not in CONV_BWD_CONTENDERS:
         raise ValueError(f"unknown conv bwd contender {name!r}")
-    from fusedres.ops import registry, unit_conv
+    from fusedres.ops import unit_conv
 
     conv_args = _conv_args_lists(spec)
     has_prologue, relu = prologue != "none", prologue == "bn+relu"
@@ -307,7 +307,6 @@ def conv_bwd_target(name: str, spec: ConvSpec, stats: str,
         x, grad, weight = i["x"], i["grad"], i["weight"]
         bn = (i["mean"], i["scale"], None, i["shift"]) if has_prologue else (None,) * 4
         bn_tensors = (x, *bn) + (None,) * 6
-        affine = registry.bn_affine(*bn) if has_prologue else None  # = (scale, shift)
 
         def run():
             # per call, as in the package: which parts the Triton kernels take, asked at most once
@@ -315,7 +314,7 @@ def conv_bwd_target(name: str, spec: ConvSpec, stats: str,
                 grad, x, weight, conv_args, has_prologue, True, True))
             with torch.no_grad():
                 d_input, sums, d_weight, masked = unit_conv._conv_backward_local(
-                    name, grad, bn_tensors, affine, weight, conv_args, True, relu, stats, (True, True),
+                    name, grad, bn_tensors, weight, conv_args, True, relu, stats, (True, True),
                     triton_parts)
             out = {DZ if masked else D_ACT: d_input, D_WEIGHT: d_weight}
             return out if sums is None else {**out, SUM_DZ: sums[0], SUM_DZ_XC: sums[1]}

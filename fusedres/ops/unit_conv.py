@@ -273,13 +273,13 @@ def _triton_backward_parts(grad_out, y, conv_weight, conv_args, has_prologue, wa
     return input_side, weight_side, "; ".join(reasons) or "no gradient the Triton kernels compute is needed"
 
 
-def _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_weight, conv_args, batch_stats, relu,
-                         backend, want, triton_parts):
+def _conv_backward_local(implementation, grad_out, bn_tensors, conv_weight, conv_args, batch_stats, relu, backend,
+                         want, triton_parts):
     """This rank's part of a unit's conv backward: (d_input, sums, d_conv_weight, masked).
 
     d_input is d act (masked False) or, from the Triton input side, dz = d act * ReLU'(z) (masked True);
     sums are BatchNorm backward's [sum dz, sum dz * (y - mean)] when there is a prologue (``bn_tensors``
-    are bn_act's first 11 arguments, ``prologue`` its (scale, shift)), else None. "cudnn": torch's
+    are bn_act's first 11 arguments, mean None without one), else None. "cudnn": torch's
     convolution_backward (on the recomputed activation for the weight gradient) and
     bn_act_backward_reduce, all ops (traceable by torch.compile); "triton": the Triton kernels, called
     directly, for the parts ``triton_parts()`` allows.
@@ -287,29 +287,32 @@ def _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_we
     want_input, want_weight = want
     triton_input, triton_weight, _ = triton_parts() if implementation == "triton" else (False, False, "")
     y, mean = bn_tensors[:2]
+    has_prologue = mean is not None
     stride, padding, dilation, groups = conv_args
     d_input = sums = d_conv_weight = None
+    in_scale = in_shift = None
+    if has_prologue and (triton_input or triton_weight):  # only the Triton kernels take the prologue's affine
+        in_scale, in_shift = bn_affine(*bn_tensors[1:5])
     if triton_input:
         d_input, sums = backends.triton_conv("conv_dgrad")[0].conv2d_input_grad(
             grad_out, conv_weight, y, stride=stride, padding=padding, dilation=dilation, groups=groups,
-            in_scale=prologue[0], in_shift=prologue[1], in_relu=relu, mean=mean.float())
+            in_scale=in_scale, in_shift=in_shift, in_relu=relu, mean=mean.float())
         sums = list(sums.unbind(0))
     if triton_weight:
-        in_scale, in_shift = prologue if prologue is not None else (None, None)
         d_conv_weight = backends.triton_conv("conv_wgrad")[0].conv2d_weight_grad(
             y, grad_out, tuple(conv_weight.shape), stride=stride, padding=padding, dilation=dilation,
             groups=groups, in_scale=in_scale, in_shift=in_shift, in_relu=relu)
     torch_input, torch_weight = want_input and not triton_input, want_weight and not triton_weight
     if torch_input or torch_weight:
         act = y  # only its shape matters unless the weight gradient is taken here
-        if torch_weight and prologue is not None:  # recompute the prologue's activation: it was never saved
+        if torch_weight and has_prologue:  # recompute the prologue's activation: it was never saved
             act = bn_act(*bn_tensors, batch_stats, relu, backend)
         d_act, d_weight = torch.ops.aten.convolution_backward(
             grad_out, act.to(conv_weight.dtype), conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
             [torch_input, torch_weight, False])[:2]
         if torch_input:
             d_input = d_act
-            if prologue is not None:
+            if has_prologue:
                 sums = bn_act_backward_reduce(d_act, *bn_tensors, relu, backend)
         if torch_weight:
             d_conv_weight = d_weight
@@ -325,14 +328,13 @@ def _prologue_conv2d_backward(ctx, grad_out, *unused_stats_grads):
     need = ctx.needs_input_grad
     has_prologue = mean is not None
     bn_tensors = (y, mean, invstd, weight, bias) + (None,) * 6
-    prologue = bn_affine(mean, invstd, weight, bias) if has_prologue else None
     want = (need[0] or need[3] or need[4], need[5])
     triton_parts = functools.cache(lambda: _triton_backward_parts(grad_out, y, conv_weight, conv_args, has_prologue,
                                                                   *want))
 
     def local(implementation: str):
-        return _conv_backward_local(implementation, grad_out, bn_tensors, prologue, conv_weight, conv_args,
-                                    batch_stats, relu, backend, want, triton_parts)
+        return _conv_backward_local(implementation, grad_out, bn_tensors, conv_weight, conv_args, batch_stats, relu,
+                                    backend, want, triton_parts)
 
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         # traced into the graph, or recorded for a double backward (create_graph=True): torch's ops only. The
