@@ -1,4 +1,5 @@
-// fusedres._C: CUDA kernels for the four BatchNorm + residual + ReLU stage functions.
+// fusedres._C: CUDA kernels for the four BatchNorm + residual + ReLU stage functions and the three
+// per-channel ones (BatchNorm's vector arithmetic between the stages).
 // The contract (arguments, maths, dtypes, layouts) is fusedres/ops/torch_backend.py.
 //
 // This file: the host side (argument checks, launch plans, flag dispatch to template
@@ -210,14 +211,15 @@ void check_activation(const char* fn, const char* name, const at::Tensor& t, con
   TORCH_CHECK(t.size(1) <= INT32_MAX, fn, ": too many channels (", t.size(1), ")");
 }
 
-// Pointer to a contiguous fp32 (C,) tensor, or (rows, C) for rows > 0; null when absent.
+// Pointer to a contiguous fp32 (C,) tensor, or (rows, C) for rows > 0; null when absent. C is
+// y's channels, or the size of y when y is itself a (C,) vector.
 const float* channel(const char* fn, const char* name, const OptTensor& t, const at::Tensor& y,
                      int64_t rows = 0) {
   if (!t) return nullptr;
   check_device(fn, name, *t, y);
   TORCH_CHECK(t->scalar_type() == at::kFloat, fn, ": ", name, " must be float32, got ",
               t->scalar_type());
-  const int64_t C = y.size(1);
+  const int64_t C = y.dim() == 1 ? y.size(0) : y.size(1);
   TORCH_CHECK(rows == 0 ? t->dim() == 1 && t->size(0) == C
                         : t->dim() == 2 && t->size(0) == rows && t->size(1) == C,
               fn, ": ", name, " has shape ", t->sizes(), ", expected ",
@@ -383,12 +385,102 @@ std::tuple<at::Tensor, OptTensor> backward_apply(
   return {dy, dres};
 }
 
+// ------------------------------------------------------------------ host: per-channel functions
+// A weight, bias or running statistic as the per-channel kernels take it: fp32 and contiguous
+// (C,), the tensor itself when it is so already, else a copy.
+OptTensor float_vector(const char* fn, const char* name, const OptTensor& t, const at::Tensor& mean) {
+  if (!t) return t;
+  check_device(fn, name, *t, mean);
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), fn, ": ", name,
+              " must be a floating-point tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == mean.numel(), fn, ": ", name, " has ", t->numel(),
+              " elements, expected one per channel (", mean.numel(), ")");
+  return t->reshape({-1}).to(at::kFloat).contiguous();
+}
+
+// The number of channels C of the (C,) vector mean, checked; and the device guard's device.
+int vector_channels(const char* fn, const at::Tensor& mean) {
+  channel(fn, "mean", mean, mean);
+  TORCH_CHECK(mean.numel() <= INT32_MAX, fn, ": too many channels (", mean.numel(), ")");
+  return static_cast<int>(mean.numel());
+}
+
+template <class... P, class... A>
+void launch_per_channel(void (*kernel)(P...), int C, const A&... args) {
+  if (C > 0) platform::launch(kernel, dim3(ceil_div(C, kThreads)), dim3(kThreads), args...);
+}
+
+std::tuple<at::Tensor, at::Tensor> affine(const at::Tensor& mean, const at::Tensor& invstd,
+                                          const OptTensor& weight, const OptTensor& bias) {
+  constexpr const char* fn = "fusedres.affine";
+  const int C = vector_channels(fn, mean);
+  channel(fn, "invstd", invstd, mean);
+  const OptTensor w = float_vector(fn, "weight", weight, mean);
+  const OptTensor b = float_vector(fn, "bias", bias, mean);
+  const platform::DeviceGuard guard(mean.device());
+  auto scale = at::empty_like(mean), shift = at::empty_like(mean);
+  launch_per_channel(&affine_kernel, C, mean.data_ptr<float>(), invstd.data_ptr<float>(), fptr(w),
+                     fptr(b), fptr(scale), fptr(shift), C);
+  return {scale, shift};
+}
+
+at::Tensor finish_batch_stats(const at::Tensor& mean, const at::Tensor& var,
+                              const OptTensor& running_mean, const OptTensor& running_var,
+                              double momentum, double eps, int64_t count) {
+  constexpr const char* fn = "fusedres.finish_batch_stats";
+  const int C = vector_channels(fn, mean);
+  channel(fn, "var", var, mean);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), fn,
+              ": running_mean and running_var must be given together");
+  TORCH_CHECK(!running_mean || count > 1, fn,
+              ": the running variance is unbiased with count values per channel, needs count > 1, got ",
+              count);
+  const OptTensor updated[2] = {float_vector(fn, "running_mean", running_mean, mean),
+                                float_vector(fn, "running_var", running_var, mean)};
+  const platform::DeviceGuard guard(mean.device());
+  auto invstd = at::empty_like(mean);
+  const float bessel = running_mean ? static_cast<float>(double(count) / double(count - 1)) : 1.f;
+  launch_per_channel(&finish_batch_stats_kernel, C, mean.data_ptr<float>(), var.data_ptr<float>(),
+                     fptr(invstd), fptr(updated[0]), fptr(updated[1]), C,
+                     static_cast<float>(momentum), static_cast<float>(eps), bessel);
+  const OptTensor* given[2] = {&running_mean, &running_var};
+  for (int i = 0; i < 2; ++i)  // updated a float32 copy: write it back
+    if (*given[i] && updated[i]->data_ptr() != (*given[i])->data_ptr())
+      (*given[i])->copy_(updated[i]->view((*given[i])->sizes()));
+  return invstd;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_coefficients(
+    const at::Tensor& sum_dz, const at::Tensor& sum_dz_yc, const at::Tensor& group_sum_dz,
+    const at::Tensor& group_sum_dz_yc, const at::Tensor& mean, const at::Tensor& invstd,
+    const OptTensor& weight, const OptTensor& bias, int64_t count, bool batch_stats) {
+  constexpr const char* fn = "fusedres.backward_coefficients";
+  const int C = vector_channels(fn, mean);
+  const float* sums[4] = {channel(fn, "sum_dz", sum_dz, mean),
+                          channel(fn, "sum_dz_yc", sum_dz_yc, mean),
+                          channel(fn, "group_sum_dz", group_sum_dz, mean),
+                          channel(fn, "group_sum_dz_yc", group_sum_dz_yc, mean)};
+  channel(fn, "invstd", invstd, mean);
+  TORCH_CHECK(!batch_stats || count > 0, fn, ": batch statistics need count > 0, got ", count);
+  const OptTensor w = float_vector(fn, "weight", weight, mean);
+  const OptTensor b = float_vector(fn, "bias", bias, mean);
+  const platform::DeviceGuard guard(mean.device());
+  auto coef = at::empty({4, mean.size(0)}, mean.options());
+  auto shift = at::empty_like(mean), dweight = at::empty_like(mean), dbias = at::empty_like(mean);
+  launch_per_channel(&backward_coefficients_kernel, C, sums[0], sums[1], sums[2], sums[3],
+                     mean.data_ptr<float>(), invstd.data_ptr<float>(), fptr(w), fptr(b), fptr(coef),
+                     fptr(shift), fptr(dweight), fptr(dbias), C,
+                     batch_stats ? static_cast<float>(-1.0 / double(count)) : 0.f, batch_stats);
+  return {coef, shift, dweight, dbias};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() =
-      "fusedres CUDA backend: the BatchNorm-apply + residual + ReLU stage kernels, with the same "
+      "fusedres CUDA backend: the BatchNorm-apply + residual + ReLU stage kernels and BatchNorm's "
+      "per-channel arithmetic, with the same "
       "functions, arguments and results as fusedres.ops.torch_backend. CUDA tensors, storage "
       "fp32/fp16/bf16 in NCHW or channels_last, per-channel vectors contiguous fp32.";
   m.def("channel_stats", &channel_stats, py::arg("y"),
@@ -412,4 +504,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "res_coef, want_residual_grad) -> (dy, d_residual or None): dy = dz * coef[0] + "
         "(y - coef[3]) * coef[1] + coef[2] in y's dtype; d_residual = dz, or the same with "
         "residual and res_coef, in residual's dtype. coef, res_coef: (4, C).");
+  m.def("affine", &affine, py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
+        "affine(mean, invstd, weight, bias) -> (scale, shift), fp32 (C,): bn(y) = y * scale + "
+        "shift; weight and bias optional, any float dtype.");
+  m.def("finish_batch_stats", &finish_batch_stats, py::arg("mean"), py::arg("var"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"),
+        py::arg("count"),
+        "finish_batch_stats(mean, var, running_mean, running_var, momentum, eps, count) -> invstd "
+        "= 1 / sqrt(var + eps); the running statistics (optional, any float dtype) lerped in place "
+        "toward mean and var * count / (count - 1).");
+  m.def("backward_coefficients", &backward_coefficients, py::arg("sum_dz"), py::arg("sum_dz_yc"),
+        py::arg("group_sum_dz"), py::arg("group_sum_dz_yc"), py::arg("mean"), py::arg("invstd"),
+        py::arg("weight"), py::arg("bias"), py::arg("count"), py::arg("batch_stats"),
+        "backward_coefficients(sum_dz, sum_dz_yc, group_sum_dz, group_sum_dz_yc, mean, invstd, "
+        "weight, bias, count, batch_stats) -> (coef (4, C), shift, dweight, dbias), fp32: what "
+        "backward_apply takes, and BatchNorm's parameter gradients, from backward_reduce's sums.");
 }

@@ -12,6 +12,11 @@
 //   act_forward_kernel      out = act(y * scale + shift + r), r = 0 | res | res * rs + rb.
 //   backward_apply_kernel   mask recompute, dy = dz * c0 + (y - c3) * c1 + c2 and d_residual
 //                           (dz, or the same form with res_coef) in one pass.
+// and BatchNorm's per-channel arithmetic between the stages, one thread per channel, fp32 vectors
+// (the host converts weight, bias and running statistics of other dtypes):
+//   affine_kernel                 (scale, shift) with bn(y) = y * scale + shift.
+//   finish_batch_stats_kernel     invstd of the batch variance; running statistics lerped in place.
+//   backward_coefficients_kernel  backward_apply's coef, shift, dweight and dbias from the sums.
 // Flags (relu, residual kind, residual-gradient kind, residual sum) are template parameters.
 //
 // Tiling. The activation is seen as (outer, units, inner) vectors of VEC elements:
@@ -376,6 +381,65 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_apply_kernel(co
       store_vec<VEC, T>(a.out_res, off, o);
     }
   });
+}
+
+// ------------------------------------------------------------------ per-channel kernels
+// The maths of torch_backend.py's affine, finish_batch_stats and backward_coefficients; weight and
+// bias null when absent.
+__device__ __forceinline__ void affine_of(const float* __restrict__ weight, const float* __restrict__ bias,
+                                          int c, float mean, float invstd, float& scale, float& shift) {
+  scale = weight ? invstd * weight[c] : invstd;
+  shift = bias ? bias[c] - mean * scale : -(mean * scale);
+}
+
+// torch.lerp's formula (c10/util/lerp.h), fp32.
+__device__ __forceinline__ float lerp(float start, float end, float weight) {
+  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.f - weight);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    affine_kernel(const float* __restrict__ mean, const float* __restrict__ invstd,
+                  const float* __restrict__ weight, const float* __restrict__ bias,
+                  float* __restrict__ scale, float* __restrict__ shift, int C) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c < C) affine_of(weight, bias, c, mean[c], invstd[c], scale[c], shift[c]);
+}
+
+// running_mean and running_var: null, or both updated; bessel = count / (count - 1).
+__global__ void __launch_bounds__(kThreads)
+    finish_batch_stats_kernel(const float* __restrict__ mean, const float* __restrict__ var,
+                              float* __restrict__ invstd, float* __restrict__ running_mean,
+                              float* __restrict__ running_var, int C, float momentum, float eps,
+                              float bessel) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  invstd[c] = 1.f / sqrtf(var[c] + eps);  // IEEE division and square root, as torch's rsqrt rounds
+  if (running_mean) {
+    running_mean[c] = lerp(running_mean[c], mean[c], momentum);
+    running_var[c] = lerp(running_var[c], var[c] * bessel, momentum);
+  }
+}
+
+// coef (4, C); neg_inv_count = -1 / (values per channel over the group).
+__global__ void __launch_bounds__(kThreads) backward_coefficients_kernel(
+    const float* __restrict__ sum_dz, const float* __restrict__ sum_dz_yc,
+    const float* __restrict__ group_sum_dz, const float* __restrict__ group_sum_dz_yc,
+    const float* __restrict__ mean, const float* __restrict__ invstd,
+    const float* __restrict__ weight, const float* __restrict__ bias, float* __restrict__ coef,
+    float* __restrict__ shift, float* __restrict__ dweight, float* __restrict__ dbias, int C,
+    float neg_inv_count, bool batch_stats) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const float m = mean[c], is = invstd[c];
+  float scale;
+  affine_of(weight, bias, c, m, is, scale, shift[c]);
+  const float per_value = scale * neg_inv_count;
+  coef[c] = scale;
+  coef[C + c] = batch_stats ? group_sum_dz_yc[c] * (is * is) * per_value : 0.f;
+  coef[2 * C + c] = batch_stats ? group_sum_dz[c] * per_value : 0.f;
+  coef[3 * C + c] = batch_stats ? m : 0.f;
+  dweight[c] = sum_dz_yc[c] * is;
+  dbias[c] = sum_dz[c];
 }
 
 }  // namespace

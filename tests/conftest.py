@@ -49,7 +49,8 @@ def cuda_backend_on_cpu(monkeypatch):
         return lambda *args: calls.append(name) or function(*args)
 
     emulated = types.SimpleNamespace(**{name: recorded(name) for name in (
-        "channel_stats", "act_forward", "backward_reduce", "backward_apply")})
+        "channel_stats", "act_forward", "backward_reduce", "backward_apply", "affine", "finish_batch_stats",
+        "backward_coefficients")})
     load, unavailable_reason = backends._load, backends.unavailable_reason
     monkeypatch.setattr(backends, "_load",
                         lambda name: (emulated, "host emulation") if name == "cuda" else load(name))

@@ -197,10 +197,11 @@ def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_backend_blocks_in_host_emulation(kind, channels_last, dtype, cuda_backend_on_cpu):
     """The CUDA extension's kernels (built for the CPU) behind converted blocks: a training step no worse
-    than eager in fp32 and bf16, both layouts, all four stage kernels called."""
+    than eager in fp32 and bf16, both layouts, all four stage kernels and the three per-channel ones called."""
     seeds = [4] if dtype == torch.float32 else LOW_PRECISION_SEEDS
     _assert_no_worse_than_eager(_runs(kind, seeds, backend="cuda", channels_last=channels_last), dtype=dtype)
-    assert set(cuda_backend_on_cpu) == {"channel_stats", "act_forward", "backward_reduce", "backward_apply"}
+    assert set(cuda_backend_on_cpu) == {"channel_stats", "act_forward", "backward_reduce", "backward_apply",
+                                        "affine", "finish_batch_stats", "backward_coefficients"}
 
 
 # ------------------------------------------------------------------------------- GPU only

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedres.ops import backends, functional, registry, torch_backend
+from fusedres.ops import backends, functional, torch_backend
 from op_helpers import EPS, F32, F64, assert_close, fused_bottleneck, make_block, positive, randn, stats_of
 
 
@@ -425,7 +425,8 @@ def test_backward_apply_is_centred_so_large_means_do_not_cancel(backend):
     mean = y64.mean((0, 2, 3))
     invstd = (y64.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()
     sum_dz, sum_dz_yc = dz.double().sum((0, 2, 3)), (dz.double() * (y64 - mean.view(1, -1, 1, 1))).sum((0, 2, 3))
-    coef = registry._input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, invstd, True, y.numel() // 5)  # no weight
+    coef = torch_backend.backward_coefficients(sum_dz, sum_dz_yc, sum_dz, sum_dz_yc, mean, invstd, None, None,
+                                               y.numel() // 5, True)[0]  # no weight
     ones, zeros = torch.ones(5), torch.zeros(5)
     exact, _ = torch_backend.backward_apply(dz.double(), y64, ones.double(), zeros.double(), None,
                                             None, None, False, coef, None, False)

@@ -1,7 +1,8 @@
-"""Which implementation of the four stage kernels runs a call.
+"""Which implementation of the four stage kernels (and of BatchNorm's per-channel arithmetic) runs a call.
 
-A backend is a namespace with ``channel_stats``, ``act_forward``, ``backward_reduce`` and
-``backward_apply`` as specified in ``torch_backend.py``:
+A backend is a namespace with the stages ``channel_stats``, ``act_forward``, ``backward_reduce`` and
+``backward_apply`` and the per-channel ``affine``, ``finish_batch_stats`` and ``backward_coefficients``, as
+specified in ``torch_backend.py``:
 
 - ``cuda``:   the compiled extension ``fusedres._C`` (csrc/), CUDA tensors, fp32/fp16/bf16.
 - ``triton``: ``fusedres.triton.bn_act``, CUDA tensors (CPU tensors under TRITON_INTERPRET=1).

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends, registry, unit_conv
+from . import backends, registry, torch_backend, unit_conv
 from .registry import same_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -140,7 +140,7 @@ def batch_norm_stats(
     y = _kernel_layout(y)
     with torch.no_grad():
         stats = registry.channel_stats(y, backend) if batch_stats else None
-    return _pending_bn(y, stats, weight, bias, running_mean, running_var, momentum, eps, process_group)
+    return _pending_bn(y, stats, weight, bias, running_mean, running_var, momentum, eps, process_group, backend)
 
 
 def _synchronises(process_group) -> bool:
@@ -167,7 +167,7 @@ def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, 
 
 
 def _pending_bn(y: Tensor, stats: Optional[tuple[Tensor, Tensor]], weight, bias, running_mean,
-                running_var, momentum: float, eps: float, process_group) -> PendingBN:
+                running_var, momentum: float, eps: float, process_group, backend: str) -> PendingBN:
     """The PendingBN of y from this rank's batch statistics ``stats`` = (mean, biased var), or
     from the running statistics when ``stats`` is None; see ``batch_norm_stats``."""
     synced = _synchronises(process_group)
@@ -180,13 +180,12 @@ def _pending_bn(y: Tensor, stats: Optional[tuple[Tensor, Tensor]], weight, bias,
                 if count <= 1:
                     raise ValueError("Expected more than 1 value per channel when training, got "
                                      f"{count} over the process group's ranks")
-            if running_mean is not None:  # one launch for both on a GPU (foreach)
-                torch._foreach_lerp_([running_mean, running_var], [
-                    mean.to(running_mean.dtype), (var * (count / (count - 1))).to(running_var.dtype)], momentum)
+            # one launch where a kernel backend runs it; traced by torch.compile, torch's ops (for inductor to fuse)
+            kernels = torch_backend if torch.compiler.is_compiling() else backends.select(backend, y)
+            invstd = kernels.finish_batch_stats(mean, var, running_mean, running_var, momentum, eps, count)
         else:
             mean = running_mean.to(registry.compute_dtype(y), copy=True)
-            var = running_var.to(mean.dtype)
-        invstd = torch.rsqrt(var + eps)
+            invstd = torch.rsqrt(running_var.to(mean.dtype) + eps)
     sync = (process_group.group_name, count) if synced else ()
     return PendingBN(y, mean, invstd, weight, bias, stats is not None, *sync)
 
@@ -346,4 +345,4 @@ def conv_batch_norm_stats(
     stats_shift = None if running_mean is None else running_mean.detach()
     out, mean, var = unit_conv.conv2d_stats(y, *conv, *flags, stats_shift)
     return _pending_bn(out, (mean, var), weight, bias, running_mean, running_var, momentum, eps,
-                       process_group)
+                       process_group, backend)

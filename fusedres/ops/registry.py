@@ -31,7 +31,8 @@ The backward of bn_act (and of bn_act_conv2d's prologue), with dz = d out * act'
 ``bn_act_backward_apply(grad_out, y, <bn_act's tensors>, sums, group_sums, count,
 batch_stats, relu, want_residual_grad, backend)``
     -> [dy, dweight, dbias] + [d_residual if want_residual_grad] + [dsc_y, dsc_weight,
-    dsc_bias with a shortcut BatchNorm]: one elementwise pass. With M = ``count`` values per
+    dsc_bias with a shortcut BatchNorm]: one per-channel launch per BatchNorm (the backend's
+    ``backward_coefficients``), then one elementwise pass. With M = ``count`` values per
     channel and S = ``group_sums`` (the reduce's sums added over the ranks of the sync group,
     or ``sums`` itself unsynchronised),
         dy = weight * invstd * (dz - S[0] / M - (y - mean) * invstd^2 * S[1] / M)
@@ -68,32 +69,6 @@ def same_layout(t: Tensor, like: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def bn_affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
-    """(scale, shift) with bn(y) = y * scale + shift, in two small ops (each a launch on the GPU, next to
-    the kernel the pair feeds)."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias.to(invstd.dtype), mean, scale, value=-1.0)
-    return scale.contiguous(), shift.contiguous()
-
-
-def _input_grad_coef(sum_dz, sum_dz_yc, mean, invstd, scale, batch_stats: bool, count: int):
-    """(4, C) coefficients with dy = dz * c0 + (y - c3) * c1 + c2 (BatchNorm's input gradient); ``scale`` is
-    weight * invstd (``bn_affine``'s), which is c0.
-
-    Batch statistics: dy = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), so
-    c0 = w * invstd, c1 = -c0 * invstd^2 * mean(dz * (y - mean)), c2 = -c0 * mean(dz), c3 = mean.
-    Running statistics: dy = w * invstd * dz. Kept centred on the mean: folding c3 into c2
-    cancels catastrophically when |mean| >> std. Five small ops (each a launch on the GPU, next to the
-    kernel they feed).
-    """
-    if not batch_stats:
-        zero = torch.zeros_like(scale)
-        return torch.stack([scale, zero, zero, zero])
-    coef = torch.stack([scale, sum_dz_yc * invstd.square(), sum_dz, mean])
-    coef[1:3].mul_(scale * (-1.0 / count))  # mul_ on the view: `*=` would also copy it back onto itself
-    return coef
-
-
 # --------------------------------------------------------------------------- channel_stats
 def _channel_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return backends.select(backend, y).channel_stats(y)
@@ -110,11 +85,10 @@ def _(y, backend):
 
 
 # --------------------------------------------------------------------------- bn_act
-def _residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias):
+def _residual_args(kernels, residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias):
     """Stage-kernel residual arguments: (tensor, res_scale, res_shift, res_mean)."""
     if sc_y is not None:
-        sc_scale, sc_shift = bn_affine(sc_mean, sc_invstd, sc_weight, sc_bias)
-        return sc_y, sc_scale, sc_shift, sc_mean
+        return sc_y, *kernels.affine(sc_mean, sc_invstd, sc_weight, sc_bias), sc_mean
     return residual, None, None, None
 
 
@@ -136,9 +110,9 @@ def _bn_act(
     sync_group: str = "",
     count: int = 0,
 ) -> Tensor:
-    scale, shift = bn_affine(mean, invstd, weight, bias)
-    res, res_scale, res_shift, _ = _residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias)
-    return backends.select(backend, y).act_forward(y, scale, shift, res, res_scale, res_shift, relu)
+    kernels = backends.select(backend, y)
+    res, res_scale, res_shift, _ = _residual_args(kernels, residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias)
+    return kernels.act_forward(y, *kernels.affine(mean, invstd, weight, bias), res, res_scale, res_shift, relu)
 
 
 bn_act_op = custom_op("fusedres::bn_act", mutates_args=())(_bn_act)
@@ -150,13 +124,9 @@ def _(y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weig
     return torch.empty_like(y)
 
 
-def _backward_stage_args(grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean,
-                         sc_invstd, sc_weight, sc_bias, backend):
-    """(kernels, grad_out in y's layout, scale, shift, res, res_scale, res_shift, res_mean)."""
-    grad_out = same_layout(grad_out.to(y.dtype), y)  # autograd's gradient may have any strides
-    scale, shift = bn_affine(mean, invstd, weight, bias)
-    return (backends.select(backend, y), grad_out, scale, shift,
-            *_residual_args(residual, sc_y, sc_mean, sc_invstd, sc_weight, sc_bias))
+def _stage_grad(grad_out: Tensor, y: Tensor) -> Tensor:
+    """grad_out as the backward stages take it: y's dtype and layout (autograd's gradient may have any strides)."""
+    return same_layout(grad_out.to(y.dtype), y)
 
 
 def _bn_act_backward_reduce(
@@ -175,11 +145,11 @@ def _bn_act_backward_reduce(
     relu: bool,
     backend: str,
 ) -> list[Tensor]:
-    kernels, grad_out, scale, shift, res, res_scale, res_shift, res_mean = _backward_stage_args(
-        grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
-        sc_bias, backend)
-    sums = kernels.backward_reduce(grad_out, y, scale, shift, res, res_scale, res_shift, relu,
-                                   mean, res_mean)
+    kernels = backends.select(backend, y)
+    res, res_scale, res_shift, res_mean = _residual_args(kernels, residual, sc_y, sc_mean, sc_invstd, sc_weight,
+                                                         sc_bias)
+    sums = kernels.backward_reduce(_stage_grad(grad_out, y), y, *kernels.affine(mean, invstd, weight, bias), res,
+                                   res_scale, res_shift, relu, mean, res_mean)
     return [s for s in sums if s is not None]
 
 
@@ -213,22 +183,23 @@ def _bn_act_backward_apply(
     want_residual_grad: bool,
     backend: str,
 ) -> list[Tensor]:
-    kernels, grad_out, scale, shift, res, res_scale, res_shift, _ = _backward_stage_args(
-        grad_out, y, mean, invstd, weight, bias, residual, sc_y, sc_mean, sc_invstd, sc_weight,
-        sc_bias, backend)
-    coef = _input_grad_coef(group_sums[0], group_sums[1], mean, invstd, scale, batch_stats, count)
-    res_coef = None
+    kernels = backends.select(backend, y)
+    coef, shift, dweight, dbias = kernels.backward_coefficients(
+        sums[0], sums[1], group_sums[0], group_sums[1], mean, invstd, weight, bias, count, batch_stats)
+    res, res_scale, res_shift, res_coef = residual, None, None, None
     if sc_y is not None:
-        res_coef = _input_grad_coef(group_sums[0], group_sums[2], sc_mean, sc_invstd, res_scale, batch_stats,
-                                    count)
+        res_coef, res_shift, dsc_weight, dsc_bias = kernels.backward_coefficients(
+            sums[0], sums[2], group_sums[0], group_sums[2], sc_mean, sc_invstd, sc_weight, sc_bias, count,
+            batch_stats)
+        res, res_scale = sc_y, res_coef[0]
     want_res = want_residual_grad or sc_y is not None
-    dy, d_res = kernels.backward_apply(
-        grad_out, y, scale, shift, res, res_scale, res_shift, relu, coef, res_coef, want_res)
-    grads = [dy, sums[1] * invstd, sums[0].clone()]
+    dy, d_res = kernels.backward_apply(_stage_grad(grad_out, y), y, coef[0], shift, res, res_scale, res_shift, relu,
+                                       coef, res_coef, want_res)
+    grads = [dy, dweight, dbias]
     if want_residual_grad and sc_y is None:
         grads.append(d_res)
     if sc_y is not None:
-        grads += [d_res, sums[2] * sc_invstd, sums[0].clone()]
+        grads += [d_res, dsc_weight, dsc_bias]
     return grads
 
 

@@ -1,7 +1,12 @@
-"""Pure-PyTorch implementation of the four stage kernels; runs on any device and dtype.
+"""Pure-PyTorch implementation of the four stage kernels and BatchNorm's per-channel arithmetic; runs on
+any device and dtype.
 
 This file is also the contract every backend (``cuda_backend``, ``fusedres.triton``) meets:
-the same four functions, the same arguments, the same results up to rounding.
+the same functions, the same arguments, the same results up to rounding. The stages (``channel_stats``,
+``act_forward``, ``backward_reduce``, ``backward_apply``) each pass over an activation; the per-channel
+functions (``affine``, ``finish_batch_stats``, ``backward_coefficients``) make the vectors the stages take
+from the statistics and sums the stages give, one launch each in the kernel backends where torch needs
+several small ops.
 
 Notation, for an activation ``y`` of shape (N, C, H, W) and per-channel (C,) vectors:
 
@@ -45,6 +50,55 @@ def _pre_activation(y, scale, shift, residual, res_scale, res_shift) -> Tensor:
             r = r * _per_channel(res_scale) + _per_channel(res_shift)
         z = z + r
     return z
+
+
+def affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with bn(y) = (y - mean) * invstd * weight + bias = y * scale + shift:
+    scale = invstd * weight (invstd without a weight), shift = bias - mean * scale (-mean * scale without a bias).
+    ``weight`` and ``bias`` may have another dtype than mean and invstd, whose dtype the results take."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias.to(invstd.dtype), mean, scale, value=-1.0)
+    return scale.contiguous(), shift.contiguous()
+
+
+def finish_batch_stats(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       momentum: float, eps: float, count: int) -> Tensor:
+    """invstd = 1 / sqrt(var + eps) of a batch's per-channel mean and biased variance over ``count`` values per
+    channel; with running statistics (both or neither, any float dtype), each lerped in place toward the batch's,
+    r = r + momentum * (stat - r) as ``torch.lerp``, the variance's stat unbiased: var * count / (count - 1)."""
+    if running_mean is not None:  # one launch for both on a GPU (foreach)
+        torch._foreach_lerp_([running_mean, running_var], [
+            mean.to(running_mean.dtype), (var * (count / (count - 1))).to(running_var.dtype)], momentum)
+    return torch.rsqrt(var + eps)
+
+
+def backward_coefficients(sum_dz: Tensor, sum_dz_yc: Tensor, group_sum_dz: Tensor, group_sum_dz_yc: Tensor,
+                          mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          count: int, batch_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What BatchNorm's backward needs from its sums: (coef, shift, dweight, dbias).
+
+    ``sum_dz``, ``sum_dz_yc``: this rank's sums of dz and dz * (y - mean) (``backward_reduce``'s);
+    ``group_sum_*``: the same added over the ranks that took the statistics (the same tensors when
+    unsynchronised), ``count`` values per channel in all. With (scale, shift) = ``affine(mean, invstd,
+    weight, bias)``:
+
+    - coef (4, C), dy = dz * coef[0] + (y - coef[3]) * coef[1] + coef[2] (``backward_apply``'s):
+      batch statistics, dy = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)):
+      coef = [scale, S_yc * invstd^2 * (scale * -1/M), S_dz * (scale * -1/M), mean] with S the group sums;
+      running statistics, dy = scale * dz: coef = [scale, 0, 0, 0].
+      Centred on the mean: folding coef[3] into coef[2] cancels catastrophically when |mean| >> std.
+    - shift (C,), for the stages that recompute z; scale is coef[0].
+    - dweight = invstd * sum_dz_yc, dbias = sum_dz: this rank's own, as torch's SyncBatchNorm returns
+      them (DistributedDataParallel adds them up across ranks).
+    """
+    scale, shift = affine(mean, invstd, weight, bias)
+    if batch_stats:
+        coef = torch.stack([scale, group_sum_dz_yc * invstd.square(), group_sum_dz, mean])
+        coef[1:3].mul_(scale * (-1.0 / count))  # mul_ on the view: `*=` would also copy it back onto itself
+    else:
+        zero = torch.zeros_like(scale)
+        coef = torch.stack([scale, zero, zero, zero])
+    return coef, shift, sum_dz_yc * invstd, sum_dz.clone()
 
 
 def channel_stats(y: Tensor) -> tuple[Tensor, Tensor]:

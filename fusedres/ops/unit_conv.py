@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends, dispatch, eager
-from .registry import bn_act, bn_act_backward_reduce, bn_act_grads, bn_affine, compute_dtype
+from .registry import bn_act, bn_act_backward_reduce, bn_act_grads, compute_dtype
 
 
 def _bn_act_conv2d(
@@ -100,7 +100,7 @@ def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stri
     """(out, out_mean, out_var) of bn_act_conv2d / conv2d_stats; the statistics are None unless
     ``compute_stats``. No prologue when ``mean`` is None."""
     kernels = backends.select(backend, y)
-    prologue = None if mean is None else bn_affine(mean, invstd, weight, bias)
+    prologue = None if mean is None else kernels.affine(mean, invstd, weight, bias)
     conv_args = (stride, padding, dilation, groups)
 
     def run(implementation: str):
@@ -292,7 +292,7 @@ def _conv_backward_local(implementation, grad_out, bn_tensors, conv_weight, conv
     d_input = sums = d_conv_weight = None
     in_scale = in_shift = None
     if has_prologue and (triton_input or triton_weight):  # only the Triton kernels take the prologue's affine
-        in_scale, in_shift = bn_affine(*bn_tensors[1:5])
+        in_scale, in_shift = backends.select(backend, y).affine(*bn_tensors[1:5])
     if triton_input:
         d_input, sums = backends.triton_conv("conv_dgrad")[0].conv2d_input_grad(
             grad_out, conv_weight, y, stride=stride, padding=padding, dilation=dilation, groups=groups,

@@ -1,4 +1,6 @@
-"""Triton kernels for the four BN + residual + ReLU stages; ``fusedres.ops.torch_backend`` is the contract.
+"""Triton kernels for the four BN + residual + ReLU stages and BatchNorm's per-channel arithmetic between them
+(``affine``, ``finish_batch_stats``, ``backward_coefficients``: one small launch each, see the section "per-channel
+kernels"); ``fusedres.ops.torch_backend`` is the contract.
 
 Every kernel views an activation of shape (N, C, H, W) as (N, C, HW) with element strides
 (stride_n, stride_c, stride_hw): NCHW is (C*HW, HW, 1), channels_last is (HW*C, 1, C). A program
@@ -239,6 +241,98 @@ def _backward_apply_kernel(
         tl.store(dres_ptr + offs, dres.to(dres_ptr.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- per-channel kernels
+# BatchNorm's vector arithmetic between the stages, one launch each where torch takes several small ops:
+# programs of BLOCK channels (grid axis 0), fp32 arithmetic; the vectors are contiguous (C,), fp32 unless said
+# otherwise. See torch_backend.py's affine / finish_batch_stats / backward_coefficients for the maths.
+
+
+@triton.jit
+def _affine(mean, invstd, weight_ptr, bias_ptr, cols, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(scale, shift) with bn(y) = y * scale + shift, from the loaded mean and invstd; weight and bias of any
+    float dtype, read only if given."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = invstd * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = -(mean * scale)
+    if HAS_BIAS:
+        shift += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _lerp_in_place(ptr, cols, mask, end, weight):
+    """ptr[cols] = torch.lerp(ptr[cols], end, weight) in ptr's dtype (end rounded to it first, as torch's
+    update is given it), fp32 arithmetic."""
+    start = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    end = end.to(ptr.dtype.element_ty).to(tl.float32)
+    lerped = tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+    tl.store(ptr + cols, lerped.to(ptr.dtype.element_ty), mask=mask)
+
+
+@relaunched
+@triton.jit
+def _affine_kernel(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, C,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < C
+    scale, shift = _affine(tl.load(mean_ptr + cols, mask=mask), tl.load(invstd_ptr + cols, mask=mask),
+                           weight_ptr, bias_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
+    tl.store(scale_ptr + cols, scale, mask=mask)
+    tl.store(shift_ptr + cols, shift, mask=mask)
+
+
+@relaunched
+@triton.jit
+def _finish_batch_stats_kernel(
+    mean_ptr, var_ptr,  # the batch's mean and biased variance
+    invstd_ptr,  # out
+    running_mean_ptr, running_var_ptr,  # updated in place (any float dtype), if RUNNING
+    C, momentum, eps, bessel,  # bessel = count / (count - 1), in fp32
+    RUNNING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < C
+    var = tl.load(var_ptr + cols, mask=mask, other=1.0)
+    tl.store(invstd_ptr + cols, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=mask)  # rounded as torch's rsqrt
+    if RUNNING:
+        _lerp_in_place(running_mean_ptr, cols, mask, tl.load(mean_ptr + cols, mask=mask), momentum)
+        _lerp_in_place(running_var_ptr, cols, mask, var * bessel, momentum)
+
+
+@relaunched
+@triton.jit
+def _backward_coefficients_kernel(
+    sum_dz_ptr, sum_dz_yc_ptr, group_sum_dz_ptr, group_sum_dz_yc_ptr, mean_ptr, invstd_ptr,
+    weight_ptr, bias_ptr,  # any float dtype, read only if HAS_WEIGHT / HAS_BIAS
+    coef_ptr,  # (4, C) out: dy = dz * coef[0] + (y - coef[3]) * coef[1] + coef[2]
+    shift_ptr, dweight_ptr, dbias_ptr,  # out
+    C, neg_inv_count,  # -1 / (values per channel over the group), in fp32
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=mask)
+    invstd = tl.load(invstd_ptr + cols, mask=mask)
+    scale, shift = _affine(mean, invstd, weight_ptr, bias_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
+    tl.store(shift_ptr + cols, shift, mask=mask)
+    tl.store(coef_ptr + cols, scale, mask=mask)
+    if BATCH_STATS:
+        per_value = scale * neg_inv_count
+        tl.store(coef_ptr + C + cols,
+                 tl.load(group_sum_dz_yc_ptr + cols, mask=mask) * (invstd * invstd) * per_value, mask=mask)
+        tl.store(coef_ptr + 2 * C + cols, tl.load(group_sum_dz_ptr + cols, mask=mask) * per_value, mask=mask)
+        tl.store(coef_ptr + 3 * C + cols, mean, mask=mask)
+    else:
+        zero = tl.zeros_like(scale)
+        tl.store(coef_ptr + C + cols, zero, mask=mask)
+        tl.store(coef_ptr + 2 * C + cols, zero, mask=mask)
+        tl.store(coef_ptr + 3 * C + cols, zero, mask=mask)
+    sum_dz = tl.load(sum_dz_ptr + cols, mask=mask)
+    tl.store(dweight_ptr + cols, tl.load(sum_dz_yc_ptr + cols, mask=mask) * invstd, mask=mask)
+    tl.store(dbias_ptr + cols, sum_dz, mask=mask)
+
+
 # ----------------------------------------------------------------------------- host side
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -269,21 +363,21 @@ def _check_like_y(name: str, t: Tensor, y: Tensor, channels_last: bool) -> None:
                          f"memory format {fmt}; got shape {tuple(t.shape)}, strides {t.stride()}, device {t.device}")
 
 
-def _check_vec(name: str, v: Optional[Tensor], y: Tensor, rows: int = 1) -> None:
-    """v must be a contiguous fp32 (C,) vector, or (rows, C) when rows > 1."""
+def _check_vec(name: str, v: Optional[Tensor], channels: int, device: torch.device, rows: int = 1) -> None:
+    """v must be a contiguous fp32 (channels,) vector on ``device``, or (rows, channels) when rows > 1."""
     if v is None or v.dtype != torch.float32:
         raise TypeError(f"fusedres.triton: {name} must be a float32 tensor, got {None if v is None else v.dtype}")
-    shape = (y.shape[1],) if rows == 1 else (rows, y.shape[1])
-    if tuple(v.shape) != shape or not v.is_contiguous() or v.device != y.device:
-        raise ValueError(f"fusedres.triton: {name} must be a contiguous {shape} tensor on {y.device}, got "
+    shape = (channels,) if rows == 1 else (rows, channels)
+    if tuple(v.shape) != shape or not v.is_contiguous() or v.device != device:
+        raise ValueError(f"fusedres.triton: {name} must be a contiguous {shape} tensor on {device}, got "
                          f"shape {tuple(v.shape)}, strides {v.stride()}, device {v.device}")
 
 
 def _check_inputs(y, scale, shift, residual, res_scale, res_shift, grad_out=None) -> tuple[bool, int]:
     """Validates the arguments the stages share; returns (channels_last, residual kind)."""
     channels_last = _channels_last(y)
-    _check_vec("scale", scale, y)
-    _check_vec("shift", shift, y)
+    _check_vec("scale", scale, y.shape[1], y.device)
+    _check_vec("shift", shift, y.shape[1], y.device)
     if grad_out is not None:
         _check_like_y("grad_out", grad_out, y, channels_last)
     if residual is None:
@@ -295,8 +389,8 @@ def _check_inputs(y, scale, shift, residual, res_scale, res_shift, grad_out=None
         return channels_last, _RES_IDENTITY.value
     if res_scale is None or res_shift is None:
         raise ValueError("fusedres.triton: res_scale and res_shift must be given together")
-    _check_vec("res_scale", res_scale, y)
-    _check_vec("res_shift", res_shift, y)
+    _check_vec("res_scale", res_scale, y.shape[1], y.device)
+    _check_vec("res_shift", res_shift, y.shape[1], y.device)
     return channels_last, _RES_BN.value
 
 
@@ -367,11 +461,11 @@ def backward_reduce(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, r
                     res_mean: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """fp32 (sum dz, sum dz * (y - mean), sum dz * (residual - res_mean) or None if res_mean is None)."""
     channels_last, res = _check_inputs(y, scale, shift, residual, res_scale, res_shift, grad_out)
-    _check_vec("mean", mean, y)
+    _check_vec("mean", mean, y.shape[1], y.device)
     if res_mean is not None:
         if residual is None:
             raise ValueError("fusedres.triton: res_mean given without a residual")
-        _check_vec("res_mean", res_mean, y)
+        _check_vec("res_mean", res_mean, y.shape[1], y.device)
     if y.numel() == 0:
         return torch_backend.backward_reduce(grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
                                              mean, res_mean)
@@ -389,14 +483,14 @@ def backward_apply(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, re
                    res_coef: Optional[Tensor], want_residual_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(dy in y's dtype, d_residual in residual's dtype or None), both in y's memory format."""
     channels_last, res = _check_inputs(y, scale, shift, residual, res_scale, res_shift, grad_out)
-    _check_vec("coef", coef, y, rows=4)
+    _check_vec("coef", coef, y.shape[1], y.device, rows=4)
     dres_kind = _DRES_NONE.value
     if want_residual_grad:
         if residual is None:
             raise ValueError("fusedres.triton: want_residual_grad needs a residual")
         dres_kind = _DRES_DZ.value
         if res_coef is not None:
-            _check_vec("res_coef", res_coef, y, rows=4)
+            _check_vec("res_coef", res_coef, y.shape[1], y.device, rows=4)
             dres_kind = _DRES_AFFINE.value
     if y.numel() == 0:
         return torch_backend.backward_apply(grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
@@ -408,3 +502,75 @@ def backward_apply(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, re
         grad_out, y, _or(residual, y), dy, _or(d_residual, dy), scale, shift, _or(res_scale, scale),
         _or(res_shift, shift), coef, _or(res_coef, coef), RES=res, RELU=bool(relu), DRES=dres_kind, **geo)
     return dy, d_residual
+
+
+_MAX_VECTOR_BLOCK = 1024  # channels per program of a per-channel kernel
+
+
+def _vector_grid(channels: int) -> tuple[tuple[int], int]:
+    block = min(next_power_of_2(channels), _MAX_VECTOR_BLOCK)
+    return (cdiv(channels, block),), block
+
+
+def _operand(name: str, v: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """A weight or bias as the per-channel kernels read it: ``like``'s (C,) size and device, any float dtype
+    (converted as loaded), made contiguous if it is not."""
+    if v is None:
+        return None
+    if not v.is_floating_point() or v.numel() != like.numel() or v.device != like.device:
+        raise ValueError(f"fusedres.triton: {name} must be a floating-point tensor of {like.numel()} elements on "
+                         f"{like.device}, got dtype {v.dtype}, shape {tuple(v.shape)}, device {v.device}")
+    return v.reshape(-1).contiguous()
+
+
+def affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """fp32 (scale, shift) with bn(y) = y * scale + shift, in one launch."""
+    channels, device = mean.numel(), mean.device
+    _check_vec("mean", mean, channels, device)
+    _check_vec("invstd", invstd, channels, device)
+    weight, bias = _operand("weight", weight, mean), _operand("bias", bias, mean)
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    grid, block = _vector_grid(channels)
+    _affine_kernel[grid](mean, invstd, _or(weight, mean), _or(bias, mean), scale, shift, channels,
+                         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=block)
+    return scale, shift
+
+
+def finish_batch_stats(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       momentum: float, eps: float, count: int) -> Tensor:
+    """fp32 invstd of the batch variance, the running statistics (any float dtype) lerped toward the batch's in
+    place, in one launch."""
+    channels, device = mean.numel(), mean.device
+    _check_vec("mean", mean, channels, device)
+    _check_vec("var", var, channels, device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fusedres.triton: running_mean and running_var must be given together")
+    running = [_operand(name, r, mean) for name, r in (("running_mean", running_mean), ("running_var", running_var))]
+    invstd = torch.empty_like(mean)
+    grid, block = _vector_grid(channels)
+    _finish_batch_stats_kernel[grid](
+        mean, var, invstd, _or(running[0], mean), _or(running[1], var), channels, float(momentum), float(eps),
+        count / (count - 1) if running_mean is not None else 1.0, RUNNING=running_mean is not None, BLOCK=block)
+    for given, updated in zip((running_mean, running_var), running):
+        if given is not None and updated.data_ptr() != given.data_ptr():  # updated a contiguous copy
+            given.copy_(updated.view_as(given))
+    return invstd
+
+
+def backward_coefficients(sum_dz: Tensor, sum_dz_yc: Tensor, group_sum_dz: Tensor, group_sum_dz_yc: Tensor,
+                          mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          count: int, batch_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fp32 (coef (4, C), shift, dweight, dbias) of BatchNorm's backward from its sums, in one launch."""
+    channels, device = mean.numel(), mean.device
+    for name, v in (("sum_dz", sum_dz), ("sum_dz_yc", sum_dz_yc), ("group_sum_dz", group_sum_dz),
+                    ("group_sum_dz_yc", group_sum_dz_yc), ("mean", mean), ("invstd", invstd)):
+        _check_vec(name, v, channels, device)
+    weight, bias = _operand("weight", weight, mean), _operand("bias", bias, mean)
+    coef = mean.new_empty((4, channels))
+    shift, dweight, dbias = (torch.empty_like(mean) for _ in range(3))
+    grid, block = _vector_grid(channels)
+    _backward_coefficients_kernel[grid](
+        sum_dz, sum_dz_yc, group_sum_dz, group_sum_dz_yc, mean, invstd, _or(weight, mean), _or(bias, mean),
+        coef, shift, dweight, dbias, channels, -1.0 / count if batch_stats else 0.0,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BATCH_STATS=bool(batch_stats), BLOCK=block)
+    return coef, shift, dweight, dbias
