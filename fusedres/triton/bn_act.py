@@ -520,7 +520,7 @@ def _operand(name: str, v: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     if not v.is_floating_point() or v.numel() != like.numel() or v.device != like.device:
         raise ValueError(f"fusedres.triton: {name} must be a floating-point tensor of {like.numel()} elements on "
                          f"{like.device}, got dtype {v.dtype}, shape {tuple(v.shape)}, device {v.device}")
-    return v.reshape(-1).contiguous()
+    return v if v.dim() == 1 and v.is_contiguous() else v.reshape(-1).contiguous()
 
 
 def affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
