@@ -10,7 +10,8 @@
 #                                Triton cache, so the tests' and benchmarks' first calls load instead of compile;
 #                                the summary says how many kernels were compiled here all the same
 #     fusedres/_C.cpython-312-x86_64-linux-gnu.so   the extension, used when it imports (no ~97 s build)
-#   GPU_CHECK_TESTS         pytest targets (default: the Triton kernels', the dispatch's result checks', the
+#   GPU_CHECK_TESTS         pytest targets (default: the Triton kernels' (stages, per-channel functions, convs),
+#                           the dispatch's result checks', the
 #                           inference ops', the modules', fusedres.precompile's and fusedres.cuda_graphed's tests,
 #                           the converted stem's GPU test);
 #                           "tests" for all; the CPU emulation of the CUDA kernels (marker host_emulation) is CI's
@@ -96,7 +97,7 @@ fi
 # -v: one line per finished test, so a run stopped by its timeout still says what passed and failed
 start=$SECONDS
 default_tests="tests/test_triton_conv.py tests/test_triton_conv_wgrad.py tests/test_triton_kernels.py
-               tests/test_dispatch_checks.py tests/test_inference_ops.py tests/test_modules.py tests/test_precompile.py tests/test_graphs.py
+               tests/test_per_channel.py tests/test_dispatch_checks.py tests/test_inference_ops.py tests/test_modules.py tests/test_precompile.py tests/test_graphs.py
                tests/test_convert.py::test_gpu_stem_unit_matches_eager"
 # shellcheck disable=SC2086
 $(limit "${GPU_CHECK_TESTS_TIMEOUT:-100}") "$py" -m pytest ${GPU_CHECK_TESTS:-$default_tests} -m "not host_emulation" \
