@@ -1,6 +1,7 @@
 """The CUDA backend's kernels on the CPU: csrc/bn_act.cu built by the host C++ compiler with
 csrc/host_emulation.h standing in for the CUDA runtime (tests/bn_act_host.cpp), so
-tests/test_cuda_backend.py checks the kernels' logic on machines without a GPU too.
+tests/test_cuda_backend.py checks the kernels' logic on machines without a GPU too. ``gpu_extension`` is the
+same kernels' built extension on a GPU, for the tests that run both.
 
 Built on first use with ninja into build/host_emulation (about a minute on two cores; rebuilt
 only when the sources change). A failed build raises: it is a broken kernel source, not a reason
@@ -17,6 +18,19 @@ import pathlib
 import shutil
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def gpu_extension():
+    """(fusedres._C, "") where the built extension runs (a CUDA device), else (None, why not)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "needs a CUDA device"
+    try:
+        import fusedres._C as ext
+    except ImportError as exc:
+        return None, f"fusedres._C cannot be imported ({exc})"
+    return ext, ""
 
 
 def unavailable_reason():

@@ -2,6 +2,7 @@
 composed from the functional ops."""
 
 import functools
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,19 @@ def assert_close(actual, expected, dtype, what):
 def to_format(t, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return t.contiguous(memory_format=fmt)
+
+
+def seeded(request, device) -> torch.Generator:
+    """A generator on ``device`` seeded by the test's id: each test (and parametrisation) its own inputs."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return gen
+
+
+def nonzero(shape, gen, scale=1.0):
+    """fp64 N(0, 1) pushed 0.1 away from zero (never zero, also after rounding), times ``scale``, on gen's device."""
+    x = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float64)
+    return torch.where(x >= 0, x + 0.1, x - 0.1) * scale
 
 
 def randn(gen, *shape, dtype=F64, channels_last=False, requires_grad=False):

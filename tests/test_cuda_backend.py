@@ -15,7 +15,6 @@ csrc/host_emulation.h (tests/host_emulation.py): the kernels' logic is checked o
 """
 
 import itertools
-import zlib
 from typing import NamedTuple
 
 import pytest
@@ -23,19 +22,9 @@ import torch
 
 import host_emulation
 from fusedres.ops import torch_backend as ref
+from op_helpers import nonzero, seeded
 
-
-def _gpu_extension():
-    if not torch.cuda.is_available():
-        return None, "needs a CUDA device"
-    try:
-        import fusedres._C as ext
-    except ImportError as exc:
-        return None, f"fusedres._C cannot be imported ({exc})"
-    return ext, ""
-
-
-GPU_EXT, _GPU_WHY_NOT = _gpu_extension()
+GPU_EXT, _GPU_WHY_NOT = host_emulation.gpu_extension()
 _HOST_WHY_NOT = host_emulation.unavailable_reason()
 
 
@@ -74,18 +63,6 @@ RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ATOL = 1e-5
 
 
-def _seeded(request, device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    return gen
-
-
-def _nonzero(shape, gen, scale=1.0):
-    """fp64 N(0, 1) pushed 0.1 away from zero (never zero, also after rounding)."""
-    x = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float64)
-    return torch.where(x >= 0, x + 0.1, x - 0.1) * scale
-
-
 def _f64(t):
     return None if t is None else t.double()
 
@@ -118,10 +95,10 @@ class Case:
         self.fmt = fmt
 
         def act(dt):
-            return _nonzero(shape, gen).to(dt).contiguous(memory_format=fmt)
+            return nonzero(shape, gen).to(dt).contiguous(memory_format=fmt)
 
         def chan(*s):
-            return _nonzero(s, gen, 0.7).float()
+            return nonzero(s, gen, 0.7).float()
 
         bn = residual == "bn"
         self.y, self.grad = act(dtype), act(dtype)
@@ -133,7 +110,7 @@ class Case:
             near = ref.act_forward(*self.fwd(_f64), relu=False).abs() < 0.02
             if not near.any():
                 return
-            fresh = _nonzero(shape, gen).to(dtype)
+            fresh = nonzero(shape, gen).to(dtype)
             self.y = torch.where(near, fresh, self.y).contiguous(memory_format=fmt)
         raise AssertionError("could not move z away from the ReLU kink")
 
@@ -205,7 +182,7 @@ for _p, _i in zip(*_grid(*_LAYOUT, RESIDUALS, [False, True], [False, True])):
 
 @pytest.mark.parametrize("dtype,layout,shape", _STATS, ids=_STATS_IDS)
 def test_channel_stats(dtype, layout, shape, backend, request):
-    _check_channel_stats(backend.ext, Case(shape, dtype, FORMATS[layout], "none", _seeded(request, backend.device)))
+    _check_channel_stats(backend.ext, Case(shape, dtype, FORMATS[layout], "none", seeded(request, backend.device)))
 
 
 def _check_channel_stats(ext, c):
@@ -222,8 +199,8 @@ def _check_channel_stats(ext, c):
 @pytest.mark.parametrize("layout", list(FORMATS))
 def test_channel_stats_far_from_zero(dtype, layout, backend, request):
     """Mean 1000, spread 4: a single-pass sum / sum-of-squares in fp32 would lose the variance."""
-    gen = _seeded(request, backend.device)
-    y = (_nonzero((8, 16, 32, 32), gen, 4.0) + 1000).to(dtype).contiguous(
+    gen = seeded(request, backend.device)
+    y = (nonzero((8, 16, 32, 32), gen, 4.0) + 1000).to(dtype).contiguous(
         memory_format=FORMATS[layout])
     mean, var = backend.ext.channel_stats(y)
     want_mean, want_var = ref.channel_stats(y.double())
@@ -235,7 +212,7 @@ def test_channel_stats_far_from_zero(dtype, layout, backend, request):
 @pytest.mark.parametrize("dtype,layout,shape,residual,relu", _ACT, ids=_ACT_IDS)
 def test_act_forward(dtype, layout, shape, residual, relu, backend, request):
     fmt = FORMATS[layout]
-    c = Case(shape, dtype, fmt, residual, _seeded(request, backend.device))
+    c = Case(shape, dtype, fmt, residual, seeded(request, backend.device))
     _poison(c.y)
     out = backend.ext.act_forward(*c.fwd(), relu)
     want = ref.act_forward(*c.fwd(_f64), relu)
@@ -245,7 +222,7 @@ def test_act_forward(dtype, layout, shape, residual, relu, backend, request):
 
 @pytest.mark.parametrize("dtype,layout,shape,residual,relu", _ACT, ids=_ACT_IDS)
 def test_backward_reduce(dtype, layout, shape, residual, relu, backend, request):
-    _check_backward_reduce(backend.ext, Case(shape, dtype, FORMATS[layout], residual, _seeded(request, backend.device)),
+    _check_backward_reduce(backend.ext, Case(shape, dtype, FORMATS[layout], residual, seeded(request, backend.device)),
                            relu)
 
 
@@ -266,7 +243,7 @@ def _check_backward_reduce(ext, c, relu):
 @pytest.mark.parametrize("dtype,layout,shape,residual,relu,want_res", _APPLY, ids=_APPLY_IDS)
 def test_backward_apply(dtype, layout, shape, residual, relu, want_res, backend, request):
     fmt = FORMATS[layout]
-    c = Case(shape, dtype, fmt, residual, _seeded(request, backend.device))
+    c = Case(shape, dtype, fmt, residual, seeded(request, backend.device))
     _poison(c.y, c.residual)
     dy, d_res = backend.ext.backward_apply(*c.apply_args(relu, want_res))
     want_dy, want_res_grad = ref.backward_apply(*c.apply_args(relu, want_res, _f64))
@@ -285,7 +262,7 @@ def test_backward_apply(dtype, layout, shape, residual, relu, want_res, backend,
                                              (torch.float32, torch.float16)])
 def test_residual_of_another_dtype(dtype, res_dtype, residual, layout, backend, request):
     fmt = FORMATS[layout]
-    c = Case((4, 24, 14, 14), dtype, fmt, residual, _seeded(request, backend.device), res_dtype=res_dtype)
+    c = Case((4, 24, 14, 14), dtype, fmt, residual, seeded(request, backend.device), res_dtype=res_dtype)
     out = backend.ext.act_forward(*c.fwd(), True)
     check("out", out, ref.act_forward(*c.fwd(_f64), True), ref.act_forward(*c.fwd(), True),
           ref.act_forward(*c.fwd(_abs64), False), dtype, fmt)
@@ -306,7 +283,7 @@ def test_residual_of_another_dtype(dtype, res_dtype, residual, layout, backend, 
 
 
 def test_reductions_are_deterministic(backend, request):
-    c = Case((16, 32, 56, 56), torch.bfloat16, torch.channels_last, "bn", _seeded(request, backend.device))
+    c = Case((16, 32, 56, 56), torch.bfloat16, torch.channels_last, "bn", seeded(request, backend.device))
     for first, second in [(backend.ext.channel_stats(c.y), backend.ext.channel_stats(c.y)),
                           (backend.ext.backward_reduce(*c.reduce_args(True)),
                            backend.ext.backward_reduce(*c.reduce_args(True)))]:
@@ -321,7 +298,7 @@ def test_host_results_do_not_depend_on_thread_order(layout, monkeypatch, request
     """A block's threads run between barriers in the order FUSEDRES_EMULATION_ORDER names: results that
     changed with it would come from a thread reading shared memory another writes in the same phase."""
     ext = host_emulation.load()
-    c = Case((6, 16, 10, 13), torch.float32, FORMATS[layout], "bn", _seeded(request, "cpu"))
+    c = Case((6, 16, 10, 13), torch.float32, FORMATS[layout], "bn", seeded(request, "cpu"))
 
     def run_all():
         return [*ext.channel_stats(c.y), ext.act_forward(*c.fwd(), True),
@@ -345,7 +322,7 @@ def test_host_reductions_with_an_h100_launch_plan(layout, shape, monkeypatch, re
     """The plan a 132-SM GPU gets: hundreds of row slices per channel, merged by finalize threads that each
     take several partials (the imaginary 3-SM GPU of the other host cases never needs that)."""
     monkeypatch.setenv("FUSEDRES_EMULATION_SMS", "132")
-    c = Case(shape, torch.bfloat16, FORMATS[layout], "bn", _seeded(request, "cpu"))
+    c = Case(shape, torch.bfloat16, FORMATS[layout], "bn", seeded(request, "cpu"))
     _check_channel_stats(host_emulation.load(), c)
     _check_backward_reduce(host_emulation.load(), c, True)
     monkeypatch.setenv("FUSEDRES_EMULATION_SMS", "none")
@@ -372,18 +349,18 @@ def test_large_64bit_indexing(layout, request):
     and at least 0.018 from 0: the ReLU mask is the same in every precision.
     """
     fmt = FORMATS[layout]
-    gen = _seeded(request, "cuda")
+    gen = seeded(request, "cuda")
     shape = (2**31 // (64 * 32 * 32) + 1, 64, 32, 32)
     y = torch.empty(shape, dtype=torch.bfloat16, device="cuda", memory_format=fmt)
     grad = torch.empty_like(y)
     for t in (y, grad):
         for part in t.split(_CHUNK):
-            part.copy_(_nonzero(part.shape, gen))
+            part.copy_(nonzero(part.shape, gen))
     c = shape[1]
     pick = torch.randint(0, 6, (c,), generator=gen, device="cuda")
     scale = torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], device="cuda")[pick]
     shift = torch.full((c,), 2.0**-5, device="cuda")
-    mean, coef = _nonzero((c,), gen).float(), _nonzero((4, c), gen).float()
+    mean, coef = nonzero((c,), gen).float(), nonzero((4, c), gen).float()
     fwd = (scale, shift, None, None, None)
     fwd64 = [_f64(t) for t in fwd]
     fwd_abs64 = [_abs64(t) for t in fwd]  # for magnitudes: the scales here can be negative

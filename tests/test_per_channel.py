@@ -9,13 +9,12 @@ as the kernels' hosts take any; the running statistics' lerp is taken on both si
 of formula at weight 0.5.
 """
 
-import zlib
-
 import pytest
 import torch
 
 import host_emulation
 from fusedres.ops import torch_backend as ref
+from op_helpers import nonzero, seeded
 
 CHANNELS = [1, 7, 64, 1030]
 FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -26,17 +25,7 @@ FP32_ARITHMETIC = 4e-7
 STORED = {torch.float32: 4e-7, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 
 
-def _gpu_extension():
-    if not torch.cuda.is_available():
-        return None
-    try:
-        import fusedres._C as ext
-    except ImportError:
-        return None
-    return ext
-
-
-GPU_EXT = _gpu_extension()
+GPU_EXT, _GPU_WHY_NOT = host_emulation.gpu_extension()
 _HOST_WHY_NOT = host_emulation.unavailable_reason()
 
 
@@ -44,8 +33,7 @@ _HOST_WHY_NOT = host_emulation.unavailable_reason()
     "triton",
     pytest.param("host", marks=[pytest.mark.host_emulation,
                                 pytest.mark.skipif(_HOST_WHY_NOT is not None, reason=str(_HOST_WHY_NOT))]),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(GPU_EXT is None,
-                                                                    reason="needs a CUDA device and fusedres._C")])])
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(GPU_EXT is None, reason=_GPU_WHY_NOT)])])
 def backend(request):
     """(the backend's module, the device of its tensors)."""
     if request.param == "triton":
@@ -58,12 +46,8 @@ def backend(request):
 
 
 def _vectors(request, device, count, channels, scale=1.0):
-    """``count`` fp32 (C,) vectors on ``device``, N(0, scale^2) pushed 0.1 * scale away from zero (seeded by the
-    test's id)."""
-    gen = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    x = torch.randn(count, channels, generator=gen, dtype=torch.float64)
-    x = torch.where(x >= 0, x + 0.1, x - 0.1) * scale
-    return [v.float().to(device) for v in x]
+    """``count`` fp32 (C,) vectors on ``device``, never zero (``op_helpers.nonzero``), seeded by the test's id."""
+    return list(nonzero((count, channels), seeded(request, device), scale).float())
 
 
 def _as_given(v, kind: str):
@@ -158,5 +142,7 @@ def test_per_channel_functions_name_a_misfit_vector(backend, request):
         kernels.affine(mean, invstd.double(), None, None)
     with pytest.raises((ValueError, RuntimeError), match="running_mean and running_var"):
         kernels.finish_batch_stats(mean, invstd.abs(), weight, None, 0.1, 1e-5, 4)
+    with pytest.raises((ValueError, RuntimeError), match="needs count > 1"):
+        kernels.finish_batch_stats(mean, invstd.abs(), weight, weight.clone(), 0.1, 1e-5, 1)
     with pytest.raises((ValueError, RuntimeError), match="sum_dz_yc"):
         kernels.backward_coefficients(mean, mean[:4], mean, mean, mean, invstd, None, None, 4, True)

@@ -315,22 +315,21 @@ def _backward_coefficients_kernel(
     mean = tl.load(mean_ptr + cols, mask=mask)
     invstd = tl.load(invstd_ptr + cols, mask=mask)
     scale, shift = _affine(mean, invstd, weight_ptr, bias_ptr, cols, mask, HAS_WEIGHT, HAS_BIAS)
-    tl.store(shift_ptr + cols, shift, mask=mask)
-    tl.store(coef_ptr + cols, scale, mask=mask)
+    c1 = tl.zeros_like(scale)  # running statistics: dy = dz * scale
+    c2 = c1
+    c3 = c1
     if BATCH_STATS:
         per_value = scale * neg_inv_count
-        tl.store(coef_ptr + C + cols,
-                 tl.load(group_sum_dz_yc_ptr + cols, mask=mask) * (invstd * invstd) * per_value, mask=mask)
-        tl.store(coef_ptr + 2 * C + cols, tl.load(group_sum_dz_ptr + cols, mask=mask) * per_value, mask=mask)
-        tl.store(coef_ptr + 3 * C + cols, mean, mask=mask)
-    else:
-        zero = tl.zeros_like(scale)
-        tl.store(coef_ptr + C + cols, zero, mask=mask)
-        tl.store(coef_ptr + 2 * C + cols, zero, mask=mask)
-        tl.store(coef_ptr + 3 * C + cols, zero, mask=mask)
-    sum_dz = tl.load(sum_dz_ptr + cols, mask=mask)
+        c1 = tl.load(group_sum_dz_yc_ptr + cols, mask=mask) * (invstd * invstd) * per_value
+        c2 = tl.load(group_sum_dz_ptr + cols, mask=mask) * per_value
+        c3 = mean
+    tl.store(coef_ptr + cols, scale, mask=mask)
+    tl.store(coef_ptr + C + cols, c1, mask=mask)
+    tl.store(coef_ptr + 2 * C + cols, c2, mask=mask)
+    tl.store(coef_ptr + 3 * C + cols, c3, mask=mask)
+    tl.store(shift_ptr + cols, shift, mask=mask)
     tl.store(dweight_ptr + cols, tl.load(sum_dz_yc_ptr + cols, mask=mask) * invstd, mask=mask)
-    tl.store(dbias_ptr + cols, sum_dz, mask=mask)
+    tl.store(dbias_ptr + cols, tl.load(sum_dz_ptr + cols, mask=mask), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -545,6 +544,9 @@ def finish_batch_stats(mean: Tensor, var: Tensor, running_mean: Optional[Tensor]
     _check_vec("var", var, channels, device)
     if (running_mean is None) != (running_var is None):
         raise ValueError("fusedres.triton: running_mean and running_var must be given together")
+    if running_mean is not None and count < 2:
+        raise ValueError(f"fusedres.triton: the running variance is unbiased with count values per channel, needs "
+                         f"count > 1, got {count}")
     running = [_operand(name, r, mean) for name, r in (("running_mean", running_mean), ("running_var", running_var))]
     invstd = torch.empty_like(mean)
     grid, block = _vector_grid(channels)
