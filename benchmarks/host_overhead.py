@@ -40,7 +40,7 @@ import torch
 import triton
 
 from fusedres.ops import backends, inference, unit_conv
-from fusedres.triton import conv
+from fusedres.triton import conv, partials
 
 
 class _NoLaunch:
@@ -219,7 +219,7 @@ def main() -> None:
             print(f"  {name:40s} {_microseconds(fn):7.1f}")
         if device == "cpu" and "--resnet50" in sys.argv[1:]:
             print(f"host ms, ResNet-50's 16 blocks, inference forward at batch 1: {_resnet50_blocks_ms():.2f}")
-    conv._conv_kernel = conv._finish_stats_kernel = _NoLaunch()
+    conv._conv_kernel = partials._finish_partials_kernel = _NoLaunch()
     print(f"host us per call, conv kernels stubbed ({device}, torch {torch.__version__}):")
     for name, fn in rows.items():
         print(f"  {name:40s} {_microseconds(fn):7.1f}")

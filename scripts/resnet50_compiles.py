@@ -99,7 +99,7 @@ STAND_IN: dict = {}
 exec(STAND_IN_LAUNCH, STAND_IN)  # the stand-in driver from here on; defines compile_without_launching
 
 from benchmarks.convs import conv_specs, package_prologues  # noqa: E402
-from fusedres.triton import autotuning, conv, conv_args, conv_dgrad, conv_wgrad  # noqa: E402
+from fusedres.triton import autotuning, conv, conv_args, conv_dgrad, conv_wgrad, partials  # noqa: E402
 
 events: list[tuple[str, str]] = []  # ("key", kernel) at each new autotuning key, ("compile", kernel) per compile
 
@@ -245,8 +245,8 @@ def main() -> None:
     records: list = []
     if args.report is not None:
         audit_compiles(records)
-    STAND_IN["compile_without_launching"](conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel,
-                                          conv_args._space_to_depth_kernel)
+    STAND_IN["compile_without_launching"](conv._conv_kernel, partials._finish_partials_kernel,
+                                          conv_wgrad._wgrad_kernel, conv_args._space_to_depth_kernel)
     record_keys(conv._conv_kernel)
     record_keys(conv_wgrad._wgrad_kernel)
     start = time.perf_counter()

@@ -115,11 +115,11 @@ def test_precompile_compiles_a_training_blocks_kernels_at_once_behind_the_stand_
     measured dispatch, in the forward's thread and autograd's, and compiles all of them on its pool; the
     step after it, which measures the dispatch and autotunes, compiles none of them again."""
     found = run_behind_stand_in(_PRECOMPILE_BEHIND_THE_STAND_IN, tmp_path)
-    tuned = [c for c in found["in_pass"] if c["kernel"] != "_finish_stats_kernel"]  # which is not autotuned
+    tuned = [c for c in found["in_pass"] if c["kernel"] != "_finish_partials_kernel"]  # which is not autotuned
     assert found["failed"] == 0 and len(tuned) == found["compiles"] > 0, found
     assert {c["kernel"] for c in tuned} == {"_conv_kernel", "_wgrad_kernel"}, found
     assert {c["thread"][:22] for c in tuned} == {"fusedres-compile-ahead"}, found
-    assert [c for c in found["after"] if c["kernel"] != "_finish_stats_kernel"] == [], found
+    assert [c for c in found["after"] if c["kernel"] != "_finish_partials_kernel"] == [], found
     assert found["chosen"] == ["cudnn"], found  # every implementation rated alike: the first in order
 
 

@@ -286,27 +286,6 @@ def test_only_strided_ungrouped_convs_of_few_channels_run_space_to_depth(prologu
     assert kernel_prologue == (prologue and not rewritten)
 
 
-@pytest.mark.parametrize("moments", [False, True], ids=["sums", "moments"])
-def test_statistics_finish_adds_the_rows_written(moments):
-    """_finish_stats_kernel over a workspace of 37 written rows (of 40; several row blocks) and 20 channels
-    (a partial channel block): the sums of both planes, or mean and variance about the shift, as fp64 has
-    them; rows past the written ones are ignored."""
-    gen = seeded(f"finish-{moments}")
-    ws = torch.randn(2, 40, 20, generator=gen).to(DEVICE)
-    ws[:, 37:] = float("nan")  # never written by the conv: must not be read
-    shift = torch.randn(20, generator=gen).to(DEVICE)
-    first, second = torch.empty(20, device=DEVICE), torch.empty(20, device=DEVICE)
-    m = 37 * 32  # output positions
-    conv._finish_stats_kernel[(triton.cdiv(20, conv._FINISH_BLOCK_C),)](
-        ws, first, second, shift, 37, ws.stride(0), 20, m, MOMENTS=moments, BLOCK_R=conv._FINISH_BLOCK_R,
-        BLOCK_C=conv._FINISH_BLOCK_C)
-    s, ss = ws[:, :37].double().sum(1)
-    if moments:
-        s, ss = shift.double() + s / m, (ss / m - (s / m).square()).clamp_min(0)
-    torch.testing.assert_close(first.double(), s, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(second.double(), ss, rtol=1e-5, atol=1e-5)
-
-
 def _eligible_for_tma(x, w, kw) -> bool:
     geo = conv._geometry(x, w, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
     merge = conv_args._merge_factor(geo, kw["groups"])
@@ -927,7 +906,7 @@ _COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fusedres.triton import autotuning, conv, conv_args, conv_dgrad
+from fusedres.triton import autotuning, conv, conv_args, conv_dgrad, partials
 
 fn = conv._conv_kernel.fn
 off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
@@ -944,11 +923,14 @@ for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
            for a in fn.arg_names}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-finish = conv._finish_stats_kernel  # with the GPU's tile, not the interpreter's
-consts = dict(MOMENTS=True, BLOCK_R=conv._FINISH_BLOCK_R, BLOCK_C=conv._FINISH_BLOCK_C)
-sig = {a: "constexpr" if a in consts else "*fp32" if a.endswith("_ptr") else "i32" for a in finish.arg_names}
-triton.compile(ASTSource(finish, sig, consts), target=GPUTarget("cuda", 90, 32),
-               options=dict(num_warps=conv._FINISH_WARPS))
+finish = partials._finish_partials_kernel  # each mode, with the GPU's tile, not the interpreter's
+for mode, planes in ((partials.SUMS, 2), (partials.SUMS, 3), (partials.SHIFTED_MOMENTS, 2),
+                     (partials.CHAN_MOMENTS, 3)):
+    consts = dict(MODE=mode, PLANES=planes, BLOCK_R=partials._BLOCK_R, BLOCK_C=partials._BLOCK_C)
+    sig = {a: "constexpr" if a in consts else "*bf16" if a == "centre_ptr" else "*fp32" if a.endswith("_ptr")
+           else "i32" for a in finish.arg_names}
+    triton.compile(ASTSource(finish, sig, consts), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=partials._WARPS))
 copy = conv_args._space_to_depth_kernel  # the stem's copy, with a BN + ReLU prologue
 consts = dict(SH=2, SW=2, CHANNELS=4, PROLOGUE=True, IN_RELU=True, BLOCK=conv_args._SPACE_TO_DEPTH_BLOCK)
 sig = {a: "constexpr" if a in consts else "*bf16" if a in ("x_ptr", "out_ptr") else "*fp32" if a.endswith("_ptr")
@@ -1248,7 +1230,7 @@ def compile(src, *args, **kwargs):  # the one JITFunction calls
 
 
 triton.compiler.compile = compile
-compile_without_launching(kernel, conv._finish_stats_kernel)
+compile_without_launching(kernel, partials._finish_partials_kernel)
 x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 w = torch.randn(out_channels, 64, 3, 3, dtype=torch.bfloat16)
 conv.conv2d_fused(x, w, padding=(1, 1), in_scale=torch.ones(64), in_shift=torch.zeros(64), compute_stats=True)
@@ -1318,17 +1300,17 @@ def test_a_compile_ahead_pass_compiles_every_key_at_once_and_the_step_after_it_o
     again. Run on CPU with a stand-in for the H100's driver (compiled, never launched), in a process without
     TRITON_INTERPRET."""
     found = run_behind_stand_in(_COMPILE_AHEAD, tmp_path)
-    tuned = [c for c in found["in_pass"] if c["kernel"] != "_finish_stats_kernel"]  # which is not autotuned
+    tuned = [c for c in found["in_pass"] if c["kernel"] != "_finish_partials_kernel"]  # which is not autotuned
     assert found["tuned_in_pass"] == 0 and found["failed"] == 0, found
     assert len(tuned) == found["submitted"] and {c["thread"][:22] for c in tuned} == {"fusedres-compile-ahead"}
     assert {c["kernel"] for c in tuned} == {"_conv_kernel", "_wgrad_kernel"}, found
-    assert [c for c in found["after"] if c["kernel"] != "_finish_stats_kernel"] == [], found
+    assert [c for c in found["after"] if c["kernel"] != "_finish_partials_kernel"] == [], found
     assert len(found["tunings"]) == 4, found  # every config the step timed was compiled by the pass
     assert sum(len(t["ms"]) or 1 for t in found["tunings"]) == found["submitted"], found
 
 
 _ONES_AT_LAUNCH = STAND_IN_LAUNCH + """
-compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
+compile_without_launching(conv._conv_kernel, partials._finish_partials_kernel, conv_wgrad._wgrad_kernel)
 x = torch.randn(1, 16, 1, 1, dtype=torch.bfloat16)  # N = H = W = P = Q = M = 1, so one M tile (WS_ROWS = 1)
 dy, w = torch.randn(1, 16, 1, 1, dtype=torch.bfloat16), torch.randn(16, 16, 3, 3, dtype=torch.bfloat16)
 v = torch.ones(16)
@@ -1426,9 +1408,9 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     found = run_behind_stand_in(_RELAUNCH, tmp_path)
     # the statistics kernel's first launch (in the tuning call) and the tuned conv's go through the JIT
     (stats_through_jit, conv_through_jit), relaunched = (
-        (found["tuning"]["_finish_stats_kernel"], found["aligned"][0]["_conv_kernel"]), found["aligned"][1])
+        (found["tuning"]["_finish_partials_kernel"], found["aligned"][0]["_conv_kernel"]), found["aligned"][1])
     assert [run["jit"] for run in found["aligned"]] == [1, 0], found
-    for through_jit, kernel in ((conv_through_jit, "_conv_kernel"), (stats_through_jit, "_finish_stats_kernel")):
+    for through_jit, kernel in ((conv_through_jit, "_conv_kernel"), (stats_through_jit, "_finish_partials_kernel")):
         assert through_jit["hooks_silent"], found
         for key in ("launcher", "grid", "kernel", "arguments"):
             assert relaunched[kernel][key] == through_jit[key], (kernel, key)

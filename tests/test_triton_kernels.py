@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from fusedres.ops.backends import conv_allows_tf32  # noqa: E402
 from fusedres.ops import torch_backend as ref  # noqa: E402
-from fusedres.triton import bn_act  # noqa: E402
+from fusedres.triton import bn_act, partials  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -196,6 +196,38 @@ def test_channel_stats_large_mean(monkeypatch, channels_last, tile_elems):
     exp_mean, exp_var = ref.channel_stats(y.double())
     torch.testing.assert_close(mean.double(), exp_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), exp_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("mode,planes", [(partials.SUMS, 2), (partials.SUMS, 3), (partials.SHIFTED_MOMENTS, 2),
+                                         (partials.CHAN_MOMENTS, 3)], ids=["sums2", "sums3", "shifted", "chan"])
+def test_finish_partials(mode, planes):
+    """partials.finish over 37 written rows of a 40-row workspace (several row blocks; the rows past those
+    written hold NaN, never read) and 20 channels (a partial channel block), as fp64 has it: the sums of each
+    plane; the moments about a centre (a shift, or Chan's partial (count, mean, M2)) read from a strided bf16
+    tensor, as channel_stats reads y's first pixel."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"finish-{mode}-{planes}".encode()))
+    ws = torch.randn(planes, 40, 20, generator=gen, dtype=torch.float64)
+    m = 37 * 32  # elements per channel
+    if mode == partials.CHAN_MOMENTS:  # per row: (count, mean, M2 >= 0), m the counts' sum
+        count = torch.randint(1, 64, (37, 1), generator=gen).double()
+        ws[0, :37], ws[2], m = count, ws[2].abs(), int(count.sum())
+    ws[:, 37:] = float("nan")
+    centre = torch.randn(20, 3, generator=gen).to(torch.bfloat16)[:, 1]  # stride 3
+    got = partials.finished(ws.float().to(DEVICE), 37, mode, count=m, centre=centre.to(DEVICE),
+                            centre_stride=3)
+    rows, centre = ws[:, :37], centre.double()
+    if mode == partials.SUMS:
+        expected = rows.sum(1).unbind(0)
+    elif mode == partials.SHIFTED_MOMENTS:
+        s, ss = rows.sum(1) / m
+        expected = centre + s, (ss - s * s).clamp_min(0)
+    else:
+        count, mean_i, m2 = rows
+        mean = (count * mean_i).sum(0) / m
+        expected = centre + mean, (m2 + count * (mean_i - mean).square()).sum(0) / m
+    assert len(got) == len(expected) and len({t.data_ptr() for t in got}) == len(got)
+    for g, e in zip(got, expected):
+        _check_channel_vector(g, e, rtol=1e-5, atol=1e-5)
 
 
 def test_rejects_unsupported_inputs():

@@ -133,7 +133,7 @@ import types
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from fusedres.triton import conv, conv_dgrad, conv_wgrad
+from fusedres.triton import conv, conv_dgrad, conv_wgrad, partials
 
 
 class StandInH100:  # what JITFunction.run asks the active driver before it compiles
@@ -207,7 +207,7 @@ def compile(src, *args, **kwargs):  # the one JITFunction calls
 
 
 triton.compiler.compile = compile
-compile_without_launching(conv._conv_kernel, conv._finish_stats_kernel, conv_wgrad._wgrad_kernel)
+compile_without_launching(conv._conv_kernel, partials._finish_partials_kernel, conv_wgrad._wgrad_kernel)
 """
 
 _LAUNCH_LIKE_SCRIPT = """

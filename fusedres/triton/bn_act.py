@@ -17,12 +17,13 @@ stage serves every variant:
 
 * ``_channel_stats_kernel`` reads y once. Each program folds ROW_TILES row tiles of one channel
   block into per-channel (count, mean, M2) of y - y[0, c, 0, 0] with Chan's parallel formula (each
-  tile's own moments are two-pass in registers) and writes them to an fp32 workspace; the host
-  merges the programs' partials with the same formula. Nothing cancels when |mean| >> std: the
+  tile's own moments are two-pass in registers) and writes them to an fp32 workspace, whose rows one
+  more launch merges with the same formula (``partials``, CHAN_MOMENTS). Nothing cancels when |mean| >> std: the
   shift keeps the partial means O(std) and M2 is only ever a sum of squared deviations.
 * ``_act_forward_kernel``: out = act(y * scale + shift + r) in one read of y (and residual).
 * ``_backward_reduce_kernel`` recomputes z (hence the ReLU mask) from y and the residual and writes
-  per-program sums of dz, dz * (y - mean), dz * (residual - res_mean); the host adds them up.
+  per-program sums of dz, dz * (y - mean), dz * (residual - res_mean), which one more launch adds up
+  (``partials``, SUMS).
 * ``_backward_apply_kernel`` recomputes dz and writes dy and, optionally, d_residual in one pass.
 
 Assumptions (checked on the host: TypeError for dtypes, ValueError otherwise): y is 4-D and
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from fusedres.ops import torch_backend
 
+from . import partials
 from ._host import cdiv, next_power_of_2
 from .relaunch import relaunched
 
@@ -435,10 +437,9 @@ def channel_stats(y: Tensor) -> tuple[Tensor, Tensor]:
         return torch_backend.channel_stats(y)
     geo, grid, ws = _reduce_launch(y, channels_last)
     _channel_stats_kernel[grid](y, ws, **geo)
-    count, part_mean, part_m2 = ws.unbind(0)  # each (P, C); means are relative to y[0, :, 0, 0]
-    mean = (count * part_mean).sum(0) / geo["ROWS"]
-    var = (part_m2 + count * (part_mean - mean).square()).sum(0) / geo["ROWS"]
-    return y[0, :, 0, 0].float() + mean, var
+    # the programs' moments are of y - y[0, :, 0, 0], the pivot (channel c at y's element c * stride_c)
+    return partials.finished(ws, grid[0], partials.CHAN_MOMENTS, count=geo["ROWS"], centre=y,
+                             centre_stride=geo["stride_c"])
 
 
 def act_forward(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], res_scale: Optional[Tensor],
@@ -472,9 +473,9 @@ def backward_reduce(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, r
     _backward_reduce_kernel[grid](
         grad_out, y, _or(residual, y), scale, shift, _or(res_scale, scale), _or(res_shift, shift),
         mean, _or(res_mean, mean), ws, RES=res, RELU=bool(relu), RES_SUM=res_mean is not None, **geo)
-    # One sum per row of ws the kernel wrote, each its own tensor: ops must not return views of one another.
-    sum_dz, sum_dz_yc = ws[0].sum(0), ws[1].sum(0)
-    return sum_dz, sum_dz_yc, (ws[2].sum(0) if res_mean is not None else None)
+    # each sum its own tensor: ops must not return views of one another
+    sums = partials.finished(ws if res_mean is not None else ws[:2], grid[0], partials.SUMS)
+    return sums[0], sums[1], (sums[2] if res_mean is not None else None)
 
 
 def backward_apply(grad_out: Tensor, y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],

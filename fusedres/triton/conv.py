@@ -98,7 +98,7 @@ prologue's transform) ptxas serialises that loop's wgmma (warning C7515).
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
 of an fp32 workspace (2, rows, K); every row is written by exactly one program, so no atomics and no
-zero-fill are needed, and one more launch (``_finish_stats_kernel``, rows added in a fixed order, so
+zero-fill are needed, and one more launch (``partials.finish``, rows added in a fixed order, so
 deterministic) turns them into mean = shift + sum(d)/M and var = sum(d*d)/M - (sum(d)/M)^2, where torch
 took five small ops. Any shift gives these up to rounding; one near the mean (a
 BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std.
@@ -120,11 +120,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import partials
 from ._host import cdiv
 from .autotuning import autotune
 from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _merge_factor, _merged,
                         _packed_weight, _space_to_depth, _space_to_depth_channels, _vector)
-from .relaunch import relaunched
 
 _FLAT_K_BELOW = 16  # per-group input channels below which the reduction is one flat (r, s, c) axis
 
@@ -163,10 +163,6 @@ _ROW_TILINGS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"]) for c in _CONF
 _TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
 _INTERPRET_SMS = 2  # under TRITON_INTERPRET=1 a persistent program takes several tiles in the tests' shapes
-# _finish_stats_kernel's tile: narrow, so a conv of few channels (64) still spreads its workspace over several
-# programs, and tall, so each adds its rows (6272 for ResNet-50's layer1 at batch 256) in few steps: the loop's
-# loads are not pipelined (sm_90 PTX: plain ld.global), each step waits for the last one's (L2) loads
-_FINISH_BLOCK_R, _FINISH_BLOCK_C, _FINISH_WARPS = (16, 8, 4) if _INTERPRET else (1024, 8, 8)
 
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
@@ -442,36 +438,6 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
         tl.store(out_ptr + out_offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@relaunched
-@triton.jit
-def _finish_stats_kernel(
-    ws_ptr,  # (2, WS_ROWS, K) fp32: _conv_kernel's per-row-tile sums of d and d*e
-    first_ptr, second_ptr,  # (K,) fp32 out: the sums, or with MOMENTS the mean and the variance
-    shift_ptr,  # (K,) fp32 stats_shift, read if MOMENTS
-    ROWS, PLANE, K, M,  # rows written (one per row tile of the config that ran), WS_ROWS * K, output positions
-    MOMENTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # Adds rows [0, ROWS) of the workspace per channel in a fixed order (deterministic): s = sum d and
-    # ss = sum d*e, or with MOMENTS (d = y - shift, e = d) mean = shift + s/M and variance
-    # max(ss/M - (s/M)^2, 0). One launch: the statistics cost no torch ops after the conv.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < K
-    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for first_row in range(0, ROWS, BLOCK_R):
-        rows = first_row + tl.arange(0, BLOCK_R)
-        mask = (rows < ROWS)[:, None] & col_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        s += tl.sum(tl.load(ws_ptr + offs, mask=mask, other=0.0), axis=0)
-        ss += tl.sum(tl.load(ws_ptr + PLANE + offs, mask=mask, other=0.0), axis=0)
-    if MOMENTS:
-        mean_d = s / M
-        s = tl.load(shift_ptr + cols, mask=col_mask, other=0.0) + mean_d
-        ss = tl.maximum(ss / M - mean_d * mean_d, 0.0)
-    tl.store(first_ptr + cols, s, mask=col_mask)
-    tl.store(second_ptr + cols, ss, mask=col_mask)
-
-
 # ----------------------------------------------------------------------------- host side
 
 
@@ -600,7 +566,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
             out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(),
             moments=False, flat=False):
     """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
-    compute_stats, also _finish_stats_kernel into stats_out, two (K,) fp32 tensors: the per-channel sums of
+    compute_stats, also ``partials.finish`` into stats_out, two (K,) fp32 tensors: the per-channel sums of
     d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y. The reduction
     is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``."""
     k = geo["K"]
@@ -642,9 +608,8 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
         launch()
     if compute_stats:  # the rows the launch wrote: one per row tile of the config the autotuner ran
         best = _conv_kernel.best_config.kwargs
-        _finish_stats_kernel[(cdiv(k, _FINISH_BLOCK_C),)](
-            ws, *stats_out, stats_shift, _row_tiles(geo, box, best["BLOCK_M"], best["USE_TMA"]), ws.stride(0), k,
-            geo["M"], MOMENTS=moments, BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C, num_warps=_FINISH_WARPS)
+        partials.finish(ws, _row_tiles(geo, box, best["BLOCK_M"], best["USE_TMA"]), stats_out,
+                        partials.SHIFTED_MOMENTS if moments else partials.SUMS, count=geo["M"], centre=stats_shift)
 
 
 def conv2d_fused(
