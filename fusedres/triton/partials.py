@@ -28,7 +28,9 @@ from ._host import cdiv
 from .conv_args import _INTERPRET
 from .relaunch import relaunched
 
-SUMS, SHIFTED_MOMENTS, CHAN_MOMENTS = 0, 1, 2
+# the modes, as the kernel reads them (a jit function reads only constexpr globals) and as callers name them
+_SUMS, _SHIFTED_MOMENTS, _CHAN_MOMENTS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+SUMS, SHIFTED_MOMENTS, CHAN_MOMENTS = _SUMS.value, _SHIFTED_MOMENTS.value, _CHAN_MOMENTS.value
 
 # the tile: narrow, so a reduction over few channels (64) still spreads over several programs, and tall, so
 # each adds its rows (6272 for ResNet-50's layer1 conv at batch 256) in few steps: the loop's loads are not
@@ -61,22 +63,21 @@ def _finish_partials_kernel(
         offs, mask = _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R)
         p0 = tl.load(ws_ptr + offs, mask=mask, other=0.0)
         p1 = tl.load(ws_ptr + PLANE + offs, mask=mask, other=0.0)
-        # MODE as literals: 2 is CHAN_MOMENTS (sum count_i * mean_i here, the deviations in a second pass)
-        if MODE == 2:
+        if MODE == _CHAN_MOMENTS:  # sum count_i * mean_i here, the deviations in a second pass
             a += tl.sum(p0 * p1, axis=0)
         else:
             a += tl.sum(p0, axis=0)
             b += tl.sum(p1, axis=0)
             if PLANES == 3:
                 c += tl.sum(tl.load(ws_ptr + 2 * PLANE + offs, mask=mask, other=0.0), axis=0)
-    if MODE == 0:  # SUMS; else the moments, 1: SHIFTED_MOMENTS, 2: CHAN_MOMENTS
+    if MODE == _SUMS:
         tl.store(first_ptr + cols, a, mask=col_mask)
         tl.store(second_ptr + cols, b, mask=col_mask)
         if PLANES == 3:
             tl.store(third_ptr + cols, c, mask=col_mask)
     else:
         mean = a / COUNT  # of y - centre
-        if MODE == 2:
+        if MODE == _CHAN_MOMENTS:
             for first_row in range(0, ROWS, BLOCK_R):
                 offs, mask = _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R)
                 count = tl.load(ws_ptr + offs, mask=mask, other=0.0)  # rows past ROWS: 0, adding nothing
