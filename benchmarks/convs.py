@@ -378,7 +378,7 @@ def conv_cases(settings: Settings) -> list[Case]:
             functools.partial(_prepare_conv, settings, spec, batch, stats, mode, prologue),
             contenders=[(n, shape_skip if n in triton_names else None)
                         for n, why in run_skips[mode].items() if why is None],
-            extra={"conv": spec.geometry(), **extra}))
+            extra={"conv": spec.geometry(), **extra}, queue_ahead=True))
 
     for spec in specs:
         for batch in default_batches(settings, "convs", "fwd"):

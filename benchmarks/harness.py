@@ -12,8 +12,12 @@ level), built by ``Setup.fused(name)`` and checked against ``Setup.reference``'s
 
 Timing: CUDA events around each iteration, the L2 cache flushed before each one (as
 ``triton.testing.do_bench`` does), after warm-up; ``time.perf_counter`` on CPU. Reported: median
-and p20/p80 of the per-iteration times, and apart the wall-clock time of the first call
-(synchronised; it pays one-off costs: compilation, autotuning, cuDNN's algorithm search). Peak memory
+and p20/p80 of the per-iteration times, the host's median time in a call (``host ms``: its checks and
+launches, not waiting for the GPU), and apart the wall-clock time of the first call
+(synchronised; it pays one-off costs: compilation, autotuning, cuDNN's algorithm search). With the queue
+drained after each flush, a call whose host time exceeds the flush's GPU time (~0.1 ms) is timed partly on
+the host; a level comparing kernels (``Case.queue_ahead``: convs) queues a wait before each iteration so
+the events time the GPU's work alone. Peak memory
 (CUDA only): ``max_memory_allocated`` over the timed iterations, counted above what was allocated before
 the contender was built (inputs, the pristine weights and the eager reference are not charged to it; its
 own weight copy, gradients, optimizer state and activations are).
@@ -113,6 +117,9 @@ class Case:
     # eager, fused per backend, compile (``contenders``)
     contenders: Optional[list[tuple[str, Optional[str]]]] = None
     extra: dict = field(default_factory=dict)  # more fields for the case's rows (JSON)
+    # time the GPU's work alone, the host's launches queued ahead of it (``time_ms``): a level comparing
+    # kernels (convs); not where the host's time is part of what is measured (a batch-1 model's latency)
+    queue_ahead: bool = False
 
     @property
     def key(self) -> str:
@@ -280,30 +287,73 @@ def _flush_buffer(device: torch.device) -> Optional[Tensor]:
     return _FLUSH[str(device)]
 
 
-def time_ms(fn: Callable, device: torch.device, warmup: int, repeats: int,
-            flush: bool = True) -> list[float]:
-    """Per-iteration times in ms after ``warmup`` untimed iterations."""
+@dataclass
+class Timing:
+    ms: list[float]  # per iteration: between CUDA events around fn() (perf_counter on CPU)
+    host_ms: list[float]  # per iteration: the host's time in fn() (its checks and launches), not synchronised
+    late: Optional[int] = None  # queue_ahead: iterations whose host time outlasted the wait queued before them
+
+
+_HOLD_MAX_MS = 20.0  # queue_ahead: the longest wait queued before an iteration
+_CYCLES_PER_MS: dict[str, float] = {}  # device -> torch.cuda._sleep cycles per ms, measured once
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """How many cycles of ``torch.cuda._sleep`` (a kernel spinning on the SM clock) last a millisecond here."""
+    if str(device) not in _CYCLES_PER_MS:
+        cycles = 2**21
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        spans = []
+        for _ in range(4):
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            torch.cuda.synchronize(device)
+            spans.append(start.elapsed_time(end))
+        _CYCLES_PER_MS[str(device)] = cycles / quantile(spans[1:], 0.5)
+    return _CYCLES_PER_MS[str(device)]
+
+
+def _host_call_ms(fn: Callable) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def time_ms(fn: Callable, device: torch.device, warmup: int, repeats: int, flush: bool = True,
+            queue_ahead: bool = False) -> Timing:
+    """Times of ``repeats`` iterations after ``warmup`` untimed ones (see the module docstring). queue_ahead
+    (CUDA): before each iteration the GPU is given a wait (``torch.cuda._sleep``) of twice the host time a
+    call took in three more untimed calls, so the host queues all of the call's launches before the GPU
+    reaches them and the events time the GPU's work alone, as a deep queue does in a model's step. ``late``
+    counts the iterations whose host time outlasted their wait (a call that synchronises, more than
+    _HOLD_MAX_MS of host time, a pause of the host): their times may include some of the host's."""
     for _ in range(warmup):
         fn()
     if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - start))
-        return times
+        times = [_host_call_ms(fn) for _ in range(repeats)]
+        return Timing(times, times)
     buffer = _flush_buffer(device) if flush else None
+    hold_ms = 0.0
+    if queue_ahead:
+        torch.cuda.synchronize(device)
+        hold_ms = min(2 * quantile([_host_call_ms(fn) for _ in range(3)], 0.5), _HOLD_MAX_MS)
+        hold_cycles = int(hold_ms * _sleep_cycles_per_ms(device))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(repeats)]
+    host = []
     torch.cuda.synchronize(device)
     for start, end in events:
         if buffer is not None:
             buffer.zero_()
+        if queue_ahead:
+            torch.cuda._sleep(hold_cycles)
         start.record()
-        fn()
+        host.append(_host_call_ms(fn))
         end.record()
     torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
+    return Timing([start.elapsed_time(end) for start, end in events], host,
+                  sum(h >= hold_ms for h in host) if queue_ahead else None)
 
 
 def first_call(fn: Callable, device: torch.device) -> tuple[Any, float]:
@@ -335,12 +385,12 @@ def measure_ceilings(settings: Settings) -> dict:
         numel, copy_dtype, n, gemm_dtype = 2**24, torch.float32, 1024, torch.float32
     src = torch.empty(numel, dtype=copy_dtype, device=device).normal_()
     dst = torch.empty_like(src)
-    copy_ms = quantile(time_ms(lambda: dst.copy_(src), device, 3, 20, flush=False), 0.5)
+    copy_ms = quantile(time_ms(lambda: dst.copy_(src), device, 3, 20, flush=False).ms, 0.5)
     copy_bytes = 2 * numel * src.element_size()
     del src, dst
     a = torch.randn(n, n, dtype=gemm_dtype, device=device)
     b = torch.randn(n, n, dtype=gemm_dtype, device=device)
-    gemm_ms = quantile(time_ms(lambda: a @ b, device, 3, 20, flush=False), 0.5)
+    gemm_ms = quantile(time_ms(lambda: a @ b, device, 3, 20, flush=False).ms, 0.5)
     del a, b
     release(device)
     name = str(gemm_dtype).replace("torch.", "")
@@ -402,11 +452,14 @@ def run_contender(case: Case, setup: Setup, name: str, settings: Settings,
                 fn()
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        times = time_ms(fn, device, 0 if settings.cuda else settings.warmup, settings.repeats)
+        timing = time_ms(fn, device, 0 if settings.cuda else settings.warmup, settings.repeats,
+                         queue_ahead=case.queue_ahead)
         if settings.cuda:
             row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-        row.update(median_ms=quantile(times, 0.5), p20_ms=quantile(times, 0.2),
-                   p80_ms=quantile(times, 0.8), repeats=len(times))
+        row.update(median_ms=quantile(timing.ms, 0.5), p20_ms=quantile(timing.ms, 0.2),
+                   p80_ms=quantile(timing.ms, 0.8), repeats=len(timing.ms), host_ms=quantile(timing.host_ms, 0.5))
+        if timing.late is not None:
+            row["late"] = timing.late
     except Exception as exc:  # a failing contender becomes a row saying why, the run goes on
         row["error"] = _error_text(exc)
         _print_traceback()
@@ -488,6 +541,12 @@ def precompile_text(row: dict) -> str:
     return f"{row['precompile_s']:.1f} ({row['precompile_compiles']})"
 
 
+def host_text(row: dict) -> str:
+    """The host's median ms in a call; with queue_ahead, how many iterations it made late (see time_ms)."""
+    late = f" ({row['late']} late)" if row.get("late") else ""
+    return fmt(row.get("host_ms"), ".3f") + late
+
+
 def ceiling_pct(row: dict) -> Optional[float]:
     frac = row.get("frac_copy") if row["level"] == "ops" else row.get("frac_gemm")
     return None if frac is None else 100 * frac
@@ -504,6 +563,7 @@ def columns(level: str, anchor: str = "eager") -> list[tuple[str, int, Callable[
          lambda r: fmt(r.get("GBps"), ".1f") if ops else fmt(r.get("TFLOPs"), ".2f")),
         ("% ceiling", 10, lambda r: fmt(ceiling_pct(r), ".1f")),
         ("peak MiB", 9, lambda r: fmt(r.get("peak_mib"), ".0f")),
+        ("host ms", 13, host_text),
         (f"vs {anchor}", 10, lambda r: ratio(r.get("vs_eager"))),
         ("vs compile", 11, lambda r: ratio(r.get("vs_compile"))),
         ("first call s", 13, lambda r: fmt(r.get("first_call_s"), ".3f")),
@@ -545,7 +605,10 @@ LEVEL_TITLES = {
               "% of the measured GEMM ceiling; first call s = the first step's wall clock (compiles, the "
               "dispatch's and the autotuner's timing); precompile s (--precompile) = fusedres.precompile's "
               "pass before it, with the Triton kernels it compiled in brackets",
-    "convs": "Every distinct conv of the selected models (default resnet50). fwd (no autograd): "
+    "convs": "Every distinct conv of the selected models (default resnet50). Times are the GPU's: a wait "
+             "queued before each iteration lets the host queue all of a call's launches first, as a model's "
+             "step keeps the queue full (`host ms`: the host's time a call, apart; `late`: iterations whose "
+             "host time outlasted the wait). fwd (no autograd): "
              "cudnn = F.conv2d(x, w) (on CPU torch's own conv), the anchor (`vs cudnn` = its time / this "
              "one's); prologue[B] = fusedres.ops.bn_act_conv2d = conv(relu(x * scale + shift)) (cuda: a "
              "BN-apply pass, then cuDNN; triton: one Triton conv applying BN + ReLU as it loads x); "

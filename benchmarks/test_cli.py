@@ -146,3 +146,43 @@ def test_host_overhead_counts_the_torch_ops_that_compute_or_copy():
         (x * 2).sum()  # only the outermost op that works counts, and each of them
     assert _torch_ops_with_work(nothing.function_events) == 0
     assert _torch_ops_with_work(three.function_events) == 4
+
+
+def test_queue_ahead_puts_a_wait_of_twice_the_host_time_before_each_timed_call(monkeypatch):
+    """``time_ms(queue_ahead=True)``'s CUDA path behind stand-ins for torch.cuda (events that report 2 ms,
+    a recorded ``_sleep``): it calibrates the sleep's cycles per ms, then queues before each timed call's
+    start event a wait of twice the host time three untimed calls took, and counts the calls whose host
+    time outlasted it."""
+    import torch
+
+    gpu_work = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            gpu_work.append("event")
+
+        def elapsed_time(self, end):
+            return 2.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: gpu_work.append(("sleep", cycles)))
+    monkeypatch.setattr(harness, "_CYCLES_PER_MS", {})
+    monkeypatch.setattr(harness, "_flush_buffer", lambda device: None)
+    host_ms = iter([1.0, 1.5, 1.0, 0.5, 3.0, 1.0, 0.2, 0.3])  # three untimed calls, three timed; two timed
+    monkeypatch.setattr(harness, "_host_call_ms", lambda fn: (fn(), next(host_ms))[1])
+    device = torch.device("cuda", 0)
+
+    timing = harness.time_ms(lambda: gpu_work.append("call"), device, 0, 3, queue_ahead=True)
+    assert harness._CYCLES_PER_MS[str(device)] == 2**21 / 2.0  # 2**21 cycles timed at 2 ms
+    wait = ("sleep", int(2 * 1.0 * 2**20))  # twice the median untimed host time
+    calibration = ["event", ("sleep", 2**21), "event"] * 4
+    assert gpu_work == ["call"] * 3 + calibration + [wait, "event", "call", "event"] * 3
+    assert (timing.ms, timing.host_ms, timing.late) == ([2.0] * 3, [0.5, 3.0, 1.0], 1)
+
+    gpu_work.clear()
+    timing = harness.time_ms(lambda: gpu_work.append("call"), device, 0, 2)
+    assert gpu_work == ["event", "call", "event"] * 2 and (timing.host_ms, timing.late) == ([0.2, 0.3], None)
