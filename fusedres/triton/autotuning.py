@@ -57,8 +57,8 @@ def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
 def fast_path_and_record(tuner, keep, constants):
     """``tuner`` (a triton Autotuner) with a fast path for keys it has tuned (their config launched straight
     away, ``tuning_key``), appending to TUNINGS whenever a call tunes a new key: the kernel, the key, the
-    chosen config, and from the timing (none where one config was left: triton >= 3.8 runs it untimed; none
-    read from the disk cache either) its seconds and every timed config's median ms (inf: it failed).
+    chosen config, and from the timing (none where one config was left, which runs untimed; none read from the
+    disk cache either) its seconds and every timed config's median ms (inf: it failed).
     Triton itself keeps only the last key's timings. A tuned key's launch like an earlier one goes through
     ``relaunch.Relaunches``. Inside a compile-ahead pass's ``compile_only()`` a call
     launches nothing and submits the compiles of the configs it would time (``keep(configs, arguments)``:
@@ -81,7 +81,13 @@ def fast_path_and_record(tuner, keep, constants):
         if kernel is not None:
             tuner.best_config = config
             return kernel
-        config = tuner.cache.get(tuning_key(tuner, args, kwargs))
+        key = tuning_key(tuner, args, kwargs)
+        config = tuner.cache.get(key)
+        if config is None:
+            kept = keep(tuner.configs, {**dict(zip(tuner.arg_names, args)), **kwargs})
+            if len(kept) == 1:  # nothing to time; triton < 3.8 would time it all the same (~30 ms, and under
+                config = tuner.cache[key] = kept[0]  # TRITON_INTERPRET=1 it has no driver to time with)
+                _record(tuner, key, seconds=None, timings={})
         if config is not None and config.pre_hook is None:
             tuner.best_config = config
             kernel = tuner.fn.run(*args, **kwargs, **config.all_kwargs())
@@ -91,17 +97,22 @@ def fast_path_and_record(tuner, keep, constants):
         timings, seconds = getattr(tuner, "configs_timings", None), getattr(tuner, "bench_time", None)
         result = plain_run(*args, **kwargs)
         if len(tuner.cache) > known:
-            key = next(reversed(tuner.cache))  # the key just tuned: dicts keep insertion order
             new_timings, new_seconds = getattr(tuner, "configs_timings", None), getattr(tuner, "bench_time", None)
-            TUNINGS.append(dict(
-                kernel=tuner.base_fn.__name__, key=[str(k) for k in key], best=describe(tuner.cache[key]),
-                seconds=None if new_seconds is seconds else new_seconds,
-                ms={} if new_timings is timings else {describe(c): t[0] if isinstance(t, (list, tuple)) else t
-                                                      for c, t in new_timings.items()}))
+            _record(tuner, next(reversed(tuner.cache)),  # the key just tuned: dicts keep insertion order
+                    seconds=None if new_seconds is seconds else new_seconds,
+                    timings={} if new_timings is timings else new_timings)
         return result
 
     tuner.run = run
     return tuner
+
+
+def _record(tuner, key: tuple, seconds, timings: dict) -> None:
+    """Append ``tuner``'s tuning of ``key`` to TUNINGS: its chosen config, the timing's seconds and each timed
+    config's median ms (``timings``: triton's, a median or (median, p20, p80) per config)."""
+    TUNINGS.append(dict(kernel=tuner.base_fn.__name__, key=[str(k) for k in key], best=describe(tuner.cache[key]),
+                        seconds=seconds, ms={describe(c): t[0] if isinstance(t, (list, tuple)) else t
+                                             for c, t in timings.items()}))
 
 
 def compile_threads() -> int:
