@@ -54,6 +54,11 @@ def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
+def _arguments(tuner, args: tuple, kwargs: dict) -> dict:
+    """A launch's arguments by name, as ``keep`` and ``constants`` take them."""
+    return {**dict(zip(tuner.arg_names, args)), **kwargs}
+
+
 def fast_path_and_record(tuner, keep, constants):
     """``tuner`` (a triton Autotuner) with a fast path for keys it has tuned (their config launched straight
     away, ``tuning_key``), appending to TUNINGS whenever a call tunes a new key: the kernel, the key, the
@@ -74,7 +79,7 @@ def fast_path_and_record(tuner, keep, constants):
         if len(tuner.configs) == 1:  # which triton launches as it is: no key, no pruning, no constants
             config = tuner.configs[0]
             config = tuner.best_config = _with_constants(
-                config, constants(config.kwargs, {**dict(zip(tuner.arg_names, args)), **kwargs}))
+                config, constants(config.kwargs, _arguments(tuner, args, kwargs)))
             return tuner.fn.run(*args, **kwargs, **config.all_kwargs())
         relaunches.kept_for(tuner.cache, tuner.configs)
         kernel, config, signature = relaunches.run(args, kwargs)
@@ -84,7 +89,7 @@ def fast_path_and_record(tuner, keep, constants):
         key = tuning_key(tuner, args, kwargs)
         config = tuner.cache.get(key)
         if config is None:
-            kept = keep(tuner.configs, {**dict(zip(tuner.arg_names, args)), **kwargs})
+            kept = keep(tuner.configs, _arguments(tuner, args, kwargs))
             if len(kept) == 1:  # nothing to time; triton < 3.8 would time it all the same (~30 ms, and under
                 config = tuner.cache[key] = kept[0]  # TRITON_INTERPRET=1 it has no driver to time with)
                 _record(tuner, key, seconds=None, timings={})
@@ -212,7 +217,7 @@ class CompileAhead:
         if tuned is not None:
             tuner.best_config = tuned
             return
-        configs = keep(tuner.configs, {**dict(zip(tuner.arg_names, args)), **kwargs})
+        configs = keep(tuner.configs, _arguments(tuner, args, kwargs))
         tuner.best_config = configs[0]
         jit_fn, device = tuner.fn, driver.active.get_current_device()
         with self.lock:  # launches may come from the forward's thread and autograd's
