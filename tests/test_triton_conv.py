@@ -296,13 +296,14 @@ def _eligible_for_tma(x, w, kw) -> bool:
     ("channels_last", 32, 1, 6, True), ("nchw", 32, 1, 6, False), ("groups 2", 128, 1, 6, False),
     ("groups 2 run as one", 32, 1, 6, True),
     ("channel view, 16-byte aligned", 32, 1, 6, True), ("channel view, 8-byte aligned", 32, 1, 6, False),
-    ("40-byte strides", 20, 1, 6, False), ("strided", 32, 2, 6, True), ("strided, H not a multiple", 32, 2, 7, False),
+    ("40-byte strides", 20, 1, 6, False), ("strided", 64, 2, 6, True), ("strided, H not a multiple", 64, 2, 7, False),
     ("strided, a partial channel block", 24, 2, 6, False), ("strided channel view", 32, 2, 6, False),
-    ("strided, rows cropped from wider ones", 32, 2, 6, True)])
+    ("strided, rows cropped from wider ones", 64, 2, 6, True)])
 def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
     """The TMA configs need an ungrouped conv (or all groups run as one) on channels-contiguous x with 16-byte
     strides and address;
-    strided, also H and W divisible by the stride and pixels packed along W in whole channel blocks; any
+    strided, also H and W divisible by the stride and pixels packed along W in whole channel blocks (64
+    channels: the GPU's TMA configs' BLOCK_K; the interpreter's is 16); any
     other launch runs the pointer configs, right either way (on CPU the interpreter runs the TMA config
     wherever it is allowed, so both kernels' paths are checked here)."""
     case = _case(c, 32, hw, 3, stride, 1, BF16, variant != "nchw", "relu", "stats",
@@ -359,11 +360,14 @@ def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch)
 
 
 # batches that fill TMA row tiles of images at one output position (conv._box: at most 1/8 of a tile's rows past N;
-# the interpreter's TMA tile has 32 rows), whose x tile an H100's tensor-core dot reads from shared memory
+# the smallest TMA tile, conv._MAX_BOX, has 32 rows in the interpreter, 128 on a GPU), whose x tile an H100's
+# tensor-core dot reads from shared memory; the strided ones of whole channel blocks (conv._tma_ok)
+_TILE, _CHANNEL_BLOCK = conv._MAX_BOX, conv._TMA_MAX_BLOCK_K
 _ONE_POSITION_BOX_CASES = [
-    _case(24, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=32),  # 6x6 outputs: 2x2 boxes for a small batch
-    _case(32, 24, 6, 3, 2, 1, F16, True, "none", "full", n=60),  # 3x3/2; the second tile 4 rows past N
-    _case(16, 32, (4, 6), 1, 2, 0, F32, True, "linear", "affine", n=64),  # the 1x1/2 downsample
+    _case(24, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE),  # 6x6 outputs: 2x2 boxes for a small batch
+    _case(2 * _CHANNEL_BLOCK, 24, 6, 3, 2, 1, F16, True, "none", "full", n=2 * _TILE - 4),  # 3x3/2; the second
+    # tile 4 rows past N
+    _case(_CHANNEL_BLOCK, 32, (4, 6), 1, 2, 0, F32, True, "linear", "affine", n=2 * _TILE),  # the 1x1/2 downsample
 ]
 
 
@@ -479,6 +483,23 @@ def test_persistent_configs_run_only_gemm_view_launches_without_a_prologue():
         launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view)
         assert conv._usable(persistent, launch) == usable, launch
         assert conv._usable(dict(persistent, PERSISTENT=0), launch)
+
+
+def test_one_position_prologue_launches_skip_the_tma_tiles_that_8_warps_split():
+    """Where x's TMA tile is a box of images at one output position and the prologue transforms it, the TMA
+    configs of 128 rows by 128 or 256 columns (8 warps) computed wrong outputs on an H200
+    (scripts/conv_config_sweep.py): those launches keep to the other configs. Without a prologue, over a GEMM
+    view, with a box of several positions, or with 64 columns, the same tiles may run."""
+    one_position, several = dict(N=256, P=14, Q=14), dict(N=8, P=14, Q=14)  # ResNet-50's batch; a small one
+    assert conv._box(one_position) == (1, 1) and conv._box(several) != (1, 1)
+    for (block_m, block_n), prologue, gemm_view, sizes, usable in (
+            ((128, 128), True, False, one_position, False), ((128, 256), True, False, one_position, False),
+            ((128, 64), True, False, one_position, True), ((256, 64), True, False, one_position, True),
+            ((128, 256), False, False, one_position, True), ((128, 256), True, True, one_position, True),
+            ((128, 256), True, False, several, True)):
+        config = dict(USE_TMA=True, PERSISTENT=0, X_IN_L1=False, BLOCK_M=block_m, BLOCK_N=block_n)
+        launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view, **sizes)
+        assert conv._usable(config, launch) == usable, (config, launch)
 
 
 @pytest.mark.parametrize("taps,flat_k,cg,usable", [
@@ -1538,18 +1559,21 @@ def test_host_integer_helpers_agree_with_triton():
 
 def test_conv_launches_find_their_tuned_config_by_key(monkeypatch):
     """A conv launch seen before goes straight to its tuned config: autotuning.tuning_key gives the key
-    triton filed the first launch under (checked on the call that reached the kernel)."""
+    triton filed the first launch under (checked on the call that reached the kernel), and the second launch
+    tunes nothing (on a GPU it skips triton's JIT path too: fusedres.triton.relaunch)."""
     kernel = conv._conv_kernel
     calls = []
     real_run = kernel.fn.run
     monkeypatch.setattr(kernel.fn, "run", lambda *args, **kwargs: calls.append((args, kwargs)) or real_run(
         *args, **kwargs))
     x, w, kw = _make(CASES[2])
-    for _ in range(2):
-        out, mean, var = conv.conv2d_fused(x, w, **kw)
+    conv.conv2d_fused(x, w, **kw)
+    assert len(kernel.configs) > 1 and len(calls) == 1
+    assert autotuning.tuning_key(kernel, *calls[0]) in kernel.cache
+    tuned = dict(kernel.cache)
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
+    assert kernel.cache == tuned
     _check_out(out, x, w, kw)
-    assert len(kernel.configs) > 1 and len(calls) == 2
-    assert autotuning.tuning_key(kernel, *calls[-1]) in kernel.cache
 
 
 def test_convs_benchmark_counts_the_kinds_of_config_chosen():
@@ -1647,15 +1671,50 @@ def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     boxes = _recorded(monkeypatch, "_box")
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert _kind(conv._conv_kernel.best_config.kwargs) == _KINDS[mode]
-    if mode.startswith("tma"):  # "tma": a batch of 8, boxes of several positions; one position: a batch of 128
+    if mode.startswith("tma"):  # "tma": a batch of 8, boxes of several positions (but the GEMM view's pixels);
+        # one position: a batch of 128
         ran = conv._conv_kernel.best_config.kwargs
         assert set(boxes) == {(ran["BOX_H"], ran["BOX_W"])}, boxes  # the launch's box is its TMA configs'
-        assert (boxes[0] == (1, 1)) == (mode == "tma, one position"), boxes
+        gemm_view = kernel == 1 and stride == 1  # a GEMM over N*H*W pixels: tiles of pixels, box (1, 1)
+        assert (boxes[0] == (1, 1)) == (mode == "tma, one position" or gemm_view), boxes
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
         _check_stats(out, mean, var)
         torch.testing.assert_close(mean, out.float().mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(var, out.float().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
+
+
+def _launch_arguments(monkeypatch) -> dict:
+    """The arguments by name of the conv kernel's latest autotuned launch, as conv._usable sees them (recorded
+    from the constants the autotuner asks conv._config_box for)."""
+    launch, config_box = {}, conv._config_box
+    monkeypatch.setattr(conv, "_config_box", lambda use_tma, args: launch.update(args) or config_box(use_tma, args))
+    return launch
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("shape,n", [((256, 256, 14, 3, 1, 1), 256), ((512, 1024, 28, 1, 2, 0), 256),
+                                     ((64, 64, 56, 3, 1, 1), 8)],
+                         ids=["layer3_3x3-b256", "layer3_downsample-b256", "layer1_3x3-b8"])
+def test_gpu_each_usable_config_computes_the_prologue_conv(shape, n, monkeypatch):
+    """Every config conv._usable lets run a launch with the BN + ReLU prologue, each alone: the autotuner runs
+    only the fastest, which can hide a wrong config until another run picks it. ResNet-50 launches whose TMA
+    tiles hold images at one output position (batch 256: a 3x3 and the strided 1x1, where two TMA configs
+    were wrong, see conv._usable) or boxes of several (batch 8)."""
+    c, k, h, kernel_size, stride, padding = shape
+    x, w, kw = _make(_case(c, k, h, kernel_size, stride, padding, BF16, True, "relu", "stats", n=n))
+    launch = _launch_arguments(monkeypatch)
+    conv.conv2d_fused(x, w, **kw)
+    kernel = conv._conv_kernel
+    usable = [config for config in kernel.configs if conv._usable(config.kwargs, launch)]
+    assert len(usable) > 1 and any(config.kwargs["USE_TMA"] for config in usable)
+    for config in usable:
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+        out, mean, var = conv.conv2d_fused(x, w, **kw)
+        _check_out(out, x, w, kw, autotuning.describe(config))
+        _check_stats(out, mean, var)
 
 
 @pytest.mark.gpu

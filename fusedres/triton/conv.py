@@ -183,8 +183,16 @@ def _usable(config: dict, args: dict) -> bool:
     flattened loop ptxas then serialises every wgmma (C7515, sm_90; the 5-D box and the prologue's transform
     both put the tile in registers). X_IN_L1 configs only where taps overlap (R*S > 1: the next steps read
     most of this step's x again) and their hint holds: runs of 4 channels contiguous, which a flat (r, s, c)
-    reduction has only with Cg a multiple of 4 (a false hint would load wrong elements)."""
+    reduction has only with Cg a multiple of 4 (a false hint would load wrong elements). A prologue on a
+    one-position TMA launch (x's tile a box of images at one output position, transformed in registers) skips
+    the TMA configs whose 128-row tile 8 warps split (BLOCK_M 128, BLOCK_N >= 128): on an H200 (triton 3.6) they
+    computed outputs 17-23x the tests' error bound there, on every ResNet-50 3x3 and strided 1x1 at batch 256,
+    where the same tiles persistent, without the prologue or over a GEMM view were right
+    (scripts/conv_config_sweep.py; benchmarks/RESULTS.md)."""
     if config["PERSISTENT"] and (args["PROLOGUE"] or not args["GEMM_VIEW"]):
+        return False
+    if (config["USE_TMA"] and args["PROLOGUE"] and not args["GEMM_VIEW"] and _box(args) == (1, 1)
+            and config["BLOCK_M"] == 128 and config["BLOCK_N"] >= 128):
         return False
     if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
         return False
