@@ -261,8 +261,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"\n== {level}: {harness.LEVEL_TITLES[level]}\n{harness.console_header(level, anchor)}")
         print(f"[{index}/{len(all_cases)}] {case.name} | {case.shape} | {case.mode} | batch {case.batch}",
               flush=True)
-        rows += harness.run_case(case, settings, ceilings,
-                                 on_row=lambda row: print(harness.console_row(row), flush=True))
+        finished: list[dict] = []  # written as each row finishes: a run stopped mid-case keeps them
+
+        def on_row(row: dict, finished: list = finished) -> None:
+            print(harness.console_row(row), flush=True)
+            finished.append(row)
+            write_results(settings.out, meta, rows + finished)
+
+        rows += harness.run_case(case, settings, ceilings, on_row=on_row)
         json_path, md_path = write_results(settings.out, meta, rows)
     if not all_cases:
         print("no cases selected")

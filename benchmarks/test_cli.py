@@ -1,6 +1,8 @@
 """``python -m benchmarks``'s options: what --levels and --modes leave to run, and --precompile's rows (on CPU,
 one tiny models case)."""
 
+import json
+
 import pytest
 
 import fusedres
@@ -126,6 +128,27 @@ def test_results_md_counts_the_dispatch_choices_and_the_implementations_that_dis
             "triton chosen 1x; triton DISAGREED with the reference 1x (never chosen there)") in md.splitlines()
     assert ("- measured dispatch (conv_bias_act, per call signature; every timing in results.json): cudnn chosen "
             "1x") in md.splitlines()
+
+
+def test_a_run_stopped_mid_case_keeps_its_finished_rows(monkeypatch, tmp_path):
+    """results.json and results.md are written as each row finishes: a run stopped during a case (the GPU check
+    stops a step at its time limit with SIGINT, as Ctrl-C does) keeps the case's finished rows."""
+    from benchmarks import __main__ as main
+
+    run_contender, ran = harness.run_contender, []
+
+    def stopped_at_the_second(case, setup, name, *args):
+        if ran:
+            raise KeyboardInterrupt
+        ran.append(name)
+        return run_contender(case, setup, name, *args)
+
+    monkeypatch.setattr(harness, "run_contender", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        main.main(["--device", "cpu", "--levels", "ops", "--quick", "--no-compile", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [row["contender"] for row in rows] == ran == ["eager"]
+    assert "| eager |" in (tmp_path / "results.md").read_text()
 
 
 def test_host_overhead_counts_the_torch_ops_that_compute_or_copy():

@@ -16,10 +16,13 @@
 #                           the converted stem's GPU test);
 #                           "tests" for all; the CPU emulation of the CUDA kernels (marker host_emulation) is CI's
 #   GPU_CHECK_PYTEST_ARGS   extra pytest arguments (default: "-n 8 --timeout 120", pytest-xdist and -timeout)
-#   GPU_CHECK_TESTS_TIMEOUT seconds before the tests are stopped (default 100; the log keeps what ran)
+#   GPU_CHECK_TESTS_TIMEOUT seconds before the tests are stopped (default 130; the log keeps what ran, and pytest,
+#                           stopped as by Ctrl-C, still prints the failures so far; on an H200 the default tests
+#                           took longer: ~620 of ~1000 ran in 100 s, 2026-12-04)
 #   GPU_CHECK_BENCH         ";"-separated runs of python -m benchmarks, each "SECONDS ARGS..." (default: the convs
-#                           level's forward rows, those with targets, for 160 s, ResNet-50 inference at batch 256
-#                           and 1 for 120 s, its training step at 256 for 140 s, eager vs fused "auto" vs
+#                           level's forward rows, those with targets, for 100 s (75 s on an H200), ResNet-50 inference at
+#                           batch 256 and 1 for 100 s (74 s), its training step at 256 for 190 s (140 s did not
+#                           reach torch.compile's row), eager vs fused "auto" vs
 #                           torch.compile, the fused model precompiled
 #                           (fusedres.precompile: its row's "precompile s", then "first call s" is timing alone),
 #                           and in inference fused "auto" replayed from a CUDA graph (fused[auto]+graph);
@@ -56,10 +59,12 @@ summary() {  # the summary table (last in the output), written after every step 
   fi
 }
 note() { steps+=("$1"); result[$1]=$2; summary; }
-limit() { if [ -n "${1:-}" ] && [ "$1" != 0 ]; then echo "timeout $1"; fi; }
+# a step past its limit gets SIGINT (pytest and the benchmarks then stop as on Ctrl-C, printing what they have), and
+# SIGKILL 15 s later
+limit() { if [ -n "${1:-}" ] && [ "$1" != 0 ]; then echo "timeout -s INT -k 15 $1"; fi; }
 
 models="--levels models --models resnet50 --backends auto --precompile --modes"  # fused: precompile, then timed
-IFS=';' read -ra bench_runs <<< "${GPU_CHECK_BENCH:-160 --levels convs --models resnet50 --modes fwd; 120 $models infer --batch 256,1; 140 $models train}"
+IFS=';' read -ra bench_runs <<< "${GPU_CHECK_BENCH:-100 --levels convs --models resnet50 --modes fwd; 100 $models infer --batch 256,1; 190 $models train}"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 
 # Triton kernels: one cache folder, the carried kernels unpacked into it; what is compiled here lands there too
@@ -100,7 +105,7 @@ default_tests="tests/test_triton_conv.py tests/test_triton_conv_wgrad.py tests/t
                tests/test_per_channel.py tests/test_dispatch_checks.py tests/test_inference_ops.py tests/test_modules.py tests/test_precompile.py tests/test_graphs.py
                tests/test_convert.py::test_gpu_stem_unit_matches_eager"
 # shellcheck disable=SC2086
-$(limit "${GPU_CHECK_TESTS_TIMEOUT:-100}") "$py" -m pytest ${GPU_CHECK_TESTS:-$default_tests} -m "not host_emulation" \
+$(limit "${GPU_CHECK_TESTS_TIMEOUT:-130}") "$py" -m pytest ${GPU_CHECK_TESTS:-$default_tests} -m "not host_emulation" \
   -v -rfE ${GPU_CHECK_PYTEST_ARGS:--n 8 --timeout 120} --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
 rc=$?
 note tests "rc=$rc in $((SECONDS - start)) s: $(tail -1 "$out/tests.log" | cut -c1-160) ($(grep -c ' PASSED' \
