@@ -32,6 +32,9 @@
 #                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target) or
 #                           "300 --levels convs --models resnext50_32x4d" (grouped convs: narrow groups merged)
 #   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
+#   GPU_CHECK_SWEEP=1       also run every forward conv config alone on ResNet-50 launches and the tests' TMA cases
+#                           (scripts/conv_config_sweep.py, ~1-2 min): a wrong config the autotuner did not pick
+#                           this time shows there, with whether conv._usable lets it run
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu
 #                           (scripts/ncu_convs.py; speed of light, occupancy, launch, warp-state and memory sections)
@@ -110,6 +113,11 @@ $(limit "${GPU_CHECK_TESTS_TIMEOUT:-130}") "$py" -m pytest ${GPU_CHECK_TESTS:-$d
 rc=$?
 note tests "rc=$rc in $((SECONDS - start)) s: $(tail -1 "$out/tests.log" | cut -c1-160) ($(grep -c ' PASSED' \
   "$out/tests.log") passed, $(grep -c ' FAILED' "$out/tests.log") failed lines)"
+
+if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then  # each conv config alone: err/bound per launch, and usable or not
+  $(limit 180) "$py" scripts/conv_config_sweep.py > "$out/sweep.log" 2>&1
+  note sweep "rc=$? $(grep -c ' BAD' "$out/sweep.log") wrong, of which usable: $(grep -cE ' yes +BAD' "$out/sweep.log")"
+fi
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
