@@ -52,6 +52,7 @@ summary() {  # the summary table (last in the output), written after every step 
     for i in "${!bench_runs[@]}"; do echo; cat "$out/bench$i/results.md" 2>/dev/null | head -80; done
     echo
     grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" 2>/dev/null | cut -c1-300 | sort -u | head -40
+    grep -E "^(====|E  )" "$out/failures.log" 2>/dev/null | cut -c1-200 | head -60  # each failure's test and E lines
     echo
     echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
     for step in "${steps[@]}"; do printf '%-10s %s\n' "$step" "${result[$step]}"; done
@@ -102,7 +103,10 @@ else
 fi
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
 
-# -v: one line per finished test, so a run stopped by its timeout still says what passed and failed
+# -v: one line per finished test, so a run stopped by its timeout still says what passed and failed; each
+# failure's traceback goes to failures.log as it happens (tests/conftest.py)
+export FUSEDRES_FAILURES_LOG="$out/failures.log"
+rm -f "$FUSEDRES_FAILURES_LOG"
 start=$SECONDS
 default_tests="tests/test_triton_conv.py tests/test_triton_conv_wgrad.py tests/test_triton_kernels.py
                tests/test_per_channel.py tests/test_dispatch_checks.py tests/test_inference_ops.py tests/test_modules.py tests/test_precompile.py tests/test_graphs.py

@@ -64,3 +64,13 @@ def pytest_collection_modifyitems(config, items):
     others in their order: a GPU check stopped by its time limit (scripts/gpu_check.sh) has run those."""
     if torch.cuda.is_available():
         items.sort(key=lambda item: item.get_closest_marker("gpu") is None)
+
+
+def pytest_runtest_logreport(report):
+    """With FUSEDRES_FAILURES_LOG set (scripts/gpu_check.sh does), each failure's traceback is appended to that
+    file as its report arrives, by the controlling process under pytest-xdist: a run stopped at its time limit
+    keeps them, where pytest's own summary comes only at the end."""
+    path = os.environ.get("FUSEDRES_FAILURES_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
