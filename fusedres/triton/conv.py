@@ -186,9 +186,9 @@ def _usable(config: dict, args: dict) -> bool:
     reduction has only with Cg a multiple of 4 (a false hint would load wrong elements). A prologue on a
     one-position TMA launch (x's tile a box of images at one output position, transformed in registers) skips
     the TMA configs whose 128-row tile 8 warps split (BLOCK_M 128, BLOCK_N >= 128): on an H200 (triton 3.6) they
-    computed outputs 17-23x the tests' error bound there, on every ResNet-50 3x3 and strided 1x1 at batch 256,
-    where the same tiles persistent, without the prologue or over a GEMM view were right
-    (scripts/conv_config_sweep.py; benchmarks/RESULTS.md)."""
+    computed outputs 15-23x the tests' error bound on ResNet-50's 3x3 launches at batch 256, the 128x256 one on
+    the strided 1x1 too, where the same tiles persistent, without the prologue, over a GEMM view or on boxes of
+    several positions were right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md)."""
     if config["PERSISTENT"] and (args["PROLOGUE"] or not args["GEMM_VIEW"]):
         return False
     if (config["USE_TMA"] and args["PROLOGUE"] and not args["GEMM_VIEW"] and _box(args) == (1, 1)
