@@ -9,6 +9,11 @@ Each Triton variant (bare; BN + ReLU prologue with the statistics epilogue) is a
 the range starts, so only the chosen config's launch (and the statistics' finishing kernel) is profiled. On
 the 3x3 convs the bare conv also runs on each kind of pointer config alone: x copied by 16-byte copies through
 L2 ("pointer") and in 8-byte runs cached in L1 ("x in L1"; the memory section's L1 hit rate tells them apart).
+Every shape also runs the prologue with and without the statistics epilogue on one fixed config (pointer,
+128x128, 8 warps): what the epilogue's column sums cost on the same tile. On the H200 it took layer1's
+64->256 1x1 from 0.232 to 0.635 ms, and its PTX has 216 shuffles a thread and 152 registers against 128
+(benchmarks/RESULTS.md): the Occupancy and WarpStateStats sections say whether the lost second CTA an SM or
+the shuffles and barriers cost more.
 Needs a CUDA GPU (scripts/gpu_check.sh runs it with GPU_CHECK_NCU=1).
 """
 
@@ -39,6 +44,7 @@ class ConfigSubset:
 SHAPES = {  # name: (C, K, H, kernel, stride, padding), ResNet-50 at 224 px
     "layer1 1x1 64->64": (64, 64, 56, 1, 1, 0),
     "layer1 3x3 64->64": (64, 64, 56, 3, 1, 1),
+    "layer1 1x1 64->256": (64, 256, 56, 1, 1, 0),
     "layer2.0 3x3/2 128->128": (128, 128, 56, 3, 2, 1),
     "layer3 1x1 256->1024": (256, 1024, 14, 1, 1, 0),
 }
@@ -60,6 +66,12 @@ def main() -> None:
             "triton prologue+stats": lambda x=x, w=w, args=args, scale=scale, shift=shift: conv.conv2d_fused(
                 x, w, **args, in_scale=scale, in_shift=shift, compute_stats=True),
         }
+        fixed = ConfigSubset(lambda c: (not c["USE_TMA"] and not c["X_IN_L1"] and c["BLOCK_M"] == 128
+                                        and c["BLOCK_N"] == 128))
+        for stats in (False, True):
+            variants[f"triton prologue{'+stats' if stats else ''}, pointer 128x128"] = (
+                lambda x=x, w=w, args=args, scale=scale, shift=shift, stats=stats, fixed=fixed: fixed.run(
+                    lambda: conv.conv2d_fused(x, w, **args, in_scale=scale, in_shift=shift, compute_stats=stats)))
         if r > 1:
             for kind, x_in_l1 in (("pointer", False), ("x in L1", True)):
                 subset = ConfigSubset(lambda c, x_in_l1=x_in_l1: not c["USE_TMA"] and c["X_IN_L1"] == x_in_l1)
