@@ -253,6 +253,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             "settings": settings.describe(), "environment": environment, "ceilings": ceilings,
             "notes": settings.notes}
     rows: list[dict] = []
+
+    def on_row(row: dict) -> None:  # results written as each row finishes: a run stopped mid-case keeps them
+        print(harness.console_row(row), flush=True)
+        rows.append(row)
+        write_results(settings.out, meta, rows)
+
     level = None
     for index, case in enumerate(all_cases, 1):
         if case.level != level:
@@ -261,18 +267,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"\n== {level}: {harness.LEVEL_TITLES[level]}\n{harness.console_header(level, anchor)}")
         print(f"[{index}/{len(all_cases)}] {case.name} | {case.shape} | {case.mode} | batch {case.batch}",
               flush=True)
-        finished: list[dict] = []  # written as each row finishes: a run stopped mid-case keeps them
-
-        def on_row(row: dict, finished: list = finished) -> None:
-            print(harness.console_row(row), flush=True)
-            finished.append(row)
-            write_results(settings.out, meta, rows + finished)
-
-        rows += harness.run_case(case, settings, ceilings, on_row=on_row)
-        json_path, md_path = write_results(settings.out, meta, rows)
+        harness.run_case(case, settings, ceilings, on_row=on_row)
     if not all_cases:
         print("no cases selected")
         return
+    json_path, md_path = write_results(settings.out, meta, rows)
     print("\n" + markdown_tables(rows))
     print(f"wrote {json_path} and {md_path}")
     failed = [r for r in rows if r.get("error") or r.get("agree") is False]
