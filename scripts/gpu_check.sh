@@ -37,7 +37,8 @@
 #                           this time shows there, with whether conv._usable lets it run
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu
-#                           (scripts/ncu_convs.py; speed of light, occupancy, launch, warp-state and memory sections)
+#                           (scripts/ncu_convs.py; speed of light, occupancy, launch, warp-state and memory sections;
+#                           stopped after GPU_CHECK_NCU_TIMEOUT seconds, default 90)
 #   GPU_CHECK_BUILD         auto (default): use a carried extension that imports, else build; 1: build; 0: never
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -137,7 +138,7 @@ if [ "${GPU_CHECK_HOST:-0}" = 1 ]; then  # host time per Triton conv call, real 
 fi
 
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then  # hardware counters of cuDNN's and the Triton conv's kernels, a few shapes
-  ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight --section Occupancy \
+  $(limit "${GPU_CHECK_NCU_TIMEOUT:-90}") ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
     "$py" scripts/ncu_convs.py \
     > "$out/ncu_convs.csv" 2> "$out/ncu_convs.log"
