@@ -1180,18 +1180,19 @@ def test_x_in_l1_configs_copy_x_in_8_byte_runs_cached_in_l1(tile):
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 @pytest.mark.parametrize("config", [dict(USE_TMA=True, BLOCK_M=128, BLOCK_N=128),
                                     dict(USE_TMA=False, X_IN_L1=False, BLOCK_M=128, BLOCK_N=128)])
-def test_statistics_column_sums_run_on_the_stores_layout(config):
-    """On layer1.0.conv3 (64->256 1x1, bf16, channels_last: a GEMM view, one reduction step a tile) the
-    statistics epilogue sums y's columns in the coalesced layout of y's store: 40 shuffles a thread on a
-    128x128 tile of 8 warps with triton 3.6, 64-65 with 3.8, against 216 and 384 when they summed them on the
-    accumulator's layout (three butterfly rounds for each of a thread's 32 columns and 2 sums), which doubled
-    the kernel's instructions and with triton 3.6 cost 0.23 -> 0.64 ms on the H200. The input gradient's
-    epilogue, whose sums already took its loaded tile's layout, stays as low."""
+def test_statistics_epilogue_loads_nothing_after_the_tiles_store(config):
+    """A program of one output tile (not persistent) whose epilogue stores the tile at once issues every global
+    load before its first global store (y's), in the forward's statistics variants (with and without the
+    prologue) as in the prologue one, on layer1.0.conv3 (64->256 1x1 as a GEMM view, bf16, channels_last): no
+    load of the epilogue queues behind the tile's 32 KB of stores. The statistics' shift, loaded after the
+    store, was the one memory access that told the statistics variant (0.60 ms on the H200's 128x128 TMA
+    config) from the prologue one (0.31 ms); cutting the column sums' shuffles from 216 to 40 a thread left
+    those times unchanged (benchmarks/RESULTS.md). The epilogues that load a tile (the input gradient's, the
+    residual's) run on column sub-tiles, each loaded after the last one's store: not asserted."""
     found = _compile_for_sm90(config, LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES,
-                              variants=("prologue", "prologue+stats", "stats", "input grad"), taps=1, gemm_view=True)
-    variants = found["variants"]
-    for name in ("prologue+stats", "stats", "input grad"):  # over the prologue's (TMA: one, electing a thread)
-        assert 0 < variants[name]["shfl"] - variants["prologue"]["shfl"] <= 96, (name, variants[name], found)
+                              variants=("prologue", "prologue+stats", "stats"), taps=1, gemm_view=True)
+    for name, variant in found["variants"].items():
+        assert variant["ld_global_after_st_global"] == 0, (name, variant, found)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts compiles behind the CPU's stand-in driver")

@@ -219,9 +219,9 @@ def test_finish_partials(mode, planes):
         count = torch.randint(1, 64, (37, 1), generator=gen).double()
         ws[0, :37], ws[2], m = count, ws[2].abs(), int(count.sum())
     ws[:, 37:] = float("nan")
-    centre = torch.randn(20, 3, generator=gen).to(torch.bfloat16)[:, 1]  # stride 3
-    got = partials.finished(ws.float().to(DEVICE), 37, mode, count=m, centre=centre.to(DEVICE),
-                            centre_stride=3)
+    centres = torch.randn(20, 3, generator=gen).to(torch.bfloat16)
+    centre = centres[:, 1]  # stride 3, sliced on the device too: .to() would copy the view contiguous
+    got = partials.finished(ws.float().to(DEVICE), 37, mode, count=m, centre=centres.to(DEVICE)[:, 1])
     rows, centre = ws[:, :37], centre.double()
     if mode == partials.SUMS:
         expected = rows.sum(1).unbind(0)

@@ -438,8 +438,7 @@ def channel_stats(y: Tensor) -> tuple[Tensor, Tensor]:
     geo, grid, ws = _reduce_launch(y, channels_last)
     _channel_stats_kernel[grid](y, ws, **geo)
     # the programs' moments are of y - y[0, :, 0, 0], the pivot (channel c at y's element c * stride_c)
-    return partials.finished(ws, grid[0], partials.CHAN_MOMENTS, count=geo["ROWS"], centre=y,
-                             centre_stride=geo["stride_c"])
+    return partials.finished(ws, grid[0], partials.CHAN_MOMENTS, count=geo["ROWS"], centre=y[0, :, 0, 0])
 
 
 def act_forward(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], res_scale: Optional[Tensor],

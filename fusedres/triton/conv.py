@@ -412,6 +412,9 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
     out_offs = out_rows[:, None] + k_out.to(tl.int64)[None, :] * stride_ok
     res_offs = res_rows[:, None] + k_out.to(tl.int64)[None, :] * stride_rk
     if COMPUTE_STATS:  # store y (or dz) and this tile's per-channel sums of d and d*e
+        # loaded before y's store, so no load of the epilogue queues behind the tile's stores (the lead on the
+        # statistics' cost in benchmarks/RESULTS.md)
+        shift = tl.load(stats_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
         if PROLOGUE_GRAD:  # acc = d act: dz = acc * act'(z), z = x*out_scale + out_shift recomputed from the input x
             x_in = tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
             if OUT_RELU:
@@ -422,11 +425,6 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
             acc = acc + tl.load(out_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
         y = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_offs, y, mask=mask)
-        # the shift as a whole tile (every row alike): a 2-D load takes the store's coalesced layout, and with it
-        # y and the column sums below, which there take 40 shuffles a thread where the accumulator's layout took
-        # 216 (triton 3.6, sm_90, 128x128 tile, 8 warps: 1584 instructions against 2088 on layer1's 1x1 with
-        # TMA; the shift's rows are L1 hits)
-        shift = tl.load(stats_shift_ptr + (k_out[None, :] + 0 * out_rows[:, None]), mask=mask, other=0.0)
         if PROLOGUE_GRAD:  # sum dz and sum dz * (x - mean): BatchNorm's backward reduction
             d = tl.where(mask, y.to(tl.float32), 0.0)
             e = x_in - shift

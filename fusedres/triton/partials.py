@@ -13,7 +13,7 @@ channel's rows added in a fixed order (deterministic), where torch took 2-11 sma
   / count and variance sum(M2_i + count_i * (mean_i - mean)^2) / count, the deviations taken about the mean in
   a second pass over the rows (Chan's merge; nothing cancels whatever the centre).
 
-The centre is read from any float tensor with a channel stride (a (C,) vector, or an activation's first
+The centre is a (C,) tensor of any stride and float dtype (a shift vector, or a view of an activation's first
 pixel), converted to fp32.
 """
 
@@ -92,21 +92,21 @@ def _finish_partials_kernel(
         tl.store(second_ptr + cols, variance, mask=col_mask)
 
 
-def finish(ws: Tensor, rows: int, out: tuple, mode: int, count: int = 1, centre: Optional[Tensor] = None,
-           centre_stride: int = 1) -> None:
+def finish(ws: Tensor, rows: int, out: tuple, mode: int, count: int = 1, centre: Optional[Tensor] = None) -> None:
     """Writes the results of rows [0, rows) of the (planes, >= rows, C) fp32 workspace ``ws`` (contiguous
     rows) into ``out``: one (C,) fp32 tensor per plane for SUMS, else (mean, variance) of the ``count``
-    elements, about ``centre`` (C elements ``centre_stride`` apart)."""
+    elements, about ``centre`` (a (C,) tensor of any stride and float dtype)."""
     planes, _, channels = ws.shape
     _finish_partials_kernel[(cdiv(channels, _BLOCK_C),)](
         ws, out[0], out[1], out[-1], ws if centre is None else centre, rows, ws.stride(0), channels, count,
-        centre_stride, MODE=mode, PLANES=planes, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_WARPS)
+        1 if centre is None else centre.stride(0), MODE=mode, PLANES=planes, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+        num_warps=_WARPS)
 
 
-def finished(ws: Tensor, rows: int, mode: int, count: int = 1, centre: Optional[Tensor] = None,
-             centre_stride: int = 1) -> tuple[Tensor, ...]:
+def finished(ws: Tensor, rows: int, mode: int, count: int = 1,
+             centre: Optional[Tensor] = None) -> tuple[Tensor, ...]:
     """``finish`` into new tensors: one per plane for SUMS, else (mean, variance); each its own tensor."""
     outputs = ws.shape[0] if mode == SUMS else 2
     out = tuple(torch.empty(ws.shape[2], device=ws.device, dtype=torch.float32) for _ in range(outputs))
-    finish(ws, rows, out, mode, count, centre, centre_stride)
+    finish(ws, rows, out, mode, count, centre)
     return out
