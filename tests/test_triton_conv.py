@@ -1057,6 +1057,38 @@ def test_stem_runs_space_to_depth_on_asynchronous_16_byte_copies():
     _assert_wgmma_not_serialised(found)
 
 
+_COPY_DIVISIONS_SCRIPT = """
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedres.triton import conv_args
+
+copy = conv_args._space_to_depth_kernel  # the stem's copy as ResNet-50 launches it (bf16, channels_last: x's
+consts = dict(SH=2, SW=2, CHANNELS=4, PROLOGUE=False, IN_RELU=False,  # channel stride 1, a constant)
+              BLOCK=conv_args._SPACE_TO_DEPTH_BLOCK, stride_xc=1)
+sig = {a: "constexpr" if a in consts else "*bf16" if a in ("x_ptr", "out_ptr") else "*fp32" if a.endswith("_ptr")
+       else "i32" for a in copy.arg_names}
+ptx = triton.compile(ASTSource(copy, sig, consts), target=GPUTarget("cuda", 90, 32),
+                     options=dict(num_warps=4)).asm["ptx"]
+print(json.dumps(dict(divisions_64=len(re.findall(r"\\b(div|rem)\\.[su]64\\b", ptx)),
+                      loads=ptx.count("ld.global"), stores=ptx.count("st.global"))))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+def test_the_stems_space_to_depth_copy_divides_by_no_runtime_value_per_element():
+    """The stem's space-to-depth copy (ResNet-50 at 224 px) compiles for sm_90 with no 64-bit division: each
+    program writes part of one row of x', so only the program decodes its (image, row), and an element's place in
+    the row divides by constants only. Decoded from a flat 64-bit index, each element divided by the runtime
+    W2 and H2: 32 64-bit divisions a thread, and on the H200 the stem's `triton` row took 1.472 ms where its
+    conv kernel took 0.589 (benchmarks/RESULTS.md)."""
+    done = compile_for_sm90(_COPY_DIVISIONS_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["divisions_64"] == 0 and found["loads"] > 0 and found["stores"] > 0, found
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 def test_epilogues_that_load_a_tile_spill_no_register_in_the_widest_tile():
     """The epilogues that load a tile (inference: the residual; the input gradient: the unit's input) run on
