@@ -138,11 +138,16 @@ if [ "${GPU_CHECK_HOST:-0}" = 1 ]; then  # host time per Triton conv call, real 
 fi
 
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then  # hardware counters of cuDNN's and the Triton conv's kernels, a few shapes
-  $(limit "${GPU_CHECK_NCU_TIMEOUT:-90}") ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
-    "$py" scripts/ncu_convs.py \
-    > "$out/ncu_convs.csv" 2> "$out/ncu_convs.log"
-  note ncu "rc=$? ($out/ncu_convs.csv)"
+  # the report is kept (ncu_convs.ncu-rep) and printed twice: the sections' details, and every metric collected
+  # (raw: the warp-state section's stall reasons, per kernel, which the details page leaves out)
+  $(limit "${GPU_CHECK_NCU_TIMEOUT:-90}") ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --export "$out/ncu_convs" --force-overwrite "$py" scripts/ncu_convs.py > "$out/ncu_convs.log" 2>&1
+  rc=$?
+  for page in details raw; do
+    ncu --import "$out/ncu_convs.ncu-rep" --csv --page $page > "$out/ncu_convs_$page.csv" 2>> "$out/ncu_convs.log"
+  done
+  note ncu "rc=$rc ($out/ncu_convs_details.csv, $out/ncu_convs_raw.csv)"
 fi
 
 # TRITON_PRINT_AUTOTUNING=1: each log names the config each new autotuning key chose (USE_TMA: which kind)

@@ -10,10 +10,11 @@ the range starts, so only the chosen config's launch (and the statistics' finish
 the 3x3 convs the bare conv also runs on each kind of pointer config alone: x copied by 16-byte copies through
 L2 ("pointer") and in 8-byte runs cached in L1 ("x in L1"; the memory section's L1 hit rate tells them apart).
 Every shape also runs the prologue with and without the statistics epilogue on one fixed config (pointer,
-128x128, 8 warps): what the epilogue's column sums cost on the same tile. On the H200 it took layer1's
-64->256 1x1 from 0.232 to 0.635 ms, and its PTX has 216 shuffles a thread and 152 registers against 128
-(benchmarks/RESULTS.md): the Occupancy and WarpStateStats sections say whether the lost second CTA an SM or
-the shuffles and barriers cost more.
+128x128, 8 warps): what the statistics epilogue costs on the same tile. On the H200 it took layer1's 64->256
+1x1 from 0.227 to 0.634 ms; cutting its column sums' shuffles from 216 to 40 a thread changed nothing
+(benchmarks/RESULTS.md), and b1cee7d moved its one load (the shift) before y's store: the warp-state section's
+stall reasons (gpu_check.sh prints them in ncu_convs_raw.csv) say where its warps wait. The stem's rows show its space-to-depth copy (``_space_to_depth_kernel``)
+beside the conv kernel: ~0.9 ms on the H200 before b1c3bae took the copy's 64-bit divisions out.
 Needs a CUDA GPU (scripts/gpu_check.sh runs it with GPU_CHECK_NCU=1).
 """
 
@@ -42,6 +43,7 @@ class ConfigSubset:
 
 
 SHAPES = {  # name: (C, K, H, kernel, stride, padding), ResNet-50 at 224 px
+    "conv1 7x7/2 3->64": (3, 64, 224, 7, 2, 3),  # the Triton conv runs it space-to-depth: the copy, then the conv
     "layer1 1x1 64->64": (64, 64, 56, 1, 1, 0),
     "layer1 3x3 64->64": (64, 64, 56, 3, 1, 1),
     "layer1 1x1 64->256": (64, 256, 56, 1, 1, 0),
