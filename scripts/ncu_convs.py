@@ -13,8 +13,9 @@ Every shape also runs the prologue with and without the statistics epilogue on o
 128x128, 8 warps): what the statistics epilogue costs on the same tile. On the H200 it took layer1's 64->256
 1x1 from 0.227 to 0.634 ms; cutting its column sums' shuffles from 216 to 40 a thread changed nothing
 (benchmarks/RESULTS.md), and b1cee7d moved its one load (the shift) before y's store: the warp-state section's
-stall reasons (gpu_check.sh prints them in ncu_convs_raw.csv) say where its warps wait. The stem's rows show its space-to-depth copy (``_space_to_depth_kernel``)
-beside the conv kernel: ~0.9 ms on the H200 before b1c3bae took the copy's 64-bit divisions out.
+stall reasons (gpu_check.sh prints them in ncu_convs_raw.csv) say where its warps wait. The stem's rows show
+its space-to-depth copy (``_space_to_depth_kernel``) beside the conv kernel: ~0.9 ms on the H200 before
+b1c3bae took the copy's 64-bit divisions out.
 Needs a CUDA GPU (scripts/gpu_check.sh runs it with GPU_CHECK_NCU=1).
 """
 
