@@ -1064,9 +1064,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fusedres.triton import conv_args
 
-copy = conv_args._space_to_depth_kernel  # the stem's copy as ResNet-50 launches it (bf16, channels_last: x's
-consts = dict(SH=2, SW=2, CHANNELS=4, PROLOGUE=False, IN_RELU=False,  # channel stride 1, a constant)
-              BLOCK=conv_args._SPACE_TO_DEPTH_BLOCK, stride_xc=1)
+# the stem's copy as ResNet-50 launches it: bf16, channels_last (x's channel stride 1, a constant)
+copy = conv_args._space_to_depth_kernel
+consts = dict(SH=2, SW=2, CHANNELS=4, PROLOGUE=False, IN_RELU=False, BLOCK=conv_args._SPACE_TO_DEPTH_BLOCK,
+              stride_xc=1)
 sig = {a: "constexpr" if a in consts else "*bf16" if a in ("x_ptr", "out_ptr") else "*fp32" if a.endswith("_ptr")
        else "i32" for a in copy.arg_names}
 ptx = triton.compile(ASTSource(copy, sig, consts), target=GPUTarget("cuda", 90, 32),
