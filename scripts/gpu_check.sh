@@ -15,6 +15,8 @@
 #                           inference ops', the modules', fusedres.precompile's and fusedres.cuda_graphed's tests,
 #                           the converted stem's GPU test);
 #                           "tests" for all; the CPU emulation of the CUDA kernels (marker host_emulation) is CI's
+#   GPU_CHECK_TESTS_K       a pytest -k expression selecting among those tests (default: all of them), e.g.
+#                           "space_to_depth or stats or gpu_"
 #   GPU_CHECK_PYTEST_ARGS   extra pytest arguments (default: "-n 8 --timeout 120", pytest-xdist and -timeout)
 #   GPU_CHECK_TESTS_TIMEOUT seconds before the tests are stopped (default 130; the log keeps what ran, and pytest,
 #                           stopped as by Ctrl-C, still prints the failures so far; on an H200 the default tests
@@ -114,7 +116,8 @@ default_tests="tests/test_triton_conv.py tests/test_triton_conv_wgrad.py tests/t
                tests/test_convert.py::test_gpu_stem_unit_matches_eager"
 # shellcheck disable=SC2086
 $(limit "${GPU_CHECK_TESTS_TIMEOUT:-130}") "$py" -m pytest ${GPU_CHECK_TESTS:-$default_tests} -m "not host_emulation" \
-  -v -rfE ${GPU_CHECK_PYTEST_ARGS:--n 8 --timeout 120} --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+  -k "${GPU_CHECK_TESTS_K:-}" -v -rfE ${GPU_CHECK_PYTEST_ARGS:--n 8 --timeout 120} --junitxml="$out/tests.xml" \
+  > "$out/tests.log" 2>&1
 rc=$?
 note tests "rc=$rc in $((SECONDS - start)) s: $(tail -1 "$out/tests.log" | cut -c1-160) ($(grep -c ' PASSED' \
   "$out/tests.log") passed, $(grep -c ' FAILED' "$out/tests.log") failed lines)"
