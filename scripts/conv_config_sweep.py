@@ -4,7 +4,7 @@ lets the autotuner run them (GPU).
 
 The autotuner runs whichever config is fastest, so a config that is wrong on some launch can hide behind a faster
 one in one run and be chosen in the next; this runs each one. Per case and config it prints the worst ratio of the
-output's max error to the tests' bound (tests/test_triton_conv.py's _check_out: twice eager's error plus half an
+output's max error to the tests' bound (tests/test_triton_conv.py's _error_bound: twice eager's error plus half an
 ulp of the largest output; <= 1 is right), and the statistics' worst error relative to the output's spread.
 
     PYTHONPATH=.:tests python scripts/conv_config_sweep.py [--repeats 3] [--cases NAME,...]
@@ -52,10 +52,7 @@ def _checked_inputs(case, repeats: int) -> list[tuple]:
     for repeat in range(repeats):
         x, w, kw = t._make(case if repeat == 0 else _Reseeded(case, repeat))
         ref = t._unfused(x, w, kw, t.F64)
-        bound = (2 * (t._unfused(x, w, kw, x.dtype).double() - ref).abs().max().item()
-                 + t.ATOL[x.dtype] * max(1.0, ref.abs().max().item())
-                 + t.tf32_allowance(x.dtype, t._magnitude(x, w, kw).max().item()))
-        inputs.append((x, w, kw, ref, bound))
+        inputs.append((x, w, kw, ref, t._error_bound(x, w, kw, ref)[0]))
     return inputs
 
 

@@ -164,18 +164,24 @@ def _magnitude(x, w, kw):
     return magnitude
 
 
+def _error_bound(x, w, kw, ref) -> tuple[float, float]:
+    """(bound, eager's error): the most an output's max error against the fp64 reference ``ref`` may be, twice
+    eager's own error plus ATOL of the largest output plus TF32's allowance, and eager's error itself."""
+    eager_err = (_unfused(x, w, kw, x.dtype).double() - ref).abs().max().item()
+    bound = (2 * eager_err + ATOL[x.dtype] * max(1.0, ref.abs().max().item())
+             + tf32_allowance(x.dtype, _magnitude(x, w, kw).max().item()))
+    return bound, eager_err
+
+
 def _check_out(out, x, w, kw, what=""):
     """out has x's dtype and memory format and meets the error rule against the fp64 reference."""
     ref = _unfused(x, w, kw, F64)
-    eager = _unfused(x, w, kw, x.dtype)
     assert out.dtype == x.dtype and out.shape == ref.shape and out.device == x.device
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert torch.isfinite(out).all()
     err = (out.double() - ref).abs().max().item()
-    eager_err = (eager.double() - ref).abs().max().item()
-    bound = (2 * eager_err + ATOL[x.dtype] * max(1.0, ref.abs().max().item())
-             + tf32_allowance(x.dtype, _magnitude(x, w, kw).max().item()))
+    bound, eager_err = _error_bound(x, w, kw, ref)
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eager's error {eager_err:.3g})"
 
 
