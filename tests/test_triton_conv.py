@@ -930,6 +930,7 @@ def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):
 
 
 _COMPILE_FOR_SM90 = """
+import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -962,7 +963,9 @@ copy = conv_args._space_to_depth_kernel  # the stem's copy, with a BN + ReLU pro
 consts = dict(SH=2, SW=2, CHANNELS=4, PROLOGUE=True, IN_RELU=True, BLOCK=conv_args._SPACE_TO_DEPTH_BLOCK)
 sig = {a: "constexpr" if a in consts else "*bf16" if a in ("x_ptr", "out_ptr") else "*fp32" if a.endswith("_ptr")
        else "i32" for a in copy.arg_names}
-triton.compile(ASTSource(copy, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+ptx = triton.compile(ASTSource(copy, sig, consts), target=GPUTarget("cuda", 90, 32),
+                     options=dict(num_warps=4)).asm["ptx"]
+print(json.dumps(dict(copy_divisions_64=len(re.findall(r"\\b(div|rem)\\.[su]64\\b", ptx)))))
 """
 
 
@@ -970,9 +973,15 @@ triton.compile(ASTSource(copy, sig, consts), target=GPUTarget("cuda", 90, 32), o
 def test_kernel_compiles_for_sm90_on_cpu():
     """The interpreter runs code the compiler rejects (a reshape to a shape held in a tuple variable, say):
     compile three variants of the conv, the statistics' finishing kernel with its GPU tile and the stem's
-    space-to-depth copy for an H100 with the wheel's ptxas, in a process without TRITON_INTERPRET."""
+    space-to-depth copy for an H100 with the wheel's ptxas, in a process without TRITON_INTERPRET. The copy
+    has no 64-bit division: each program writes part of one row of x', so only the program decodes its (image,
+    row), and an element's place in the row divides by constants only. Decoded from a flat 64-bit index, each
+    element divided by the runtime W2 and H2: 32 64-bit divisions a thread, and on the H200 the stem's
+    `triton` row took 1.472 ms where its conv kernel took 0.589 (benchmarks/RESULTS.md)."""
     done = compile_for_sm90(_COMPILE_FOR_SM90)
     assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["copy_divisions_64"] == 0, found
 
 
 _FLAGS_OFF = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
@@ -1061,39 +1070,6 @@ def test_stem_runs_space_to_depth_on_asynchronous_16_byte_copies():
         assert variant["wgmma"] > 0 and variant["cp_async"] > 0 and variant["spill_bytes"] == 0, found
     assert found["variants"]["bare"]["ld_global"] == 0, found
     _assert_wgmma_not_serialised(found)
-
-
-_COPY_DIVISIONS_SCRIPT = """
-import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fusedres.triton import conv_args
-
-# the stem's copy as ResNet-50 launches it: bf16, channels_last (x's channel stride 1, a constant)
-copy = conv_args._space_to_depth_kernel
-consts = dict(SH=2, SW=2, CHANNELS=4, PROLOGUE=False, IN_RELU=False, BLOCK=conv_args._SPACE_TO_DEPTH_BLOCK,
-              stride_xc=1)
-sig = {a: "constexpr" if a in consts else "*bf16" if a in ("x_ptr", "out_ptr") else "*fp32" if a.endswith("_ptr")
-       else "i32" for a in copy.arg_names}
-ptx = triton.compile(ASTSource(copy, sig, consts), target=GPUTarget("cuda", 90, 32),
-                     options=dict(num_warps=4)).asm["ptx"]
-print(json.dumps(dict(divisions_64=len(re.findall(r"\\b(div|rem)\\.[su]64\\b", ptx)),
-                      loads=ptx.count("ld.global"), stores=ptx.count("st.global"))))
-"""
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
-def test_the_stems_space_to_depth_copy_divides_by_no_runtime_value_per_element():
-    """The stem's space-to-depth copy (ResNet-50 at 224 px) compiles for sm_90 with no 64-bit division: each
-    program writes part of one row of x', so only the program decodes its (image, row), and an element's place in
-    the row divides by constants only. Decoded from a flat 64-bit index, each element divided by the runtime
-    W2 and H2: 32 64-bit divisions a thread, and on the H200 the stem's `triton` row took 1.472 ms where its
-    conv kernel took 0.589 (benchmarks/RESULTS.md)."""
-    done = compile_for_sm90(_COPY_DIVISIONS_SCRIPT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found["divisions_64"] == 0 and found["loads"] > 0 and found["stores"] > 0, found
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
