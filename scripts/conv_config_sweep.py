@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -86,8 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     kernel = conv._conv_kernel
     all_configs = list(kernel.configs)
-    launch, config_box = {}, conv._config_box  # the launch's arguments, as the autotuner gives them to _usable
-    conv._config_box = lambda use_tma, arguments: launch.update(arguments) or config_box(use_tma, arguments)
+    patches = pytest.MonkeyPatch()
+    launch = t._launch_arguments(patches)  # the launch's arguments, as the autotuner gives them to _usable
     print(f"{'case':16} {'config':34} {'err/bound':>10} {'stats err':>10}  usable  "
           "(bad: err/bound > 1 or stats > 1e-5)")
     for name in args.cases.split(","):
@@ -107,7 +108,8 @@ def main() -> None:
             except Exception as error:  # a config this launch cannot run (a failed static_assert): say which
                 line = f"{'n/a':>10} {'':10}  {usable:6}  {type(error).__name__}: {str(error).splitlines()[0][:60]}"
             print(f"{name:16} {_name(config):34} {line} ({time.perf_counter() - start:.1f} s)", flush=True)
-    kernel.configs, kernel.cache, conv._config_box = all_configs, {}, config_box
+    kernel.configs, kernel.cache = all_configs, {}
+    patches.undo()
 
 
 if __name__ == "__main__":
