@@ -370,11 +370,30 @@ def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch)
 # tensor-core dot reads from shared memory; the strided ones of whole channel blocks (conv._tma_ok)
 _TILE, _CHANNEL_BLOCK = conv._MAX_BOX, conv._TMA_MAX_BLOCK_K
 _ONE_POSITION_BOX_CASES = [
-    _case(24, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE),  # 6x6 outputs: 2x2 boxes for a small batch
+    _case(2 * _CHANNEL_BLOCK, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE),  # 6x6 outputs: 2x2 boxes for
+    # a small batch; the prologue's x tiles 2-D (the kernel's X_ROWS_2D)
+    _case(24, 16, 6, 3, 1, 1, BF16, True, "none", "full", n=_TILE),  # a channel tail
     _case(2 * _CHANNEL_BLOCK, 24, 6, 3, 2, 1, F16, True, "none", "full", n=2 * _TILE - 4),  # 3x3/2; the second
     # tile 4 rows past N
     _case(_CHANNEL_BLOCK, 32, (4, 6), 1, 2, 0, F32, True, "linear", "affine", n=2 * _TILE),  # the 1x1/2 downsample
 ]
+
+
+def test_one_position_prologue_runs_tma_tiles_on_whole_channel_blocks_only():
+    """A prologue on a launch of one-position TMA tiles loads x's tiles 2-D (the kernel's X_ROWS_2D), where past C
+    a tile would hold the next pixel's channels: such a launch with a channel tail (24 channels) runs the pointer
+    configs, and computes the conv; without the prologue, or on whole channel blocks, it may run the TMA ones."""
+    gen = seeded("one-position-tail")
+    for c, prologue, tma in ((24, True, False), (24, False, True), (2 * _CHANNEL_BLOCK, True, True)):
+        x = rand_act(gen, (_TILE, c, 6, 6), BF16, channels_last=True)
+        geo = conv._geometry(x, torch.empty(16, c, 3, 3, dtype=BF16), (1, 1), (1, 1), (1, 1), 1)
+        assert conv._box(geo) == (1, 1)
+        assert conv._tma_ok(x, x.stride(), geo, 1, prologue=prologue) == tma, (c, prologue)
+    x, w, kw = _make(_case(24, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE))
+    out, mean, var = conv.conv2d_fused(x, w, **kw)
+    assert not conv._conv_kernel.best_config.kwargs["USE_TMA"]
+    _check_out(out, x, w, kw, "one position, 24 channels")
+    _check_stats(out, mean, var)
 
 
 def test_one_position_boxes_only_where_the_batch_fills_the_tiles():
@@ -491,21 +510,21 @@ def test_persistent_configs_run_only_gemm_view_launches_without_a_prologue():
         assert conv._usable(dict(persistent, PERSISTENT=0), launch)
 
 
-def test_one_position_prologue_launches_skip_the_tma_tiles_that_8_warps_split():
-    """Where x's TMA tile is a box of images at one output position and the prologue transforms it, the TMA
-    configs of 128 rows by 128 or 256 columns (8 warps) computed wrong outputs on an H200
-    (scripts/conv_config_sweep.py): those launches keep to the other configs. Without a prologue, over a GEMM
-    view, with a box of several positions, or with 64 columns, the same tiles may run."""
+def test_one_position_prologue_launches_may_run_every_tma_tile():
+    """Where x's TMA tile is a box of images at one output position and the prologue transforms it, every
+    non-persistent TMA tile may run, the 128x128 and 128x256 ones (8 warps) too: those launches load x's tile
+    from a 2-D descriptor (the kernel's X_ROWS_2D; from the 5-D box those two tiles computed wrong outputs on an
+    H200, see conv._usable)."""
     one_position, several = dict(N=256, P=14, Q=14), dict(N=8, P=14, Q=14)  # ResNet-50's batch; a small one
     assert conv._box(one_position) == (1, 1) and conv._box(several) != (1, 1)
-    for (block_m, block_n), prologue, gemm_view, sizes, usable in (
-            ((128, 128), True, False, one_position, False), ((128, 256), True, False, one_position, False),
-            ((128, 64), True, False, one_position, True), ((256, 64), True, False, one_position, True),
-            ((128, 256), False, False, one_position, True), ((128, 256), True, True, one_position, True),
-            ((128, 256), True, False, several, True)):
+    for (block_m, block_n), prologue, gemm_view, sizes in (
+            ((128, 128), True, False, one_position), ((128, 256), True, False, one_position),
+            ((128, 64), True, False, one_position), ((256, 64), True, False, one_position),
+            ((128, 256), False, False, one_position), ((128, 256), True, True, one_position),
+            ((128, 256), True, False, several)):
         config = dict(USE_TMA=True, PERSISTENT=0, X_IN_L1=False, BLOCK_M=block_m, BLOCK_N=block_n)
         launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view, **sizes)
-        assert conv._usable(config, launch) == usable, (config, launch)
+        assert conv._usable(config, launch), (config, launch)
 
 
 @pytest.mark.parametrize("taps,flat_k,cg,usable", [
@@ -1109,10 +1128,11 @@ def test_one_position_boxes_feed_the_dot_from_shared_memory():
     reads x's tile from shared memory in every variant without the BN + ReLU prologue (the bare conv, the
     inference epilogue, the input gradient), on the layer1 3x3 and the strided layer2 3x3 alike, with fewer
     registers than a box of several positions (batch 2), whose tile reaches wgmma through registers. The
-    prologue's transformed tile is in registers whatever the box; on one-position tiles it needs no per-row
-    padding factor (the tap's shift is loaded masked), so fewer registers than on a box of several positions,
-    and its ReLU is one NaN-propagating max. Nothing serialised or spilled, and the reduction step divides
-    nothing (the tap and channel block are counted on from step to step)."""
+    prologue's transformed tile is in registers whatever the box; on one-position tiles it is a 2-D tile of x's
+    images (the kernel's X_ROWS_2D, where the variants without the prologue copy 5-D boxes) and needs no per-row
+    padding factor (one scalar test per step zeroes a tap outside the image), so fewer registers than on a box
+    of several positions, and its ReLU is one NaN-propagating max. Nothing serialised or spilled, and the
+    reduction step divides nothing (the tap and channel block are counted on from step to step)."""
     plain = ("bare", "inference epilogue", "input grad")
     one = _compile_for_sm90(dict(USE_TMA=True), variants=(*plain, "prologue+stats"))
     strided = _compile_for_sm90(dict(USE_TMA=True), LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES,
@@ -1124,6 +1144,7 @@ def test_one_position_boxes_feed_the_dot_from_shared_memory():
             assert variant["tma"] >= 2 and variant["wgmma"] > 0, (name, found)
             assert variant["wgmma_a_in_registers"] == in_registers and variant["spill_bytes"] == 0, (name, found)
             assert variant["step_divisions"] == 0, (name, found)
+            assert variant["tma_2d"] == (variant["tma"] // 2 if name == "prologue+stats" else 0), (name, found)
         _assert_wgmma_not_serialised(found)
     bare, several_bare = one["variants"]["bare"], several["variants"]["bare"]
     assert several_bare["wgmma_a_in_registers"] == several_bare["wgmma"] > 0, several
@@ -1728,13 +1749,14 @@ def _launch_arguments(monkeypatch) -> dict:
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("shape,n", [((256, 256, 14, 3, 1, 1), 256), ((512, 1024, 28, 1, 2, 0), 256),
-                                     ((64, 64, 56, 3, 1, 1), 8)],
-                         ids=["layer3_3x3-b256", "layer3_downsample-b256", "layer1_3x3-b8"])
+                                     ((64, 64, 56, 3, 1, 1), 8), ((1024, 256, 14, 1, 1, 0), 8)],
+                         ids=["layer3_3x3-b256", "layer3_downsample-b256", "layer1_3x3-b8", "layer3_1x1-b8"])
 def test_gpu_each_usable_config_computes_the_prologue_conv(shape, n, monkeypatch):
     """Every config conv._usable lets run a launch with the BN + ReLU prologue, each alone: the autotuner runs
     only the fastest, which can hide a wrong config until another run picks it. ResNet-50 launches whose TMA
     tiles hold images at one output position (batch 256: a 3x3 and the strided 1x1, where two TMA configs
-    were wrong, see conv._usable) or boxes of several (batch 8)."""
+    were wrong from a 5-D box of x, see conv._usable; now 2-D tiles), boxes of several (batch 8), or pixels of a
+    GEMM view (a 1x1 of 16 reduction steps, 2-D tiles as well)."""
     c, k, h, kernel_size, stride, padding = shape
     x, w, kw = _make(_case(c, k, h, kernel_size, stride, padding, BF16, True, "relu", "stats", n=n))
     launch = _launch_arguments(monkeypatch)

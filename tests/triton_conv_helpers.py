@@ -262,7 +262,7 @@ for name, flags in spec["variants"].items():
     found[name] = dict(wgmma=ptx.count("wgmma.mma_async"),
                        cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                        cp_async_l1_8_bytes=len(re.findall(r"cp\\.async\\.ca\\.shared\\.global[^;]*, 0x8[,;]", ptx)),
-                       tma=ptx.count("cp.async.bulk.tensor"),
+                       tma=ptx.count("cp.async.bulk.tensor"), tma_2d=ptx.count("cp.async.bulk.tensor.2d"),
                        wgmma_a_in_registers=len(re.findall(r"wgmma\\.mma_async[^;]*\\}, \\{", ptx)),
                        ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
                        ld_global_after_st_global=ptx.partition("st.global")[2].count("ld.global"),
@@ -283,11 +283,12 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
     (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA;
     wgmma_a_in_registers: those whose A operand is in registers, not read from shared memory), cp_async
     (asynchronous copies into shared memory; cp_async_l1_8_bytes: those of 8 bytes cached in L1,
-    cp.async.ca), tma (tensor copies), ld_global, st_shared and max_nan (fp32 NaN-propagating maximum)
-    instruction counts, ld_global_after_st_global (global loads after the first global store, in the PTX's
-    order), step_divisions (integer divisions and remainders in the reduction loop, the one around the first
-    wgmma), the shared memory in bytes, and what ptxas reports (``ptxas_findings``: registers, spill_bytes,
-    warnings, C7515 being a serialised wgmma); with the config's stages and block sizes."""
+    cp.async.ca), tma (tensor copies; tma_2d: those of 2-D tiles), ld_global, st_shared and max_nan (fp32
+    NaN-propagating maximum) instruction counts, ld_global_after_st_global (global loads after the first
+    global store, in the PTX's order), step_divisions (integer divisions and remainders in the reduction loop,
+    the one around the first wgmma), the shared memory in bytes, and what ptxas reports (``ptxas_findings``:
+    registers, spill_bytes, warnings, C7515 being a serialised wgmma); with the config's stages and block
+    sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
     done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))

@@ -71,8 +71,11 @@ residue of h modulo SH, every SH-th row, which is a box of that view (and likewi
 it is x as (H, 1, W, N, C). The dot reads a box of one position, (1, 1, 1, BLOCK_M, BLOCK_K), from shared
 memory as it reads a 2-D tile; a box of several positions is reshaped in registers on its way (sm_90 PTX,
 triton 3.6: wgmma with A in registers, each step's tile copied out of shared memory by ldmatrix first, 122
-registers against 90 for the layer1 3x3 at 128x64). The descriptors are made on
-the device (their block shapes follow the config), in a global scratch that ``_with_descriptor_scratch``
+registers against 90 for the layer1 3x3 at 128x64). With the prologue, which transforms the tile in registers
+anyway, a one-position tile is instead a 2-D tile of x seen as (N, an image's span of elements), its columns
+starting at the tap's pixel (X_ROWS_2D; where the tap leaves the image, its rows are moved past N, which gives
+zeros), on whole channel blocks only (past C such a tile holds the next pixel's channels). The descriptors are
+made on the device (their block shapes follow the config), in a global scratch that ``_with_descriptor_scratch``
 lends triton for the launch. The autotuner times both kinds where both may run; the key's TMA_OK keeps them
 apart where not.
 
@@ -183,16 +186,13 @@ def _usable(config: dict, args: dict) -> bool:
     flattened loop ptxas then serialises every wgmma (C7515, sm_90; the 5-D box and the prologue's transform
     both put the tile in registers). X_IN_L1 configs only where taps overlap (R*S > 1: the next steps read
     most of this step's x again) and their hint holds: runs of 4 channels contiguous, which a flat (r, s, c)
-    reduction has only with Cg a multiple of 4 (a false hint would load wrong elements). A prologue on a
-    one-position TMA launch (x's tile a box of images at one output position, transformed in registers) skips
-    the TMA configs whose 128-row tile 8 warps split (BLOCK_M 128, BLOCK_N >= 128): on an H200 (triton 3.6) they
-    computed outputs 15-23x the tests' error bound on ResNet-50's 3x3 launches at batch 256, the 128x256 one on
-    the strided 1x1 too, where the same tiles persistent, without the prologue, over a GEMM view or on boxes of
-    several positions were right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md)."""
+    reduction has only with Cg a multiple of 4 (a false hint would load wrong elements). Every TMA config may
+    run a prologue on a one-position launch, whose x tile comes from a 2-D descriptor of x's images (X_ROWS_2D)
+    as a GEMM view's does: from the 5-D box, the 128x128 and 128x256 TMA configs (8 warps) computed outputs
+    15-23x the tests' error bound there on an H200 (triton 3.6; ResNet-50's 3x3 launches at batch 256, and the
+    strided 1x1 with 128x256), where the same tiles over a GEMM view were right (scripts/conv_config_sweep.py;
+    benchmarks/RESULTS.md)."""
     if config["PERSISTENT"] and (args["PROLOGUE"] or not args["GEMM_VIEW"]):
-        return False
-    if (config["USE_TMA"] and args["PROLOGUE"] and not args["GEMM_VIEW"] and _box(args) == (1, 1)
-            and config["BLOCK_M"] == 128 and config["BLOCK_N"] >= 128):
         return False
     if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
         return False
@@ -234,16 +234,21 @@ def _conv_kernel(
 ):
     g = tl.program_id(1)
     ONE_POSITION: tl.constexpr = USE_TMA and BOX_H * BOX_W == 1 and not GEMM_VIEW  # TMA rows: images at one (p, q)
+    # x's TMA tile from a 2-D descriptor of x's rows (GEMM pixels, or images: a one-position tile with the prologue,
+    # on whole channel blocks (_tma_ok); see _usable)
+    X_ROWS_2D: tl.constexpr = GEMM_VIEW or (ONE_POSITION and PROLOGUE)
     if USE_TMA:  # a row tile is a box of BOX_I images x BOX_H x BOX_W output positions; descriptors of x, w
         tl.static_assert(TMA_OK and not FLAT_K, "USE_TMA needs a launch that allows it (TMA_OK)")
         BOX_I: tl.constexpr = BLOCK_M // (BOX_H * BOX_W)
         box_cols = tl.cdiv(Q, BOX_W)
         box_rows = tl.cdiv(P, BOX_H)
         m_tiles = (N + BOX_I - 1) // BOX_I * box_rows * box_cols
-        if GEMM_VIEW:  # 2-D tiles of x as (M, C), which the dot takes from shared memory (a 5-D box it reshapes in
-            tl.static_assert(R * S == 1 and BOX_I == BLOCK_M)  # registers)
-            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, C], strides=[stride_xn, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
+        if X_ROWS_2D:  # 2-D tiles of x as (rows, an image's span of elements), which the dot takes from shared
+            # memory (a 5-D box it reshapes in registers): GEMM_VIEW's (M, C); a one-position tile's columns start
+            # at its tap's pixel, h * stride_xh + w * stride_xw (zeros past N)
+            tl.static_assert(BOX_I == BLOCK_M)
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, (H - 1) * stride_xh + (W - 1) * stride_xw + C],
+                                               strides=[stride_xn, 1], block_shape=[BLOCK_M, BLOCK_K])
         else:
             # x as (H/SH, SH, W/SW, N, SW*C): input row h = SH*i + a is (i, a) and column w = SW*j + b with
             # channel c is (j, b*C + c), so a box of output positions shifted by a tap is one box of it; the
@@ -326,6 +331,11 @@ def _conv_kernel(
             ch = g * Cg + c  # input channels
             if USE_TMA and GEMM_VIEW:  # zeros past M and past C
                 a = x_desc.load([n0, c0])
+            elif USE_TMA and X_ROWS_2D:  # the tap's pixel of BLOCK_M images; where the tap leaves the image, rows
+                h_tap = p0 * SH - PH + r * DH  # past N (zeros: a select on the tile there kept it off the dot's
+                w_tap = q0 * SW - PW + s * DW  # register layout, and a shared-memory round trip a step followed)
+                in_image = (h_tap >= 0) & (h_tap < H) & (w_tap >= 0) & (w_tap < W)
+                a = x_desc.load([tl.where(in_image, n0, N), h_tap * stride_xh + w_tap * stride_xw + c0])
             elif USE_TMA:  # the box shifted by the tap: zeros outside the image, past C and past N
                 th = r * DH - PH + SH * PH  # >= 0: h = SH*p + r*DH - PH = SH*(p + th // SH - PH) + th % SH
                 tw = s * DW - PW + SW * PW
@@ -344,10 +354,8 @@ def _conv_kernel(
                 # padding (a = 0 there) gets shift * 0: see the module docstring; a GEMM_VIEW conv has no padding
                 # (its rows past M, where a = 0 too, are neither stored nor in the statistics)
                 shift_mask = k_mask  # 0 past Cg, where a is 0 too
-                if ONE_POSITION:  # the tap's input pixel is in the image for every row or for none (rows past
-                    h_tap = p0 * SH - PH + r * DH  # N, a = 0 too, are not stored)
-                    w_tap = q0 * SW - PW + s * DW
-                    shift_mask = k_mask & (h_tap >= 0) & (h_tap < H) & (w_tap >= 0) & (w_tap < W)
+                if ONE_POSITION:  # the tap's pixel is in the image for every row or for none (rows past N, a = 0
+                    shift_mask = k_mask & in_image  # too, are not stored)
                 shift = tl.load(in_shift_ptr + ch, mask=shift_mask, other=0.0)[None, :]
                 if not FLAT_K and not GEMM_VIEW and not ONE_POSITION:  # a row factor per output position
                     in_bounds = row_mask[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # (BLOCK_M, 1)
@@ -472,19 +480,22 @@ def _row_ones(device: torch.device) -> Tensor:
     return ones
 
 
-def _tma_ok(x: Tensor, x_strides: tuple, geo: dict, groups: int) -> bool:
+def _tma_ok(x: Tensor, x_strides: tuple, geo: dict, groups: int, prologue: bool = False) -> bool:
     """Whether the TMA configs may run: an ungrouped conv reducing one (r, s) per step, on an x (addressed
     with ``x_strides``) whose channels are contiguous, whose other strides and address are multiples of 16
     bytes (the tensor memory accelerator's rule; the packed weight's rows likewise), on a GPU that has one
     (sm_90+). A strided conv
     also needs H and W divisible by its stride (x seen as (H/SH, SH, W/SW, N, SW*C), see the kernel) and,
     with a column stride, pixels packed along W with a whole number of channel blocks (a block past C would
-    read the next pixel's channels where a descriptor of C columns gives zeros)."""
+    read the next pixel's channels where a descriptor of C columns gives zeros), as does a ``prologue`` (on a
+    launch other than a GEMM view) whose TMA row tiles are images at one position (``_box``; the kernel's
+    X_ROWS_2D)."""
     size = x.element_size()
     stride_n, stride_c, stride_h, stride_w = x_strides
     strided_ok = geo["H"] % geo["SH"] == 0 and geo["W"] % geo["SW"] == 0 and (
         geo["SW"] == 1 or (stride_w == geo["C"] and geo["C"] % _TMA_MAX_BLOCK_K == 0))
-    return (groups == 1 and geo["Cg"] >= _FLAT_K_BELOW and stride_c == 1 and strided_ok
+    whole_blocks_ok = not prologue or _box(geo) != (1, 1) or geo["C"] % _TMA_MAX_BLOCK_K == 0
+    return (groups == 1 and geo["Cg"] >= _FLAT_K_BELOW and stride_c == 1 and strided_ok and whole_blocks_ok
             and all(stride * size % 16 == 0 for stride in (stride_n, stride_h, stride_w, geo["Kg"]))
             and x.data_ptr() % 16 == 0
             and (_INTERPRET or torch.cuda.get_device_capability(x.device)[0] >= 9))
@@ -586,7 +597,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     gemm = _gemm_view(geo, (x.shape, out.shape, res.shape), tensor_strides)
     if gemm is not None:
         geo, tensor_strides = gemm
-    tma_ok = not flat_k and _tma_ok(x, tensor_strides[0], geo, groups)
+    tma_ok = not flat_k and _tma_ok(x, tensor_strides[0], geo, groups, prologue=in_scale is not None and gemm is None)
     box = _box(geo) if tma_ok else (1, 1)  # the TMA configs' (_config_box); the others tile rows without one
     ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
     ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
