@@ -528,3 +528,20 @@ def test_refold_after_writes_through_data_gives_eager_again(make):
         assert not torch.allclose(model(x), eager(x), rtol=1e-6, atol=1e-6)  # the folds made before the writes
         assert fusedres.refold(model) is model
         torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)
+
+
+def test_profile_inference_script_reports_host_time_per_module(tmp_path):
+    """scripts/profile_inference.py (GPU_CHECK_PROFILE=1 in scripts/gpu_check.sh) runs a converted model's
+    inference forward on CPU too: it reports the host time a forward, per top-level module, the calls that make
+    the host wait, torch.profiler's table and a Chrome trace, so a GPU session does not find it broken."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "scripts" / "profile_inference.py"), "--device", "cpu",
+                           "--model", "resnet18", "--batch", "1", "--size", "32", "--forwards", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "profile.txt").read_text()
+    assert "host ms a forward" in report and "calls that make the host wait" in report, report
+    for module in ("layer1", "layer4", "fc"):
+        assert f"\n  {module} " in report, report
+    assert "fusedres::conv_bias_act" in report, report  # the converted units' op, in the profiler's table
+    assert (tmp_path / "trace.json").stat().st_size > 0

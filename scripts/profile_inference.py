@@ -1,0 +1,125 @@
+"""Where a converted model's inference forward spends its host time, and whether the GPU waits for it.
+
+    PYTHONPATH=. python scripts/profile_inference.py [--model resnet50] [--batch 256] [--out DIR]
+
+The benchmarks' models level measured ResNet-50 inference at batch 256 (bf16 autocast, channels_last, eval) at
+10.96 ms a forward, and the same kernels replayed from one CUDA graph at 7.76 ms (H200, 2026-12-04): the GPU
+waited for the host about 3 ms a forward, which that level cannot show (its host time tracks the median once the
+launch queue is full). This runs the converted model ("auto" backend, as the benchmarks do) and, per forward
+with the GPU synchronised between forwards so neither hides the other:
+
+- ``host ms``: the time the Python call takes to return (every launch queued), and ``gpu ms``: CUDA events
+  around it. host > gpu means the host bounds the forward;
+- the host time of each top-level child module (forward pre/post hooks): where that time goes;
+- torch.profiler over a few forwards: the ops by self CPU time, and the calls that make the host wait for the
+  GPU (synchronisations, copies to the host, ``.item()``), which would stall the queue every forward.
+
+On CPU it runs too (``--device cpu``; no GPU columns): the host side of the torch paths. Writes ``profile.txt``
+and a Chrome trace ``trace.json`` under ``--out``.
+"""
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fusedres  # noqa: E402
+from benchmarks.common import pristine_model  # noqa: E402
+
+_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::item",
+          "aten::_local_scalar_dense", "cudaMemcpy", "cudaMemcpyAsync", "aten::nonzero")  # the host waits on these
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--forwards", type=int, default=10, help="forwards timed (default 10)")
+    parser.add_argument("--out", type=Path, default=Path("profile_out"))
+    return parser.parse_args()
+
+
+def _child_host_times(model: torch.nn.Module) -> tuple[dict, list]:
+    """Per top-level child, a list its hooks append each forward's host seconds to; the hook handles."""
+    times, handles = {}, []
+    for name, child in model.named_children():
+        times[name] = []
+        started = []
+        handles.append(child.register_forward_pre_hook(lambda m, a, s=started: s.append(time.perf_counter())))
+        handles.append(child.register_forward_hook(
+            lambda m, a, o, s=started, t=times[name]: t.append(time.perf_counter() - s.pop())))
+    return times, handles
+
+
+def main() -> None:
+    args = _parse()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    template = pristine_model(args.model).eval().to(device, memory_format=torch.channels_last)
+    model = fusedres.convert(template, backend=args.backend, inplace=False).model
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def forward():
+        with torch.no_grad(), autocast:
+            return model(x)
+
+    for _ in range(3):  # the measured dispatch's first calls, autotuning, compiles
+        forward()
+    sync()
+
+    times, handles = _child_host_times(model)
+    host, gpu = [], []
+    for _ in range(args.forwards):
+        sync()
+        start_event, end_event = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
+        if cuda:
+            start_event.record()
+        start = time.perf_counter()
+        forward()
+        host.append((time.perf_counter() - start) * 1e3)
+        if cuda:
+            end_event.record()
+            end_event.synchronize()
+            gpu.append(start_event.elapsed_time(end_event))
+    for handle in handles:
+        handle.remove()
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(3):
+            forward()
+        sync()
+    args.out.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(args.out / "trace.json"))
+    averages = profiler.key_averages()
+
+    lines = [f"{args.model} batch {args.batch} on {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
+             f"backend {args.backend}, bf16 autocast, channels_last, {args.forwards} forwards, each alone",
+             f"host ms a forward (median, min-max): {statistics.median(host):.3f} ({min(host):.3f}-{max(host):.3f})"]
+    if cuda:
+        lines.append(f"gpu ms a forward (median, min-max): {statistics.median(gpu):.3f} ({min(gpu):.3f}-{max(gpu):.3f})"
+                     f"  -> {'HOST-BOUND' if statistics.median(host) > statistics.median(gpu) else 'gpu-bound'}")
+    lines += ["", "host ms per top-level module (median):"]
+    lines += [f"  {name:24} {statistics.median(t) * 1e3:8.3f}" for name, t in times.items() if t]
+    waits = [e for e in averages if e.key in _WAITS or e.key.startswith("cudaMemcpy")]
+    lines += ["", "calls that make the host wait (over 3 forwards):"]
+    lines += [f"  {e.key:32} {e.count:6d} calls  {e.cpu_time_total / 1e3:9.3f} ms" for e in waits] or ["  none"]
+    lines += ["", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    text = "\n".join(lines)
+    (args.out / "profile.txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
