@@ -11,8 +11,9 @@ with the GPU synchronised between forwards so neither hides the other:
 - ``host ms``: the time the Python call takes to return (every launch queued), and ``gpu ms``: CUDA events
   around it. host > gpu means the host bounds the forward;
 - the host time of each top-level child module (forward pre/post hooks): where that time goes;
-- torch.profiler over a few forwards: the ops by self CPU time, and the calls that make the host wait for the
-  GPU (synchronisations, copies to the host, ``.item()``), which would stall the queue every forward.
+- torch.profiler over a few forwards: the ops by self CPU time and by self GPU time, and the calls that make the
+  host wait for the GPU (synchronisations, copies to the host, ``.item()``), which would stall the queue every
+  forward.
 
 On CPU it runs too (``--device cpu``; no GPU columns): the host side of the torch paths. Writes ``profile.txt``
 and a Chrome trace ``trace.json`` under ``--out``.
@@ -112,9 +113,12 @@ def main() -> None:
     lines += ["", "host ms per top-level module (median):"]
     lines += [f"  {name:24} {statistics.median(t) * 1e3:8.3f}" for name, t in times.items() if t]
     waits = [e for e in averages if e.key in _WAITS or e.key.startswith("cudaMemcpy")]
-    lines += ["", "calls that make the host wait (over 3 forwards):"]
+    lines += ["", "calls that can make the host wait (over 3 forwards):"]
     lines += [f"  {e.key:32} {e.count:6d} calls  {e.cpu_time_total / 1e3:9.3f} ms" for e in waits] or ["  none"]
-    lines += ["", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    lines += ["", "ops by self CPU time (3 forwards):", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if cuda:  # the kernels' own time: what a forward would take were the host never late
+        lines += ["", "ops by self GPU time (3 forwards):",
+                  averages.table(sort_by="self_device_time_total", row_limit=30)]
     text = "\n".join(lines)
     (args.out / "profile.txt").write_text(text + "\n")
     print(text)
