@@ -479,8 +479,9 @@ def test_one_position_boxes_compute_the_conv(case, monkeypatch):
 @pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
 def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     """A persistent TMA config (the interpreter's TMA tile, one program per conv._multiprocessors) on 1x1 convs
-    run as GEMMs: 2 programs loop over 6 output tiles (3 row tiles x 2 column tiles), every output and
-    statistic right."""
+    run as GEMMs: 2 programs loop over 6 output tiles (3 row tiles x 2 column tiles); and on a 3x3 conv whose
+    row tiles are images at one output position (a batch of one tile, 5x5 outputs: 25 row tiles x 2 column
+    tiles), the padding's taps zeros; every output and statistic right."""
     kernel = conv._conv_kernel
     tma = next(c for c in kernel.configs if c.kwargs["USE_TMA"] and not c.kwargs["PERSISTENT"])
     persistent = triton.Config(dict(tma.kwargs, PERSISTENT=1), num_warps=tma.num_warps, num_stages=tma.num_stages)
@@ -490,22 +491,29 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     monkeypatch.setattr(conv, "_multiprocessors", lambda device: asked.append(device) or 2)
     if launch == "input grad":  # dz of a 32->16 1x1 conv: a 16->32 GEMM over 2 x 6 x 6 pixels
         _check_input_grad((32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"))
-    else:  # a 24->32 GEMM over 3 x 5 x 5 pixels
-        x, w, kw = _make(_case(24, 32, 5, 1, 1, 0, BF16, True, "none", "full" if launch == "inference" else "stats",
-                               n=3))
-        out, mean, var = conv.conv2d_fused(x, w, **kw)
-        _check_out(out, x, w, kw, launch)
-        if mean is not None:
-            _check_stats(out, mean, var)
-    assert asked and kernel.best_config.kwargs == dict(persistent.kwargs, BOX_H=1, BOX_W=1)  # a GEMM: no box
+    else:  # a 24->32 GEMM over 3 x 5 x 5 pixels, then a 3x3 conv of one-position tiles (conv._box)
+        epilogue = "full" if launch == "inference" else "stats"
+        for case in (_case(24, 32, 5, 1, 1, 0, BF16, True, "none", epilogue, n=3),
+                     _case(24, 32, 5, 3, 1, 1, BF16, True, "none", epilogue, n=_TILE)):
+            x, w, kw = _make(case)
+            out, mean, var = conv.conv2d_fused(x, w, **kw)
+            _check_out(out, x, w, kw, f"{launch} {case}")
+            if mean is not None:
+                _check_stats(out, mean, var)
+            assert kernel.best_config.kwargs == dict(persistent.kwargs, BOX_H=1, BOX_W=1)  # no box of positions
+    assert asked
 
 
-def test_persistent_configs_run_only_gemm_view_launches_without_a_prologue():
-    """Where x's tile reaches the dot through registers (a 5-D box, or the prologue's transform) the flattened
-    persistent loop compiles to serialised wgmma: those launches keep to the other configs."""
-    persistent = dict(USE_TMA=True, PERSISTENT=1, X_IN_L1=False)
-    for prologue, gemm_view, usable in ((False, True, True), (True, True, False), (False, False, False)):
-        launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view)
+def test_persistent_configs_run_only_where_the_dot_reads_x_from_shared_memory():
+    """Where x's tile reaches the dot through registers (a box of several positions, or the prologue's
+    transform) the flattened persistent loop compiles to serialised wgmma: those launches keep to the other
+    configs. A GEMM view's pixels and images at one output position, without a prologue, may run them."""
+    persistent = dict(USE_TMA=True, PERSISTENT=1, X_IN_L1=False, BLOCK_M=128, BLOCK_N=128)
+    gemm, one_position, several = dict(N=50176, P=1, Q=1), dict(N=256, P=14, Q=14), dict(N=8, P=14, Q=14)
+    for prologue, gemm_view, sizes, usable in ((False, True, gemm, True), (True, True, gemm, False),
+                                               (False, False, one_position, True),
+                                               (True, False, one_position, False), (False, False, several, False)):
+        launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view, **sizes)
         assert conv._usable(persistent, launch) == usable, launch
         assert conv._usable(dict(persistent, PERSISTENT=0), launch)
 
@@ -1177,14 +1185,21 @@ def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 @pytest.mark.parametrize("programs_per_sm", [1, 2])  # the GPU configs' PERSISTENT values
-def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm):
+@pytest.mark.parametrize("launch", ["gemm view", "one position"])
+def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm, launch):
     """The persistent TMA configs (their tile loop flattened with the reduction loop) on the launches _usable
-    gives them, a 1x1 conv as a GEMM without a prologue (ResNet-50's layer1 64->256): x's tile reaches
-    wgmma from shared memory, ptxas keeps the wgmma pipelined (no C7515) and nothing spills, in the bare,
-    statistics, inference and input-gradient variants."""
-    found = _compile_for_sm90(dict(USE_TMA=True, PERSISTENT=programs_per_sm), LAYER1_1X1_AS_GEMM,
-                              LAYER1_1X1_AS_GEMM_STRIDES, ("bare", "stats", "inference epilogue", "input grad"),
-                              taps=1, gemm_view=True)
+    gives them, without a prologue: a 1x1 conv as a GEMM (ResNet-50's layer1 64->256) and a conv whose row tiles
+    are images at one output position (layer2's strided 3x3 at batch 256). x's tile reaches wgmma from shared
+    memory, ptxas keeps the wgmma pipelined (no C7515) and nothing spills, in the bare, statistics, inference
+    and input-gradient variants."""
+    variants = ("bare", "stats", "inference epilogue", "input grad")
+    config = dict(USE_TMA=True, PERSISTENT=programs_per_sm)
+    if launch == "gemm view":
+        found = _compile_for_sm90(config, LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES, variants, taps=1,
+                                  gemm_view=True)
+    else:
+        assert conv._box(LAYER2_3X3_S2) == (1, 1)
+        found = _compile_for_sm90(config, LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES, variants)
     assert found["block"]["PERSISTENT"] == programs_per_sm
     for name, variant in found["variants"].items():
         assert variant["tma"] >= 2 and variant["wgmma"] > 0, (name, found)
@@ -1688,11 +1703,13 @@ _RESNET50_MODES = ([(name, mode) for name in RESNET50_CONVS
                    + [("l1_expand", "persistent")]  # the 1x1 stride-1 conv: a GEMM over the pixels
                    # a batch of 128: TMA row tiles of images at one output position (conv._box)
                    + [(name, "tma, one position") for name in ("l1_3x3", "l2_3x3_s2", "l3_downsample")]
+                   + [(name, "persistent, one position") for name in ("l2_3x3_s2", "l3_downsample")]
                    + [(name, "x in L1") for name in ("stem", "l1_3x3", "l2_3x3_s2")])  # convs of several taps
 
 
 _KINDS = {"pointer": (False, False, False), "tma": (True, False, False), "tma, one position": (True, False, False),
-          "persistent": (True, True, False), "x in L1": (False, False, True)}  # mode: _kind of its configs
+          "persistent": (True, True, False), "persistent, one position": (True, True, False),
+          "x in L1": (False, False, True)}  # mode: _kind of its configs
 
 
 def _kind(config: dict) -> tuple:
@@ -1700,8 +1717,9 @@ def _kind(config: dict) -> tuple:
 
 
 def _only_configs(monkeypatch, mode: str) -> None:
-    """The conv kernel autotunes among its pointer configs alone (mode "pointer"), its TMA ones ("tma"), its
-    persistent TMA ones ("persistent") or its pointer configs that cache x in L1 ("x in L1")."""
+    """The conv kernel autotunes among its pointer configs alone (mode "pointer"), its TMA ones ("tma", "tma,
+    one position"), its persistent TMA ones ("persistent", "persistent, one position") or its pointer configs
+    that cache x in L1 ("x in L1")."""
     kernel = conv._conv_kernel
     kind = _KINDS[mode]
     monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if _kind(c.kwargs) == kind])
@@ -1714,23 +1732,24 @@ def _only_configs(monkeypatch, mode: str) -> None:
 @pytest.mark.parametrize("name,mode", _RESNET50_MODES)
 def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
-    prologue = "none" if name == "stem" or mode == "persistent" else "relu"  # persistent: no prologue (_usable)
+    # persistent: no prologue (_usable)
+    prologue = "none" if name == "stem" or mode.startswith("persistent") else "relu"
     if mode == "tma, one position" and epilogue == "full":  # x's tile from shared memory: no prologue
         prologue = "none"
-    case = _case(c, k, h, kernel, stride, padding, BF16, True, prologue, epilogue,
-                 n=128 if mode == "tma, one position" else 8)
+    one_position = mode.endswith("one position")
+    case = _case(c, k, h, kernel, stride, padding, BF16, True, prologue, epilogue, n=128 if one_position else 8)
     x, w, kw = _make(case)
     assert conv.unsupported_reason(x, w, stride, padding, 1, 1) is None
     _only_configs(monkeypatch, mode)
     boxes = _recorded(monkeypatch, "_box")
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert _kind(conv._conv_kernel.best_config.kwargs) == _KINDS[mode]
-    if mode.startswith("tma"):  # "tma": a batch of 8, boxes of several positions (but the GEMM view's pixels);
-        # one position: a batch of 128
+    if _KINDS[mode][0]:  # TMA: a batch of 8, boxes of several positions (but the GEMM view's pixels); one
+        # position: a batch of 128
         ran = conv._conv_kernel.best_config.kwargs
         assert set(boxes) == {(ran["BOX_H"], ran["BOX_W"])}, boxes  # the launch's box is its TMA configs'
         gemm_view = kernel == 1 and stride == 1  # a GEMM over N*H*W pixels: tiles of pixels, box (1, 1)
-        assert (boxes[0] == (1, 1)) == (mode == "tma, one position" or gemm_view), boxes
+        assert (boxes[0] == (1, 1)) == (one_position or gemm_view), boxes
     _check_out(out, x, w, kw, name)
     if epilogue == "stats":
         _check_stats(out, mean, var)

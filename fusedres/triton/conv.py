@@ -92,11 +92,12 @@ launches as a GEMM over the pixels (``_gemm_view``: the same conv on N = M image
 by P and Q (ints equal to 1 compile as constants), and the TMA configs load x as 2-D tiles of the (M, C)
 matrix (GEMM_VIEW), which the tensor-core dot reads from shared memory, as it does a box of one output
 position (a box of several is reshaped in registers on its way to the dot; sm_90 PTX, triton 3.6 and 3.8). On
-those launches without a prologue the autotuner also times persistent TMA configs: PERSISTENT programs per SM
-take the output tiles in turn, in a loop that triton flattens with the reduction loop, so one tile's epilogue
-overlaps the next tile's loads (short reductions, such as the 64 input channels of ResNet's layer1 1x1 convs,
-are one or a few steps a tile). Where the dot's x tile is in registers (a box of several positions, or the
-prologue's transform) ptxas serialises that loop's wgmma (warning C7515).
+those launches and on one-position ones, without a prologue, the autotuner also times persistent TMA configs:
+PERSISTENT programs per SM take the output tiles in turn, in a loop that triton flattens with the reduction
+loop, so one tile's epilogue overlaps the next tile's loads (short reductions, such as the 64 input channels of
+ResNet's layer1 1x1 convs or the 4 channel blocks of layer2's strided 1x1, are one or a few steps a tile). Where
+the dot's x tile is in registers (a box of several positions, or the prologue's transform) ptxas serialises that
+loop's wgmma (warning C7515).
 
 Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
 x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
@@ -155,7 +156,7 @@ _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4
                         X_IN_L1=True))
             + _configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
                        USE_TMA=True, PERSISTENT=0, X_IN_L1=False)
-            + ([] if _INTERPRET else  # persistent: GEMM_VIEW launches without a prologue only (see _usable)
+            + ([] if _INTERPRET else  # persistent: x's tile from shared memory, no prologue (see _usable)
                _configs([(128, 64, 64, 4, 4)], USE_TMA=True, PERSISTENT=2, X_IN_L1=False)
                + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1, X_IN_L1=False)))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
@@ -182,17 +183,19 @@ def _reduction_size(args: dict) -> int:
 def _usable(config: dict, args: dict) -> bool:
     """Whether a config may run a launch: TMA configs only where the launch allows them (TMA_OK); under
     TRITON_INTERPRET=1, where one config runs untimed, the TMA one wherever it is allowed. Persistent configs
-    only on a GEMM_VIEW launch without a prologue: elsewhere the dot takes x's tile from registers, and in the
-    flattened loop ptxas then serialises every wgmma (C7515, sm_90; the 5-D box and the prologue's transform
-    both put the tile in registers). X_IN_L1 configs only where taps overlap (R*S > 1: the next steps read
-    most of this step's x again) and their hint holds: runs of 4 channels contiguous, which a flat (r, s, c)
-    reduction has only with Cg a multiple of 4 (a false hint would load wrong elements). Every TMA config may
+    only where the dot reads x's tile from shared memory: launches without a prologue whose row tiles are a
+    GEMM view's pixels or images at one output position (``_box`` (1, 1)); elsewhere the dot takes the tile
+    from registers, and in the flattened loop ptxas then serialises every wgmma (C7515, sm_90; a box of several
+    positions and the prologue's transform both put the tile in registers). X_IN_L1 configs only where taps
+    overlap (R*S > 1: the next steps read most of this step's x again) and their hint holds: runs of 4 channels
+    contiguous, which a flat (r, s, c) reduction has only with Cg a multiple of 4 (a false hint would load wrong
+    elements). Every TMA config may
     run a prologue on a one-position launch, whose x tile comes from a 2-D descriptor of x's images (X_ROWS_2D)
     as a GEMM view's does: from the 5-D box, the 128x128 and 128x256 TMA configs (8 warps) computed outputs
     15-23x the tests' error bound there on an H200 (triton 3.6; ResNet-50's 3x3 launches at batch 256, and the
     strided 1x1 with 128x256), where the same tiles over a GEMM view were right (scripts/conv_config_sweep.py;
     benchmarks/RESULTS.md)."""
-    if config["PERSISTENT"] and (args["PROLOGUE"] or not args["GEMM_VIEW"]):
+    if config["PERSISTENT"] and (args["PROLOGUE"] or not (args["GEMM_VIEW"] or _box(args) == (1, 1))):
         return False
     if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
         return False
