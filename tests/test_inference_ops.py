@@ -339,6 +339,22 @@ def test_conv_bias_act_autocast_casts_like_conv2d():
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
 
 
+def test_conv_bias_act_op_computes_in_its_inputs_dtype_under_autocast():
+    """Called as the registered op (no casts before it, as under torch.compile), the body turns autocast off
+    while it computes, so fp32 inputs give an fp32 result as torch's conv on them would outside autocast, and
+    turns it back on after, also where the implementation asked for cannot run (cuDNN on CPU tensors)."""
+    case = Case(F32, True, True, True, 1, 1)
+    x, weight, bias, residual = case_inputs(case, seed=4)
+    with torch.autocast("cpu", dtype=BF16):
+        out = torch.ops.fusedres.conv_bias_act(x, weight, bias, residual, [1, 1], [1, 1], [1, 1], 1, True, "torch")
+        assert torch.is_autocast_enabled("cpu")
+        with pytest.raises(RuntimeError, match="cuDNN"):
+            torch.ops.fusedres.conv_bias_act(x, weight, bias, residual, [1, 1], [1, 1], [1, 1], 1, True, "cudnn")
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16
+    assert out.dtype == F32
+    torch.testing.assert_close(out, (F.conv2d(x, weight, bias, 1, 1) + residual).relu())
+
+
 # ambiguous layouts: a single output channel, a 1 x 1 output, a 1 x 1 input (a ResNet's last stage at 32 px)
 OPCHECK_SHAPES = [((2, 4, 7, 6), 6, 3, 1), ((2, 4, 5, 5), 1, 3, 1), ((2, 4, 3, 3), 6, 3, 0), ((2, 4, 1, 1), 6, 1, 0)]
 
