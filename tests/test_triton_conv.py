@@ -489,8 +489,10 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     monkeypatch.setattr(kernel, "cache", {})
     asked = []
     monkeypatch.setattr(conv, "_multiprocessors", lambda device: asked.append(device) or 2)
-    if launch == "input grad":  # dz of a 32->16 1x1 conv: a 16->32 GEMM over 2 x 6 x 6 pixels
-        _check_input_grad((32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"))
+    if launch == "input grad":  # dz of a 32->16 1x1 conv: a 16->32 GEMM over 2 x 6 x 6 pixels; of a 3x3 conv at a
+        _check_input_grad((32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"))  # batch of one tile
+        _check_input_grad((24, 16, 5, 3, 1, 1, 1, 1, BF16, True, True, "relu"), batch=_TILE)
+        assert kernel.best_config.kwargs == dict(persistent.kwargs, BOX_H=1, BOX_W=1)
     else:  # a 24->32 GEMM over 3 x 5 x 5 pixels, then a 3x3 conv of one-position tiles (conv._box)
         epilogue = "full" if launch == "inference" else "stats"
         for case in (_case(24, 32, 5, 1, 1, 0, BF16, True, "none", epilogue, n=3),
