@@ -20,6 +20,11 @@ batch-1 inference forward, every conv unit on the Triton conv (its first forward
 
     PYTHONPATH=. python -m benchmarks.host_overhead --resnet50             # CPU: + ResNet-50's blocks
 
+``--inference-blocks`` (CPU) times instead the Python around the convs of a converted ResNet-50's 16 blocks in a
+batch-1 inference forward, fp32 and under bf16 autocast, the conv implementation stubbed:
+
+    PYTHONPATH=. python -m benchmarks.host_overhead --inference-blocks
+
 ``--train`` (CPU, TRITON_INTERPRET=1) times instead the host side of a training step, forward and backward,
 through ResNet-50's 16 blocks at a sixteenth of their widths (the same 53 conv units and the same calls; the
 tensors too small for the CPU's own arithmetic to count), every Triton kernel stubbed out, backend "triton",
@@ -93,6 +98,41 @@ def _resnet50_blocks_ms() -> float:
     x = torch.randn(1, 64, 56, 56, dtype=torch.bfloat16).to(memory_format=torch.channels_last)  # the stem's output
     with torch.no_grad():
         return _microseconds(lambda: blocks(x), calls=5, rounds=5) / 1e3
+
+
+def _inference_blocks_ms() -> dict[str, float]:
+    """Host ms of a converted torchvision ResNet-50's 16 blocks (52 conv units) in an inference forward at batch 1,
+    channels_last, on CPU ("auto" runs torch's conv there), with that implementation stubbed: each unit returns
+    an output it kept from its first call, so what is timed is the Python around the units' convs (the blocks,
+    the folds' checks, the op's checks and casts, autocast's handling), in fp32 and under bf16 autocast (how the
+    benchmarks run inference). Median of 7 rounds of 30 forwards."""
+    import torchvision
+
+    import fusedres
+
+    kept: dict = {}
+    run_torch = inference._IMPLS["torch"]
+
+    def kept_output(x, weight, bias, residual, conv_args, relu):
+        key = (x.shape, x.dtype, weight.shape, tuple(conv_args[0]), residual is None)
+        if key not in kept:
+            kept[key] = run_torch(x, weight, bias, residual, conv_args, relu)
+        return kept[key]
+
+    model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+    fusedres.convert(model)
+    blocks = torch.nn.Sequential(model.layer1, model.layer2, model.layer3, model.layer4)
+    x = torch.randn(1, 64, 56, 56).to(memory_format=torch.channels_last)  # the stem's output
+    inference._IMPLS["torch"] = kept_output
+    try:
+        with torch.no_grad():
+            fp32 = _microseconds(lambda: blocks(x), calls=30) / 1e3
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x_bf16 = x.bfloat16()
+                autocast = _microseconds(lambda: blocks(x_bf16), calls=30) / 1e3
+    finally:
+        inference._IMPLS["torch"] = run_torch
+    return {"fp32": fp32, "bf16 autocast": autocast}
 
 
 # aten ops that only make a view, allocate, or call another op to do their work (which then counts itself)
@@ -180,6 +220,12 @@ def main() -> None:
         for name, (forward, backward, torch_ops, triton_launches) in _training_step_ms().items():
             print(f"  {name:14s} forward {forward:6.2f}  backward {backward:6.2f}  step {forward + backward:6.2f}"
                   f"   launches: {torch_ops} torch ops + {triton_launches} Triton kernels")
+        return
+    if "--inference-blocks" in sys.argv[1:]:
+        print(f"host ms of a converted ResNet-50's 16 blocks, inference at batch 1, conv implementation stubbed "
+              f"(cpu, torch {torch.__version__}):")
+        for name, ms in _inference_blocks_ms().items():
+            print(f"  {name:14s} {ms:6.3f}")
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     launches = device == "cuda" or not conv._INTERPRET
