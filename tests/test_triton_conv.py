@@ -373,6 +373,8 @@ _ONE_POSITION_BOX_CASES = [
     _case(2 * _CHANNEL_BLOCK, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE),  # 6x6 outputs: 2x2 boxes for
     # a small batch; the prologue's x tiles 2-D (the kernel's X_ROWS_2D)
     _case(24, 16, 6, 3, 1, 1, BF16, True, "none", "full", n=_TILE),  # a channel tail
+    _case(2 * _CHANNEL_BLOCK, 16, 6, 3, 2, 1, BF16, True, "relu", "full", n=_TILE),  # the prologue's 2-D tiles of
+    _case(_CHANNEL_BLOCK, 16, 7, 3, 1, 2, F16, True, "linear", "stats", dilation=2, n=_TILE),  # strided, dilated taps
     _case(2 * _CHANNEL_BLOCK, 24, 6, 3, 2, 1, F16, True, "none", "full", n=2 * _TILE - 4),  # 3x3/2; the second
     # tile 4 rows past N
     _case(_CHANNEL_BLOCK, 32, (4, 6), 1, 2, 0, F32, True, "linear", "affine", n=2 * _TILE),  # the 1x1/2 downsample
