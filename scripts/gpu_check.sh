@@ -38,8 +38,9 @@
 #                           (scripts/conv_config_sweep.py, ~1-2 min): a wrong config the autotuner did not pick
 #                           this time shows there, with whether conv._usable lets it run
 #   GPU_CHECK_PROFILE=1     also profile the converted ResNet-50's inference forward at batch 256 (host vs GPU time
-#                           a forward, host time per module, torch.profiler's ops and host waits;
-#                           scripts/profile_inference.py, ~1 min with the kernels carried)
+#                           a forward, host time per module, torch.profiler's ops by CPU and GPU time, host waits;
+#                           scripts/profile_model.py, ~1 min with the kernels carried); "infer,train" (or "train")
+#                           profiles its training step at batch 256 too (or instead)
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu
 #                           (scripts/ncu_convs.py; speed of light, occupancy, launch, warp-state and memory sections;
@@ -130,9 +131,13 @@ if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then  # each conv config alone: err/bound pe
   note sweep "rc=$? $(grep -c ' BAD' "$out/sweep.log") wrong, of which usable: $(grep -cE ' yes +BAD' "$out/sweep.log")"
 fi
 
-if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then  # does the GPU wait for the host in a batch-256 inference forward?
-  $(limit 150) "$py" scripts/profile_inference.py --out "$out/profile" > "$out/profile.log" 2>&1
-  note profile "rc=$? $(grep -E '^(host|gpu) ms' "$out/profile.log" | cut -d' ' -f1,7 | tr '\n' ' ')(profile/profile.txt)"
+profiles=${GPU_CHECK_PROFILE:-0}
+[ "$profiles" = 1 ] && profiles=infer
+if [ "$profiles" != 0 ]; then  # does the GPU wait for the host? which kernels take the time?
+  for mode in ${profiles//,/ }; do
+    $(limit 150) "$py" scripts/profile_model.py --mode "$mode" --out "$out/profile_$mode" > "$out/profile_$mode.log" 2>&1
+    note "prof_$mode" "rc=$? $(grep -E '^(host|gpu) ms' "$out/profile_$mode.log" | sed -E 's/ a .*: / /; s/ \(.*//' | tr '\n' ' ')(profile_$mode/profile.txt)"
+  done
 fi
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then

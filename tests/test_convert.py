@@ -530,18 +530,21 @@ def test_refold_after_writes_through_data_gives_eager_again(make):
         torch.testing.assert_close(model(x), eager(x), rtol=1e-10, atol=1e-10)
 
 
-def test_profile_inference_script_reports_host_time_per_module(tmp_path):
-    """scripts/profile_inference.py (GPU_CHECK_PROFILE=1 in scripts/gpu_check.sh) runs a converted model's
-    inference forward on CPU too: it reports the host time a forward, per top-level module, the calls that make
-    the host wait, torch.profiler's table and a Chrome trace, so a GPU session does not find it broken."""
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_profile_model_script_reports_host_time_per_module(mode, tmp_path):
+    """scripts/profile_model.py (GPU_CHECK_PROFILE in scripts/gpu_check.sh) runs a converted model's inference
+    forward or training step on CPU too: it reports the host time of each, per top-level module, the calls that
+    can make the host wait, torch.profiler's table and a Chrome trace, so a GPU session does not find it broken."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "scripts" / "profile_inference.py"), "--device", "cpu",
-                           "--model", "resnet18", "--batch", "1", "--size", "32", "--forwards", "2",
+    done = subprocess.run([sys.executable, str(root / "scripts" / "profile_model.py"), "--device", "cpu",
+                           "--mode", mode, "--model", "resnet18", "--batch", "2", "--size", "32", "--repeats", "2",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "profile.txt").read_text()
-    assert "host ms a forward" in report and "calls that can make the host wait" in report, report
+    unit = "forward" if mode == "infer" else "training step"
+    assert f"host ms a {unit}" in report and "calls that can make the host wait" in report, report
     for module in ("layer1", "layer4", "fc"):
         assert f"\n  {module} " in report, report
-    assert "fusedres::conv_bias_act" in report, report  # the converted units' op, in the profiler's table
+    op = "fusedres::conv_bias_act" if mode == "infer" else "fusedres::conv2d_stats"  # the converted units' op
+    assert op in report, report
     assert (tmp_path / "trace.json").stat().st_size > 0

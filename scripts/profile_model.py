@@ -1,19 +1,20 @@
-"""Where a converted model's inference forward spends its host time, and whether the GPU waits for it.
+"""Where a converted model's inference forward (or training step) spends its host and GPU time.
 
-    PYTHONPATH=. python scripts/profile_inference.py [--model resnet50] [--batch 256] [--out DIR]
+    PYTHONPATH=. python scripts/profile_model.py [--mode infer|train] [--model resnet50] [--batch 256] [--out DIR]
 
 The benchmarks' models level measured ResNet-50 inference at batch 256 (bf16 autocast, channels_last, eval) at
 10.96 ms a forward, and the same kernels replayed from one CUDA graph at 7.76 ms (H200, 2026-12-04): the GPU
 waited for the host about 3 ms a forward, which that level cannot show (its host time tracks the median once the
 launch queue is full). This runs the converted model ("auto" backend, as the benchmarks do) and, per forward
-with the GPU synchronised between forwards so neither hides the other:
+(``--mode train``: per training step, forward, cross-entropy, backward and SGD step, as the benchmarks' models
+level runs it) with the GPU synchronised between them so neither hides the other:
 
 - ``host ms``: the time the Python call takes to return (every launch queued), and ``gpu ms``: CUDA events
   around it. host > gpu means the host bounds the forward;
-- the host time of each top-level child module (forward pre/post hooks): where that time goes;
-- torch.profiler over a few forwards: the ops by self CPU time and by self GPU time, and the calls that make the
-  host wait for the GPU (synchronisations, copies to the host, ``.item()``), which would stall the queue every
-  forward.
+- the host time of each top-level child module's forward (forward pre/post hooks): where that time goes;
+- torch.profiler over a few of them: the ops by self CPU time and by self GPU time (in training: which kernels the
+  step's time goes to, the convs' or the BatchNorm passes around them), and the calls that can make the host wait
+  for the GPU (synchronisations, copies to the host, ``.item()``), which would stall the queue every time.
 
 On CPU it runs too (``--device cpu``; no GPU columns): the host side of the torch paths. Writes ``profile.txt``
 and a Chrome trace ``trace.json`` under ``--out``.
@@ -38,12 +39,13 @@ _WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchroniz
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--forwards", type=int, default=10, help="forwards timed (default 10)")
+    parser.add_argument("--repeats", type=int, default=10, help="forwards (or training steps) timed (default 10)")
     parser.add_argument("--out", type=Path, default=Path("profile_out"))
     return parser.parse_args()
 
@@ -64,29 +66,39 @@ def main() -> None:
     args = _parse()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    template = pristine_model(args.model).eval().to(device, memory_format=torch.channels_last)
+    train = args.mode == "train"
+    template = pristine_model(args.model).train(train).to(device, memory_format=torch.channels_last)
     model = fusedres.convert(template, backend=args.backend, inplace=False).model
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def forward():
-        with torch.no_grad(), autocast:
-            return model(x)
+    def run():
+        if not train:
+            with torch.no_grad(), autocast:
+                return model(x)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = model(x)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+        return logits
 
     for _ in range(3):  # the measured dispatch's first calls, autotuning, compiles
-        forward()
+        run()
     sync()
 
     times, handles = _child_host_times(model)
     host, gpu = [], []
-    for _ in range(args.forwards):
+    for _ in range(args.repeats):
         sync()
         start_event, end_event = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
         if cuda:
             start_event.record()
         start = time.perf_counter()
-        forward()
+        run()
         host.append((time.perf_counter() - start) * 1e3)
         if cuda:
             end_event.record()
@@ -98,26 +110,27 @@ def main() -> None:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(3):
-            forward()
+            run()
         sync()
     args.out.mkdir(parents=True, exist_ok=True)
     profiler.export_chrome_trace(str(args.out / "trace.json"))
     averages = profiler.key_averages()
 
-    lines = [f"{args.model} batch {args.batch} on {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
-             f"backend {args.backend}, bf16 autocast, channels_last, {args.forwards} forwards, each alone",
-             f"host ms a forward (median, min-max): {statistics.median(host):.3f} ({min(host):.3f}-{max(host):.3f})"]
+    unit = "training step" if train else "forward"
+    lines = [f"{args.model} {args.mode} batch {args.batch} on {torch.cuda.get_device_name(device) if cuda else 'cpu'}"
+             f", backend {args.backend}, bf16 autocast, channels_last, {args.repeats} {unit}s, each alone",
+             f"host ms a {unit} (median, min-max): {statistics.median(host):.3f} ({min(host):.3f}-{max(host):.3f})"]
     if cuda:
-        lines.append(f"gpu ms a forward (median, min-max): {statistics.median(gpu):.3f} ({min(gpu):.3f}-{max(gpu):.3f})"
+        lines.append(f"gpu ms a {unit} (median, min-max): {statistics.median(gpu):.3f} ({min(gpu):.3f}-{max(gpu):.3f})"
                      f"  -> {'HOST-BOUND' if statistics.median(host) > statistics.median(gpu) else 'gpu-bound'}")
-    lines += ["", "host ms per top-level module (median):"]
+    lines += ["", "host ms per top-level module's forward (median):"]
     lines += [f"  {name:24} {statistics.median(t) * 1e3:8.3f}" for name, t in times.items() if t]
     waits = [e for e in averages if e.key in _WAITS or e.key.startswith("cudaMemcpy")]
-    lines += ["", "calls that can make the host wait (over 3 forwards):"]
+    lines += ["", f"calls that can make the host wait (over 3 {unit}s):"]
     lines += [f"  {e.key:32} {e.count:6d} calls  {e.cpu_time_total / 1e3:9.3f} ms" for e in waits] or ["  none"]
-    lines += ["", "ops by self CPU time (3 forwards):", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    lines += ["", f"ops by self CPU time (3 {unit}s):", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
     if cuda:  # the kernels' own time: what a forward would take were the host never late
-        lines += ["", "ops by self GPU time (3 forwards):",
+        lines += ["", f"ops by self GPU time (3 {unit}s):",
                   averages.table(sort_by="self_device_time_total", row_limit=30)]
     text = "\n".join(lines)
     (args.out / "profile.txt").write_text(text + "\n")
