@@ -209,3 +209,37 @@ def test_queue_ahead_puts_a_wait_of_twice_the_host_time_before_each_timed_call(m
     gpu_work.clear()
     result = timing.time_ms(lambda: gpu_work.append("call"), device, 0, 2)
     assert gpu_work == ["event", "call", "event"] * 2 and (result.host_ms, result.late) == ([0.2, 0.3], None)
+
+
+def _run(git: str, rows: list[dict]) -> dict:
+    return {"command": "python -m benchmarks --levels convs", "git": git, "date": "2026-12-04",
+            "environment": {"GPU": "H200", "torch": "2.11"}, "rows": rows}
+
+
+def _row(case: str, contender: str, ms: float, agree=True, best=None) -> dict:
+    row = {"level": "convs", "case": case, "mode": "fwd", "batch": 256, "contender": contender, "median_ms": ms,
+           "agree": agree}
+    if best is not None:
+        row["tuned"] = [{"kernel": "_conv_kernel", "best": best, "ms": {}}]
+    return row
+
+
+def test_compare_sets_two_runs_rows_side_by_side():
+    """benchmarks.compare: new/old per row both runs have, the autotuner's choice where it changed, agreement
+    both ways, rows only one run has; --contenders and --changed filter."""
+    from benchmarks.compare import compare
+
+    tma = "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 USE_TMA=True PERSISTENT=0 X_IN_L1=False BOX_H=1 BOX_W=1 warps=8 stages=3"
+    ptr = tma.replace("USE_TMA=True", "USE_TMA=False")
+    old = _run("aaa", [_row("l3", "triton", 0.200, best=ptr), _row("l3", "cudnn", 0.100, agree=None),
+                       _row("l4", "triton", 0.100, agree=False)])
+    new = _run("bbb", [_row("l3", "triton", 0.120, best=tma), _row("l3", "cudnn", 0.101, agree=None),
+                       _row("l5", "triton", 0.050)])
+    lines = compare(old, new)
+    assert "aaa" in lines[0] and "bbb" in lines[1]
+    (l3,) = [line for line in lines if line.startswith("| l3 | 256 | triton |")]
+    assert "| 0.200 | 0.120 | 0.60 | ok/ok | 128x256 ptr warps=8 stages=3 -> 128x256 tma warps=8 stages=3 |" in l3
+    assert any(line.startswith("| l3 | 256 | cudnn | 0.100 | 0.101 | 1.01 | ref/ref |") for line in lines)
+    assert "new run only: l5 b256 triton" in lines and "old run only: l4 b256 triton" in lines
+    assert not any("| cudnn |" in line for line in compare(old, new, contenders={"triton"}))
+    assert not any("| l3 | 256 | cudnn |" in line for line in compare(old, new, changed=0.05))

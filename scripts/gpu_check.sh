@@ -33,6 +33,8 @@
 #                           "300 --levels convs --models resnet50 --modes bwd" (Triton conv backward vs cuDNN's) or
 #                           "300 --levels models --models resnet50,resnetv2_50" (pre-activation target) or
 #                           "300 --levels convs --models resnext50_32x4d" (grouped convs: narrow groups merged)
+#                           A run whose command a file of benchmarks/baselines/ recorded is compared with it
+#                           (python -m benchmarks.compare: benchN/compare.md, and in the summary)
 #   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
 #   GPU_CHECK_SWEEP=1       also run every forward conv config alone on ResNet-50 launches and the tests' TMA cases
 #                           (scripts/conv_config_sweep.py, ~1-2 min): a wrong config the autotuner did not pick
@@ -56,7 +58,10 @@ declare -A result
 steps=()
 summary() {  # the summary table (last in the output), written after every step with everything packed into $OUT, so
   {            # a call stopped by its time limit still brings back what ran
-    for i in "${!bench_runs[@]}"; do echo; cat "$out/bench$i/results.md" 2>/dev/null | head -80; done
+    for i in "${!bench_runs[@]}"; do
+      echo; cat "$out/bench$i/results.md" 2>/dev/null | head -80
+      echo; cat "$out/bench$i/compare.md" 2>/dev/null | head -80
+    done
     echo
     grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" 2>/dev/null | cut -c1-300 | sort -u | head -40
     grep -E "^(====|E  )" "$out/failures.log" 2>/dev/null | cut -c1-200 | head -60  # each failure's test and E lines
@@ -174,5 +179,13 @@ for i in "${!bench_runs[@]}"; do
   TRITON_PRINT_AUTOTUNING=1 $(limit "${run_args[0]}") "$py" -m benchmarks "${run_args[@]:1}" --out "$out/bench$i" \
     > "$out/bench$i.log" 2>&1
   note "bench$i" "rc=$? in $((SECONDS - start)) s: ${run_args[*]:1} (table: bench$i/results.md, rows: bench$i.log)"
+  for baseline in benchmarks/baselines/*.json; do  # a kept run of the same command: what changed since
+    [ -f "$out/bench$i/results.json" ] || break
+    ran=$("$py" -c "import json, sys; print(json.load(open(sys.argv[1]))['command'].split(' --out')[0])" "$baseline")
+    if [ "$ran" = "python -m benchmarks ${run_args[*]:1}" ]; then
+      "$py" -m benchmarks.compare "$baseline" "$out/bench$i/results.json" > "$out/bench$i/compare.md" 2>&1
+      note "cmp$i" "rc=$? bench$i/compare.md: against $(basename "$baseline")"
+    fi
+  done
 done
 cat "$out/summary.txt"
