@@ -42,7 +42,7 @@
 #   GPU_CHECK_PROFILE=1     also profile the converted ResNet-50's inference forward at batch 256 (host vs GPU time
 #                           a forward, host time per module, torch.profiler's ops by CPU and GPU time, host waits;
 #                           scripts/profile_model.py, ~1 min with the kernels carried); "infer,train" (or "train")
-#                           profiles its training step at batch 256 too (or instead)
+#                           profiles its training step at batch 256 too (or instead), "infer@1" the forward at batch 1
 #   GPU_CHECK_SANITIZER=1   also run the CUDA-backend tests under compute-sanitizer memcheck/racecheck
 #   GPU_CHECK_NCU=1         also profile cuDNN's and the Triton conv's kernels on a few ResNet-50 shapes with ncu
 #                           (scripts/ncu_convs.py; speed of light, occupancy, launch, warp-state and memory sections;
@@ -139,9 +139,12 @@ fi
 profiles=${GPU_CHECK_PROFILE:-0}
 [ "$profiles" = 1 ] && profiles=infer
 if [ "$profiles" != 0 ]; then  # does the GPU wait for the host? which kernels take the time?
-  for mode in ${profiles//,/ }; do
-    $(limit 150) "$py" scripts/profile_model.py --mode "$mode" --out "$out/profile_$mode" > "$out/profile_$mode.log" 2>&1
-    note "prof_$mode" "rc=$? $(grep -E '^(host|gpu) ms' "$out/profile_$mode.log" | sed -E 's/ a .*: / /; s/ \(.*//' | tr '\n' ' ')(profile_$mode/profile.txt)"
+  for entry in ${profiles//,/ }; do  # MODE or MODE@BATCH
+    mode=${entry%@*} batch=256 name=$mode
+    [ "$entry" != "$mode" ] && batch=${entry#*@} name=${mode}_b$batch
+    $(limit 150) "$py" scripts/profile_model.py --mode "$mode" --batch "$batch" --out "$out/profile_$name" \
+      > "$out/profile_$name.log" 2>&1
+    note "prof_$name" "rc=$? $(grep -E '^(host|gpu) ms' "$out/profile_$name.log" | sed -E 's/ a .*: / /; s/ \(.*//' | tr '\n' ' ')(profile_$name/profile.txt)"
   done
 fi
 
