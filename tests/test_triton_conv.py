@@ -481,9 +481,10 @@ def test_one_position_boxes_compute_the_conv(case, monkeypatch):
 @pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
 def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     """A persistent TMA config (the interpreter's TMA tile, one program per conv._multiprocessors) on 1x1 convs
-    run as GEMMs: 2 programs loop over 6 output tiles (3 row tiles x 2 column tiles); and on a 3x3 conv whose
-    row tiles are images at one output position (a batch of one tile, 5x5 outputs: 25 row tiles x 2 column
-    tiles), the padding's taps zeros; every output and statistic right."""
+    run as GEMMs: 2 programs loop over 6 output tiles (3 row tiles x 2 column tiles); and on a 3x3 conv and a
+    strided 1x1 whose row tiles are images at one output position (a batch of one tile; 5x5 outputs, 25 row tiles
+    x 2 column tiles, the padding's taps zeros; 3x3 outputs of every other pixel); every output and statistic
+    right."""
     kernel = conv._conv_kernel
     tma = next(c for c in kernel.configs if c.kwargs["USE_TMA"] and not c.kwargs["PERSISTENT"])
     persistent = triton.Config(dict(tma.kwargs, PERSISTENT=1), num_warps=tma.num_warps, num_stages=tma.num_stages)
@@ -495,10 +496,11 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
         _check_input_grad((32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"))  # batch of one tile
         _check_input_grad((24, 16, 5, 3, 1, 1, 1, 1, BF16, True, True, "relu"), batch=_TILE)
         assert kernel.best_config.kwargs == dict(persistent.kwargs, BOX_H=1, BOX_W=1)
-    else:  # a 24->32 GEMM over 3 x 5 x 5 pixels, then a 3x3 conv of one-position tiles (conv._box)
+    else:  # a 24->32 GEMM over 3 x 5 x 5 pixels, then a 3x3 conv and a strided 1x1 of one-position tiles (conv._box)
         epilogue = "full" if launch == "inference" else "stats"
         for case in (_case(24, 32, 5, 1, 1, 0, BF16, True, "none", epilogue, n=3),
-                     _case(24, 32, 5, 3, 1, 1, BF16, True, "none", epilogue, n=_TILE)):
+                     _case(24, 32, 5, 3, 1, 1, BF16, True, "none", epilogue, n=_TILE),
+                     _case(2 * _CHANNEL_BLOCK, 32, 6, 1, 2, 0, BF16, True, "none", epilogue, n=_TILE)):
             x, w, kw = _make(case)
             out, mean, var = conv.conv2d_fused(x, w, **kw)
             _check_out(out, x, w, kw, f"{launch} {case}")
