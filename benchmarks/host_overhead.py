@@ -82,20 +82,26 @@ def _behind_stand_in() -> None:
     backends._triton_interpreted = lambda: True  # the ops' check: triton backends take CPU tensors here
 
 
+def _converted_resnet50_blocks(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A converted torchvision ResNet-50's 16 blocks (52 conv units) in eval mode, in ``dtype``, channels_last,
+    and a batch-1 input for them (the stem's output)."""
+    import torchvision
+
+    import fusedres
+
+    model = torchvision.models.resnet50().eval().to(dtype, memory_format=torch.channels_last)
+    fusedres.convert(model)
+    blocks = torch.nn.Sequential(model.layer1, model.layer2, model.layer3, model.layer4)
+    return blocks, torch.randn(1, 64, 56, 56, dtype=dtype).to(memory_format=torch.channels_last)
+
+
 def _resnet50_blocks_ms() -> float:
     """Host ms of a converted torchvision ResNet-50's 16 blocks (52 conv units: folded BN + residual + ReLU in
     one Triton conv each) in an inference forward at batch 1, bf16, channels_last: median of 5 rounds of 5,
     after a forward that compiles and tunes them. Behind the stand-in only; the dispatch's choice is fixed
     to the Triton conv (it measures on a GPU, where the models benchmark times the whole forward)."""
-    import torchvision
-
-    import fusedres
-
     inference._choose = lambda backend, channels_last, args: "triton"
-    model = torchvision.models.resnet50().eval().to(torch.bfloat16, memory_format=torch.channels_last)
-    fusedres.convert(model)
-    blocks = torch.nn.Sequential(model.layer1, model.layer2, model.layer3, model.layer4)
-    x = torch.randn(1, 64, 56, 56, dtype=torch.bfloat16).to(memory_format=torch.channels_last)  # the stem's output
+    blocks, x = _converted_resnet50_blocks(torch.bfloat16)
     with torch.no_grad():
         return _microseconds(lambda: blocks(x), calls=5, rounds=5) / 1e3
 
@@ -106,10 +112,6 @@ def _inference_blocks_ms() -> dict[str, float]:
     an output it kept from its first call, so what is timed is the Python around the units' convs (the blocks,
     the folds' checks, the op's checks and casts, autocast's handling), in fp32 and under bf16 autocast (how the
     benchmarks run inference). Median of 7 rounds of 30 forwards."""
-    import torchvision
-
-    import fusedres
-
     kept: dict = {}
     run_torch = inference._IMPLS["torch"]
 
@@ -119,10 +121,7 @@ def _inference_blocks_ms() -> dict[str, float]:
             kept[key] = run_torch(x, weight, bias, residual, conv_args, relu)
         return kept[key]
 
-    model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
-    fusedres.convert(model)
-    blocks = torch.nn.Sequential(model.layer1, model.layer2, model.layer3, model.layer4)
-    x = torch.randn(1, 64, 56, 56).to(memory_format=torch.channels_last)  # the stem's output
+    blocks, x = _converted_resnet50_blocks(torch.float32)
     inference._IMPLS["torch"] = kept_output
     try:
         with torch.no_grad():
