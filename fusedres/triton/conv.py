@@ -189,12 +189,11 @@ def _usable(config: dict, args: dict) -> bool:
     positions and the prologue's transform both put the tile in registers). X_IN_L1 configs only where taps
     overlap (R*S > 1: the next steps read most of this step's x again) and their hint holds: runs of 4 channels
     contiguous, which a flat (r, s, c) reduction has only with Cg a multiple of 4 (a false hint would load wrong
-    elements). Every TMA config may
-    run a prologue on a one-position launch, whose x tile comes from a 2-D descriptor of x's images (X_ROWS_2D)
-    as a GEMM view's does: from the 5-D box, the 128x128 and 128x256 TMA configs (8 warps) computed outputs
-    15-23x the tests' error bound there on an H200 (triton 3.6; ResNet-50's 3x3 launches at batch 256, and the
-    strided 1x1 with 128x256), where the same tiles over a GEMM view were right (scripts/conv_config_sweep.py;
-    benchmarks/RESULTS.md)."""
+    elements). Every TMA config may run a prologue on a one-position launch, whose x tile comes from a 2-D
+    descriptor of x's images (X_ROWS_2D) as a GEMM view's does: from the 5-D box, the 128x128 and 128x256 TMA
+    configs (8 warps) computed outputs 15-23x the tests' error bound there on an H200 (triton 3.6; ResNet-50's
+    3x3 launches at batch 256, and the strided 1x1 with 128x256), where the same tiles over a GEMM view were
+    right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md)."""
     if config["PERSISTENT"] and (args["PROLOGUE"] or not (args["GEMM_VIEW"] or _box(args) == (1, 1))):
         return False
     if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
