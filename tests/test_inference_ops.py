@@ -233,6 +233,99 @@ def test_cache_refolds_inference_tensors_every_call():
         assert_fold_of(second, conv, bn)
 
 
+# --------------------------------------------------------------------------- FoldedUnit
+@pytest.fixture
+def whole_paths(monkeypatch):
+    """One entry per call that ran the op's checks (every call but FoldedUnit's like ones)."""
+    calls = []
+    checked = inference._checked_tensors
+    monkeypatch.setattr(inference, "_checked_tensors", lambda *args: calls.append(1) or checked(*args))
+    return calls
+
+
+def run_unit(unit, conv, bn, x, residual=None, relu=True, dtype=F32):
+    """``unit``'s output, checked against conv -> eval BatchNorm (-> + residual) (-> ReLU) in fp64."""
+    out = unit(x, conv, bn, residual, relu, "auto")
+    expected = copy.deepcopy(bn).double()(F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None
+                                                   else conv.bias.double(), conv.stride, conv.padding))
+    expected = expected if residual is None else expected + residual.double()
+    expected = expected.relu() if relu else expected
+    if dtype == BF16:  # a conv of bf16 operands, rounded to bf16
+        torch.testing.assert_close(out.double(), expected, rtol=3e-2, atol=6e-2)
+    else:
+        assert_close(out.double(), expected, dtype, "FoldedUnit")
+    assert_layout(out, x)
+    return out
+
+
+def within(context, fn):
+    with context:
+        return fn()
+
+
+def test_folded_unit_checks_only_calls_unlike_the_last_checked_one(pair, whole_paths, fresh_dispatch):
+    conv, bn = pair
+    unit = inference.FoldedUnit()
+    gen = torch.Generator().manual_seed(23)
+    x_cl = randn(gen, 2, 4, 7, 5, dtype=F32, channels_last=True)
+    x_nchw = randn(gen, 2, 4, 7, 5, dtype=F32)
+    residual = randn(gen, 2, 6, 7, 5, dtype=F32)
+    with torch.no_grad():
+        steps = [  # (what changed, call, whether it runs the checks)
+            ("first call", lambda: run_unit(unit, conv, bn, x_cl), True),
+            ("new values", lambda: run_unit(unit, conv, bn, x_cl * 2), False),
+            ("strides", lambda: run_unit(unit, conv, bn, x_nchw), True),
+            ("new values", lambda: run_unit(unit, conv, bn, x_nchw - 1), False),
+            ("a residual", lambda: run_unit(unit, conv, bn, x_nchw, residual), True),
+            ("new values", lambda: run_unit(unit, conv, bn, x_nchw, residual * 3), False),
+            ("no ReLU", lambda: run_unit(unit, conv, bn, x_nchw, residual, relu=False), True),
+            ("the running variance, in place", lambda: (bn.running_var.mul_(2), run_unit(unit, conv, bn, x_cl)),
+             True),
+            ("nothing", lambda: run_unit(unit, conv, bn, x_cl), False),
+            ("the conv's padding", lambda: (setattr(conv, "padding", (0, 0)), run_unit(unit, conv, bn, x_cl)), True),
+            ("the dispatch reset", lambda: (dispatch.reset(), run_unit(unit, conv, bn, x_cl)), True),
+            ("nothing", lambda: run_unit(unit, conv, bn, x_cl), False),
+            ("cuDNN disabled (torch's conv flags)", lambda: within(torch.backends.cudnn.flags(enabled=False),
+                                                                   lambda: run_unit(unit, conv, bn, x_cl)), True),
+            ("the autograd profiler on", lambda: within(torch.autograd.profiler.profile(),
+                                                        lambda: run_unit(unit, conv, bn, x_cl)), True),
+        ]
+        for what, step, checked in steps:
+            step()
+            assert whole_paths == ([1] if checked else []), what
+            whole_paths.clear()
+        with torch.autocast("cpu", dtype=BF16):
+            for what, x, checked in (("autocast on", x_cl.to(BF16), True), ("nothing", x_cl.to(BF16), False),
+                                     ("x cast at every call", x_cl, True), ("x cast at every call", x_cl, True)):
+                assert run_unit(unit, conv, bn, x, dtype=BF16).dtype == BF16
+                assert whole_paths == ([1] if checked else []), what
+                whole_paths.clear()
+        with pytest.raises(RuntimeError, match=r"expects 4 input channels, got 5"):
+            unit(randn(gen, 2, 5, 7, 5, dtype=F32, channels_last=True), conv, bn, None, True, "auto")
+        run_unit(unit, conv, bn, x_cl)
+
+
+def test_folded_unit_keeps_no_choice_the_dispatch_did_not_keep(pair, monkeypatch, whole_paths, fresh_dispatch):
+    """A choice made while a graph is captured is not kept by the dispatch (measured after), so not by the unit
+    either: every captured call checks and chooses; the first call after measures, the next runs its choice."""
+    monkeypatch.setattr(inference.backends, "measured", lambda t: True)  # the measured dispatch, on CPU
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "FakeGPU")
+    monkeypatch.setattr(dispatch, "_time_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(inference.backends, "triton_conv", lambda: (None, "no triton here"))
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    conv, bn = pair
+    unit = inference.FoldedUnit()
+    x = randn(torch.Generator().manual_seed(24), 2, 4, 7, 5, dtype=F32, channels_last=True)
+    with torch.no_grad():
+        for capturing[0], checked in ((True, 1), (True, 1), (False, 1), (False, 0), (True, 0)):
+            run_unit(unit, conv, bn, x)
+            assert len(whole_paths) == checked, (capturing, whole_paths)
+            whole_paths.clear()
+    assert [entry["choice"] for entry in inference.dispatch_table().values()] == ["torch"]
+
+
 # --------------------------------------------------------------------------- conv_bias_act
 @dataclass(frozen=True)
 class Case:
@@ -430,25 +523,25 @@ def test_auto_dispatch_logic_with_fake_timings(monkeypatch, tmp_path, fresh_disp
         x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16, shape=(8, 64, height, 14))
         return x, weight, None, None, conv_args, relu
 
-    assert inference._choose("auto", True, args(14)) == "cudnn"
+    assert inference._choose("auto", True, args(14))[0] == "cudnn"
     (key, entry), = inference.dispatch_table().items()
     assert key == ("conv_bias_act|FakeGPU|float16|cl|x[8, 64, 14, 14]|w[64, 64, 3, 3]|"
                    "s[1, 1]p[1, 1]d[1, 1]g1|bias0|res0|relu1|cudnn1")
     assert entry["ms"] == {"cudnn": 2.0, "triton": "unavailable: no triton here", "torch": 3.0}
     assert json.loads(path.read_text()) == {key: entry}
     timings["cudnn"] = RuntimeError("GET was unable to find an engine to execute this computation\n...")
-    assert inference._choose("auto", True, args(14)) == "cudnn"  # known: not timed again
-    assert inference._choose("auto", True, args(15)) == "torch"  # cuDNN fails there: never chosen
+    assert inference._choose("auto", True, args(14)) == ("cudnn", True)  # known: not timed again, kept
+    assert inference._choose("auto", True, args(15))[0] == "torch"  # cuDNN fails there: never chosen
     assert inference.dispatch_table()[key.replace("14, 14", "15, 14")]["ms"]["cudnn"] == (
         "failed: RuntimeError: GET was unable to find an engine to execute this computation")
-    assert inference._choose("auto", True, args(14, relu=False)) == "torch"
+    assert inference._choose("auto", True, args(14, relu=False))[0] == "torch"
     assert len(json.loads(path.read_text())) == 3
 
     pretend_capturing(monkeypatch)
-    assert inference._choose("auto", True, args(16)) == "cudnn"  # the fixed order; nothing kept
+    assert inference._choose("auto", True, args(16)) == ("cudnn", False)  # the fixed order; nothing kept
     assert len(inference.dispatch_table()) == 3
     dispatch.reset()  # a new process, capturing at once: the file answers
-    assert inference._choose("auto", True, args(15)) == "torch"
+    assert inference._choose("auto", True, args(15))[0] == "torch"
     assert list(inference.dispatch_table()) == [key.replace("14, 14", "15, 14")]
 
 
@@ -469,13 +562,13 @@ def test_auto_dispatch_measures_again_when_torch_conv_flags_change(monkeypatch, 
     x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32, shape=(8, 64, 14, 14))
     args = (x, SimpleNamespace(shape=(64, 64, 3, 3)), None, None, ([1, 1], [1, 1], [1, 1], 1), True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert inference._choose("auto", True, args) == "triton"
+    assert inference._choose("auto", True, args)[0] == "triton"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert inference._choose("auto", True, args) == "cudnn"
+    assert inference._choose("auto", True, args)[0] == "cudnn"
     monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
-    assert inference._choose("auto", True, args) == "torch"
+    assert inference._choose("auto", True, args)[0] == "torch"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert inference._choose("auto", True, args) == "triton"
+    assert inference._choose("auto", True, args)[0] == "triton"
     table = inference.dispatch_table()
     assert [key.split("relu1|")[1] for key in table] == ["cudnn1|tf321", "cudnn1|tf320", "cudnn0|tf320",
                                                          "cudnn0|tf321"]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import backends, inference
+from ..ops import inference
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 from .hooks import hooks_reason, share_hooks
@@ -101,19 +101,15 @@ def folded_conv_bias_act(owner: FoldingModule, source: Tensor, conv: nn.Conv2d, 
                          residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
     """act(conv(source) [eval BatchNorm ``bn`` folded in] + residual) in one ``conv_bias_act`` launch
     (inference). The fold is cached in ``owner`` (``FoldingModule``), refolded when a source tensor changes
-    (``FoldedWeights``)."""
+    (``FoldedWeights``), with what the unit's last call checked and chose (``FoldedUnit``)."""
+    backend = "torch" if backend == "torch" else "auto"
     if bn is None:
-        weight, bias = conv.weight, conv.bias
-    else:
-        cache = owner.__dict__.setdefault(FOLDS, {})
-        folded = cache.get((id(conv), id(bn)))
-        if folded is None:
-            folded = cache[id(conv), id(bn)] = inference.FoldedWeights()
-        autocast, weight = backends.autocast_dtype(source.device.type), conv.weight
-        weight, bias = folded.get(conv, bn, autocast if autocast and weight.dtype != torch.float64
-                                  else weight.dtype)
-    return inference.conv_module_bias_act(source, conv, weight, bias, residual, relu,
-                                          "torch" if backend == "torch" else "auto")
+        return inference.conv_module_bias_act(source, conv, conv.weight, conv.bias, residual, relu, backend)
+    cache = owner.__dict__.setdefault(FOLDS, {})
+    unit = cache.get((id(conv), id(bn)))
+    if unit is None:
+        unit = cache[id(conv), id(bn)] = inference.FoldedUnit()
+    return unit(source, conv, bn, residual, relu, backend)
 
 
 def _conv_unsupported(name: str, conv: nn.Module) -> Optional[str]:

@@ -53,6 +53,7 @@ DISAGREES = "failed: disagrees with"  # starts the entry of an implementation wh
 _WARMUP, _REPS = 3, 10
 _TABLE: dict[str, dict] = {}  # every op's: key -> {"choice": name, "ms": {name: median ms or why not}}
 _CHOSEN: dict[tuple, str] = {}  # (op, device index, signature) -> choice: known calls skip building the key
+_resets = 0  # how many times ``reset`` ran (``resets``)
 
 _gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
 # the running prepare pass's context factory (``preparing``): a global, as autograd runs the backward's calls
@@ -157,6 +158,8 @@ def _capturing_or_compiling() -> bool:
 
 def reset() -> None:
     """Forget this process's entries and file reads, as a new process would start."""
+    global _resets
+    _resets += 1
     _TABLE.clear()
     _CHOSEN.clear()
     _disk_entries.cache_clear()
@@ -210,6 +213,11 @@ class MeasuredDispatch:
                     _save(path, key, entry)
         _CHOSEN[self.op, device.index, signature] = entry["choice"]
         return entry["choice"]
+
+    def kept(self, device: torch.device, signature: Hashable) -> Optional[str]:
+        """The choice ``choose`` keeps for ``signature`` on ``device`` (every later call gets it until ``reset``),
+        or None: none made yet, or the last one made while a graph was captured or a prepare pass ran."""
+        return _CHOSEN.get((self.op, device.index, signature))
 
     def _prepare(self, signature: Hashable, unavailable_reason: Callable[[str], Optional[str]],
                  run: Callable[[str], object]) -> str:
@@ -267,6 +275,12 @@ class MeasuredDispatch:
         """This op's entries in this process: key -> {"choice": name, "ms": {name: median ms or why not}}."""
         prefix = f"{self.op}|"
         return {key: copy.deepcopy(entry) for key, entry in _TABLE.items() if key.startswith(prefix)}
+
+
+def resets() -> int:
+    """How many times ``reset`` ran in this process: a caller that keeps a kept choice (``MeasuredDispatch.kept``)
+    past the call that asked for it keeps it while this stays the same."""
+    return _resets
 
 
 def dispatch_table() -> dict[str, dict]:

@@ -33,13 +33,19 @@ def _plain(t: Tensor) -> bool:
     return type(t) in _PLAIN_TYPES and (t.is_cpu or t.is_cuda)
 
 
+def plain_mode() -> bool:
+    """Whether nothing that must see the ops is running (torch.compile, jit.trace, functorch transforms, dispatch
+    modes): the part of ``_body_call``'s answer that does not depend on the arguments."""
+    # is_compiling first: torch.compile traces this function, and takes the op without tracing the rest
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0)
+
+
 def _body_call(args: tuple) -> Optional[bool]:
     """None where a call on ``args`` must go through the dispatcher (see the module docstring), else whether
     it needs autograd. Tensors inside list arguments (``Tensor[]``) count too. One pass, a few microseconds:
     it runs on every call."""
-    # is_compiling first: torch.compile traces this function, and takes the op without tracing the rest
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() > 0):
+    if not plain_mode():
         return None
     requires_grad = False
     for arg in args:

@@ -222,18 +222,22 @@ def _output_mismatch(args, reference: Tensor, result: Tensor) -> Optional[str]:
     return dispatch.mismatch("the output", reference, result, scale)
 
 
-def _choose(backend: str, channels_last: bool, args) -> str:
+def _choose(backend: str, channels_last: bool, args) -> tuple[str, bool]:
+    """(the implementation to run the call ``args``, whether every later call of the same signature gets it too:
+    not so for a choice made while a graph is captured or a prepare pass runs, which the dispatch does not keep)."""
     if backend != "auto":
         reason = unavailable_reason(backend, *args)
         if reason is not None:
             raise RuntimeError(f"fusedres.conv_bias_act: backend {backend!r} cannot run this call: {reason}")
-        return backend
+        return backend, True
     x = args[0]
     if not backends.measured(x):
-        return "torch"
-    return _DISPATCH.choose(x.device, _signature(args, channels_last), lambda name: unavailable_reason(name, *args),
-                            lambda name: _IMPLS[name](*args),
-                            lambda reference, result: _output_mismatch(args, reference, result))
+        return "torch", True
+    signature = _signature(args, channels_last)
+    choice = _DISPATCH.choose(x.device, signature, lambda name: unavailable_reason(name, *args),
+                              lambda name: _IMPLS[name](*args),
+                              lambda reference, result: _output_mismatch(args, reference, result))
+    return choice, _DISPATCH.kept(x.device, signature) == choice
 
 
 def dispatch_table() -> dict[str, dict]:
@@ -246,22 +250,38 @@ def dispatch_table() -> dict[str, dict]:
 def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
                    backend: str) -> Tensor:
-    """The op's body. It computes in its inputs' dtype, so autocast (which a custom op's body still sees)
-    is turned off inside."""
+    """The op's body (``_launch``)."""
+    return _launch(x, weight, bias, residual, (stride, padding, dilation, groups), relu, backend)[0]
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], conv: tuple, relu: bool,
+            backend: str) -> tuple[Tensor, Optional[tuple[str, bool]]]:
+    """The op's body on its arguments (conv: stride, padding, dilation, groups): (its output, (the implementation
+    that computed it, whether x is channels_last) where a call like it gets the same (``_choose``) and copies
+    neither x nor the residual, else None). It computes in its inputs' dtype, so autocast (which a custom op's
+    body still sees) is turned off inside (``_run``)."""
     channels_last = backends.channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The weight stays as it is (every implementation takes any layout; cuDNN's fused convs pick one from
     # both operands): when x's layout is ambiguous (H * W = 1, say) a channels_last weight would otherwise be
     # copied at every call, a larger copy than the output's below.
-    x = x.contiguous(memory_format=fmt)
-    residual = None if residual is None else residual.contiguous(memory_format=fmt)
-    args = (x, weight, bias, residual, (stride, padding, dilation, groups), relu)
-    device = x.device.type
+    dense = x.contiguous(memory_format=fmt)
+    dense_residual = None if residual is None else residual.contiguous(memory_format=fmt)
+    args = (dense, weight, bias, dense_residual, conv, relu)
+    name, kept = _choose(backend, channels_last, args)
+    copied = dense is not x or dense_residual is not residual
+    return _run(name, channels_last, args), (name, channels_last) if kept and not copied else None
+
+
+def _run(name: str, channels_last: bool, args: tuple) -> Tensor:
+    """Implementation ``name`` on the body's arguments ``args`` (checked, cast, x and residual dense in the
+    memory format ``channels_last`` says), autocast off around it; the output dense in that format."""
+    device = args[0].device.type
     autocast = backends.autocast_dtype(device) is not None
     if autocast:  # what torch.autocast(device, enabled=False) does here, without its ~4 us a call
         torch.set_autocast_enabled(device, False)
     try:
-        out = _IMPLS[_choose(backend, channels_last, args)](*args)
+        out = _IMPLS[name](*args)
     finally:
         if autocast:
             torch.set_autocast_enabled(device, True)
@@ -324,6 +344,13 @@ def _checked_call(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], re
                   stride, padding, dilation, groups: int, relu: bool, backend: str) -> Tensor:
     """The op on its tensors, checked (x: a checked activation; stride, padding, dilation: two ints each,
     checked; a 4D weight and groups dividing its channels), in autocast's dtype under autocast."""
+    return _conv_bias_act_entry(*_checked_tensors(fn, x, weight, bias, residual, stride, padding, dilation, groups),
+                                stride, padding, dilation, groups, relu, backend)
+
+
+def _checked_tensors(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                     stride, padding, dilation, groups: int) -> tuple:
+    """``_checked_call``'s checks: its (x, weight, bias, residual), cast to autocast's dtype under autocast."""
     if residual is not None:
         _check_activation(fn, "residual", residual)
     device = x.device
@@ -353,4 +380,55 @@ def _checked_call(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], re
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         raise RuntimeError(f"{fn} is inference-only (it has no backward): call it under torch.no_grad() "
                            "or torch.inference_mode()")
-    return _conv_bias_act_entry(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
+    return x, weight, bias, residual
+
+
+# --------------------------------------------------------------------------- a module's unit
+def _layout(t: Optional[Tensor]) -> Optional[tuple]:
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
+
+
+class FoldedUnit:
+    """One conv unit's inference call, for a module to own (``blocks.folded_conv_bias_act``): act(conv(x) [eval
+    BatchNorm folded in] + residual), as ``conv_module_bias_act`` computes it, on the fold that ``fold``
+    (``FoldedWeights``) keeps.
+
+    At batch 1 a converted model's forward is host-bound, and about half of a unit's host time is the op's
+    checks and its choice of implementation. A call like the last one that took the whole path runs the
+    implementation that call ran, without them (``_run``, as the op's body does). Like means: the same folded
+    tensors; x and the residual of the same type, shape, strides, dtype and device; the same conv arguments,
+    ReLU and backend; the same autocast dtype, torch conv flags and ``dispatch.resets()``. Such a call passes
+    the same checks and gets the same choice. A call takes the whole path where the op must be seen
+    (``eager.plain_mode``), under the autograd profiler (which records the op's name), with autograd on, and
+    after a call that cast a tensor to autocast's dtype, copied x or the residual into x's memory format, or got
+    a choice the dispatch did not keep (while a graph was captured or a prepare pass ran).
+    """
+
+    def __init__(self):
+        self.fold = FoldedWeights()
+        self._plan: Optional[tuple] = None  # (guard, weight, bias, implementation, channels_last, conv arguments)
+
+    def __call__(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
+                 backend: str) -> Tensor:
+        autocast = backends.autocast_dtype(x.device.type)
+        weight = conv.weight
+        weight, bias = self.fold.get(conv, bn, autocast if autocast and weight.dtype != torch.float64
+                                     else weight.dtype)
+        if not eager.plain_mode() or torch.is_grad_enabled() or torch.autograd._profiler_enabled():
+            return conv_module_bias_act(x, conv, weight, bias, residual, relu, backend)
+        conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        guard = (_layout(x), _layout(residual), conv_args, relu, backend, autocast, backends.conv_flags(x.dtype),
+                 dispatch.resets())
+        plan = self._plan
+        if plan is not None and plan[1] is weight and plan[2] is bias and plan[0] == guard:
+            return _run(plan[3], plan[4], (x, weight, bias, residual, plan[5], relu))
+        fn = "fusedres.conv_bias_act"
+        _check_activation(fn, "input", x)
+        tensors = _checked_tensors(fn, x, weight, bias, residual, *conv_args)
+        if eager._body_call(tensors) is not False:  # a tensor subclass, say: the op runs
+            self._plan = None
+            return _conv_bias_act_entry(*tensors, *conv_args, relu, backend)
+        out, launch = _launch(*tensors, conv_args, relu, backend)
+        cast = any(map(operator.is_not, tensors, (x, weight, bias, residual)))
+        self._plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args)
+        return out
