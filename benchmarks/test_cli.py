@@ -193,14 +193,14 @@ def test_queue_ahead_puts_a_wait_of_twice_the_host_time_before_each_timed_call(m
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: gpu_work.append(("sleep", cycles)))
-    monkeypatch.setattr(timing, "_CYCLES_PER_MS", {})
+    monkeypatch.setattr(timing.dispatch, "_CYCLES_PER_MS", {})
     monkeypatch.setattr(timing, "flush_buffer", lambda device: None)
     host_ms = iter([1.0, 1.5, 1.0, 0.5, 3.0, 1.0, 0.2, 0.3])  # three untimed calls, three timed; two timed
     monkeypatch.setattr(timing, "_host_call_ms", lambda fn: (fn(), next(host_ms))[1])
     device = torch.device("cuda", 0)
 
     result = timing.time_ms(lambda: gpu_work.append("call"), device, 0, 3, queue_ahead=True)
-    assert timing._CYCLES_PER_MS[str(device)] == 2**21 / 2.0  # 2**21 cycles timed at 2 ms
+    assert timing.dispatch._CYCLES_PER_MS[str(device)] == 2**21 / 2.0  # 2**21 cycles timed at 2 ms
     wait = ("sleep", int(2 * 1.0 * 2**20))  # twice the median untimed host time
     calibration = ["event", ("sleep", 2**21), "event"] * 4
     assert gpu_work == ["call"] * 3 + calibration + [wait, "event", "call", "event"] * 3

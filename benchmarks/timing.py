@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from fusedres.ops import dispatch
+
 _FLUSH: dict[str, Tensor] = {}
 
 
@@ -35,23 +37,6 @@ class Timing:
 
 
 _HOLD_MAX_MS = 20.0  # queue_ahead: the longest wait queued before an iteration
-_CYCLES_PER_MS: dict[str, float] = {}  # device -> torch.cuda._sleep cycles per ms, measured once
-
-
-def _sleep_cycles_per_ms(device: torch.device) -> float:
-    """How many cycles of ``torch.cuda._sleep`` (a kernel spinning on the SM clock) last a millisecond here."""
-    if str(device) not in _CYCLES_PER_MS:
-        cycles = 2**21
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        spans = []
-        for _ in range(4):
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            torch.cuda.synchronize(device)
-            spans.append(start.elapsed_time(end))
-        _CYCLES_PER_MS[str(device)] = cycles / quantile(spans[1:], 0.5)
-    return _CYCLES_PER_MS[str(device)]
 
 
 def _host_call_ms(fn: Callable) -> float:
@@ -78,7 +63,7 @@ def time_ms(fn: Callable, device: torch.device, warmup: int, repeats: int, flush
     if queue_ahead:
         torch.cuda.synchronize(device)
         hold_ms = min(2 * quantile([_host_call_ms(fn) for _ in range(3)], 0.5), _HOLD_MAX_MS)
-        hold_cycles = int(hold_ms * _sleep_cycles_per_ms(device))
+        hold_cycles = int(hold_ms * dispatch.sleep_cycles_per_ms(device))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(repeats)]
     host = []

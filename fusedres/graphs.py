@@ -13,7 +13,9 @@ replays them all from one call, so the forward costs what the GPU takes. This is
 
 - The forward runs ``warmup`` times on a side stream before the capture, so the measured dispatch has made its
   choices, the Triton kernels are tuned and compiled and the BatchNorms folded; the capture then records the
-  choices the warm-up made (the dispatch measures nothing while a graph is captured).
+  choices the warm-up made (the dispatch measures nothing while a graph is captured). Both run inside
+  ``dispatch.for_graph_replay()``: a replay runs the kernels without the host work that launched them, so the
+  dispatch times each implementation by its GPU work alone, and keeps those choices apart from eager calls'.
 - The graph reads its inputs from buffers of its own and writes its outputs to tensors of its own. A call
   copies its inputs into those buffers and returns those very output tensors, which the next call overwrites
   (``.clone()`` what must be kept).
@@ -30,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from .ops import dispatch
 
 _VERSION = operator.attrgetter("_version")
 # capture(forward) -> (replay, outputs): records forward() once; replay() then recomputes outputs in place
@@ -67,10 +71,11 @@ class CudaGraphedForward:
                              "model's parameters and buffers outside inference_mode")
         device = inputs[0].device
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # the inputs' GPU
-            with _side_stream(device):  # the warm-up's one-off work (allocations, cuDNN set-up) away from the capture
-                for _ in range(warmup):
-                    forward()
-            self._replay, self._outputs = capture(forward)
+            with dispatch.for_graph_replay():  # choices timed by their GPU work: a replay runs no host work
+                with _side_stream(device):  # the warm-up's one-off work (allocations, cuDNN set-up) away from it
+                    for _ in range(warmup):
+                        forward()
+                self._replay, self._outputs = capture(forward)
         self._snapshot = self._state()
 
     def _state(self) -> tuple[list[int], list[int]]:

@@ -245,6 +245,73 @@ def test_capturing_or_compiling_takes_the_fixed_order_and_records_nothing(dispat
         fake.choose(op, "new")
 
 
+def test_choices_for_a_graph_replay_are_measured_and_kept_apart(dispatch, cache_path):
+    """A forward replayed from a CUDA graph runs no host work, so its choices are timed by GPU work alone and
+    kept under keys of their own; outside ``for_graph_replay`` the eager choices answer as before."""
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    eager = Fake({"a": 3.0, "b": 1.0, "c": 2.0})  # a host-bound call: b's host time is lower
+    replay = Fake({"a": 3.0, "b": 2.0, "c": 0.5})  # its GPU work alone: c's is less
+    assert eager.choose(op) == "b" and dispatch.graph_replay() is False
+    with dispatch.for_graph_replay():
+        assert dispatch.graph_replay() is True
+        assert replay.choose(op) == "c" and replay.runs == ["a", "b", "c"]
+        assert replay.choose(op) == "c" and len(replay.runs) == 3  # known: not timed again
+        assert op.kept(DEVICE, "sig") == "c"
+        with dispatch.for_graph_replay():
+            pass
+        assert dispatch.graph_replay() is True  # an inner one leaves the outer one on
+    assert dispatch.graph_replay() is False
+    assert eager.choose(op) == "b" and len(eager.runs) == 3 and op.kept(DEVICE, "sig") == "b"
+    assert op.table() == {"op|FakeGPU0|sig": {"choice": "b", "ms": {"a": 3.0, "b": 1.0, "c": 2.0}},
+                          "op|FakeGPU0|sig|graph": {"choice": "c", "ms": {"a": 3.0, "b": 2.0, "c": 0.5}}}
+    assert json.loads(cache_path.read_text()) == op.table()
+    dispatch.reset()  # a new process: the file answers both
+    with dispatch.for_graph_replay():
+        assert Fake({}).choose(op) == "c"
+    assert Fake({}).choose(op) == "b"
+
+
+def test_time_ms_for_a_graph_replay_queues_a_wait_covering_the_timed_calls_host_time(fresh_dispatch, monkeypatch):
+    """For a graph replay each timed call's GPU work alone counts: after the warm-up, one more call's host time
+    is taken, and a wait of twice the timed calls' host time is queued before them, so the host queues their
+    launches before the GPU reaches them (CUDA faked: the order of the GPU's work is what is checked)."""
+    dispatch = fresh_dispatch
+    gpu_work = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            gpu_work.append("event")
+
+        def elapsed_time(self, end):
+            return 0.25
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: gpu_work.append(("sleep", cycles)))
+    monkeypatch.setattr(dispatch, "_CYCLES_PER_MS", {"cuda:0": 1000.0})
+    clock = iter([0.5, 0.5 + 2**-12])  # the host-timed call: 0.244 ms
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: next(clock))
+
+    def call():
+        gpu_work.append("call")
+
+    assert dispatch._time_ms(call) == 0.25 and gpu_work == ["call"] * dispatch._WARMUP + ["event", "call", "event"] \
+        * dispatch._REPS  # eager: nothing queued, no host time taken
+    gpu_work.clear()
+    with dispatch.for_graph_replay():
+        assert dispatch._time_ms(call) == 0.25
+    hold = ("sleep", int(2 * dispatch._REPS * 0.244140625 * 1000.0))
+    assert gpu_work[:dispatch._WARMUP + 2] == ["call"] * (dispatch._WARMUP + 1) + [hold]
+    assert gpu_work[dispatch._WARMUP + 2:] == ["event", "call", "event"] * dispatch._REPS
+
+
 def test_a_prepare_pass_runs_each_available_implementation_inside_its_context_and_records_nothing(
         dispatch, cache_path, monkeypatch):
     """fusedres.precompile's pass: a new signature runs every available implementation once inside the pass's
@@ -330,6 +397,24 @@ def test_training_conv_choice_measures_again_when_torch_conv_flags_change(dispat
     assert list(table) == ["unit_conv2d|FakeGPU0|float32|cl|x[2, 16, 5, 5]|w[8, 16, 3, 3]|s[1, 1]p[1, 1]d[1, 1]g1|"
                            f"prologue1|relu1|stats1|bias0|cudnn1|tf32{allowed}" for allowed in (1, 0)]
     assert table[list(table)[1]]["ms"] == {"cudnn": 2.0, "triton": "unavailable: TF32 is forbidden"}
+
+
+@requires_cuda
+def test_gpu_time_ms_for_a_graph_replay_leaves_out_the_host_time(fresh_dispatch):
+    """A call whose host part (a 2 ms sleep before its launch) far outlasts its GPU work: timed as an eager call it
+    takes the host's time too; for a graph replay, its GPU work alone."""
+    import time
+
+    x = torch.randn(256, 256, device="cuda")
+
+    def host_bound():
+        time.sleep(0.002)
+        return x @ x
+
+    eager_ms = fresh_dispatch._time_ms(host_bound)
+    with fresh_dispatch.for_graph_replay():
+        replay_ms = fresh_dispatch._time_ms(host_bound)
+    assert eager_ms > 1.5 and replay_ms < 0.5, (eager_ms, replay_ms)
 
 
 @requires_cuda

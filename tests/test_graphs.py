@@ -13,6 +13,7 @@ from torch import nn
 import fusedres
 from conftest import requires_cuda
 from fusedres.graphs import CudaGraphedForward
+from fusedres.ops import dispatch
 from model_helpers import randomise_bn
 
 
@@ -56,10 +57,13 @@ def test_replays_return_the_forward_of_each_new_input_in_the_same_tensor():
         torch.testing.assert_close(forward(channels_last), reference(channels_last), rtol=1e-4, atol=1e-4)
 
 
-def test_warm_up_runs_the_forward_before_the_capture_without_autograd():
+def test_warm_up_runs_the_forward_before_the_capture_without_autograd_choosing_for_a_replay():
+    """The warm-up and the capture run without autograd, and with the dispatch choosing for a graph replay (by
+    GPU time alone); the replays (here the stand-in's reruns of the forward) run outside."""
     model = _converted_resnet18(seed=4)
     calls = []
-    model.register_forward_hook(lambda module, args, out: calls.append(torch.is_grad_enabled()))
+    model.register_forward_hook(lambda module, args, out: calls.append((torch.is_grad_enabled(),
+                                                                        dispatch.graph_replay())))
     captured = []
 
     def capture(forward):
@@ -67,9 +71,10 @@ def test_warm_up_runs_the_forward_before_the_capture_without_autograd():
         return _rerun_capture(forward)
 
     forward = CudaGraphedForward(model, (torch.randn(1, 3, 32, 32),), 3, capture)
-    assert captured == [3] and calls == [False] * 4  # 3 warm-up forwards, then the captured one
+    assert captured == [3] and calls == [(False, True)] * 4  # 3 warm-up forwards, then the captured one
+    assert not dispatch.graph_replay()
     forward(torch.randn(1, 3, 32, 32))
-    assert len(calls) == 5
+    assert calls[4:] == [(False, False)]
 
 
 @pytest.mark.parametrize("change", ["weight in place", "running statistics in place", "parameter replaced",

@@ -32,6 +32,13 @@ During a prepare pass (``preparing``, run by ``fusedres.precompile``) a signatur
 neither measured nor recorded: every available implementation runs once inside the pass's context (where
 the Triton kernels only submit their compiles), and the first in the fixed order that ran runs the call.
 
+A forward to be replayed from a CUDA graph (``fusedres.cuda_graphed``) runs its warm-up and capture inside
+``for_graph_replay()``. A replay runs the kernels without the host work that launched them, so there each
+implementation is timed by its GPU work alone: a wait queued first (``torch.cuda._sleep``) holds the GPU back
+while the host queues the timed calls. Outside, a call's timing also holds the host time before its launches
+wherever that exceeds the GPU's work, as an eager call's does. The choices made inside are kept apart (their
+keys end in ``|graph``).
+
 ``dispatch_table()`` gives every op's entries, ``MeasuredDispatch.table()`` one op's, and ``reset()``
 forgets this process's entries and file reads (for tests).
 """
@@ -42,6 +49,7 @@ import functools
 import json
 import os
 import statistics
+import time
 import warnings
 from typing import Callable, Hashable, Optional, Union
 
@@ -52,8 +60,11 @@ CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
 DISAGREES = "failed: disagrees with"  # starts the entry of an implementation whose result the reference's refuted
 _WARMUP, _REPS = 3, 10
 _TABLE: dict[str, dict] = {}  # every op's: key -> {"choice": name, "ms": {name: median ms or why not}}
-_CHOSEN: dict[tuple, str] = {}  # (op, device index, signature) -> choice: known calls skip building the key
+_CHOSEN: dict[tuple, str] = {}  # (op, device index, signature, graph replay) -> choice: known calls skip the key
 _resets = 0  # how many times ``reset`` ran (``resets``)
+_graph_replay = False  # inside ``for_graph_replay``
+_HOLD_MAX_MS = 20.0  # for_graph_replay: the longest wait queued before the timed calls
+_CYCLES_PER_MS: dict[str, float] = {}  # device -> torch.cuda._sleep cycles per ms, measured once
 
 _gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
 # the running prepare pass's context factory (``preparing``): a global, as autograd runs the backward's calls
@@ -98,10 +109,52 @@ def _save(path: str, key: str, entry: dict) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def for_graph_replay():
+    """Choices for a forward replayed from a CUDA graph, timed by their GPU work alone (see the module
+    docstring). Not reentrant across threads: one capture at a time."""
+    global _graph_replay
+    outer, _graph_replay = _graph_replay, True
+    try:
+        yield
+    finally:
+        _graph_replay = outer
+
+
+def graph_replay() -> bool:
+    """Whether ``choose`` answers for a graph replay (inside ``for_graph_replay``)."""
+    return _graph_replay
+
+
+def sleep_cycles_per_ms(device: torch.device) -> float:
+    """How many cycles of ``torch.cuda._sleep`` (a kernel spinning on the SM clock) last a millisecond on
+    ``device`` (the current one of its stream), measured on first use."""
+    if str(device) not in _CYCLES_PER_MS:
+        cycles = 2**21
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        spans = []
+        for _ in range(4):
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            torch.cuda.synchronize(device)
+            spans.append(start.elapsed_time(end))
+        _CYCLES_PER_MS[str(device)] = cycles / statistics.median(spans[1:])
+    return _CYCLES_PER_MS[str(device)]
+
+
 def _time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream, after a warm-up."""
+    """Median milliseconds of ``fn()`` on the current CUDA stream, after a warm-up; for a graph replay, of its
+    GPU work alone: a wait of twice the host time of ``_REPS`` calls (measured on one) is queued first."""
     for _ in range(_WARMUP):
         fn()
+    if _graph_replay:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        host_ms = 1e3 * (time.perf_counter() - start)
+        torch.cuda._sleep(int(min(2 * _REPS * host_ms, _HOLD_MAX_MS)
+                              * sleep_cycles_per_ms(torch.device("cuda", torch.cuda.current_device()))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_REPS)]
     for start, end in events:
         start.record()
@@ -188,13 +241,13 @@ class MeasuredDispatch:
         runs it once on the call's own inputs (timed) and returns its result; ``compare(reference's result,
         result)`` is None where two results agree, else why not (see the module's docstring).
         """
-        chosen = _CHOSEN.get((self.op, device.index, signature))
+        chosen = _CHOSEN.get((self.op, device.index, signature, _graph_replay))
         if chosen is not None:
             return chosen
         if _prepare is not None and not _capturing_or_compiling():
             return self._prepare(signature, unavailable_reason, run)
         text = self.describe(signature)
-        key = f"{self.op}|{_gpu_name(device.index)}|{text}"
+        key = f"{self.op}|{_gpu_name(device.index)}|{text}" + ("|graph" if _graph_replay else "")
         entry = _TABLE.get(key)
         if entry is None:
             path = os.environ.get(CACHE_ENV)
@@ -211,13 +264,13 @@ class MeasuredDispatch:
                 _TABLE[key] = entry = self._measure(text, unavailable_reason, run, compare)
                 if path:
                     _save(path, key, entry)
-        _CHOSEN[self.op, device.index, signature] = entry["choice"]
+        _CHOSEN[self.op, device.index, signature, _graph_replay] = entry["choice"]
         return entry["choice"]
 
     def kept(self, device: torch.device, signature: Hashable) -> Optional[str]:
         """The choice ``choose`` keeps for ``signature`` on ``device`` (every later call gets it until ``reset``),
         or None: none made yet, or the last one made while a graph was captured or a prepare pass ran."""
-        return _CHOSEN.get((self.op, device.index, signature))
+        return _CHOSEN.get((self.op, device.index, signature, _graph_replay))
 
     def _prepare(self, signature: Hashable, unavailable_reason: Callable[[str], Optional[str]],
                  run: Callable[[str], object]) -> str:

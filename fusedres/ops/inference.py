@@ -397,11 +397,12 @@ class FoldedUnit:
     checks and its choice of implementation. A call like the last one that took the whole path runs the
     implementation that call ran, without them (``_run``, as the op's body does). Like means: the same folded
     tensors; x and the residual of the same type, shape, strides, dtype and device; the same conv arguments,
-    ReLU and backend; the same autocast dtype, torch conv flags and ``dispatch.resets()``. Such a call passes
-    the same checks and gets the same choice. A call takes the whole path where the op must be seen
-    (``eager.plain_mode``), under the autograd profiler (which records the op's name), with autograd on, and
-    after a call that cast a tensor to autocast's dtype, copied x or the residual into x's memory format, or got
-    a choice the dispatch did not keep (while a graph was captured or a prepare pass ran).
+    ReLU and backend; the same autocast dtype and torch conv flags; the same ``dispatch.resets()`` and
+    ``dispatch.graph_replay()``. Such a call passes the same checks and gets the same choice. A call takes the
+    whole path where the op must be seen (``eager.plain_mode``), under the autograd profiler (which records the
+    op's name), with autograd on, and after a call that cast a tensor to autocast's dtype, copied x or the
+    residual into x's memory format, or got a choice the dispatch did not keep (while a graph was captured or a
+    prepare pass ran).
     """
 
     def __init__(self):
@@ -418,7 +419,7 @@ class FoldedUnit:
             return conv_module_bias_act(x, conv, weight, bias, residual, relu, backend)
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         guard = (_layout(x), _layout(residual), conv_args, relu, backend, autocast, backends.conv_flags(x.dtype),
-                 dispatch.resets())
+                 dispatch.resets(), dispatch.graph_replay())
         plan = self._plan
         if plan is not None and plan[1] is weight and plan[2] is bias and plan[0] == guard:
             return _run(plan[3], plan[4], (x, weight, bias, residual, plan[5], relu))
