@@ -191,8 +191,8 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
     lines += [f"- note: {n}" for n in meta["notes"]]
     chosen: dict[str, dict[str, int]] = {}
     disagreed: dict[str, dict[str, int]] = {}  # per op: implementations whose result the reference's refuted
-    for key, entry in dispatch.items():
-        op = key.split("|")[0]
+    for key, entry in dispatch.items():  # a graph replay's choices (fusedres.cuda_graphed) counted apart
+        op = key.split("|")[0] + (", for a CUDA graph's replay" if key.endswith("|graph") else "")
         counts = chosen.setdefault(op, {})
         counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
         for name, ms in entry["ms"].items():

@@ -120,7 +120,8 @@ def test_results_md_counts_the_dispatch_choices_and_the_implementations_that_dis
     monkeypatch.setattr(main, "dispatch_table", lambda: {
         "unit_conv2d|GPU|a": {"choice": "cudnn", "ms": {"cudnn": 1.0, "triton": disagrees}},
         "unit_conv2d|GPU|b": {"choice": "triton", "ms": {"cudnn": 1.0, "triton": 0.5}},
-        "conv_bias_act|GPU|a": {"choice": "cudnn", "ms": {"cudnn": 1.0, "triton": 2.0, "torch": 3.0}}})
+        "conv_bias_act|GPU|a": {"choice": "cudnn", "ms": {"cudnn": 1.0, "triton": 2.0, "torch": 3.0}},
+        "conv_bias_act|GPU|a|graph": {"choice": "triton", "ms": {"cudnn": 1.0, "triton": 0.9, "torch": 3.0}}})
     meta = dict(date="today", command="python -m benchmarks", git="abc", timings="t", settings={}, notes=[],
                 environment={"backends": {}})
     md = main.write_results(tmp_path, meta, [])[1].read_text()
@@ -128,6 +129,8 @@ def test_results_md_counts_the_dispatch_choices_and_the_implementations_that_dis
             "triton chosen 1x; triton DISAGREED with the reference 1x (never chosen there)") in md.splitlines()
     assert ("- measured dispatch (conv_bias_act, per call signature; every timing in results.json): cudnn chosen "
             "1x") in md.splitlines()
+    assert ("- measured dispatch (conv_bias_act, for a CUDA graph's replay, per call signature; every timing in "
+            "results.json): triton chosen 1x") in md.splitlines()
 
 
 def test_a_run_stopped_mid_case_keeps_its_finished_rows(monkeypatch, tmp_path):

@@ -121,7 +121,8 @@ export FUSEDRES_FAILURES_LOG="$out/failures.log"
 rm -f "$FUSEDRES_FAILURES_LOG"
 start=$SECONDS
 default_tests="tests/test_triton_conv.py tests/test_triton_conv_wgrad.py tests/test_triton_kernels.py
-               tests/test_per_channel.py tests/test_dispatch_checks.py tests/test_inference_ops.py tests/test_modules.py tests/test_precompile.py tests/test_graphs.py
+               tests/test_per_channel.py tests/test_dispatch.py tests/test_dispatch_checks.py tests/test_inference_ops.py tests/test_modules.py
+               tests/test_precompile.py tests/test_graphs.py
                tests/test_convert.py::test_gpu_stem_unit_matches_eager"
 # shellcheck disable=SC2086
 $(limit "${GPU_CHECK_TESTS_TIMEOUT:-130}") "$py" -m pytest ${GPU_CHECK_TESTS:-$default_tests} -m "not host_emulation" \
