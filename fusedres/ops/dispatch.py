@@ -331,8 +331,8 @@ class MeasuredDispatch:
 
 
 def resets() -> int:
-    """How many times ``reset`` ran in this process: a caller that keeps a kept choice (``MeasuredDispatch.kept``)
-    past the call that asked for it keeps it while this stays the same."""
+    """How many times ``reset`` ran in this process. A caller may remember a kept choice (``MeasuredDispatch.kept``)
+    past the call that asked for it while this count stays the same."""
     return _resets
 
 
