@@ -271,12 +271,15 @@ def test_choices_for_a_graph_replay_are_measured_and_kept_apart(dispatch, cache_
     assert Fake({}).choose(op) == "b"
 
 
-def test_time_ms_for_a_graph_replay_queues_a_wait_covering_the_timed_calls_host_time(fresh_dispatch, monkeypatch):
-    """For a graph replay each timed call's GPU work alone counts: after the warm-up, one more call's host time
-    is taken, and a wait of twice the timed calls' host time is queued before them, so the host queues their
-    launches before the GPU reaches them (CUDA faked: the order of the GPU's work is what is checked)."""
+def test_time_ms_queues_a_wait_covering_the_timed_calls_host_time_and_takes_the_longer_of_host_and_gpu(
+        fresh_dispatch, monkeypatch):
+    """After the warm-up, one more call's host time is taken, and a wait of twice the timed calls' host time is
+    queued before them, so the host queues their launches before the GPU reaches them and the events time their
+    GPU work alone. An eager call costs the longer of its GPU work and its host time; a graph replay's, its GPU
+    work (CUDA faked: the order of the GPU's work is what is checked)."""
     dispatch = fresh_dispatch
     gpu_work = []
+    gpu_ms = [0.125]
 
     class Event:
         def __init__(self, enable_timing):
@@ -286,7 +289,7 @@ def test_time_ms_for_a_graph_replay_queues_a_wait_covering_the_timed_calls_host_
             gpu_work.append("event")
 
         def elapsed_time(self, end):
-            return 0.25
+            return gpu_ms[0]
 
         def synchronize(self):
             pass
@@ -296,20 +299,27 @@ def test_time_ms_for_a_graph_replay_queues_a_wait_covering_the_timed_calls_host_
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: gpu_work.append(("sleep", cycles)))
     monkeypatch.setattr(dispatch, "_CYCLES_PER_MS", {"cuda:0": 1000.0})
-    clock = iter([0.5, 0.5 + 2**-12])  # the host-timed call: 0.244 ms
-    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: next(clock))
+    clock = [0.0]
+
+    def perf_counter():  # each call's host part takes 2**-12 s (0.244 ms)
+        clock[0] += 2**-12
+        return clock[0]
+
+    monkeypatch.setattr(dispatch.time, "perf_counter", perf_counter)
 
     def call():
         gpu_work.append("call")
 
-    assert dispatch._time_ms(call) == 0.25 and gpu_work == ["call"] * dispatch._WARMUP + ["event", "call", "event"] \
-        * dispatch._REPS  # eager: nothing queued, no host time taken
-    gpu_work.clear()
-    with dispatch.for_graph_replay():
-        assert dispatch._time_ms(call) == 0.25
     hold = ("sleep", int(2 * dispatch._REPS * 0.244140625 * 1000.0))
-    assert gpu_work[:dispatch._WARMUP + 2] == ["call"] * (dispatch._WARMUP + 1) + [hold]
-    assert gpu_work[dispatch._WARMUP + 2:] == ["event", "call", "event"] * dispatch._REPS
+    timed = ["call"] * (dispatch._WARMUP + 1) + [hold] + ["event", "call", "event"] * dispatch._REPS
+    assert dispatch._time_ms(call) == 0.244140625 and gpu_work == timed  # host-bound: the host's time
+    gpu_work.clear()
+    gpu_ms[0] = 0.5
+    assert dispatch._time_ms(call) == 0.5 and gpu_work == timed  # the GPU's
+    gpu_work.clear()
+    gpu_ms[0] = 0.125
+    with dispatch.for_graph_replay():
+        assert dispatch._time_ms(call) == 0.125 and gpu_work == timed  # a replay runs no host work
 
 
 def test_a_prepare_pass_runs_each_available_implementation_inside_its_context_and_records_nothing(
@@ -400,9 +410,10 @@ def test_training_conv_choice_measures_again_when_torch_conv_flags_change(dispat
 
 
 @requires_cuda
-def test_gpu_time_ms_for_a_graph_replay_leaves_out_the_host_time(fresh_dispatch):
+def test_gpu_time_ms_takes_the_longer_of_host_and_gpu_and_for_a_graph_replay_the_gpu(fresh_dispatch):
     """A call whose host part (a 2 ms sleep before its launch) far outlasts its GPU work: timed as an eager call it
-    takes the host's time too; for a graph replay, its GPU work alone."""
+    costs the host's time; for a graph replay, its GPU work alone. A call whose GPU work outlasts its host part
+    costs its GPU work either way."""
     import time
 
     x = torch.randn(256, 256, device="cuda")
@@ -416,11 +427,17 @@ def test_gpu_time_ms_for_a_graph_replay_leaves_out_the_host_time(fresh_dispatch)
         replay_ms = fresh_dispatch._time_ms(host_bound)
     assert eager_ms > 1.5 and replay_ms < 0.5, (eager_ms, replay_ms)
 
+    big = torch.randn(4096, 4096, device="cuda")
+    gpu_bound = fresh_dispatch._time_ms(lambda: big @ big)  # 137 GFLOP in fp32: ms on an H100; host ~10 us
+    with fresh_dispatch.for_graph_replay():
+        replay_ms = fresh_dispatch._time_ms(lambda: big @ big)
+    assert gpu_bound > 0.5 and abs(gpu_bound - replay_ms) < 0.2 * replay_ms, (gpu_bound, replay_ms)
+
 
 @requires_cuda
 def test_time_ms_warms_up_then_takes_the_median(fresh_dispatch):
     calls = []
     x = torch.randn(256, 256, device="cuda")
     ms = fresh_dispatch._time_ms(lambda: calls.append(x @ x))
-    assert len(calls) == fresh_dispatch._WARMUP + fresh_dispatch._REPS
+    assert len(calls) == fresh_dispatch._WARMUP + 1 + fresh_dispatch._REPS  # + the call whose host time sizes the wait
     assert isinstance(ms, float) and ms > 0

@@ -6,8 +6,7 @@ value holding everything the choice depends on (dtype, layout, shapes, flags), i
 decides whether an implementation can run the call at all (torch's TF32 and cuDNN flags, say): a known
 signature is answered from a dict, without asking again. The first call per key
 ``f"{op}|{gpu name}|{describe(signature)}"`` times every available implementation on the call's own
-inputs (CUDA events, the median of ``_REPS`` runs after ``_WARMUP``); the process keeps the fastest for
-that key.
+inputs (``_REPS`` runs after ``_WARMUP``; what is timed: below); the process keeps the fastest for that key.
 An implementation that raises while timed is recorded as ``"failed: ..."`` and never chosen, one that
 cannot run the call as ``"unavailable: <why>"``; when none ran, ``choose`` raises RuntimeError with
 every reason and records nothing.
@@ -32,12 +31,14 @@ During a prepare pass (``preparing``, run by ``fusedres.precompile``) a signatur
 neither measured nor recorded: every available implementation runs once inside the pass's context (where
 the Triton kernels only submit their compiles), and the first in the fixed order that ran runs the call.
 
-A forward to be replayed from a CUDA graph (``fusedres.cuda_graphed``) runs its warm-up and capture inside
-``for_graph_replay()``. A replay runs the kernels without the host work that launched them, so there each
-implementation is timed by its GPU work alone: a wait queued first (``torch.cuda._sleep``) holds the GPU back
-while the host queues the timed calls. Outside, a call's timing also holds the host time before its launches
-wherever that exceeds the GPU's work, as an eager call's does. The choices made inside are kept apart (their
-keys end in ``|graph``).
+What is timed: a wait queued before the timed calls (``torch.cuda._sleep``, twice their host time) holds the GPU
+back while the host queues them, so the events time each call's GPU work alone, and the host's time per call
+is taken apart. An eager call costs the longer of the two: a stream of calls runs at the pace of the host
+where it is slower than the GPU, and of the GPU otherwise (events around calls that start on an idle GPU would
+add the host's time to the GPU's instead). A forward to be replayed from a CUDA graph (``fusedres.cuda_graphed``)
+runs its warm-up and capture inside ``for_graph_replay()``: a replay runs the kernels without the host work
+that launched them, so there the GPU's work alone counts, and those choices are kept apart (their keys end in
+``|graph``).
 
 ``dispatch_table()`` gives every op's entries, ``MeasuredDispatch.table()`` one op's, and ``reset()``
 forgets this process's entries and file reads (for tests).
@@ -63,7 +64,7 @@ _TABLE: dict[str, dict] = {}  # every op's: key -> {"choice": name, "ms": {name:
 _CHOSEN: dict[tuple, str] = {}  # (op, device index, signature, graph replay) -> choice: known calls skip the key
 _resets = 0  # how many times ``reset`` ran (``resets``)
 _graph_replay = False  # inside ``for_graph_replay``
-_HOLD_MAX_MS = 20.0  # for_graph_replay: the longest wait queued before the timed calls
+_HOLD_MAX_MS = 20.0  # the longest wait queued before the timed calls
 _CYCLES_PER_MS: dict[str, float] = {}  # device -> torch.cuda._sleep cycles per ms, measured once
 
 _gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
@@ -111,8 +112,8 @@ def _save(path: str, key: str, entry: dict) -> None:
 
 @contextlib.contextmanager
 def for_graph_replay():
-    """Choices for a forward replayed from a CUDA graph, timed by their GPU work alone (see the module
-    docstring). Not reentrant across threads: one capture at a time."""
+    """Choices for a forward replayed from a CUDA graph, timed by their GPU work alone, the host's time left out
+    (see the module docstring). Not reentrant across threads: one capture at a time."""
     global _graph_replay
     outer, _graph_replay = _graph_replay, True
     try:
@@ -144,24 +145,29 @@ def sleep_cycles_per_ms(device: torch.device) -> float:
 
 
 def _time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream, after a warm-up; for a graph replay, of its
-    GPU work alone: a wait of twice the host time of ``_REPS`` calls (measured on one) is queued first."""
+    """Milliseconds a call of ``fn()`` costs on the current CUDA stream, after a warm-up (see the module
+    docstring): the median GPU work of ``_REPS`` timed calls, held apart from their host time by a wait queued
+    before them (twice their host time, measured on one more call); outside ``for_graph_replay``, the longer of
+    that and the median host time of a timed call."""
     for _ in range(_WARMUP):
         fn()
-    if _graph_replay:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        host_ms = 1e3 * (time.perf_counter() - start)
-        torch.cuda._sleep(int(min(2 * _REPS * host_ms, _HOLD_MAX_MS)
-                              * sleep_cycles_per_ms(torch.device("cuda", torch.cuda.current_device()))))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    host_ms = 1e3 * (time.perf_counter() - start)
+    torch.cuda._sleep(int(min(2 * _REPS * host_ms, _HOLD_MAX_MS)
+                          * sleep_cycles_per_ms(torch.device("cuda", torch.cuda.current_device()))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_REPS)]
+    host = []
     for start, end in events:
         start.record()
+        began = time.perf_counter()
         fn()
+        host.append(1e3 * (time.perf_counter() - began))
         end.record()
     events[-1][1].synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    gpu_ms = statistics.median(start.elapsed_time(end) for start, end in events)
+    return gpu_ms if _graph_replay else max(gpu_ms, statistics.median(host))
 
 
 def tolerance(dtype: torch.dtype) -> float:
