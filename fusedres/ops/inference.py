@@ -393,16 +393,16 @@ class FoldedUnit:
     BatchNorm folded in] + residual), as ``conv_module_bias_act`` computes it, on the fold that ``fold``
     (``FoldedWeights``) keeps.
 
-    At batch 1 a converted model's forward is host-bound, and about half of a unit's host time is the op's
-    checks and its choice of implementation. A call like the last one that took the whole path runs the
-    implementation that call ran, without them (``_run``, as the op's body does). Like means: the same folded
-    tensors; x and the residual of the same type, shape, strides, dtype and device; the same conv arguments,
-    ReLU and backend; the same autocast dtype and torch conv flags; the same ``dispatch.resets()`` and
-    ``dispatch.graph_replay()``. Such a call passes the same checks and gets the same choice. A call takes the
-    whole path where the op must be seen (``eager.plain_mode``), under the autograd profiler (which records the
-    op's name), with autograd on, and after a call that cast a tensor to autocast's dtype, copied x or the
-    residual into x's memory format, or got a choice the dispatch did not keep (while a graph was captured or a
-    prepare pass ran).
+    At batch 1 a converted model's forward is host-bound, and about a third of a unit's own host time (outside
+    the conv call) is the op's checks and its choice of implementation. A call like the last one that took the
+    whole path runs the implementation that call ran, without them (``_run``, as the op's body does). Like
+    means: the same folded tensors; x and the residual of the same type, shape, strides, dtype and device; the
+    same conv arguments, ReLU and backend; the same autocast dtype and torch conv flags; the same
+    ``dispatch.resets()`` and ``dispatch.graph_replay()``. Such a call passes the same checks and gets the same
+    choice. A call takes the whole path where the op must be seen (``eager.plain_mode``), under the autograd
+    profiler (which records the op's name), with autograd on, and after a call that cast a tensor to autocast's
+    dtype, copied x or the residual into x's memory format, or got a choice the dispatch did not keep (while a
+    graph was captured or a prepare pass ran).
     """
 
     def __init__(self):
