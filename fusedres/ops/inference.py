@@ -334,10 +334,17 @@ def conv_module_bias_act(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optio
     ``nn.Conv2d`` (``weight`` and ``bias``: the conv's, or ``FoldedWeights.get``'s fold of them): the
     conv's arguments were checked when the module was converted, so only the tensors are, on every call.
     A module's inference path calls this once per unit: at batch 1 its cost is the model's latency."""
+    conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _conv_bias_act_entry(*_module_tensors(x, weight, bias, residual, conv_args), *conv_args, relu, backend)
+
+
+def _module_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                    conv_args: tuple) -> tuple:
+    """``conv_module_bias_act``'s checks of its tensors (``conv_args``: the module's conv's stride, padding,
+    dilation and groups): its (x, weight, bias, residual), cast to autocast's dtype under autocast."""
     fn = "fusedres.conv_bias_act"
     _check_activation(fn, "input", x)
-    return _checked_call(fn, x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
-                         relu, backend)
+    return _checked_tensors(fn, x, weight, bias, residual, *conv_args)
 
 
 def _checked_call(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -423,9 +430,7 @@ class FoldedUnit:
         plan = self._plan
         if plan is not None and plan[1] is weight and plan[2] is bias and plan[0] == guard:
             return _run(plan[3], plan[4], (x, weight, bias, residual, plan[5], relu))
-        fn = "fusedres.conv_bias_act"
-        _check_activation(fn, "input", x)
-        tensors = _checked_tensors(fn, x, weight, bias, residual, *conv_args)
+        tensors = _module_tensors(x, weight, bias, residual, conv_args)
         if eager._body_call(tensors) is not False:  # a tensor subclass, say: the op runs
             self._plan = None
             return _conv_bias_act_entry(*tensors, *conv_args, relu, backend)
