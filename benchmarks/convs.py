@@ -440,6 +440,7 @@ def config_kinds_summary(rows: list[dict]) -> str:
     tma = sum("USE_TMA=True" in best for best in chosen)
     persistent = sum("USE_TMA=True" in best and "PERSISTENT=0" not in best for best in chosen)
     x_in_l1 = sum("X_IN_L1=True" in best for best in chosen)
+    capped = sum("maxnreg=" in best for best in chosen)
     return (f"Triton conv autotuning (forward and input-gradient keys tuned in this run): TMA configs chosen for "
             f"{tma} of {len(chosen)} ({persistent} persistent), pointer configs for the rest ({x_in_l1} caching x "
-            "in L1); every config's time in results.json (rows' `tuned`).")
+            f"in L1); {capped} with registers capped; every config's time in results.json (rows' `tuned`).")

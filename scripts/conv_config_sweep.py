@@ -100,7 +100,7 @@ def main() -> None:
         for config in all_configs:
             kernel.configs, kernel.cache = [config], {}
             start = time.perf_counter()
-            usable = "yes" if conv._usable(config.kwargs, launch) else "no"
+            usable = "yes" if conv._usable(config.all_kwargs(), launch) else "no"
             try:
                 ratio, stats = _worst(inputs)
                 verdict = "BAD" if ratio > 1 or stats > 1e-5 else "ok"

@@ -32,7 +32,7 @@ configs are compiled at once on one pool, instead of each key's while the launch
 how long the compiles took either way.
 
 With ``--report FILE`` too, every kernel compiled now is audited from ptxas's own report of it: FILE gets one
-record per compile (the kernel, its constexprs, warps and stages, registers, spilled bytes, ptxas's warnings,
+record per compile (the kernel, its constexprs, warps, stages and register cap, registers, spilled bytes, ptxas's warnings,
 shared memory), and the script prints the compiles that spill registers or whose wgmma ptxas serialised
 (warning C7515), grouped by kernel and config: what would slow a kernel on the GPU, found without one. Kernels
 the cache already held are not compiled, so not audited: build into an empty folder to audit them all.
@@ -198,7 +198,8 @@ def audit_compiles(records: list) -> None:
             constexprs = {src.fn.arg_names[index]: value for (index,), value in sorted(src.constants.items())
                           if isinstance(value, (bool, int, float, str))}
             records.append(dict(kernel=src.name, constexprs=constexprs, warps=options["num_warps"],
-                                stages=options["num_stages"], shared=kernel.metadata.shared,
+                                stages=options["num_stages"], maxnreg=options.get("maxnreg"),
+                                shared=kernel.metadata.shared,
                                 seconds=seconds, key=key, **ptxas_findings(log.getvalue())))
         return kernel
     triton.compiler.compile = compile
@@ -208,9 +209,10 @@ TUNED = {name for module in (conv, conv_wgrad) for config in module._CONFIGS for
 
 
 def config_of(record: dict) -> str:
-    """A record's config (its tuned constexprs, warps, stages) as the autotuner describes configs."""
+    """A record's config (its tuned constexprs, warps, stages, register cap) as the autotuner describes configs."""
     tuned = {k: v for k, v in record["constexprs"].items() if k in TUNED}
-    return autotuning.describe(triton.Config(tuned, num_warps=record["warps"], num_stages=record["stages"]))
+    return autotuning.describe(triton.Config(tuned, num_warps=record["warps"], num_stages=record["stages"],
+                                             maxnreg=record.get("maxnreg")))
 
 
 def print_audit(records: list) -> None:

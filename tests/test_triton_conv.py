@@ -524,6 +524,25 @@ def test_persistent_configs_run_only_where_the_dot_reads_x_from_shared_memory():
         assert conv._usable(dict(persistent, PERSISTENT=0), launch)
 
 
+def test_register_capped_configs_run_only_launches_with_the_prologue_or_the_statistics():
+    """The 128x128 tiles (8 warps) also run capped at conv._REGISTER_CAP registers, two CTAs an SM, where the
+    prologue or the statistics take them past it: the training forward and the input gradient. Elsewhere the
+    capped copy would compile to the same kernel, so it does not run."""
+    capped = [c for c in conv._conv_kernel.configs if c.maxnreg]
+    if conv._INTERPRET:  # one config, nothing to tune
+        assert not capped
+    else:
+        assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg, c.kwargs["USE_TMA"])
+                for c in capped} == {(128, 128, 8, 128, False), (128, 128, 8, 128, True)}
+    config = dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False, BLOCK_M=128, BLOCK_N=128, num_warps=8)
+    for prologue, stats, usable in ((True, False, True), (False, True, True), (True, True, True),
+                                    (False, False, False)):
+        launch = dict(TMA_OK=False, PROLOGUE=prologue, COMPUTE_STATS=stats, GEMM_VIEW=False, N=8, P=14, Q=14, R=3,
+                      S=3, FLAT_K=False, Cg=64)
+        assert conv._usable(dict(config, maxnreg=conv._REGISTER_CAP), launch) == usable, launch
+        assert conv._usable(config, launch)
+
+
 def test_one_position_prologue_launches_may_run_every_tma_tile():
     """Where x's TMA tile is a box of images at one output position and the prologue transforms it, every
     non-persistent TMA tile may run, the 128x128 and 128x256 ones (8 warps) too: those launches load x's tile
@@ -1252,6 +1271,30 @@ def test_statistics_epilogue_loads_nothing_after_the_tiles_store(config):
         assert variant["ld_global_after_st_global"] == 0, (name, variant, found)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+@pytest.mark.parametrize("launch,variants", [
+    ("gemm view, pointer", ("prologue+stats", "stats")), ("gemm view, tma", ("prologue+stats", "stats", "input grad")),
+    ("3x3 one position, tma", ("stats", "input grad"))])
+def test_register_capped_tiles_compile_without_spilling(launch, variants):
+    """The 128x128 tiles capped at conv._REGISTER_CAP registers (two CTAs of 8 warps an SM) compile without a
+    spill or a serialised wgmma in the statistics variants of ResNet-50's layer1 64->256 1x1 as a GEMM view
+    (uncapped, the prologue + statistics took 158-168 registers there with triton 3.6 and 3.8: one CTA an SM)
+    and, on the TMA tile, of its layer1 3x3 at batch 256 (uncapped 128-175); sm_90 ptxas. Capped, some other
+    variants spill (the pointer tile's input gradient 0-32 bytes, the prologue + statistics on the 3x3 0-108,
+    by triton version): the autotuner times both copies of each tile."""
+    config = dict(USE_TMA=launch.endswith("tma"), BLOCK_M=128, BLOCK_N=128, PERSISTENT=0, X_IN_L1=False,
+                  maxnreg=conv._REGISTER_CAP)
+    if launch.startswith("gemm view"):
+        found = _compile_for_sm90(config, LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES, variants, taps=1,
+                                  gemm_view=True)
+    else:
+        assert conv._box(LAYER1_3X3) == (1, 1)
+        found = _compile_for_sm90(config, variants=variants)
+    _assert_wgmma_not_serialised(found)
+    for name, variant in found["variants"].items():
+        assert variant["registers"] <= conv._REGISTER_CAP and variant["spill_bytes"] == 0, (name, found)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts compiles behind the CPU's stand-in driver")
 def test_compiles_script_counts_a_resnet50_inference():
     """scripts/resnet50_compiles.py (README, benchmarks/RESULTS.md) runs the converted ResNet-50's convs through
@@ -1654,15 +1697,18 @@ def test_conv_launches_find_their_tuned_config_by_key(monkeypatch):
 def test_convs_benchmark_counts_the_kinds_of_config_chosen():
     from benchmarks.convs import config_kinds_summary
 
-    def tuned(kernel, use_tma, persistent=0, x_in_l1=False):
-        return dict(kernel=kernel, best=f"BLOCK_M=128 USE_TMA={use_tma} PERSISTENT={persistent} X_IN_L1={x_in_l1} "
-                                        "warps=4 stages=4")
+    def tuned(kernel, use_tma, persistent=0, x_in_l1=False, maxnreg=None):
+        config = triton.Config(dict(BLOCK_M=128, USE_TMA=use_tma, PERSISTENT=persistent, X_IN_L1=x_in_l1),
+                               num_warps=8, num_stages=3, maxnreg=maxnreg)
+        return dict(kernel=kernel, best=autotuning.describe(config))
 
     rows = [dict(tuned=[tuned("_conv_kernel", True), tuned("_wgrad_kernel", False)]), dict(),
-            dict(tuned=[tuned("_conv_kernel", False), tuned("_conv_kernel", True, 2),
+            dict(tuned=[tuned("_conv_kernel", False, maxnreg=128), tuned("_conv_kernel", True, 2),
                         tuned("_conv_kernel", False, x_in_l1=True)])]
-    assert "TMA configs chosen for 2 of 4 (1 persistent), pointer configs for the rest (1 caching x in L1);" in (
-        config_kinds_summary(rows))
+    assert rows[2]["tuned"][0]["best"].endswith(" warps=8 stages=3 maxnreg=128")
+    assert rows[0]["tuned"][0]["best"].endswith(" warps=8 stages=3")
+    assert ("TMA configs chosen for 2 of 4 (1 persistent), pointer configs for the rest (1 caching x in L1); 1 with "
+            "registers capped;" in config_kinds_summary(rows))
     assert "no key tuned" in config_kinds_summary([dict(), dict(tuned=[tuned("_wgrad_kernel", False)])])
 
 
@@ -1787,7 +1833,7 @@ def test_gpu_each_usable_config_computes_the_prologue_conv(shape, n, monkeypatch
     launch = _launch_arguments(monkeypatch)
     conv.conv2d_fused(x, w, **kw)
     kernel = conv._conv_kernel
-    usable = [config for config in kernel.configs if conv._usable(config.kwargs, launch)]
+    usable = [config for config in kernel.configs if conv._usable(config.all_kwargs(), launch)]
     assert len(usable) > 1 and any(config.kwargs["USE_TMA"] for config in usable)
     for config in usable:
         monkeypatch.setattr(kernel, "configs", [config])

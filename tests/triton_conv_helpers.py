@@ -219,7 +219,8 @@ from triton.compiler import ASTSource
 spec = json.loads(sys.argv[1])
 module = importlib.import_module(spec["module"])
 fn = getattr(module, spec["kernel"]).fn
-config = next(c for c in module._CONFIGS if spec["config"].items() <= c.kwargs.items())
+config = next(c for c in module._CONFIGS  # a register cap only where asked for (maxnreg)
+              if spec["config"].items() <= c.all_kwargs().items() and c.maxnreg == spec["config"].get("maxnreg"))
 ints = spec["ints"]
 constexprs = {p.name for p in fn.params if p.is_constexpr}  # ints the kernel takes as constants (a stride)
 found = {}
@@ -250,7 +251,8 @@ for name, flags in spec["variants"].items():
         if pointer or ints[arg] % 16 == 0:
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                         **({"maxnreg": config.maxnreg} if config.maxnreg else {})))
     ptx = kernel.asm["ptx"]
     step = reduction_loop(ptx.splitlines())
     with tempfile.TemporaryDirectory() as tmp:  # ptxas's report: warnings and spills
@@ -276,7 +278,8 @@ print(json.dumps(dict(variants=found, stages=config.num_stages, block=config.kwa
 
 def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: dict, consts: dict,
                                  variants: dict, bf16_pointers: tuple) -> dict:
-    """Compile ``module.kernel`` with the first of its GPU ``_CONFIGS`` whose kwargs include ``config`` for an
+    """Compile ``module.kernel`` with the first of its GPU ``_CONFIGS`` whose kwargs and options include ``config``
+    (a register cap only with "maxnreg" in it) for an
     H100 (the wheel's ptxas, no GPU), its int arguments (``ints``: their values at a real launch)
     specialised as triton's launcher specialises them: ints equal to 1 (and those the kernel declares
     constexpr) become constants, pointers and multiples of 16 get a divisibility-16 hint. Per variant

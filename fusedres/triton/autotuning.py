@@ -37,9 +37,9 @@ TUNINGS: list[dict] = []
 
 
 def describe(config) -> str:
-    """A config as "BLOCK_M=128 BLOCK_N=64 ... warps=4 stages=4"."""
+    """A config as "BLOCK_M=128 BLOCK_N=64 ... warps=4 stages=4" (+ " maxnreg=128" where it caps registers)."""
     return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"warps={config.num_warps}",
-                     f"stages={config.num_stages}"])
+                     f"stages={config.num_stages}", *([f"maxnreg={config.maxnreg}"] if config.maxnreg else [])])
 
 
 def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
@@ -143,11 +143,12 @@ def fitting(configs: list, sizes: dict) -> list:
 
 
 def runnable(gemm_sizes, usable, constants, configs: list, arguments: dict) -> list:
-    """The configs a launch with ``arguments`` may run (``usable(config kwargs, arguments)``) that fit its GEMM
+    """The configs a launch with ``arguments`` may run (``usable(config.all_kwargs(), arguments)``: its constexprs
+    and options such as num_warps and maxnreg) that fit its GEMM
     (``gemm_sizes(arguments)``: {block name: size}, see ``fitting``), each with the constexprs
     ``constants(config kwargs, arguments)`` added: those the autotuner times."""
     return [_with_constants(c, constants(c.kwargs, arguments))
-            for c in fitting([c for c in configs if usable(c.kwargs, arguments)], gemm_sizes(arguments))]
+            for c in fitting([c for c in configs if usable(c.all_kwargs(), arguments)], gemm_sizes(arguments))]
 
 
 def _with_constants(config, constants: dict):
@@ -281,7 +282,7 @@ def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, argumen
              constants=lambda config, arguments: {}):
     """triton.autotune over ``configs`` keyed by the argument names ``key``, timing (``time_config``) only
     the configs a new key may run and that fit its GEMM, compiled in parallel (``prune_and_compile``;
-    ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}, ``usable(config kwargs,
+    ``gemm_sizes`` maps the launch's arguments to {block name: GEMM size}, ``usable(config.all_kwargs(),
     arguments)`` says whether a config may run them, ``constants(config kwargs, arguments)`` gives constexprs
     the config launches with besides its own, which the launch then does not pass: the key must decide both),
     with the disk cache if FUSEDRES_AUTOTUNE_CACHE=1; a key tuned before launches its config directly, and

@@ -139,14 +139,24 @@ _UPCAST_DOT = tl.constexpr(_INTERPRET)
 _EPILOGUE_COLUMNS = tl.constexpr(8 if _INTERPRET else 16)
 
 
-def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], **flags) -> list[triton.Config]:
+def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], maxnreg: Optional[int] = None,
+             **flags) -> list[triton.Config]:
     """The autotuning space of a conv kernel: ``gpu_tiles`` as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
     num_stages), or under TRITON_INTERPRET=1 one small config (nothing to tune); ``flags``: constexpr
-    arguments every one of these configs sets."""
+    arguments every one of these configs sets; ``maxnreg``: the registers a thread may use (ptxas's cap)."""
     if _INTERPRET:
         gpu_tiles = [(32, 16, 16, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **flags}, num_warps=w, num_stages=st)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **flags}, num_warps=w, num_stages=st,
+                          maxnreg=maxnreg)
             for bm, bn, bk, w, st in gpu_tiles]
+
+
+# Two CTAs of 8 warps share an SM's 64K registers only at <= 128 registers a thread. The 128x128 tiles' variants
+# with the BN + ReLU prologue or the statistics epilogue take 138-181 (ptxas, sm_90, triton 3.6: the training
+# forward and the input gradient on ResNet-50's convs), so those launches also time a copy of each capped at 128:
+# most compile without a spill (the prologue + statistics on the 3x3 convs spill 48-108 bytes). On layer1's
+# 64->256 1x1, one CTA an SM took the prologue + statistics variant from 0.227 ms to 0.634 (ncu, H200).
+_REGISTER_CAP = 128
 
 
 _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
@@ -158,7 +168,10 @@ _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4
                        USE_TMA=True, PERSISTENT=0, X_IN_L1=False)
             + ([] if _INTERPRET else  # persistent: x's tile from shared memory, no prologue (see _usable)
                _configs([(128, 64, 64, 4, 4)], USE_TMA=True, PERSISTENT=2, X_IN_L1=False)
-               + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1, X_IN_L1=False)))
+               + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1, X_IN_L1=False))
+            + ([] if _INTERPRET else  # the 128x128 tiles capped at two CTAs an SM's registers (see _usable)
+               [c for use_tma in (False, True) for c in _configs([(128, 128, 64, 8, 3)], maxnreg=_REGISTER_CAP,
+                                                                 USE_TMA=use_tma, PERSISTENT=0, X_IN_L1=False)]))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
@@ -181,7 +194,8 @@ def _reduction_size(args: dict) -> int:
 
 
 def _usable(config: dict, args: dict) -> bool:
-    """Whether a config may run a launch: TMA configs only where the launch allows them (TMA_OK); under
+    """Whether a config (its keyword arguments as launched: constexprs, num_warps, maxnreg, ...) may run a launch
+    with ``args``: TMA configs only where the launch allows them (TMA_OK); under
     TRITON_INTERPRET=1, where one config runs untimed, the TMA one wherever it is allowed. Persistent configs
     only where the dot reads x's tile from shared memory: launches without a prologue whose row tiles are a
     GEMM view's pixels or images at one output position (``_box`` (1, 1)); elsewhere the dot takes the tile
@@ -193,7 +207,11 @@ def _usable(config: dict, args: dict) -> bool:
     descriptor of x's images (X_ROWS_2D) as a GEMM view's does: from the 5-D box, the 128x128 and 128x256 TMA
     configs (8 warps) computed outputs 15-23x the tests' error bound there on an H200 (triton 3.6; ResNet-50's
     3x3 launches at batch 256, and the strided 1x1 with 128x256), where the same tiles over a GEMM view were
-    right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md)."""
+    right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md). Configs capped at _REGISTER_CAP registers only
+    on launches with the prologue or the statistics, the variants that take their tiles past the cap (elsewhere
+    the capped copy compiles to the same kernel)."""
+    if config.get("maxnreg") and not (args["PROLOGUE"] or args["COMPUTE_STATS"]):
+        return False
     if config["PERSISTENT"] and (args["PROLOGUE"] or not (args["GEMM_VIEW"] or _box(args) == (1, 1))):
         return False
     if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
