@@ -481,7 +481,8 @@ def test_one_position_boxes_compute_the_conv(case, monkeypatch):
 @pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
 def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     """A persistent TMA config (the interpreter's TMA tile, one program per conv._multiprocessors) on 1x1 convs
-    run as GEMMs: 2 programs loop over 6 output tiles (3 row tiles x 2 column tiles); and on a 3x3 conv and a
+    run as GEMMs (without and with the BN + ReLU prologue): 2 programs loop over 6 output tiles (3 row tiles x 2
+    column tiles); and on a 3x3 conv and a
     strided 1x1 whose row tiles are images at one output position (a batch of one tile; 5x5 outputs, 25 row tiles
     x 2 column tiles, the padding's taps zeros; 3x3 outputs of every other pixel); every output and statistic
     right."""
@@ -499,6 +500,7 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     else:  # a 24->32 GEMM over 3 x 5 x 5 pixels, then a 3x3 conv and a strided 1x1 of one-position tiles (conv._box)
         epilogue = "full" if launch == "inference" else "stats"
         for case in (_case(24, 32, 5, 1, 1, 0, BF16, True, "none", epilogue, n=3),
+                     _case(24, 32, 5, 1, 1, 0, BF16, True, "relu", epilogue, n=3),  # a GEMM view with the prologue
                      _case(24, 32, 5, 3, 1, 1, BF16, True, "none", epilogue, n=_TILE),
                      _case(2 * _CHANNEL_BLOCK, 32, 6, 1, 2, 0, BF16, True, "none", epilogue, n=_TILE)):
             x, w, kw = _make(case)
@@ -513,10 +515,15 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
 def test_persistent_configs_run_only_where_the_dot_reads_x_from_shared_memory():
     """Where x's tile reaches the dot through registers (a box of several positions, or the prologue's
     transform) the flattened persistent loop compiles to serialised wgmma: those launches keep to the other
-    configs. A GEMM view's pixels and images at one output position, without a prologue, may run them."""
+    configs, but for a GEMM view with the prologue whose reduction takes at most two steps (serialised, a tile's
+    few wgmma cost next to nothing). A GEMM view's pixels and images at one output position, without a
+    prologue, may run them."""
     persistent = dict(USE_TMA=True, PERSISTENT=1, X_IN_L1=False, BLOCK_M=128, BLOCK_N=128)
     gemm, one_position, several = dict(N=50176, P=1, Q=1), dict(N=256, P=14, Q=14), dict(N=8, P=14, Q=14)
-    for prologue, gemm_view, sizes, usable in ((False, True, gemm, True), (True, True, gemm, False),
+    short_gemm = dict(gemm, Cg=conv._PERSISTENT_PROLOGUE_CHANNELS)  # layer2's 128->512: two steps
+    long_gemm = dict(gemm, Cg=2 * conv._PERSISTENT_PROLOGUE_CHANNELS)
+    for prologue, gemm_view, sizes, usable in ((False, True, long_gemm, True), (True, True, long_gemm, False),
+                                               (True, True, short_gemm, True),
                                                (False, False, one_position, True),
                                                (True, False, one_position, False), (False, False, several, False)):
         launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view, **sizes)
@@ -1234,6 +1241,19 @@ def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm, launch):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+@pytest.mark.parametrize("programs_per_sm", [1, 2])  # the GPU configs' PERSISTENT values
+def test_persistent_prologue_gemm_views_compile_without_spilling(programs_per_sm):
+    """The persistent TMA configs with the BN + ReLU prologue on a GEMM view of one reduction step (ResNet-50's
+    layer1 64->256 1x1, where _usable lets them run): x's tile by tensor copies, nothing spilled, in the prologue
+    and prologue + statistics variants (ptxas serialises their wgmma, C7515: one step's worth a tile)."""
+    found = _compile_for_sm90(dict(USE_TMA=True, PERSISTENT=programs_per_sm), LAYER1_1X1_AS_GEMM,
+                              LAYER1_1X1_AS_GEMM_STRIDES, ("prologue", "prologue+stats"), taps=1, gemm_view=True)
+    assert found["block"]["PERSISTENT"] == programs_per_sm
+    for name, variant in found["variants"].items():
+        assert variant["tma"] >= 2 and variant["wgmma"] > 0 and variant["spill_bytes"] == 0, (name, found)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 @pytest.mark.parametrize("tile", [dict(BLOCK_M=128, BLOCK_N=64), dict(BLOCK_N=128), dict(BLOCK_M=256)])
 def test_x_in_l1_configs_copy_x_in_8_byte_runs_cached_in_l1(tile):
     """On the layer1 3x3 conv (bf16, channels_last), each X_IN_L1 config copies x's tiles by 8-byte cp.async.ca
@@ -1753,6 +1773,7 @@ RESNET50_CONVS = {  # (C, K, H, kernel, stride, padding) of torchvision ResNet-5
 _RESNET50_MODES = ([(name, mode) for name in RESNET50_CONVS
                     for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))]
                    + [("l1_expand", "persistent")]  # the 1x1 stride-1 conv: a GEMM over the pixels
+                   + [("l1_expand", "persistent, prologue")]  # one reduction step: persistent with the prologue
                    # a batch of 128: TMA row tiles of images at one output position (conv._box)
                    + [(name, "tma, one position") for name in ("l1_3x3", "l2_3x3_s2", "l3_downsample")]
                    + [(name, "persistent, one position") for name in ("l2_3x3_s2", "l3_downsample")]
@@ -1761,6 +1782,7 @@ _RESNET50_MODES = ([(name, mode) for name in RESNET50_CONVS
 
 _KINDS = {"pointer": (False, False, False), "tma": (True, False, False), "tma, one position": (True, False, False),
           "persistent": (True, True, False), "persistent, one position": (True, True, False),
+          "persistent, prologue": (True, True, False),
           "x in L1": (False, False, True)}  # mode: _kind of its configs
 
 
@@ -1784,8 +1806,8 @@ def _only_configs(monkeypatch, mode: str) -> None:
 @pytest.mark.parametrize("name,mode", _RESNET50_MODES)
 def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
     c, k, h, kernel, stride, padding = RESNET50_CONVS[name]
-    # persistent: no prologue (_usable)
-    prologue = "none" if name == "stem" or mode.startswith("persistent") else "relu"
+    # persistent: no prologue but on a short GEMM view (_usable)
+    prologue = "none" if name == "stem" or mode in ("persistent", "persistent, one position") else "relu"
     if mode == "tma, one position" and epilogue == "full":  # x's tile from shared memory: no prologue
         prologue = "none"
     one_position = mode.endswith("one position")
@@ -1820,14 +1842,17 @@ def _launch_arguments(monkeypatch) -> dict:
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("shape,n", [((256, 256, 14, 3, 1, 1), 256), ((512, 1024, 28, 1, 2, 0), 256),
-                                     ((64, 64, 56, 3, 1, 1), 8), ((1024, 256, 14, 1, 1, 0), 8)],
-                         ids=["layer3_3x3-b256", "layer3_downsample-b256", "layer1_3x3-b8", "layer3_1x1-b8"])
+                                     ((64, 64, 56, 3, 1, 1), 8), ((1024, 256, 14, 1, 1, 0), 8),
+                                     ((64, 256, 56, 1, 1, 0), 8)],
+                         ids=["layer3_3x3-b256", "layer3_downsample-b256", "layer1_3x3-b8", "layer3_1x1-b8",
+                              "layer1_expand-b8"])
 def test_gpu_each_usable_config_computes_the_prologue_conv(shape, n, monkeypatch):
     """Every config conv._usable lets run a launch with the BN + ReLU prologue, each alone: the autotuner runs
     only the fastest, which can hide a wrong config until another run picks it. ResNet-50 launches whose TMA
     tiles hold images at one output position (batch 256: a 3x3 and the strided 1x1, where two TMA configs
     were wrong from a 5-D box of x, see conv._usable; now 2-D tiles), boxes of several (batch 8), or pixels of a
-    GEMM view (a 1x1 of 16 reduction steps, 2-D tiles as well)."""
+    GEMM view (a 1x1 of 16 reduction steps, 2-D tiles as well; one of a single step, which the persistent
+    configs run too). The register-capped copies of the 128x128 tiles run on each (statistics)."""
     c, k, h, kernel_size, stride, padding = shape
     x, w, kw = _make(_case(c, k, h, kernel_size, stride, padding, BF16, True, "relu", "stats", n=n))
     launch = _launch_arguments(monkeypatch)

@@ -157,6 +157,7 @@ def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], maxnreg: Optional[
 # most compile without a spill (the prologue + statistics on the 3x3 convs spill 48-108 bytes). On layer1's
 # 64->256 1x1, one CTA an SM took the prologue + statistics variant from 0.227 ms to 0.634 (ncu, H200).
 _REGISTER_CAP = 128
+_PERSISTENT_PROLOGUE_CHANNELS = 128  # the widest reduction (two 64-channel steps) a persistent prologue runs
 
 
 _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
@@ -200,7 +201,11 @@ def _usable(config: dict, args: dict) -> bool:
     only where the dot reads x's tile from shared memory: launches without a prologue whose row tiles are a
     GEMM view's pixels or images at one output position (``_box`` (1, 1)); elsewhere the dot takes the tile
     from registers, and in the flattened loop ptxas then serialises every wgmma (C7515, sm_90; a box of several
-    positions and the prologue's transform both put the tile in registers). X_IN_L1 configs only where taps
+    positions and the prologue's transform both put the tile in registers). A GEMM view with the prologue may
+    run them too where its reduction takes one or two steps (Cg <= _PERSISTENT_PROLOGUE_CHANNELS): there the
+    serialised wgmma of a tile cost next to nothing, and the next tile's loads still overlap this one's
+    epilogue (layer1's 64->256 1x1 bare: 0.294 ms a program a tile, 0.149 persistent; H200). X_IN_L1 configs
+    only where taps
     overlap (R*S > 1: the next steps read most of this step's x again) and their hint holds: runs of 4 channels
     contiguous, which a flat (r, s, c) reduction has only with Cg a multiple of 4 (a false hint would load wrong
     elements). Every TMA config may run a prologue on a one-position launch, whose x tile comes from a 2-D
@@ -212,7 +217,9 @@ def _usable(config: dict, args: dict) -> bool:
     the capped copy compiles to the same kernel)."""
     if config.get("maxnreg") and not (args["PROLOGUE"] or args["COMPUTE_STATS"]):
         return False
-    if config["PERSISTENT"] and (args["PROLOGUE"] or not (args["GEMM_VIEW"] or _box(args) == (1, 1))):
+    if config["PERSISTENT"] and not (
+            args["GEMM_VIEW"] and (not args["PROLOGUE"] or args["Cg"] <= _PERSISTENT_PROLOGUE_CHANNELS)
+            or not args["PROLOGUE"] and _box(args) == (1, 1)):
         return False
     if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
         return False
