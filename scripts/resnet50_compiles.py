@@ -33,9 +33,9 @@ how long the compiles took either way.
 
 With ``--report FILE`` too, every kernel compiled now is audited from ptxas's own report of it: FILE gets one
 record per compile (the kernel, its constexprs, warps, stages and register cap, registers, spilled bytes,
-ptxas's warnings, shared memory), and the script prints the compiles that spill registers or whose wgmma ptxas serialised
-(warning C7515), grouped by kernel and config: what would slow a kernel on the GPU, found without one. Kernels
-the cache already held are not compiled, so not audited: build into an empty folder to audit them all.
+ptxas's warnings, shared memory), and the script prints the compiles that spill registers or whose wgmma ptxas
+serialised (warning C7515), grouped by kernel and config: what would slow a kernel on the GPU, found without one.
+Kernels the cache already held are not compiled, so not audited: build into an empty folder to audit them all.
 """
 
 import argparse

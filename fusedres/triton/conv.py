@@ -167,12 +167,12 @@ _CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4
                         X_IN_L1=True))
             + _configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
                        USE_TMA=True, PERSISTENT=0, X_IN_L1=False)
-            + ([] if _INTERPRET else  # persistent: x's tile from shared memory, no prologue (see _usable)
+            + ([] if _INTERPRET else  # persistent: x's tile from shared memory, or a short prologue (see _usable)
                _configs([(128, 64, 64, 4, 4)], USE_TMA=True, PERSISTENT=2, X_IN_L1=False)
                + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1, X_IN_L1=False))
-            + ([] if _INTERPRET else  # the 128x128 tiles capped at two CTAs an SM's registers (see _usable)
-               [c for use_tma in (False, True) for c in _configs([(128, 128, 64, 8, 3)], maxnreg=_REGISTER_CAP,
-                                                                 USE_TMA=use_tma, PERSISTENT=0, X_IN_L1=False)]))
+            + ([] if _INTERPRET else  # the 128x128 tiles capped for two CTAs an SM (_REGISTER_CAP, see _usable)
+               _configs([(128, 128, 64, 8, 3)], maxnreg=_REGISTER_CAP, USE_TMA=False, PERSISTENT=0, X_IN_L1=False)
+               + _configs([(128, 128, 64, 8, 3)], maxnreg=_REGISTER_CAP, USE_TMA=True, PERSISTENT=0, X_IN_L1=False)))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
@@ -205,16 +205,15 @@ def _usable(config: dict, args: dict) -> bool:
     run them too where its reduction takes one or two steps (Cg <= _PERSISTENT_PROLOGUE_CHANNELS): there the
     serialised wgmma of a tile cost next to nothing, and the next tile's loads still overlap this one's
     epilogue (layer1's 64->256 1x1 bare: 0.294 ms a program a tile, 0.149 persistent; H200). X_IN_L1 configs
-    only where taps
-    overlap (R*S > 1: the next steps read most of this step's x again) and their hint holds: runs of 4 channels
-    contiguous, which a flat (r, s, c) reduction has only with Cg a multiple of 4 (a false hint would load wrong
-    elements). Every TMA config may run a prologue on a one-position launch, whose x tile comes from a 2-D
-    descriptor of x's images (X_ROWS_2D) as a GEMM view's does: from the 5-D box, the 128x128 and 128x256 TMA
-    configs (8 warps) computed outputs 15-23x the tests' error bound there on an H200 (triton 3.6; ResNet-50's
-    3x3 launches at batch 256, and the strided 1x1 with 128x256), where the same tiles over a GEMM view were
-    right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md). Configs capped at _REGISTER_CAP registers only
-    on launches with the prologue or the statistics, the variants that take their tiles past the cap (elsewhere
-    the capped copy compiles to the same kernel)."""
+    only where taps overlap (R*S > 1: the next steps read most of this step's x again) and their hint holds: runs
+    of 4 channels contiguous, which a flat (r, s, c) reduction has only with Cg a multiple of 4 (a false hint
+    would load wrong elements). Every TMA config may run a prologue on a one-position launch, whose x tile comes
+    from a 2-D descriptor of x's images (X_ROWS_2D) as a GEMM view's does: from the 5-D box, the 128x128 and
+    128x256 TMA configs (8 warps) computed outputs 15-23x the tests' error bound there on an H200 (triton 3.6;
+    ResNet-50's 3x3 launches at batch 256, and the strided 1x1 with 128x256), where the same tiles over a GEMM
+    view were right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md). Configs capped at _REGISTER_CAP
+    registers only on launches with the prologue or the statistics, the variants that take their tiles past the
+    cap (elsewhere the capped copy compiles to the same kernel)."""
     if config.get("maxnreg") and not (args["PROLOGUE"] or args["COMPUTE_STATS"]):
         return False
     if config["PERSISTENT"] and not (
