@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -429,7 +430,24 @@ def conv_summary(rows: list[dict]) -> list[str]:
     return ["Targets (fwd, 1x1 and 3x3 convs): " + "; ".join(parts) + ".", conv_bwd_summary(rows),
             "First calls summed over the shapes (s): "
             + ", ".join(f"{n} {sum(v):.2f} ({len(v)} shapes)" for n, v in first.items()) + ".",
-            config_kinds_summary(rows)]
+            config_kinds_summary(rows), capped_configs_summary(rows)]
+
+
+def capped_configs_summary(rows: list[dict]) -> str:
+    """How the register-capped copies of the Triton conv's tiles (``maxnreg``) timed against the same tile
+    uncapped, over the keys the rows' first calls tuned where both ran: the autotuner's medians."""
+    ratios = []
+    for tuned in (t for r in rows for t in r.get("tuned", ()) if t["kernel"] == "_conv_kernel"):
+        for config, ms in tuned["ms"].items():
+            twin = tuned["ms"].get(re.sub(r" maxnreg=\d+$", "", config))
+            if " maxnreg=" in config and twin is not None and math.isfinite(ms) and math.isfinite(twin):
+                ratios.append(ms / twin)
+    if not ratios:
+        return "Register-capped tiles: none timed beside their uncapped twin in this run's first calls."
+    ratios.sort()
+    return (f"Register-capped tiles: timed beside their uncapped twin {len(ratios)} times, faster in "
+            f"{sum(ratio < 1 for ratio in ratios)} (time capped / uncapped: {ratios[0]:.2f}-{ratios[-1]:.2f}, "
+            f"median {statistics.median(ratios):.2f}).")
 
 
 def config_kinds_summary(rows: list[dict]) -> str:

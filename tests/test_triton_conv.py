@@ -1732,6 +1732,25 @@ def test_convs_benchmark_counts_the_kinds_of_config_chosen():
     assert "no key tuned" in config_kinds_summary([dict(), dict(tuned=[tuned("_wgrad_kernel", False)])])
 
 
+def test_convs_benchmark_compares_the_capped_tiles_with_their_twins():
+    """The convs level says how the register-capped tiles timed against the same tiles uncapped, key by key,
+    from the autotuner's medians (a config that failed times inf, and counts nowhere)."""
+    from benchmarks.convs import capped_configs_summary
+
+    def described(use_tma, maxnreg=None):
+        return autotuning.describe(triton.Config(dict(BLOCK_M=128, BLOCK_N=128, USE_TMA=use_tma), num_warps=8,
+                                                 num_stages=3, maxnreg=maxnreg))
+
+    timings = [{described(False): 0.6, described(False, 128): 0.3, described(True): 0.5},
+               {described(True): 0.2, described(True, 128): 0.25, described(False, 128): 0.1},  # no pointer twin
+               {described(False): float("inf"), described(False, 128): 0.4}]  # the twin failed
+    rows = [dict(tuned=[dict(kernel="_conv_kernel", ms=ms)]) for ms in timings]
+    rows.append(dict(tuned=[dict(kernel="_wgrad_kernel", ms={described(True): 1.0, described(True, 128): 0.1})]))
+    assert capped_configs_summary(rows) == ("Register-capped tiles: timed beside their uncapped twin 2 times, faster "
+                                            "in 1 (time capped / uncapped: 0.50-1.25, median 0.88).")
+    assert "none timed" in capped_configs_summary(rows[2:])
+
+
 def _config(block_m, block_n, block_k):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k})
 
