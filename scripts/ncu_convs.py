@@ -10,7 +10,8 @@ the range starts, so only the chosen config's launch (and the statistics' finish
 the 3x3 convs the bare conv also runs on each kind of pointer config alone: x copied by 16-byte copies through
 L2 ("pointer") and in 8-byte runs cached in L1 ("x in L1"; the memory section's L1 hit rate tells them apart).
 Every shape also runs the prologue with and without the statistics epilogue on one fixed config (pointer,
-128x128, 8 warps): what the statistics epilogue costs on the same tile. On the H200 it took layer1's 64->256
+128x128, 8 warps), uncapped and capped at 128 registers (two CTAs an SM): what the statistics epilogue costs on
+the same tile, and what the occupancy it loses does. On the H200 it took layer1's 64->256
 1x1 from 0.227 to 0.634 ms; cutting its column sums' shuffles from 216 to 40 a thread changed nothing
 (benchmarks/RESULTS.md), and b1cee7d moved its one load (the shift) before y's store: the warp-state section's
 stall reasons (gpu_check.sh prints them in ncu_convs_raw.csv) say where its warps wait. The stem's rows show
@@ -26,11 +27,12 @@ from fusedres.triton import conv
 
 
 class ConfigSubset:
-    """A subset of the Triton conv's configs with its own autotuning cache: a call run through it tunes its key
-    among those configs only (the kernel's own configs and cache are back after each call)."""
+    """A subset of the Triton conv's configs (``keep(config.all_kwargs())``) with its own autotuning cache: a call
+    run through it tunes its key among those configs only (the kernel's own configs and cache are back after
+    each call)."""
 
     def __init__(self, keep):
-        self.configs = [c for c in conv._conv_kernel.configs if keep(c.kwargs)]
+        self.configs = [c for c in conv._conv_kernel.configs if keep(c.all_kwargs())]
         self.cache: dict = {}
 
     def run(self, call):
@@ -69,12 +71,14 @@ def main() -> None:
             "triton prologue+stats": lambda x=x, w=w, args=args, scale=scale, shift=shift: conv.conv2d_fused(
                 x, w, **args, in_scale=scale, in_shift=shift, compute_stats=True),
         }
-        fixed = ConfigSubset(lambda c: (not c["USE_TMA"] and not c["X_IN_L1"] and c["BLOCK_M"] == 128
-                                        and c["BLOCK_N"] == 128))
-        for stats in (False, True):
-            variants[f"triton prologue{'+stats' if stats else ''}, pointer 128x128"] = (
-                lambda x=x, w=w, args=args, scale=scale, shift=shift, stats=stats, fixed=fixed: fixed.run(
-                    lambda: conv.conv2d_fused(x, w, **args, in_scale=scale, in_shift=shift, compute_stats=stats)))
+        for cap in (None, conv._REGISTER_CAP):
+            fixed = ConfigSubset(lambda c, cap=cap: (not c["USE_TMA"] and not c["X_IN_L1"] and c["BLOCK_M"] == 128
+                                                     and c["BLOCK_N"] == 128 and c.get("maxnreg") == cap))
+            for stats in (False, True):
+                variants[f"triton prologue{'+stats' if stats else ''}, pointer 128x128"
+                         + (f" maxnreg={cap}" if cap else "")] = (
+                    lambda x=x, w=w, args=args, scale=scale, shift=shift, stats=stats, fixed=fixed: fixed.run(
+                        lambda: conv.conv2d_fused(x, w, **args, in_scale=scale, in_shift=shift, compute_stats=stats)))
         if r > 1:
             for kind, x_in_l1 in (("pointer", False), ("x in L1", True)):
                 subset = ConfigSubset(lambda c, x_in_l1=x_in_l1: not c["USE_TMA"] and c["X_IN_L1"] == x_in_l1)
