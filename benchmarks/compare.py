@@ -26,7 +26,7 @@ def _chosen(row: dict) -> str:
     if not tuned:
         return ""
     best = tuned[0]["best"]
-    for default in (" X_IN_L1=False", " PERSISTENT=0", " BOX_H=1 BOX_W=1", " BLOCK_K=64"):
+    for default in (" X_IN_L1=False", " CHANNEL_ROWS=False", " PERSISTENT=0", " BOX_H=1 BOX_W=1", " BLOCK_K=64"):
         best = best.replace(default, "")
     return best.replace("BLOCK_M=", "").replace(" BLOCK_N=", "x").replace("USE_TMA=True", "tma").replace(
         "USE_TMA=False", "ptr")

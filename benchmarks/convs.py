@@ -430,24 +430,34 @@ def conv_summary(rows: list[dict]) -> list[str]:
     return ["Targets (fwd, 1x1 and 3x3 convs): " + "; ".join(parts) + ".", conv_bwd_summary(rows),
             "First calls summed over the shapes (s): "
             + ", ".join(f"{n} {sum(v):.2f} ({len(v)} shapes)" for n, v in first.items()) + ".",
-            config_kinds_summary(rows), capped_configs_summary(rows)]
+            config_kinds_summary(rows), *twin_configs_summary(rows)]
 
 
-def capped_configs_summary(rows: list[dict]) -> str:
-    """How the register-capped copies of the Triton conv's tiles (``maxnreg``) timed against the same tile
-    uncapped, over the keys the rows' first calls tuned where both ran: the autotuner's medians."""
-    ratios = []
-    for tuned in (t for r in rows for t in r.get("tuned", ()) if t["kernel"] == "_conv_kernel"):
-        for config, ms in tuned["ms"].items():
-            twin = tuned["ms"].get(re.sub(r" maxnreg=\d+$", "", config))
-            if " maxnreg=" in config and twin is not None and math.isfinite(ms) and math.isfinite(twin):
-                ratios.append(ms / twin)
-    if not ratios:
-        return "Register-capped tiles: none timed beside their uncapped twin in this run's first calls."
-    ratios.sort()
-    return (f"Register-capped tiles: timed beside their uncapped twin {len(ratios)} times, faster in "
-            f"{sum(ratio < 1 for ratio in ratios)} (time capped / uncapped: {ratios[0]:.2f}-{ratios[-1]:.2f}, "
-            f"median {statistics.median(ratios):.2f}).")
+# configs the Triton conv's autotuner times beside a twin that differs in one setting: (what tells them, the twin's)
+_TWINS = {"Register-capped tiles": (r" maxnreg=\d+$", ""),
+          "Tiles of channels as rows (CHANNEL_ROWS)": (r"CHANNEL_ROWS=True", "CHANNEL_ROWS=False")}
+
+
+def twin_configs_summary(rows: list[dict]) -> list[str]:
+    """How each kind of config in _TWINS (register-capped tiles, CHANNEL_ROWS tiles) timed against its twin, the
+    same tile without that setting, over the keys the rows' first calls tuned where both ran: the autotuner's
+    medians (a config that failed times inf, and counts nowhere)."""
+    lines = []
+    for label, (pattern, twin_setting) in _TWINS.items():
+        ratios = []
+        for tuned in (t for r in rows for t in r.get("tuned", ()) if t["kernel"] == "_conv_kernel"):
+            for config, ms in tuned["ms"].items():
+                twin = tuned["ms"].get(re.sub(pattern, twin_setting, config))
+                if re.search(pattern, config) and twin is not None and math.isfinite(ms) and math.isfinite(twin):
+                    ratios.append(ms / twin)
+        if not ratios:
+            lines.append(f"{label}: none timed beside their twin in this run's first calls.")
+            continue
+        ratios.sort()
+        lines.append(f"{label}: timed beside their twin {len(ratios)} times, faster in "
+                     f"{sum(ratio < 1 for ratio in ratios)} (time / twin's: {ratios[0]:.2f}-{ratios[-1]:.2f}, "
+                     f"median {statistics.median(ratios):.2f}).")
+    return lines
 
 
 def config_kinds_summary(rows: list[dict]) -> str:
@@ -459,6 +469,8 @@ def config_kinds_summary(rows: list[dict]) -> str:
     persistent = sum("USE_TMA=True" in best and "PERSISTENT=0" not in best for best in chosen)
     x_in_l1 = sum("X_IN_L1=True" in best for best in chosen)
     capped = sum("maxnreg=" in best for best in chosen)
+    channel_rows = sum("CHANNEL_ROWS=True" in best for best in chosen)
     return (f"Triton conv autotuning (forward and input-gradient keys tuned in this run): TMA configs chosen for "
             f"{tma} of {len(chosen)} ({persistent} persistent), pointer configs for the rest ({x_in_l1} caching x "
-            f"in L1); {capped} with registers capped; every config's time in results.json (rows' `tuned`).")
+            f"in L1); {capped} with registers capped, {channel_rows} with channels as rows; every config's time in "
+            "results.json (rows' `tuned`).")

@@ -43,6 +43,7 @@ def _name(config) -> str:
     kind = "tma" if kw["USE_TMA"] else "ptr"
     kind += f"+persistent{kw['PERSISTENT']}" if kw["PERSISTENT"] else ""
     kind += "+L1" if kw["X_IN_L1"] else ""
+    kind += "+rows" if kw["CHANNEL_ROWS"] else ""
     kind += f"+maxnreg{config.maxnreg}" if config.maxnreg else ""
     return f"{kind} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
 

@@ -10,8 +10,9 @@ the range starts, so only the chosen config's launch (and the statistics' finish
 the 3x3 convs the bare conv also runs on each kind of pointer config alone: x copied by 16-byte copies through
 L2 ("pointer") and in 8-byte runs cached in L1 ("x in L1"; the memory section's L1 hit rate tells them apart).
 Every shape also runs the prologue with and without the statistics epilogue on one fixed config (pointer,
-128x128, 8 warps), uncapped and capped at 128 registers (two CTAs an SM): what the statistics epilogue costs on
-the same tile, and what the occupancy it loses does. On the H200 it took layer1's 64->256
+128x128, 8 warps), uncapped and capped at 128 registers (two CTAs an SM), and on the 1x1 convs with the
+statistics also as a CHANNEL_ROWS tile (capped): what the statistics epilogue costs on the same tile, what the
+occupancy it loses does, and what summing a channel within a warp saves. On the H200 it took layer1's 64->256
 1x1 from 0.227 to 0.634 ms; cutting its column sums' shuffles from 216 to 40 a thread changed nothing
 (benchmarks/RESULTS.md), and b1cee7d moved its one load (the shift) before y's store: the warp-state section's
 stall reasons (gpu_check.sh prints them in ncu_convs_raw.csv) say where its warps wait. The stem's rows show
@@ -71,12 +72,15 @@ def main() -> None:
             "triton prologue+stats": lambda x=x, w=w, args=args, scale=scale, shift=shift: conv.conv2d_fused(
                 x, w, **args, in_scale=scale, in_shift=shift, compute_stats=True),
         }
-        for cap in (None, conv._REGISTER_CAP):
-            fixed = ConfigSubset(lambda c, cap=cap: (not c["USE_TMA"] and not c["X_IN_L1"] and c["BLOCK_M"] == 128
-                                                     and c["BLOCK_N"] == 128 and c.get("maxnreg") == cap))
-            for stats in (False, True):
+        for cap, rows in ((None, False), (conv._REGISTER_CAP, False), (conv._REGISTER_CAP, True)):
+            fixed = ConfigSubset(lambda c, cap=cap, rows=rows: (
+                not c["USE_TMA"] and not c["X_IN_L1"] and c["BLOCK_M"] == 128 and c["BLOCK_N"] == 128
+                and c.get("maxnreg") == cap and c["CHANNEL_ROWS"] == rows))
+            for stats in ((True,) if rows else (False, True)):  # channel rows: 1x1 convs' statistics only
+                if rows and r > 1:
+                    continue
                 variants[f"triton prologue{'+stats' if stats else ''}, pointer 128x128"
-                         + (f" maxnreg={cap}" if cap else "")] = (
+                         + (f" maxnreg={cap}" if cap else "") + (" channel rows" if rows else "")] = (
                     lambda x=x, w=w, args=args, scale=scale, shift=shift, stats=stats, fixed=fixed: fixed.run(
                         lambda: conv.conv2d_fused(x, w, **args, in_scale=scale, in_shift=shift, compute_stats=stats)))
         if r > 1:

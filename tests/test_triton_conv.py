@@ -518,7 +518,7 @@ def test_persistent_configs_run_only_where_the_dot_reads_x_from_shared_memory():
     configs, but for a GEMM view with the prologue whose reduction takes at most two steps (serialised, a tile's
     few wgmma cost next to nothing). A GEMM view's pixels and images at one output position, without a
     prologue, may run them."""
-    persistent = dict(USE_TMA=True, PERSISTENT=1, X_IN_L1=False, BLOCK_M=128, BLOCK_N=128)
+    persistent = dict(USE_TMA=True, PERSISTENT=1, X_IN_L1=False, CHANNEL_ROWS=False, BLOCK_M=128, BLOCK_N=128)
     gemm, one_position, several = dict(N=50176, P=1, Q=1), dict(N=256, P=14, Q=14), dict(N=8, P=14, Q=14)
     short_gemm = dict(gemm, Cg=conv._PERSISTENT_PROLOGUE_CHANNELS)  # layer2's 128->512: two steps
     long_gemm = dict(gemm, Cg=2 * conv._PERSISTENT_PROLOGUE_CHANNELS)
@@ -541,13 +541,51 @@ def test_register_capped_configs_run_only_launches_with_the_prologue_or_the_stat
     else:
         assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg, c.kwargs["USE_TMA"])
                 for c in capped} == {(128, 128, 8, 128, False), (128, 128, 8, 128, True)}
-    config = dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False, BLOCK_M=128, BLOCK_N=128, num_warps=8)
+    config = dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False, CHANNEL_ROWS=False, BLOCK_M=128, BLOCK_N=128,
+                  num_warps=8)
     for prologue, stats, usable in ((True, False, True), (False, True, True), (True, True, True),
                                     (False, False, False)):
         launch = dict(TMA_OK=False, PROLOGUE=prologue, COMPUTE_STATS=stats, GEMM_VIEW=False, N=8, P=14, Q=14, R=3,
                       S=3, FLAT_K=False, Cg=64)
         assert conv._usable(dict(config, maxnreg=conv._REGISTER_CAP), launch) == usable, launch
         assert conv._usable(config, launch)
+
+
+def test_channel_rows_configs_run_only_gemm_views_with_the_forward_statistics():
+    """The CHANNEL_ROWS configs (the tile computed as its transpose, so that a channel's statistics sum within a
+    warp) run where those statistics are the forward's on a GEMM view (a 1x1 conv's training forward, with or
+    without the prologue); not the input gradient's, a conv of other taps, or a launch without statistics."""
+    rows = [c for c in conv._conv_kernel.configs if c.kwargs["CHANNEL_ROWS"]]
+    assert not rows if conv._INTERPRET else len(rows) == 4
+    config = dict(USE_TMA=True, PERSISTENT=0, X_IN_L1=False, CHANNEL_ROWS=True, BLOCK_M=128, BLOCK_N=128)
+    gemm, one_position = dict(GEMM_VIEW=True, N=50176, P=1, Q=1, R=1, S=1), dict(GEMM_VIEW=False, N=256, P=14,
+                                                                                  Q=14, R=3, S=3)
+    for sizes, prologue, stats, grad, usable in ((gemm, True, True, False, True), (gemm, False, True, False, True),
+                                                 (gemm, False, True, True, False), (gemm, True, False, False, False),
+                                                 (one_position, True, True, False, False)):
+        launch = dict(TMA_OK=True, PROLOGUE=prologue, COMPUTE_STATS=stats, PROLOGUE_GRAD=grad, FLAT_K=False, Cg=64,
+                      **sizes)
+        assert conv._usable(config, launch) == usable, launch
+        assert conv._usable(dict(config, CHANNEL_ROWS=False), launch)
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_channel_rows_configs_compute_the_statistics_right(use_tma, monkeypatch):
+    """A CHANNEL_ROWS config (the interpreter's tile, computed as (channels, positions) and transposed back) on
+    1x1 convs run as GEMMs with the statistics, with and without the prologue, a channel tail and rows past M:
+    every output and statistic right."""
+    kernel = conv._conv_kernel
+    tile = next(c for c in kernel.configs if c.kwargs["USE_TMA"] == use_tma and not c.kwargs["PERSISTENT"])
+    rows = triton.Config(dict(tile.kwargs, CHANNEL_ROWS=True), num_warps=tile.num_warps, num_stages=tile.num_stages)
+    monkeypatch.setattr(kernel, "configs", [rows])
+    monkeypatch.setattr(kernel, "cache", {})
+    for case in (_case(24, 32, 5, 1, 1, 0, BF16, True, "relu", "stats", n=3),
+                 _case(32, 40, 7, 1, 1, 0, F16, True, "none", "stats")):
+        x, w, kw = _make(case)
+        out, mean, var = conv.conv2d_fused(x, w, **kw)
+        assert kernel.best_config.kwargs["CHANNEL_ROWS"]
+        _check_out(out, x, w, kw, str(case))
+        _check_stats(out, mean, var)
 
 
 def test_one_position_prologue_launches_may_run_every_tma_tile():
@@ -562,7 +600,8 @@ def test_one_position_prologue_launches_may_run_every_tma_tile():
             ((128, 64), True, False, one_position), ((256, 64), True, False, one_position),
             ((128, 256), False, False, one_position), ((128, 256), True, True, one_position),
             ((128, 256), True, False, several)):
-        config = dict(USE_TMA=True, PERSISTENT=0, X_IN_L1=False, BLOCK_M=block_m, BLOCK_N=block_n)
+        config = dict(USE_TMA=True, PERSISTENT=0, X_IN_L1=False, CHANNEL_ROWS=False, BLOCK_M=block_m,
+                      BLOCK_N=block_n)
         launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view, **sizes)
         assert conv._usable(config, launch), (config, launch)
 
@@ -576,8 +615,8 @@ def test_x_in_l1_configs_run_only_convs_whose_taps_overlap(taps, flat_k, cg, usa
     channels contiguous in runs of 4. A flat (r, s, c) reduction has those only with Cg a multiple of 4; a false
     hint would load wrong elements. Every other config may run these launches."""
     launch = dict(TMA_OK=False, PROLOGUE=False, GEMM_VIEW=False, R=taps[0], S=taps[1], FLAT_K=flat_k, Cg=cg)
-    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=True), launch) == usable
-    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False), launch)
+    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=True, CHANNEL_ROWS=False), launch) == usable
+    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False, CHANNEL_ROWS=False), launch)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="test_gpu_x_in_l1_configs_match_the_reference runs them compiled")
@@ -1315,6 +1354,25 @@ def test_register_capped_tiles_compile_without_spilling(launch, variants):
         assert variant["registers"] <= conv._REGISTER_CAP and variant["spill_bytes"] == 0, (name, found)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_channel_rows_tiles_sum_the_statistics_without_crossing_warps(use_tma):
+    """On layer1's 64->256 1x1 as a GEMM view (bf16, 128x128 tiles), the statistics variants (with and without
+    the prologue) of the CHANNEL_ROWS tile sum each channel within a thread and its lane quad: at most 16
+    shuffles a thread where the tile of positions as rows takes over 200 (the column sums' butterflies), and
+    nothing spilled (sm_90 ptxas; the pointer tile as configured, capped at 128 registers)."""
+    variants = ("prologue+stats", "stats")
+    tile = dict(USE_TMA=use_tma, BLOCK_M=128, BLOCK_N=128, PERSISTENT=0, X_IN_L1=False)
+    found = {channel_rows: _compile_for_sm90(
+        dict(tile, CHANNEL_ROWS=channel_rows, **({} if use_tma or not channel_rows else {"maxnreg": 128})),
+        LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES, variants, taps=1, gemm_view=True)
+        for channel_rows in (False, True)}
+    for name in variants:
+        rows, positions = found[True]["variants"][name], found[False]["variants"][name]
+        assert rows["shuffles"] <= 16 < 200 < positions["shuffles"], (name, rows, positions)
+        assert rows["spill_bytes"] == 0 and rows["wgmma"] > 0, (name, found[True])
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts compiles behind the CPU's stand-in driver")
 def test_compiles_script_counts_a_resnet50_inference():
     """scripts/resnet50_compiles.py (README, benchmarks/RESULTS.md) runs the converted ResNet-50's convs through
@@ -1393,9 +1451,9 @@ compile_without_launching(kernel, partials._finish_partials_kernel)
 x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 w = torch.randn(out_channels, 64, 3, 3, dtype=torch.bfloat16)
 conv.conv2d_fused(x, w, padding=(1, 1), in_scale=torch.ones(64), in_shift=torch.zeros(64), compute_stats=True)
-# this 3x3 conv with a prologue may not run the persistent configs (conv._usable)
+# this 3x3 conv with a prologue may not run the persistent configs, nor the CHANNEL_ROWS ones (conv._usable)
 print(json.dumps(dict(compiles=compiles, all_block_ns=[c.kwargs["BLOCK_N"] for c in conv._CONFIGS
-                                                       if not c.kwargs["PERSISTENT"]],
+                                                       if not c.kwargs["PERSISTENT"] and not c.kwargs["CHANNEL_ROWS"]],
                       best_block_n=kernel.best_config.kwargs["BLOCK_N"])))
 """
 
@@ -1728,27 +1786,33 @@ def test_convs_benchmark_counts_the_kinds_of_config_chosen():
     assert rows[2]["tuned"][0]["best"].endswith(" warps=8 stages=3 maxnreg=128")
     assert rows[0]["tuned"][0]["best"].endswith(" warps=8 stages=3")
     assert ("TMA configs chosen for 2 of 4 (1 persistent), pointer configs for the rest (1 caching x in L1); 1 with "
-            "registers capped;" in config_kinds_summary(rows))
+            "registers capped, 0 with channels as rows;" in config_kinds_summary(rows))
     assert "no key tuned" in config_kinds_summary([dict(), dict(tuned=[tuned("_wgrad_kernel", False)])])
 
 
-def test_convs_benchmark_compares_the_capped_tiles_with_their_twins():
-    """The convs level says how the register-capped tiles timed against the same tiles uncapped, key by key,
-    from the autotuner's medians (a config that failed times inf, and counts nowhere)."""
-    from benchmarks.convs import capped_configs_summary
+def test_convs_benchmark_compares_capped_and_channel_rows_tiles_with_their_twins():
+    """The convs level says how the register-capped tiles and the CHANNEL_ROWS tiles timed against their twins (the
+    same tile uncapped, or with positions as rows), key by key, from the autotuner's medians (a config that failed
+    times inf, and counts nowhere)."""
+    from benchmarks.convs import twin_configs_summary
 
-    def described(use_tma, maxnreg=None):
-        return autotuning.describe(triton.Config(dict(BLOCK_M=128, BLOCK_N=128, USE_TMA=use_tma), num_warps=8,
-                                                 num_stages=3, maxnreg=maxnreg))
+    def described(use_tma, maxnreg=None, channel_rows=False):
+        return autotuning.describe(triton.Config(dict(BLOCK_M=128, BLOCK_N=128, USE_TMA=use_tma,
+                                                      CHANNEL_ROWS=channel_rows), num_warps=8, num_stages=3,
+                                                 maxnreg=maxnreg))
 
-    timings = [{described(False): 0.6, described(False, 128): 0.3, described(True): 0.5},
-               {described(True): 0.2, described(True, 128): 0.25, described(False, 128): 0.1},  # no pointer twin
+    timings = [{described(False): 0.6, described(False, 128): 0.3, described(True): 0.5,
+                described(True, channel_rows=True): 0.4},
+               {described(True): 0.2, described(True, 128): 0.25, described(False, 128): 0.1,  # no pointer twin
+                described(True, channel_rows=True): 0.3},
                {described(False): float("inf"), described(False, 128): 0.4}]  # the twin failed
     rows = [dict(tuned=[dict(kernel="_conv_kernel", ms=ms)]) for ms in timings]
     rows.append(dict(tuned=[dict(kernel="_wgrad_kernel", ms={described(True): 1.0, described(True, 128): 0.1})]))
-    assert capped_configs_summary(rows) == ("Register-capped tiles: timed beside their uncapped twin 2 times, faster "
-                                            "in 1 (time capped / uncapped: 0.50-1.25, median 0.88).")
-    assert "none timed" in capped_configs_summary(rows[2:])
+    assert twin_configs_summary(rows) == [
+        "Register-capped tiles: timed beside their twin 2 times, faster in 1 (time / twin's: 0.50-1.25, median 0.88).",
+        "Tiles of channels as rows (CHANNEL_ROWS): timed beside their twin 2 times, faster in 1 (time / twin's: "
+        "0.80-1.50, median 1.15)."]
+    assert all("none timed" in line for line in twin_configs_summary(rows[2:]))
 
 
 def _config(block_m, block_n, block_k):

@@ -268,7 +268,7 @@ for name, flags in spec["variants"].items():
                        wgmma_a_in_registers=len(re.findall(r"wgmma\\.mma_async[^;]*\\}, \\{", ptx)),
                        ld_global=ptx.count("ld.global"), st_shared=ptx.count("st.shared"),
                        ld_global_after_st_global=ptx.partition("st.global")[2].count("ld.global"),
-                       max_nan=ptx.count("max.NaN.f32"),
+                       max_nan=ptx.count("max.NaN.f32"), shuffles=ptx.count("shfl.sync"),
                        step_divisions=sum(bool(re.search(r"\\b(div|rem)\\.[su](32|64)\\b", line))
                                           for line in step),
                        shared=kernel.metadata.shared, ptxas_log=report)
@@ -286,12 +286,12 @@ def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: d
     (constexpr flags added to ``consts``), what the PTX holds: wgmma (Hopper's warpgroup MMA;
     wgmma_a_in_registers: those whose A operand is in registers, not read from shared memory), cp_async
     (asynchronous copies into shared memory; cp_async_l1_8_bytes: those of 8 bytes cached in L1,
-    cp.async.ca), tma (tensor copies; tma_2d: those of 2-D tiles), ld_global, st_shared and max_nan (fp32
-    NaN-propagating maximum) instruction counts, ld_global_after_st_global (global loads after the first
-    global store, in the PTX's order), step_divisions (integer divisions and remainders in the reduction loop,
-    the one around the first wgmma), the shared memory in bytes, and what ptxas reports (``ptxas_findings``:
-    registers, spill_bytes, warnings, C7515 being a serialised wgmma); with the config's stages and block
-    sizes."""
+    cp.async.ca), tma (tensor copies; tma_2d: those of 2-D tiles), ld_global, st_shared, max_nan (fp32
+    NaN-propagating maximum) and shuffles (shfl.sync) instruction counts, ld_global_after_st_global (global
+    loads after the first global store, in the PTX's order), step_divisions (integer divisions and remainders in
+    the reduction loop, the one around the first wgmma), the shared memory in bytes, and what ptxas reports
+    (``ptxas_findings``: registers, spill_bytes, warnings, C7515 being a serialised wgmma); with the config's
+    stages and block sizes."""
     spec = dict(module=module, kernel=kernel, config=config, ints=ints, consts=consts, variants=variants,
                 bf16_pointers=list(bf16_pointers))
     done = compile_for_sm90(_LAUNCH_LIKE_SCRIPT, json.dumps(spec))

@@ -105,7 +105,14 @@ of an fp32 workspace (2, rows, K); every row is written by exactly one program, 
 zero-fill are needed, and one more launch (``partials.finish``, rows added in a fixed order, so
 deterministic) turns them into mean = shift + sum(d)/M and var = sum(d*d)/M - (sum(d)/M)^2, where torch
 took five small ops. Any shift gives these up to rounding; one near the mean (a
-BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std.
+BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std. On the tensor cores'
+accumulator layout a column's values lie across the lanes and warps of the tile's rows, so these column sums
+took shuffles and a reduction across warps through shared memory (2088 sm_90 instructions a thread against the
+prologue variant's 960 on layer1's 64->256 1x1, TMA 128x128). CHANNEL_ROWS configs compute the tile as its
+transpose, (channels, positions) = w^T x^T, and transpose it back (a change of layout, no data moved): a
+channel's values then lie in one warp, its sums within a thread and its lane quad (1424 instructions; 8
+shuffles a thread where there were 216). The dot then takes x's tile from shared memory, so with the prologue
+the transformed tile goes there and back each step: the autotuner times both on GEMM views with statistics.
 
 The same kernel runs the input side of the training backward (PROLOGUE_GRAD; see conv_dgrad.py): the
 unit input x is read where a residual would be, and the epilogue applies the prologue's ReLU mask and
@@ -160,19 +167,30 @@ _REGISTER_CAP = 128
 _PERSISTENT_PROLOGUE_CHANNELS = 128  # the widest reduction (two 64-channel steps) a persistent prologue runs
 
 
-_CONFIGS = (_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                      (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], USE_TMA=False, PERSISTENT=0, X_IN_L1=False)
+def _conv_configs(gpu_tiles: list[tuple[int, int, int, int, int]], *, use_tma: bool, persistent: int = 0,
+                  x_in_l1: bool = False, channel_rows: bool = False, maxnreg: Optional[int] = None) -> list:
+    """``_configs`` with the conv kernel's config flags (see _conv_kernel's arguments and _usable)."""
+    return _configs(gpu_tiles, maxnreg=maxnreg, USE_TMA=use_tma, PERSISTENT=persistent, X_IN_L1=x_in_l1,
+                    CHANNEL_ROWS=channel_rows)
+
+
+_CONFIGS = (_conv_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                           (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], use_tma=False)
             + ([] if _INTERPRET else  # x cached in L1: convs of several taps (see _usable)
-               _configs([(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)], USE_TMA=False, PERSISTENT=0,
-                        X_IN_L1=True))
-            + _configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
-                       USE_TMA=True, PERSISTENT=0, X_IN_L1=False)
+               _conv_configs([(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)], use_tma=False,
+                             x_in_l1=True))
+            + _conv_configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+                            use_tma=True)
             + ([] if _INTERPRET else  # persistent: x's tile from shared memory, or a short prologue (see _usable)
-               _configs([(128, 64, 64, 4, 4)], USE_TMA=True, PERSISTENT=2, X_IN_L1=False)
-               + _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], USE_TMA=True, PERSISTENT=1, X_IN_L1=False))
+               _conv_configs([(128, 64, 64, 4, 4)], use_tma=True, persistent=2)
+               + _conv_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], use_tma=True, persistent=1))
             + ([] if _INTERPRET else  # the 128x128 tiles capped for two CTAs an SM (_REGISTER_CAP, see _usable)
-               _configs([(128, 128, 64, 8, 3)], maxnreg=_REGISTER_CAP, USE_TMA=False, PERSISTENT=0, X_IN_L1=False)
-               + _configs([(128, 128, 64, 8, 3)], maxnreg=_REGISTER_CAP, USE_TMA=True, PERSISTENT=0, X_IN_L1=False)))
+               _conv_configs([(128, 128, 64, 8, 3)], use_tma=False, maxnreg=_REGISTER_CAP)
+               + _conv_configs([(128, 128, 64, 8, 3)], use_tma=True, maxnreg=_REGISTER_CAP))
+            + ([] if _INTERPRET else  # channels as the tile's rows: GEMM views' statistics (see the module docstring)
+               _conv_configs([(256, 128, 64, 8, 3)], use_tma=False, channel_rows=True)
+               + _conv_configs([(128, 128, 64, 8, 3)], use_tma=False, channel_rows=True, maxnreg=_REGISTER_CAP)
+               + _conv_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], use_tma=True, channel_rows=True)))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
 # output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
 _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
@@ -213,8 +231,12 @@ def _usable(config: dict, args: dict) -> bool:
     ResNet-50's 3x3 launches at batch 256, and the strided 1x1 with 128x256), where the same tiles over a GEMM
     view were right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md). Configs capped at _REGISTER_CAP
     registers only on launches with the prologue or the statistics, the variants that take their tiles past the
-    cap (elsewhere the capped copy compiles to the same kernel)."""
+    cap (elsewhere the capped copy compiles to the same kernel). CHANNEL_ROWS configs only on GEMM views with the
+    forward's statistics, whose column sums they make cheap (see the module docstring); not the input gradient's,
+    whose epilogue loads tiles on column sub-tiles."""
     if config.get("maxnreg") and not (args["PROLOGUE"] or args["COMPUTE_STATS"]):
+        return False
+    if config["CHANNEL_ROWS"] and not (args["GEMM_VIEW"] and args["COMPUTE_STATS"] and not args["PROLOGUE_GRAD"]):
         return False
     if config["PERSISTENT"] and not (
             args["GEMM_VIEW"] and (not args["PROLOGUE"] or args["Cg"] <= _PERSISTENT_PROLOGUE_CHANNELS)
@@ -257,6 +279,7 @@ def _conv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,  # 0: a program per output tile; else PERSISTENT programs per SM take the tiles in turn
     X_IN_L1: tl.constexpr,  # pointer configs: x's tiles by 8-byte copies, cached in L1 (see _usable)
+    CHANNEL_ROWS: tl.constexpr,  # the tile computed as (channels, positions): see the module docstring
 ):
     g = tl.program_id(1)
     ONE_POSITION: tl.constexpr = USE_TMA and BOX_H * BOX_W == 1 and not GEMM_VIEW  # TMA rows: images at one (p, q)
@@ -325,7 +348,7 @@ def _conv_kernel(
         col_mask = cols < Kg
         w_cols = w_ptr + g.to(tl.int64) * (R * S * Cg * Kg) + cols[None, :]
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if CHANNEL_ROWS else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         c_blocks = tl.cdiv(Cg, BLOCK_K)
         if FLAT_K:
             steps = tl.cdiv(R * S * Cg, BLOCK_K)
@@ -400,7 +423,10 @@ def _conv_kernel(
             if _UPCAST_DOT:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=_DOT_PRECISION)
+            if CHANNEL_ROWS:
+                acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=_DOT_PRECISION)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=_DOT_PRECISION)
             # TMA configs: the next channel block, else the next tap, without dividing step by the runtime
             # c_blocks, which took 34 of the bare step's 127 sm_90 instructions (layer1 3x3). The pointer configs
             # divide: counting saved them 23-30 of 377-855 but pushed X_IN_L1 ones to spill (triton 3.8)
@@ -413,6 +439,8 @@ def _conv_kernel(
         # an epilogue that loads a tile (the residual, or PROLOGUE_GRAD's unit input) runs on column sub-tiles
         # of _EPILOGUE_COLUMNS: whole (BLOCK_M, BLOCK_N) tiles of offsets, masks and loaded values spilled
         # registers in every 128-row config from BLOCK_N = 64 up (ptxas -v, sm_90)
+        if CHANNEL_ROWS:
+            acc = tl.trans(acc)  # (positions, channels) again, on the transposed layout
         EPILOGUE_PARTS: tl.constexpr = BLOCK_N // _EPILOGUE_COLUMNS if HAS_RESIDUAL or PROLOGUE_GRAD else 1
         _epilogue(acc, g * Kg + cols, col_mask, row_mask,
                   n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq,
