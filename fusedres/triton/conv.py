@@ -436,11 +436,11 @@ def _conv_kernel(
                 rs += next_tap.to(tl.int32)
                 c0 = tl.where(next_tap, 0, c0)
 
+        if CHANNEL_ROWS:
+            acc = tl.trans(acc)  # (positions, channels) again, on the transposed layout
         # an epilogue that loads a tile (the residual, or PROLOGUE_GRAD's unit input) runs on column sub-tiles
         # of _EPILOGUE_COLUMNS: whole (BLOCK_M, BLOCK_N) tiles of offsets, masks and loaded values spilled
         # registers in every 128-row config from BLOCK_N = 64 up (ptxas -v, sm_90)
-        if CHANNEL_ROWS:
-            acc = tl.trans(acc)  # (positions, channels) again, on the transposed layout
         EPILOGUE_PARTS: tl.constexpr = BLOCK_N // _EPILOGUE_COLUMNS if HAS_RESIDUAL or PROLOGUE_GRAD else 1
         _epilogue(acc, g * Kg + cols, col_mask, row_mask,
                   n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq,
