@@ -72,13 +72,14 @@ def main() -> None:
             "triton prologue+stats": lambda x=x, w=w, args=args, scale=scale, shift=shift: conv.conv2d_fused(
                 x, w, **args, in_scale=scale, in_shift=shift, compute_stats=True),
         }
-        for cap, rows in ((None, False), (conv._REGISTER_CAP, False), (conv._REGISTER_CAP, True)):
+        fixed_tiles = [(None, False), (conv._REGISTER_CAP, False)]  # (register cap, CHANNEL_ROWS)
+        if (r, stride) == (1, 1):  # a GEMM view, whose statistics may run a CHANNEL_ROWS tile
+            fixed_tiles.append((conv._REGISTER_CAP, True))
+        for cap, rows in fixed_tiles:
             fixed = ConfigSubset(lambda c, cap=cap, rows=rows: (
                 not c["USE_TMA"] and not c["X_IN_L1"] and c["BLOCK_M"] == 128 and c["BLOCK_N"] == 128
                 and c.get("maxnreg") == cap and c["CHANNEL_ROWS"] == rows))
-            for stats in ((True,) if rows else (False, True)):  # channel rows: 1x1 convs' statistics only
-                if rows and r > 1:
-                    continue
+            for stats in ((True,) if rows else (False, True)):
                 variants[f"triton prologue{'+stats' if stats else ''}, pointer 128x128"
                          + (f" maxnreg={cap}" if cap else "") + (" channel rows" if rows else "")] = (
                     lambda x=x, w=w, args=args, scale=scale, shift=shift, stats=stats, fixed=fixed: fixed.run(

@@ -478,6 +478,17 @@ def test_one_position_boxes_compute_the_conv(case, monkeypatch):
         assert set(boxes) == {(1, 1)}, boxes
 
 
+def _run_only(monkeypatch, tile, **flags) -> triton.Config:
+    """Make the conv kernel autotune among one config alone, with a fresh tuning cache: ``tile`` (a config of
+    its, options and register cap kept) with the constexpr ``flags`` set; returns that config."""
+    kernel = conv._conv_kernel
+    config = triton.Config(dict(tile.kwargs, **flags), num_warps=tile.num_warps, num_stages=tile.num_stages,
+                           maxnreg=tile.maxnreg)
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    return config
+
+
 @pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
 def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     """A persistent TMA config (the interpreter's TMA tile, one program per conv._multiprocessors) on 1x1 convs
@@ -488,9 +499,7 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     right."""
     kernel = conv._conv_kernel
     tma = next(c for c in kernel.configs if c.kwargs["USE_TMA"] and not c.kwargs["PERSISTENT"])
-    persistent = triton.Config(dict(tma.kwargs, PERSISTENT=1), num_warps=tma.num_warps, num_stages=tma.num_stages)
-    monkeypatch.setattr(kernel, "configs", [persistent])
-    monkeypatch.setattr(kernel, "cache", {})
+    persistent = _run_only(monkeypatch, tma, PERSISTENT=1)
     asked = []
     monkeypatch.setattr(conv, "_multiprocessors", lambda device: asked.append(device) or 2)
     if launch == "input grad":  # dz of a 32->16 1x1 conv: a 16->32 GEMM over 2 x 6 x 6 pixels; of a 3x3 conv at a
@@ -576,9 +585,7 @@ def test_channel_rows_configs_compute_the_statistics_right(use_tma, monkeypatch)
     every output and statistic right."""
     kernel = conv._conv_kernel
     tile = next(c for c in kernel.configs if c.kwargs["USE_TMA"] == use_tma and not c.kwargs["PERSISTENT"])
-    rows = triton.Config(dict(tile.kwargs, CHANNEL_ROWS=True), num_warps=tile.num_warps, num_stages=tile.num_stages)
-    monkeypatch.setattr(kernel, "configs", [rows])
-    monkeypatch.setattr(kernel, "cache", {})
+    _run_only(monkeypatch, tile, CHANNEL_ROWS=True)
     for case in (_case(24, 32, 5, 1, 1, 0, BF16, True, "relu", "stats", n=3),
                  _case(32, 40, 7, 1, 1, 0, F16, True, "none", "stats")):
         x, w, kw = _make(case)
@@ -626,10 +633,7 @@ def test_x_in_l1_config_in_the_interpreter(case, monkeypatch):
     interpreter's tile with X_IN_L1 set gives the reference's output (a 3x3 with the statistics epilogue, the
     stem's space-to-depth flat reduction, a dilated NCHW conv, two groups of 4 merged ones with a prologue)."""
     kernel = conv._conv_kernel
-    tile = kernel.configs[0]
-    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(tile.kwargs, X_IN_L1=True), num_warps=tile.num_warps,
-                                                          num_stages=tile.num_stages)])
-    monkeypatch.setattr(kernel, "cache", {})
+    _run_only(monkeypatch, kernel.configs[0], X_IN_L1=True)
     x, w, kw = _make(case)
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert kernel.best_config.kwargs["X_IN_L1"]
