@@ -1,5 +1,5 @@
 """Every config of the Triton forward conv, each alone, on a few ResNet-50 shapes and the tests' small TMA cases,
-several fresh random inputs each: which configs compute wrongly, for which launches, and whether conv._usable
+several fresh random inputs each: which configs compute wrongly, for which launches, and whether conv_configs._usable
 lets the autotuner run them (GPU).
 
 The autotuner runs whichever config is fastest, so a config that is wrong on some launch can hide behind a faster
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import test_triton_conv as t  # noqa: E402  (the tests' cases, inputs and fp64 reference)
 
-from fusedres.triton import conv  # noqa: E402
+from fusedres.triton import conv, conv_configs  # noqa: E402
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 CASES = {  # name: the tests' Case (C, K, H, kernel, stride, padding, dtype, channels_last, prologue, epilogue, n);
@@ -102,7 +102,7 @@ def main() -> None:
         for config in all_configs:
             kernel.configs, kernel.cache = [config], {}
             start = time.perf_counter()
-            usable = "yes" if conv._usable(config.all_kwargs(), launch) else "no"
+            usable = "yes" if conv_configs._usable(config.all_kwargs(), launch) else "no"
             try:
                 ratio, stats = _worst(inputs)
                 verdict = "BAD" if ratio > 1 or stats > 1e-5 else "ok"

@@ -38,7 +38,7 @@
 #   GPU_CHECK_HOST=1        also time the host side of a Triton conv call (python -m benchmarks.host_overhead)
 #   GPU_CHECK_SWEEP=1       also run every forward conv config alone on ResNet-50 launches and the tests' TMA cases
 #                           (scripts/conv_config_sweep.py, ~1-2 min): a wrong config the autotuner did not pick
-#                           this time shows there, with whether conv._usable lets it run
+#                           this time shows there, with whether conv_configs._usable lets it run
 #   GPU_CHECK_PROFILE=1     also profile the converted ResNet-50's inference forward at batch 256 (host vs GPU time
 #                           a forward, host time per module, torch.profiler's ops by CPU and GPU time, host waits;
 #                           scripts/profile_model.py, ~1 min with the kernels carried); "infer,train" (or "train")

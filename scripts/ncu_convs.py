@@ -24,7 +24,7 @@ Needs a CUDA GPU (scripts/gpu_check.sh runs it with GPU_CHECK_NCU=1).
 import torch
 import torch.nn.functional as F
 
-from fusedres.triton import conv
+from fusedres.triton import conv, conv_configs
 
 
 class ConfigSubset:
@@ -72,9 +72,9 @@ def main() -> None:
             "triton prologue+stats": lambda x=x, w=w, args=args, scale=scale, shift=shift: conv.conv2d_fused(
                 x, w, **args, in_scale=scale, in_shift=shift, compute_stats=True),
         }
-        fixed_tiles = [(None, False), (conv._REGISTER_CAP, False)]  # (register cap, CHANNEL_ROWS)
+        fixed_tiles = [(None, False), (conv_configs._REGISTER_CAP, False)]  # (register cap, CHANNEL_ROWS)
         if (r, stride) == (1, 1):  # a GEMM view, whose statistics may run a CHANNEL_ROWS tile
-            fixed_tiles.append((conv._REGISTER_CAP, True))
+            fixed_tiles.append((conv_configs._REGISTER_CAP, True))
         for cap, rows in fixed_tiles:
             fixed = ConfigSubset(lambda c, cap=cap, rows=rows: (
                 not c["USE_TMA"] and not c["X_IN_L1"] and c["BLOCK_M"] == 128 and c["BLOCK_N"] == 128

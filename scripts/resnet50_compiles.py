@@ -205,7 +205,8 @@ def audit_compiles(records: list) -> None:
     triton.compiler.compile = compile
 
 
-TUNED = {name for module in (conv, conv_wgrad) for config in module._CONFIGS for name in config.kwargs}
+TUNED = {name for kernel in (conv._conv_kernel, conv_wgrad._wgrad_kernel) for config in kernel.configs
+         for name in config.kwargs}
 
 
 def config_of(record: dict) -> str:
@@ -260,7 +261,7 @@ def main() -> None:
                 run_convs(args.model, mode, batch, args.convs)
     seconds = time.perf_counter() - start
     print(f"{args.model} {','.join(args.mode)}, batch {','.join(map(str, args.batch))}, bf16 channels_last, "
-          f"{len(conv._CONFIGS)} conv configs:")
+          f"{len(conv._conv_kernel.configs)} conv configs:")
     if args.cache is not None:
         after = cached_kernels(args.cache)
         print(f"  {args.cache}: {after} kernels, {after - before} of them compiled now in {seconds:.0f} s "

@@ -33,7 +33,7 @@ from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, 
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
-from fusedres.triton import autotuning, conv, conv_args, conv_dgrad
+from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad
 
 
 @dataclass(frozen=True)
@@ -365,10 +365,10 @@ def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch)
         _check_stats(out, mean, var)
 
 
-# batches that fill TMA row tiles of images at one output position (conv._box: at most 1/8 of a tile's rows past N;
-# the smallest TMA tile, conv._MAX_BOX, has 32 rows in the interpreter, 128 on a GPU), whose x tile an H100's
-# tensor-core dot reads from shared memory; the strided ones of whole channel blocks (conv._tma_ok)
-_TILE, _CHANNEL_BLOCK = conv._MAX_BOX, conv._TMA_MAX_BLOCK_K
+# batches that fill TMA row tiles of images at one output position (conv_configs._box: at most 1/8 of a tile's rows
+# past N; the smallest TMA tile, conv_configs._MAX_BOX, has 32 rows in the interpreter, 128 on a GPU), whose x tile an
+# H100's tensor-core dot reads from shared memory; the strided ones of whole channel blocks (conv._tma_ok)
+_TILE, _CHANNEL_BLOCK = conv_configs._MAX_BOX, conv_configs._TMA_MAX_BLOCK_K
 _ONE_POSITION_BOX_CASES = [
     _case(2 * _CHANNEL_BLOCK, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE),  # 6x6 outputs: 2x2 boxes for
     # a small batch; the prologue's x tiles 2-D (the kernel's X_ROWS_2D)
@@ -389,7 +389,7 @@ def test_one_position_prologue_runs_tma_tiles_on_whole_channel_blocks_only():
     for c, prologue, tma in ((24, True, False), (24, False, True), (2 * _CHANNEL_BLOCK, True, True)):
         x = rand_act(gen, (_TILE, c, 6, 6), BF16, channels_last=True)
         geo = conv._geometry(x, torch.empty(16, c, 3, 3, dtype=BF16), (1, 1), (1, 1), (1, 1), 1)
-        assert conv._box(geo) == (1, 1)
+        assert conv_configs._box(geo) == (1, 1)
         assert conv._tma_ok(x, x.stride(), geo, 1, prologue=prologue) == tma, (c, prologue)
     x, w, kw = _make(_case(24, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE))
     out, mean, var = conv.conv2d_fused(x, w, **kw)
@@ -399,11 +399,11 @@ def test_one_position_prologue_runs_tma_tiles_on_whole_channel_blocks_only():
 
 
 def test_one_position_boxes_only_where_the_batch_fills_the_tiles():
-    tile = conv._MAX_BOX
+    tile = conv_configs._MAX_BOX
     for n, box in ((tile, (1, 1)), (2 * tile, (1, 1)), (tile * 8 // 9 + 1, (1, 1)), (tile * 8 // 9 - 1, (2, 8)),
                    (tile + 1, (2, 8)), (2, (2, 8))):
-        assert conv._box(dict(N=n, P=6, Q=8)) == box, (n, box)
-    assert conv._box(dict(N=2, P=7, Q=7)) == (1, 1)  # odd sizes: one position whatever the batch
+        assert conv_configs._box(dict(N=n, P=6, Q=8)) == box, (n, box)
+    assert conv_configs._box(dict(N=2, P=7, Q=7)) == (1, 1)  # odd sizes: one position whatever the batch
 
 
 _BOX_COMPILES = STAND_IN_LAUNCH + """
@@ -429,7 +429,7 @@ w = torch.randn(128, 64, 3, 3, dtype=torch.bfloat16)
 for size in (12, 8):  # no multiple of 16: the JIT specialises the two launches alike
     x = torch.randn(3, 64, size, size, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     conv.conv2d_fused(x, w, padding=(1, 1))
-print(json.dumps(dict(names=names, compiles=compiles, boxes=[conv._box(dict(N=3, P=s, Q=s)) for s in (12, 8)])))
+print(json.dumps(dict(names=names, compiles=compiles, boxes=[conv_configs._box(dict(N=3, P=s, Q=s)) for s in (12, 8)])))
 """
 
 
@@ -437,7 +437,7 @@ print(json.dumps(dict(names=names, compiles=compiles, boxes=[conv._box(dict(N=3,
 def test_only_the_tma_configs_compile_again_for_another_box(tmp_path):
     """Two 3x3 convs alike but for their size, whose TMA row tiles are boxes of other shapes (4x4 and 8x8
     output positions of a batch of 3): each TMA config compiles once per box, launched with it; each pointer
-    config once, with the box (1, 1) whatever the launch's (conv._config_box). Behind the H100 stand-in driver,
+    config once, with the box (1, 1) whatever the launch's (conv_configs._config_box). Behind the H100 stand-in driver,
     nothing compiled for real."""
     found = run_behind_stand_in(_BOX_COMPILES, tmp_path)
     compiles = [dict(zip([*found["names"], "warps", "stages"], c)) for c in found["compiles"]]
@@ -506,7 +506,8 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
         _check_input_grad((32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"))  # batch of one tile
         _check_input_grad((24, 16, 5, 3, 1, 1, 1, 1, BF16, True, True, "relu"), batch=_TILE)
         assert kernel.best_config.kwargs == dict(persistent.kwargs, BOX_H=1, BOX_W=1)
-    else:  # a 24->32 GEMM over 3 x 5 x 5 pixels, then a 3x3 conv and a strided 1x1 of one-position tiles (conv._box)
+    else:  # a 24->32 GEMM over 3 x 5 x 5 pixels, then a 3x3 conv and a strided 1x1 of one-position tiles
+        # (conv_configs._box)
         epilogue = "full" if launch == "inference" else "stats"
         for case in (_case(24, 32, 5, 1, 1, 0, BF16, True, "none", epilogue, n=3),
                      _case(24, 32, 5, 1, 1, 0, BF16, True, "relu", epilogue, n=3),  # a GEMM view with the prologue
@@ -529,19 +530,19 @@ def test_persistent_configs_run_only_where_the_dot_reads_x_from_shared_memory():
     prologue, may run them."""
     persistent = dict(USE_TMA=True, PERSISTENT=1, X_IN_L1=False, CHANNEL_ROWS=False, BLOCK_M=128, BLOCK_N=128)
     gemm, one_position, several = dict(N=50176, P=1, Q=1), dict(N=256, P=14, Q=14), dict(N=8, P=14, Q=14)
-    short_gemm = dict(gemm, Cg=conv._PERSISTENT_PROLOGUE_CHANNELS)  # layer2's 128->512: two steps
-    long_gemm = dict(gemm, Cg=2 * conv._PERSISTENT_PROLOGUE_CHANNELS)
+    short_gemm = dict(gemm, Cg=conv_configs._PERSISTENT_PROLOGUE_CHANNELS)  # layer2's 128->512: two steps
+    long_gemm = dict(gemm, Cg=2 * conv_configs._PERSISTENT_PROLOGUE_CHANNELS)
     for prologue, gemm_view, sizes, usable in ((False, True, long_gemm, True), (True, True, long_gemm, False),
                                                (True, True, short_gemm, True),
                                                (False, False, one_position, True),
                                                (True, False, one_position, False), (False, False, several, False)):
         launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view, **sizes)
-        assert conv._usable(persistent, launch) == usable, launch
-        assert conv._usable(dict(persistent, PERSISTENT=0), launch)
+        assert conv_configs._usable(persistent, launch) == usable, launch
+        assert conv_configs._usable(dict(persistent, PERSISTENT=0), launch)
 
 
 def test_register_capped_configs_run_only_launches_with_the_prologue_or_the_statistics():
-    """The 128x128 tiles (8 warps) also run capped at conv._REGISTER_CAP registers, two CTAs an SM, where the
+    """The 128x128 tiles (8 warps) also run capped at conv_configs._REGISTER_CAP registers, two CTAs an SM, where the
     prologue or the statistics take them past it: the training forward and the input gradient. Elsewhere the
     capped copy would compile to the same kernel, so it does not run."""
     capped = [c for c in conv._conv_kernel.configs if c.maxnreg]
@@ -556,8 +557,8 @@ def test_register_capped_configs_run_only_launches_with_the_prologue_or_the_stat
                                     (False, False, False)):
         launch = dict(TMA_OK=False, PROLOGUE=prologue, COMPUTE_STATS=stats, GEMM_VIEW=False, N=8, P=14, Q=14, R=3,
                       S=3, FLAT_K=False, Cg=64)
-        assert conv._usable(dict(config, maxnreg=conv._REGISTER_CAP), launch) == usable, launch
-        assert conv._usable(config, launch)
+        assert conv_configs._usable(dict(config, maxnreg=conv_configs._REGISTER_CAP), launch) == usable, launch
+        assert conv_configs._usable(config, launch)
 
 
 def test_channel_rows_configs_run_only_gemm_views_with_the_forward_statistics():
@@ -574,8 +575,8 @@ def test_channel_rows_configs_run_only_gemm_views_with_the_forward_statistics():
                                                  (one_position, True, True, False, False)):
         launch = dict(TMA_OK=True, PROLOGUE=prologue, COMPUTE_STATS=stats, PROLOGUE_GRAD=grad, FLAT_K=False, Cg=64,
                       **sizes)
-        assert conv._usable(config, launch) == usable, launch
-        assert conv._usable(dict(config, CHANNEL_ROWS=False), launch)
+        assert conv_configs._usable(config, launch) == usable, launch
+        assert conv_configs._usable(dict(config, CHANNEL_ROWS=False), launch)
 
 
 @pytest.mark.parametrize("use_tma", [False, True])
@@ -599,9 +600,9 @@ def test_one_position_prologue_launches_may_run_every_tma_tile():
     """Where x's TMA tile is a box of images at one output position and the prologue transforms it, every
     non-persistent TMA tile may run, the 128x128 and 128x256 ones (8 warps) too: those launches load x's tile
     from a 2-D descriptor (the kernel's X_ROWS_2D; from the 5-D box those two tiles computed wrong outputs on an
-    H200, see conv._usable)."""
+    H200, see conv_configs._usable)."""
     one_position, several = dict(N=256, P=14, Q=14), dict(N=8, P=14, Q=14)  # ResNet-50's batch; a small one
-    assert conv._box(one_position) == (1, 1) and conv._box(several) != (1, 1)
+    assert conv_configs._box(one_position) == (1, 1) and conv_configs._box(several) != (1, 1)
     for (block_m, block_n), prologue, gemm_view, sizes in (
             ((128, 128), True, False, one_position), ((128, 256), True, False, one_position),
             ((128, 64), True, False, one_position), ((256, 64), True, False, one_position),
@@ -610,7 +611,7 @@ def test_one_position_prologue_launches_may_run_every_tma_tile():
         config = dict(USE_TMA=True, PERSISTENT=0, X_IN_L1=False, CHANNEL_ROWS=False, BLOCK_M=block_m,
                       BLOCK_N=block_n)
         launch = dict(TMA_OK=True, PROLOGUE=prologue, GEMM_VIEW=gemm_view, **sizes)
-        assert conv._usable(config, launch), (config, launch)
+        assert conv_configs._usable(config, launch), (config, launch)
 
 
 @pytest.mark.parametrize("taps,flat_k,cg,usable", [
@@ -622,8 +623,8 @@ def test_x_in_l1_configs_run_only_convs_whose_taps_overlap(taps, flat_k, cg, usa
     channels contiguous in runs of 4. A flat (r, s, c) reduction has those only with Cg a multiple of 4; a false
     hint would load wrong elements. Every other config may run these launches."""
     launch = dict(TMA_OK=False, PROLOGUE=False, GEMM_VIEW=False, R=taps[0], S=taps[1], FLAT_K=flat_k, Cg=cg)
-    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=True, CHANNEL_ROWS=False), launch) == usable
-    assert conv._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False, CHANNEL_ROWS=False), launch)
+    assert conv_configs._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=True, CHANNEL_ROWS=False), launch) == usable
+    assert conv_configs._usable(dict(USE_TMA=False, PERSISTENT=0, X_IN_L1=False, CHANNEL_ROWS=False), launch)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="test_gpu_x_in_l1_configs_match_the_reference runs them compiled")
@@ -1036,7 +1037,7 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fusedres.triton import autotuning, conv, conv_args, conv_dgrad, partials
+from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad, partials
 
 fn = conv._conv_kernel.fn
 off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
@@ -1045,7 +1046,7 @@ for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
               dict(off, FLAT_K=True, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, HAS_RESIDUAL=True, OUT_RELU=True),
               dict(off, HAS_OUT_SCALE=True, HAS_OUT_SHIFT=True, OUT_RELU=True, COMPUTE_STATS=True,
                    PROLOGUE_GRAD=True)):
-    config = conv._CONFIGS[0]
+    config = conv_configs._CONFIGS[0]
     consts = dict(R=3, S=3, SH=1, SW=1, GROUP_M=8, TMA_OK=False, BOX_H=1, BOX_W=1, GEMM_VIEW=False, **flags,
                   **config.kwargs)
     bf16 = ("x_ptr", "w_ptr", "out_ptr", "res_ptr")
@@ -1111,7 +1112,7 @@ def _compile_for_sm90(config: dict, geometry: dict = LAYER1_3X3, strides=(LAYER1
     x_strides, out_strides = strides
     ints = dict(geometry, WS_ROWS=geometry["M"] // 64, **named_strides("stride_x", x_strides),
                 **named_strides("stride_o", out_strides), **named_strides("stride_r", out_strides))
-    box_h, box_w = conv._box(geometry)
+    box_h, box_w = conv_configs._box(geometry)
     return compile_launch_like_for_sm90(
         "fusedres.triton.conv", "_conv_kernel", config, ints,
         dict(R=taps, S=taps, GROUP_M=8, TMA_OK=True, BOX_H=box_h, BOX_W=box_w, GEMM_VIEW=gemm_view),
@@ -1202,12 +1203,13 @@ def test_tma_config_loads_its_tiles_with_the_tensor_memory_accelerator():
     _assert_wgmma_not_serialised(strided)
 
 
-_SMALL_BATCH_LAYER1_3X3 = dict(LAYER1_3X3, N=2, M=2 * 56 * 56)  # TMA row tiles of 16x8 output positions (conv._box)
+# TMA row tiles of 16x8 output positions (conv_configs._box)
+_SMALL_BATCH_LAYER1_3X3 = dict(LAYER1_3X3, N=2, M=2 * 56 * 56)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 def test_one_position_boxes_feed_the_dot_from_shared_memory():
-    """At batch 256 the TMA configs' row tiles are BLOCK_M images at one output position (conv._box), and wgmma
+    """At batch 256 the TMA configs' row tiles are BLOCK_M images at one output position (conv_configs._box), and wgmma
     reads x's tile from shared memory in every variant without the BN + ReLU prologue (the bare conv, the
     inference epilogue, the input gradient), on the layer1 3x3 and the strided layer2 3x3 alike, with fewer
     registers than a box of several positions (batch 2), whose tile reaches wgmma through registers. The
@@ -1273,7 +1275,7 @@ def test_persistent_configs_keep_the_pipelined_wgmma(programs_per_sm, launch):
         found = _compile_for_sm90(config, LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES, variants, taps=1,
                                   gemm_view=True)
     else:
-        assert conv._box(LAYER2_3X3_S2) == (1, 1)
+        assert conv_configs._box(LAYER2_3X3_S2) == (1, 1)
         found = _compile_for_sm90(config, LAYER2_3X3_S2, LAYER2_3X3_S2_CHANNELS_LAST_STRIDES, variants)
     assert found["block"]["PERSISTENT"] == programs_per_sm
     for name, variant in found["variants"].items():
@@ -1339,23 +1341,23 @@ def test_statistics_epilogue_loads_nothing_after_the_tiles_store(config):
     ("gemm view, pointer", ("prologue+stats", "stats")), ("gemm view, tma", ("prologue+stats", "stats", "input grad")),
     ("3x3 one position, tma", ("stats", "input grad"))])
 def test_register_capped_tiles_compile_without_spilling(launch, variants):
-    """The 128x128 tiles capped at conv._REGISTER_CAP registers (two CTAs of 8 warps an SM) compile without a
+    """The 128x128 tiles capped at conv_configs._REGISTER_CAP registers (two CTAs of 8 warps an SM) compile without a
     spill or a serialised wgmma in the statistics variants of ResNet-50's layer1 64->256 1x1 as a GEMM view
     (uncapped, the prologue + statistics took 158-168 registers there with triton 3.6 and 3.8: one CTA an SM)
     and, on the TMA tile, of its layer1 3x3 at batch 256 (uncapped 128-175); sm_90 ptxas. Capped, some other
     variants spill (the pointer tile's input gradient 0-32 bytes, the prologue + statistics on the 3x3 0-108,
     by triton version): the autotuner times both copies of each tile."""
     config = dict(USE_TMA=launch.endswith("tma"), BLOCK_M=128, BLOCK_N=128, PERSISTENT=0, X_IN_L1=False,
-                  maxnreg=conv._REGISTER_CAP)
+                  maxnreg=conv_configs._REGISTER_CAP)
     if launch.startswith("gemm view"):
         found = _compile_for_sm90(config, LAYER1_1X1_AS_GEMM, LAYER1_1X1_AS_GEMM_STRIDES, variants, taps=1,
                                   gemm_view=True)
     else:
-        assert conv._box(LAYER1_3X3) == (1, 1)
+        assert conv_configs._box(LAYER1_3X3) == (1, 1)
         found = _compile_for_sm90(config, variants=variants)
     _assert_wgmma_not_serialised(found)
     for name, variant in found["variants"].items():
-        assert variant["registers"] <= conv._REGISTER_CAP and variant["spill_bytes"] == 0, (name, found)
+        assert variant["registers"] <= conv_configs._REGISTER_CAP and variant["spill_bytes"] == 0, (name, found)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
@@ -1455,8 +1457,8 @@ compile_without_launching(kernel, partials._finish_partials_kernel)
 x = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 w = torch.randn(out_channels, 64, 3, 3, dtype=torch.bfloat16)
 conv.conv2d_fused(x, w, padding=(1, 1), in_scale=torch.ones(64), in_shift=torch.zeros(64), compute_stats=True)
-# this 3x3 conv with a prologue may not run the persistent configs, nor the CHANNEL_ROWS ones (conv._usable)
-print(json.dumps(dict(compiles=compiles, all_block_ns=[c.kwargs["BLOCK_N"] for c in conv._CONFIGS
+# this 3x3 conv with a prologue may not run the persistent configs, nor the CHANNEL_ROWS ones (conv_configs._usable)
+print(json.dumps(dict(compiles=compiles, all_block_ns=[c.kwargs["BLOCK_N"] for c in conv_configs._CONFIGS
                                                        if not c.kwargs["PERSISTENT"] and not c.kwargs["CHANNEL_ROWS"]],
                       best_block_n=kernel.best_config.kwargs["BLOCK_N"])))
 """
@@ -1604,7 +1606,7 @@ found = dict(tuning=forward(scale), aligned=[forward(scale), forward(scale)],
              misaligned=[forward(misaligned_scale), forward(misaligned_scale)], aligned_again=forward(scale))
 
 
-def base(config):  # a config as kernel.configs holds it: without the box a launch adds (conv._config_box)
+def base(config):  # a config as kernel.configs holds it: without the box a launch adds (conv_configs._config_box)
     return {k: v for k, v in config.all_kwargs().items() if k not in ("BOX_H", "BOX_W")}
 
 
@@ -1861,7 +1863,7 @@ _RESNET50_MODES = ([(name, mode) for name in RESNET50_CONVS
                     for mode in (("pointer",) if name == "stem" else ("pointer", "tma"))]
                    + [("l1_expand", "persistent")]  # the 1x1 stride-1 conv: a GEMM over the pixels
                    + [("l1_expand", "persistent, prologue")]  # one reduction step: persistent with the prologue
-                   # a batch of 128: TMA row tiles of images at one output position (conv._box)
+                   # a batch of 128: TMA row tiles of images at one output position (conv_configs._box)
                    + [(name, "tma, one position") for name in ("l1_3x3", "l2_3x3_s2", "l3_downsample")]
                    + [(name, "persistent, one position") for name in ("l2_3x3_s2", "l3_downsample")]
                    + [(name, "x in L1") for name in ("stem", "l1_3x3", "l2_3x3_s2")])  # convs of several taps
@@ -1919,9 +1921,9 @@ def test_gpu_resnet50_shapes_bf16(name, mode, epilogue, monkeypatch):
 
 
 def _launch_arguments(monkeypatch) -> dict:
-    """The arguments by name of the conv kernel's latest autotuned launch, as conv._usable sees them (recorded
-    from the constants the autotuner asks conv._config_box for)."""
-    launch, config_box = {}, conv._config_box
+    """The arguments by name of the conv kernel's latest autotuned launch, as conv_configs._usable sees them (recorded
+    from the constants the autotuner asks conv_configs._config_box for)."""
+    launch, config_box = {}, conv_configs._config_box
     monkeypatch.setattr(conv, "_config_box", lambda use_tma, args: launch.update(args) or config_box(use_tma, args))
     return launch
 
@@ -1934,10 +1936,10 @@ def _launch_arguments(monkeypatch) -> dict:
                          ids=["layer3_3x3-b256", "layer3_downsample-b256", "layer1_3x3-b8", "layer3_1x1-b8",
                               "layer1_expand-b8"])
 def test_gpu_each_usable_config_computes_the_prologue_conv(shape, n, monkeypatch):
-    """Every config conv._usable lets run a launch with the BN + ReLU prologue, each alone: the autotuner runs
+    """Every config conv_configs._usable lets run a launch with the BN + ReLU prologue, each alone: the autotuner runs
     only the fastest, which can hide a wrong config until another run picks it. ResNet-50 launches whose TMA
     tiles hold images at one output position (batch 256: a 3x3 and the strided 1x1, where two TMA configs
-    were wrong from a 5-D box of x, see conv._usable; now 2-D tiles), boxes of several (batch 8), or pixels of a
+    were wrong from a 5-D box of x, see conv_configs._usable; now 2-D tiles), boxes of several (batch 8), or pixels of a
     GEMM view (a 1x1 of 16 reduction steps, 2-D tiles as well; one of a single step, which the persistent
     configs run too). The register-capped copies of the 128x128 tiles run on each (statistics)."""
     c, k, h, kernel_size, stride, padding = shape
@@ -1945,7 +1947,7 @@ def test_gpu_each_usable_config_computes_the_prologue_conv(shape, n, monkeypatch
     launch = _launch_arguments(monkeypatch)
     conv.conv2d_fused(x, w, **kw)
     kernel = conv._conv_kernel
-    usable = [config for config in kernel.configs if conv._usable(config.all_kwargs(), launch)]
+    usable = [config for config in kernel.configs if conv_configs._usable(config.all_kwargs(), launch)]
     assert len(usable) > 1 and any(config.kwargs["USE_TMA"] for config in usable)
     for config in usable:
         monkeypatch.setattr(kernel, "configs", [config])
@@ -2031,7 +2033,7 @@ def test_gpu_grouped_resnext_shape():
 @pytest.mark.gpu
 @requires_cuda
 # not the strided 3x3 on X_IN_L1 configs alone: one phase of its input gradient has a single tap, which they
-# may not run (conv._usable)
+# may not run (conv_configs._usable)
 @pytest.mark.parametrize("name,mode", [case for case in _RESNET50_MODES if case != ("l2_3x3_s2", "x in L1")])
 def test_gpu_input_grad_resnet50_shapes_bf16(name, mode, monkeypatch):
     """conv2d_input_grad on ResNet-50's shapes (the stem at 112x112), bf16 channels_last, against fp64 by the
@@ -2041,7 +2043,7 @@ def test_gpu_input_grad_resnet50_shapes_bf16(name, mode, monkeypatch):
     _check_input_grad((c, k, min(h, 112), kernel, stride, padding, 1, 1, BF16, True, True, "relu"))
 
 
-# CASES the X_IN_L1 configs may run (conv._usable): several taps, and channels per group a multiple of 4, which
+# CASES the X_IN_L1 configs may run (conv_configs._usable): several taps, and channels per group a multiple of 4, which
 # keeps the hint true merged, flat (r, s, c) or space-to-depth (C' * SH * SW, a multiple of 8) alike
 _X_IN_L1_CASES = [case for case in CASES if case.kernel != (1, 1) and case.c // case.groups % 4 == 0]
 

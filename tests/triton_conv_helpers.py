@@ -133,7 +133,7 @@ import types
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from fusedres.triton import conv, conv_dgrad, conv_wgrad, partials
+from fusedres.triton import conv, conv_configs, conv_dgrad, conv_wgrad, partials
 
 
 class StandInH100:  # what JITFunction.run asks the active driver before it compiles
@@ -218,8 +218,9 @@ from triton.compiler import ASTSource
 
 spec = json.loads(sys.argv[1])
 module = importlib.import_module(spec["module"])
-fn = getattr(module, spec["kernel"]).fn
-config = next(c for c in module._CONFIGS  # a register cap only where asked for (maxnreg)
+autotuned = getattr(module, spec["kernel"])
+fn = autotuned.fn
+config = next(c for c in autotuned.configs  # a register cap only where asked for (maxnreg)
               if spec["config"].items() <= c.all_kwargs().items() and c.maxnreg == spec["config"].get("maxnreg"))
 ints = spec["ints"]
 constexprs = {p.name for p in fn.params if p.is_constexpr}  # ints the kernel takes as constants (a stride)
@@ -278,7 +279,7 @@ print(json.dumps(dict(variants=found, stages=config.num_stages, block=config.kwa
 
 def compile_launch_like_for_sm90(module: str, kernel: str, config: dict, ints: dict, consts: dict,
                                  variants: dict, bf16_pointers: tuple) -> dict:
-    """Compile ``module.kernel`` with the first of its GPU ``_CONFIGS`` whose kwargs and options include ``config``
+    """Compile ``module.kernel`` with the first of its GPU configs whose kwargs and options include ``config``
     (a register cap only with "maxnreg" in it) for an
     H100 (the wheel's ptxas, no GPU), its int arguments (``ints``: their values at a real launch)
     specialised as triton's launcher specialises them: ints equal to 1 (and those the kernel declares

@@ -61,9 +61,9 @@ and the workspace are int64, while M itself is capped at 2**30 output positions.
 Two kinds of config share the kernel (USE_TMA). The pointer configs above run every launch. The TMA
 configs run the launches _tma_ok allows (groups 1, Cg >= _FLAT_K_BELOW, channels contiguous, other strides
 and the address multiples of 16 bytes, sm_90+; a strided conv's H and W divisible by its stride): their row
-tile is a box of BOX_I images x BOX_H x BOX_W output positions (``_box``: BLOCK_M images at one position
-where the batch fills such tiles, else the largest powers of two dividing P and Q, so boxes tile the
-output), and each step loads the box shifted by its (r, s) from one tensor descriptor of x, and the weight
+tile is a box of BOX_I images x BOX_H x BOX_W output positions (``conv_configs._box``: BLOCK_M images at
+one position where the batch fills such tiles, else the largest powers of two dividing P and Q, so boxes tile
+the output), and each step loads the box shifted by its (r, s) from one tensor descriptor of x, and the weight
 tile from one of (R*S, Cg, Kg), with Hopper's tensor memory accelerator: one copy per tile instead of an
 address per 16 bytes, and zeros wherever the box leaves the image or the channels (padding and tails need no
 mask). x is described as (H/SH, SH, W/SW, N, SW*C): the input rows a strided box reads are those of one
@@ -85,7 +85,7 @@ L2 (layer1's 3x3: ~0.9 GB of the ~1.5 GB a 128-row tiling makes L2 serve, where 
 X_IN_L1 configs tell the compiler x's channels run contiguous for 8 bytes only (``tl.max_contiguous``), which it
 copies by cp.async.ca, cached in L1 too: a tile's next taps read mostly the pixels this one read, shifted by a
 column or a row, from L1. Twice the copy instructions for x, so the autotuner times them beside the others, on
-convs of several taps only (``_usable``).
+convs of several taps only (``conv_configs._usable``).
 
 A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels on one stride (channels_last)
 launches as a GEMM over the pixels (``_gemm_view``: the same conv on N = M images of 1x1): rows need no division
@@ -119,8 +119,9 @@ unit input x is read where a residual would be, and the epilogue applies the pro
 sums BatchNorm's backward reduction into the same workspace.
 
 Tile shapes, num_warps and num_stages are autotuned per conv shape, dtypes and fused flags
-(``autotuning.autotune``: only the configs that fit the conv's GEMM, compiled in parallel, cached per
-process and optionally on disk). Under TRITON_INTERPRET=1 one small config runs, without tuning.
+(``autotuning.autotune`` over the space in conv_configs.py: only the configs that fit the conv's GEMM,
+compiled in parallel, cached per process and optionally on disk). Under TRITON_INTERPRET=1 one small config
+runs, without tuning.
 """
 
 import contextvars
@@ -136,6 +137,8 @@ from ._host import cdiv
 from .autotuning import autotune
 from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _merge_factor, _merged,
                         _packed_weight, _space_to_depth, _space_to_depth_channels, _vector)
+from .conv_configs import (_AUTOTUNE_KEY, _CONFIGS, _MAX_BLOCK_M, _ROW_TILINGS, _TMA_MAX_BLOCK_K, _box, _config_box,
+                           _reduction_size, _usable)
 
 _FLAT_K_BELOW = 16  # per-group input channels below which the reduction is one flat (r, s, c) axis
 
@@ -144,107 +147,11 @@ _UPCAST_DOT = tl.constexpr(_INTERPRET)
 # column sub-tile of the epilogues that load a tile (see _conv_kernel); narrower than the interpreter's
 # 16-column tile under TRITON_INTERPRET=1, so the CPU tests run the sub-tiled path too
 _EPILOGUE_COLUMNS = tl.constexpr(8 if _INTERPRET else 16)
-
-
-def _configs(gpu_tiles: list[tuple[int, int, int, int, int]], maxnreg: Optional[int] = None,
-             **flags) -> list[triton.Config]:
-    """The autotuning space of a conv kernel: ``gpu_tiles`` as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    num_stages), or under TRITON_INTERPRET=1 one small config (nothing to tune); ``flags``: constexpr
-    arguments every one of these configs sets; ``maxnreg``: the registers a thread may use (ptxas's cap)."""
-    if _INTERPRET:
-        gpu_tiles = [(32, 16, 16, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **flags}, num_warps=w, num_stages=st,
-                          maxnreg=maxnreg)
-            for bm, bn, bk, w, st in gpu_tiles]
-
-
-# Two CTAs of 8 warps share an SM's 64K registers only at <= 128 registers a thread. The 128x128 tiles' variants
-# with the BN + ReLU prologue or the statistics epilogue take 138-181 (ptxas, sm_90, triton 3.6: the training
-# forward and the input gradient on ResNet-50's convs), so those launches also time a copy of each capped at 128:
-# most compile without a spill (the prologue + statistics on the 3x3 convs spill 48-108 bytes). On layer1's
-# 64->256 1x1, one CTA an SM took the prologue + statistics variant from 0.227 ms to 0.634 (ncu, H200).
-_REGISTER_CAP = 128
-_PERSISTENT_PROLOGUE_CHANNELS = 128  # the widest reduction (two 64-channel steps) a persistent prologue runs
-
-
-def _conv_configs(gpu_tiles: list[tuple[int, int, int, int, int]], *, use_tma: bool, persistent: int = 0,
-                  x_in_l1: bool = False, channel_rows: bool = False, maxnreg: Optional[int] = None) -> list:
-    """``_configs`` with the conv kernel's config flags (see _conv_kernel's arguments and _usable)."""
-    return _configs(gpu_tiles, maxnreg=maxnreg, USE_TMA=use_tma, PERSISTENT=persistent, X_IN_L1=x_in_l1,
-                    CHANNEL_ROWS=channel_rows)
-
-
-_CONFIGS = (_conv_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                           (256, 128, 64, 8, 3), (64, 64, 32, 4, 4)], use_tma=False)
-            + ([] if _INTERPRET else  # x cached in L1: convs of several taps (see _usable)
-               _conv_configs([(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)], use_tma=False,
-                             x_in_l1=True))
-            + _conv_configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
-                            use_tma=True)
-            + ([] if _INTERPRET else  # persistent: x's tile from shared memory, or a short prologue (see _usable)
-               _conv_configs([(128, 64, 64, 4, 4)], use_tma=True, persistent=2)
-               + _conv_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], use_tma=True, persistent=1))
-            + ([] if _INTERPRET else  # the 128x128 tiles capped for two CTAs an SM (_REGISTER_CAP, see _usable)
-               _conv_configs([(128, 128, 64, 8, 3)], use_tma=False, maxnreg=_REGISTER_CAP)
-               + _conv_configs([(128, 128, 64, 8, 3)], use_tma=True, maxnreg=_REGISTER_CAP))
-            + ([] if _INTERPRET else  # channels as the tile's rows: GEMM views' statistics (see the module docstring)
-               _conv_configs([(256, 128, 64, 8, 3)], use_tma=False, channel_rows=True)
-               + _conv_configs([(128, 128, 64, 8, 3)], use_tma=False, channel_rows=True, maxnreg=_REGISTER_CAP)
-               + _conv_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], use_tma=True, channel_rows=True)))
-_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
-# output positions in a box: BOX_H * BOX_W <= every TMA config's BLOCK_M, so a box tile holds whole boxes
-_MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
-_ONE_POSITION_BOX_WASTE = 1 / 8  # the share of its rows past N a tile of images at one position may have (_box)
-_ROW_TILINGS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"]) for c in _CONFIGS})  # the configs' row tiles
-_TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ROW_ONES: dict = {}  # device -> fp32 ones of _MAX_BLOCK_M
 _INTERPRET_SMS = 2  # under TRITON_INTERPRET=1 a persistent program takes several tiles in the tests' shapes
 
-_AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
-                 "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
-                 "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K", "TMA_OK", "GEMM_VIEW"]
 _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on", "stride_ok", "stride_op",
                  "stride_oq", "stride_rn", "stride_rk", "stride_rp", "stride_rq")
-
-
-def _reduction_size(args: dict) -> int:
-    """The GEMM reduction a BLOCK_K step covers: the flat (r, s, c) columns, or one (r, s)'s channels."""
-    return args["R"] * args["S"] * args["Cg"] if args["FLAT_K"] else args["Cg"]
-
-
-def _usable(config: dict, args: dict) -> bool:
-    """Whether a config (its keyword arguments as launched: constexprs, num_warps, maxnreg, ...) may run a launch
-    with ``args``: TMA configs only where the launch allows them (TMA_OK); under
-    TRITON_INTERPRET=1, where one config runs untimed, the TMA one wherever it is allowed. Persistent configs
-    only where the dot reads x's tile from shared memory: launches without a prologue whose row tiles are a
-    GEMM view's pixels or images at one output position (``_box`` (1, 1)); elsewhere the dot takes the tile
-    from registers, and in the flattened loop ptxas then serialises every wgmma (C7515, sm_90; a box of several
-    positions and the prologue's transform both put the tile in registers). A GEMM view with the prologue may
-    run them too where its reduction takes one or two steps (Cg <= _PERSISTENT_PROLOGUE_CHANNELS): there the
-    serialised wgmma of a tile cost next to nothing, and the next tile's loads still overlap this one's
-    epilogue (layer1's 64->256 1x1 bare: 0.294 ms a program a tile, 0.149 persistent; H200). X_IN_L1 configs
-    only where taps overlap (R*S > 1: the next steps read most of this step's x again) and their hint holds: runs
-    of 4 channels contiguous, which a flat (r, s, c) reduction has only with Cg a multiple of 4 (a false hint
-    would load wrong elements). Every TMA config may run a prologue on a one-position launch, whose x tile comes
-    from a 2-D descriptor of x's images (X_ROWS_2D) as a GEMM view's does: from the 5-D box, the 128x128 and
-    128x256 TMA configs (8 warps) computed outputs 15-23x the tests' error bound there on an H200 (triton 3.6;
-    ResNet-50's 3x3 launches at batch 256, and the strided 1x1 with 128x256), where the same tiles over a GEMM
-    view were right (scripts/conv_config_sweep.py; benchmarks/RESULTS.md). Configs capped at _REGISTER_CAP
-    registers only on launches with the prologue or the statistics, the variants that take their tiles past the
-    cap (elsewhere the capped copy compiles to the same kernel). CHANNEL_ROWS configs only on GEMM views with the
-    forward's statistics, whose column sums they make cheap (see the module docstring); not the input gradient's,
-    whose epilogue loads tiles on column sub-tiles."""
-    if config.get("maxnreg") and not (args["PROLOGUE"] or args["COMPUTE_STATS"]):
-        return False
-    if config["CHANNEL_ROWS"] and not (args["GEMM_VIEW"] and args["COMPUTE_STATS"] and not args["PROLOGUE_GRAD"]):
-        return False
-    if config["PERSISTENT"] and not (
-            args["GEMM_VIEW"] and (not args["PROLOGUE"] or args["Cg"] <= _PERSISTENT_PROLOGUE_CHANNELS)
-            or not args["PROLOGUE"] and _box(args) == (1, 1)):
-        return False
-    if config["X_IN_L1"] and (args["R"] * args["S"] == 1 or args["FLAT_K"] and args["Cg"] % 4):
-        return False
-    return config["USE_TMA"] == args["TMA_OK"] if _INTERPRET else args["TMA_OK"] or not config["USE_TMA"]
 
 
 # the forward / input-gradient GEMM: output positions x output channels, reducing over the input's columns
@@ -585,26 +492,6 @@ def _gemm_view(geo: dict, shapes: tuple, tensor_strides: tuple) -> Optional[tupl
         return None
     return (dict(geo, N=geo["M"], H=1, W=1, P=1, Q=1),
             tuple((step, strides[1], step, step) for strides, step in zip(tensor_strides, pixel_strides)))
-
-
-def _box(geo: dict) -> tuple[int, int]:
-    """(BOX_H, BOX_W) of a TMA row tile. (1, 1), a tile of BLOCK_M images at one output position, where the
-    batch fills tiles of _MAX_BOX images but for at most _ONE_POSITION_BOX_WASTE of their rows (ResNet's batch of 256):
-    the dot then reads x's tile from shared memory (see the kernel). Else the largest powers of two dividing P
-    and Q, the box at most _MAX_BOX positions, so that boxes tile the output without a partial one where they
-    can."""
-    if cdiv(geo["N"], _MAX_BOX) * _MAX_BOX <= geo["N"] * (1 + _ONE_POSITION_BOX_WASTE):
-        return 1, 1
-    box_w = min(geo["Q"] & -geo["Q"], _MAX_BOX)
-    return min(geo["P"] & -geo["P"], _MAX_BOX // box_w), box_w
-
-
-def _config_box(use_tma: bool, args: dict) -> dict:
-    """The constexprs BOX_H, BOX_W a config launches with (``autotune``'s ``constants``): a TMA config's box of
-    the launch (``_box``), (1, 1) for the pointer configs, which tile rows without boxes. Given per config, not
-    by the launch, so that the pointer configs compile once for launches whose boxes differ."""
-    box_h, box_w = _box(args) if use_tma else (1, 1)
-    return dict(BOX_H=box_h, BOX_W=box_w)
 
 
 def _row_tiles(geo: dict, box: tuple[int, int], block_m: int, use_tma: bool) -> int:

@@ -46,9 +46,10 @@ from torch import Tensor
 
 from ._host import cdiv
 from .autotuning import autotune
-from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT, _configs, _reduction_size
+from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT
 from .conv_args import (_INTERPRET, _limit, _merge_factor, _merged, _space_to_depth, _space_to_depth_channels,
                         _space_to_depth_weight_grad, _vector)
+from .conv_configs import _configs, _reduction_size
 from .conv_dgrad import _gradient_geometry
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
