@@ -53,14 +53,15 @@ _CONFIGS = (_conv_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 
                              x_in_l1=True))
             + _conv_configs([(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
                             use_tma=True)
-            + ([] if _INTERPRET else  # persistent: x's tile from shared memory, or a short prologue (see _usable)
+            + ([] if _INTERPRET else
+               # persistent: x's tile from shared memory, or a short prologue (see _usable)
                _conv_configs([(128, 64, 64, 4, 4)], use_tma=True, persistent=2)
-               + _conv_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], use_tma=True, persistent=1))
-            + ([] if _INTERPRET else  # the 128x128 tiles capped for two CTAs an SM (_REGISTER_CAP, see _usable)
-               _conv_configs([(128, 128, 64, 8, 3)], use_tma=False, maxnreg=_REGISTER_CAP)
-               + _conv_configs([(128, 128, 64, 8, 3)], use_tma=True, maxnreg=_REGISTER_CAP))
-            + ([] if _INTERPRET else  # channels as the tile's rows: GEMM views' statistics (see conv.py's docstring)
-               _conv_configs([(256, 128, 64, 8, 3)], use_tma=False, channel_rows=True)
+               + _conv_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], use_tma=True, persistent=1)
+               # the 128x128 tiles capped for two CTAs an SM (_REGISTER_CAP, see _usable)
+               + _conv_configs([(128, 128, 64, 8, 3)], use_tma=False, maxnreg=_REGISTER_CAP)
+               + _conv_configs([(128, 128, 64, 8, 3)], use_tma=True, maxnreg=_REGISTER_CAP)
+               # channels as the tile's rows: GEMM views' statistics (see conv.py's docstring)
+               + _conv_configs([(256, 128, 64, 8, 3)], use_tma=False, channel_rows=True)
                + _conv_configs([(128, 128, 64, 8, 3)], use_tma=False, channel_rows=True, maxnreg=_REGISTER_CAP)
                + _conv_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)], use_tma=True, channel_rows=True)))
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # sizes the prologue's row_ones
@@ -116,10 +117,10 @@ def _usable(config: dict, args: dict) -> bool:
 
 def _box(geo: dict) -> tuple[int, int]:
     """(BOX_H, BOX_W) of a TMA row tile. (1, 1), a tile of BLOCK_M images at one output position, where the
-    batch fills tiles of _MAX_BOX images but for at most _ONE_POSITION_BOX_WASTE of their rows (ResNet's batch of 256):
-    the dot then reads x's tile from shared memory (see conv.py's docstring). Else the largest powers of two dividing P
-    and Q, the box at most _MAX_BOX positions, so that boxes tile the output without a partial one where they
-    can."""
+    batch fills tiles of _MAX_BOX images but for at most _ONE_POSITION_BOX_WASTE of their rows (ResNet's batch of
+    256): the dot then reads x's tile from shared memory (see conv.py's docstring). Else the largest powers of two
+    dividing P and Q, the box at most _MAX_BOX positions, so that boxes tile the output without a partial one
+    where they can."""
     if cdiv(geo["N"], _MAX_BOX) * _MAX_BOX <= geo["N"] * (1 + _ONE_POSITION_BOX_WASTE):
         return 1, 1
     box_w = min(geo["Q"] & -geo["Q"], _MAX_BOX)
