@@ -17,6 +17,7 @@ from fusedres.ops import inference
 from fusedres.ops.backends import unavailable_reason
 
 from conftest import requires_cuda
+from model_helpers import randomise_bn
 
 
 KINDS = ["basic", "bottleneck", "preact-basic", "preact-bottleneck"]
@@ -151,6 +152,158 @@ def test_eval_forward_folds_batchnorm_and_refolds_after_a_training_step(kind, mo
 
 
 original_choose = inference._choose  # called once by conv_bias_act's body, whichever entry point runs it
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """One entry per block forward that a kept inference.FoldedChain computed."""
+    calls = []
+    replay = inference.FoldedChain.__call__
+
+    def counted(chain, *args):
+        out = replay(chain, *args)
+        calls.extend([] if out is None else [1])
+        return out
+
+    monkeypatch.setattr(inference.FoldedChain, "__call__", counted)
+    return calls
+
+
+def _within(context, fn):
+    with context:
+        return fn()
+
+
+@pytest.mark.parametrize("downsample", [True, False], ids=["downsample", "identity"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_eval_forward_replays_its_units_only_while_nothing_that_decided_them_changed(kind, downsample, replays,
+                                                                                       fresh_dispatch):
+    """A post-activation block's eval forward runs its last forward's units again without their own paths
+    (inference.FoldedChain) where x's layout, the context, the modules, the conv arguments, the BatchNorms' mode
+    and the folds are those of that forward; each change below takes the units' path (which records the chain
+    anew), and every output is eager's."""
+    eager = _block(kind, seed=12)
+    if not downsample:  # 12 -> 12 channels at stride 1
+        eager = (torchvision.models.resnet.BasicBlock(12, 12) if kind == "basic"
+                 else torchvision.models.resnet.Bottleneck(12, 3))
+        eager.bn2.running_var.uniform_(0.5, 1.5)
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    assert len(fused.__dict__.get("_folded", {})) == 0
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 12, 9, 7, generator=gen)
+    x_cl = x.to(memory_format=torch.channels_last)
+
+    def both(change=lambda block: None):
+        for block in (eager, fused):
+            change(block)
+
+    def same(input_, dtype=None):
+        out = fused(input_)
+        expected = eager(input_)
+        if dtype is None:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.float(), expected.float(), rtol=5e-2, atol=5e-2)
+        assert out.is_contiguous(memory_format=torch.channels_last) == (
+            input_.is_contiguous(memory_format=torch.channels_last) and not input_.is_contiguous())
+        return out
+
+    def grown(module):  # a copy of a conv or BatchNorm with other values
+        module = copy.deepcopy(module)
+        with torch.no_grad():
+            for t in module.parameters():
+                t.mul_(1.25)
+        return module
+
+    def replace(parent, name):  # in both blocks: parent(block)'s child ``name``, by a grown copy
+        new = grown(parent(eager)._modules[name])
+        parent(eager)._modules[name], parent(fused)._modules[name] = new, copy.deepcopy(new)
+
+    eager.eval(), fused.eval()
+    block, shortcut = (lambda b: b), (lambda b: b.downsample)
+    with torch.no_grad():
+        steps = [  # (what changed, the step, whether the chain computes it)
+            ("first call", lambda: same(x), False),
+            ("new values", lambda: same(x * 3), True),
+            ("strides", lambda: same(x_cl), False),
+            ("new values", lambda: same(x_cl - 1), True),
+            ("a conv weight, in place", lambda: (both(lambda b: b.conv2.weight.mul_(0.5)), same(x_cl)), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("a running variance, in place", lambda: (both(lambda b: b.bn1.running_var.mul_(2)), same(x_cl)), False),
+            ("a BatchNorm's eps", lambda: (both(lambda b: setattr(b.bn1, "eps", 0.25)), same(x_cl)), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("a conv replaced", lambda: (replace(block, "conv1"), same(x_cl)), False),
+            ("a BatchNorm replaced", lambda: (replace(block, "bn2"), same(x_cl)), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("a conv's dilation and padding", lambda: (both(lambda b: (setattr(b.conv2, "dilation", (2, 2)),
+                                                                      setattr(b.conv2, "padding", (2, 2)))),
+                                                       same(x_cl)), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("a BatchNorm in training mode", lambda: (both(lambda b: b.bn2.train()), same(x_cl)), False),
+            ("back in eval mode, its statistics updated", lambda: (both(lambda b: b.bn2.eval()), same(x_cl)), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("the dispatch reset", lambda: (fresh_dispatch.reset(), same(x_cl)), False),
+            ("the block's backend", lambda: (setattr(fused, "backend", "torch"), same(x_cl)), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("the autograd profiler on (the units' path, the chain kept)",
+             lambda: _within(torch.autograd.profiler.profile(), lambda: same(x_cl)), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("cuDNN disabled (torch's conv flags)", lambda: _within(torch.backends.cudnn.flags(enabled=False),
+                                                                    lambda: same(x_cl)), False),
+            ("cuDNN enabled again", lambda: same(x_cl), False),
+            ("nothing", lambda: same(x_cl), True),
+            ("float64", lambda: (both(lambda b: b.double()), same(x_cl.double())), False),
+            ("nothing", lambda: same(x_cl.double() + 1), True),
+        ]
+        if downsample:
+            steps += [("the downsample's BatchNorm replaced", lambda: (replace(shortcut, "1"), same(x_cl.double())),
+                       False),
+                      ("nothing", lambda: same(x_cl.double()), True)]
+        for index, (what, step, replayed) in enumerate(steps):
+            step()
+            assert replays == ([1] if replayed else []), f"step {index}: {what}"
+            replays.clear()
+        both(lambda b: b.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for what, input_, replayed in (("autocast on", x_cl.bfloat16(), False),
+                                           ("nothing", x_cl.bfloat16(), True),
+                                           ("x cast by the first unit at every call", x_cl, False),
+                                           ("x cast by the first unit at every call", x_cl, False)):
+                same(input_, dtype=torch.bfloat16)
+                assert replays == ([1] if replayed else []), what
+                replays.clear()
+    with torch.enable_grad():  # eval with autograd: the unfolded path
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert not replays
+    with torch.no_grad():  # a copy (the folds and the chain are not copied) computes what the block does
+        torch.testing.assert_close(copy.deepcopy(fused)(x_cl), eager(x_cl), rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gpu_replayed_eval_forwards_match_eager(channels_last, replays, fresh_dispatch):
+    """A converted ResNet-18 in eval mode on the GPU, bf16 autocast, batch 2: the first forward measures the
+    dispatch and records each block's chain, the next ones replay the chains (all 8 blocks each time), and each new
+    input's output is within twice eager's own distance from fp64 (+ 1e-3)."""
+    torch.manual_seed(14)
+    eager = torchvision.models.resnet18(num_classes=10).eval().cuda()
+    randomise_bn(eager, 14)
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    if channels_last:
+        eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for seed in range(4):
+        x = torch.randn(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        x = x.contiguous(memory_format=memory_format)
+        with torch.no_grad():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                got, expected = fused(x).float(), eager(x).float()
+            exact = copy.deepcopy(eager).double()(x.double())
+        eager_error = (expected.double() - exact).norm() / exact.norm()
+        assert (got.double() - exact).norm() / exact.norm() <= 2 * eager_error + 1e-3, seed
+        assert len(replays) == (0 if seed == 0 else 8), seed
+        replays.clear()
 
 
 @pytest.mark.parametrize("kind", KINDS)

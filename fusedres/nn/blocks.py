@@ -7,7 +7,8 @@ one op (``conv_batch_norm_stats``: one launch with the Triton conv), every conv 
 as a ``PendingBN`` and its BatchNorm + ReLU is applied by the next conv as it loads its input, or,
 in the last unit, together with the shortcut add and the final ReLU in one ``bn_act`` pass. In
 eval mode without autograd each BatchNorm is folded into its conv and a unit is one
-``conv_bias_act`` launch.
+``conv_bias_act`` launch; a post-activation block's forward like its last one runs that one's launches
+again without their checks (``inference.FoldedChain``).
 
 Supported source blocks (``from_module``) are torchvision's and timm's BasicBlock and
 Bottleneck whose optional parts are absent: every activation a ReLU, no squeeze-excitation,
@@ -77,6 +78,7 @@ def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
 
 
 FOLDS = "_folded"  # the plain attribute in which a FoldingModule keeps its folds (folded_conv_bias_act)
+CHAIN = "chain"  # the key of a block's inference.FoldedChain among its folds
 
 
 def folding_allowed() -> bool:
@@ -102,14 +104,25 @@ def folded_conv_bias_act(owner: FoldingModule, source: Tensor, conv: nn.Conv2d, 
     """act(conv(source) [eval BatchNorm ``bn`` folded in] + residual) in one ``conv_bias_act`` launch
     (inference). The fold is cached in ``owner`` (``FoldingModule``), refolded when a source tensor changes
     (``FoldedWeights``), with what the unit's last call checked and chose (``FoldedUnit``)."""
-    backend = "torch" if backend == "torch" else "auto"
+    backend = _folded_backend(backend)
     if bn is None:
         return inference.conv_module_bias_act(source, conv, conv.weight, conv.bias, residual, relu, backend)
+    return folded_unit(owner, conv, bn)(source, conv, bn, residual, relu, backend)
+
+
+def _folded_backend(backend: str) -> str:
+    """The backend a module's folded units run on, for the module's ``backend``: the CUDA extension has no
+    conv, so anything but "torch" lets the inference op choose."""
+    return "torch" if backend == "torch" else "auto"
+
+
+def folded_unit(owner: FoldingModule, conv: nn.Conv2d, bn: nn.Module) -> inference.FoldedUnit:
+    """The ``FoldedUnit`` that ``owner`` keeps for ``conv`` and ``bn``."""
     cache = owner.__dict__.setdefault(FOLDS, {})
     unit = cache.get((id(conv), id(bn)))
     if unit is None:
         unit = cache[id(conv), id(bn)] = inference.FoldedUnit()
-    return unit(source, conv, bn, residual, relu, backend)
+    return unit
 
 
 def _conv_unsupported(name: str, conv: nn.Module) -> Optional[str]:
@@ -305,18 +318,46 @@ class _FusedPostActBlock(_FusedResidualBlock):
         return conv_pending_bn(*self._downsample_conv_input(x), self.backend)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
-        """Every BatchNorm folded into its conv; each unit (and the add + ReLU) one launch."""
-        shortcut = x
+        """Every BatchNorm folded into its conv; each unit (and the add + ReLU) one launch. Where the downsample
+        is its conv and BatchNorm alone, the forward is recorded as the block's ``inference.FoldedChain``."""
+        backend = _folded_backend(self.backend)
+        guard = inference.chain_guard(x, backend)
+        values, units = [x], []  # values: x, then each unit's output; units: what FoldedChain.record takes
+
+        def unit(source: int, conv: nn.Conv2d, bn: nn.Module, residual: Optional[int] = None,
+                 relu: bool = True) -> int:
+            folded = folded_unit(self, conv, bn)
+            values.append(folded(values[source], conv, bn, None if residual is None else values[residual], relu,
+                                 backend))
+            units.append((folded, conv, bn, source, residual, relu))
+            return len(values) - 1
+
+        shortcut = out = 0
         if self.downsample is not None:
-            shortcut = self._conv_bias_act(*self._downsample_conv_input(x), relu=False)
-        out = x
+            pooled, conv, bn = self._downsample_conv_input(x)
+            if pooled is not x:  # a chain holds conv units only
+                guard = None
+                values.append(pooled)
+            shortcut = unit(len(values) - 1, conv, bn, relu=False)
         for index, (conv_name, bn_name) in enumerate(self.unit_names):
             last = index == len(self.unit_names) - 1
-            out = self._conv_bias_act(out, getattr(self, conv_name), getattr(self, bn_name),
-                                      residual=shortcut if last else None)
-        return out
+            out = unit(out, self._modules[conv_name], self._modules[bn_name], residual=shortcut if last else None)
+        if guard is not None:  # else no chain is recorded; one kept from before still checks what it assumes
+            self.__dict__[FOLDS][CHAIN] = inference.FoldedChain.record(guard, self._chain_modules(), units)
+        return values[out]
+
+    def _chain_modules(self) -> tuple:
+        """The modules whose identity a recorded ``FoldedChain`` assumes: the children, and the downsample's."""
+        downsample = self._modules.get("downsample")
+        return (*self._modules.values(), *(() if downsample is None else downsample._modules.values()))
 
     def forward(self, x: Tensor) -> Tensor:
+        folds = None if self.training else self.__dict__.get(FOLDS)
+        chain = None if folds is None else folds.get(CHAIN)
+        if chain is not None:  # eval mode: the last forward's units again, if nothing that decided them changed
+            out = chain(x, _folded_backend(self.backend), self._chain_modules())
+            if out is not None:
+                return out
         if x.numel() == 0:
             return self._forward_empty_batch(x)
         if self._folding_applies():

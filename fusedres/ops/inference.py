@@ -95,6 +95,15 @@ def _unchanged(t: Optional[Tensor], snapshot: Optional[tuple]) -> bool:
             and t.dtype == dtype)
 
 
+def _fold_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    """The tensors a fold of ``conv`` and ``bn`` depends on: ``fold_batch_norm``'s six, and
+    num_batches_tracked. BatchNorm's forward updates the running stats below autograd, without moving their
+    version counters, but it moves num_batches_tracked's (a Python add_): that one is watched too."""
+    return (_member(conv, "weight"), _member(conv, "bias"), _member(bn, "running_mean"),
+            _member(bn, "running_var"), _member(bn, "weight"), _member(bn, "bias"),
+            _member(bn, "num_batches_tracked"))
+
+
 class FoldedWeights:
     """Cached ``fold_batch_norm`` of one (conv, bn) pair, for a module to own; inference only.
 
@@ -120,11 +129,7 @@ class FoldedWeights:
         if bn.training:
             raise RuntimeError("FoldedWeights.get: the BatchNorm is in training mode; folding uses running "
                                "statistics and is for eval mode only")
-        # BatchNorm's forward updates the running stats below autograd, without moving their version
-        # counters, but it moves num_batches_tracked's (a Python add_): that one is watched too.
-        sources = (_member(conv, "weight"), _member(conv, "bias"), _member(bn, "running_mean"),
-                   _member(bn, "running_var"), _member(bn, "weight"), _member(bn, "bias"),
-                   _member(bn, "num_batches_tracked"))
+        sources = _fold_sources(conv, bn)
         if sources[2] is None or sources[3] is None:
             raise ValueError("FoldedWeights.get: the BatchNorm keeps no running statistics "
                              "(track_running_stats=False), so it has nothing to fold")
@@ -134,12 +139,23 @@ class FoldedWeights:
         key = (sources[0].dtype if dtype is None else dtype, bn.eps)
         if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
             return fold_batch_norm(*sources[:6], bn.eps, key[0])
-        if (key != self._key or not all(map(operator.is_, sources, self._sources))
-                or not all(map(_unchanged, sources, self._snapshots))):
+        if key != self._key or not self._holds(sources):
             with torch.no_grad():
                 self._folded = fold_batch_norm(*sources[:6], bn.eps, key[0])
             self._key, self._sources, self._snapshots = key, sources, tuple(map(_snapshot, sources))
         return self._folded
+
+    def kept(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[tuple[Tensor, Tensor]]:
+        """The fold ``get`` returned last, if ``get(conv, bn)`` in the dtype asked for then would return it
+        again now (same sources, unchanged, same eps), else None. No checks: for a caller that ran ``get`` on
+        these modules before and knows that the BatchNorm is in eval mode and autograd off."""
+        if self._key is None or bn.eps != self._key[1] or not self._holds(_fold_sources(conv, bn)):
+            return None
+        return self._folded
+
+    def _holds(self, sources: tuple) -> bool:
+        """Whether ``sources`` are the tensors last folded, unchanged since."""
+        return all(map(operator.is_, sources, self._sources)) and all(map(_unchanged, sources, self._snapshots))
 
 
 # --------------------------------------------------------------------------- implementations
@@ -281,10 +297,14 @@ def _run(name: str, channels_last: bool, args: tuple) -> Tensor:
     if autocast:  # what torch.autocast(device, enabled=False) does here, without its ~4 us a call
         torch.set_autocast_enabled(device, False)
     try:
-        out = _IMPLS[name](*args)
+        return _dense(_IMPLS[name](*args), channels_last)
     finally:
         if autocast:
             torch.set_autocast_enabled(device, True)
+
+
+def _dense(out: Tensor, channels_last: bool) -> Tensor:
+    """``out``, or a copy of it dense in the memory format ``channels_last`` says."""
     strides = _dense_strides(out.shape, channels_last)
     if out.stride() != strides:  # only where the layout is ambiguous (size-1 C or H * W)
         out = torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
@@ -409,7 +429,8 @@ class FoldedUnit:
     choice. A call takes the whole path where the op must be seen (``eager.plain_mode``), under the autograd
     profiler (which records the op's name), with autograd on, and after a call that cast a tensor to autocast's
     dtype, copied x or the residual into x's memory format, or got a choice the dispatch did not keep (while a
-    graph was captured or a prepare pass ran).
+    graph was captured or a prepare pass ran). A block whose units all ran their plans keeps the whole forward
+    as a ``FoldedChain``, which skips the units' own paths too.
     """
 
     def __init__(self):
@@ -438,3 +459,78 @@ class FoldedUnit:
         cast = any(map(operator.is_not, tensors, (x, weight, bias, residual)))
         self._plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args)
         return out
+
+
+class FoldedChain:
+    """A module's inference forward through its folded units (``FoldedUnit``), in a fixed order, run again
+    without the units' own paths where nothing that decided them changed.
+
+    A converted block's eval forward at batch 1 is host-bound, and most of a unit's host time is spent on
+    checks that come out the same at every call. A forward in which every unit ran its kept plan (the
+    implementation of its last checked call, nothing cast or copied) records the chain (``record``): each
+    unit's fold, conv and BatchNorm, its implementation and the values it read (x, or an earlier unit's
+    output). A later call (``__call__``) runs those implementations straight away, autocast off around them all,
+    where:
+    - x has the same type, shape, strides, dtype and device, and ``chain_guard``'s context is the same
+      (backend, autocast dtype, torch's conv flags, ``dispatch.resets()`` and ``graph_replay()``);
+    - the owner holds the same modules (``modules``, its children, say);
+    - each conv has the same stride, padding, dilation and groups, each BatchNorm is in eval mode, and each
+      fold still holds (``FoldedWeights.kept``).
+    Each unit's plan checks the same (an intermediate value's layout follows from x's and the implementations),
+    so the chain computes what the units would. Otherwise ``__call__`` returns None and the owner takes the
+    units' path, which records the chain anew.
+    """
+
+    def __init__(self, guard: tuple, modules: tuple, steps: tuple):
+        self._guard = guard
+        self._modules = modules
+        self._steps = steps
+
+    @classmethod
+    def record(cls, guard: tuple, modules: tuple, units: Sequence[tuple]) -> Optional["FoldedChain"]:
+        """The chain of a forward that just ran ``units`` in order, each (its FoldedUnit, conv, BatchNorm, the
+        index of the value it read, of its residual or None, ReLU): values are numbered 0 for x, then k for the
+        k-th unit's output. ``guard``: ``chain_guard`` at the forward's start (not None); ``modules``: what the
+        owner holds, as its calls will pass them. None where a unit has no plan."""
+        steps = []
+        for unit, conv, bn, source, residual, relu in units:
+            plan, folded = unit._plan, unit.fold._folded
+            if plan is None or folded is None or folded[0] is not plan[1] or folded[1] is not plan[2]:
+                return None
+            name, channels_last, conv_args = plan[3:]
+            steps.append((unit.fold, folded, conv, bn, conv_args, name, channels_last, source, residual, relu))
+        return cls(guard, modules, tuple(steps))
+
+    def __call__(self, x: Tensor, backend: str, modules: tuple) -> Optional[Tensor]:
+        """The owner's forward on ``x`` (the units' last output), or None where the chain does not hold."""
+        if modules != self._modules or chain_guard(x, backend) != self._guard:
+            return None
+        for fold, folded, conv, bn, conv_args, *_ in self._steps:
+            if (bn.training or (conv.stride, conv.padding, conv.dilation, conv.groups) != conv_args
+                    or fold.kept(conv, bn) is not folded):
+                return None
+        device = x.device.type
+        autocast = self._guard[2] is not None
+        if autocast:
+            torch.set_autocast_enabled(device, False)
+        try:
+            values = [x]
+            for _, (weight, bias), _, _, conv_args, name, channels_last, source, residual, relu in self._steps:
+                values.append(_dense(_IMPLS[name](values[source], weight, bias,
+                                                  None if residual is None else values[residual], conv_args, relu),
+                                     channels_last))
+            return values[-1]
+        finally:
+            if autocast:
+                torch.set_autocast_enabled(device, True)
+
+
+def chain_guard(x: Tensor, backend: str) -> Optional[tuple]:
+    """What a ``FoldedChain``'s calls share with the forward that recorded it, besides its modules: x's layout,
+    the units' backend, autocast's dtype, torch's conv flags, the dispatch's resets and graph replay. None where
+    no chain may run (or be recorded): where the ops must be seen (``eager.plain_mode``), with autograd or its
+    profiler on (``FoldedUnit`` takes the op's whole path there)."""
+    if not eager.plain_mode() or torch.is_grad_enabled() or torch.autograd._profiler_enabled():
+        return None
+    return (_layout(x), backend, backends.autocast_dtype(x.device.type), backends.conv_flags(x.dtype),
+            dispatch.resets(), dispatch.graph_replay())
