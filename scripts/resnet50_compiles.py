@@ -13,7 +13,8 @@ the benchmarks launch it:
   BatchNorm + ReLU prologue or none, the stem's none): the forward with statistics, the input gradient of
   convs with a prologue, the weight gradient.
 - ``infer``: the eval model's folded-BatchNorm convs (``fusedres.ops.inference``), the stem's too: bias, the
-  residual and ReLU at a block's last conv, ReLU elsewhere but after the downsample conv.
+  residual and ReLU at a block's last conv, ReLU elsewhere but after the downsample conv, which has no bias
+  either (its block's last conv adds it, ``blocks._FusedPostActBlock._inference_forward``).
 - ``convs``: what the benchmarks' convs level adds (every conv, the stem too): the bare conv, the BN + ReLU
   prologue alone, the prologue with statistics.
 
@@ -149,10 +150,10 @@ def run_convs(model: str, mode: str, batch: int, only=None) -> None:
                 if prologue:
                     conv_dgrad.conv2d_input_grad(grad, weight, x, **spec.args, **prologue, mean=c)
                 conv_wgrad.conv2d_weight_grad(x, grad, spec.weight_shape, **spec.args, **prologue)
-        else:  # a block's last conv adds the residual; every conv but the downsample ends in ReLU
-            for last, relu in sorted({(m.endswith("conv3"), not m.endswith("downsample.0")) for m in fused}):
-                conv.conv2d_fused(x, weight, **spec.args, in_relu=False, out_shift=k,
-                                  residual=grad if last else None, out_relu=relu)
+        else:  # a block's last conv adds the residual; every conv but the downsample has a bias and ends in ReLU
+            for last, downsample in sorted({(m.endswith("conv3"), m.endswith("downsample.0")) for m in fused}):
+                conv.conv2d_fused(x, weight, **spec.args, in_relu=False, out_shift=None if downsample else k,
+                                  residual=grad if last else None, out_relu=not downsample)
 
 
 class PerThreadStdout(io.TextIOBase):

@@ -280,6 +280,31 @@ def test_eval_forward_replays_its_units_only_while_nothing_that_decided_them_cha
         torch.testing.assert_close(copy.deepcopy(fused)(x_cl), eager(x_cl), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_eval_forward_moves_the_downsample_bias_to_the_last_unit(kind, monkeypatch):
+    """The downsample conv runs without a bias (no ReLU, so no cuDNN fused conv: torch's conv would add it by a
+    pass of its own) and the last unit adds both folded biases, in the units' path and replayed: every other
+    unit has its bias, and the output is eager's (float64), which it would not be without the moved bias."""
+    eager = _block(kind, seed=15).double().eval()
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    calls = []
+    run_torch = inference._IMPLS["torch"]
+
+    def recorded(x, weight, bias, residual, conv, relu):
+        calls.append((weight.shape[1], bias is None, residual is None, relu))
+        return run_torch(x, weight, bias, residual, conv, relu)
+
+    monkeypatch.setitem(inference._IMPLS, "torch", recorded)
+    x = torch.randn(2, 12, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        for forward in range(2):  # the units' path, then the chain
+            torch.testing.assert_close(fused(x), eager(x), rtol=1e-12, atol=1e-12)
+            assert calls[0] == (12, True, True, False), forward  # the downsample: no bias, no ReLU
+            assert calls[-1][1:] == (False, False, True), forward  # the last unit: a bias, the residual, ReLU
+            assert all(not bias_absent for _, bias_absent, *_ in calls[1:]), forward
+            calls.clear()
+
+
 @requires_cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_gpu_replayed_eval_forwards_match_eager(channels_last, replays, fresh_dispatch):

@@ -324,24 +324,35 @@ class _FusedPostActBlock(_FusedResidualBlock):
         guard = inference.chain_guard(x, backend)
         values, units = [x], []  # values: x, then each unit's output; units: what FoldedChain.record takes
 
-        def unit(source: int, conv: nn.Conv2d, bn: nn.Module, residual: Optional[int] = None,
-                 relu: bool = True) -> int:
-            folded = folded_unit(self, conv, bn)
-            values.append(folded(values[source], conv, bn, None if residual is None else values[residual], relu,
-                                 backend))
-            units.append((folded, conv, bn, source, residual, relu))
+        def unit(source: int, conv: nn.Conv2d, bn: nn.Module, residual: Optional[int] = None, relu: bool = True,
+                 moved_bias: Optional[Tensor] = None, keep_bias: bool = True) -> int:
+            """Run one unit on values[source]; its bias plus ``moved_bias``, or none without ``keep_bias``."""
+            runner = folded_unit(self, conv, bn)
+            weight, bias = runner.folded(values[source], conv, bn)
+            if moved_bias is not None:
+                bias = runner.summed_bias(bias, moved_bias)
+            values.append(runner(values[source], conv, bn, None if residual is None else values[residual], relu,
+                                 backend, folded=(weight, bias if keep_bias else None)))
+            units.append((runner, conv, bn, source, residual, relu))
             return len(values) - 1
 
+        # The downsample's folded bias is added to the last unit's instead (relu(conv3 + b3 + (conv_ds + b_ds)) is
+        # relu(conv3 + (b3 + b_ds) + conv_ds)): without a ReLU cuDNN's fused convs cannot run the downsample, and
+        # torch's conv adds a bias by a pass of its own over the output (ATen's cuDNN convs take no bias), where
+        # the last unit's conv adds its own in the same launch.
         shortcut = out = 0
+        moved_bias = None
         if self.downsample is not None:
             pooled, conv, bn = self._downsample_conv_input(x)
             if pooled is not x:  # a chain holds conv units only
                 guard = None
                 values.append(pooled)
-            shortcut = unit(len(values) - 1, conv, bn, relu=False)
+            moved_bias = folded_unit(self, conv, bn).folded(pooled, conv, bn)[1]
+            shortcut = unit(len(values) - 1, conv, bn, relu=False, keep_bias=False)
         for index, (conv_name, bn_name) in enumerate(self.unit_names):
             last = index == len(self.unit_names) - 1
-            out = unit(out, self._modules[conv_name], self._modules[bn_name], residual=shortcut if last else None)
+            out = unit(out, self._modules[conv_name], self._modules[bn_name], residual=shortcut if last else None,
+                       moved_bias=moved_bias if last else None)
         if guard is not None:  # else no chain is recorded; one kept from before still checks what it assumes
             self.__dict__[FOLDS][CHAIN] = inference.FoldedChain.record(guard, self._chain_modules(), units)
         return values[out]

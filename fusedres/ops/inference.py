@@ -436,13 +436,32 @@ class FoldedUnit:
     def __init__(self):
         self.fold = FoldedWeights()
         self._plan: Optional[tuple] = None  # (guard, weight, bias, implementation, channels_last, conv arguments)
+        self._summed: Optional[tuple] = None  # (bias, other, bias + other) of summed_bias
+
+    def folded(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
+        """(W', b'), ``bn`` folded into ``conv`` (``fold``) in the dtype a call on ``x`` computes in."""
+        return self._fold(conv, bn, backends.autocast_dtype(x.device.type))
+
+    def _fold(self, conv: nn.Conv2d, bn: nn.Module, autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+        weight = conv.weight  # autocast leaves float64 alone
+        return self.fold.get(conv, bn, autocast if autocast and weight.dtype != torch.float64 else weight.dtype)
+
+    def summed_bias(self, bias: Tensor, other: Tensor) -> Tensor:
+        """bias + other (a bias moved to this unit from another one), the same tensor while both are."""
+        if torch.compiler.is_compiling():
+            return bias + other
+        summed = self._summed
+        if summed is None or summed[0] is not bias or summed[1] is not other:
+            with torch.no_grad():
+                summed = self._summed = (bias, other, bias + other)
+        return summed[2]
 
     def __call__(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
-                 backend: str) -> Tensor:
+                 backend: str, folded: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
+        """act(conv(x) [bn folded in] + residual); with ``folded``, (W', b') to compute with instead of
+        ``folded(x, conv, bn)``'s (a block that moves a unit's bias to another unit, ``summed_bias``)."""
         autocast = backends.autocast_dtype(x.device.type)
-        weight = conv.weight
-        weight, bias = self.fold.get(conv, bn, autocast if autocast and weight.dtype != torch.float64
-                                     else weight.dtype)
+        weight, bias = self._fold(conv, bn, autocast) if folded is None else folded
         if not eager.plain_mode() or torch.is_grad_enabled() or torch.autograd._profiler_enabled():
             return conv_module_bias_act(x, conv, weight, bias, residual, relu, backend)
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -468,17 +487,19 @@ class FoldedChain:
     A converted block's eval forward at batch 1 is host-bound, and most of a unit's host time is spent on
     checks that come out the same at every call. A forward in which every unit ran its kept plan (the
     implementation of its last checked call, nothing cast or copied) records the chain (``record``): each
-    unit's fold, conv and BatchNorm, its implementation and the values it read (x, or an earlier unit's
-    output). A later call (``__call__``) runs those implementations straight away, autocast off around them all,
-    where:
+    unit's fold, conv and BatchNorm, the weight and bias it ran with (its fold's, or its bias summed with
+    another unit's or dropped, as the owner decided), its implementation and the values it read (x, or an
+    earlier unit's output). A later call (``__call__``) runs those implementations straight away, autocast
+    off around them all, where:
     - x has the same type, shape, strides, dtype and device, and ``chain_guard``'s context is the same
       (backend, autocast dtype, torch's conv flags, ``dispatch.resets()`` and ``graph_replay()``);
     - the owner holds the same modules (``modules``, its children, say);
     - each conv has the same stride, padding, dilation and groups, each BatchNorm is in eval mode, and each
       fold still holds (``FoldedWeights.kept``).
-    Each unit's plan checks the same (an intermediate value's layout follows from x's and the implementations),
-    so the chain computes what the units would. Otherwise ``__call__`` returns None and the owner takes the
-    units' path, which records the chain anew.
+    Each unit's plan checks the same (an intermediate value's layout follows from x's and the implementations;
+    a bias summed with another unit's holds while both folds do, and both units are in the chain), so the chain
+    computes what the units would. Otherwise ``__call__`` returns None and the owner takes the units' path,
+    which records the chain anew.
     """
 
     def __init__(self, guard: tuple, modules: tuple, steps: tuple):
@@ -495,10 +516,11 @@ class FoldedChain:
         steps = []
         for unit, conv, bn, source, residual, relu in units:
             plan, folded = unit._plan, unit.fold._folded
-            if plan is None or folded is None or folded[0] is not plan[1] or folded[1] is not plan[2]:
+            if plan is None or folded is None or folded[0] is not plan[1]:
                 return None
-            name, channels_last, conv_args = plan[3:]
-            steps.append((unit.fold, folded, conv, bn, conv_args, name, channels_last, source, residual, relu))
+            weight, bias, name, channels_last, conv_args = plan[1:]  # bias: the fold's, None or summed with one
+            steps.append((unit.fold, folded, conv, bn, conv_args, weight, bias, name, channels_last, source,
+                          residual, relu))
         return cls(guard, modules, tuple(steps))
 
     def __call__(self, x: Tensor, backend: str, modules: tuple) -> Optional[Tensor]:
@@ -515,7 +537,7 @@ class FoldedChain:
             torch.set_autocast_enabled(device, False)
         try:
             values = [x]
-            for _, (weight, bias), _, _, conv_args, name, channels_last, source, residual, relu in self._steps:
+            for *_, conv_args, weight, bias, name, channels_last, source, residual, relu in self._steps:
                 values.append(_dense(_IMPLS[name](values[source], weight, bias,
                                                   None if residual is None else values[residual], conv_args, relu),
                                      channels_last))
