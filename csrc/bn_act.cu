@@ -121,13 +121,26 @@ struct Plan {
   int tiles, block;
 };
 
+// Channels a thread takes at most in channels_last (VEC there) for a backward kernel whose flags
+// (ResKind, ResGrad, RSUM) make it hold a second set of per-channel values: a BatchNorm'd
+// residual's, or the residual gradient's coefficients, or the residual sum's mean. At 8 channels
+// a thread (16 bytes of fp16/bf16) ptxas spilled up to 488 bytes a thread under kMinBlocks' 128
+// registers (CUDA 13.0, sm_90; the downsample blocks' backward); at 4 (8-byte accesses) they fit.
+constexpr int kNarrowVec = 4;
+constexpr bool narrow_apply(int rk, int rg) { return rk == kBnRes || rg == kResGradAffine; }
+constexpr bool narrow_reduce(int rk, bool rsum) { return rk == kBnRes && rsum; }
+template <int VEC, bool CL, bool NARROW>
+constexpr int kVecOf = NARROW && CL && VEC > kNarrowVec ? kNarrowVec : VEC;
+
 // Layout, vector width and block shape for y and a's pointers (all aligned for 16-byte
-// accesses; per-channel ones are read VEC at a time in channels_last).
-Plan make_plan(const at::Tensor& y, const Args& a) {
+// accesses; per-channel ones are read VEC at a time in channels_last); ``narrow``: at most
+// kNarrowVec channels a thread in channels_last (kVecOf).
+Plan make_plan(const at::Tensor& y, const Args& a, bool narrow = false) {
   Plan p;
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   p.cl = layout_of(y) == at::MemoryFormat::ChannelsLast;
-  const int full = 16 / static_cast<int>(y.element_size());
+  int full = 16 / static_cast<int>(y.element_size());
+  if (narrow && p.cl) full = std::min(full, kNarrowVec);
   p.vec = (p.cl ? C : HW) % full == 0;
   for (const void* d : std::initializer_list<const void*>{a.y, a.res, a.grad, a.out, a.out_res})
     p.vec &= reinterpret_cast<uintptr_t>(d) % 16 == 0;
@@ -326,14 +339,16 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> backward_reduce(
       if (t) t->zero_();
     return {sum_dz, sum_dz_yc, sum_dz_rc};
   }
-  const Plan p = make_plan(y, a);
+  // without relu the residual's kind only mattered for the mask: the kernel is kNoRes's (with_flags)
+  const Plan p = make_plan(y, a, narrow_reduce(relu ? rk : kNoRes, res_mean.has_value()));
   Kernel k = nullptr;
   with_layout(y.scalar_type(), p.vec, p.cl, [&](auto tt, auto v, auto cl) {
     with_flags<true>(relu, rk, [&](auto re, auto r) {
       with_bool(res_mean.has_value(), [&](auto rsum) {
         if constexpr (!(VALUE(re) && VALUE(r) == kNoRes && VALUE(rsum)))  // res_mean => residual
-          k = &backward_reduce_kernel<typename decltype(tt)::type, VALUE(v), VALUE(cl), VALUE(re),
-                                      VALUE(r), VALUE(rsum)>;
+          k = &backward_reduce_kernel<typename decltype(tt)::type,
+                                      kVecOf<VALUE(v), VALUE(cl), narrow_reduce(VALUE(r), VALUE(rsum))>,
+                                      VALUE(cl), VALUE(re), VALUE(r), VALUE(rsum)>;
       });
     });
   });
@@ -370,14 +385,15 @@ std::tuple<at::Tensor, OptTensor> backward_apply(
   a.out = dy.data_ptr();
   a.out_res = dres ? dres->data_ptr() : nullptr;
   const int rg = !want_residual_grad ? kNoResGrad : res_coef ? kResGradAffine : kResGradDz;
-  const Plan p = make_plan(y, a);
+  const Plan p = make_plan(y, a, narrow_apply(relu ? rk : kNoRes, rg));  // as in backward_reduce
   Kernel k = nullptr;
   with_layout(y.scalar_type(), p.vec, p.cl, [&](auto tt, auto v, auto cl) {
     with_flags<true>(relu, rk, [&](auto re, auto r) {
       with_int<3>(rg, [&](auto g) {
         if constexpr (!(VALUE(re) && VALUE(r) == kNoRes && VALUE(g) != kNoResGrad))
-          k = &backward_apply_kernel<typename decltype(tt)::type, VALUE(v), VALUE(cl), VALUE(re),
-                                     VALUE(r), VALUE(g)>;
+          k = &backward_apply_kernel<typename decltype(tt)::type,
+                                     kVecOf<VALUE(v), VALUE(cl), narrow_apply(VALUE(r), VALUE(g))>,
+                                     VALUE(cl), VALUE(re), VALUE(r), VALUE(g)>;
       });
     });
   });

@@ -24,8 +24,9 @@
 //   NCHW:          outer = N,          units = C (one channel each),  inner = H*W / VEC.
 // A thread owns ONE unit (its per-channel parameters sit in registers, its reduction
 // accumulators belong to fixed channels) and grid-strides over (outer, inner), kUnroll vectors
-// per trip, without divisions in the loop. VEC = 16 bytes / element size when the vectorised
-// extent (C, or H*W) is a multiple of it and every pointer is aligned, else 1. Grid x covers
+// per trip, without divisions in the loop. VEC = 16 bytes / element size (at most 4 channels
+// for the channels_last backward variants bn_act.cu narrows) when the vectorised extent (C, or
+// H*W) is a multiple of it and every pointer is aligned, else 1. Grid x covers
 // the units `tpr` per block, grid y splits (outer, inner) so that blocks fill whole waves.
 //
 // Assumes: y contiguous NCHW or channels_last; residual and grad_out of y's shape and memory
@@ -42,9 +43,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;     // vectors in flight per thread and loop trip
-// Resident blocks per SM the main kernels allow (<= 128 registers). The heaviest variants
-// (channels_last fp16/bf16 backward with a BN residual) then keep some per-channel parameters
-// in L1-resident local memory rather than drop to one block per SM.
+// Resident blocks per SM the main kernels allow (<= 128 registers). The backward variants that
+// hold a second set of per-channel values take fewer channels a thread in channels_last instead
+// (bn_act.cu's kNarrowVec), which ptxas otherwise spilled to local memory.
 constexpr int kMinBlocks = 2;
 enum ResKind : int { kNoRes, kIdRes, kBnRes };
 enum ResGrad : int { kNoResGrad, kResGradDz, kResGradAffine };
