@@ -27,6 +27,12 @@ def assert_close(actual, expected, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+def within(context, fn):
+    """fn() inside ``with context`` (a step of a table of calls)."""
+    with context:
+        return fn()
+
+
 def to_format(t, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return t.contiguous(memory_format=fmt)

@@ -19,7 +19,7 @@ from torch import nn
 from conftest import pretend_capturing, requires_cuda
 from fusedres.ops import dispatch, inference
 from fusedres.ops.inference import FoldedWeights, conv_bias_act, fold_batch_norm
-from op_helpers import F32, F64, assert_close, positive, randn, to_format
+from op_helpers import F32, F64, assert_close, positive, randn, to_format, within
 
 BF16 = torch.bfloat16
 OP = torch.ops.fusedres.conv_bias_act.default
@@ -256,11 +256,6 @@ def run_unit(unit, conv, bn, x, residual=None, relu=True, dtype=F32):
         assert_close(out.double(), expected, dtype, "FoldedUnit")
     assert_layout(out, x)
     return out
-
-
-def within(context, fn):
-    with context:
-        return fn()
 
 
 def test_folded_unit_checks_only_calls_unlike_the_last_checked_one(pair, whole_paths, fresh_dispatch):

@@ -18,6 +18,7 @@ from fusedres.ops.backends import unavailable_reason
 
 from conftest import requires_cuda
 from model_helpers import randomise_bn
+from op_helpers import within
 
 
 KINDS = ["basic", "bottleneck", "preact-basic", "preact-bottleneck"]
@@ -169,11 +170,6 @@ def replays(monkeypatch):
     return calls
 
 
-def _within(context, fn):
-    with context:
-        return fn()
-
-
 @pytest.mark.parametrize("downsample", [True, False], ids=["downsample", "identity"])
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_eval_forward_replays_its_units_only_while_nothing_that_decided_them_changed(kind, downsample, replays,
@@ -247,9 +243,9 @@ def test_eval_forward_replays_its_units_only_while_nothing_that_decided_them_cha
             ("the block's backend", lambda: (setattr(fused, "backend", "torch"), same(x_cl)), False),
             ("nothing", lambda: same(x_cl), True),
             ("the autograd profiler on (the units' path, the chain kept)",
-             lambda: _within(torch.autograd.profiler.profile(), lambda: same(x_cl)), False),
+             lambda: within(torch.autograd.profiler.profile(), lambda: same(x_cl)), False),
             ("nothing", lambda: same(x_cl), True),
-            ("cuDNN disabled (torch's conv flags)", lambda: _within(torch.backends.cudnn.flags(enabled=False),
+            ("cuDNN disabled (torch's conv flags)", lambda: within(torch.backends.cudnn.flags(enabled=False),
                                                                     lambda: same(x_cl)), False),
             ("cuDNN enabled again", lambda: same(x_cl), False),
             ("nothing", lambda: same(x_cl), True),

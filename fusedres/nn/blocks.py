@@ -325,16 +325,16 @@ class _FusedPostActBlock(_FusedResidualBlock):
         values, units = [x], []  # values: x, then each unit's output; units: what FoldedChain.record takes
 
         def unit(source: int, conv: nn.Conv2d, bn: nn.Module, residual: Optional[int] = None, relu: bool = True,
-                 moved_bias: Optional[Tensor] = None, keep_bias: bool = True) -> int:
-            """Run one unit on values[source]; its bias plus ``moved_bias``, or none without ``keep_bias``."""
+                 moved_bias: Optional[Tensor] = None, keep_bias: bool = True) -> tuple[int, Tensor]:
+            """Run one unit on values[source] with its folded bias plus ``moved_bias``, or none without
+            ``keep_bias``: the index of its output among values, and its own folded bias."""
             runner = folded_unit(self, conv, bn)
-            weight, bias = runner.folded(values[source], conv, bn)
-            if moved_bias is not None:
-                bias = runner.summed_bias(bias, moved_bias)
+            weight, own_bias = runner.folded(values[source], conv, bn)
+            bias = own_bias if moved_bias is None else runner.summed_bias(own_bias, moved_bias)
             values.append(runner(values[source], conv, bn, None if residual is None else values[residual], relu,
                                  backend, folded=(weight, bias if keep_bias else None)))
             units.append((runner, conv, bn, source, residual, relu))
-            return len(values) - 1
+            return len(values) - 1, own_bias
 
         # The downsample's folded bias is added to the last unit's instead (relu(conv3 + b3 + (conv_ds + b_ds)) is
         # relu(conv3 + (b3 + b_ds) + conv_ds)): without a ReLU cuDNN's fused convs cannot run the downsample, and
@@ -347,12 +347,11 @@ class _FusedPostActBlock(_FusedResidualBlock):
             if pooled is not x:  # a chain holds conv units only
                 guard = None
                 values.append(pooled)
-            moved_bias = folded_unit(self, conv, bn).folded(pooled, conv, bn)[1]
-            shortcut = unit(len(values) - 1, conv, bn, relu=False, keep_bias=False)
+            shortcut, moved_bias = unit(len(values) - 1, conv, bn, relu=False, keep_bias=False)
         for index, (conv_name, bn_name) in enumerate(self.unit_names):
             last = index == len(self.unit_names) - 1
-            out = unit(out, self._modules[conv_name], self._modules[bn_name], residual=shortcut if last else None,
-                       moved_bias=moved_bias if last else None)
+            out, _ = unit(out, self._modules[conv_name], self._modules[bn_name], residual=shortcut if last else None,
+                          moved_bias=moved_bias if last else None)
         if guard is not None:  # else no chain is recorded; one kept from before still checks what it assumes
             self.__dict__[FOLDS][CHAIN] = inference.FoldedChain.record(guard, self._chain_modules(), units)
         return values[out]

@@ -518,9 +518,9 @@ class FoldedChain:
             plan, folded = unit._plan, unit.fold._folded
             if plan is None or folded is None or folded[0] is not plan[1]:
                 return None
-            weight, bias, name, channels_last, conv_args = plan[1:]  # bias: the fold's, None or summed with one
-            steps.append((unit.fold, folded, conv, bn, conv_args, weight, bias, name, channels_last, source,
-                          residual, relu))
+            bias, name, channels_last, conv_args = plan[2:]  # bias: the fold's, None or summed with one
+            steps.append((unit.fold, folded, conv, bn, conv_args, bias, name, channels_last, source, residual,
+                          relu))
         return cls(guard, modules, tuple(steps))
 
     def __call__(self, x: Tensor, backend: str, modules: tuple) -> Optional[Tensor]:
@@ -537,7 +537,7 @@ class FoldedChain:
             torch.set_autocast_enabled(device, False)
         try:
             values = [x]
-            for *_, conv_args, weight, bias, name, channels_last, source, residual, relu in self._steps:
+            for _, (weight, _), _, _, conv_args, bias, name, channels_last, source, residual, relu in self._steps:
                 values.append(_dense(_IMPLS[name](values[source], weight, bias,
                                                   None if residual is None else values[residual], conv_args, relu),
                                      channels_last))
