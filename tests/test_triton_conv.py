@@ -1590,9 +1590,9 @@ def described(value):
     return repr(value)
 
 
-def forward(in_scale):  # how the conv kernel's and the statistics kernel's launches went
+def launched(call):  # how call()'s launches of the conv kernel and the statistics kernel went
     runs, first = len(jit_runs), len(launches)
-    conv.conv2d_fused(x, w, padding=(1, 1), groups=2, in_scale=in_scale, in_shift=shift, compute_stats=True)
+    call()
     found = dict(jit=len(jit_runs) - runs)
     for name, launcher, args in launches[first:]:
         launch_metadata, hooks = args[6], args[7:9]
@@ -1602,8 +1602,27 @@ def forward(in_scale):  # how the conv kernel's and the statistics kernel's laun
     return found
 
 
+def forward(in_scale):
+    return launched(lambda: conv.conv2d_fused(x, w, padding=(1, 1), groups=2, in_scale=in_scale, in_shift=shift,
+                                              compute_stats=True))
+
+
+out = torch.empty(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+
+
+def into_out(x):  # forward(scale)'s launch as conv2d_fused makes it, into a channels_last out whatever x's strides
+    k = out.shape[1]
+    return launched(lambda: conv._launch(
+        x, conv._packed_weight(w, 2), conv._geometry(x, w, 1, 1, 1, 2), 2, out, in_scale=scale, in_shift=shift,
+        in_relu=True, compute_stats=True, stats_shift=torch.zeros(k), stats_out=(torch.empty(k), torch.empty(k)),
+        moments=True))
+
+
+# x's values with other strides (pixels 136 channels apart): the same tuning key, another launch plan
+wide_x = torch.empty(16, 8, 8, 136, dtype=torch.bfloat16).permute(0, 3, 1, 2)[:, :128].copy_(x)
 found = dict(tuning=forward(scale), aligned=[forward(scale), forward(scale)],
-             misaligned=[forward(misaligned_scale), forward(misaligned_scale)], aligned_again=forward(scale))
+             misaligned=[forward(misaligned_scale), forward(misaligned_scale)], aligned_again=forward(scale),
+             wide=[into_out(wide_x), into_out(wide_x)], aligned_after_wide=into_out(x))
 
 
 def base(config):  # a config as kernel.configs holds it: without the box a launch adds (conv_configs._config_box)
@@ -1621,22 +1640,25 @@ print(json.dumps(found))
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests launch these shapes for real")
 def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_same_arguments(tmp_path):
     """After a launch through triton's JIT path, a launch the JIT would specialise the same way runs that
-    launch's compiled kernel without the JIT path (fusedres.triton.relaunch), for the autotuned conv kernel (a
-    tuned key's config) and a plain one (the statistics' finishing kernel) alike: the same launcher, grid, kernel
-    handle and arguments (the launch hooks, silent, passed as None). A pointer of another alignment (which the
-    JIT specialises on) goes through the JIT path once, which makes it another conv kernel, relaunched from then
-    on; the aligned launch still relaunches its own. Kernels kept are forgotten when the autotuner's configs
-    and cache are replaced. Run on CPU with a stand-in for the H100's driver whose launchers record their
-    calls, in a process without TRITON_INTERPRET."""
+    launch's compiled kernel without the JIT path (fusedres.triton.relaunch), for the autotuned conv kernel (by
+    its launch plan's key, from the call that tuned it on: ``autotuning.keyed_launch``) and a plain one (the
+    statistics' finishing kernel, by its signature) alike: the same launcher, grid, kernel handle and arguments
+    (the launch hooks, silent, passed as None). A pointer of another alignment (which the JIT specialises on)
+    goes through the JIT path once, which makes it another conv kernel, relaunched from then on; the aligned
+    launch still relaunches its own. Kernels kept are forgotten when the autotuner's configs and cache are
+    replaced. Run on CPU with a stand-in for the H100's driver whose launchers record their calls, in a process
+    without TRITON_INTERPRET."""
     found = run_behind_stand_in(_RELAUNCH, tmp_path)
-    # the statistics kernel's first launch (in the tuning call) and the tuned conv's go through the JIT
-    (stats_through_jit, conv_through_jit), relaunched = (
-        (found["tuning"]["_finish_partials_kernel"], found["aligned"][0]["_conv_kernel"]), found["aligned"][1])
-    assert [run["jit"] for run in found["aligned"]] == [1, 0], found
-    for through_jit, kernel in ((conv_through_jit, "_conv_kernel"), (stats_through_jit, "_finish_partials_kernel")):
-        assert through_jit["hooks_silent"], found
-        for key in ("launcher", "grid", "kernel", "arguments"):
-            assert relaunched[kernel][key] == through_jit[key], (kernel, key)
+    # the tuning call's launches (the conv's last one: the chosen config's) go through the JIT
+    (stats_through_jit, conv_through_jit) = (found["tuning"][name] for name in ("_finish_partials_kernel",
+                                                                              "_conv_kernel"))
+    assert [run["jit"] for run in found["aligned"]] == [0, 0], found
+    for relaunched in found["aligned"]:
+        for through_jit, kernel in ((conv_through_jit, "_conv_kernel"),
+                                    (stats_through_jit, "_finish_partials_kernel")):
+            assert through_jit["hooks_silent"], found
+            for key in ("launcher", "grid", "kernel", "arguments"):
+                assert relaunched[kernel][key] == through_jit[key], (kernel, key)
     assert conv_through_jit["grid"][1:] == [2, 1], found
     misaligned_through_jit, misaligned_relaunched = (run["_conv_kernel"] for run in found["misaligned"])
     assert [run["jit"] for run in found["misaligned"]] == [1, 0], found
@@ -1645,6 +1667,16 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     assert misaligned_relaunched["arguments"] == misaligned_through_jit["arguments"]
     assert found["aligned_again"]["jit"] == 0
     assert found["aligned_again"]["_conv_kernel"]["launcher"] == conv_through_jit["launcher"]
+    # x alone of other strides: the tuned config, compiled for them once (the JIT specialises on the strides), then
+    # relaunched with them; the first layout's launch still relaunches its own arguments
+    wide_through_jit, wide_relaunched = (run["_conv_kernel"] for run in found["wide"])
+    assert [run["jit"] for run in found["wide"]] == [1, 0], found
+    strides = slice(22, 30)  # stride_xn .. stride_xw, stride_on .. stride_oq among the kernel's arguments
+    assert conv_through_jit["arguments"][strides] == ["8192", "1", "1024", "128", "4096", "1", "512", "64"]
+    assert wide_through_jit["arguments"][strides] == ["8704", "1", "1088", "136", "4096", "1", "512", "64"]
+    assert wide_relaunched["arguments"] == wide_through_jit["arguments"]
+    assert found["aligned_after_wide"]["jit"] == 0
+    assert found["aligned_after_wide"]["_conv_kernel"]["arguments"] == conv_through_jit["arguments"]
     # the autotuner's configs and cache replaced: the key is tuned again among the new configs, nothing relaunched
     assert found["other_configs"]["jit"] > 0 and found["chosen_then"] == [False, True], found
 
@@ -1960,13 +1992,14 @@ def test_gpu_each_usable_config_computes_the_prologue_conv(shape, n, monkeypatch
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_relaunches_compute_what_the_jit_launch_computed():
-    """Launches like an earlier one run its kernel without triton's JIT path (fusedres.triton.relaunch): on the
-    GPU, each of several calls, new inputs every time, an in_scale 4 bytes past a 16-byte boundary (the JIT
-    specialises pointers on their alignment: another kernel) between aligned ones, and the statistics' own
-    launch, meets the reference."""
+    """Launches like an earlier one run its kernel without triton's JIT path (fusedres.triton.relaunch, by the
+    launch plan's key): on the GPU, each of several calls, new inputs every time, an in_scale 4 bytes past a
+    16-byte boundary (the JIT specialises pointers on their alignment: another kernel) between aligned ones, x
+    channels_last then NCHW (other plans), and the statistics' own launch, meets the reference."""
     case = _case(64, 96, 9, 3, 1, 1, BF16, True, "relu", "stats", n=4)
-    for call in range(5):
-        x, w, kw = _make(dataclasses.replace(case, n=4 + call % 2))  # two batch sizes: two keys, alternating
+    for call in range(7):
+        # two batch sizes: two keys, alternating; the last two calls' x NCHW
+        x, w, kw = _make(dataclasses.replace(case, n=4 + call % 2, channels_last=call < 5))
         if call == 2:
             misaligned = torch.empty(65, device=DEVICE)[1:]
             kw["in_scale"] = misaligned.copy_(kw["in_scale"])

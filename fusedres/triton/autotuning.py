@@ -70,7 +70,7 @@ def fast_path_and_record(tuner, keep, constants):
     those it may run that fit, with their constants, see ``prune_and_compile``) instead. A lone config, which
     triton launches without pruning, launches with its ``constants(config kwargs, arguments)`` too."""
     plain_run = tuner.run
-    relaunches = Relaunches(tuner.fn)
+    relaunches = tuner.relaunches = Relaunches(tuner.fn)  # keyed_launch uses it too
 
     def run(*args, **kwargs):
         ahead = getattr(_AHEAD, "pass_", None)
@@ -110,6 +110,27 @@ def fast_path_and_record(tuner, keep, constants):
 
     tuner.run = run
     return tuner
+
+
+def keyed_launch(kernel, grid, key, tensors: tuple, kwargs: dict):
+    """``kernel[grid](*tensors, **kwargs)``, where ``key`` (hashable) with the dtypes and 16-byte alignments of
+    ``tensors`` decides everything else about the launch: ``kwargs``, the grid's value, and so the autotuner's
+    key and config. A launch of a key launched before runs that launch's compiled kernel and config straight
+    away (``Relaunches.run_keyed``), without the autotuner's path or the signature of every argument that
+    ``Relaunches.run`` builds. ``kernel`` is a tuner made by ``autotune``; anything else (a test's stub) is
+    launched as it is, as is every launch inside a compile-ahead pass."""
+    relaunches = getattr(kernel, "relaunches", None)
+    if relaunches is None or getattr(_AHEAD, "pass_", None) is not None:
+        return kernel[grid](*tensors, **kwargs)
+    relaunches.kept_for(kernel.cache, kernel.configs)
+    known = relaunches.run_keyed(key, tensors)
+    if known is not None:
+        kernel.best_config = known[1]
+        return known[0]
+    compiled = kernel[grid](*tensors, **kwargs)
+    if kernel.best_config.pre_hook is None:  # a pre-hook would have to run at each launch
+        relaunches.remember_keyed(key, tensors, dict(kwargs, grid=grid), compiled, kernel.best_config)
+    return compiled
 
 
 def _record(tuner, key: tuple, seconds, timings: dict) -> None:

@@ -125,7 +125,7 @@ runs, without tuning.
 """
 
 import contextvars
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -134,7 +134,7 @@ from torch import Tensor
 
 from . import partials
 from ._host import cdiv
-from .autotuning import autotune
+from .autotuning import autotune, keyed_launch
 from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _merge_factor, _merged,
                         _packed_weight, _space_to_depth, _space_to_depth_channels, _vector)
 from .conv_configs import (_AUTOTUNE_KEY, _CONFIGS, _MAX_BLOCK_M, _ROW_TILINGS, _TMA_MAX_BLOCK_K, _box, _config_box,
@@ -523,6 +523,49 @@ def _with_descriptor_scratch(launch):
     return contextvars.copy_context().run(run)
 
 
+class _Plan(NamedTuple):
+    """What ``_launch`` decides from a launch's layout, geometry and flags (``_plan``), the same at every launch
+    that has them: the geometry launched (a GEMM view's, ``_gemm_view``), whether the TMA configs may run and
+    their box, the statistics workspace's rows, whether the kernel reads row_ones, and the kernel's arguments
+    after its tensors with its grid."""
+    geo: dict
+    tma_ok: bool
+    box: tuple
+    ws_rows: int
+    row_ones: bool
+    constants: dict
+    grid: Callable
+
+
+_PLANS: dict = {}  # _launch's key -> _Plan
+_MAX_PLANS = 4096  # beyond it (shapes that keep changing) the plans are made anew
+
+
+def _plan(x: Tensor, out: Tensor, res: Tensor, geo: dict, groups: int, flags: dict) -> _Plan:
+    """The _Plan of a launch into out (res: the residual, or out where there is none) with the kernel's
+    ``flags`` (PROLOGUE, ..., FLAT_K)."""
+    tensor_strides = x.stride(), out.stride(), res.stride()
+    gemm = _gemm_view(geo, (x.shape, out.shape, res.shape), tensor_strides)
+    if gemm is not None:
+        geo, tensor_strides = gemm
+    tma_ok = not flags["FLAT_K"] and _tma_ok(x, tensor_strides[0], geo, groups,
+                                             prologue=flags["PROLOGUE"] and gemm is None)
+    box = _box(geo) if tma_ok else (1, 1)  # the TMA configs' (_config_box); the others tile rows without one
+    ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
+    device = x.device
+
+    def grid(meta):
+        tiles = _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * cdiv(geo["Kg"], meta["BLOCK_N"])
+        if meta["PERSISTENT"]:
+            tiles = min(tiles, meta["PERSISTENT"] * _multiprocessors(device))
+        return tiles, groups
+
+    constants = dict(flags, TMA_OK=tma_ok, GEMM_VIEW=gemm is not None, WS_ROWS=ws_rows, GROUP_M=8, **geo,
+                     **dict(zip(_STRIDE_NAMES, tensor_strides[0] + tensor_strides[1] + tensor_strides[2])))
+    return _Plan(geo, tma_ok, box, ws_rows, flags["PROLOGUE"] and not flags["FLAT_K"] and gemm is None,
+                 constants, grid)
+
+
 def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
             in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
             out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(),
@@ -530,47 +573,36 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
     compute_stats, also ``partials.finish`` into stats_out, two (K,) fp32 tensors: the per-channel sums of
     d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y. The reduction
-    is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``."""
-    k = geo["K"]
-    flat_k = flat or geo["Cg"] < _FLAT_K_BELOW
+    is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``. A launch like an earlier one (its key below:
+    what _plan reads) takes that one's plan, and its kernel by the same key (``autotuning.keyed_launch``)."""
     res = out if residual is None else residual
-    tensor_strides = x.stride(), out.stride(), res.stride()
-    gemm = _gemm_view(geo, (x.shape, out.shape, res.shape), tensor_strides)
-    if gemm is not None:
-        geo, tensor_strides = gemm
-    tma_ok = not flat_k and _tma_ok(x, tensor_strides[0], geo, groups, prologue=in_scale is not None and gemm is None)
-    box = _box(geo) if tma_ok else (1, 1)  # the TMA configs' (_config_box); the others tile rows without one
-    ws_rows = max(_row_tiles(geo, box, block_m, use_tma and tma_ok) for block_m, use_tma in _ROW_TILINGS)
-    ws = torch.empty((2, ws_rows, k), device=x.device, dtype=torch.float32) if compute_stats else out
-    strides = dict(zip(_STRIDE_NAMES, tensor_strides[0] + tensor_strides[1] + tensor_strides[2]))
-
-    def grid(meta):
-        tiles = _row_tiles(geo, box, meta["BLOCK_M"], meta["USE_TMA"]) * cdiv(geo["Kg"], meta["BLOCK_N"])
-        if meta["PERSISTENT"]:
-            tiles = min(tiles, meta["PERSISTENT"] * _multiprocessors(x.device))
-        return tiles, groups
+    prologue = in_scale is not None
+    flags = dict(PROLOGUE=prologue, IN_RELU=bool(in_relu) and prologue, HAS_OUT_SCALE=out_scale is not None,
+                 HAS_OUT_SHIFT=out_shift is not None, HAS_RESIDUAL=residual is not None and not prologue_grad,
+                 OUT_RELU=bool(out_relu), COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad),
+                 FLAT_K=flat or geo["Cg"] < _FLAT_K_BELOW)
+    key = (x.device, x.dtype, x.data_ptr() % 16 == 0, x.shape, x.stride(), out.shape, out.stride(), res.shape,
+           res.stride(), groups, *flags.values(), *geo.values())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(x, out, res, geo, groups, flags)
+    ws = torch.empty((2, plan.ws_rows, geo["K"]), device=x.device, dtype=torch.float32) if compute_stats else out
+    tensors = (x, packed_weight, out, in_scale if prologue else out, in_shift if prologue else out,
+               _row_ones(x.device) if plan.row_ones else out, out if out_scale is None else out_scale,
+               out if out_shift is None else out_shift, res, stats_shift if compute_stats else out, ws)
 
     def launch():
-        return _conv_kernel[grid](
-            x, packed_weight, out,
-            in_scale if in_scale is not None else out, in_shift if in_shift is not None else out,
-            _row_ones(x.device) if in_scale is not None and not flat_k and gemm is None else out,
-            out_scale if out_scale is not None else out, out_shift if out_shift is not None else out, res,
-            stats_shift if compute_stats else out, ws,
-            PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
-            HAS_OUT_SCALE=out_scale is not None, HAS_OUT_SHIFT=out_shift is not None,
-            HAS_RESIDUAL=residual is not None and not prologue_grad, OUT_RELU=bool(out_relu),
-            COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad), FLAT_K=flat_k,
-            TMA_OK=tma_ok, GEMM_VIEW=gemm is not None, WS_ROWS=ws_rows, GROUP_M=8,
-            **geo, **strides)
+        return keyed_launch(_conv_kernel, plan.grid, key, tensors, plan.constants)
 
-    if tma_ok:  # only the TMA configs make descriptors
+    if plan.tma_ok:  # only the TMA configs make descriptors
         _with_descriptor_scratch(launch)
     else:
         launch()
     if compute_stats:  # the rows the launch wrote: one per row tile of the config the autotuner ran
         best = _conv_kernel.best_config.kwargs
-        partials.finish(ws, _row_tiles(geo, box, best["BLOCK_M"], best["USE_TMA"]), stats_out,
+        partials.finish(ws, _row_tiles(plan.geo, plan.box, best["BLOCK_M"], best["USE_TMA"]), stats_out,
                         partials.SHIFTED_MOMENTS if moments else partials.SUMS, count=geo["M"], centre=stats_shift)
 
 

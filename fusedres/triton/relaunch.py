@@ -9,6 +9,11 @@ through that kernel's launcher, which is the call ``JITFunction.run`` ends in, w
 arguments. ``relaunched`` does this for a plain ``@triton.jit`` kernel; ``autotuning`` does it for a tuned
 key's config.
 
+Building that signature takes ~10 us of a conv launch itself. A caller that knows a key deciding every
+argument but its tensors (the conv's launch plan: its layout, geometry and flags) relaunches by that key and
+the tensors' dtypes and alignments instead (``Relaunches.run_keyed``), with the other arguments and the grid
+kept from the launch it remembered (``remember_keyed``).
+
 Left to the JIT path: a launch while a launch hook is set (a profiler such as proton: the JIT path builds the
 hook's metadata), a warm-up, a launch with an unhashable argument, any launch under TRITON_INTERPRET=1, and
 every launch with triton < 3.4. Not checked again: that the kernel's globals keep the values they were
@@ -25,6 +30,8 @@ try:
     from triton import knobs
 except ImportError:  # triton < 3.4, whose launch path this does not know: every launch goes through the JIT
     knobs = None
+
+_MAX_KEYED = 4096  # launches kept by key per kernel: beyond it (shapes that keep changing) they take the JIT path
 
 
 def _silent(hook) -> bool:
@@ -44,6 +51,8 @@ class Relaunches:
         self.defaults = {p.name: p.default for p in inspect.signature(jit_fn.fn).parameters.values()
                          if p.default is not inspect.Parameter.empty}
         self.kernels: dict = {}  # signature -> (compiled kernel, the autotuner's config it ran or None)
+        # (caller's key, context, tensors' dtypes and alignments) -> (kernel, config, grid, the other arguments)
+        self.keyed: dict = {}
         self.owners: tuple = ()
 
     def kept_for(self, *owners) -> None:
@@ -51,7 +60,16 @@ class Relaunches:
         the autotuner's cache and configs, which the tests replace to make it choose among other configs."""
         if len(owners) != len(self.owners) or any(a is not b for a, b in zip(owners, self.owners)):
             self.kernels.clear()
+            self.keyed.clear()
             self.owners = owners
+
+    def _context(self):
+        """What a launch specialises on besides its arguments: (device, triton's debug and instrumentation
+        options); None where launches go through the JIT path (see ``run``)."""
+        if not self.compiled or not (_silent(knobs.runtime.launch_enter_hook)
+                                     and _silent(knobs.runtime.launch_exit_hook)):
+            return None
+        return driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode
 
     def run(self, args: tuple, kwargs: dict) -> tuple:
         """Relaunch ``jit_fn[grid](*args, **kwargs)`` (kwargs holds the grid and warmup, as JITFunction.run's
@@ -62,19 +80,18 @@ class Relaunches:
         options, each tensor's dtype and whether its address is a multiple of 16 bytes, every other argument's
         value (a bool or float with its type, as True == 1 == 1.0), and keyword options that are not arguments
         (num_warps and the like)."""
-        if not self.compiled or kwargs.get("warmup") or not (_silent(knobs.runtime.launch_enter_hook)
-                                                             and _silent(knobs.runtime.launch_exit_hook)):
+        context = None if kwargs.get("warmup") else self._context()
+        if context is None:
             return None, None, None
         values = dict(self.defaults)
         values.update(zip(self.names, args))
         values.update(kwargs)
-        device = driver.active.get_current_device()
         try:
             arguments = tuple([value if type(value) is int or value is None
                                else (value.dtype, value.data_ptr() % 16 == 0) if hasattr(value, "data_ptr")
                                else (type(value), value) for value in map(values.get, self.names)])
             options = tuple([(name, value) for name, value in kwargs.items() if name not in self.not_options])
-            signature = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, arguments, options)
+            signature = (*context, arguments, options)
             known = self.kernels.get(signature)
         except TypeError:  # an unhashable argument: left to the JIT
             return None, None, None
@@ -83,18 +100,56 @@ class Relaunches:
         kernel, config = known
         if config is not None:
             values.update(config.kwargs)
-        grid = values["grid"]
-        grid = grid(values) if callable(grid) else grid
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                   driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None, None,
-                   None, *map(values.__getitem__, self.names))
+        _run(kernel, context[0], _grid(values), map(values.__getitem__, self.names))
         return kernel, config, None
+
+    def run_keyed(self, key, tensors: tuple):
+        """Relaunch the launch ``remember_keyed`` kept under ``key`` and the dtypes and 16-byte alignments of
+        ``tensors`` (the kernel's leading arguments, in their place): (its kernel, its config); None where none
+        was kept, or where launches go through the JIT path now. Nothing of the launch's other arguments is
+        looked at: the caller's ``key`` must decide them all, and the grid."""
+        context = self._context()
+        if context is None:
+            return None
+        known = self.keyed.get((key, context, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])))
+        if known is None:
+            return None
+        kernel, config, grid, rest = known
+        _run(kernel, context[0], grid, (*tensors, *rest))
+        return kernel, config
+
+    def remember_keyed(self, key, tensors: tuple, kwargs: dict, kernel, config=None) -> None:
+        """Keep ``kernel``, what the launch ``jit_fn[grid](*tensors, **kwargs)`` ran (kwargs holding the grid)
+        with ``config``'s constexprs besides where the autotuner chose one, for ``run_keyed`` to relaunch by
+        ``key``: the launch's grid and its arguments after ``tensors``, as they were."""
+        context = self._context()
+        if context is None or not isinstance(kernel, CompiledKernel) or len(self.keyed) >= _MAX_KEYED:
+            return
+        values = {**self.defaults, **dict(zip(self.names, tensors)), **kwargs, **(config.kwargs if config else {})}
+        rest = tuple(map(values.__getitem__, self.names[len(tensors):]))
+        self.keyed[key, context, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])] = (
+            kernel, config, _grid(values), rest)
 
     def remember(self, signature, kernel, config=None) -> None:
         """Keep ``kernel``, what JITFunction.run returned for a launch of ``signature`` (from ``run``) with the
         launch's arguments, and with ``config``'s constexprs besides where the autotuner added a config."""
         if signature is not None and isinstance(kernel, CompiledKernel):
             self.kernels[signature] = kernel, config
+
+
+def _grid(values: dict) -> tuple[int, int, int]:
+    """A launch's grid in three dimensions, from its arguments ``values`` (the grid among them, maybe a function
+    of them)."""
+    grid = values["grid"]
+    grid = tuple(grid(values) if callable(grid) else grid)
+    return grid + (1,) * (3 - len(grid))
+
+
+def _run(kernel: CompiledKernel, device, grid: tuple, arguments) -> None:
+    """Launch ``kernel`` on ``grid`` on the current stream of ``device``, with all of the kernel's
+    ``arguments`` in order (its constexprs too: the launcher drops them), as ``JITFunction.run`` ends."""
+    kernel.run(*grid, driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None, None,
+               None, *arguments)
 
 
 def relaunched(jit_fn):
