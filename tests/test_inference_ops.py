@@ -233,6 +233,24 @@ def test_cache_refolds_inference_tensors_every_call():
         assert_fold_of(second, conv, bn)
 
 
+def test_a_fold_made_under_inference_mode_keeps_a_version_counter(pair):
+    """Parameters made outside inference_mode, a forward under it: the fold is kept across calls as under
+    no_grad, and is not an inference tensor, so the Triton conv keeps its packing of the folded weight instead
+    of packing it again at every call (an inference tensor has no version counter to check it against)."""
+    from fusedres.triton import conv_args
+
+    conv, bn = pair
+    cache = FoldedWeights()
+    with torch.inference_mode():
+        weight, bias = first = cache.get(conv, bn)
+        assert cache.get(conv, bn) is first and not weight.is_inference() and not bias.is_inference()
+        assert_fold_of(first, conv, bn)
+        packed = conv_args._packed_weight(weight, 1)
+        assert conv_args._packed_weight(weight, 1) is packed
+        bn.running_var.mul_(2)  # a source changed in place under inference_mode: folded again
+        assert_fold_of(cache.get(conv, bn), conv, bn)
+
+
 # --------------------------------------------------------------------------- FoldedUnit
 @pytest.fixture
 def whole_paths(monkeypatch):

@@ -111,7 +111,8 @@ class FoldedWeights:
     or changed in place (version counter: optimizer steps, ``load_state_dict``; not writes through
     ``.data``), or ``bn.eps`` or the dtype asked for changed; else it returns the very same tensors.
     Tensors made under ``torch.inference_mode`` have no version counter and are folded on every call,
-    as is everything under ``torch.compile`` (traced into the graph). Plain attributes: the owner's
+    as is everything under ``torch.compile`` (traced into the graph). The fold itself is made outside
+    inference_mode, so that it has one (what the Triton conv's cache of packed weights checks). Plain attributes: the owner's
     state_dict is unchanged, nothing is allocated before the first ``get``, no autograd graph is kept;
     the source tensors last folded are held (so their identity can be checked) until the next fold.
     ``get`` raises for a BatchNorm in training mode, and in grad mode if a source requires grad.
@@ -140,7 +141,9 @@ class FoldedWeights:
         if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
             return fold_batch_norm(*sources[:6], bn.eps, key[0])
         if key != self._key or not self._holds(sources):
-            with torch.no_grad():
+            # outside inference_mode: a fold made there would have no version counter, so the Triton conv
+            # could not keep its packing of the weight (conv_args._packed_weight) and would pack it at every call
+            with torch.inference_mode(False), torch.no_grad():
                 self._folded = fold_batch_norm(*sources[:6], bn.eps, key[0])
             self._key, self._sources, self._snapshots = key, sources, tuple(map(_snapshot, sources))
         return self._folded
