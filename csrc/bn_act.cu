@@ -339,8 +339,11 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> backward_reduce(
       if (t) t->zero_();
     return {sum_dz, sum_dz_yc, sum_dz_rc};
   }
-  // without relu the residual's kind only mattered for the mask: the kernel is kNoRes's (with_flags)
-  const Plan p = make_plan(y, a, narrow_reduce(relu ? rk : kNoRes, res_mean.has_value()));
+  // whether the kernel with_flags picks below is narrowed: the plan's vector width must be its VEC
+  bool narrow = false;
+  with_flags<true>(relu, rk,
+                   [&](auto, auto r) { narrow = narrow_reduce(VALUE(r), res_mean.has_value()); });
+  const Plan p = make_plan(y, a, narrow);
   Kernel k = nullptr;
   with_layout(y.scalar_type(), p.vec, p.cl, [&](auto tt, auto v, auto cl) {
     with_flags<true>(relu, rk, [&](auto re, auto r) {
@@ -385,7 +388,9 @@ std::tuple<at::Tensor, OptTensor> backward_apply(
   a.out = dy.data_ptr();
   a.out_res = dres ? dres->data_ptr() : nullptr;
   const int rg = !want_residual_grad ? kNoResGrad : res_coef ? kResGradAffine : kResGradDz;
-  const Plan p = make_plan(y, a, narrow_apply(relu ? rk : kNoRes, rg));  // as in backward_reduce
+  bool narrow = false;  // as in backward_reduce
+  with_flags<true>(relu, rk, [&](auto, auto r) { narrow = narrow_apply(VALUE(r), rg); });
+  const Plan p = make_plan(y, a, narrow);
   Kernel k = nullptr;
   with_layout(y.scalar_type(), p.vec, p.cl, [&](auto tt, auto v, auto cl) {
     with_flags<true>(relu, rk, [&](auto re, auto r) {
