@@ -251,6 +251,23 @@ def test_a_fold_made_under_inference_mode_keeps_a_version_counter(pair):
         assert_fold_of(cache.get(conv, bn), conv, bn)
 
 
+def test_the_triton_conv_gets_a_bf16_bias_in_fp32_copied_once_while_unchanged():
+    """A fold's bias under autocast is bf16; the Triton conv takes fp32: one copy per bias while it is unchanged,
+    not a cast (a launch) per call; a new one after an in-place change; an fp32 bias as it is; an inference
+    tensor's copied every call (no version counter to tell)."""
+    bias = torch.randn(6, dtype=BF16)
+    converted = inference._float_bias(bias)
+    assert converted.dtype == F32 and torch.equal(converted, bias.float()) and inference._float_bias(bias) is converted
+    bias.mul_(2)
+    assert torch.equal(inference._float_bias(bias), bias.float())
+    fp32 = bias.float()
+    assert inference._float_bias(fp32) is fp32
+    with torch.inference_mode():
+        frozen = torch.randn(6, dtype=BF16)
+        assert torch.equal(inference._float_bias(frozen), frozen.float())
+        assert inference._float_bias(frozen) is not inference._float_bias(frozen)
+
+
 # --------------------------------------------------------------------------- FoldedUnit
 @pytest.fixture
 def whole_paths(monkeypatch):

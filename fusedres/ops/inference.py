@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.library import custom_op
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, dispatch, eager
 from .functional import _check_activation, _conv_tuple, conv_output_size
@@ -112,9 +113,10 @@ class FoldedWeights:
     ``.data``), or ``bn.eps`` or the dtype asked for changed; else it returns the very same tensors.
     Tensors made under ``torch.inference_mode`` have no version counter and are folded on every call,
     as is everything under ``torch.compile`` (traced into the graph). The fold itself is made outside
-    inference_mode, so that it has one (what the Triton conv's cache of packed weights checks). Plain attributes: the owner's
-    state_dict is unchanged, nothing is allocated before the first ``get``, no autograd graph is kept;
-    the source tensors last folded are held (so their identity can be checked) until the next fold.
+    inference_mode, so that it has one (what the Triton conv's cache of packed weights checks). Plain
+    attributes: the owner's state_dict is unchanged, nothing is allocated before the first ``get``, no
+    autograd graph is kept; the source tensors last folded are held (so their identity can be checked)
+    until the next fold.
     ``get`` raises for a BatchNorm in training mode, and in grad mode if a source requires grad.
     """
 
@@ -185,7 +187,27 @@ def _run_triton(x, weight, bias, residual, conv, relu):
     stride, padding, dilation, groups = conv
     return backends.triton_conv()[0].conv2d_fused(
         x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups, in_relu=False,
-        out_shift=None if bias is None else bias.float(), residual=residual, out_relu=relu)[0]
+        out_shift=None if bias is None else _float_bias(bias), residual=residual, out_relu=relu)[0]
+
+
+_FLOAT_BIASES = WeakIdKeyDictionary()  # bias -> (its version, its fp32 copy)
+
+
+def _float_bias(bias: Tensor) -> Tensor:
+    """``bias`` in fp32, as the Triton conv takes it: itself, or its copy, kept while bias is the same tensor
+    unchanged (a fold's bias is, call after call; under autocast it is in autocast's dtype), else a new copy: for
+    an inference tensor (no version counter to tell), and while a CUDA graph is captured (the copy is filled only
+    when the graph replays)."""
+    if bias.dtype == torch.float32:
+        return bias
+    version = None if bias.is_inference() else bias._version
+    kept = _FLOAT_BIASES.get(bias)
+    if kept is not None and version is not None and kept[0] == version:
+        return kept[1]
+    converted = bias.float()
+    if version is not None and not (bias.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _FLOAT_BIASES[bias] = (version, converted)
+    return converted
 
 
 _IMPLS = {"cudnn": _run_cudnn, "triton": _run_triton, "torch": _run_torch}

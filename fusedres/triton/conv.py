@@ -581,6 +581,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
                  HAS_OUT_SHIFT=out_shift is not None, HAS_RESIDUAL=residual is not None and not prologue_grad,
                  OUT_RELU=bool(out_relu), COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad),
                  FLAT_K=flat or geo["Cg"] < _FLAT_K_BELOW)
+    # geo's values alone: every geometry has _geometry's keys in its order (the others are dict(geo, ...) of one)
     key = (x.device, x.dtype, x.data_ptr() % 16 == 0, x.shape, x.stride(), out.shape, out.stride(), res.shape,
            res.stride(), groups, *flags.values(), *geo.values())
     plan = _PLANS.get(key)
