@@ -302,11 +302,12 @@ def test_eval_forward_moves_the_downsample_bias_to_the_last_unit(kind, monkeypat
 
 
 @requires_cuda
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_gpu_replayed_eval_forwards_match_eager(channels_last, replays, fresh_dispatch):
-    """A converted ResNet-18 in eval mode on the GPU, bf16 autocast, batch 2: the first forward measures the
-    dispatch and records each block's chain, the next ones replay the chains (all 8 blocks each time), and each new
-    input's output is within twice eager's own distance from fp64 (+ 1e-3)."""
+def test_gpu_replayed_eval_forwards_match_eager(channels_last, no_grad, replays, fresh_dispatch):
+    """A converted ResNet-18 in eval mode on the GPU, bf16 autocast, batch 2, under no_grad or inference_mode:
+    the first forward measures the dispatch and records each block's chain, the next ones replay the chains (all 8
+    blocks each time), and each new input's output is within twice eager's own distance from fp64 (+ 1e-3)."""
     torch.manual_seed(14)
     eager = torchvision.models.resnet18(num_classes=10).eval().cuda()
     randomise_bn(eager, 14)
@@ -317,7 +318,7 @@ def test_gpu_replayed_eval_forwards_match_eager(channels_last, replays, fresh_di
     for seed in range(4):
         x = torch.randn(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
         x = x.contiguous(memory_format=memory_format)
-        with torch.no_grad():
+        with no_grad():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 got, expected = fused(x).float(), eager(x).float()
             exact = copy.deepcopy(eager).double()(x.double())
