@@ -1555,6 +1555,7 @@ def test_int_arguments_equal_to_one_compile(tmp_path, monkeypatch):
 
 _RELAUNCH = STAND_IN_LAUNCH + """
 import json
+from triton import knobs
 from triton.runtime import jit
 
 launches, jit_runs = [], []
@@ -1623,6 +1624,11 @@ wide_x = torch.empty(16, 8, 8, 136, dtype=torch.bfloat16).permute(0, 3, 1, 2)[:,
 found = dict(tuning=forward(scale), aligned=[forward(scale), forward(scale)],
              misaligned=[forward(misaligned_scale), forward(misaligned_scale)], aligned_again=forward(scale),
              wide=[into_out(wide_x), into_out(wide_x)], aligned_after_wide=into_out(x))
+hook = lambda metadata: None  # noqa: E731  (a profiler's, proton's say: the JIT path builds its metadata)
+knobs.runtime.launch_enter_hook.add(hook)
+found["hooked"] = forward(scale)
+knobs.runtime.launch_enter_hook.remove(hook)
+found["unhooked"] = forward(scale)
 
 
 def base(config):  # a config as kernel.configs holds it: without the box a launch adds (conv_configs._config_box)
@@ -1643,7 +1649,8 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     launch's compiled kernel without the JIT path (fusedres.triton.relaunch), for the autotuned conv kernel (by
     its launch plan's key, from the call that tuned it on: ``autotuning.keyed_launch``) and a plain one (the
     statistics' finishing kernel, by its signature) alike: the same launcher, grid, kernel handle and arguments
-    (the launch hooks, silent, passed as None). A pointer of another alignment (which the JIT specialises on)
+    (the launch hooks, silent, passed as None); while a launch hook is set, every launch takes the JIT path (whose
+    hook gets the launch's metadata). A pointer of another alignment (which the JIT specialises on)
     goes through the JIT path once, which makes it another conv kernel, relaunched from then on; the aligned
     launch still relaunches its own. Kernels kept are forgotten when the autotuner's configs and cache are
     replaced. Run on CPU with a stand-in for the H100's driver whose launchers record their calls, in a process
@@ -1677,6 +1684,11 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     assert wide_relaunched["arguments"] == wide_through_jit["arguments"]
     assert found["aligned_after_wide"]["jit"] == 0
     assert found["aligned_after_wide"]["_conv_kernel"]["arguments"] == conv_through_jit["arguments"]
+    # a launch hook set: both kernels through the JIT path, which hands the launcher the hook; relaunched after
+    hooked, unhooked = found["hooked"], found["unhooked"]
+    kernels = ("_conv_kernel", "_finish_partials_kernel")
+    assert hooked["jit"] == 2 and not any(hooked[kernel]["hooks_silent"] for kernel in kernels), found
+    assert unhooked["jit"] == 0 and unhooked["_conv_kernel"]["arguments"] == conv_through_jit["arguments"]
     # the autotuner's configs and cache replaced: the key is tuned again among the new configs, nothing relaunched
     assert found["other_configs"]["jit"] > 0 and found["chosen_then"] == [False, True], found
 
