@@ -249,6 +249,11 @@ def test_a_fold_made_under_inference_mode_keeps_a_version_counter(pair):
         assert conv_args._packed_weight(weight, 1) is packed
         bn.running_var.mul_(2)  # a source changed in place under inference_mode: folded again
         assert_fold_of(cache.get(conv, bn), conv, bn)
+        # a downsample's bias moved to its block's last unit: kept likewise, with a version counter
+        unit, other = inference.FoldedUnit(), torch.randn(6)
+        summed = unit.summed_bias(bias, other)
+        assert unit.summed_bias(bias, other) is summed and not summed.is_inference()
+        torch.testing.assert_close(summed, bias + other, rtol=0, atol=0)
 
 
 def test_the_triton_conv_gets_a_bf16_bias_in_fp32_copied_once_while_unchanged():

@@ -472,12 +472,13 @@ class FoldedUnit:
         return self.fold.get(conv, bn, autocast if autocast and weight.dtype != torch.float64 else weight.dtype)
 
     def summed_bias(self, bias: Tensor, other: Tensor) -> Tensor:
-        """bias + other (a bias moved to this unit from another one), the same tensor while both are."""
+        """bias + other (a bias moved to this unit from another one), the same tensor while both are; made
+        outside inference_mode, as folds are (``FoldedWeights.get``)."""
         if torch.compiler.is_compiling():
             return bias + other
         summed = self._summed
         if summed is None or summed[0] is not bias or summed[1] is not other:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 summed = self._summed = (bias, other, bias + other)
         return summed[2]
 
