@@ -1624,6 +1624,11 @@ wide_x = torch.empty(16, 8, 8, 136, dtype=torch.bfloat16).permute(0, 3, 1, 2)[:,
 found = dict(tuning=forward(scale), aligned=[forward(scale), forward(scale)],
              misaligned=[forward(misaligned_scale), forward(misaligned_scale)], aligned_again=forward(scale),
              wide=[into_out(wide_x), into_out(wide_x)], aligned_after_wide=into_out(x))
+# the weight gradient's launches, with the prologue: tuned through the JIT, then relaunched by its key
+grad_out = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+time_nothing(conv_wgrad._wgrad_kernel)
+found["weight_grad"] = [launched(lambda: conv_wgrad.conv2d_weight_grad(
+    x, grad_out, w.shape, padding=1, groups=2, in_scale=scale, in_shift=shift)) for _ in range(3)]
 hook = lambda metadata: None  # noqa: E731  (a profiler's, proton's say: the JIT path builds its metadata)
 knobs.runtime.launch_enter_hook.add(hook)
 found["hooked"] = forward(scale)
@@ -1684,6 +1689,12 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     assert wide_relaunched["arguments"] == wide_through_jit["arguments"]
     assert found["aligned_after_wide"]["jit"] == 0
     assert found["aligned_after_wide"]["_conv_kernel"]["arguments"] == conv_through_jit["arguments"]
+    # the weight gradient's kernel likewise (autotuning.keyed_launch): the tuning call's launch kept
+    tuning, *relaunches = found["weight_grad"]
+    assert tuning["jit"] > 0 and [run["jit"] for run in relaunches] == [0, 0], found["weight_grad"]
+    for run in relaunches:
+        for key in ("launcher", "grid", "kernel", "arguments"):
+            assert run["_wgrad_kernel"][key] == tuning["_wgrad_kernel"][key], key
     # a launch hook set: both kernels through the JIT path, which hands the launcher the hook; relaunched after
     hooked, unhooked = found["hooked"], found["unhooked"]
     kernels = ("_conv_kernel", "_finish_partials_kernel")

@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._host import cdiv
-from .autotuning import autotune
+from .autotuning import autotune, keyed_launch
 from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT
 from .conv_args import (_INTERPRET, _limit, _merge_factor, _merged, _space_to_depth, _space_to_depth_channels,
                         _space_to_depth_weight_grad, _vector)
@@ -243,10 +243,14 @@ def conv2d_weight_grad(
     def grid(meta):
         return _tiles(run, meta["BLOCK_N"], meta["BLOCK_K"], flat), groups // merge, splits
 
-    _wgrad_kernel[grid](
-        x, grad_out, ws, in_scale if in_scale is not None else ws, in_shift if in_shift is not None else ws,
-        ROWS_PER_SPLIT=rows_per_split, PROLOGUE=in_scale is not None,
-        IN_RELU=bool(in_relu) and in_scale is not None, FLAT_K=flat, **run, **strides)
+    prologue = in_scale is not None
+    # what decides the launch's other arguments and grid (as conv._launch's key does for the forward)
+    key = (x.device, x.dtype, x.shape, x.stride(), grad_out.shape, grad_out.stride(), groups, merge, flat,
+           rows_per_split, prologue, bool(in_relu) and prologue, *run.values())
+    keyed_launch(_wgrad_kernel, grid, key,
+                 (x, grad_out, ws, in_scale if prologue else ws, in_shift if prologue else ws),
+                 dict(ROWS_PER_SPLIT=rows_per_split, PROLOGUE=prologue, IN_RELU=bool(in_relu) and prologue,
+                      FLAT_K=flat, **run, **strides))
     if space_to_depth:
         ws = _space_to_depth_weight_grad(ws.sum(0), weight_shape, geo["SH"], geo["SW"], space_to_depth)
         return ws.to(x.dtype).contiguous()
