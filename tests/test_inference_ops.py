@@ -244,6 +244,7 @@ def test_a_fold_made_under_inference_mode_keeps_a_version_counter(pair):
     with torch.inference_mode():
         weight, bias = first = cache.get(conv, bn)
         assert cache.get(conv, bn) is first and not weight.is_inference() and not bias.is_inference()
+        assert conv.weight.requires_grad and not weight.requires_grad and weight.grad_fn is None
         assert_fold_of(first, conv, bn)
         packed = conv_args._packed_weight(weight, 1)
         assert conv_args._packed_weight(weight, 1) is packed
