@@ -277,6 +277,26 @@ def test_eval_forward_replays_its_units_only_while_nothing_that_decided_them_cha
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_eval_forwards_under_inference_mode_replay_like_no_grad_ones(kind, replays, fresh_dispatch):
+    """Under torch.inference_mode a block's eval forward records and replays its chain as under no_grad, on folds
+    that are no inference tensors (so the Triton conv keeps their packing); a running variance changed in place
+    there folds anew, and every output is eager's."""
+    eager = _block(kind, seed=16).eval()
+    fused = fusedres.convert(copy.deepcopy(eager)).model.eval()
+    x = torch.randn(2, 12, 9, 7).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for step, replayed in enumerate([False, True, True, False, True]):
+            if step == 3:
+                for block in (eager, fused):
+                    block.bn1.running_var.mul_(1.5)
+            torch.testing.assert_close(fused(x + step), eager(x + step), rtol=1e-5, atol=1e-5)
+            assert replays == ([1] if replayed else []), step
+            replays.clear()
+    units = [unit for unit in fused.__dict__["_folded"].values() if isinstance(unit, inference.FoldedUnit)]
+    assert units and all(not t.is_inference() for unit in units for t in unit.fold._folded)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_eval_forward_moves_the_downsample_bias_to_the_last_unit(kind, monkeypatch):
     """The downsample conv runs without a bias (no ReLU, so no cuDNN fused conv: torch's conv would add it by a
     pass of its own) and the last unit adds both folded biases, in the units' path and replayed: every other
