@@ -44,8 +44,8 @@ def _on_device(module: nn.Module, settings: Settings, train: bool) -> nn.Module:
     return copy.deepcopy(module).to(settings.device, memory_format=settings.memory_format).train(train)
 
 
-def convert_copy(template: nn.Module, backend: str) -> nn.Module:
-    report = fusedres.convert(template, backend=backend, inplace=False)
+def convert_copy(template: nn.Module, backend: str, memory_efficient: bool = True) -> nn.Module:
+    report = fusedres.convert(template, backend=backend, memory_efficient=memory_efficient, inplace=False)
     if not report.converted:
         raise RuntimeError(f"fusedres.convert converted nothing: {report.skipped}")
     return report.model
@@ -224,7 +224,7 @@ def _prepare_block(settings: Settings, cfg: BlockConfig, mode: str, batch: int) 
     if train:
         inputs["grad"] = activation((batch, *cfg.out_shape), settings)
     return Setup(inputs, eager=lambda: copy.deepcopy(template),
-                 fused=lambda backend: convert_copy(template, backend),
+                 fused=functools.partial(convert_copy, template),
                  step=grad_step if train else infer_step, graphed=None if train else graphed_infer_step)
 
 
@@ -254,7 +254,7 @@ def _prepare_model(settings: Settings, name: str, mode: str, batch: int) -> Setu
     inputs = {"x": activation((batch, 3, settings.size, settings.size), settings, dtype=torch.float32),
               "labels": torch.randint(0, 1000, (batch,), device=settings.device)}
     return Setup(inputs, eager=lambda: copy.deepcopy(template),
-                 fused=lambda backend: convert_copy(template, backend),
+                 fused=functools.partial(convert_copy, template),
                  step=sgd_step if train else infer_step, graphed=None if train else graphed_infer_step)
 
 

@@ -39,6 +39,9 @@ from .timing import first_call, flush_buffer, quantile, time_ms
 Step = Callable[[], dict[str, Tensor]]
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 GRAPHED = "fused[auto]+graph"  # the "auto" fused target's inference forward replayed from a CUDA graph
+# the "auto" fused target converted with memory_efficient=False: its training step keeps the normalised
+# activations for backward, as eager and torch.compile do, instead of recomputing them there
+SAVED = "fused[auto]+saved"
 # Agreement (flash-attention's rule, with norms): against eager run once in REFERENCE_DTYPE without
 # autocast, each output / gradient of a contender may be off by 2x eager's own error + SLACK * |ref|.
 # Errors are L2 norms, |got - ref|_2: maximum errors of tiny-batch random ResNets are dominated by a
@@ -92,7 +95,8 @@ class Setup:
 
     inputs: dict[str, Tensor]  # shared by every contender
     eager: Callable[[], Any]  # a fresh eager target (module copy or function)
-    fused: Callable[[str], Any]  # the fused target for a backend name (or a level's own contender)
+    # the fused target for a backend name (or a level's own contender); blocks and models take memory_efficient too
+    fused: Callable[..., Any]
     step: Callable[[Any, dict[str, Tensor], Callable], Step]  # (target, inputs, autocast) -> step
     # The target run upcast for the reference, when not eager: it returns every kind of output
     # the contenders return, and each contender's outputs are matched to it by name.
@@ -145,6 +149,10 @@ def contenders(settings: Settings, case: Optional[Case] = None) -> list[tuple[st
         bool({"blocks", "models"} & set(settings.levels)) and (settings.modes is None or "infer" in settings.modes))
     if "auto" in settings.backends and inference:
         names.append((GRAPHED, None if settings.cuda else "CUDA graphs need a CUDA device"))
+    training = case.mode == "train" if case is not None else (
+        bool({"blocks", "models"} & set(settings.levels)) and (settings.modes is None or "train" in settings.modes))
+    if "auto" in settings.backends and training:
+        names.append((SAVED, None))
     return names + [("compile", compile_skip)]
 
 
@@ -168,9 +176,12 @@ def build(setup: Setup, name: str, settings: Settings) -> Step:
         if setup.graphed is None:
             raise ValueError(f"{GRAPHED} replays inference forwards; this case's step is not one")
         return setup.graphed(setup.fused("auto"), setup.inputs, settings.autocast)
-    if name.startswith("fused[") and name.endswith("]"):
-        name = name[len("fused["):-1]
-    target = setup.fused(name)  # else a level's own
+    if name == SAVED:
+        target = setup.fused("auto", memory_efficient=False)
+    else:
+        if name.startswith("fused[") and name.endswith("]"):
+            name = name[len("fused["):-1]
+        target = setup.fused(name)  # else a level's own
     step = setup.step(target, setup.inputs, settings.autocast)
     if settings.precompile and isinstance(target, nn.Module):
         try:  # run_contender reports it; a failed pass leaves the model as it was, so the step is still timed

@@ -69,7 +69,8 @@ def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monke
                               "--batch", "2", "--size", "64", "--backends", "auto", "--repeats", "2",
                               "--warmup", "0"])
     by_mode = {case.mode: case for case in cases.build_cases(settings)}
-    assert [name for name, _ in harness.contenders(settings, by_mode["train"])] == ["eager", "fused[auto]", "compile"]
+    assert [name for name, _ in harness.contenders(settings, by_mode["train"])] == [
+        "eager", "fused[auto]", harness.SAVED, "compile"]
     assert [name for name, _ in harness.contenders(settings, by_mode["infer"])] == [
         "eager", "fused[auto]", harness.GRAPHED, "compile"]  # compile last: the slowest to build
     assert dict(harness.contenders(settings, by_mode["infer"]))[harness.GRAPHED] == "CUDA graphs need a CUDA device"
@@ -88,6 +89,30 @@ def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monke
     graphed = rows[harness.GRAPHED]
     assert not graphed.get("error") and graphed["agree"] is True and graphed["median_ms"] > 0, graphed
     assert len(captures) == 1  # captured once, in the first call; the timed calls replay
+
+
+@pytest.mark.parametrize("level", ["blocks", "models"])
+def test_training_cases_add_the_saved_activations_contender_which_agrees_with_eager(level, monkeypatch):
+    """fused[auto]+saved: listed for training cases only (after the fused rows), the model converted with
+    memory_efficient=False (its training step keeps the normalised activations, as eager and torch.compile do),
+    and its step agrees with eager."""
+    settings = make_settings(["--device", "cpu", "--levels", level, "--models", "resnet18", "--quick",
+                              "--batch", "2", "--size", "64", "--backends", "auto", "--repeats", "2",
+                              "--warmup", "0"])
+    by_mode = {case.mode: case for case in cases.build_cases(settings)}
+    assert harness.SAVED in dict(harness.contenders(settings, by_mode["train"]))
+    assert harness.SAVED not in dict(harness.contenders(settings, by_mode["infer"]))
+    converted = []
+    convert = fusedres.convert
+    monkeypatch.setattr(fusedres, "convert", lambda *args, **kwargs: converted.append(kwargs) or convert(*args,
+                                                                                                         **kwargs))
+    setup = by_mode["train"].prepare()
+    reference = harness.Reference.of(setup, settings)
+    rows = {name: harness.run_contender(by_mode["train"], setup, name, settings, reference)
+            for name in ("eager", harness.SAVED)}  # the anchor first: agreement is against its error
+    saved = rows[harness.SAVED]
+    assert not saved.get("error") and saved["agree"] is True and saved["median_ms"] > 0, saved
+    assert [kwargs["memory_efficient"] for kwargs in converted] == [False]
 
 
 def test_the_models_summary_checks_the_inference_targets_against_compile():
