@@ -136,7 +136,8 @@ class Case:
 def contenders(settings: Settings, case: Optional[Case] = None) -> list[tuple[str, Optional[str]]]:
     """(contender name, None or why it is skipped), the anchor first: the case's own, or eager, then fused, then
     compile (the slowest to build: a run stopped by its time limit keeps the fused rows; the console shows a fused
-    row before compile's time exists, the tables written after each case have its `vs compile`)."""
+    row before compile's time exists, the tables written after each case have its `vs compile`), then for training
+    cases the fused model with its activations saved (SAVED)."""
     if case is not None and case.contenders is not None:
         return case.contenders
     compile_skip = None if settings.compile else (
@@ -149,11 +150,12 @@ def contenders(settings: Settings, case: Optional[Case] = None) -> list[tuple[st
         bool({"blocks", "models"} & set(settings.levels)) and (settings.modes is None or "infer" in settings.modes))
     if "auto" in settings.backends and inference:
         names.append((GRAPHED, None if settings.cuda else "CUDA graphs need a CUDA device"))
+    names.append(("compile", compile_skip))
     training = case.mode == "train" if case is not None else (
         bool({"blocks", "models"} & set(settings.levels)) and (settings.modes is None or "train" in settings.modes))
-    if "auto" in settings.backends and training:
+    if "auto" in settings.backends and training:  # after compile: a run its time limit stops keeps compile's row
         names.append((SAVED, None))
-    return names + [("compile", compile_skip)]
+    return names
 
 
 def build(setup: Setup, name: str, settings: Settings) -> Step:

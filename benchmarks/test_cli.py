@@ -70,7 +70,7 @@ def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monke
                               "--warmup", "0"])
     by_mode = {case.mode: case for case in cases.build_cases(settings)}
     assert [name for name, _ in harness.contenders(settings, by_mode["train"])] == [
-        "eager", "fused[auto]", harness.SAVED, "compile"]
+        "eager", "fused[auto]", "compile", harness.SAVED]
     assert [name for name, _ in harness.contenders(settings, by_mode["infer"])] == [
         "eager", "fused[auto]", harness.GRAPHED, "compile"]  # compile last: the slowest to build
     assert dict(harness.contenders(settings, by_mode["infer"]))[harness.GRAPHED] == "CUDA graphs need a CUDA device"
@@ -93,7 +93,7 @@ def test_inference_cases_add_the_graphed_contender_which_agrees_with_eager(monke
 
 @pytest.mark.parametrize("level", ["blocks", "models"])
 def test_training_cases_add_the_saved_activations_contender_which_agrees_with_eager(level, monkeypatch):
-    """fused[auto]+saved: listed for training cases only (after the fused rows), the model converted with
+    """fused[auto]+saved: listed for training cases only (after compile's row), the model converted with
     memory_efficient=False (its training step keeps the normalised activations, as eager and torch.compile do),
     and its step agrees with eager."""
     settings = make_settings(["--device", "cpu", "--levels", level, "--models", "resnet18", "--quick",

@@ -27,7 +27,8 @@
 #                           reach torch.compile's row), eager vs fused "auto" vs
 #                           torch.compile, the fused model precompiled
 #                           (fusedres.precompile: its row's "precompile s", then "first call s" is timing alone),
-#                           and in inference fused "auto" replayed from a CUDA graph (fused[auto]+graph);
+#                           and in inference fused "auto" replayed from a CUDA graph (fused[auto]+graph), in
+#                           training (after compile's row) with its activations saved (fused[auto]+saved);
 #                           with the tests about 9 minutes);
 #                           e.g. "300 --levels blocks --models resnet50" or
 #                           "300 --levels convs --models resnet50 --modes bwd" (Triton conv backward vs cuDNN's) or
