@@ -331,9 +331,11 @@ def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
 
 def _recorded(monkeypatch, name: str) -> list:
     """The results of conv.<name> (a host helper of the launch, e.g. _box or _gemm_view), appended as the conv
-    calls it; what it returns is unchanged."""
+    calls it; what it returns is unchanged. The launches' plans are made anew meanwhile (conv._PLANS), so the
+    conv calls it whatever launches ran before."""
     results, original = [], getattr(conv, name)
     monkeypatch.setattr(conv, name, lambda *args: results.append(original(*args)) or results[-1])
+    monkeypatch.setattr(conv, "_PLANS", {})
     return results
 
 
