@@ -112,7 +112,7 @@ class Relaunches:
         context = self._context()
         if context is None:
             return None
-        known = self.keyed.get((key, context, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])))
+        known = self.keyed.get((key, context, _specialised(tensors)))
         if known is None:
             return None
         kernel, config, grid, rest = known
@@ -128,14 +128,19 @@ class Relaunches:
             return
         values = {**self.defaults, **dict(zip(self.names, tensors)), **kwargs, **(config.kwargs if config else {})}
         rest = tuple(map(values.__getitem__, self.names[len(tensors):]))
-        self.keyed[key, context, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])] = (
-            kernel, config, _grid(values), rest)
+        self.keyed[key, context, _specialised(tensors)] = kernel, config, _grid(values), rest
 
     def remember(self, signature, kernel, config=None) -> None:
         """Keep ``kernel``, what JITFunction.run returned for a launch of ``signature`` (from ``run``) with the
         launch's arguments, and with ``config``'s constexprs besides where the autotuner added a config."""
         if signature is not None and isinstance(kernel, CompiledKernel):
             self.kernels[signature] = kernel, config
+
+
+def _specialised(tensors: tuple) -> tuple:
+    """What the JIT specialises ``tensors`` (pointer arguments) on: each one's dtype and whether its address is a
+    multiple of 16 bytes (as ``Relaunches.run``'s signature has them)."""
+    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
 
 
 def _grid(values: dict) -> tuple[int, int, int]:
