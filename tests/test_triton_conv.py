@@ -6,6 +6,7 @@ largest error against the fp64 reference is at most twice that of eager torch co
 thing in the same dtype, plus ATOL[dtype] times the reference's largest magnitude.
 """
 
+import ast
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -1724,6 +1726,34 @@ def test_a_compile_ahead_pass_left_by_an_exception_waits_only_for_the_compiles_r
             raise KeyError("the model failed")
     assert all(future.done() for future in ahead.futures)
     assert len(started) <= 4 and sum(future.cancelled() for future in ahead.futures) >= 16
+
+
+def _a_kernel_body(x):  # a source for JITFunction to parse
+    return x + 1
+
+
+def test_triton_parses_kernel_sources_one_thread_at_a_time(monkeypatch):
+    """JITFunction.parse (ast.parse of a kernel's source, at each compile, on the compile threads) runs on one
+    thread at a time: CPython before 3.11.8 and 3.12.2 fails two parses at once now and then (gh-106905;
+    autotuning._serialise_source_parsing). Fails with parse left as triton has it."""
+    from triton.runtime.jit import JITFunction
+
+    parse, inside, most = ast.parse, [], []
+
+    def slow_parse(*args, **kwargs):
+        inside.append(1)
+        most.append(len(inside))
+        time.sleep(0.02)
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(ast, "parse", slow_parse)
+    kernel = JITFunction(_a_kernel_body)
+    with ThreadPoolExecutor(4) as pool:
+        trees = list(pool.map(lambda _: kernel.parse(), range(8)))
+    assert max(most) == 1 and len(most) == 8 and all(isinstance(tree, ast.Module) for tree in trees)
 
 
 def test_compile_threads_default_to_the_usable_cores(monkeypatch):

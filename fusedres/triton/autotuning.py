@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton
 from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 from ._host import next_power_of_2
 from .relaunch import Relaunches
@@ -34,6 +35,30 @@ from .relaunch import Relaunches
 _SCALARS = (int, bool, float)
 # one entry per key this process tuned, in order (``fast_path_and_record``): what the benchmarks report
 TUNINGS: list[dict] = []
+
+
+def _serialise_source_parsing() -> None:
+    """Make triton's ``JITFunction.parse`` (``ast.parse`` of a kernel's source, at every compile, for the kernel and
+    each jit function it calls) run on one thread at a time. CPython before 3.11.8 and 3.12.2 (gh-106905) counts
+    the AST constructor's recursion in interpreter-wide state, so two threads parsing at once can fail with
+    "SystemError: AST constructor recursion depth mismatch": seen on this module's compile threads (Python 3.11.7,
+    a config's compile lost, and the autotuner's timing of it raised). The lock costs the compiles nothing
+    measurable (a parse takes a few ms of a compile's seconds). Once per process; every Python alike."""
+    parse = JITFunction.parse
+    if getattr(parse, "serialised", False):
+        return
+    lock = threading.Lock()
+
+    @functools.wraps(parse)
+    def serialised(self):
+        with lock:
+            return parse(self)
+
+    serialised.serialised = True
+    JITFunction.parse = serialised
+
+
+_serialise_source_parsing()
 
 
 def describe(config) -> str:
