@@ -253,7 +253,10 @@ def main() -> None:
         "op conv2d_stats, with autograd": lambda: torch.ops.fusedres.conv2d_stats(*unit_grad, "triton", "", 0, zeros_k),
         # an inference unit (folded BN as a bias, + residual, ReLU) as a converted block runs it
         "conv_bias_act, residual (triton)": lambda: inference.conv_bias_act(x_k, w_k, bias_k, x_k, backend="triton"),
+        # the same unit replayed in a block's chain: its launch checked and planned once (conv2d_fused_launcher)
+        "the same, replayed (launcher)": lambda: launch_k(x_k, x_k),
     }
+    launch_k = conv.conv2d_fused_launcher(x_k, w_k, out_shift=bias_k.float(), residual=x_k, out_relu=True)
     if launches:  # the kernels (tuned on the first call): the host path with triton's launches
         print(f"host us per call, real kernels (cuda, triton {triton.__version__}; the GPU's part of a call is "
               "a few us at this size):" if device == "cuda" else

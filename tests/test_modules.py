@@ -296,6 +296,54 @@ def test_eval_forwards_under_inference_mode_replay_like_no_grad_ones(kind, repla
     assert units and all(not t.is_inference() for unit in units for t in unit.fold._folded)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_gpu_replayed_eval_forwards_match_eager runs the GPU's")
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_replayed_triton_units_launch_without_the_convs_whole_path(kind, downsample, replays, monkeypatch):
+    """With every unit on the Triton conv (the interpreter here; the dispatch's choice fixed to it), a block's
+    chain binds each unit to its conv's launcher at the chain's first call (conv2d_fused_launcher: checked and
+    planned once); later forwards call neither conv2d_fused nor the launcher's maker, but in the units it declined
+    (the downsample block's two stride-2 convs on fewer than 16 channels run space-to-depth). An x whose address
+    is off 16 bytes (same layout, so the chain holds) takes conv2d_fused's path in the units that read it. Every
+    output is eager's."""
+    from fusedres.triton import conv
+
+    monkeypatch.setattr(inference, "_choose", lambda backend, channels_last, args: ("triton", True))
+    calls = []
+    for name in ("conv2d_fused", "conv2d_fused_launcher"):
+        original = getattr(conv, name)
+        monkeypatch.setattr(conv, name, lambda *a, _name=name, _original=original, **k:
+                            calls.append(_name) or _original(*a, **k))
+    if downsample:
+        eager = _block(kind, seed=17)
+    else:  # 12 -> 12 channels at stride 1
+        torch.manual_seed(17)
+        eager = (torchvision.models.resnet.BasicBlock(12, 12) if kind == "basic"
+                 else torchvision.models.resnet.Bottleneck(12, 3))
+        randomise_bn(eager, 17)
+    eager.eval()
+    fused = fusedres.convert(copy.deepcopy(eager)).model.eval()
+    units = (2 if kind == "basic" else 3) + downsample
+    declined = 2 if downsample else 0  # stride-2 convs on < 16 channels (space-to-depth): downsample, 3x3
+    launched_conv1 = kind == "bottleneck" or not downsample  # conv1, reading x, has a launcher (not stride 2)
+    x = torch.randn(2, 12, 9, 7).to(memory_format=torch.channels_last)
+    offset = torch.empty(x.numel() + 1)  # x's values and strides one element past a 16-byte address
+    x_off = offset.as_strided(x.shape, x.stride(), storage_offset=1).copy_(x)
+    assert x_off.data_ptr() % 16 != 0
+    full = ["conv2d_fused"]
+    with torch.no_grad():
+        for step, (input_, expected) in enumerate([
+                (x, full * units),  # the units' path, which records the chain
+                (x + 1, ["conv2d_fused_launcher"] * units + full * declined),  # the chain's first call binds
+                (x - 1, full * declined),
+                (x_off, full * (declined + launched_conv1)),
+                (x * 2, full * declined)]):
+            torch.testing.assert_close(fused(input_), eager(input_), rtol=1e-4, atol=1e-4)
+            assert sorted(calls) == sorted(expected), (step, calls)
+            assert replays == ([] if step == 0 else [1]), step
+            calls.clear(), replays.clear()
+
+
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_eval_forward_moves_the_downsample_bias_to_the_last_unit(kind, monkeypatch):
     """The downsample conv runs without a bias (no ReLU, so no cuDNN fused conv: torch's conv would add it by a

@@ -731,6 +731,50 @@ def test_residual_layout_and_dtype():
     _check_out(out, x, w, kw)
 
 
+@pytest.mark.parametrize("case", [_case(20, 8, 9, 1, 2, 0, BF16, True, "none", "full"),
+                                  _case(20, 20, 7, 3, 1, 1, F32, False, "none", "full"),
+                                  _case(8, 20, 7, 1, 1, 0, F16, True, "none", "none")], ids=str)
+def test_launcher_computes_conv2d_fused_on_new_inputs_laid_out_alike(case, monkeypatch):
+    """conv2d_fused_launcher (the inference epilogue: bias, residual, ReLU) checks and plans once; its launches on
+    new x and residual values of the same layout compute conv2d_fused's output without calling it, and an x at an
+    address off 16 bytes takes conv2d_fused's path."""
+    x, w, kw = _make(case)
+    kw.pop("out_scale", None)
+    launch = conv.conv2d_fused_launcher(x, w, **kw)
+    full = []
+    conv2d_fused = conv.conv2d_fused
+    monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: full.append(1) or conv2d_fused(*a, **k))
+    gen = seeded(f"{case}-launches")
+    offset = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    for off in (False, False, True):
+        x2 = rand_act(gen, x.shape, x.dtype, case.channels_last)
+        if off:
+            x2 = offset.as_strided(x2.shape, x2.stride(), storage_offset=1).copy_(x2)
+            assert x2.data_ptr() % 16 != 0
+        kw2 = dict(kw)
+        if "residual" in kw:
+            kw2["residual"] = rand_act(gen, kw["residual"].shape, x.dtype, case.channels_last)
+        _check_out(launch(x2, kw2.get("residual")), x2, w, kw2, f"off={off}")
+        assert full == ([1] if off else [])
+
+
+def test_launcher_declines_what_it_would_not_keep_and_raises_as_conv2d_fused(monkeypatch):
+    """None for a conv run space-to-depth (the stem) and for a weight packed at every call (one that needs a
+    gradient); conv2d_fused's errors for invalid arguments."""
+    gen = seeded("launcher")
+    x = rand_act(gen, (2, 3, 9, 9), F32)
+    assert conv.conv2d_fused_launcher(x, rand_act(gen, (8, 3, 7, 7), F32), stride=2, padding=3) is None
+    x = rand_act(gen, (2, 20, 7, 7), F32)
+    w = rand_act(gen, (8, 20, 3, 3), F32)
+    assert conv.conv2d_fused_launcher(x, w.clone().requires_grad_(), padding=1) is None
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        conv.conv2d_fused_launcher(x, w, padding=1, residual=rand_act(gen, (2, 8, 5, 5), F32))
+    with pytest.raises(ValueError, match=r"out_shift must have shape \(8,\)"):
+        conv.conv2d_fused_launcher(x, w, padding=1, out_shift=rand_vec(gen, 20))
+    with pytest.raises(TypeError, match="weight has dtype"):
+        conv.conv2d_fused_launcher(x, w.double())
+
+
 def test_small_groups_when_allowed(monkeypatch):
     """Groups of 5 input and 3 output channels (flat reduction, column tails) once the minimum is lifted and
     groups are not merged."""
@@ -1633,6 +1677,15 @@ grad_out = torch.randn(16, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torc
 time_nothing(conv_wgrad._wgrad_kernel)
 found["weight_grad"] = [launched(lambda: conv_wgrad.conv2d_weight_grad(
     x, grad_out, w.shape, padding=1, groups=2, in_scale=scale, in_shift=shift)) for _ in range(3)]
+# an inference unit's launcher (conv2d_fused_launcher), made before its conv's first launch: its launches relaunch
+# the kernel and arguments conv2d_fused's tuning call ran (the same plan, the same key)
+x_unit, residual = (torch.randn(16, c, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+                    for c in (128, 64))
+w_unit, bias = torch.randn(64, 128, 3, 3, dtype=torch.bfloat16), torch.randn(64)
+unit = dict(padding=(1, 1), out_shift=bias, residual=residual, out_relu=True)
+launch_unit = conv.conv2d_fused_launcher(x_unit, w_unit, **unit)
+found["inference"] = [launched(lambda: conv.conv2d_fused(x_unit, w_unit, **unit)),
+                      launched(lambda: launch_unit(x_unit, residual)), launched(lambda: launch_unit(x_unit, residual))]
 hook = lambda metadata: None  # noqa: E731  (a profiler's, proton's say: the JIT path builds its metadata)
 knobs.runtime.launch_enter_hook.add(hook)
 found["hooked"] = forward(scale)
@@ -1661,8 +1714,9 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     (the launch hooks, silent, passed as None); while a launch hook is set, every launch takes the JIT path (whose
     hook gets the launch's metadata). A pointer of another alignment (which the JIT specialises on)
     goes through the JIT path once, which makes it another conv kernel, relaunched from then on; the aligned
-    launch still relaunches its own. Kernels kept are forgotten when the autotuner's configs and cache are
-    replaced. Run on CPU with a stand-in for the H100's driver whose launchers record their calls, in a process
+    launch still relaunches its own. An inference unit's launcher (``conv.conv2d_fused_launcher``) relaunches what
+    its conv's tuning call ran. Kernels kept are forgotten when the autotuner's configs and cache are replaced.
+    Run on CPU with a stand-in for the H100's driver whose launchers record their calls, in a process
     without TRITON_INTERPRET."""
     found = run_behind_stand_in(_RELAUNCH, tmp_path)
     # the tuning call's launches (the conv's last one: the chosen config's) go through the JIT
@@ -1699,6 +1753,12 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     for run in relaunches:
         for key in ("launcher", "grid", "kernel", "arguments"):
             assert run["_wgrad_kernel"][key] == tuning["_wgrad_kernel"][key], key
+    # an inference unit's launcher: its launches relaunch what conv2d_fused's tuning call ran
+    tuning, *relaunches = found["inference"]
+    assert tuning["jit"] > 0 and [run["jit"] for run in relaunches] == [0, 0], found["inference"]
+    for run in relaunches:
+        for key in ("launcher", "grid", "kernel", "arguments"):
+            assert run["_conv_kernel"][key] == tuning["_conv_kernel"][key], key
     # a launch hook set: both kernels through the JIT path, which hands the launcher the hook; relaunched after
     hooked, unhooked = found["hooked"], found["unhooked"]
     kernels = ("_conv_kernel", "_finish_partials_kernel")

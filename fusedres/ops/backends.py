@@ -84,6 +84,12 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream: a tensor made then is filled only
+    when the graph replays, so it may serve that call alone (nothing made then is kept for later calls)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def conv_allows_tf32() -> bool:
     """Whether torch's own conv may use TF32: torch >= 2.9 resolves cudnn.conv.fp32_precision through its
     parents ("none" inherits, and reading the legacy cudnn.allow_tf32 raises once the two APIs were mixed);

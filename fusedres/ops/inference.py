@@ -23,7 +23,7 @@ memory format (channels_last when x is channels_last and not also NCHW-contiguou
 
 import operator
 import weakref
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -205,12 +205,29 @@ def _float_bias(bias: Tensor) -> Tensor:
     if kept is not None and version is not None and kept[0] == version:
         return kept[1]
     converted = bias.float()
-    if version is not None and not (bias.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if version is not None and not backends.capturing(bias.device):
         _FLOAT_BIASES[bias] = (version, converted)
     return converted
 
 
 _IMPLS = {"cudnn": _run_cudnn, "triton": _run_triton, "torch": _run_torch}
+
+
+def _bound(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], conv: tuple,
+           relu: bool) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
+    """Implementation ``name`` as a function of (x, residual) alone, for calls whose x and residual are laid out as
+    these are (``_layout``), with weight and bias kept unchanged (a fold's): the Triton conv's launcher, checked
+    and planned once (``conv2d_fused_launcher``), where it has one; else the implementation with the other
+    arguments bound."""
+    if name == "triton":
+        stride, padding, dilation, groups = conv
+        launch = backends.triton_conv()[0].conv2d_fused_launcher(
+            x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            out_shift=None if bias is None else _float_bias(bias), residual=residual, out_relu=relu)
+        if launch is not None:
+            return launch
+    run = _IMPLS[name]
+    return lambda x, residual: run(x, weight, bias, residual, conv, relu)
 
 
 def unavailable_reason(name: str, x, weight, bias, residual, conv, relu) -> Optional[str]:
@@ -516,7 +533,8 @@ class FoldedChain:
     unit's fold, conv and BatchNorm, the weight and bias it ran with (its fold's, or its bias summed with
     another unit's or dropped, as the owner decided), its implementation and the values it read (x, or an
     earlier unit's output). A later call (``__call__``) runs those implementations straight away, autocast
-    off around them all, where:
+    off around them all, each bound at the chain's first call to its held arguments (``_bound``: for the Triton
+    conv, its launch checked and planned once), where:
     - x has the same type, shape, strides, dtype and device, and ``chain_guard``'s context is the same
       (backend, autocast dtype, torch's conv flags, ``dispatch.resets()`` and ``graph_replay()``);
     - the owner holds the same modules (``modules``, its children, say);
@@ -532,6 +550,7 @@ class FoldedChain:
         self._guard = guard
         self._modules = modules
         self._steps = steps
+        self._runs: Optional[list] = None  # each step's implementation bound to its arguments (``_bound``)
 
     @classmethod
     def record(cls, guard: tuple, modules: tuple, units: Sequence[tuple]) -> Optional["FoldedChain"]:
@@ -562,11 +581,18 @@ class FoldedChain:
         if autocast:
             torch.set_autocast_enabled(device, False)
         try:
-            values = [x]
-            for _, (weight, _), _, _, conv_args, bias, name, channels_last, source, residual, relu in self._steps:
-                values.append(_dense(_IMPLS[name](values[source], weight, bias,
-                                                  None if residual is None else values[residual], conv_args, relu),
-                                     channels_last))
+            values, runs = [x], self._runs
+            bind = runs is None  # the first call: each step's implementation is bound to its held arguments
+            if bind:
+                runs = []
+            for i, (_, (weight, _), _, _, conv_args, bias, name, channels_last, source, residual, relu) in enumerate(
+                    self._steps):
+                added = None if residual is None else values[residual]
+                if bind:
+                    runs.append(_bound(name, values[source], weight, bias, added, conv_args, relu))
+                values.append(_dense(runs[i](values[source], added), channels_last))
+            if bind and not backends.capturing(x.device):  # bound while captured, a fp32 bias would be the graph's
+                self._runs = runs
             return values[-1]
         finally:
             if autocast:

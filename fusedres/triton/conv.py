@@ -125,18 +125,20 @@ runs, without tuning.
 """
 
 import contextvars
-from typing import Callable, NamedTuple, Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..ops.backends import capturing
 from . import partials
 from ._host import cdiv
 from .autotuning import autotune, keyed_launch
 from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _merge_factor, _merged,
-                        _packed_weight, _space_to_depth, _space_to_depth_channels, _vector)
+                        _packed_weight, _packing_kept, _space_to_depth, _space_to_depth_channels, _vector)
 from .conv_configs import (_AUTOTUNE_KEY, _CONFIGS, _MAX_BLOCK_M, _ROW_TILINGS, _TMA_MAX_BLOCK_K, _box, _config_box,
                            _reduction_size, _usable)
 
@@ -436,7 +438,7 @@ def _row_ones(device: torch.device) -> Tensor:
     ones = _ROW_ONES.get(device)
     if ones is None:
         ones = torch.ones(_MAX_BLOCK_M, device=device, dtype=torch.float32)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not capturing(device):
             _ROW_ONES[device] = ones
     return ones
 
@@ -523,11 +525,13 @@ def _with_descriptor_scratch(launch):
     return contextvars.copy_context().run(run)
 
 
-class _Plan(NamedTuple):
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
     """What ``_launch`` decides from a launch's layout, geometry and flags (``_plan``), the same at every launch
     that has them: the geometry launched (a GEMM view's, ``_gemm_view``), whether the TMA configs may run and
     their box, the statistics workspace's rows, whether the kernel reads row_ones, and the kernel's arguments
-    after its tensors with its grid."""
+    after its tensors with its grid. Equal and hashed by identity: the plan is the key its launches are relaunched
+    by (``autotuning.keyed_launch``), one plan per key of ``_PLANS``."""
     geo: dict
     tma_ok: bool
     box: tuple
@@ -537,7 +541,7 @@ class _Plan(NamedTuple):
     grid: Callable
 
 
-_PLANS: dict = {}  # _launch's key -> _Plan
+_PLANS: dict = {}  # _planned's key -> _Plan
 _MAX_PLANS = 4096  # beyond it (shapes that keep changing) the plans are made anew
 
 
@@ -566,21 +570,19 @@ def _plan(x: Tensor, out: Tensor, res: Tensor, geo: dict, groups: int, flags: di
                  constants, grid)
 
 
-def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
-            in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
-            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(),
-            moments=False, flat=False):
-    """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
-    compute_stats, also ``partials.finish`` into stats_out, two (K,) fp32 tensors: the per-channel sums of
-    d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y. The reduction
-    is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``. A launch like an earlier one (its key below:
-    what _plan reads) takes that one's plan, and its kernel by the same key (``autotuning.keyed_launch``)."""
-    res = out if residual is None else residual
+def _flags(in_scale, in_relu, out_scale, out_shift, residual, out_relu, compute_stats, prologue_grad, flat,
+           geo: dict) -> dict:
+    """The kernel's flags (PROLOGUE, ..., FLAT_K) for a launch with these arguments (``_launch``'s)."""
     prologue = in_scale is not None
-    flags = dict(PROLOGUE=prologue, IN_RELU=bool(in_relu) and prologue, HAS_OUT_SCALE=out_scale is not None,
-                 HAS_OUT_SHIFT=out_shift is not None, HAS_RESIDUAL=residual is not None and not prologue_grad,
-                 OUT_RELU=bool(out_relu), COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad),
-                 FLAT_K=flat or geo["Cg"] < _FLAT_K_BELOW)
+    return dict(PROLOGUE=prologue, IN_RELU=bool(in_relu) and prologue, HAS_OUT_SCALE=out_scale is not None,
+                HAS_OUT_SHIFT=out_shift is not None, HAS_RESIDUAL=residual is not None and not prologue_grad,
+                OUT_RELU=bool(out_relu), COMPUTE_STATS=bool(compute_stats), PROLOGUE_GRAD=bool(prologue_grad),
+                FLAT_K=flat or geo["Cg"] < _FLAT_K_BELOW)
+
+
+def _planned(x: Tensor, out: Tensor, res: Tensor, geo: dict, groups: int, flags: dict) -> _Plan:
+    """The launch's _Plan: a launch like an earlier one (by what _plan reads) takes that one's plan, and so its
+    kernel and config (``_start``)."""
     # geo's values alone: every geometry has _geometry's keys in its order (the others are dict(geo, ...) of one)
     key = (x.device, x.dtype, x.data_ptr() % 16 == 0, x.shape, x.stride(), out.shape, out.stride(), res.shape,
            res.stride(), groups, *flags.values(), *geo.values())
@@ -589,22 +591,71 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _plan(x, out, res, geo, groups, flags)
-    ws = torch.empty((2, plan.ws_rows, geo["K"]), device=x.device, dtype=torch.float32) if compute_stats else out
-    tensors = (x, packed_weight, out, in_scale if prologue else out, in_shift if prologue else out,
+    return plan
+
+
+def _start(plan: _Plan, x: Tensor, packed_weight: Tensor, out: Tensor, in_scale=None, in_shift=None,
+           out_scale=None, out_shift=None, res=None, stats_shift=None, ws=None) -> None:
+    """Launch _conv_kernel by ``plan`` (``_planned``) on these tensors (res: the residual, or None; ws: the
+    statistics' workspace where the plan's flags compute them); absent ones are passed as out. A launch of a plan
+    launched before relaunches that one's kernel and config (``autotuning.keyed_launch``, the plan its key)."""
+    tensors = (x, packed_weight, out, out if in_scale is None else in_scale, out if in_shift is None else in_shift,
                _row_ones(x.device) if plan.row_ones else out, out if out_scale is None else out_scale,
-               out if out_shift is None else out_shift, res, stats_shift if compute_stats else out, ws)
+               out if out_shift is None else out_shift, out if res is None else res,
+               out if stats_shift is None else stats_shift, out if ws is None else ws)
 
     def launch():
-        return keyed_launch(_conv_kernel, plan.grid, key, tensors, plan.constants)
+        return keyed_launch(_conv_kernel, plan.grid, plan, tensors, plan.constants)
 
     if plan.tma_ok:  # only the TMA configs make descriptors
         _with_descriptor_scratch(launch)
     else:
         launch()
+
+
+def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
+            in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
+            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(),
+            moments=False, flat=False):
+    """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
+    compute_stats, also ``partials.finish`` into stats_out, two (K,) fp32 tensors: the per-channel sums of
+    d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y. The reduction
+    is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``."""
+    flags = _flags(in_scale, in_relu, out_scale, out_shift, residual, out_relu, compute_stats, prologue_grad, flat,
+                   geo)
+    plan = _planned(x, out, out if residual is None else residual, geo, groups, flags)
+    ws = torch.empty((2, plan.ws_rows, geo["K"]), device=x.device, dtype=torch.float32) if compute_stats else None
+    if in_scale is None:  # read only by the prologue: passed as out, as the launch's kernel was specialised on
+        in_shift = None
+    _start(plan, x, packed_weight, out, in_scale, in_shift, out_scale, out_shift, residual,
+           stats_shift if compute_stats else None, ws)
     if compute_stats:  # the rows the launch wrote: one per row tile of the config the autotuner ran
         best = _conv_kernel.best_config.kwargs
         partials.finish(ws, _row_tiles(plan.geo, plan.box, best["BLOCK_M"], best["USE_TMA"]), stats_out,
                         partials.SHIFTED_MOMENTS if moments else partials.SUMS, count=geo["M"], centre=stats_shift)
+
+
+def _checked_geometry(fn: str, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> tuple[dict, int]:
+    """(the conv's validated geometry, how many of its groups the kernel runs as one); raises RuntimeError with
+    ``_limit``'s sentence for a valid conv the kernel does not run."""
+    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    merge = _merge_factor(geo, groups)
+    reason = _limit(geo, x, groups, merge)
+    if reason is not None:
+        raise RuntimeError(f"{fn}: {reason}")
+    return geo, merge
+
+
+def _check_residual(fn: str, residual: Optional[Tensor], geo: dict, x: Tensor) -> None:
+    if residual is None:
+        return
+    if residual.dtype not in _DTYPES:
+        raise TypeError(f"{fn}: residual has dtype {residual.dtype}; supported are float16, bfloat16 "
+                        "and float32")
+    shape = (geo["N"], geo["K"], geo["P"], geo["Q"])
+    if tuple(residual.shape) != shape or residual.device != x.device:
+        raise ValueError(f"{fn}: residual must have the output's shape {shape} on {x.device}, "
+                         f"got {tuple(residual.shape)} on {residual.device}")
 
 
 def conv2d_fused(
@@ -628,11 +679,7 @@ def conv2d_fused(
     ``unsupported_reason``'s sentence for valid convs this kernel does not run.
     """
     fn = "conv2d_fused"
-    geo = _geometry(x, weight, stride, padding, dilation, groups)
-    merge = _merge_factor(geo, groups)
-    reason = _limit(geo, x, groups, merge)
-    if reason is not None:
-        raise RuntimeError(f"{fn}: {reason}")
+    geo, merge = _checked_geometry(fn, x, weight, stride, padding, dilation, groups)
     if (in_scale is None) != (in_shift is None):
         raise ValueError(f"{fn}: in_scale and in_shift must be given together")
     if compute_stats and (out_scale is not None or residual is not None or out_relu):
@@ -651,14 +698,7 @@ def conv2d_fused(
     if compute_stats:
         stats_shift = (x.new_zeros(k, dtype=torch.float32) if stats_shift is None
                        else _vector(fn, "stats_shift", stats_shift, k, x))
-    if residual is not None:
-        if residual.dtype not in _DTYPES:
-            raise TypeError(f"{fn}: residual has dtype {residual.dtype}; supported are float16, bfloat16 "
-                            "and float32")
-        if tuple(residual.shape) != (n, k, p, q) or residual.device != x.device:
-            raise ValueError(f"{fn}: residual must have the output's shape {(n, k, p, q)} on {x.device}, "
-                             f"got {tuple(residual.shape)} on {residual.device}")
-
+    _check_residual(fn, residual, geo, x)
     out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
     mean = var = None
     if compute_stats:  # separate tensors: the op returning them may not alias its outputs
@@ -676,3 +716,41 @@ def conv2d_fused(
             residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift,
             stats_out=(mean, var), moments=True, flat=bool(space_to_depth))
     return out, mean, var
+
+
+def conv2d_fused_launcher(x: Tensor, weight: Tensor, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                          groups: int = 1, out_shift: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                          out_relu: bool = False) -> Optional[Callable[[Tensor, Optional[Tensor]], Tensor]]:
+    """``launch(x2, residual2)``, computing ``conv2d_fused(x2, weight, stride=stride, padding=padding,
+    dilation=dilation, groups=groups, out_shift=out_shift, residual=residual2, out_relu=out_relu)[0]`` for any x2
+    and residual2 (None where residual is) of the types, shapes, strides, dtypes and devices of x and residual:
+    the inference epilogue's call, checked and planned here once, so that a launch only allocates the output and
+    relaunches the kernel its plan ran last (``_planned``, ``_start``); an x2 aligned otherwise
+    than x (16 bytes) takes conv2d_fused's whole path. For a caller that keeps weight and out_shift unchanged (an
+    inference fold): the weight is packed here, and its packing held. None where conv2d_fused runs the conv
+    otherwise (space-to-depth), or where it would pack the weight at every call (``_packed_weight``: a weight
+    that needs grad, an inference tensor). Raises as conv2d_fused does for invalid arguments."""
+    fn = "conv2d_fused"
+    geo, merge = _checked_geometry(fn, x, weight, stride, padding, dilation, groups)
+    if _space_to_depth_channels(geo, groups) or not _packing_kept(weight):
+        return None
+    if out_shift is not None:
+        out_shift = _vector(fn, "out_shift", out_shift, geo["K"], x)
+    _check_residual(fn, residual, geo, x)
+    packed = _packed_weight(weight, groups, merge=merge)
+    shape, device, dtype = (geo["N"], geo["K"], geo["P"], geo["Q"]), x.device, x.dtype
+    memory_format = _memory_format(x)
+    out = torch.empty(shape, device=device, dtype=dtype, memory_format=memory_format)
+    flags = _flags(None, False, None, out_shift, residual, out_relu, False, False, False, geo)
+    plan = _planned(x, out, out if residual is None else residual, _merged(geo, merge), groups // merge, flags)
+    aligned = x.data_ptr() % 16 == 0
+
+    def launch(x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if (x.data_ptr() % 16 == 0) != aligned:
+            return conv2d_fused(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                out_shift=out_shift, residual=residual, out_relu=out_relu)[0]
+        out = torch.empty(shape, device=device, dtype=dtype, memory_format=memory_format)
+        _start(plan, x, packed, out, out_shift=out_shift, res=residual)
+        return out
+
+    return launch

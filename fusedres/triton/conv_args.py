@@ -204,7 +204,7 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     tensor while cached. Not seen: writes through ``.data`` to a weight that needs no gradient."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
            taps, merge, space_to_depth)
-    version = None if weight.is_inference() or weight.requires_grad else weight._version
+    version = weight._version if _packing_kept(weight) else None
     hit = _PACK_CACHE.get(key)
     if hit is not None and version is not None and hit[1] == version:
         _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
@@ -236,6 +236,12 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
             _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
         _PACK_CACHE[key] = (weight, version, packed)
     return packed
+
+
+def _packing_kept(weight: Tensor) -> bool:
+    """Whether ``_packed_weight`` keeps its packing of ``weight``: one that needs no gradient and has a version
+    counter (no inference tensor)."""
+    return not (weight.requires_grad or weight.is_inference())
 
 
 def _as_slice(taps: range) -> slice:

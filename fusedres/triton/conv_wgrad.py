@@ -244,7 +244,7 @@ def conv2d_weight_grad(
         return _tiles(run, meta["BLOCK_N"], meta["BLOCK_K"], flat), groups // merge, splits
 
     prologue = in_scale is not None
-    # what decides the launch's other arguments and grid (as conv._launch's key does for the forward)
+    # what decides the launch's other arguments and grid (as conv._planned's key does for the forward)
     key = (x.device, x.dtype, x.shape, x.stride(), grad_out.shape, grad_out.stride(), groups, merge, flat,
            rows_per_split, prologue, bool(in_relu) and prologue, *run.values())
     keyed_launch(_wgrad_kernel, grid, key,
