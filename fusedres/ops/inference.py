@@ -21,6 +21,7 @@ graph is captured, a known choice, else the first available of cudnn, triton, to
 memory format (channels_last when x is channels_last and not also NCHW-contiguous) whichever implementation ran.
 """
 
+import contextlib
 import operator
 import weakref
 from typing import Callable, Optional, Sequence, Union
@@ -65,6 +66,15 @@ def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], running_me
 
 
 _ABSENT = object()
+
+
+@contextlib.contextmanager
+def _made_to_keep():
+    """Where a tensor kept across inference calls is made (a fold, a summed bias): outside inference_mode, where it
+    would have no version counter (so the Triton conv could not keep its packing of a folded weight,
+    ``conv_args._packed_weight``, and would pack it at every call), and without autograd."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def _member(module: nn.Module, name: str):
@@ -143,9 +153,7 @@ class FoldedWeights:
         if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
             return fold_batch_norm(*sources[:6], bn.eps, key[0])
         if key != self._key or not self._holds(sources):
-            # outside inference_mode: a fold made there would have no version counter, so the Triton conv
-            # could not keep its packing of the weight (conv_args._packed_weight) and would pack it at every call
-            with torch.inference_mode(False), torch.no_grad():
+            with _made_to_keep():
                 self._folded = fold_batch_norm(*sources[:6], bn.eps, key[0])
             self._key, self._sources, self._snapshots = key, sources, tuple(map(_snapshot, sources))
         return self._folded
@@ -495,7 +503,7 @@ class FoldedUnit:
             return bias + other
         summed = self._summed
         if summed is None or summed[0] is not bias or summed[1] is not other:
-            with torch.inference_mode(False), torch.no_grad():
+            with _made_to_keep():
                 summed = self._summed = (bias, other, bias + other)
         return summed[2]
 
