@@ -344,6 +344,49 @@ def test_replayed_triton_units_launch_without_the_convs_whole_path(kind, downsam
             calls.clear(), replays.clear()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_gpu_replayed_eval_forwards_match_eager runs the GPU's")
+@pytest.mark.parametrize("kind", ["preact-basic", "preact-bottleneck"])
+def test_a_units_replayed_plan_launches_its_triton_conv_without_the_convs_whole_path(kind, monkeypatch):
+    """A folded unit outside a chain (a pre-activation block's) on the Triton conv (the interpreter here; the
+    dispatch's choice fixed to it): its plan's first replay binds it to its conv's launcher (conv2d_fused_launcher),
+    and later forwards call neither conv2d_fused nor the launcher's maker for it, unless the maker declined (stride-2
+    convs on fewer than 16 channels run space-to-depth). The block's convs without a BatchNorm after them (the
+    last, the downsample) take the op's path at every call. Every output is eager's."""
+    from fusedres.triton import conv
+
+    monkeypatch.setattr(inference, "_choose", lambda backend, channels_last, args: ("triton", True))
+    calls, declined = [], []
+    conv2d_fused, launcher = conv.conv2d_fused, conv.conv2d_fused_launcher
+    monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: calls.append("conv2d_fused") or conv2d_fused(*a, **k))
+
+    def counted_launcher(*args, **kwargs):
+        calls.append("conv2d_fused_launcher")
+        launch = launcher(*args, **kwargs)
+        declined.extend([] if launch else [1])
+        return launch
+
+    monkeypatch.setattr(conv, "conv2d_fused_launcher", counted_launcher)
+    if kind == "preact-basic":  # 12 -> 12 channels at stride 1: its folded unit (conv1) not space-to-depth
+        torch.manual_seed(18)
+        eager = PreActBasic(12, 12, conv_layer=create_conv2d, norm_layer=BatchNormAct2d)
+        randomise_bn(eager, 18)
+    else:
+        eager = _block(kind, seed=18)
+    eager.eval()
+    fused = fusedres.convert(copy.deepcopy(eager)).model.eval()
+    x = torch.randn(2, 12, 9, 7).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        found = []
+        for step in range(4):
+            torch.testing.assert_close(fused(x + step), eager(x + step), rtol=1e-4, atol=1e-4)
+            found.append(sorted(calls))
+            calls.clear()
+    convs, bound = len(found[0]), found[1].count("conv2d_fused_launcher")
+    launched = bound - len(declined)  # the folded units with a launcher
+    assert found[0] == ["conv2d_fused"] * convs and launched > 0, found
+    assert found[2] == found[3] == ["conv2d_fused"] * (convs - launched), found
+
+
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_eval_forward_moves_the_downsample_bias_to_the_last_unit(kind, monkeypatch):
     """The downsample conv runs without a bias (no ReLU, so no cuDNN fused conv: torch's conv would add it by a

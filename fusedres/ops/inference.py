@@ -336,18 +336,19 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     args = (dense, weight, bias, dense_residual, conv, relu)
     name, kept = _choose(backend, channels_last, args)
     copied = dense is not x or dense_residual is not residual
-    return _run(name, channels_last, args), (name, channels_last) if kept and not copied else None
+    return _run(_IMPLS[name], channels_last, args), (name, channels_last) if kept and not copied else None
 
 
-def _run(name: str, channels_last: bool, args: tuple) -> Tensor:
-    """Implementation ``name`` on the body's arguments ``args`` (checked, cast, x and residual dense in the
-    memory format ``channels_last`` says), autocast off around it; the output dense in that format."""
+def _run(implementation: Callable, channels_last: bool, args: tuple) -> Tensor:
+    """``implementation(*args)``: one of _IMPLS on the body's arguments (checked, cast, x and residual dense in the
+    memory format ``channels_last`` says), or one bound to the others (``_bound``) on (x, residual); autocast off
+    around it; the output dense in that format."""
     device = args[0].device.type
     autocast = backends.autocast_dtype(device) is not None
     if autocast:  # what torch.autocast(device, enabled=False) does here, without its ~4 us a call
         torch.set_autocast_enabled(device, False)
     try:
-        return _dense(_IMPLS[name](*args), channels_last)
+        return _dense(implementation(*args), channels_last)
     finally:
         if autocast:
             torch.set_autocast_enabled(device, True)
@@ -479,13 +480,16 @@ class FoldedUnit:
     choice. A call takes the whole path where the op must be seen (``eager.plain_mode``), under the autograd
     profiler (which records the op's name), with autograd on, and after a call that cast a tensor to autocast's
     dtype, copied x or the residual into x's memory format, or got a choice the dispatch did not keep (while a
-    graph was captured or a prepare pass ran). A block whose units all ran their plans keeps the whole forward
-    as a ``FoldedChain``, which skips the units' own paths too.
+    graph was captured or a prepare pass ran). The plan's first replay binds its implementation to the call's
+    arguments (``_bound``: for the Triton conv, its launch checked and planned once), which later replays run. A
+    block whose units all ran their plans keeps the whole forward as a ``FoldedChain``, which skips the units' own
+    paths too.
     """
 
     def __init__(self):
         self.fold = FoldedWeights()
         self._plan: Optional[tuple] = None  # (guard, weight, bias, implementation, channels_last, conv arguments)
+        self._bound: Optional[Callable] = None  # the plan's implementation bound to its arguments (``_bound``)
         self._summed: Optional[tuple] = None  # (bias, other, bias + other) of summed_bias
 
     def folded(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -520,8 +524,14 @@ class FoldedUnit:
                  dispatch.resets(), dispatch.graph_replay())
         plan = self._plan
         if plan is not None and plan[1] is weight and plan[2] is bias and plan[0] == guard:
-            return _run(plan[3], plan[4], (x, weight, bias, residual, plan[5], relu))
+            bound = self._bound
+            if bound is None:  # the plan's first replay: its implementation bound to its held arguments
+                bound = _bound(plan[3], x, weight, bias, residual, plan[5], relu)
+                if not backends.capturing(x.device):  # bound while captured, a fp32 bias would be the graph's
+                    self._bound = bound
+            return _run(bound, plan[4], (x, residual))
         tensors = _module_tensors(x, weight, bias, residual, conv_args)
+        self._bound = None
         if eager._body_call(tensors) is not False:  # a tensor subclass, say: the op runs
             self._plan = None
             return _conv_bias_act_entry(*tensors, *conv_args, relu, backend)
