@@ -221,6 +221,33 @@ def test_cache_refuses_training(pair):
         cache.get(conv, untracked)
 
 
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["no_bias", "bias"])
+def test_without_a_batchnorm_the_fold_is_the_convs_own_weight_kept_in_the_dtype_asked_for(pair, conv_bias):
+    """bn None: the conv's weight and bias, detached; in their own dtype views of them (the same storage and
+    version counter, so the Triton conv keeps the weight's packing), in another (autocast's) a cast made once;
+    kept while the sources are unchanged, made again after an in-place update or a new parameter."""
+    from fusedres.triton import conv_args
+
+    conv, _ = pair
+    if not conv_bias:
+        conv.bias = None
+    cache = FoldedWeights()
+    with torch.no_grad():
+        weight, bias = cache.get(conv, None)
+        assert weight.data_ptr() == conv.weight.data_ptr() and weight._version == conv.weight._version
+        assert not weight.requires_grad and (bias is None) == (not conv_bias)
+        assert conv_args._packed_weight(weight, 1) is conv_args._packed_weight(weight, 1)  # its packing kept
+        cast = cache.get(conv, None, BF16)
+        assert cast[0].dtype == BF16 and cache.get(conv, None, BF16) is cast and cache.kept(conv, None) is cast
+        torch.testing.assert_close(cast[0], conv.weight.to(BF16), rtol=0, atol=0)
+        conv.weight.mul_(2)
+        assert cache.kept(conv, None) is None
+        again = cache.get(conv, None, BF16)
+        assert again is not cast and torch.equal(again[0], conv.weight.to(BF16))
+        conv.weight = nn.Parameter(conv.weight * 3)
+        torch.testing.assert_close(cache.get(conv, None)[0], conv.weight, rtol=0, atol=0)
+
+
 def test_cache_refolds_inference_tensors_every_call():
     """Tensors made under inference_mode have no version counter: never trusted unchanged."""
     with torch.inference_mode():

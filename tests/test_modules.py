@@ -351,8 +351,10 @@ def test_a_units_replayed_plan_launches_its_triton_conv_without_the_convs_whole_
     dispatch's choice fixed to it): its plan's first replay binds it to its conv's launcher (conv2d_fused_launcher),
     and later forwards call neither conv2d_fused nor the launcher's maker for it, unless the maker declined (stride-2
     convs on fewer than 16 channels run space-to-depth). The block's convs without a BatchNorm after them (the
-    last, the downsample) take the op's path at every call. Every output is eager's."""
-    from fusedres.triton import conv
+    last, the downsample) are such units too, on their own weights. Every output is eager's, and forwards under
+    bf16 autocast keep the packed weights they packed (a weight cast at every call filled the cache with entries
+    never used again)."""
+    from fusedres.triton import conv, conv_args
 
     monkeypatch.setattr(inference, "_choose", lambda backend, channels_last, args: ("triton", True))
     calls, declined = [], []
@@ -383,8 +385,14 @@ def test_a_units_replayed_plan_launches_its_triton_conv_without_the_convs_whole_
             calls.clear()
     convs, bound = len(found[0]), found[1].count("conv2d_fused_launcher")
     launched = bound - len(declined)  # the folded units with a launcher
-    assert found[0] == ["conv2d_fused"] * convs and launched > 0, found
+    assert found[0] == ["conv2d_fused"] * convs and launched > 0 and bound == convs, found
     assert found[2] == found[3] == ["conv2d_fused"] * (convs - launched), found
+    packed = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for step in range(3):
+            fused(x + step)
+            packed.append({key: id(entry[2]) for key, entry in conv_args._PACK_CACHE.items()})
+    assert packed[1] == packed[2] and len(packed[2]) <= len(packed[0]), [len(p) for p in packed]
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])

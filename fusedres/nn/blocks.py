@@ -102,12 +102,10 @@ class FoldingModule(nn.Module):
 def folded_conv_bias_act(owner: FoldingModule, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module],
                          residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
     """act(conv(source) [eval BatchNorm ``bn`` folded in] + residual) in one ``conv_bias_act`` launch
-    (inference). The fold is cached in ``owner`` (``FoldingModule``), refolded when a source tensor changes
-    (``FoldedWeights``), with what the unit's last call checked and chose (``FoldedUnit``)."""
-    backend = _folded_backend(backend)
-    if bn is None:
-        return inference.conv_module_bias_act(source, conv, conv.weight, conv.bias, residual, relu, backend)
-    return folded_unit(owner, conv, bn)(source, conv, bn, residual, relu, backend)
+    (inference). The fold (with ``bn`` None, the conv's weight and bias in the compute dtype) is cached in
+    ``owner`` (``FoldingModule``), refolded when a source tensor changes (``FoldedWeights``), with what the
+    unit's last call checked and chose (``FoldedUnit``)."""
+    return folded_unit(owner, conv, bn)(source, conv, bn, residual, relu, _folded_backend(backend))
 
 
 def _folded_backend(backend: str) -> str:
@@ -116,7 +114,7 @@ def _folded_backend(backend: str) -> str:
     return "torch" if backend == "torch" else "auto"
 
 
-def folded_unit(owner: FoldingModule, conv: nn.Conv2d, bn: nn.Module) -> inference.FoldedUnit:
+def folded_unit(owner: FoldingModule, conv: nn.Conv2d, bn: Optional[nn.Module]) -> inference.FoldedUnit:
     """The ``FoldedUnit`` that ``owner`` keeps for ``conv`` and ``bn``."""
     cache = owner.__dict__.setdefault(FOLDS, {})
     unit = cache.get((id(conv), id(bn)))

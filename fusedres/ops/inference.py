@@ -106,17 +106,34 @@ def _unchanged(t: Optional[Tensor], snapshot: Optional[tuple]) -> bool:
             and t.dtype == dtype)
 
 
-def _fold_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+def _fold_sources(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> tuple:
     """The tensors a fold of ``conv`` and ``bn`` depends on: ``fold_batch_norm``'s six, and
     num_batches_tracked. BatchNorm's forward updates the running stats below autograd, without moving their
-    version counters, but it moves num_batches_tracked's (a Python add_): that one is watched too."""
+    version counters, but it moves num_batches_tracked's (a Python add_): that one is watched too. Without a
+    BatchNorm: the conv's weight and bias."""
+    if bn is None:
+        return _member(conv, "weight"), _member(conv, "bias")
     return (_member(conv, "weight"), _member(conv, "bias"), _member(bn, "running_mean"),
             _member(bn, "running_var"), _member(bn, "weight"), _member(bn, "bias"),
             _member(bn, "num_batches_tracked"))
 
 
+def _folded(sources: tuple, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """``fold_batch_norm`` of ``_fold_sources``' ``sources`` in ``dtype``; without a BatchNorm, the conv's weight and
+    bias in ``dtype``, detached (where already in ``dtype``, views sharing their storage and version counters)."""
+    if bn is None:
+        return tuple(None if t is None else t.detach().to(dtype) for t in sources)
+    return fold_batch_norm(*sources[:6], bn.eps, dtype)
+
+
+def _eps(bn: Optional[nn.BatchNorm2d]) -> Optional[float]:
+    return None if bn is None else bn.eps
+
+
 class FoldedWeights:
-    """Cached ``fold_batch_norm`` of one (conv, bn) pair, for a module to own; inference only.
+    """Cached ``fold_batch_norm`` of one (conv, bn) pair, for a module to own; inference only. With no
+    BatchNorm (bn None), the conv's own weight and bias, kept in the dtype asked for (``_folded``): under autocast
+    a cast made once instead of at every call, and, needing no gradient, a weight whose Triton packing is kept.
 
     ``get`` folds again when a source tensor was replaced (object or storage: ``.to``, a new Parameter)
     or changed in place (version counter: optimizer steps, ``load_state_dict``; not writes through
@@ -136,33 +153,33 @@ class FoldedWeights:
         self._key = None
         self._folded: Optional[tuple[Tensor, Tensor]] = None
 
-    def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d,
-            dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    def get(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d],
+            dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Optional[Tensor]]:
         """(W', b') in ``dtype`` (default: the conv weight's dtype)."""
-        if bn.training:
+        if bn is not None and bn.training:
             raise RuntimeError("FoldedWeights.get: the BatchNorm is in training mode; folding uses running "
                                "statistics and is for eval mode only")
         sources = _fold_sources(conv, bn)
-        if sources[2] is None or sources[3] is None:
+        if bn is not None and (sources[2] is None or sources[3] is None):
             raise ValueError("FoldedWeights.get: the BatchNorm keeps no running statistics "
                              "(track_running_stats=False), so it has nothing to fold")
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
             raise RuntimeError("FoldedWeights.get is for inference: call it under torch.no_grad() or "
                                "torch.inference_mode(), or with parameters that do not require grad")
-        key = (sources[0].dtype if dtype is None else dtype, bn.eps)
+        key = (sources[0].dtype if dtype is None else dtype, _eps(bn))
         if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
-            return fold_batch_norm(*sources[:6], bn.eps, key[0])
+            return _folded(sources, bn, key[0])
         if key != self._key or not self._holds(sources):
             with _made_to_keep():
-                self._folded = fold_batch_norm(*sources[:6], bn.eps, key[0])
+                self._folded = _folded(sources, bn, key[0])
             self._key, self._sources, self._snapshots = key, sources, tuple(map(_snapshot, sources))
         return self._folded
 
-    def kept(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[tuple[Tensor, Tensor]]:
+    def kept(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         """The fold ``get`` returned last, if ``get(conv, bn)`` in the dtype asked for then would return it
         again now (same sources, unchanged, same eps), else None. No checks: for a caller that ran ``get`` on
         these modules before and knows that the BatchNorm is in eval mode and autograd off."""
-        if self._key is None or bn.eps != self._key[1] or not self._holds(_fold_sources(conv, bn)):
+        if self._key is None or _eps(bn) != self._key[1] or not self._holds(_fold_sources(conv, bn)):
             return None
         return self._folded
 
@@ -591,7 +608,7 @@ class FoldedChain:
         if modules != self._modules or chain_guard(x, backend) != self._guard:
             return None
         for fold, folded, conv, bn, conv_args, *_ in self._steps:
-            if (bn.training or (conv.stride, conv.padding, conv.dilation, conv.groups) != conv_args
+            if ((bn is not None and bn.training) or (conv.stride, conv.padding, conv.dilation, conv.groups) != conv_args
                     or fold.kept(conv, bn) is not folded):
                 return None
         device = x.device.type
