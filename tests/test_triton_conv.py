@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1062,6 +1063,29 @@ def test_row_ones_are_made_once_per_device_but_not_kept_from_a_graph_capture(mon
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     kept = conv._row_ones(gpu)
     assert conv._row_ones(gpu) is kept and conv._ROW_ONES == {gpu: kept} and len(made) == 3
+
+
+def test_packed_weight_cache_lets_a_weight_made_at_every_call_go(monkeypatch):
+    """A weight that needs no gradient made anew at every call (a cast, a fold made per call) is packed at every
+    call and its entry goes with it: the cache holds neither it nor its packing once the caller drops it. An entry
+    of another storage at a weight's address is not used."""
+    monkeypatch.setattr(conv_args, "_PACK_CACHE", {})
+    gen = seeded("per-call")
+    x, w = rand_act(gen, (2, 8, 5, 5), F32), rand_act(gen, (4, 8, 3, 3), F32)
+    for scale in (1.0, 2.0, 3.0):
+        _check_out(conv.conv2d_fused(x, w * scale, padding=1)[0], x, w * scale, dict(padding=1))
+    assert conv_args._PACK_CACHE == {}
+    kept = w * 4.0
+    packed = conv._packed_weight(kept, 1)
+    assert conv._packed_weight(kept, 1) is packed and len(conv_args._PACK_CACHE) == 1
+    (key, (_, version, _)), = conv_args._PACK_CACHE.items()
+    del packed
+    # an entry of another storage at this weight's address (a freed weight's, its entry not yet dropped)
+    stranger = torch.empty(1)
+    conv_args._PACK_CACHE[key] = (weakref.ref(stranger.untyped_storage()), version, "stale")
+    torch.testing.assert_close(conv._packed_weight(kept, 1), conv._packed_weight(w * 4.0, 1))
+    del kept
+    assert conv_args._PACK_CACHE == {}
 
 
 def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):

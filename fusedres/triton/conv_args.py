@@ -4,6 +4,7 @@ strided conv of few channels run as a stride-1 one (``_space_to_depth``: its inp
 weight packed for the kernels and cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -195,18 +196,19 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     (K, SH*SW*C', ceil(R/SH), ceil(S/SW)), packed as above.
 
     Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps, merge, space_to_depth) and
-    checked against the version counter, so in-place updates repack; only for a weight that needs no gradient
+    checked against the weight's storage (weakly referenced: an entry goes when its weight's storage is freed, so a
+    weight made anew at every call, a cast say, leaves nothing behind) and its version counter, so in-place updates
+    repack; only for a weight that needs no gradient
     (a BatchNorm-folded weight, a frozen layer's). A trained weight is packed at every call: each optimizer step
     changes it anyway, autocast hands the conv a new copy of it each step (entries that never hit again, each
     holding its weight and packing), and a write through ``.data`` (a manual update) leaves its version counter
     as it was, so a cached packing would go on serving the old values. Inference tensors have no version counter
-    and are packed on every call. An entry holds its weight tensor, so its memory cannot be reused by another
-    tensor while cached. Not seen: writes through ``.data`` to a weight that needs no gradient."""
+    and are packed on every call. Not seen: writes through ``.data`` to a weight that needs no gradient."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
            taps, merge, space_to_depth)
     version = weight._version if _packing_kept(weight) else None
     hit = _PACK_CACHE.get(key)
-    if hit is not None and version is not None and hit[1] == version:
+    if hit is not None and version is not None and hit[1] == version and hit[0]() is weight.untyped_storage():
         _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
         return hit[2]
     chosen = weight.detach()
@@ -234,8 +236,16 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
         _PACK_CACHE.pop(key, None)
         if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
             _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
-        _PACK_CACHE[key] = (weight, version, packed)
+        _PACK_CACHE[key] = (weakref.ref(weight.untyped_storage(), lambda storage: _forget_packing(key, storage)),
+                            version, packed)
     return packed
+
+
+def _forget_packing(key: tuple, storage: weakref.ref) -> None:
+    """Drop the _PACK_CACHE entry ``key`` whose weight's ``storage`` was just freed, unless another took its place."""
+    entry = _PACK_CACHE.get(key)
+    if entry is not None and entry[0] is storage:
+        del _PACK_CACHE[key]
 
 
 def _packing_kept(weight: Tensor) -> bool:
