@@ -248,6 +248,33 @@ def test_without_a_batchnorm_the_fold_is_the_convs_own_weight_kept_in_the_dtype_
         torch.testing.assert_close(cache.get(conv, None)[0], conv.weight, rtol=0, atol=0)
 
 
+def test_a_fold_made_while_a_graph_is_captured_serves_that_call_alone(pair, monkeypatch):
+    """While a CUDA graph is captured a fold's kernels are recorded, not run: its tensors are written only when
+    the graph replays. Such a fold (and a summed bias, and a packing of the weight) is returned but not kept; the
+    next call outside the capture folds anew and keeps that one. Capture stood in for on CPU."""
+    from fusedres.triton import conv_args
+
+    conv, bn = pair
+    cache, unit = FoldedWeights(), inference.FoldedUnit()
+    monkeypatch.setattr(conv_args, "_PACK_CACHE", {})
+    for module in (inference.backends, conv_args):
+        monkeypatch.setattr(module, "capturing", lambda device: True)
+    with torch.no_grad():
+        captured = cache.get(conv, bn)
+        assert cache.get(conv, bn) is not captured and cache.kept(conv, bn) is None
+        bias = unit.summed_bias(captured[1], captured[1])
+        assert unit.summed_bias(captured[1], captured[1]) is not bias
+        conv_args._packed_weight(captured[0], 1)
+        assert conv_args._PACK_CACHE == {}
+        for module in (inference.backends, conv_args):
+            monkeypatch.setattr(module, "capturing", lambda device: False)
+        kept = cache.get(conv, bn)
+        assert kept is not captured and cache.get(conv, bn) is kept and cache.kept(conv, bn) is kept
+        assert unit.summed_bias(kept[1], kept[1]) is unit.summed_bias(kept[1], kept[1])
+        assert conv_args._packed_weight(kept[0], 1) is conv_args._packed_weight(kept[0], 1)
+        assert_fold_of(kept, conv, bn)
+
+
 def test_cache_refolds_inference_tensors_every_call():
     """Tensors made under inference_mode have no version counter: never trusted unchanged."""
     with torch.inference_mode():

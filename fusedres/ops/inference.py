@@ -139,7 +139,8 @@ class FoldedWeights:
     or changed in place (version counter: optimizer steps, ``load_state_dict``; not writes through
     ``.data``), or ``bn.eps`` or the dtype asked for changed; else it returns the very same tensors.
     Tensors made under ``torch.inference_mode`` have no version counter and are folded on every call,
-    as is everything under ``torch.compile`` (traced into the graph). The fold itself is made outside
+    as is everything under ``torch.compile`` (traced into the graph); a fold made while a CUDA graph is captured
+    (written only when the graph replays) serves that call alone. The fold itself is made outside
     inference_mode, so that it has one (what the Triton conv's cache of packed weights checks). Plain
     attributes: the owner's state_dict is unchanged, nothing is allocated before the first ``get``, no
     autograd graph is kept; the source tensors last folded are held (so their identity can be checked)
@@ -171,7 +172,10 @@ class FoldedWeights:
             return _folded(sources, bn, key[0])
         if key != self._key or not self._holds(sources):
             with _made_to_keep():
-                self._folded = _folded(sources, bn, key[0])
+                folded = _folded(sources, bn, key[0])
+            if backends.capturing(folded[0].device):  # filled only when the graph replays: for this call alone
+                return folded
+            self._folded = folded
             self._key, self._sources, self._snapshots = key, sources, tuple(map(_snapshot, sources))
         return self._folded
 
@@ -525,7 +529,9 @@ class FoldedUnit:
         summed = self._summed
         if summed is None or summed[0] is not bias or summed[1] is not other:
             with _made_to_keep():
-                summed = self._summed = (bias, other, bias + other)
+                summed = (bias, other, bias + other)
+            if not backends.capturing(bias.device):  # captured, filled only when the graph replays
+                self._summed = summed
         return summed[2]
 
     def __call__(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,

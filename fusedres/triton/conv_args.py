@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.backends import channels_last, conv_allows_tf32
+from ..ops.backends import capturing, channels_last, conv_allows_tf32
 from ._host import cdiv
 from .relaunch import relaunched
 
@@ -203,7 +203,8 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     changes it anyway, autocast hands the conv a new copy of it each step (entries that never hit again, each
     holding its weight and packing), and a write through ``.data`` (a manual update) leaves its version counter
     as it was, so a cached packing would go on serving the old values. Inference tensors have no version counter
-    and are packed on every call. Not seen: writes through ``.data`` to a weight that needs no gradient."""
+    and are packed on every call, as is a weight packed while a CUDA graph is captured (its packing is written only
+    when the graph replays). Not seen: writes through ``.data`` to a weight that needs no gradient."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
            taps, merge, space_to_depth)
     version = weight._version if _packing_kept(weight) else None
@@ -232,7 +233,7 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
         for j in range(merge):
             packed[:, :, :, j, :, j, :] = blocks[:, j]
         packed = packed.reshape(groups // merge, r * s * merge * rows, merge * cols)
-    if version is not None:
+    if version is not None and not capturing(weight.device):  # captured, the packing is filled at replays only
         _PACK_CACHE.pop(key, None)
         if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
             _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
