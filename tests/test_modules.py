@@ -421,12 +421,18 @@ def test_eval_forward_moves_the_downsample_bias_to_the_last_unit(kind, monkeypat
 
 
 @requires_cuda
+@pytest.mark.parametrize("implementation", ["auto", "triton"])
 @pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_gpu_replayed_eval_forwards_match_eager(channels_last, no_grad, replays, fresh_dispatch):
+def test_gpu_replayed_eval_forwards_match_eager(channels_last, no_grad, implementation, replays, fresh_dispatch,
+                                                monkeypatch):
     """A converted ResNet-18 in eval mode on the GPU, bf16 autocast, batch 2, under no_grad or inference_mode:
-    the first forward measures the dispatch and records each block's chain, the next ones replay the chains (all 8
-    blocks each time), and each new input's output is within twice eager's own distance from fp64 (+ 1e-3)."""
+    the first forward measures the dispatch (or, "triton", every unit is given the Triton conv) and records each
+    block's chain, the next ones replay the chains (all 8 blocks each time; on the Triton conv through the
+    launchers bound at the first replay), and each new input's output is within twice eager's own distance from
+    fp64 (+ 1e-3)."""
+    if implementation == "triton":
+        monkeypatch.setattr(inference, "_choose", lambda backend, channels_last, args: ("triton", True))
     torch.manual_seed(14)
     eager = torchvision.models.resnet18(num_classes=10).eval().cuda()
     randomise_bn(eager, 14)
