@@ -669,6 +669,36 @@ def test_auto_dispatch_measures_again_when_torch_conv_flags_change(monkeypatch, 
     assert table[next(iter(table)).replace("tf321", "tf320")]["ms"]["triton"] == "unavailable: TF32 is forbidden"
 
 
+def test_a_module_units_dispatch_times_the_triton_conv_as_its_replays_launch_it(monkeypatch, fresh_dispatch):
+    """A module unit's call (``replayed``) is timed as the unit's replays will run it: the Triton conv through its
+    launcher, made once per measurement (``conv2d_fused_launcher``: checked and planned once), the others with their
+    arguments bound. So at batch 1, where host time decides, a unit may take the Triton conv where the op's own
+    call, timed through conv2d_fused's whole path, takes cuDNN. Timings are fakes, one run each."""
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "FakeGPU")
+    monkeypatch.setattr(dispatch, "_time_ms", lambda fn: fn())
+    monkeypatch.setattr(inference, "_output_mismatch", lambda *args: None)  # the fake results are times
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    made = []
+
+    def launcher(x, weight, **kwargs):
+        made.append(kwargs)
+        return lambda x, residual: 1.0  # the bound launch: the cheapest
+
+    fake_triton = SimpleNamespace(unsupported_reason=lambda *args: None, conv2d_fused_launcher=launcher)
+    monkeypatch.setattr(inference.backends, "triton_conv", lambda: (fake_triton, ""))
+    timings = {"triton": 5.0, "cudnn": 2.0, "torch": 3.0}  # the whole paths
+    monkeypatch.setattr(inference, "_IMPLS", {name: (lambda *args, name=name: timings[name])
+                                              for name in inference.IMPLEMENTATIONS})
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16, shape=(1, 64, 7, 7))
+    args = (x, SimpleNamespace(shape=(64, 64, 3, 3)), None, None, ([1, 1], [1, 1], [1, 1], 1), True)
+    assert inference._choose("auto", True, args)[0] == "cudnn" and made == []
+    dispatch.reset()
+    assert inference._choose("auto", True, args, replayed=True)[0] == "triton"
+    assert len(made) == 1 and made[0]["stride"] == [1, 1] and made[0]["out_relu"] is True
+    (entry,) = inference.dispatch_table().values()
+    assert entry["ms"] == {"cudnn": 2.0, "triton": 1.0, "torch": 3.0}
+
+
 # --------------------------------------------------------------------------- triton backend
 def triton_conv_or_skip():
     module, reason = inference.backends.triton_conv()

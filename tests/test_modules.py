@@ -308,7 +308,7 @@ def test_replayed_triton_units_launch_without_the_convs_whole_path(kind, downsam
     output is eager's."""
     from fusedres.triton import conv
 
-    monkeypatch.setattr(inference, "_choose", lambda backend, channels_last, args: ("triton", True))
+    monkeypatch.setattr(inference, "_choose", lambda *args: ("triton", True))
     calls = []
     for name in ("conv2d_fused", "conv2d_fused_launcher"):
         original = getattr(conv, name)
@@ -356,7 +356,7 @@ def test_a_units_replayed_plan_launches_its_triton_conv_without_the_convs_whole_
     never used again)."""
     from fusedres.triton import conv, conv_args
 
-    monkeypatch.setattr(inference, "_choose", lambda backend, channels_last, args: ("triton", True))
+    monkeypatch.setattr(inference, "_choose", lambda *args: ("triton", True))
     calls, declined = [], []
     conv2d_fused, launcher = conv.conv2d_fused, conv.conv2d_fused_launcher
     monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: calls.append("conv2d_fused") or conv2d_fused(*a, **k))
@@ -432,7 +432,7 @@ def test_gpu_replayed_eval_forwards_match_eager(channels_last, no_grad, implemen
     launchers bound at the first replay), and each new input's output is within twice eager's own distance from
     fp64 (+ 1e-3)."""
     if implementation == "triton":
-        monkeypatch.setattr(inference, "_choose", lambda backend, channels_last, args: ("triton", True))
+        monkeypatch.setattr(inference, "_choose", lambda *args: ("triton", True))
     torch.manual_seed(14)
     eager = torchvision.models.resnet18(num_classes=10).eval().cuda()
     randomise_bn(eager, 14)

@@ -309,9 +309,11 @@ def _output_mismatch(args, reference: Tensor, result: Tensor) -> Optional[str]:
     return dispatch.mismatch("the output", reference, result, scale)
 
 
-def _choose(backend: str, channels_last: bool, args) -> tuple[str, bool]:
+def _choose(backend: str, channels_last: bool, args, replayed: bool = False) -> tuple[str, bool]:
     """(the implementation to run the call ``args``, whether every later call of the same signature gets it too:
-    not so for a choice made while a graph is captured or a prepare pass runs, which the dispatch does not keep)."""
+    not so for a choice made while a graph is captured or a prepare pass runs, which the dispatch does not keep).
+    ``replayed``: the call is a module unit's, whose later calls replay it bound to its arguments (``FoldedUnit``,
+    ``FoldedChain``), so the dispatch times each implementation that way (``_replays``); else as the op runs it."""
     if backend != "auto":
         reason = unavailable_reason(backend, *args)
         if reason is not None:
@@ -322,9 +324,23 @@ def _choose(backend: str, channels_last: bool, args) -> tuple[str, bool]:
         return "torch", True
     signature = _signature(args, channels_last)
     choice = _DISPATCH.choose(x.device, signature, lambda name: unavailable_reason(name, *args),
-                              lambda name: _IMPLS[name](*args),
+                              _replays(args) if replayed else lambda name: _IMPLS[name](*args),
                               lambda reference, result: _output_mismatch(args, reference, result))
     return choice, _DISPATCH.kept(x.device, signature) == choice
+
+
+def _replays(args: tuple) -> Callable[[str], Tensor]:
+    """``run(name)``: implementation ``name`` on the call ``args`` as a replayed unit runs it, bound to the call's
+    arguments once (``_bound``: for the Triton conv, its launcher) and then on (x, residual) alone. At batch 1,
+    where a call's host time decides, the Triton conv's bound launch costs a fraction of its whole path."""
+    bound: dict = {}
+
+    def run(name: str) -> Tensor:
+        if name not in bound:
+            bound[name] = _bound(name, *args)
+        return bound[name](args[0], args[3])
+
+    return run
 
 
 def dispatch_table() -> dict[str, dict]:
@@ -342,11 +358,11 @@ def _conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], conv: tuple, relu: bool,
-            backend: str) -> tuple[Tensor, Optional[tuple[str, bool]]]:
+            backend: str, replayed: bool = False) -> tuple[Tensor, Optional[tuple[str, bool]]]:
     """The op's body on its arguments (conv: stride, padding, dilation, groups): (its output, (the implementation
-    that computed it, whether x is channels_last) where a call like it gets the same (``_choose``) and copies
-    neither x nor the residual, else None). It computes in its inputs' dtype, so autocast (which a custom op's
-    body still sees) is turned off inside (``_run``)."""
+    that computed it, whether x is channels_last) where a call like it gets the same (``_choose``; ``replayed``
+    for a module unit's call) and copies neither x nor the residual, else None). It computes in its inputs'
+    dtype, so autocast (which a custom op's body still sees) is turned off inside (``_run``)."""
     channels_last = backends.channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The weight stays as it is (every implementation takes any layout; cuDNN's fused convs pick one from
@@ -355,7 +371,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     dense = x.contiguous(memory_format=fmt)
     dense_residual = None if residual is None else residual.contiguous(memory_format=fmt)
     args = (dense, weight, bias, dense_residual, conv, relu)
-    name, kept = _choose(backend, channels_last, args)
+    name, kept = _choose(backend, channels_last, args, replayed)
     copied = dense is not x or dense_residual is not residual
     return _run(_IMPLS[name], channels_last, args), (name, channels_last) if kept and not copied else None
 
@@ -558,7 +574,7 @@ class FoldedUnit:
         if eager._body_call(tensors) is not False:  # a tensor subclass, say: the op runs
             self._plan = None
             return _conv_bias_act_entry(*tensors, *conv_args, relu, backend)
-        out, launch = _launch(*tensors, conv_args, relu, backend)
+        out, launch = _launch(*tensors, conv_args, relu, backend, replayed=True)
         cast = any(map(operator.is_not, tensors, (x, weight, bias, residual)))
         self._plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args)
         return out
