@@ -133,7 +133,7 @@ import types
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from fusedres.triton import conv, conv_configs, conv_dgrad, conv_wgrad, partials
+from fusedres.triton import conv, conv_args, conv_configs, conv_dgrad, conv_wgrad, partials
 
 
 class StandInH100:  # what JITFunction.run asks the active driver before it compiles
@@ -162,7 +162,7 @@ class StandInH100:  # what JITFunction.run asks the active driver before it comp
 
 
 driver.set_active(StandInH100())
-conv._limit = conv_dgrad._limit = conv_wgrad._limit = lambda *args: None
+conv._limit = conv_args._limit = conv_dgrad._limit = conv_wgrad._limit = lambda *args: None
 torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
 torch.cuda.get_device_capability = lambda device=None: (9, 0)
 

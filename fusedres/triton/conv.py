@@ -138,7 +138,8 @@ from . import partials
 from ._host import cdiv
 from .autotuning import autotune, keyed_launch
 from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, _merge_factor, _merged,
-                        _packed_weight, _packing_kept, _space_to_depth, _space_to_depth_channels, _vector)
+                        _packed_weight, _packing_kept, _runnable_merge, _space_to_depth, _space_to_depth_channels,
+                        _vector)
 from .conv_configs import (_AUTOTUNE_KEY, _CONFIGS, _MAX_BLOCK_M, _ROW_TILINGS, _TMA_MAX_BLOCK_K, _box, _config_box,
                            _reduction_size, _usable)
 
@@ -635,17 +636,6 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
                         partials.SHIFTED_MOMENTS if moments else partials.SUMS, count=geo["M"], centre=stats_shift)
 
 
-def _checked_geometry(fn: str, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> tuple[dict, int]:
-    """(the conv's validated geometry, how many of its groups the kernel runs as one); raises RuntimeError with
-    ``_limit``'s sentence for a valid conv the kernel does not run."""
-    geo = _geometry(x, weight, stride, padding, dilation, groups)
-    merge = _merge_factor(geo, groups)
-    reason = _limit(geo, x, groups, merge)
-    if reason is not None:
-        raise RuntimeError(f"{fn}: {reason}")
-    return geo, merge
-
-
 def _check_residual(fn: str, residual: Optional[Tensor], geo: dict, x: Tensor) -> None:
     if residual is None:
         return
@@ -679,7 +669,8 @@ def conv2d_fused(
     ``unsupported_reason``'s sentence for valid convs this kernel does not run.
     """
     fn = "conv2d_fused"
-    geo, merge = _checked_geometry(fn, x, weight, stride, padding, dilation, groups)
+    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    merge = _runnable_merge(fn, geo, x, groups)
     if (in_scale is None) != (in_shift is None):
         raise ValueError(f"{fn}: in_scale and in_shift must be given together")
     if compute_stats and (out_scale is not None or residual is not None or out_relu):
@@ -731,7 +722,8 @@ def conv2d_fused_launcher(x: Tensor, weight: Tensor, *, stride=(1, 1), padding=(
     otherwise (space-to-depth), or where it would pack the weight at every call (``_packed_weight``: a weight
     that needs grad, an inference tensor). Raises as conv2d_fused does for invalid arguments."""
     fn = "conv2d_fused"
-    geo, merge = _checked_geometry(fn, x, weight, stride, padding, dilation, groups)
+    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    merge = _runnable_merge(fn, geo, x, groups)
     if _space_to_depth_channels(geo, groups) or not _packing_kept(weight):
         return None
     if out_shift is not None:

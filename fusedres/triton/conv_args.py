@@ -286,5 +286,15 @@ def _vector(fn: str, name: str, v: Tensor, length: int, x: Tensor) -> Tensor:
     return v.contiguous()
 
 
+def _runnable_merge(fn: str, geo: dict, x: Tensor, groups: int) -> int:
+    """How many of a valid conv's groups the kernels run as one (``_merge_factor``); raises RuntimeError with
+    ``_limit``'s sentence, after ``fn``, for a conv they leave to torch."""
+    merge = _merge_factor(geo, groups)
+    reason = _limit(geo, x, groups, merge)
+    if reason is not None:
+        raise RuntimeError(f"{fn}: {reason}")
+    return merge
+
+
 def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(t) else torch.contiguous_format

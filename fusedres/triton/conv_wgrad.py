@@ -48,7 +48,7 @@ from ._host import cdiv
 from .autotuning import autotune, keyed_launch
 from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT
 from .conv_args import (_INTERPRET, _limit, _merge_factor, _merged, _space_to_depth, _space_to_depth_channels,
-                        _space_to_depth_weight_grad, _vector)
+                        _runnable_merge, _space_to_depth_weight_grad, _vector)
 from .conv_configs import _configs, _reduction_size
 from .conv_dgrad import _gradient_geometry
 
@@ -221,10 +221,7 @@ def conv2d_weight_grad(
     if in_scale is not None:
         in_scale, in_shift = (_vector(_NAME, "in_scale", in_scale, geo["C"], x),
                               _vector(_NAME, "in_shift", in_shift, geo["C"], x))
-    merge = _merge_factor(geo, groups)
-    reason = _limit(geo, x, groups, merge)
-    if reason is not None:
-        raise RuntimeError(f"{_NAME}: {reason}")
+    merge = _runnable_merge(_NAME, geo, x, groups)
 
     space_to_depth = _space_to_depth_channels(geo, groups)
     if space_to_depth:  # the stem: the gradient of the stride-1 conv on x's space-to-depth copy (see conv_args),
