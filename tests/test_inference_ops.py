@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import pretend_capturing, requires_cuda
-from fusedres.ops import dispatch, inference
+from fusedres.ops import dispatch, folded_units, inference
 from fusedres.ops.inference import FoldedWeights, conv_bias_act, fold_batch_norm
 from op_helpers import F32, F64, assert_close, positive, randn, to_format, within
 
@@ -255,7 +255,7 @@ def test_a_fold_made_while_a_graph_is_captured_serves_that_call_alone(pair, monk
     from fusedres.triton import conv_args
 
     conv, bn = pair
-    cache, unit = FoldedWeights(), inference.FoldedUnit()
+    cache, unit = FoldedWeights(), folded_units.FoldedUnit()
     monkeypatch.setattr(conv_args, "_PACK_CACHE", {})
     for module in (inference.backends, conv_args):
         monkeypatch.setattr(module, "capturing", lambda device: True)
@@ -305,7 +305,7 @@ def test_a_fold_made_under_inference_mode_keeps_a_version_counter(pair):
         bn.running_var.mul_(2)  # a source changed in place under inference_mode: folded again
         assert_fold_of(cache.get(conv, bn), conv, bn)
         # a downsample's bias moved to its block's last unit: kept likewise, with a version counter
-        unit, other = inference.FoldedUnit(), torch.randn(6)
+        unit, other = folded_units.FoldedUnit(), torch.randn(6)
         summed = unit.summed_bias(bias, other)
         assert unit.summed_bias(bias, other) is summed and not summed.is_inference()
         torch.testing.assert_close(summed, bias + other, rtol=0, atol=0)
@@ -355,7 +355,7 @@ def run_unit(unit, conv, bn, x, residual=None, relu=True, dtype=F32):
 
 def test_folded_unit_checks_only_calls_unlike_the_last_checked_one(pair, whole_paths, fresh_dispatch):
     conv, bn = pair
-    unit = inference.FoldedUnit()
+    unit = folded_units.FoldedUnit()
     gen = torch.Generator().manual_seed(23)
     x_cl = randn(gen, 2, 4, 7, 5, dtype=F32, channels_last=True)
     x_nchw = randn(gen, 2, 4, 7, 5, dtype=F32)
@@ -410,7 +410,7 @@ def test_folded_unit_keeps_no_choice_the_dispatch_did_not_keep(pair, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     conv, bn = pair
-    unit = inference.FoldedUnit()
+    unit = folded_units.FoldedUnit()
     x = randn(torch.Generator().manual_seed(24), 2, 4, 7, 5, dtype=F32, channels_last=True)
     with torch.no_grad():
         for capturing[0], checked in ((True, 1), (True, 1), (False, 1), (False, 0), (True, 0)):

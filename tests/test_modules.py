@@ -13,7 +13,7 @@ from timm.models.resnetv2 import DownsampleConv, PreActBasic, PreActBottleneck
 from torch import nn
 
 import fusedres
-from fusedres.ops import inference
+from fusedres.ops import folded_units, inference
 from fusedres.ops.backends import unavailable_reason
 
 from conftest import requires_cuda
@@ -157,16 +157,16 @@ original_choose = inference._choose  # called once by conv_bias_act's body, whic
 
 @pytest.fixture
 def replays(monkeypatch):
-    """One entry per block forward that a kept inference.FoldedChain computed."""
+    """One entry per block forward that a kept folded_units.FoldedChain computed."""
     calls = []
-    replay = inference.FoldedChain.__call__
+    replay = folded_units.FoldedChain.__call__
 
     def counted(chain, *args):
         out = replay(chain, *args)
         calls.extend([] if out is None else [1])
         return out
 
-    monkeypatch.setattr(inference.FoldedChain, "__call__", counted)
+    monkeypatch.setattr(folded_units.FoldedChain, "__call__", counted)
     return calls
 
 
@@ -175,7 +175,7 @@ def replays(monkeypatch):
 def test_eval_forward_replays_its_units_only_while_nothing_that_decided_them_changed(kind, downsample, replays,
                                                                                        fresh_dispatch):
     """A post-activation block's eval forward runs its last forward's units again without their own paths
-    (inference.FoldedChain) where x's layout, the context, the modules, the conv arguments, the BatchNorms' mode
+    (folded_units.FoldedChain) where x's layout, the context, the modules, the conv arguments, the BatchNorms' mode
     and the folds are those of that forward; each change below takes the units' path (which records the chain
     anew), and every output is eager's."""
     eager = _block(kind, seed=12)
@@ -292,7 +292,7 @@ def test_eval_forwards_under_inference_mode_replay_like_no_grad_ones(kind, repla
             torch.testing.assert_close(fused(x + step), eager(x + step), rtol=1e-5, atol=1e-5)
             assert replays == ([1] if replayed else []), step
             replays.clear()
-    units = [unit for unit in fused.__dict__["_folded"].values() if isinstance(unit, inference.FoldedUnit)]
+    units = [unit for unit in fused.__dict__["_folded"].values() if isinstance(unit, folded_units.FoldedUnit)]
     assert units and all(not t.is_inference() for unit in units for t in unit.fold._folded)
 
 

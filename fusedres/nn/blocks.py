@@ -8,7 +8,7 @@ as a ``PendingBN`` and its BatchNorm + ReLU is applied by the next conv as it lo
 in the last unit, together with the shortcut add and the final ReLU in one ``bn_act`` pass. In
 eval mode without autograd each BatchNorm is folded into its conv and a unit is one
 ``conv_bias_act`` launch; a post-activation block's forward like its last one runs that one's launches
-again without their checks (``inference.FoldedChain``).
+again without their checks (``folded_units.FoldedChain``).
 
 Supported source blocks (``from_module``) are torchvision's and timm's BasicBlock and
 Bottleneck whose optional parts are absent: every activation a ReLU, no squeeze-excitation,
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import inference
+from ..ops import folded_units
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 from .hooks import hooks_reason, share_hooks
@@ -78,7 +78,7 @@ def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
 
 
 FOLDS = "_folded"  # the plain attribute in which a FoldingModule keeps its folds (folded_conv_bias_act)
-CHAIN = "chain"  # the key of a block's inference.FoldedChain among its folds
+CHAIN = "chain"  # the key of a block's folded_units.FoldedChain among its folds
 
 
 def folding_allowed() -> bool:
@@ -114,12 +114,12 @@ def _folded_backend(backend: str) -> str:
     return "torch" if backend == "torch" else "auto"
 
 
-def folded_unit(owner: FoldingModule, conv: nn.Conv2d, bn: Optional[nn.Module]) -> inference.FoldedUnit:
+def folded_unit(owner: FoldingModule, conv: nn.Conv2d, bn: Optional[nn.Module]) -> folded_units.FoldedUnit:
     """The ``FoldedUnit`` that ``owner`` keeps for ``conv`` and ``bn``."""
     cache = owner.__dict__.setdefault(FOLDS, {})
     unit = cache.get((id(conv), id(bn)))
     if unit is None:
-        unit = cache[id(conv), id(bn)] = inference.FoldedUnit()
+        unit = cache[id(conv), id(bn)] = folded_units.FoldedUnit()
     return unit
 
 
@@ -317,9 +317,9 @@ class _FusedPostActBlock(_FusedResidualBlock):
 
     def _inference_forward(self, x: Tensor) -> Tensor:
         """Every BatchNorm folded into its conv; each unit (and the add + ReLU) one launch. Where the downsample
-        is its conv and BatchNorm alone, the forward is recorded as the block's ``inference.FoldedChain``."""
+        is its conv and BatchNorm alone, the forward is recorded as the block's ``folded_units.FoldedChain``."""
         backend = _folded_backend(self.backend)
-        guard = inference.chain_guard(x, backend)
+        guard = folded_units.chain_guard(x, backend)
         values, units = [x], []  # values: x, then each unit's output; units: what FoldedChain.record takes
 
         def unit(source: int, conv: nn.Conv2d, bn: nn.Module, residual: Optional[int] = None, relu: bool = True,
@@ -351,7 +351,7 @@ class _FusedPostActBlock(_FusedResidualBlock):
             out, _ = unit(out, self._modules[conv_name], self._modules[bn_name], residual=shortcut if last else None,
                           moved_bias=moved_bias if last else None)
         if guard is not None:  # else no chain is recorded; one kept from before still checks what it assumes
-            self.__dict__[FOLDS][CHAIN] = inference.FoldedChain.record(guard, self._chain_modules(), units)
+            self.__dict__[FOLDS][CHAIN] = folded_units.FoldedChain.record(guard, self._chain_modules(), units)
         return values[out]
 
     def _chain_modules(self) -> tuple:

@@ -69,7 +69,7 @@ _ABSENT = object()
 
 
 @contextlib.contextmanager
-def _made_to_keep():
+def made_to_keep():
     """Where a tensor kept across inference calls is made (a fold, a summed bias): outside inference_mode, where it
     would have no version counter (so the Triton conv could not keep its packing of a folded weight,
     ``conv_args._packed_weight``, and would pack it at every call), and without autograd."""
@@ -171,7 +171,7 @@ class FoldedWeights:
         if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
             return _folded(sources, bn, key[0])
         if key != self._key or not self._holds(sources):
-            with _made_to_keep():
+            with made_to_keep():
                 folded = _folded(sources, bn, key[0])
             if backends.capturing(folded[0].device):  # filled only when the graph replays: for this call alone
                 return folded
@@ -242,12 +242,12 @@ def _float_bias(bias: Tensor) -> Tensor:
 _IMPLS = {"cudnn": _run_cudnn, "triton": _run_triton, "torch": _run_torch}
 
 
-def _bound(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], conv: tuple,
-           relu: bool) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
-    """Implementation ``name`` as a function of (x, residual) alone, for calls whose x and residual are laid out as
-    these are (``_layout``), with weight and bias kept unchanged (a fold's): the Triton conv's launcher, checked
-    and planned once (``conv2d_fused_launcher``), where it has one; else the implementation with the other
-    arguments bound."""
+def bound_implementation(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                         conv: tuple, relu: bool) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
+    """Implementation ``name`` as a function of (x, residual) alone, for calls whose x and residual have these ones'
+    type, shape, strides, dtype and device, with weight and bias kept unchanged (a fold's): the Triton conv's
+    launcher, checked and planned once (``conv2d_fused_launcher``), where it has one; else the implementation with
+    the other arguments bound."""
     if name == "triton":
         stride, padding, dilation, groups = conv
         launch = backends.triton_conv()[0].conv2d_fused_launcher(
@@ -331,13 +331,13 @@ def _choose(backend: str, channels_last: bool, args, replayed: bool = False) -> 
 
 def _replays(args: tuple) -> Callable[[str], Tensor]:
     """``run(name)``: implementation ``name`` on the call ``args`` as a replayed unit runs it, bound to the call's
-    arguments once (``_bound``: for the Triton conv, its launcher) and then on (x, residual) alone. At batch 1,
-    where a call's host time decides, the Triton conv's bound launch costs a fraction of its whole path."""
+    arguments once (``bound_implementation``: for the Triton conv, its launcher) and then on (x, residual) alone. At
+    batch 1, where a call's host time decides, the Triton conv's bound launch costs a fraction of its whole path."""
     bound: dict = {}
 
     def run(name: str) -> Tensor:
         if name not in bound:
-            bound[name] = _bound(name, *args)
+            bound[name] = bound_implementation(name, *args)
         return bound[name](args[0], args[3])
 
     return run
@@ -362,7 +362,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     """The op's body on its arguments (conv: stride, padding, dilation, groups): (its output, (the implementation
     that computed it, whether x is channels_last) where a call like it gets the same (``_choose``; ``replayed``
     for a module unit's call) and copies neither x nor the residual, else None). It computes in its inputs'
-    dtype, so autocast (which a custom op's body still sees) is turned off inside (``_run``)."""
+    dtype, so autocast (which a custom op's body still sees) is turned off inside (``run_dense``)."""
     channels_last = backends.channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The weight stays as it is (every implementation takes any layout; cuDNN's fused convs pick one from
@@ -373,25 +373,25 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     args = (dense, weight, bias, dense_residual, conv, relu)
     name, kept = _choose(backend, channels_last, args, replayed)
     copied = dense is not x or dense_residual is not residual
-    return _run(_IMPLS[name], channels_last, args), (name, channels_last) if kept and not copied else None
+    return run_dense(_IMPLS[name], channels_last, args), (name, channels_last) if kept and not copied else None
 
 
-def _run(implementation: Callable, channels_last: bool, args: tuple) -> Tensor:
+def run_dense(implementation: Callable, channels_last: bool, args: tuple) -> Tensor:
     """``implementation(*args)``: one of _IMPLS on the body's arguments (checked, cast, x and residual dense in the
-    memory format ``channels_last`` says), or one bound to the others (``_bound``) on (x, residual); autocast off
-    around it; the output dense in that format."""
+    memory format ``channels_last`` says), or one bound to the others (``bound_implementation``) on (x, residual);
+    autocast off around it; the output dense in that format."""
     device = args[0].device.type
     autocast = backends.autocast_dtype(device) is not None
     if autocast:  # what torch.autocast(device, enabled=False) does here, without its ~4 us a call
         torch.set_autocast_enabled(device, False)
     try:
-        return _dense(implementation(*args), channels_last)
+        return dense_in_format(implementation(*args), channels_last)
     finally:
         if autocast:
             torch.set_autocast_enabled(device, True)
 
 
-def _dense(out: Tensor, channels_last: bool) -> Tensor:
+def dense_in_format(out: Tensor, channels_last: bool) -> Tensor:
     """``out``, or a copy of it dense in the memory format ``channels_last`` says."""
     strides = _dense_strides(out.shape, channels_last)
     if out.stride() != strides:  # only where the layout is ambiguous (size-1 C or H * W)
@@ -443,16 +443,29 @@ def conv_module_bias_act(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optio
     conv's arguments were checked when the module was converted, so only the tensors are, on every call.
     A module's inference path calls this once per unit: at batch 1 its cost is the model's latency."""
     conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _conv_bias_act_entry(*_module_tensors(x, weight, bias, residual, conv_args), *conv_args, relu, backend)
+    tensors = checked_module_tensors(x, weight, bias, residual, conv_args)
+    return _conv_bias_act_entry(*tensors, *conv_args, relu, backend)
 
 
-def _module_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+def checked_module_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                     conv_args: tuple) -> tuple:
     """``conv_module_bias_act``'s checks of its tensors (``conv_args``: the module's conv's stride, padding,
     dilation and groups): its (x, weight, bias, residual), cast to autocast's dtype under autocast."""
     fn = "fusedres.conv_bias_act"
     _check_activation(fn, "input", x)
     return _checked_tensors(fn, x, weight, bias, residual, *conv_args)
+
+
+def module_unit_call(tensors: tuple, conv_args: tuple, relu: bool,
+                     backend: str) -> tuple[Tensor, Optional[tuple[str, bool]]]:
+    """The op on a module unit's checked (x, weight, bias, residual) (``checked_module_tensors``) and its conv's
+    (stride, padding, dilation, groups), the dispatch timing each implementation as a replayed unit runs it: (its
+    output, (the implementation, whether x is channels_last) where a call like it gets the same (``_launch``), else
+    None). Where the op must run as an op (a tensor subclass among them, say: ``eager._body_call``), it does, and
+    the second item is None."""
+    if eager._body_call(tensors) is not False:
+        return _conv_bias_act_entry(*tensors, *conv_args, relu, backend), None
+    return _launch(*tensors, conv_args, relu, backend, replayed=True)
 
 
 def _checked_call(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -496,172 +509,3 @@ def _checked_tensors(fn: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
         raise RuntimeError(f"{fn} is inference-only (it has no backward): call it under torch.no_grad() "
                            "or torch.inference_mode()")
     return x, weight, bias, residual
-
-
-# --------------------------------------------------------------------------- a module's unit
-def _layout(t: Optional[Tensor]) -> Optional[tuple]:
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
-
-
-class FoldedUnit:
-    """One conv unit's inference call, for a module to own (``blocks.folded_conv_bias_act``): act(conv(x) [eval
-    BatchNorm folded in] + residual), as ``conv_module_bias_act`` computes it, on the fold that ``fold``
-    (``FoldedWeights``) keeps.
-
-    At batch 1 a converted model's forward is host-bound, and about a third of a unit's own host time (outside
-    the conv call) is the op's checks and its choice of implementation. A call like the last one that took the
-    whole path runs the implementation that call ran, without them (``_run``, as the op's body does). Like
-    means: the same folded tensors; x and the residual of the same type, shape, strides, dtype and device; the
-    same conv arguments, ReLU and backend; the same autocast dtype and torch conv flags; the same
-    ``dispatch.resets()`` and ``dispatch.graph_replay()``. Such a call passes the same checks and gets the same
-    choice. A call takes the whole path where the op must be seen (``eager.plain_mode``), under the autograd
-    profiler (which records the op's name), with autograd on, and after a call that cast a tensor to autocast's
-    dtype, copied x or the residual into x's memory format, or got a choice the dispatch did not keep (while a
-    graph was captured or a prepare pass ran). The plan's first replay binds its implementation to the call's
-    arguments (``_bound``: for the Triton conv, its launch checked and planned once), which later replays run. A
-    block whose units all ran their plans keeps the whole forward as a ``FoldedChain``, which skips the units' own
-    paths too.
-    """
-
-    def __init__(self):
-        self.fold = FoldedWeights()
-        self._plan: Optional[tuple] = None  # (guard, weight, bias, implementation, channels_last, conv arguments)
-        self._bound: Optional[Callable] = None  # the plan's implementation bound to its arguments (``_bound``)
-        self._summed: Optional[tuple] = None  # (bias, other, bias + other) of summed_bias
-
-    def folded(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
-        """(W', b'), ``bn`` folded into ``conv`` (``fold``) in the dtype a call on ``x`` computes in."""
-        return self._fold(conv, bn, backends.autocast_dtype(x.device.type))
-
-    def _fold(self, conv: nn.Conv2d, bn: nn.Module, autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
-        weight = conv.weight  # autocast leaves float64 alone
-        return self.fold.get(conv, bn, autocast if autocast and weight.dtype != torch.float64 else weight.dtype)
-
-    def summed_bias(self, bias: Tensor, other: Tensor) -> Tensor:
-        """bias + other (a bias moved to this unit from another one), the same tensor while both are; made
-        outside inference_mode, as folds are (``FoldedWeights.get``)."""
-        if torch.compiler.is_compiling():
-            return bias + other
-        summed = self._summed
-        if summed is None or summed[0] is not bias or summed[1] is not other:
-            with _made_to_keep():
-                summed = (bias, other, bias + other)
-            if not backends.capturing(bias.device):  # captured, filled only when the graph replays
-                self._summed = summed
-        return summed[2]
-
-    def __call__(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
-                 backend: str, folded: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
-        """act(conv(x) [bn folded in] + residual); with ``folded``, (W', b') to compute with instead of
-        ``folded(x, conv, bn)``'s (a block that moves a unit's bias to another unit, ``summed_bias``)."""
-        autocast = backends.autocast_dtype(x.device.type)
-        weight, bias = self._fold(conv, bn, autocast) if folded is None else folded
-        if not eager.plain_mode() or torch.is_grad_enabled() or torch.autograd._profiler_enabled():
-            return conv_module_bias_act(x, conv, weight, bias, residual, relu, backend)
-        conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        guard = (_layout(x), _layout(residual), conv_args, relu, backend, autocast, backends.conv_flags(x.dtype),
-                 dispatch.resets(), dispatch.graph_replay())
-        plan = self._plan
-        if plan is not None and plan[1] is weight and plan[2] is bias and plan[0] == guard:
-            bound = self._bound
-            if bound is None:  # the plan's first replay: its implementation bound to its held arguments
-                bound = _bound(plan[3], x, weight, bias, residual, plan[5], relu)
-                if not backends.capturing(x.device):  # bound while captured, a fp32 bias would be the graph's
-                    self._bound = bound
-            return _run(bound, plan[4], (x, residual))
-        tensors = _module_tensors(x, weight, bias, residual, conv_args)
-        self._bound = None
-        if eager._body_call(tensors) is not False:  # a tensor subclass, say: the op runs
-            self._plan = None
-            return _conv_bias_act_entry(*tensors, *conv_args, relu, backend)
-        out, launch = _launch(*tensors, conv_args, relu, backend, replayed=True)
-        cast = any(map(operator.is_not, tensors, (x, weight, bias, residual)))
-        self._plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args)
-        return out
-
-
-class FoldedChain:
-    """A module's inference forward through its folded units (``FoldedUnit``), in a fixed order, run again
-    without the units' own paths where nothing that decided them changed.
-
-    A converted block's eval forward at batch 1 is host-bound, and most of a unit's host time is spent on
-    checks that come out the same at every call. A forward in which every unit ran its kept plan (the
-    implementation of its last checked call, nothing cast or copied) records the chain (``record``): each
-    unit's fold, conv and BatchNorm, the weight and bias it ran with (its fold's, or its bias summed with
-    another unit's or dropped, as the owner decided), its implementation and the values it read (x, or an
-    earlier unit's output). A later call (``__call__``) runs those implementations straight away, autocast
-    off around them all, each bound at the chain's first call to its held arguments (``_bound``: for the Triton
-    conv, its launch checked and planned once), where:
-    - x has the same type, shape, strides, dtype and device, and ``chain_guard``'s context is the same
-      (backend, autocast dtype, torch's conv flags, ``dispatch.resets()`` and ``graph_replay()``);
-    - the owner holds the same modules (``modules``, its children, say);
-    - each conv has the same stride, padding, dilation and groups, each BatchNorm is in eval mode, and each
-      fold still holds (``FoldedWeights.kept``).
-    Each unit's plan checks the same (an intermediate value's layout follows from x's and the implementations;
-    a bias summed with another unit's holds while both folds do, and both units are in the chain), so the chain
-    computes what the units would. Otherwise ``__call__`` returns None and the owner takes the units' path,
-    which records the chain anew.
-    """
-
-    def __init__(self, guard: tuple, modules: tuple, steps: tuple):
-        self._guard = guard
-        self._modules = modules
-        self._steps = steps
-        self._runs: Optional[list] = None  # each step's implementation bound to its arguments (``_bound``)
-
-    @classmethod
-    def record(cls, guard: tuple, modules: tuple, units: Sequence[tuple]) -> Optional["FoldedChain"]:
-        """The chain of a forward that just ran ``units`` in order, each (its FoldedUnit, conv, BatchNorm, the
-        index of the value it read, of its residual or None, ReLU): values are numbered 0 for x, then k for the
-        k-th unit's output. ``guard``: ``chain_guard`` at the forward's start (not None); ``modules``: what the
-        owner holds, as its calls will pass them. None where a unit has no plan."""
-        steps = []
-        for unit, conv, bn, source, residual, relu in units:
-            plan, folded = unit._plan, unit.fold._folded
-            if plan is None or folded is None or folded[0] is not plan[1]:
-                return None
-            bias, name, channels_last, conv_args = plan[2:]  # bias: the fold's, None or summed with one
-            steps.append((unit.fold, folded, conv, bn, conv_args, bias, name, channels_last, source, residual,
-                          relu))
-        return cls(guard, modules, tuple(steps))
-
-    def __call__(self, x: Tensor, backend: str, modules: tuple) -> Optional[Tensor]:
-        """The owner's forward on ``x`` (the units' last output), or None where the chain does not hold."""
-        if modules != self._modules or chain_guard(x, backend) != self._guard:
-            return None
-        for fold, folded, conv, bn, conv_args, *_ in self._steps:
-            if ((bn is not None and bn.training) or (conv.stride, conv.padding, conv.dilation, conv.groups) != conv_args
-                    or fold.kept(conv, bn) is not folded):
-                return None
-        device = x.device.type
-        autocast = self._guard[2] is not None
-        if autocast:
-            torch.set_autocast_enabled(device, False)
-        try:
-            values, runs = [x], self._runs
-            bind = runs is None  # the first call: each step's implementation is bound to its held arguments
-            if bind:
-                runs = []
-            for i, (_, (weight, _), _, _, conv_args, bias, name, channels_last, source, residual, relu) in enumerate(
-                    self._steps):
-                added = None if residual is None else values[residual]
-                if bind:
-                    runs.append(_bound(name, values[source], weight, bias, added, conv_args, relu))
-                values.append(_dense(runs[i](values[source], added), channels_last))
-            if bind and not backends.capturing(x.device):  # bound while captured, a fp32 bias would be the graph's
-                self._runs = runs
-            return values[-1]
-        finally:
-            if autocast:
-                torch.set_autocast_enabled(device, True)
-
-
-def chain_guard(x: Tensor, backend: str) -> Optional[tuple]:
-    """What a ``FoldedChain``'s calls share with the forward that recorded it, besides its modules: x's layout,
-    the units' backend, autocast's dtype, torch's conv flags, the dispatch's resets and graph replay. None where
-    no chain may run (or be recorded): where the ops must be seen (``eager.plain_mode``), with autograd or its
-    profiler on (``FoldedUnit`` takes the op's whole path there)."""
-    if not eager.plain_mode() or torch.is_grad_enabled() or torch.autograd._profiler_enabled():
-        return None
-    return (_layout(x), backend, backends.autocast_dtype(x.device.type), backends.conv_flags(x.dtype),
-            dispatch.resets(), dispatch.graph_replay())
