@@ -36,7 +36,7 @@ from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, 
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
-from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad
+from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad, conv_plan
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ CASES = [
     # BOX_H x BOX_W output positions, the largest powers of two dividing P and Q (at most the smallest BLOCK_M)
     _case(40, 24, (6, 5), 3, 1, 1, BF16, True, "relu", "stats", n=3),  # 2x1 boxes, 16 images a tile: 13 past N
     _case(32, 16, 7, 3, 1, 1, F16, True, "none", "full"),  # 1x1 boxes: one output position of 32 images a tile
-    # 1x1 stride-1 convs on channels_last tensors: GEMMs over the pixels (conv._gemm_view), x one (M, C) matrix
+    # 1x1 stride-1 convs on channels_last tensors: GEMMs over the pixels (conv_plan._gemm_view), x one (M, C) matrix
     _case(32, 16, 7, 1, 1, 0, F16, True, "none", "full"),  # 98 rows: a partial row tile
     _case(16, 24, 5, 1, 1, 0, BF16, True, "relu", "stats", n=3),
     _case(32, 48, 6, 1, 1, 0, F16, True, "linear", "full", groups=2),  # grouped: the pointer configs
@@ -298,7 +298,7 @@ def test_only_strided_ungrouped_convs_of_few_channels_run_space_to_depth(prologu
 def _eligible_for_tma(x, w, kw) -> bool:
     geo = conv._geometry(x, w, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
     merge = conv_args._merge_factor(geo, kw["groups"])
-    return conv._tma_ok(x, x.stride(), conv_args._merged(geo, merge), kw["groups"] // merge)
+    return conv_plan._tma_ok(x, x.stride(), conv_args._merged(geo, merge), kw["groups"] // merge)
 
 
 @pytest.mark.parametrize("variant,c,stride,hw,tma", [
@@ -333,12 +333,12 @@ def test_tma_configs_run_exactly_where_allowed(variant, c, stride, hw, tma):
 
 
 def _recorded(monkeypatch, name: str) -> list:
-    """The results of conv.<name> (a host helper of the launch, e.g. _box or _gemm_view), appended as the conv
-    calls it; what it returns is unchanged. The launches' plans are made anew meanwhile (conv._PLANS), so the
-    conv calls it whatever launches ran before."""
-    results, original = [], getattr(conv, name)
-    monkeypatch.setattr(conv, name, lambda *args: results.append(original(*args)) or results[-1])
-    monkeypatch.setattr(conv, "_PLANS", {})
+    """The results of conv_plan.<name> (a host helper of the launch's plan, e.g. _box or _gemm_view), appended as
+    the plan calls it; what it returns is unchanged. The launches' plans are made anew meanwhile (conv_plan._PLANS),
+    so the plan calls it whatever launches ran before."""
+    results, original = [], getattr(conv_plan, name)
+    monkeypatch.setattr(conv_plan, name, lambda *args: results.append(original(*args)) or results[-1])
+    monkeypatch.setattr(conv_plan, "_PLANS", {})
     return results
 
 
@@ -349,7 +349,7 @@ def _recorded(monkeypatch, name: str) -> list:
     ("padded", False, True)])
 def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch):
     """A 1x1, stride-1, unpadded conv whose x, out and residual each keep their pixels on one stride runs as a
-    GEMM over N*H*W pixels of 1x1 (conv._gemm_view; the TMA configs load x as one (M, C) matrix); any other
+    GEMM over N*H*W pixels of 1x1 (conv_plan._gemm_view; the TMA configs load x as one (M, C) matrix); any other
     conv as a conv; right either way (on CPU the interpreter runs the TMA config wherever it is allowed)."""
     views = _recorded(monkeypatch, "_gemm_view")
     kernel, stride, padding = {"3x3": (3, 1, 1), "stride 2": (1, 2, 0), "padded": (1, 1, 1)}.get(variant, (1, 1, 0))
@@ -372,7 +372,7 @@ def test_1x1_convs_on_a_pixel_grid_run_as_gemms(variant, gemm, tma, monkeypatch)
 
 # batches that fill TMA row tiles of images at one output position (conv_configs._box: at most 1/8 of a tile's rows
 # past N; the smallest TMA tile, conv_configs._MAX_BOX, has 32 rows in the interpreter, 128 on a GPU), whose x tile an
-# H100's tensor-core dot reads from shared memory; the strided ones of whole channel blocks (conv._tma_ok)
+# H100's tensor-core dot reads from shared memory; the strided ones of whole channel blocks (conv_plan._tma_ok)
 _TILE, _CHANNEL_BLOCK = conv_configs._MAX_BOX, conv_configs._TMA_MAX_BLOCK_K
 _ONE_POSITION_BOX_CASES = [
     _case(2 * _CHANNEL_BLOCK, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE),  # 6x6 outputs: 2x2 boxes for
@@ -395,7 +395,7 @@ def test_one_position_prologue_runs_tma_tiles_on_whole_channel_blocks_only():
         x = rand_act(gen, (_TILE, c, 6, 6), BF16, channels_last=True)
         geo = conv._geometry(x, torch.empty(16, c, 3, 3, dtype=BF16), (1, 1), (1, 1), (1, 1), 1)
         assert conv_configs._box(geo) == (1, 1)
-        assert conv._tma_ok(x, x.stride(), geo, 1, prologue=prologue) == tma, (c, prologue)
+        assert conv_plan._tma_ok(x, x.stride(), geo, 1, prologue=prologue) == tma, (c, prologue)
     x, w, kw = _make(_case(24, 16, 6, 3, 1, 1, BF16, True, "relu", "stats", n=_TILE))
     out, mean, var = conv.conv2d_fused(x, w, **kw)
     assert not conv._conv_kernel.best_config.kwargs["USE_TMA"]
@@ -496,7 +496,7 @@ def _run_only(monkeypatch, tile, **flags) -> triton.Config:
 
 @pytest.mark.parametrize("launch", ["inference", "stats", "input grad"])
 def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
-    """A persistent TMA config (the interpreter's TMA tile, one program per conv._multiprocessors) on 1x1 convs
+    """A persistent TMA config (the interpreter's TMA tile, one program per conv_plan._multiprocessors) on 1x1 convs
     run as GEMMs (without and with the BN + ReLU prologue): 2 programs loop over 6 output tiles (3 row tiles x 2
     column tiles); and on a 3x3 conv and a
     strided 1x1 whose row tiles are images at one output position (a batch of one tile; 5x5 outputs, 25 row tiles
@@ -506,7 +506,7 @@ def test_persistent_programs_take_the_tiles_in_turn(launch, monkeypatch):
     tma = next(c for c in kernel.configs if c.kwargs["USE_TMA"] and not c.kwargs["PERSISTENT"])
     persistent = _run_only(monkeypatch, tma, PERSISTENT=1)
     asked = []
-    monkeypatch.setattr(conv, "_multiprocessors", lambda device: asked.append(device) or 2)
+    monkeypatch.setattr(conv_plan, "_multiprocessors", lambda device: asked.append(device) or 2)
     if launch == "input grad":  # dz of a 32->16 1x1 conv: a 16->32 GEMM over 2 x 6 x 6 pixels; of a 3x3 conv at a
         _check_input_grad((32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"))  # batch of one tile
         _check_input_grad((24, 16, 5, 3, 1, 1, 1, 1, BF16, True, True, "relu"), batch=_TILE)
@@ -917,7 +917,7 @@ INPUT_GRAD_CASES = [
     (24, 16, 6, 3, 1, 1, 1, 1, BF16, True, True, "relu"),
     (16, 24, 9, 3, 2, 1, 1, 1, F16, True, True, "relu"),  # phase convs that crop grad_out (negative padding)
     (16, 32, 7, 1, 1, 0, 1, 1, F32, False, True, "linear"),  # NCHW x and dz
-    (32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"),  # 1x1: a GEMM over the pixels (conv._gemm_view)
+    (32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"),  # 1x1: a GEMM over the pixels (conv_plan._gemm_view)
     # narrow groups run several as one (conv_args._merge_factor): the transposed weight block-diagonal too
     (64, 64, 6, 3, 1, 1, 1, 16, BF16, True, True, "relu"),  # 4 channels a group: all 16 groups as one
     (128, 128, 7, 3, 2, 1, 1, 8, F16, True, False, "linear"),  # 16 a group: 2 merged groups, 4 phases
@@ -958,7 +958,7 @@ def test_conv2d_input_grad(case):
 def test_conv2d_input_grad_of_one_image(case):
     """A batch of one: an NCHW tensor's pixels lie on one stride too, so a strided conv's phase convs of one
     tap are 1x1 convs on pixel grids; those whose output covers only part of grad_out (fewer rows or columns)
-    are not GEMMs over the pixels (conv._gemm_view), which a random search found they were taken for."""
+    are not GEMMs over the pixels (conv_plan._gemm_view), which a random search found they were taken for."""
     _check_input_grad(case, batch=1)
 
 
@@ -1109,7 +1109,7 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad, partials
+from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad, conv_plan, partials
 
 fn = conv._conv_kernel.fn
 off = dict(PROLOGUE=False, IN_RELU=False, HAS_OUT_SCALE=False, HAS_OUT_SHIFT=False, HAS_RESIDUAL=False,
@@ -1177,7 +1177,7 @@ def _compile_for_sm90(config: dict, geometry: dict = LAYER1_3X3, strides=(LAYER1
                       variants=_MAIN_VARIANTS, taps: int = 3, gemm_view: bool = False) -> dict:
     """compile_launch_like_for_sm90's findings for a conv of taps x taps (bf16; by default the layer1 3x3,
     channels_last: ``strides`` of its input and output; a 1x1 ``geometry`` of N = M images of 1x1 as
-    ``gemm_view``, see conv._gemm_view) with the first GPU config whose kwargs include ``config``, in
+    ``gemm_view``, see conv_plan._gemm_view) with the first GPU config whose kwargs include ``config``, in
     ``variants`` of: the bare conv, the BN + ReLU prologue, the prologue with the statistics epilogue (the
     training forward), the folded-BN + residual + ReLU epilogue (inference), the input gradient's
     epilogue (PROLOGUE_GRAD) and, not by default, the statistics epilogue alone."""
@@ -1313,7 +1313,7 @@ def test_one_position_boxes_feed_the_dot_from_shared_memory():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU benchmarks measure the compiled kernel itself")
 def test_1x1_conv_as_a_gemm_feeds_the_dot_from_shared_memory():
-    """A 1x1 conv run as a GEMM over the pixels (conv._gemm_view; ResNet-50's layer1 64->256 1x1, bf16): the
+    """A 1x1 conv run as a GEMM over the pixels (conv_plan._gemm_view; ResNet-50's layer1 64->256 1x1, bf16): the
     TMA configs load x as 2-D tiles of the (M, C) matrix, which wgmma reads from shared memory as it reads the
     weight (a 5-D box of several output positions, as a batch of 2 gets, is reshaped in registers first:
     every TMA wgmma took A from registers), with fewer registers than that box needed; every variant

@@ -110,7 +110,7 @@ LAYER2_3X3_S2 = dict(N=256, C=128, H=56, W=56, K=128, P=28, Q=28, M=256 * 28 * 2
                      SH=2, SW=2, PH=1, PW=1, DH=1, DW=1)
 LAYER2_3X3_S2_CHANNELS_LAST_STRIDES = ((56 * 56 * 128, 1, 56 * 128, 128), (28 * 28 * 128, 1, 28 * 128, 128))
 # ResNet-50's layer1.0.conv3 (64->256 1x1, 56x56, batch 256) as the Triton conv launches it on channels_last
-# tensors: a GEMM over the 802816 pixels, each an image of 1x1 (conv._gemm_view), and its x's and out's strides
+# tensors: a GEMM over the 802816 pixels, each an image of 1x1 (conv_plan._gemm_view), and its x's and out's strides
 LAYER1_1X1_AS_GEMM = dict(N=256 * 56 * 56, C=64, H=1, W=1, K=256, P=1, Q=1, M=256 * 56 * 56, Cg=64, Kg=256,
                           SH=1, SW=1, PH=0, PW=0, DH=1, DW=1)
 LAYER1_1X1_AS_GEMM_STRIDES = ((64, 1, 64, 64), (256, 1, 256, 256))

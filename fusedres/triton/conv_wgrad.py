@@ -13,7 +13,7 @@ GEMM view (per group g of G): dW_g[k, col] = sum over m of dy[m, g*Kg + k] * x'[
 m = (n, p, q), the M = N*P*Q output positions, and columns col = (r*S + s)*Cg + c, ordered like conv.py's
 packed weight, where x'[m, col] = x'[n, g*Cg + c, p*SH - PH + r*DH, q*SW - PW + s*DW] (0 outside x). A
 program computes a (BLOCK_N, BLOCK_K) tile of dW_g (output channels x columns) as the sum of
-dy_tile^T @ x'_tile over BLOCK_M-row steps. With Cg >= conv._FLAT_K_BELOW a column tile is one (r, s)
+dy_tile^T @ x'_tile over BLOCK_M-row steps. With Cg >= conv_plan._FLAT_K_BELOW a column tile is one (r, s)
 and a block of channels; with fewer channels (the stem's C = 3) the columns are one flat axis and each
 decodes its own (r, s, c). A strided conv of so few channels (the stem) runs as the forward does
 (``conv_args._space_to_depth``, a prologue applied to the copy): the gradient of the stride-1 conv on the
@@ -46,11 +46,12 @@ from torch import Tensor
 
 from ._host import cdiv
 from .autotuning import autotune, keyed_launch
-from .conv import _DOT_PRECISION, _FLAT_K_BELOW, _UPCAST_DOT
+from .conv import _DOT_PRECISION, _UPCAST_DOT
 from .conv_args import (_INTERPRET, _limit, _merge_factor, _merged, _space_to_depth, _space_to_depth_channels,
                         _runnable_merge, _space_to_depth_weight_grad, _vector)
 from .conv_configs import _configs, _reduction_size
 from .conv_dgrad import _gradient_geometry
+from .conv_plan import _FLAT_K_BELOW
 
 _CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3),
                      (32, 64, 64, 4, 4)])
@@ -241,7 +242,7 @@ def conv2d_weight_grad(
         return _tiles(run, meta["BLOCK_N"], meta["BLOCK_K"], flat), groups // merge, splits
 
     prologue = in_scale is not None
-    # what decides the launch's other arguments and grid (as conv._planned's key does for the forward)
+    # what decides the launch's other arguments and grid (as conv_plan._planned's key does for the forward)
     key = (x.device, x.dtype, x.shape, x.stride(), grad_out.shape, grad_out.stride(), groups, merge, flat,
            rows_per_split, prologue, bool(in_relu) and prologue, *run.values())
     keyed_launch(_wgrad_kernel, grid, key,

@@ -10,7 +10,7 @@ arguments. ``relaunched`` does this for a plain ``@triton.jit`` kernel; ``autotu
 key's config.
 
 Building that signature takes ~10 us of a conv launch itself. A caller that knows a key deciding every
-argument but its tensors (the conv's launch plan, ``conv._Plan``, one per layout, geometry and flags; the weight
+argument but its tensors (the conv's launch plan, ``conv_plan._Plan``, one per layout, geometry and flags; the weight
 gradient's layout, geometry and flags) relaunches by that key and the tensors' dtypes and alignments instead
 (``Relaunches.run_keyed``, through ``autotuning.keyed_launch``), with the other arguments and the grid kept from
 the launch it remembered (``remember_keyed``).
