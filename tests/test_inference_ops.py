@@ -420,6 +420,62 @@ def test_folded_unit_keeps_no_choice_the_dispatch_did_not_keep(pair, monkeypatch
     assert [entry["choice"] for entry in inference.dispatch_table().values()] == ["torch"]
 
 
+def test_folded_unit_never_pairs_a_plan_with_a_launch_bound_to_other_shapes(pair, monkeypatch):
+    """Threads sharing a unit, stood in for by a call on batch-1 x made while a batch-2 plan binds its launch:
+    the unit's plan and the launch bound to it are one value, so the batch-2 launch is never run for the batch-1
+    plan (a Triton launcher is planned for fixed shapes: on a GPU it would read past x). Each bound launch here
+    fails a call on other shapes than its own."""
+    conv, bn = pair
+    unit = folded_units.FoldedUnit()
+    gen = torch.Generator().manual_seed(25)
+    x1, x2 = randn(gen, 1, 4, 7, 5, dtype=F32), randn(gen, 2, 4, 7, 5, dtype=F32)
+    bind = folded_units.bound_implementation
+    interleaved = []
+
+    def bound_for_its_shapes(name, x, *args):
+        if x is x2 and not interleaved:  # the other thread's calls, while this one binds
+            interleaved.append(1)
+            run_unit(unit, conv, bn, x1)  # checked: the batch-1 plan
+            run_unit(unit, conv, bn, x1)  # replayed: the batch-1 plan's launch bound
+        launch, shape = bind(name, x, *args), x.shape
+
+        def checked_launch(x, residual):
+            assert x.shape == shape, f"a launch bound to x of {tuple(shape)} ran on x of {tuple(x.shape)}"
+            return launch(x, residual)
+
+        return checked_launch
+
+    monkeypatch.setattr(folded_units, "bound_implementation", bound_for_its_shapes)
+    with torch.no_grad():
+        run_unit(unit, conv, bn, x2)  # checked: the batch-2 plan
+        run_unit(unit, conv, bn, x2)  # replayed: binds, interleaved with the batch-1 calls
+        for x in (x1, x2, x1):
+            run_unit(unit, conv, bn, x)
+    assert interleaved
+
+
+def test_folded_weights_never_return_a_fold_kept_for_another_dtype(pair, monkeypatch):
+    """Threads sharing a module's fold, one under autocast and one not, stood in for by a bf16 fold made while an
+    fp32 fold records what it was made from: what a fold is checked by and the fold are one value, so a call for
+    fp32 never gets the bf16 fold (or the reverse)."""
+    conv, bn = pair
+    cache = FoldedWeights()
+    snapshot, interleaved = inference._snapshot, []
+
+    def snapshot_interleaved(t):
+        if not interleaved:
+            interleaved.append(1)
+            assert cache.get(conv, bn, BF16)[0].dtype == BF16  # the other thread's call
+        return snapshot(t)
+
+    monkeypatch.setattr(inference, "_snapshot", snapshot_interleaved)
+    with torch.no_grad():
+        for dtype in (F32, F32, BF16, F32):
+            weight, bias = cache.get(conv, bn, dtype)
+            assert weight.dtype == bias.dtype == dtype, (dtype, weight.dtype)
+    assert interleaved
+
+
 # --------------------------------------------------------------------------- conv_bias_act
 @dataclass(frozen=True)
 class Case:

@@ -293,7 +293,7 @@ def test_eval_forwards_under_inference_mode_replay_like_no_grad_ones(kind, repla
             assert replays == ([1] if replayed else []), step
             replays.clear()
     units = [unit for unit in fused.__dict__["_folded"].values() if isinstance(unit, folded_units.FoldedUnit)]
-    assert units and all(not t.is_inference() for unit in units for t in unit.fold._folded)
+    assert units and all(not t.is_inference() for unit in units for t in unit.fold.last)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="test_gpu_replayed_eval_forwards_match_eager runs the GPU's")

@@ -8,7 +8,7 @@ model's forward is host-bound: these are what keep its host time down.
 """
 
 import operator
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +44,10 @@ class FoldedUnit:
 
     def __init__(self):
         self.fold = FoldedWeights()
-        self._plan: Optional[tuple] = None  # (guard, weight, bias, implementation, channels_last, conv arguments)
-        self._bound: Optional[Callable] = None  # the plan's implementation bound to its arguments
+        # (guard, weight, bias, implementation, channels_last, conv arguments, the implementation bound to the
+        # plan's arguments or None before its first replay): one tuple, replaced in one assignment, so that threads
+        # sharing the unit never pair one call's plan with a launch bound to another's shapes
+        self._plan: Optional[tuple] = None
         self._summed: Optional[tuple] = None  # (bias, other, bias + other) of summed_bias
 
     def folded(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -82,17 +84,16 @@ class FoldedUnit:
                  dispatch.resets(), dispatch.graph_replay())
         plan = self._plan
         if plan is not None and plan[1] is weight and plan[2] is bias and plan[0] == guard:
-            bound = self._bound
+            bound = plan[6]
             if bound is None:  # the plan's first replay: its implementation bound to its held arguments
                 bound = bound_implementation(plan[3], x, weight, bias, residual, plan[5], relu)
                 if not backends.capturing(x.device):  # bound while captured, a fp32 bias would be the graph's
-                    self._bound = bound
+                    self._plan = (*plan[:6], bound)
             return run_dense(bound, plan[4], (x, residual))
         tensors = checked_module_tensors(x, weight, bias, residual, conv_args)
-        self._bound = None
         out, launch = module_unit_call(tensors, conv_args, relu, backend)
         cast = any(map(operator.is_not, tensors, (x, weight, bias, residual)))
-        self._plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args)
+        self._plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args, None)
         return out
 
 
@@ -133,10 +134,10 @@ class FoldedChain:
         owner holds, as its calls will pass them. None where a unit has no plan."""
         steps = []
         for unit, conv, bn, source, residual, relu in units:
-            plan, folded = unit._plan, unit.fold._folded
+            plan, folded = unit._plan, unit.fold.last
             if plan is None or folded is None or folded[0] is not plan[1]:
                 return None
-            bias, name, channels_last, conv_args = plan[2:]  # bias: the fold's, None or summed with one
+            bias, name, channels_last, conv_args = plan[2:6]  # bias: the fold's, None or summed with one
             steps.append((unit.fold, folded, conv, bn, conv_args, bias, name, channels_last, source, residual,
                           relu))
         return cls(guard, modules, tuple(steps))

@@ -141,18 +141,17 @@ class FoldedWeights:
     Tensors made under ``torch.inference_mode`` have no version counter and are folded on every call,
     as is everything under ``torch.compile`` (traced into the graph); a fold made while a CUDA graph is captured
     (written only when the graph replays) serves that call alone. The fold itself is made outside
-    inference_mode, so that it has one (what the Triton conv's cache of packed weights checks). Plain
-    attributes: the owner's state_dict is unchanged, nothing is allocated before the first ``get``, no
+    inference_mode, so that it has one (what the Triton conv's cache of packed weights checks). A plain
+    attribute: the owner's state_dict is unchanged, nothing is allocated before the first ``get``, no
     autograd graph is kept; the source tensors last folded are held (so their identity can be checked)
-    until the next fold.
+    until the next fold. What a fold is checked by and the fold itself are kept as one tuple, replaced in one
+    assignment: threads sharing a module never read one call's fold with another's key.
     ``get`` raises for a BatchNorm in training mode, and in grad mode if a source requires grad.
     """
 
     def __init__(self):
-        self._sources: tuple = ()  # the tensors last folded (held until the next fold replaces them)
-        self._snapshots: tuple = ()  # _snapshot of each source
-        self._key = None
-        self._folded: Optional[tuple[Tensor, Tensor]] = None
+        # (key: (dtype, eps), the tensors folded, their _snapshots, the fold (W', b')) of the last fold, or None
+        self._last: Optional[tuple] = None
 
     def get(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d],
             dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -170,26 +169,34 @@ class FoldedWeights:
         key = (sources[0].dtype if dtype is None else dtype, _eps(bn))
         if torch.compiler.is_compiling():  # traced: fold in the graph, which a compiler may freeze
             return _folded(sources, bn, key[0])
-        if key != self._key or not self._holds(sources):
+        last = self._last
+        if last is None or key != last[0] or not _holds(last, sources):
             with made_to_keep():
                 folded = _folded(sources, bn, key[0])
             if backends.capturing(folded[0].device):  # filled only when the graph replays: for this call alone
                 return folded
-            self._folded = folded
-            self._key, self._sources, self._snapshots = key, sources, tuple(map(_snapshot, sources))
-        return self._folded
+            self._last = last = (key, sources, tuple(map(_snapshot, sources)), folded)
+        return last[3]
 
     def kept(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         """The fold ``get`` returned last, if ``get(conv, bn)`` in the dtype asked for then would return it
         again now (same sources, unchanged, same eps), else None. No checks: for a caller that ran ``get`` on
         these modules before and knows that the BatchNorm is in eval mode and autograd off."""
-        if self._key is None or _eps(bn) != self._key[1] or not self._holds(_fold_sources(conv, bn)):
+        last = self._last
+        if last is None or _eps(bn) != last[0][1] or not _holds(last, _fold_sources(conv, bn)):
             return None
-        return self._folded
+        return last[3]
 
-    def _holds(self, sources: tuple) -> bool:
-        """Whether ``sources`` are the tensors last folded, unchanged since."""
-        return all(map(operator.is_, sources, self._sources)) and all(map(_unchanged, sources, self._snapshots))
+    @property
+    def last(self) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """The fold ``get`` returned last (None before the first), whether or not it still holds."""
+        last = self._last
+        return None if last is None else last[3]
+
+
+def _holds(last: tuple, sources: tuple) -> bool:
+    """Whether ``sources`` are the tensors of the fold ``last`` (``FoldedWeights._last``), unchanged since."""
+    return all(map(operator.is_, sources, last[1])) and all(map(_unchanged, sources, last[2]))
 
 
 # --------------------------------------------------------------------------- implementations
