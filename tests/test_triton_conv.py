@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import weakref
 import dataclasses
@@ -1086,6 +1087,43 @@ def test_packed_weight_cache_lets_a_weight_made_at_every_call_go(monkeypatch):
     torch.testing.assert_close(conv._packed_weight(kept, 1), conv._packed_weight(w * 4.0, 1))
     del kept
     assert conv_args._PACK_CACHE == {}
+
+
+def test_packed_weight_cache_is_shared_by_threads(monkeypatch):
+    """Another thread's packing that evicts a weight's entry waits until a hit on that entry has moved it to the
+    most recent place: without the cache's lock, the eviction between the hit's lookup and its move raised
+    KeyError. The hit is paused after its lookup for the other thread to act (it cannot, holding the lock)."""
+    monkeypatch.setattr(conv_args, "_PACK_CACHE_SIZE", 1)
+    gen = seeded("threads")
+    kept, other = rand_act(gen, (4, 8, 3, 3), F32), rand_act(gen, (4, 8, 3, 3), F32)
+    looked_up, evicted = threading.Event(), threading.Event()
+    hitting = threading.current_thread()
+
+    class PausedAfterLookup(dict):
+        def get(self, key, default=None):
+            entry = super().get(key, default)
+            if threading.current_thread() is hitting and entry is not None:
+                looked_up.set()
+                evicted.wait(0.5)  # the other thread's eviction, if nothing holds it back
+            return entry
+
+    monkeypatch.setattr(conv_args, "_PACK_CACHE", PausedAfterLookup())
+    packed = conv._packed_weight(kept, 1)
+
+    def pack_other():
+        looked_up.wait(5)
+        conv._packed_weight(other, 1)
+        evicted.set()
+
+    thread = threading.Thread(target=pack_other)
+    thread.start()
+    try:
+        assert conv._packed_weight(kept, 1) is packed
+    finally:
+        looked_up.set()
+        thread.join()
+    (entry,) = conv_args._PACK_CACHE.values()  # then the other's took its place
+    assert entry[2] is not packed
 
 
 def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):

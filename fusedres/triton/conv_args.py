@@ -4,6 +4,7 @@ strided conv of few channels run as a stride-1 one (``_space_to_depth``: its inp
 weight packed for the kernels and cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
 
 import os
+import threading
 import weakref
 from typing import Optional
 
@@ -33,6 +34,9 @@ _SPACE_TO_DEPTH_BELOW = 16  # strided convs of fewer input channels run space-to
 # set would repack every weight every forward.
 _PACK_CACHE_SIZE = 1024
 _PACK_CACHE: dict = {}
+# _PACK_CACHE's reads and writes, which threads sharing a model and the weakref callbacks of freed weights
+# (_forget_packing) make at any time; reentrant, as such a callback may run while its thread holds it
+_PACK_LOCK = threading.RLock()
 
 
 def _pair(name: str, v, least: int) -> tuple[int, int]:
@@ -208,10 +212,11 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
            taps, merge, space_to_depth)
     version = weight._version if _packing_kept(weight) else None
-    hit = _PACK_CACHE.get(key)
-    if hit is not None and version is not None and hit[1] == version and hit[0]() is weight.untyped_storage():
-        _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
-        return hit[2]
+    with _PACK_LOCK:
+        hit = _PACK_CACHE.get(key)
+        if hit is not None and version is not None and hit[1] == version and hit[0]() is weight.untyped_storage():
+            _PACK_CACHE[key] = _PACK_CACHE.pop(key)  # most recently used last
+            return hit[2]
     chosen = weight.detach()
     if taps is not None:
         chosen = chosen[:, :, _as_slice(taps[0]), _as_slice(taps[1])]
@@ -234,19 +239,21 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
             packed[:, :, :, j, :, j, :] = blocks[:, j]
         packed = packed.reshape(groups // merge, r * s * merge * rows, merge * cols)
     if version is not None and not capturing(weight.device):  # captured, the packing is filled at replays only
-        _PACK_CACHE.pop(key, None)
-        if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
-            _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
-        _PACK_CACHE[key] = (weakref.ref(weight.untyped_storage(), lambda storage: _forget_packing(key, storage)),
-                            version, packed)
+        storage = weakref.ref(weight.untyped_storage(), lambda storage: _forget_packing(key, storage))
+        with _PACK_LOCK:
+            _PACK_CACHE.pop(key, None)
+            if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
+                _PACK_CACHE.pop(next(iter(_PACK_CACHE)))  # the least recently used
+            _PACK_CACHE[key] = (storage, version, packed)
     return packed
 
 
 def _forget_packing(key: tuple, storage: weakref.ref) -> None:
     """Drop the _PACK_CACHE entry ``key`` whose weight's ``storage`` was just freed, unless another took its place."""
-    entry = _PACK_CACHE.get(key)
-    if entry is not None and entry[0] is storage:
-        del _PACK_CACHE[key]
+    with _PACK_LOCK:
+        entry = _PACK_CACHE.get(key)
+        if entry is not None and entry[0] is storage:
+            del _PACK_CACHE[key]
 
 
 def _packing_kept(weight: Tensor) -> bool:
