@@ -19,16 +19,20 @@ replays them all from one call, so the forward costs what the GPU takes. This is
 - The graph reads its inputs from buffers of its own and writes its outputs to tensors of its own. A call
   copies its inputs into those buffers and returns those very output tensors, which the next call overwrites
   (``.clone()`` what must be kept).
-- The graph computes with the weights as they were when it was captured (for a converted model: the folded
-  conv weights, made from them). A call raises when a parameter or buffer was replaced or changed in place
-  since (an optimizer step, ``load_state_dict``, ``.to``): capture again. Writes through ``.data`` are not seen.
+- The graph computes with the model as it was when it was captured: its modules, their weights (for a converted
+  model: the folded conv weights, made from them) and their settings. A call raises when any of these changed
+  since: a module, parameter or buffer replaced, put where there was None, or removed; a parameter or
+  buffer changed in place (an optimizer step, ``load_state_dict``, ``.to``); a module's training flag
+  (``model.train()``); a BatchNorm's ``eps``, ``momentum`` or ``track_running_stats``. Capture again then.
+  Writes through ``.data`` and other attributes of the modules (a conv's ``stride``, a new ``forward``) are not
+  seen.
 - Inference only: the model and every module in it must be in eval mode, and the forward runs without
   autograd.
 """
 
 import contextlib
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +40,9 @@ from torch import Tensor, nn
 from .ops import dispatch
 
 _VERSION = operator.attrgetter("_version")
+_TRAINING = operator.attrgetter("training")
+_BATCH_NORM_FIELDS = ("eps", "momentum", "track_running_stats")
+_BATCH_NORM_SETTINGS = operator.attrgetter(*_BATCH_NORM_FIELDS)
 # capture(forward) -> (replay, outputs): records forward() once; replay() then recomputes outputs in place
 Capture = Callable[[Callable[[], Any]], tuple[Callable[[], None], Any]]
 
@@ -59,16 +66,28 @@ class CudaGraphedForward:
             with torch.no_grad():
                 return model(*self._static_inputs)
 
-        # What the graph computes with: every parameter and buffer, and the module dict and name holding it
-        slots = [(module._parameters if name in module._parameters else module._buffers, name)
-                 for module in model.modules()
-                 for name, t in (*module._parameters.items(), *module._buffers.items()) if t is not None]
-        self._dicts, self._names = [d for d, _ in slots], [name for _, name in slots]
-        self._tensors = list(map(dict.get, self._dicts, self._names))
+        # What the graph computes with, each with the dict and the key that hold it: every child module, parameter
+        # and buffer, and the slots that hold None; and which children each module had (a module or tensor put in
+        # a slot that held None, or a child put where an attribute was None, as a block's downsample, would go
+        # unused)
+        named = list(model.named_modules())
+        self._prefixes, self._modules = [name for name, _ in named], [module for _, module in named]
+        slots = [(_qualified(prefix, key), holder, key) for prefix, module in named
+                 for holder in (module._modules, module._parameters, module._buffers) for key in holder]
+        self._names, self._dicts, self._keys = (list(column) for column in zip(*slots))
+        self._held = list(map(dict.get, self._dicts, self._keys))
+        self._children = [module._modules for module in self._modules]
+        self._child_keys = [set(children) for children in self._children]
+        tensors = [(name, t) for name, t in zip(self._names, self._held) if isinstance(t, Tensor)]
+        self._tensor_names, self._tensors = [name for name, _ in tensors], [t for _, t in tensors]
         if any(t.is_inference() for t in self._tensors):
             raise ValueError("fusedres.cuda_graphed: the model holds tensors made under torch.inference_mode, "
                              "which keep no version counter, so a change to them could not be seen; make the "
                              "model's parameters and buffers outside inference_mode")
+        # How it computes: every module's training flag (the graph runs the eval forward) and every BatchNorm's
+        # settings (its eps is folded into its conv's weights)
+        batch_norms = [(name, m) for name, m in named if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._batch_norm_names, self._batch_norms = [name for name, _ in batch_norms], [m for _, m in batch_norms]
         device = inputs[0].device
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # the inputs' GPU
             with dispatch.for_graph_replay():  # choices timed by their GPU work: a replay runs no host work
@@ -78,24 +97,52 @@ class CudaGraphedForward:
                 self._replay, self._outputs = capture(forward)
         self._snapshot = self._state()
 
-    def _state(self) -> tuple[list[int], list[int]]:
-        """The parameters' and buffers' version counters and addresses (``.to`` swaps a parameter's ``.data``).
-        ~30 us for ResNet-50's 320 on a 2-core CPU, where launching its 16 blocks' kernels one by one takes
-        ~3.8 ms (``python -m benchmarks.host_overhead --resnet50``)."""
-        return list(map(_VERSION, self._tensors)), list(map(Tensor.data_ptr, self._tensors))
+    def _state(self) -> tuple[list, list, list, list, list]:
+        """What a change since the capture shows in: the parameters' and buffers' version counters and addresses
+        (``.to`` swaps a parameter's ``.data``), the modules' training flags, the BatchNorms' settings and the
+        modules' numbers of children.
+        With the check that each child module, parameter and buffer is still the one captured, ~75 us for a
+        converted ResNet-50 (135 modules, 320 tensors) on a 2-core CPU, where launching its 16 blocks' kernels
+        one by one takes ~3.8 ms (``python -m benchmarks.host_overhead --resnet50``)."""
+        return (list(map(_VERSION, self._tensors)), list(map(Tensor.data_ptr, self._tensors)),
+                list(map(_TRAINING, self._modules)), list(map(_BATCH_NORM_SETTINGS, self._batch_norms)),
+                list(map(len, self._children)))
+
+    def _changes(self) -> Iterator[str]:
+        """What differs from the capture, for the error."""
+        for name, held, now in zip(self._names, self._held, map(dict.get, self._dicts, self._keys)):
+            if now is not held:
+                yield f"{name} was {'removed' if now is None else 'added' if held is None else 'replaced'}"
+        for prefix, children, keys in zip(self._prefixes, self._children, self._child_keys):
+            yield from (f"{_qualified(prefix, key)} was added" for key in children.keys() - keys)
+        (versions, pointers, training, settings, _), captured = self._state(), self._snapshot
+        for name, now, then in zip(self._tensor_names, zip(versions, pointers), zip(*captured[:2])):
+            if now != then:
+                yield f"{name} was changed in place or given new data"
+        for name, now, then in zip(self._prefixes, training, captured[2]):
+            if now != then:
+                yield f"{name or 'the model'} was switched to {'training' if now else 'eval'} mode"
+        for name, now, then in zip(self._batch_norm_names, settings, captured[3]):
+            yield from (f"{name}.{field} was changed from {old!r} to {new!r}"
+                        for field, new, old in zip(_BATCH_NORM_FIELDS, now, then) if new != old)
 
     def __call__(self, *inputs: Tensor) -> Any:
         """The outputs of ``model(*inputs)``: the graph's own tensors, overwritten by the next call."""
         _check_inputs("fusedres.cuda_graphed: calling the graph", inputs, self._static_inputs)
-        if not (all(map(operator.is_, map(dict.get, self._dicts, self._names), self._tensors))
+        if not (all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._held))
                 and self._state() == self._snapshot):
-            raise RuntimeError("fusedres.cuda_graphed: a parameter or buffer of the model was replaced or changed "
-                               "in place since the graph was captured, and the graph would still compute with the "
-                               "old one; capture the graph again (fusedres.cuda_graphed(model, ...))")
+            raise RuntimeError(f"fusedres.cuda_graphed: the model changed since the graph was captured "
+                               f"({next(self._changes())}), and the graph would still compute as it was then; "
+                               "capture the graph again (fusedres.cuda_graphed(model, ...))")
         for static, t in zip(self._static_inputs, inputs):
             static.copy_(t)
         self._replay()
         return self._outputs
+
+
+def _qualified(prefix: str, key: str) -> str:
+    """The name of a module's child, parameter or buffer in the model, as ``named_modules`` names modules."""
+    return f"{prefix}.{key}" if prefix else key
 
 
 @contextlib.contextmanager

@@ -17,11 +17,12 @@ ask for the Triton kernels themselves (``backend="triton"``, FUSEDRES_BACKEND=tr
 the pass runs them for real and they compile key after key, as a first step would.
 
 The pass leaves the model as it found it: buffers (BatchNorm's running statistics and batch count),
-gradients and the random number generators' state are restored. In training mode (and when a parameter
-requires grad) the pass runs the backward too, of the sum of the outputs, so the backward's kernels are
-compiled as well; otherwise it runs the forward without autograd, as inference does (an eval-mode block
-folds its BatchNorms into its convs only then). Run it before wrapping the model in DistributedDataParallel
-(its hooks would all-reduce the pass's gradients) or on every rank.
+gradients (the very ``.grad`` tensors, untouched: the pass's backward accumulates into none of them) and
+the random number generators' state are restored, and the inputs get no ``.grad``. In training mode (and
+when a parameter requires grad) the pass runs the backward too, of the sum of the outputs, so the
+backward's kernels are compiled as well; otherwise it runs the forward without autograd, as inference does
+(an eval-mode block folds its BatchNorms into its convs only then). Run it before wrapping the model in
+DistributedDataParallel (its hooks would all-reduce the pass's gradients) or on every rank.
 """
 
 import dataclasses
@@ -59,6 +60,20 @@ def _floating_tensors(value) -> list[torch.Tensor]:
     return []
 
 
+def _detached(value):
+    """The model's inputs (tensors, or tuples, lists and dicts of them) with each tensor detached from the graph
+    that made it, still requiring grad where it did: the pass's backward computes their gradients, as a step's
+    would, but leaves no ``.grad`` on them and runs no backward through what made them."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.requires_grad)
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [_detached(item) for item in value]
+        return value._make(items) if hasattr(value, "_make") else type(value)(items)  # a namedtuple, or not
+    return value
+
+
 def precompile(model: nn.Module, *inputs, backward: Optional[bool] = None) -> PrecompileReport:
     """Compile every Triton kernel that ``model(*inputs)`` (and, with ``backward``, its backward) may run, all at
     once, leaving the model's state unchanged; see the module docstring. ``backward`` defaults to whether the
@@ -69,12 +84,15 @@ def precompile(model: nn.Module, *inputs, backward: Optional[bool] = None) -> Pr
     if backward is None:
         backward = model.training and any(p.requires_grad for p in parameters)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in parameters]
+    grads = [(p, p.grad) for p in parameters]  # the very tensors, put back untouched: the pass makes its own
     devices = sorted({t.device.index or 0 for t in _floating_tensors(list(inputs)) if t.is_cuda})
     triton_conv, _ = backends.triton_conv()
     start = time.perf_counter()
     compiles = failed = 0
+    inputs = _detached(inputs)
     try:
+        for parameter in parameters:
+            parameter.grad = None
         with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(backward):
             if triton_conv is None:
                 _step(model, inputs, backward)

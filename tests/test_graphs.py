@@ -1,5 +1,5 @@
 """fusedres.cuda_graphed: the checks of its arguments; on CPU, the wrapper around the capture (inputs copied into
-the graph's buffers, the same output tensors returned, weights changed since the capture refused) with a stand-in
+the graph's buffers, the same output tensors returned, a model changed since the capture refused) with a stand-in
 capture that records the forward and reruns it; on a GPU, a converted ResNet's forward captured and replayed
 against eager."""
 
@@ -77,9 +77,16 @@ def test_warm_up_runs_the_forward_before_the_capture_without_autograd_choosing_f
     assert calls[4:] == [(False, False)]
 
 
-@pytest.mark.parametrize("change", ["weight in place", "running statistics in place", "parameter replaced",
-                                    "parameter's data swapped", "dtype changed", "buffer deleted", "load_state_dict"])
-def test_a_weight_changed_since_the_capture_is_refused(change):
+@pytest.mark.parametrize("change, message", [
+    ("weight in place", "layer2.0.conv1.weight was changed in place or given new data"),
+    ("running statistics in place", "layer2.0.bn1.running_var was changed in place or given new data"),
+    ("parameter replaced", "layer2.0.conv1.weight was replaced"),
+    ("parameter's data swapped", "layer2.0.conv1.weight was changed in place or given new data"),
+    ("dtype changed", "bn1.running_mean was replaced"),  # a buffer replaced, a parameter given new data
+    ("buffer deleted", "layer2.0.bn1.running_mean was removed"),
+    ("load_state_dict", "conv1.weight was changed in place or given new data"),
+])
+def test_a_weight_changed_since_the_capture_is_refused(change, message):
     model = _converted_resnet18(seed=5)
     x = torch.randn(1, 3, 32, 32)
     forward = _graphed_on_cpu(model, x)
@@ -101,7 +108,34 @@ def test_a_weight_changed_since_the_capture_is_refused(change):
             bn.register_buffer("running_mean", None)
         else:
             model.load_state_dict(_converted_resnet18(seed=6).state_dict())
-    with pytest.raises(RuntimeError, match="replaced or changed in place since the graph was captured"):
+    with pytest.raises(RuntimeError, match=f"the model changed since the graph was captured \\({message}\\)"):
+        forward(x)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: setattr(m, "fc", nn.Linear(512, 10)), "fc was replaced"),
+    (lambda m: setattr(m.layer2[0], "bn1", nn.BatchNorm2d(128).eval()), "layer2.0.bn1 was replaced"),
+    (lambda m: setattr(m, "fc", None), "fc was removed"),
+    (lambda m: setattr(m.layer1[0], "downsample", nn.Identity()), "layer1.0.downsample was added"),
+    (lambda m: setattr(m.layer2[0].conv1, "bias", nn.Parameter(torch.zeros(128))), "layer2.0.conv1.bias was added"),
+    (lambda m: setattr(m.layer2[0].bn1, "eps", 0.5), "layer2.0.bn1.eps was changed from 1e-05 to 0.5"),
+    (lambda m: setattr(m.layer2[0].bn1, "momentum", None), "layer2.0.bn1.momentum was changed from 0.1 to None"),
+    (lambda m: setattr(m.bn1, "track_running_stats", False), "bn1.track_running_stats was changed from True to False"),
+    (lambda m: m.train(), "the model was switched to training mode"),
+    (lambda m: m.layer3[1].bn2.train(), "layer3.1.bn2 was switched to training mode"),
+])
+def test_a_module_or_setting_changed_since_the_capture_is_refused(change, message):
+    """The graph replays the modules, training flags and BatchNorm settings it was captured with (an eps is folded
+    into the conv weights): a call after any of them changed would return what the old model computed. Setting
+    the same ones again is no change."""
+    model = _converted_resnet18(seed=13)
+    x = torch.randn(1, 3, 32, 32)
+    forward = _graphed_on_cpu(model, x)
+    model.eval().fc = model.fc
+    model.layer2[0].bn1.eps = model.layer2[0].bn1.eps
+    forward(x)
+    change(model)
+    with pytest.raises(RuntimeError, match=f"the model changed since the graph was captured \\({message}\\)"):
         forward(x)
 
 

@@ -60,6 +60,25 @@ def test_precompile_runs_the_step_and_leaves_the_model_as_it_found_it(training):
     assert str(report).startswith("fusedres.precompile: 0 Triton kernels compiled in ")
 
 
+def test_precompile_leaves_the_gradient_tensors_untouched_and_no_gradient_on_the_inputs():
+    """The very ``.grad`` tensors stay on the parameters with their values (a flat gradient buffer or a gradient
+    accumulation may hold them); the inputs' gradients are computed in the pass, as a step's would be, but none is
+    left on an input, nor on the tensor an input was made from."""
+    model = _converted_resnet18(3).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # mid gradient accumulation
+    held = {name: p.grad for name, p in model.named_parameters()}
+    values = {name: grad.clone() for name, grad in held.items()}
+    inputs_require_grad = []
+    model.conv1.register_forward_pre_hook(lambda module, args: inputs_require_grad.append(args[0].requires_grad))
+    leaf = torch.randn(2, 3, 32, 32, requires_grad=True)
+    for x in (leaf, leaf * 2.0):
+        fusedres.precompile(model, x)
+        for name, p in model.named_parameters():
+            assert p.grad is held[name] and torch.equal(p.grad, values[name]), name
+        assert leaf.grad is None
+    assert inputs_require_grad == [True, True]
+
+
 def test_precompile_backward_can_be_asked_for_or_left_out():
     model = _converted_resnet18(1)
     backwards = []
