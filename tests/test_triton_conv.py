@@ -722,6 +722,20 @@ def test_stats_about_a_shift_near_the_mean(channels_last):
         conv.conv2d_fused(x, w, compute_stats=True, stats_shift=shift[:3])
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_stats_about_a_non_finite_shift_are_the_batch_statistics(channels_last):
+    """A running mean left inf or NaN by an overflowed step (which eager's batch statistics never read) counts as a
+    shift of 0 in those channels: the statistics are y's, where about it they were NaN in every later step."""
+    gen = seeded(f"non-finite-shift-{channels_last}")
+    x = rand_act(gen, (2, 16, 7, 5), BF16, channels_last)
+    w = rand_act(gen, (24, 16, 3, 3), BF16) / 12
+    shift = rand_vec(gen, 24)
+    shift[[1, 5, 9]] = torch.tensor([float("nan"), float("inf"), -float("inf")], device=shift.device)
+    out, mean, var = conv.conv2d_fused(x, w, padding=1, compute_stats=True, stats_shift=shift)
+    _check_out(out, x, w, dict(padding=1))
+    _check_stats(out, mean, var)
+
+
 def test_residual_layout_and_dtype():
     """bf16 channels_last output with an fp32 NCHW residual that is a strided view."""
     gen = seeded("residual")

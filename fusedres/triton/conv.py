@@ -105,7 +105,8 @@ of an fp32 workspace (2, rows, K); every row is written by exactly one program, 
 zero-fill are needed, and one more launch (``partials.finish``, rows added in a fixed order, so
 deterministic) turns them into mean = shift + sum(d)/M and var = sum(d*d)/M - (sum(d)/M)^2, where torch
 took five small ops. Any shift gives these up to rounding; one near the mean (a
-BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std. On the tensor cores'
+BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std; a non-finite shift counts
+as 0 (``partials.finite_shift``: a running mean left inf or NaN by an overflowed step). On the tensor cores'
 accumulator layout a column's values lie across the lanes and warps of the tile's rows, so these column sums
 took shuffles and a reduction across warps through shared memory (2088 sm_90 instructions a thread against the
 prologue variant's 960 on layer1's 64->256 1x1, TMA 128x128). CHANNEL_ROWS configs compute the tile as its
@@ -144,6 +145,7 @@ from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, 
                         _vector)
 from .conv_configs import _AUTOTUNE_KEY, _CONFIGS, _MAX_BLOCK_M, _config_box, _reduction_size, _usable
 from .conv_plan import _flags, _Plan, _planned, _row_tiles
+from .partials import finite_shift
 
 
 _DOT_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32")  # TF32 only matters for fp32
@@ -384,6 +386,8 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
         # loaded before y's store, so no load of the epilogue queues behind the tile's stores (the lead on the
         # statistics' cost in benchmarks/RESULTS.md)
         shift = tl.load(stats_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
+        if not PROLOGUE_GRAD:  # the statistics' shift, as partials.finish takes it (the backward's: the batch mean)
+            shift = finite_shift(shift)
         if PROLOGUE_GRAD:  # acc = d act: dz = acc * act'(z), z = x*out_scale + out_shift recomputed from the input x
             x_in = tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
             if OUT_RELU:

@@ -14,7 +14,9 @@ channel's rows added in a fixed order (deterministic), where torch took 2-11 sma
   a second pass over the rows (Chan's merge; nothing cancels whatever the centre).
 
 The centre is a (C,) tensor of any stride and float dtype (a shift vector, or a view of an activation's first
-pixel), converted to fp32.
+pixel), converted to fp32. A non-finite centre counts as 0 (``finite_shift``), as it does for the conv's
+statistics epilogue, whose sums it finishes: a BatchNorm's running mean left inf or NaN by an overflowed step
+(one GradScaler then skips) would otherwise make every later batch's statistics NaN, where eager's ignore it.
 """
 
 from typing import Optional
@@ -36,6 +38,16 @@ SUMS, SHIFTED_MOMENTS, CHAN_MOMENTS = _SUMS.value, _SHIFTED_MOMENTS.value, _CHAN
 # each adds its rows (6272 for ResNet-50's layer1 conv at batch 256) in few steps: the loop's loads are not
 # pipelined (sm_90 PTX: plain ld.global), each step waits for the last one's (L2) loads
 _BLOCK_R, _BLOCK_C, _WARPS = (16, 8, 4) if _INTERPRET else (1024, 8, 8)
+
+
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def finite_shift(shift):
+    """A statistics shift (or centre) as the kernels use it: its non-finite values as 0. Any finite shift gives the
+    same moments up to rounding; the conv's epilogue and ``finish`` must use the same one."""
+    return tl.where(tl.abs(shift) <= _FLOAT32_MAX, shift, 0.0)
 
 
 @triton.jit
@@ -87,7 +99,8 @@ def _finish_partials_kernel(
             variance = b / COUNT
         else:
             variance = tl.maximum(b / COUNT - mean * mean, 0.0)
-        centre = tl.load(centre_ptr + cols.to(tl.int64) * CENTRE_STRIDE, mask=col_mask, other=0.0).to(tl.float32)
+        centre = finite_shift(tl.load(centre_ptr + cols.to(tl.int64) * CENTRE_STRIDE, mask=col_mask,
+                                      other=0.0).to(tl.float32))
         tl.store(first_ptr + cols, centre + mean, mask=col_mask)
         tl.store(second_ptr + cols, variance, mask=col_mask)
 
