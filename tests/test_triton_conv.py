@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 
 from conftest import requires_cuda
 from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, LAYER1_3X3_CHANNELS_LAST_STRIDES,
@@ -37,7 +38,7 @@ from triton_conv_helpers import (ATOL, BF16, DEVICE, F16, F32, F64, LAYER1_3X3, 
                                  conv_input, geometry_id, named_strides, out_hw, pair, rand_act, rand_vec, seeded,
                                  tf32_allowance)
 from fusedres.ops.backends import conv_allows_tf32, conv_flags
-from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad, conv_plan
+from fusedres.triton import autotuning, conv, conv_args, conv_configs, conv_dgrad, conv_plan, partials, relaunch
 
 
 @dataclass(frozen=True)
@@ -1767,6 +1768,10 @@ knobs.runtime.launch_enter_hook.add(hook)
 found["hooked"] = forward(scale)
 knobs.runtime.launch_enter_hook.remove(hook)
 found["unhooked"] = forward(scale)
+# BatchNorm's running statistics with momentum None (1 / batches seen): a float argument new at every step
+from fusedres.triton import bn_act  # noqa: E402
+stats = [torch.zeros(64), torch.ones(64), torch.zeros(64), torch.ones(64)]
+found["momenta"] = [launched(lambda: bn_act.finish_batch_stats(*stats, 1 / step, 1e-5, 100)) for step in (1, 2, 3)]
 
 
 def base(config):  # a config as kernel.configs holds it: without the box a launch adds (conv_configs._config_box)
@@ -1842,6 +1847,29 @@ def test_a_launch_the_jit_would_specialise_alike_relaunches_its_kernel_with_the_
     assert unhooked["jit"] == 0 and unhooked["_conv_kernel"]["arguments"] == conv_through_jit["arguments"]
     # the autotuner's configs and cache replaced: the key is tuned again among the new configs, nothing relaunched
     assert found["other_configs"]["jit"] > 0 and found["chosen_then"] == [False, True], found
+    # a float argument's value, which the JIT does not specialise on: the same kernel relaunched with each value
+    momenta = [run["_finish_batch_stats_kernel"] for run in found["momenta"]]
+    assert [run["jit"] for run in found["momenta"]] == [1, 0, 0], found["momenta"]
+    assert len({run["launcher"] for run in momenta}) == 1 and len({str(run["arguments"]) for run in momenta}) == 3
+    assert all(momentum in run["arguments"] for momentum, run in zip(("1.0", "0.5", "0.3333333333333333"), momenta))
+
+
+def test_relaunches_keep_a_bounded_number_of_launches(monkeypatch):
+    """Launches kept by signature stop at relaunch._MAX_KEPT per kernel (shapes that keep changing take the JIT
+    path beyond it), as those kept by key do: they grew by one a call with a new int argument."""
+    monkeypatch.setattr(relaunch, "_MAX_KEPT", 3)
+    relaunches = relaunch.Relaunches(partials._finish_partials_kernel)
+
+    class Compiled(CompiledKernel):  # a compiled kernel, never launched (nor loaded: nothing to unload)
+        def __init__(self):
+            pass
+
+        def __del__(self):
+            pass
+
+    for signature in range(5):
+        relaunches.remember(signature, Compiled())
+    assert list(relaunches.kernels) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])

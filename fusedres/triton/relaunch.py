@@ -32,7 +32,8 @@ try:
 except ImportError:  # triton < 3.4, whose launch path this does not know: every launch goes through the JIT
     knobs = None
 
-_MAX_KEYED = 4096  # launches kept by key per kernel: beyond it (shapes that keep changing) they take the JIT path
+# launches kept per kernel, by signature and by key each: beyond it (shapes that keep changing) they take the JIT path
+_MAX_KEPT = 4096
 
 
 def _silent(hook) -> bool:
@@ -48,6 +49,8 @@ class Relaunches:
     def __init__(self, jit_fn):
         self.compiled = knobs is not None and isinstance(jit_fn, JITFunction)
         self.names = jit_fn.arg_names
+        # per argument, whether the JIT specialises on its value (a constexpr's) whatever its type
+        self.constexprs = tuple(param.is_constexpr for param in jit_fn.params) if self.compiled else ()
         self.not_options = frozenset([*self.names, "grid", "warmup"])
         self.defaults = {p.name: p.default for p in inspect.signature(jit_fn.fn).parameters.values()
                          if p.default is not inspect.Parameter.empty}
@@ -78,9 +81,10 @@ class Relaunches:
         (None, None, the signature for ``remember``, or None where this launch is left to the JIT path).
 
         The signature is what the JIT specialises a launch on: the device, triton's debug and instrumentation
-        options, each tensor's dtype and whether its address is a multiple of 16 bytes, every other argument's
-        value (a bool or float with its type, as True == 1 == 1.0), and keyword options that are not arguments
-        (num_warps and the like)."""
+        options, each tensor's dtype and whether its address is a multiple of 16 bytes, each int's value, each
+        constexpr's value with its type (as True == 1 == 1.0), the type alone of any other argument (a float or
+        bool, whose value the JIT does not specialise on: a BatchNorm's momentum of 1 / batches seen is a new float
+        every step), and keyword options that are not arguments (num_warps and the like)."""
         context = None if kwargs.get("warmup") else self._context()
         if context is None:
             return None, None, None
@@ -90,7 +94,8 @@ class Relaunches:
         try:
             arguments = tuple([value if type(value) is int or value is None
                                else (value.dtype, value.data_ptr() % 16 == 0) if hasattr(value, "data_ptr")
-                               else (type(value), value) for value in map(values.get, self.names)])
+                               else (type(value), value) if constexpr else type(value)
+                               for value, constexpr in zip(map(values.get, self.names), self.constexprs)])
             options = tuple([(name, value) for name, value in kwargs.items() if name not in self.not_options])
             signature = (*context, arguments, options)
             known = self.kernels.get(signature)
@@ -124,7 +129,7 @@ class Relaunches:
         with ``config``'s constexprs besides where the autotuner chose one, for ``run_keyed`` to relaunch by
         ``key``: the launch's grid and its arguments after ``tensors``, as they were."""
         context = self._context()
-        if context is None or not isinstance(kernel, CompiledKernel) or len(self.keyed) >= _MAX_KEYED:
+        if context is None or not isinstance(kernel, CompiledKernel) or len(self.keyed) >= _MAX_KEPT:
             return
         values = {**self.defaults, **dict(zip(self.names, tensors)), **kwargs, **(config.kwargs if config else {})}
         rest = tuple(map(values.__getitem__, self.names[len(tensors):]))
@@ -133,7 +138,7 @@ class Relaunches:
     def remember(self, signature, kernel, config=None) -> None:
         """Keep ``kernel``, what JITFunction.run returned for a launch of ``signature`` (from ``run``) with the
         launch's arguments, and with ``config``'s constexprs besides where the autotuner added a config."""
-        if signature is not None and isinstance(kernel, CompiledKernel):
+        if signature is not None and isinstance(kernel, CompiledKernel) and len(self.kernels) < _MAX_KEPT:
             self.kernels[signature] = kernel, config
 
 
