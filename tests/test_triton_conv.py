@@ -1141,6 +1141,30 @@ def test_packed_weight_cache_is_shared_by_threads(monkeypatch):
     assert entry[2] is not packed
 
 
+def test_statistics_finish_the_rows_their_own_launch_wrote_whatever_other_threads_launch(monkeypatch):
+    """The conv's statistics are finished over the workspace rows its launch wrote, known from the config that launch
+    ran (the autotuner's best_config, kept per thread): another thread's conv launched between the launch and that
+    read (threads sharing a model; run to its end at that point here, as the interpreter takes one thread at a
+    time) leaves them right. Before, the read got the other launch's config, and the finish added other rows."""
+    gen = seeded("threads-stats")
+    x, w = rand_act(gen, (2, 16, 6, 6), F32, True), rand_act(gen, (16, 16, 3, 3), F32)  # a TMA launch, 2x2 boxes
+    other_x, other_w = rand_act(gen, (1, 16, 5, 5), F32), rand_act(gen, (16, 16, 1, 1), F32)  # a pointer launch
+    start, others = conv._start, []
+
+    def start_then_another_thread(*args, **kwargs):
+        start(*args, **kwargs)
+        monkeypatch.setattr(conv, "_start", start)
+        thread = threading.Thread(target=lambda: others.append(conv.conv2d_fused(other_x, other_w)[0]))
+        thread.start()
+        thread.join()
+
+    monkeypatch.setattr(conv, "_start", start_then_another_thread)
+    out, mean, var = conv.conv2d_fused(x, w, padding=1, compute_stats=True)
+    assert len(others) == 1
+    _check_out(out, x, w, dict(padding=1))
+    _check_stats(out, mean, var)
+
+
 def test_packed_weight_cache_drops_the_least_recently_used(monkeypatch):
     """A weight used every step stays packed while others come and go (a FIFO cache smaller than a step's
     working set would repack every weight every step)."""
@@ -1870,6 +1894,57 @@ def test_relaunches_keep_a_bounded_number_of_launches(monkeypatch):
     for signature in range(5):
         relaunches.remember(signature, Compiled())
     assert list(relaunches.kernels) == [0, 1, 2]
+
+
+_CORRUPT_TUNING_ENTRY = STAND_IN_LAUNCH + """
+import json, os, warnings
+from fusedres.triton import autotuning
+
+tuner = conv._conv_kernel
+configs, key = tuner.configs[:2], (64, 64, 56, 56, 64, 64, 3, 3, "torch.bfloat16")
+timings = []
+
+
+def timing():  # the autotuner's timing of a new key (Autotuner.run's benchmark)
+    timings.append(1)
+    tuner.configs_timings = {c: [float(i)] * 3 for i, c in enumerate(configs)}
+    tuner.cache[key] = configs[0]
+
+
+found = dict(enabled=tuner.cache_results, read=[])
+tuner.check_disk_cache(key, configs, timing)  # tuned, and its entry written
+entry, = [os.path.join(root, name) for root, _, names in os.walk(os.environ["TRITON_CACHE_DIR"]) for name in names
+          if name.endswith(".autotune.json")]
+for contents in ("valid", "", '{"key": 1}'):  # as written, emptied (truncated), another triton's layout
+    if contents != "valid":
+        with open(entry, "w") as file:
+            file.write(contents)
+    tuner.cache.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from_disk = tuner.check_disk_cache(key, configs, timing)
+    chosen = autotuning.describe(tuner.cache[key]) == autotuning.describe(configs[0])  # read back: a copy
+    found["read"].append(dict(from_disk=from_disk, timings=len(timings), chosen=chosen,
+                              warnings=[str(w.message) for w in caught]))
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="stands in for the GPU's target")
+def test_an_unreadable_disk_tuning_entry_is_timed_again(tmp_path):
+    """With FUSEDRES_AUTOTUNE_CACHE=1 a key's tuning is kept on disk (triton's cache_results). An entry that cannot be
+    read (emptied, or of another layout) is taken as none, with a warning: the key is timed again, where every
+    launch of that key raised in every process. Behind the stand-in driver (its target), nothing launched."""
+    env = dict(FUSEDRES_AUTOTUNE_CACHE="1", TRITON_CACHE_DIR=str(tmp_path))
+    done = compile_for_sm90(_CORRUPT_TUNING_ENTRY, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["enabled"]
+    valid, emptied, other_layout = found["read"]
+    assert valid == dict(from_disk=True, timings=1, chosen=True, warnings=[]), found
+    for read, timings in ((emptied, 2), (other_layout, 3)):
+        assert not read["from_disk"] and read["timings"] == timings and read["chosen"], found
+        assert len(read["warnings"]) == 1 and "timing its configs again" in read["warnings"][0], found
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])

@@ -22,6 +22,7 @@ import functools
 import inspect
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import triton
@@ -94,6 +95,7 @@ def fast_path_and_record(tuner, keep, constants):
     launches nothing and submits the compiles of the configs it would time (``keep(configs, arguments)``:
     those it may run that fit, with their constants, see ``prune_and_compile``) instead. A lone config, which
     triton launches without pruning, launches with its ``constants(config kwargs, arguments)`` too."""
+    _best_config_per_thread(tuner)
     plain_run = tuner.run
     relaunches = tuner.relaunches = Relaunches(tuner.fn)  # keyed_launch uses it too
 
@@ -135,6 +137,30 @@ def fast_path_and_record(tuner, keep, constants):
 
     tuner.run = run
     return tuner
+
+
+def _best_config_per_thread(tuner) -> None:
+    """Make ``tuner.best_config`` (the config its last launch ran, which triton sets and host code reads after a
+    launch: ``keyed_launch`` to keep it, the conv's statistics to size their finish) the last launch's of the
+    calling thread. A launch on another thread (threads sharing a model, nn.DataParallel's replicas) between a
+    launch and its read would otherwise hand the read that launch's config: triton's launcher releases the GIL."""
+    best = vars(tuner).pop("best_config", None)  # None before its first launch
+    tuner.__class__ = _with_best_config_per_thread(type(tuner))
+    tuner.best_configs = threading.local()
+    tuner.best_config = best
+
+
+@functools.cache
+def _with_best_config_per_thread(autotuner: type) -> type:
+    """``autotuner`` (triton's Autotuner class) with ``best_config`` kept in the instance's ``best_configs``
+    (a threading.local): each thread reads the last config it set, None before its first."""
+    def get(tuner):
+        return getattr(tuner.best_configs, "config", None)
+
+    def set_(tuner, config):
+        tuner.best_configs.config = config
+
+    return type(autotuner.__name__, (autotuner,), {"best_config": property(get, set_)})
 
 
 def keyed_launch(kernel, grid, key, tensors: tuple, kwargs: dict):
@@ -338,6 +364,39 @@ def autotune(configs: list, key: list, gemm_sizes, usable=lambda config, argumen
                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
         keep = functools.partial(runnable, gemm_sizes, usable, constants)
         hook = {"early_config_prune": functools.partial(prune_and_compile, jit_fn, keep)}
-        return fast_path_and_record(triton.autotune(configs=configs, key=key, prune_configs_by=hook,
-                                                    do_bench=time_config, **extra)(jit_fn), keep, constants)
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by=hook, do_bench=time_config,
+                                **extra)(jit_fn)
+        if getattr(tuner, "cache_results", False):
+            _tolerant_disk_cache(tuner)
+        return fast_path_and_record(tuner, keep, constants)
     return decorate
+
+
+def _tolerant_disk_cache(tuner) -> None:
+    """``tuner``'s lookup of a new key on disk (triton's ``check_disk_cache``: FUSEDRES_AUTOTUNE_CACHE=1) taking an
+    entry it cannot read (emptied or cut short by a crash or a full disk, another triton's layout) as none: the key
+    is timed again, with a warning, where triton raised at every launch of that key, in every process, until the
+    file was removed. An entry that cannot be written after the timing only warns: the timing's choice stands."""
+    check = tuner.check_disk_cache
+
+    def check_or_time(tuning_key, configs, timing):
+        timed = []
+
+        def time_configs():
+            timed.append(True)
+            timing()
+
+        try:
+            return check(tuning_key, configs, time_configs)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if timed and not isinstance(error, OSError):  # the timing's own error
+                raise
+            warnings.warn(f"fusedres: the autotuning disk cache (FUSEDRES_AUTOTUNE_CACHE=1) could not "
+                          f"{'write' if timed else 'read'} {tuner.base_fn.__name__}'s entry for {tuning_key} "
+                          f"({type(error).__name__}: {error}); "
+                          f"{'the timing stands' if timed else 'timing its configs again'}", RuntimeWarning)
+            if not timed:
+                timing()
+            return False
+
+    tuner.check_disk_cache = check_or_time
