@@ -405,6 +405,22 @@ def test_one_position_prologue_runs_tma_tiles_on_whole_channel_blocks_only():
     _check_stats(out, mean, var)
 
 
+def test_an_expanded_x_runs_the_pointer_configs():
+    """x expanded along the batch or a row (stride 0, a multiple of 16 bytes) describes nothing the tensor memory
+    accelerator loads: such a launch runs the pointer configs, and computes the conv."""
+    gen = seeded("expanded")
+    image = rand_act(gen, (1, 32, 6, 6), BF16, channels_last=True)
+    row = rand_act(gen, (2, 32, 1, 6), BF16, channels_last=True)
+    w = rand_act(gen, (16, 32, 3, 3), BF16) / 16
+    for x in (image.expand(4, 32, 6, 6), row.expand(2, 32, 6, 6)):
+        geo = conv._geometry(x, w, (1, 1), (1, 1), (1, 1), 1)
+        dense = x.contiguous(memory_format=torch.channels_last)
+        assert conv_plan._tma_ok(dense, dense.stride(), geo, 1) and not conv_plan._tma_ok(x, x.stride(), geo, 1)
+        out, _, _ = conv.conv2d_fused(x, w, padding=1)
+        assert not conv._conv_kernel.best_config.kwargs["USE_TMA"]
+        _check_out(out, x, w, dict(padding=1), f"expanded, strides {x.stride()}")
+
+
 def test_one_position_boxes_only_where_the_batch_fills_the_tiles():
     tile = conv_configs._MAX_BOX
     for n, box in ((tile, (1, 1)), (2 * tile, (1, 1)), (tile * 8 // 9 + 1, (1, 1)), (tile * 8 // 9 - 1, (2, 8)),

@@ -28,8 +28,8 @@ _STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_on"
 def _tma_ok(x: Tensor, x_strides: tuple, geo: dict, groups: int, prologue: bool = False) -> bool:
     """Whether the TMA configs may run: an ungrouped conv reducing one (r, s) per step, on an x (addressed
     with ``x_strides``) whose channels are contiguous, whose other strides and address are multiples of 16
-    bytes (the tensor memory accelerator's rule; the packed weight's rows likewise), on a GPU that has one
-    (sm_90+). A strided conv
+    bytes and its strides positive (the tensor memory accelerator's rules: a stride of 0, an expanded x's,
+    describes no tensor it loads; the packed weight's rows likewise), on a GPU that has one (sm_90+). A strided conv
     also needs H and W divisible by its stride (x seen as (H/SH, SH, W/SW, N, SW*C), see the kernel) and,
     with a column stride, pixels packed along W with a whole number of channel blocks (a block past C would
     read the next pixel's channels where a descriptor of C columns gives zeros), as does a ``prologue`` (on a
@@ -41,7 +41,7 @@ def _tma_ok(x: Tensor, x_strides: tuple, geo: dict, groups: int, prologue: bool 
         geo["SW"] == 1 or (stride_w == geo["C"] and geo["C"] % _TMA_MAX_BLOCK_K == 0))
     whole_blocks_ok = not prologue or _box(geo) != (1, 1) or geo["C"] % _TMA_MAX_BLOCK_K == 0
     return (groups == 1 and geo["Cg"] >= _FLAT_K_BELOW and stride_c == 1 and strided_ok and whole_blocks_ok
-            and all(stride * size % 16 == 0 for stride in (stride_n, stride_h, stride_w, geo["Kg"]))
+            and all(stride > 0 and stride * size % 16 == 0 for stride in (stride_n, stride_h, stride_w, geo["Kg"]))
             and x.data_ptr() % 16 == 0
             and (_INTERPRET or torch.cuda.get_device_capability(x.device)[0] >= 9))
 
