@@ -44,3 +44,13 @@ def test_info_reports_every_backend_with_a_reason():
     assert facts["backends"]["torch"]["available"]
     for status in facts["backends"].values():
         assert status["detail"]
+
+
+@pytest.mark.parametrize("value,interpreted", [("1", True), ("true", True), ("On", True), ("0", False), ("", False)])
+def test_the_triton_backend_reads_triton_interpret_as_triton_does(value, interpreted, monkeypatch):
+    """TRITON_INTERPRET=true runs triton's interpreter as =1 does: the Triton backend is then available on CPU
+    tensors, for the BatchNorm kernels as for the convs (it read only "1", and reported itself unavailable)."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends.triton_interpreted() == interpreted
+    reason = backends.unavailable_reason("triton", torch.device("cpu"))
+    assert (reason is None) == interpreted, reason

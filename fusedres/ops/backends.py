@@ -120,8 +120,9 @@ def refresh() -> None:
     _load.cache_clear()
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def triton_interpreted() -> bool:
+    """Whether triton runs its kernels in its interpreter (TRITON_INTERPRET, read as triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -133,7 +134,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         return reason
     if name == "cuda" and device.type != "cuda":
         return f"the CUDA extension runs on CUDA tensors, got a tensor on {device}"
-    if name == "triton" and device.type != "cuda" and not _triton_interpreted():
+    if name == "triton" and device.type != "cuda" and not triton_interpreted():
         return f"triton kernels run on CUDA tensors (or CPU with TRITON_INTERPRET=1), got {device}"
     return None
 

@@ -3,7 +3,6 @@ and why a valid one is left to torch (``_geometry``, ``_limit``), the groups run
 strided conv of few channels run as a stride-1 one (``_space_to_depth``: its input copied by one kernel), its
 weight packed for the kernels and cached (``_packed_weight``), checked per-channel vectors (``_vector``)."""
 
-import os
 import threading
 import weakref
 from typing import Optional
@@ -14,11 +13,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.backends import capturing, channels_last, conv_allows_tf32
+from ..ops.backends import capturing, channels_last, conv_allows_tf32, triton_interpreted
 from ._host import cdiv
 from .relaunch import relaunched
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
+_INTERPRET = triton_interpreted()
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_GROUP_CHANNELS = 16  # grouped convs with fewer input or output channels per group go to cuDNN
 # The conv kernels (forward, input and weight gradients) run several consecutive groups as one
