@@ -6,6 +6,8 @@ unit's conv choice here.
 
 import contextlib
 import json
+import multiprocessing
+import threading
 
 import pytest
 import torch
@@ -221,6 +223,81 @@ def test_untrusted_disk_entry_measured_again(dispatch, cache_path, stale):
     assert fake.runs == (["a", "c"] if stale == "now_unavailable" else ["a", "b", "c"])
     assert json.loads(cache_path.read_text()) == op.table()
     assert op.table()["op|FakeGPU0|sig"]["choice"] == expected
+
+
+@pytest.mark.parametrize("where", ["missing_directory", "a_directory", "replace_fails"])
+def test_an_unwritable_cache_file_warns_once_and_the_call_goes_on(dispatch, monkeypatch, tmp_path, where):
+    """The file only saves measuring again: a write that fails costs a warning (once per file, naming it and
+    the error), never the op call, and leaves no temporary file."""
+    path = tmp_path / {"missing_directory": "missing/dispatch.json", "a_directory": "directory",
+                       "replace_fails": "dispatch.json"}[where]
+    (tmp_path / "directory").mkdir()
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
+    if where == "replace_fails":
+        def replace(src, dst):
+            raise PermissionError(13, "Permission denied", dst)
+
+        monkeypatch.setattr(dispatch.os, "replace", replace)
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    with pytest.warns(RuntimeWarning) as warned:
+        assert Fake({"a": 3.0, "b": 1.0, "c": 2.0}).choose(op) == "b"
+        assert Fake({"a": 1.0, "b": 3.0, "c": 2.0}).choose(op, "other") == "a"
+    error = {"missing_directory": "FileNotFoundError", "a_directory": "IsADirectoryError",
+             "replace_fails": "PermissionError"}[where]
+    assert len(warned) == 1
+    assert str(warned[0].message).startswith(
+        f"fusedres: cannot write the dispatch cache {str(path)!r} (FUSEDRES_DISPATCH_CACHE): {error}: ")
+    assert sorted(op.table()) == ["op|FakeGPU0|other", "op|FakeGPU0|sig"]  # kept in this process
+    assert Fake({}).choose(op) == "b"
+    # Nothing left but what a failed replace leaves: the file its lock made, still without entries.
+    left = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    assert left == ({"dispatch.json": ""} if where == "replace_fails" else {})
+
+
+def _record(op, names):
+    """Measure (with the fake timer) and record a new signature per name: what each writer of the file does."""
+    for name in names:
+        Fake({"a": 2.0, "b": 1.0, "c": 3.0}).choose(op, name)
+
+
+def test_threads_writing_the_cache_file_keep_every_entry(dispatch, cache_path):
+    op = MeasuredDispatch("op", IMPLEMENTATIONS)
+    errors = []
+
+    def writer(thread):
+        try:
+            _record(op, [f"t{thread}-{i}" for i in range(25)])
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(thread,)) for thread in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(json.loads(cache_path.read_text())) == sorted(op.table()) and len(op.table()) == 100
+    assert [p.name for p in cache_path.parent.iterdir()] == [cache_path.name]
+
+
+def test_processes_writing_the_cache_file_keep_every_entry(dispatch, cache_path):
+    """Processes (forked, with this one's fakes) that write at once: each keeps the others' entries."""
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(3)
+
+    def writer(process):
+        start.wait()
+        _record(MeasuredDispatch("op", IMPLEMENTATIONS), [f"p{process}-{i}" for i in range(40)])
+
+    processes = [context.Process(target=writer, args=(process,)) for process in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0, 0]
+    assert sorted(json.loads(cache_path.read_text())) == sorted(
+        f"op|FakeGPU0|p{process}-{i}" for process in range(3) for i in range(40))
+    assert [p.name for p in cache_path.parent.iterdir()] == [cache_path.name]
 
 
 @pytest.mark.parametrize("mode", ["capturing", "compiling"])

@@ -346,9 +346,10 @@ def test_conv_batch_norm_stats_on_triton_is_one_launch_and_matches_the_torch_bac
     running = (torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5)
     results = []
     for backend, run_dtype in (("triton", dtype), ("torch", dtype), ("torch", torch.float64)):
-        leaves = [t.detach().clone().to(DEVICE, run_dtype if t.dtype == dtype else None).requires_grad_()
+        fp64 = run_dtype == torch.float64  # everything in fp64, as torch takes a fp64 BatchNorm
+        leaves = [t.detach().clone().to(DEVICE, run_dtype if t.dtype == dtype or fp64 else None).requires_grad_()
                   for t in [x] + params]
-        stats = [t.clone().to(DEVICE) for t in running]
+        stats = [t.clone().to(DEVICE, torch.float64 if fp64 else None) for t in running]
         first = leaves[0]
         if source == "pending":
             first = functional.batch_norm_stats(leaves[0], leaves[1], leaves[2], None, None,

@@ -19,7 +19,8 @@ never chosen, and reported by a RuntimeWarning. This holds the reference's resul
 more each, on the first call per key only.
 
 ``FUSEDRES_DISPATCH_CACHE=<path>`` also keeps the entries in a JSON file shared by processes: read once
-per process, read again before each write so that other processes' entries stay, replaced atomically.
+per process, read again before each write so that other threads' and processes' entries stay (one writer at a
+time), replaced atomically. A file that cannot be written is warned about once; the op call goes on.
 An entry from the file is trusted only while its choice is still available for the call; otherwise
 the call is measured again.
 
@@ -49,13 +50,21 @@ import copy
 import functools
 import json
 import os
+import shutil
 import statistics
+import tempfile
+import threading
 import time
 import warnings
 from typing import Callable, Hashable, Optional, Union
 
 import torch
 from torch import Tensor
+
+try:
+    import fcntl
+except ImportError:  # Windows: the cache file's writers are serialised within each process only
+    fcntl = None
 
 CACHE_ENV = "FUSEDRES_DISPATCH_CACHE"
 DISAGREES = "failed: disagrees with"  # starts the entry of an implementation whose result the reference's refuted
@@ -66,6 +75,8 @@ _resets = 0  # how many times ``reset`` ran (``resets``)
 _graph_replay = False  # inside ``for_graph_replay``
 _HOLD_MAX_MS = 20.0  # the longest wait queued before the timed calls
 _CYCLES_PER_MS: dict[str, float] = {}  # device -> torch.cuda._sleep cycles per ms, measured once
+_SAVE_LOCK = threading.Lock()  # held by the thread writing the cache file (``_save``)
+_unwritable: set[str] = set()  # the cache files ``_save`` could not write, warned about once each
 
 _gpu_name = functools.lru_cache(maxsize=None)(torch.cuda.get_device_name)
 # the running prepare pass's context factory (``preparing``): a global, as autograd runs the backward's calls
@@ -101,13 +112,54 @@ def _read_cache(path: str) -> dict:
 _disk_entries = functools.lru_cache(maxsize=None)(_read_cache)  # read once per path
 
 
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive flock on the cache file at ``path`` (made, empty, where there is none yet), for writers in
+    other processes; nothing without fcntl (Windows). ``_save`` replaces the file: a writer that was waiting on
+    the one replaced locks the new one instead."""
+    if fcntl is None:
+        yield
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                yield
+                return
+        finally:
+            os.close(fd)  # which releases the lock
+
+
 def _save(path: str, key: str, entry: dict) -> None:
-    entries = _read_cache(path)  # again: keep what other processes wrote meanwhile
-    entries[key] = entry
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    """Adds ``key``'s entry to the cache file at ``path``, one writer at a time across threads and processes:
+    read again to keep what others wrote meanwhile, written to a temporary file of its own beside it, which
+    replaces the file atomically. Where that fails (a missing directory, a read-only place) the entry stays in
+    this process only: a warning, once per path, and no temporary file left."""
+    tmp = None
+    try:
+        with _SAVE_LOCK, _file_lock(path):
+            entries = _read_cache(path)
+            entries[key] = entry
+            fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.", suffix=".tmp",
+                                       dir=os.path.dirname(path) or None)
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+            with contextlib.suppress(FileNotFoundError):  # none yet without fcntl
+                shutil.copymode(path, tmp)  # mkstemp makes its file private to this user
+            os.replace(tmp, path)
+            tmp = None
+    except OSError as exc:
+        with _SAVE_LOCK:
+            warn = path not in _unwritable
+            _unwritable.add(path)
+        if warn:
+            warnings.warn(f"fusedres: cannot write the dispatch cache {path!r} ({CACHE_ENV}): {type(exc).__name__}: "
+                          f"{exc}; the measured choices are kept in this process only", RuntimeWarning, stacklevel=3)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 @contextlib.contextmanager
@@ -216,12 +268,13 @@ def _capturing_or_compiling() -> bool:
 
 
 def reset() -> None:
-    """Forget this process's entries and file reads, as a new process would start."""
+    """Forget this process's entries, file reads and warnings, as a new process would start."""
     global _resets
     _resets += 1
     _TABLE.clear()
     _CHOSEN.clear()
     _disk_entries.cache_clear()
+    _unwritable.clear()
 
 
 class MeasuredDispatch:

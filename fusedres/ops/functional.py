@@ -20,6 +20,8 @@ from . import backends, registry, torch_backend, unit_conv
 from .registry import same_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtype in which BatchNorm computes for an input of each floating dtype (``registry.compute_dtype``).
+_COMPUTE_DTYPES = {dtype: torch.float64 if dtype == torch.float64 else torch.float32 for dtype in FLOAT_DTYPES}
 
 
 class PendingBN(NamedTuple):
@@ -65,7 +67,10 @@ def _check_activation(fn: str, name: str, t: Tensor) -> None:
 
 
 def _check_channel_vector(fn: str, name: str, v: Optional[Tensor], channels: int,
-                          device: torch.device) -> None:
+                          device: torch.device, dtype: torch.dtype) -> None:
+    """Raises unless ``v`` (if given) is on ``device`` with one element per channel, in a dtype that torch's
+    BatchNorm takes for an input of ``dtype``: the input's own, or its compute dtype (float32, float64 for
+    float64)."""
     if v is None:
         return
     if v.device != device:
@@ -73,6 +78,24 @@ def _check_channel_vector(fn: str, name: str, v: Optional[Tensor], channels: int
     if v.numel() != channels:
         raise ValueError(f"{fn}: {name} should contain {channels} elements (one per channel of "
                          f"the BatchNorm's input), not {v.numel()}")
+    if v.dtype != dtype and v.dtype != _COMPUTE_DTYPES[dtype]:
+        also = "" if _COMPUTE_DTYPES[dtype] == dtype else f" (or {name} type {_COMPUTE_DTYPES[dtype]})"
+        raise RuntimeError(f"{fn}: input type ({dtype}) and {name} type ({v.dtype}) should be the same{also}")
+
+
+def _check_running_stat(fn: str, name: str, v: Tensor, channels: int, updated: bool) -> None:
+    """Raises unless the running statistic ``v`` is a (C,) tensor without requires_grad, as torch's BatchNorm
+    requires, and where ``updated``, one that can take each channel's update in place (torch would write every
+    channel's into an element that several share); ``_check_channel_vector`` checked the rest."""
+    if v.dim() != 1:
+        raise RuntimeError(f"{fn}: expected {name} to be a 1D tensor of size ({channels},), got size "
+                           f"{tuple(v.shape)}")
+    if v.requires_grad:
+        raise RuntimeError(f"{fn}: BatchNorm is not differentiable with respect to {name}; it cannot have "
+                           "requires_grad=True")
+    if updated and channels > 1 and v.stride(0) == 0:
+        raise RuntimeError(f"{fn}: {name} is updated in place, but more than one of its elements refers to a "
+                           "single memory location; clone() it first")
 
 
 def _check_like(fn: str, name: str, t: Tensor, y: Tensor) -> None:
@@ -125,7 +148,8 @@ def batch_norm_stats(
     ``batch_stats`` and ``momentum`` are what ``nn.BatchNorm2d.forward`` would use
     (see ``fusedres.reference.batch_norm_momentum``). With batch statistics the running stats
     become r = (1 - momentum) * r + momentum * stat, with the unbiased variance
-    var * M / (M - 1) for M values per channel; invstd = 1 / sqrt(var + eps).
+    var * M / (M - 1) for M values per channel; invstd = 1 / sqrt(var + eps). An empty ``y`` (M = 0) leaves
+    them alone, as ``F.batch_norm`` does, and its PendingBN has nothing to normalise (``_empty_batch``).
 
     ``process_group`` (a ``torch.distributed`` group of more than one rank; needs batch
     statistics): the statistics, M and the running stats are those of the union of all its
@@ -135,9 +159,11 @@ def batch_norm_stats(
     """
     fn = "fusedres.batch_norm_stats"
     _check_activation(fn, "input", y)
-    _check_batch_norm_args(fn, y.shape, y.device, weight, bias, running_mean, running_var,
+    _check_batch_norm_args(fn, y.shape, y.device, y.dtype, weight, bias, running_mean, running_var,
                            batch_stats, process_group)
     y = _kernel_layout(y)
+    if batch_stats and y.numel() == 0 and not _synchronises(process_group):
+        return _empty_batch(y, weight, bias)
     with torch.no_grad():
         stats = registry.channel_stats(y, backend) if batch_stats else None
     return _pending_bn(y, stats, weight, bias, running_mean, running_var, momentum, eps, process_group, backend)
@@ -148,22 +174,36 @@ def _synchronises(process_group) -> bool:
     return process_group is not None and dist.get_world_size(process_group) > 1
 
 
-def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, weight, bias,
-                           running_mean, running_var, batch_stats: bool, process_group) -> None:
-    """Raises for BatchNorm arguments that do not fit its input of size ``shape`` on ``device``."""
+def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, weight,
+                           bias, running_mean, running_var, batch_stats: bool, process_group) -> None:
+    """Raises for BatchNorm arguments that do not fit its input of size ``shape``, on ``device`` in ``dtype``,
+    before anything runs: so a call that raises leaves the running statistics as they were."""
+    channels = shape[1]
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        _check_channel_vector(fn, name, v, shape[1], device)
+        _check_channel_vector(fn, name, v, channels, device, dtype)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together")
+    if running_mean is not None:
+        _check_running_stat(fn, "running_mean", running_mean, channels, batch_stats)
+        _check_running_stat(fn, "running_var", running_var, channels, batch_stats)
     if not batch_stats and running_mean is None:
         raise ValueError(f"{fn}: running statistics are required when batch_stats=False")
     if process_group is not None and not batch_stats:
         raise ValueError(f"{fn}: a process_group synchronises batch statistics; "
                          "it needs batch_stats=True")
-    if batch_stats and not _synchronises(process_group) and math.prod(shape) // max(shape[1], 1) <= 1:
+    # As F.batch_norm: one value per channel raises, none (an empty batch) does not.
+    if batch_stats and not _synchronises(process_group) and shape[0] * math.prod(shape[2:]) == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(shape)}")
+
+
+def _empty_batch(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> PendingBN:
+    """The PendingBN of an empty ``y`` with batch statistics, as F.batch_norm treats an empty batch: the running
+    statistics left alone, and nothing to normalise (mean 0 and invstd 1, as running statistics, so that no
+    backward divides by its count of 0 values per channel; weight and bias get zero gradients)."""
+    mean = y.new_zeros(y.shape[1], dtype=registry.compute_dtype(y))
+    return PendingBN(y, mean, torch.ones_like(mean), weight, bias, False)
 
 
 def _pending_bn(y: Tensor, stats: Optional[tuple[Tensor, Tensor]], weight, bias, running_mean,
@@ -236,7 +276,7 @@ def conv_output_size(x_size: Sequence[int], weight_size: Sequence[int], stride: 
 def _checked_conv_args(fn: str, y: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
                        stride, padding, dilation, groups: int) -> tuple:
     """(conv_weight, conv_bias, stride, padding, dilation) checked against the conv input ``y``,
-    in autocast's dtype under autocast, as lists of two ints."""
+    in autocast's dtype under autocast (float64 ones left alone, as autocast does), as lists of two ints."""
     in_channels = y.shape[1]
     if conv_weight.dim() != 4:
         raise ValueError(f"{fn}: expected a 4D conv weight, got size {tuple(conv_weight.shape)}")
@@ -252,16 +292,27 @@ def _checked_conv_args(fn: str, y: Tensor, conv_weight: Tensor, conv_bias: Optio
     if conv_bias is not None and conv_bias.shape != (conv_weight.shape[0],):
         raise ValueError(f"{fn}: conv_bias should have size ({conv_weight.shape[0]},), "
                          f"got {tuple(conv_bias.shape)}")
+    stride, padding, dilation = (_conv_tuple(fn, "stride", stride), _conv_tuple(fn, "padding", padding),
+                                 _conv_tuple(fn, "dilation", dilation))
+    if min(stride + dilation) < 1 or min(padding) < 0:  # with F.conv2d's messages
+        what = ("non-positive stride" if min(stride) < 1 else "non-positive dilation" if min(dilation) < 1
+                else "negative padding")
+        raise RuntimeError(f"{fn}: {what} is not supported, got stride={stride}, padding={padding}, "
+                           f"dilation={dilation}")
+    input_dtype = y.dtype
     dtype = backends.autocast_dtype(y.device.type)
     if dtype is not None:
-        # What autocast does to conv2d: weights (and the input, inside the op) in its dtype.
-        conv_weight = conv_weight.to(dtype)
-        conv_bias = None if conv_bias is None else conv_bias.to(dtype)
-    elif conv_weight.dtype != y.dtype:
-        raise RuntimeError(f"{fn}: input type ({y.dtype}) and weight type ({conv_weight.dtype}) "
+        # What autocast does to conv2d: every operand but a float64 one in its dtype (the input inside the op).
+        if conv_weight.dtype != torch.float64:
+            conv_weight = conv_weight.to(dtype)
+        if conv_bias is not None and conv_bias.dtype != torch.float64:
+            conv_bias = conv_bias.to(dtype)
+        if input_dtype != torch.float64:
+            input_dtype = dtype
+    if conv_weight.dtype != input_dtype:
+        raise RuntimeError(f"{fn}: input type ({input_dtype}) and weight type ({conv_weight.dtype}) "
                            "should be the same")
-    return (conv_weight, conv_bias, _conv_tuple(fn, "stride", stride),
-            _conv_tuple(fn, "padding", padding), _conv_tuple(fn, "dilation", dilation))
+    return conv_weight, conv_bias, stride, padding, dilation
 
 
 def bn_act_conv2d(
@@ -329,19 +380,21 @@ def conv_batch_norm_stats(
     if not pending and y.dtype != conv_weight.dtype:
         y = y.to(conv_weight.dtype)  # autocast's cast of a conv input
     conv = (*prologue, conv_weight, conv_bias, stride, padding, dilation, groups)
-    if not batch_stats:
+    if batch_stats:
+        out_size = conv_output_size(y.shape, conv_weight.shape, stride, padding, dilation)
+        if min(out_size[2:]) < 1:
+            raise ValueError(f"{fn}: input of size {tuple(y.shape)} is too small for a conv weight of size "
+                             f"{tuple(conv_weight.shape)} (output size {tuple(out_size)})")
+        _check_batch_norm_args(fn, out_size, y.device, conv_weight.dtype, weight, bias, running_mean, running_var,
+                               True, process_group)
+    if not batch_stats or (math.prod(out_size) == 0 and not _synchronises(process_group)):
+        # The conv alone; batch_norm_stats then takes the running statistics, or an empty batch's.
         if pending:
             out = unit_conv.bn_act_conv2d(y, *conv, *flags)
         else:
             out = torch.nn.functional.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
-        return batch_norm_stats(out, weight, bias, running_mean, running_var, batch_stats=False,
+        return batch_norm_stats(out, weight, bias, running_mean, running_var, batch_stats=batch_stats,
                                 momentum=momentum, eps=eps, backend=backend, process_group=process_group)
-    out_size = conv_output_size(y.shape, conv_weight.shape, stride, padding, dilation)
-    if min(out_size[2:]) < 1:
-        raise ValueError(f"{fn}: input of size {tuple(y.shape)} is too small for a conv weight of size "
-                         f"{tuple(conv_weight.shape)} (output size {tuple(out_size)})")
-    _check_batch_norm_args(fn, out_size, y.device, weight, bias, running_mean, running_var, True,
-                           process_group)
     stats_shift = None if running_mean is None else running_mean.detach()
     out, mean, var = unit_conv.conv2d_stats(y, *conv, *flags, stats_shift)
     return _pending_bn(out, (mean, var), weight, bias, running_mean, running_var, momentum, eps,

@@ -237,7 +237,8 @@ def bn_act_grads(grad_out, bn_tensors, batch_stats, relu, want_residual_grad, ba
         group_sums = _all_reduce_sums(sums, sync_group)
     else:
         y = bn_tensors[0]
-        group_sums, count = sums, y.numel() // y.shape[1]
+        # Values per channel. An empty y's sums are 0, and so are the terms they scale, whatever the count.
+        group_sums, count = sums, max(y.numel() // max(y.shape[1], 1), 1)
     return bn_act_backward_apply(
         grad_out, *bn_tensors, sums, group_sums, count, batch_stats, relu, want_residual_grad,
         backend)
