@@ -163,7 +163,7 @@ def _convert_bn_relu_pairs(report, backend, filter_fn) -> None:
             continue
         fused = FusedBatchNormAct2d.from_module(bn, relu=True, backend=backend)
         setattr(parent, bn_name, fused)
-        setattr(parent, act_name, ReLUFusedIntoNorm(parent, bn_name, fused, act).train(act.training))
+        setattr(parent, act_name, ReLUFusedIntoNorm(parent, bn_name, act_name, fused, act).train(act.training))
         report.converted.append((name, f"BatchNorm2d + {act_name} (ReLU) -> FusedBatchNormAct2d"))
 
 
@@ -193,8 +193,9 @@ def _convert_timm_norms(report, backend, filter_fn) -> None:
     timm's other norm layers there are reported and left alone."""
     from .nn.timm_norm import FusedTimmBatchNormAct2d, unsupported_reason
 
-    blocks = [name + "." for name, _ in report.converted + report.skipped] + [  # and those converted earlier
-        name + "." for name, module in report.model.named_modules() if isinstance(module, _FusedResidualBlock)]
+    # the names of the modules inside blocks start with these (all of them do where the model is a block: "")
+    blocks = [_inside(name) for name, _ in report.converted + report.skipped] + [  # and those converted earlier
+        _inside(name) for name, module in report.model.named_modules() if isinstance(module, _FusedResidualBlock)]
     for name, module in list(report.model.named_modules()):
         if any(name.startswith(block) for block in blocks) or isinstance(module, FusedBatchNormAct2d):
             continue
@@ -211,6 +212,11 @@ def _convert_timm_norms(report, backend, filter_fn) -> None:
             continue
         report.model = _replace(report.model, name, FusedTimmBatchNormAct2d.from_module(module, backend=backend))
         report.converted.append((name, f"BatchNormAct2d -> {FusedTimmBatchNormAct2d.__name__}"))
+
+
+def _inside(name: str) -> str:
+    """The prefix of the names of the modules inside the module called ``name`` (the root: "")."""
+    return f"{name}." if name else ""
 
 
 def _backend_note(model: nn.Module, backend: str) -> str:

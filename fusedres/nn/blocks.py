@@ -17,19 +17,25 @@ Sequential(parameter-free modules such as AvgPool2d..., Conv2d, BatchNorm2d). Ev
 may be an ``nn.SyncBatchNorm`` (before conversion, or put in afterwards by
 ``nn.SyncBatchNorm.convert_sync_batchnorm``: the blocks read their children at each forward);
 it synchronises when and over what torch's would.
+
+A fused block holds every child of the original, its ReLUs too, and checks them at each forward: where one was
+replaced by a module it does not fuse (a ``FrozenBatchNorm2d``, a ``LeakyReLU``), one of them has hooks, a global
+hook is registered, the batch is empty or ``torch.fx`` traces the block, it runs the original block's forward on
+them (``_unfused_forward``).
 """
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
 from ..ops import folded_units
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
-from .hooks import hooks_reason, share_hooks
+from .hooks import any_run_hooks, hooks_reason, share_hooks
 
 
 def _qualified_name(module: nn.Module) -> str:
@@ -60,10 +66,37 @@ def _batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple[tuple, dict]:
             dict(batch_stats=batch_stats, momentum=momentum, eps=bn.eps, process_group=_sync_group(bn)))
 
 
+def _counted(bn: nn.modules.batchnorm._BatchNorm, op: Callable[[tuple, dict], PendingBN],
+             counts: Callable[[], bool]) -> PendingBN:
+    """``op(*_batch_norm_args(bn))``. Where ``op`` raises, the batch that ``_batch_norm_args`` counted in
+    ``bn.num_batches_tracked`` is uncounted again unless ``counts()``: eager's BatchNorm counts a batch once its
+    input is there and 4-D (the conv before it ran, and its dimension check passed), before its other checks."""
+    counter = bn.num_batches_tracked if bn.training and bn.track_running_stats else None
+    args, kwargs = _batch_norm_args(bn)
+    try:
+        return op(args, kwargs)
+    except Exception:
+        if counter is not None and not counts():
+            counter.sub_(1)
+        raise
+
+
+def _torch_conv_counts(source: Union[Tensor, PendingBN], conv: nn.Conv2d) -> bool:
+    """Whether eager's BatchNorm after ``conv`` counts the batch: torch's conv runs on ``source`` (a pending
+    source's values before their BatchNorm, of the size of its activation) and gives it a 4-D output. Asked only
+    after the fused op raised."""
+    y = source.y if isinstance(source, PendingBN) else source
+    try:
+        with torch.no_grad():
+            return F.conv2d(y, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups).dim() == 4
+    except Exception:
+        return False
+
+
 def pending_bn(y: Tensor, bn: nn.modules.batchnorm._BatchNorm, backend: str) -> PendingBN:
     """Statistics for ``bn`` applied to ``y``."""
-    args, kwargs = _batch_norm_args(bn)
-    return ops.batch_norm_stats(y, *args, backend=backend, **kwargs)
+    return _counted(bn, lambda args, kwargs: ops.batch_norm_stats(y, *args, backend=backend, **kwargs),
+                    lambda: y.dim() == 4)
 
 
 def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
@@ -71,10 +104,9 @@ def conv_pending_bn(source: Union[Tensor, PendingBN], conv: nn.Conv2d,
     """Statistics for ``bn`` applied to ``conv(source)``; a pending source is applied (with
     ``relu``) as the conv's prologue. The conv and the statistics are one op
     (``conv_batch_norm_stats``)."""
-    args, kwargs = _batch_norm_args(bn)
-    return ops.conv_batch_norm_stats(source, conv.weight, conv.bias, conv.stride, conv.padding,
-                                 conv.dilation, conv.groups, *args, relu=relu, backend=backend,
-                                 **kwargs)
+    return _counted(bn, lambda args, kwargs: ops.conv_batch_norm_stats(
+        source, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, *args, relu=relu,
+        backend=backend, **kwargs), lambda: _torch_conv_counts(source, conv))
 
 
 FOLDS = "_folded"  # the plain attribute in which a FoldingModule keeps its folds (folded_conv_bias_act)
@@ -158,8 +190,11 @@ def _downsample_unsupported(downsample: Optional[nn.Module]) -> Optional[str]:
     return _conv_unsupported("downsample conv", conv) or _bn_unsupported("downsample norm", bn)
 
 
+_FUSABLE = "_fusable_modules"  # the plain attribute holding the modules a forward last found fusable
+
+
 class _FusedResidualBlock(FoldingModule):
-    """Base of every fused block: holds the very children of the block it replaces.
+    """Base of every fused block: holds the very children of the block it replaces, in their order.
 
     Subclasses say which source classes they convert (``source_classes``: qualified class name
     -> kind), which ``kind`` they are, the names of the children they take over
@@ -174,11 +209,14 @@ class _FusedResidualBlock(FoldingModule):
     def __init__(self, children: dict[str, Optional[nn.Module]], *, backend: str = "auto",
                  memory_efficient: bool = True):
         super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
         for name in self.child_names:
-            setattr(self, name, children.get(name))
+            if name not in children:
+                setattr(self, name, None)
         self.backend = backend
         self.memory_efficient = memory_efficient
-        self._source = None  # (class, plain attributes, children in their order) for to_module
+        self._source = None  # (class, plain attributes, names of its children in their order) for to_module
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -207,12 +245,12 @@ class _FusedResidualBlock(FoldingModule):
             raise ValueError(f"{cls.__name__}.from_module: cannot convert: {reason}")
         children = dict(block.named_children())
         fused = cls(children, backend=backend, memory_efficient=memory_efficient)
-        fused.train(block.training)
+        fused.training = block.training  # not .train(): that would set every child's mode too
         share_hooks(block, fused)
         fused._source = (
             type(block),
             {k: v for k, v in vars(block).items() if not k.startswith("_") and k != "training"},
-            {k: (None if k in fused._modules else v) for k, v in children.items()},
+            tuple(children),
         )
         return fused
 
@@ -221,34 +259,57 @@ class _FusedResidualBlock(FoldingModule):
         if self._source is None:
             raise RuntimeError(f"{type(self).__name__}.to_module: this block was not made by "
                                "from_module, so there is no original block class to return")
-        source_cls, attributes, children = self._source
+        source_cls, attributes, names = self._source
         block = source_cls.__new__(source_cls)
         nn.Module.__init__(block)
         vars(block).update(attributes)
-        for name, stateless_child in children.items():  # fused children: this block's current ones
-            setattr(block, name, self._modules[name] if name in self._modules else stateless_child)
+        for name in names:  # this block's current children
+            setattr(block, name, self._modules.get(name))
         share_hooks(self, block)
-        return block.train(self.training)
+        block.training = self.training  # not .train(): that would set every child's mode too
+        return block
 
-    def _forward_empty_batch(self, x: Tensor) -> Tensor:
-        """An empty ``x`` runs through the original block (``to_module``): torch's own ops give eager's
-        result and side effects (BatchNorm counts the batch and keeps its running statistics), and no
-        fused kernel is launched on an empty tensor."""
-        return self.to_module()(x)
+    # ------------------------------------------------------------------ the original forward
+    def _fused_modules(self) -> tuple:
+        """The modules the fused forward stands in for: the children, then theirs (a fusable block's deepest
+        modules, e.g. the downsample's conv and BatchNorm). A flat tuple, not self.modules(): it is made at
+        every forward, and a ``FoldedChain`` compares it with the one it was recorded with."""
+        children = modules = tuple(self._modules.values())
+        for child in children:
+            if child is not None and child._modules:
+                modules += tuple(child._modules.values())
+        return modules
+
+    def _runs_fused(self, x: Tensor, modules: tuple) -> bool:
+        """Whether this forward may run fused, where ``modules`` are ``_fused_modules()``: x is a non-empty tensor
+        (not a ``torch.fx`` proxy, which no kernel takes), no hook would miss a call (``any_run_hooks``), and
+        the modules are still ones this block fuses (``_structure_reason``, asked once for the same modules:
+        a module's class does not change)."""
+        if isinstance(x, torch.fx.Proxy) or x.numel() == 0 or any_run_hooks(modules):
+            return False
+        if self.__dict__.get(_FUSABLE) == modules:
+            return True
+        if self._structure_reason(self) is not None:
+            return False
+        self.__dict__[_FUSABLE] = modules
+        return True
+
+    def _unfused_forward(self, x: Tensor) -> Tensor:
+        """The original block's forward (``to_module``) on this block's children: torch's own ops give eager's
+        result and side effects (an empty batch counted, hooks run, a traced graph of the original's calls),
+        and no fused kernel is launched on an empty tensor. Its ``forward``, not its call: this block's call
+        runs this block's hooks (the same ones) already."""
+        return self.to_module().forward(x)
 
     # ------------------------------------------------------------------ inference
-    def _folding_applies(self) -> bool:
+    def _folding_applies(self, modules: tuple) -> bool:
         """Whether this forward may fold the block's BatchNorms into their convs: eval mode,
-        running statistics in every one, and ``folding_allowed``."""
+        running statistics in every one (``modules``: ``_fused_modules()``), and ``folding_allowed``."""
         if self.training or not folding_allowed():
             return False
-        # the BatchNorms are children or grandchildren (in the downsample); a flat loop, not
-        # self.modules(): this runs at every inference forward
-        for child in self._modules.values():
-            for module in (child, *(child._modules.values() if child is not None else ())):
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-                        module.training or module.running_mean is None):
-                    return False
+        for module in modules:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
+                return False
         return True
 
     def _conv_bias_act(self, source: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module] = None,
@@ -315,9 +376,10 @@ class _FusedPostActBlock(_FusedResidualBlock):
             return x
         return conv_pending_bn(*self._downsample_conv_input(x), self.backend)
 
-    def _inference_forward(self, x: Tensor) -> Tensor:
+    def _inference_forward(self, x: Tensor, modules: tuple) -> Tensor:
         """Every BatchNorm folded into its conv; each unit (and the add + ReLU) one launch. Where the downsample
-        is its conv and BatchNorm alone, the forward is recorded as the block's ``folded_units.FoldedChain``."""
+        is its conv and BatchNorm alone, the forward is recorded as the block's ``folded_units.FoldedChain``, which
+        assumes ``modules`` (``_fused_modules()``)."""
         backend = _folded_backend(self.backend)
         guard = folded_units.chain_guard(x, backend)
         values, units = [x], []  # values: x, then each unit's output; units: what FoldedChain.record takes
@@ -351,25 +413,21 @@ class _FusedPostActBlock(_FusedResidualBlock):
             out, _ = unit(out, self._modules[conv_name], self._modules[bn_name], residual=shortcut if last else None,
                           moved_bias=moved_bias if last else None)
         if guard is not None:  # else no chain is recorded; one kept from before still checks what it assumes
-            self.__dict__[FOLDS][CHAIN] = folded_units.FoldedChain.record(guard, self._chain_modules(), units)
+            self.__dict__[FOLDS][CHAIN] = folded_units.FoldedChain.record(guard, modules, units)
         return values[out]
 
-    def _chain_modules(self) -> tuple:
-        """The modules whose identity a recorded ``FoldedChain`` assumes: the children, and the downsample's."""
-        downsample = self._modules.get("downsample")
-        return (*self._modules.values(), *(() if downsample is None else downsample._modules.values()))
-
     def forward(self, x: Tensor) -> Tensor:
+        modules = self._fused_modules()
+        if not self._runs_fused(x, modules):
+            return self._unfused_forward(x)
         folds = None if self.training else self.__dict__.get(FOLDS)
         chain = None if folds is None else folds.get(CHAIN)
         if chain is not None:  # eval mode: the last forward's units again, if nothing that decided them changed
-            out = chain(x, _folded_backend(self.backend), self._chain_modules())
+            out = chain(x, _folded_backend(self.backend), modules)
             if out is not None:
                 return out
-        if x.numel() == 0:
-            return self._forward_empty_batch(x)
-        if self._folding_applies():
-            return self._inference_forward(x)
+        if self._folding_applies(modules):
+            return self._inference_forward(x, modules)
         source: Union[Tensor, PendingBN] = x
         for conv_name, bn_name in self.unit_names:
             source = self._conv_bn(source, getattr(self, conv_name), getattr(self, bn_name))

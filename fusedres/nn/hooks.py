@@ -4,12 +4,15 @@ A fused module does its children's work itself, without calling them, so hooks r
 children (forward, forward-pre, backward) would silently never run: ``convert`` leaves such modules as
 they are and says why (``hooks_reason``). Hooks on the converted module itself keep running: the fused
 module takes the very hook dictionaries of the module it replaces (``share_hooks``), so handles returned by
-``register_*_hook`` before conversion still remove them, and ``revert`` hands them back the same way.
+``register_*_hook`` before conversion still remove them, and ``revert`` hands them back the same way. Hooks
+registered after conversion on a module a fused module stands in for, or globally, make that module's forward run
+the original computation (``any_run_hooks``, asked at each call).
 """
 
-from typing import Optional
+from typing import Iterable, Optional
 
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 _RUN_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 # every per-module hook registry of nn.Module (those a torch version lacks are skipped)
@@ -22,6 +25,24 @@ _HOOK_ATTRIBUTES = _RUN_HOOKS + (
 def has_run_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has a forward, forward-pre or backward hook of its own."""
     return any(getattr(module, name, None) for name in _RUN_HOOKS)
+
+
+def global_run_hooks() -> bool:
+    """Whether a global forward, forward-pre or backward hook is registered (``register_module_forward_hook``,
+    ...): it runs at every module call, so on the modules a fused module does not call too."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
+def any_run_hooks(modules: Iterable[Optional[nn.Module]]) -> bool:
+    """Whether a module of ``modules`` (None skipped) has a forward, forward-pre or backward hook, or a global one
+    is registered. Asked at every forward of a fused module: the four registries are read directly, not through
+    ``has_run_hooks``' loop over their names (torch >= 2.4 has them all)."""
+    for module in modules:
+        if module is not None and (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                                   or module._backward_pre_hooks):
+            return True
+    return global_run_hooks()
 
 
 def hooks_reason(module: nn.Module) -> Optional[str]:

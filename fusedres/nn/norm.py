@@ -2,19 +2,35 @@
 
 ``FusedBatchNormAct2d`` *is* an ``nn.BatchNorm2d`` (same parameters, buffers, state_dict keys
 and constructor), whose forward also applies the ReLU that followed it. Where that ReLU was, the
-converter puts a ``ReLUFusedIntoNorm``: it passes its input through while the fused norm is
-still in place, and is a ReLU again once anything replaced that norm (for instance
-``nn.SyncBatchNorm.convert_sync_batchnorm``, which turns every BatchNorm2d, ours included, into
-a plain SyncBatchNorm), so the activation is never lost. ``revert`` restores both modules.
+converter puts a ``ReLUFusedIntoNorm``: it passes its input through while the fused norm and it are
+still in place, unhooked, and is a ReLU again (the fused norm then applies none) once anything replaced
+one of them (for instance ``nn.SyncBatchNorm.convert_sync_batchnorm``, which turns every BatchNorm2d,
+ours included, into a plain SyncBatchNorm) or a hook would see the norm's output, so the activation is
+never lost nor applied twice. ``revert`` restores both modules.
+
+Traced by ``torch.fx`` the fused norm records nn.BatchNorm2d's forward as one call (``_batch_norm``) and
+its placeholder a ReLU: the graph computes, and counts batches, as the original modules do.
 """
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
 from .blocks import pending_bn
-from .hooks import share_hooks
+from .hooks import global_run_hooks, has_run_hooks, share_hooks
+
+_PLACEHOLDER = "_relu_placeholder"  # the plain attribute of a fused norm holding its ReLUFusedIntoNorm, if any
+
+
+def _batch_norm(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """nn.BatchNorm2d's forward of ``bn`` on ``x``; one call in a ``torch.fx`` graph (``torch.fx.wrap``), which
+    runs it, bookkeeping included, where the graph runs."""
+    return nn.BatchNorm2d.forward(bn, x)
+
+
+torch.fx.wrap("_batch_norm")
 
 
 class FusedBatchNormAct2d(nn.BatchNorm2d):
@@ -51,13 +67,23 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             setattr(bn, name, getattr(self, name))
         return bn
 
+    def applies_relu(self, x: Tensor) -> bool:
+        """Whether this forward on ``x`` applies the ReLU: ``relu``, and where the converter fused a ReLU
+        module into this norm, while its placeholder passes its input through (for a traced ``x``, never:
+        the placeholder records the ReLU)."""
+        placeholder = self.__dict__.get(_PLACEHOLDER)
+        if placeholder is None:
+            return self.relu
+        return self.relu and not isinstance(x, torch.fx.Proxy) and placeholder.passes_through()
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if x.numel() == 0:  # torch's own BatchNorm: eager's result and buffers, no kernel on an empty tensor
-            out = nn.BatchNorm2d.forward(self, x)
+        relu = self.applies_relu(x)
+        if isinstance(x, torch.fx.Proxy) or x.numel() == 0:
+            # torch's own BatchNorm: eager's result and buffers, a traceable graph, no kernel on an empty tensor
+            out = _batch_norm(self, x)
             out = out if residual is None else out + residual
-            return out.relu() if self.relu else out
-        return ops.bn_act(pending_bn(x, self, self.backend), residual, relu=self.relu,
-                          backend=self.backend)
+            return out.relu() if relu else out
+        return ops.bn_act(pending_bn(x, self, self.backend), residual, relu=relu, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
@@ -78,22 +104,29 @@ def _copy_batch_norm_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn
 
 
 class ReLUFusedIntoNorm(nn.ReLU):
-    """Stands where a ReLU was fused into the norm ``parent.<norm_name>``.
+    """Stands at ``parent.<act_name>``, where a ReLU was fused into the norm ``parent.<norm_name>``.
 
-    Identity while that attribute is still the fused norm; a ReLU if the norm was replaced.
-    ``original`` is the ReLU module it stands for, which ``revert`` puts back.
+    Identity while both are in place and neither has hooks (``passes_through``: the fused norm then
+    applies the ReLU); a ReLU otherwise. ``original`` is the ReLU module it stands for, which ``revert``
+    puts back.
     """
 
-    def __init__(self, parent: nn.Module, norm_name: str, fused_norm: FusedBatchNormAct2d,
+    def __init__(self, parent: nn.Module, norm_name: str, act_name: str, fused_norm: FusedBatchNormAct2d,
                  original: nn.Module):
         super().__init__()
         self.norm_name = norm_name
+        self.act_name = act_name
         # Plain references, not submodules: the state_dict and module tree stay the original's.
         vars(self).update(_parent=parent, _fused_norm=fused_norm, original=original)
+        vars(fused_norm)[_PLACEHOLDER] = self  # what the norm asks whether to apply the ReLU
 
     def passes_through(self) -> bool:
-        """Whether this module is the identity now: its fused norm is still in place."""
-        return getattr(self._parent, self.norm_name) is self._fused_norm
+        """Whether this module is the identity now (its fused norm applies the ReLU): the fused norm and
+        this module are still in place, and no hook would see the norm's output or this module's input."""
+        modules = self._parent._modules
+        norm = self._fused_norm
+        return (modules.get(self.norm_name) is norm and modules.get(self.act_name) is self
+                and not (has_run_hooks(norm) or has_run_hooks(self) or global_run_hooks()))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if self.passes_through() else super().forward(x)
+        return x if not isinstance(x, torch.fx.Proxy) and self.passes_through() else super().forward(x)

@@ -20,7 +20,8 @@ is the original's, and reads them at each forward. A norm's activation is read f
 child: ReLU, or none (``nn.Identity``); the norms may be timm's ``BatchNormAct2d`` or
 ``SyncBatchNormAct``, or the ``nn.SyncBatchNorm`` that torch's ``convert_sync_batchnorm``
 makes of a ``BatchNormAct2d`` (it keeps the ``act`` child but never calls it: the fused block
-still applies it). A norm this block cannot fuse at forward time is called as a module.
+still applies it). Where a child was replaced by one this block cannot fuse, or hooked, the block runs the
+original's forward (``_FusedResidualBlock._unfused_forward``).
 """
 
 from typing import NamedTuple, Optional, Union
@@ -32,6 +33,9 @@ from ..ops.functional import PendingBN
 from .blocks import _conv_unsupported, _FusedResidualBlock, _qualified_name, pending_bn
 
 _DOWNSAMPLE_CLASSES = ("timm.models.resnetv2.DownsampleConv", "timm.models.resnetv2.DownsampleAvg")
+# the norms whose forward is batch_norm, then act (timm's), exactly: a subclass may compute something else
+_NORM_CLASSES = ("torch.nn.modules.batchnorm.BatchNorm2d", "torch.nn.modules.batchnorm.SyncBatchNorm",
+                 "timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct")
 _DROP_PATH_CLASSES = ("timm.layers.drop.DropPath",)
 
 
@@ -44,8 +48,8 @@ class _PreActivation(NamedTuple):
 
 def _norm_relu(norm: nn.Module) -> Optional[bool]:
     """Whether the fused BatchNorm + act ``norm`` ends in a ReLU (True) or nothing (False);
-    None when it is not a BatchNorm followed only by a ReLU or nothing."""
-    if not isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+    None when it is not a BatchNorm (one of _NORM_CLASSES) followed only by a ReLU or nothing."""
+    if _qualified_name(norm) not in _NORM_CLASSES:
         return None
     if not isinstance(getattr(norm, "drop", nn.Identity()), nn.Identity):
         return None
@@ -101,19 +105,14 @@ class _FusedPreActBlock(_FusedResidualBlock):
             return f"{', '.join(extra)} not fused"
         return _downsample_unsupported(block.downsample)
 
-    def _pre_activation(self, y: Tensor, norm: nn.Module) -> Union[Tensor, _PreActivation]:
-        relu = _norm_relu(norm)
-        if relu is None:  # replaced by something we do not fuse: run it as it is
-            return norm(y)
-        return _PreActivation(pending_bn(y, norm, self.backend), relu)
+    def _pre_activation(self, y: Tensor, norm: nn.Module) -> _PreActivation:
+        return _PreActivation(pending_bn(y, norm, self.backend), _norm_relu(norm))
 
     def _conv_pre_activation(self, source: Union[Tensor, _PreActivation], conv: nn.Conv2d,
-                             norm: nn.Module) -> Union[Tensor, _PreActivation]:
+                             norm: nn.Module) -> _PreActivation:
         """``_pre_activation(_conv_of(source, conv), norm)``, the conv and norm's statistics in
         one op where a backend can."""
         relu = _norm_relu(norm)
-        if relu is None:
-            return norm(self._conv_of(source, conv))
         if isinstance(source, Tensor):
             return _PreActivation(self._conv_bn(source, conv, norm), relu)
         return _PreActivation(self._conv_bn(source.pending, conv, norm, relu=source.relu), relu)
@@ -145,10 +144,10 @@ class _FusedPreActBlock(_FusedResidualBlock):
         return self._conv_bias_act(source, getattr(self, units[-1][1]), residual=shortcut, relu=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == 0:
-            return self._forward_empty_batch(x)
-        if self._folding_applies() and all(_norm_relu(getattr(self, norm_name)) is not None
-                                           for norm_name, _ in self.unit_names):
+        modules = self._fused_modules()
+        if not self._runs_fused(x, modules):
+            return self._unfused_forward(x)
+        if self._folding_applies(modules):
             return self._inference_forward(x)
         source = self._pre_activation(x, self.norm1)
         shortcut = x

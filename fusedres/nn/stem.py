@@ -14,10 +14,10 @@ the rest of the original forward:
   one launch with the Triton conv where it measured faster), then bn1 and the ReLU as one ``bn_act``
   pass, as in a block.
 
-Where the stem's modules are not what convert saw (hooks on one of them, one replaced by something else) or
-the batch is empty, it runs the original forward unchanged. The class adds no parameters, buffers,
-children or hooks: the state_dict, the module tree and ``isinstance`` checks are the model's own, and
-``revert`` puts the original class back.
+Where the stem's modules are not what convert saw (hooks on one of them or global ones, one replaced by
+something else), the batch is empty or ``torch.fx`` traces the model, it runs the original forward unchanged.
+The class adds no parameters, buffers, children or hooks: the state_dict, the module tree and ``isinstance``
+checks are the model's own, and ``revert`` puts the original class back.
 
 The classes are made on first use, and pickling finds them by name in this module
 (``__getattr__`` makes them on demand), so a pickled converted model loads in a fresh process.
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .blocks import FoldingModule, conv_pending_bn, folded_conv_bias_act, folding_allowed
-from .hooks import has_run_hooks
+from .hooks import global_run_hooks, has_run_hooks
 from .norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 
 
@@ -46,7 +46,8 @@ class _FusedStemModel(FoldingModule):
     def _fused_stem(self, x: Tensor) -> Optional[Tensor]:
         """relu(bn1(conv1(x))) run as a unit (see the module docstring), or None where the original forward
         must run instead."""
-        if x.numel() == 0 or stem_unsupported_reason(self, self.act_name) is not None:
+        if (isinstance(x, torch.fx.Proxy) or x.numel() == 0 or global_run_hooks()
+                or stem_unsupported_reason(self, self.act_name) is not None):
             return None
         conv1, bn, act = self._modules["conv1"], self._modules["bn1"], self._modules[self.act_name]
         before, conv = _stem_conv(conv1)
@@ -121,7 +122,9 @@ def stem_unsupported_reason(model: nn.Module, act_name: str) -> Optional[str]:
         return f"conv1 is {type(conv1).__name__}, neither nn.Conv2d nor a Sequential ending in one"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"the stem's conv uses padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(act) not in (nn.ReLU, ReLUFusedIntoNorm):
+    # exactly these classes: a subclass's forward may compute something else
+    if (type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm, FusedBatchNormAct2d)
+            or type(act) not in (nn.ReLU, ReLUFusedIntoNorm)):
         return f"the stem is conv1 -> {type(bn).__name__} -> {type(act).__name__}, not conv -> BatchNorm -> ReLU"
     parts = [("conv1", conv1)] + ([("conv1's last conv", conv)] if conv is not conv1 else []) + [("bn1", bn),
                                                                                              (act_name, act)]

@@ -1,0 +1,269 @@
+"""A converted model keeps eager's module state and follows changes made to it after conversion: each child's
+train/eval mode, BatchNorm subclasses and replaced norms or activations, hooks added later, torch.fx tracing,
+the BatchNorm counters of a forward that raised, and the block's own hooks on an empty batch."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.layers import BatchNormAct2d
+from timm.models.resnetv2 import PreActBasic
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import fusedres
+from model_helpers import randomise_bn
+
+F64 = torch.float64
+
+
+def _resnet18(norm_layer=None) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5, norm_layer=norm_layer).double().eval()
+    randomise_bn(model, seed=3)
+    return model
+
+
+def _x(*size: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*size, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def _plain_conv(i, o, k, stride=1, dilation=1, groups=1, **kwargs):
+    """A zero-padded nn.Conv2d for timm's blocks (timm's default conv layer is not one)."""
+    return nn.Conv2d(i, o, k, stride, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
+
+
+def _batch_norm_modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_convert_revert_and_an_empty_batch_keep_each_batchnorms_mode():
+    """Frozen BatchNorms (model.train(), then bn.eval()) stay frozen through convert, an empty batch and revert:
+    the fused block sets its own mode only, and a training step matches eager's, running statistics untouched."""
+    eager = _resnet18().train()
+    for m in eager.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    model = copy.deepcopy(eager)
+    fusedres.convert(model)
+    assert model.layer1[0].training and not any(_batch_norm_modes(model))
+    x = _x(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), eager(x))
+    torch.testing.assert_close(model.layer1[0].bn1.running_mean, eager.layer1[0].bn1.running_mean)
+    model.layer1[0](torch.zeros(0, 64, 8, 8, dtype=F64))
+    assert not any(_batch_norm_modes(model))
+    fusedres.revert(model)
+    assert model.layer1[0].training and not any(_batch_norm_modes(model))
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    """A BatchNorm2d whose forward computes something else (an extra output scale)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _ScaledBNAct(BatchNormAct2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_batchnorm_subclasses_with_a_forward_of_their_own_are_not_fused():
+    """The stem and the pre-activation blocks fuse exactly nn.BatchNorm2d / SyncBatchNorm (and timm's
+    BatchNormAct2d): a subclass, there at conversion or put in afterwards, is called as a module."""
+    eager = _resnet18(norm_layer=_ScaledBN)
+    model = copy.deepcopy(eager)
+    report = fusedres.convert(model)
+    assert ("conv1", "the stem is not run as a unit: the stem is conv1 -> _ScaledBN -> ReLU, not conv -> BatchNorm "
+            "-> ReLU") in report.skipped
+    x = _x(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x))
+    # put in after conversion: in the stem, and in a converted pre-activation block
+    eager, model = _resnet18(), fusedres.convert(_resnet18()).model
+    for m in (eager, model):
+        scaled = _ScaledBN(64).double().eval()
+        scaled.load_state_dict(m.bn1.state_dict())
+        m.bn1 = scaled
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x))
+
+    torch.manual_seed(0)
+    block = PreActBasic(8, 8, norm_layer=_ScaledBNAct, conv_layer=_plain_conv).double().eval()
+    randomise_bn(block, seed=4)
+    assert type(fusedres.convert(copy.deepcopy(block)).model) is PreActBasic
+    eager = PreActBasic(8, 8, norm_layer=BatchNormAct2d, conv_layer=_plain_conv).double().eval()
+    randomise_bn(eager, seed=4)
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    y = _x(2, 8, 6, 6)
+    for m in (eager, fused):
+        scaled = _ScaledBNAct(8).double().eval()
+        scaled.load_state_dict(m.norm2.state_dict())
+        m.norm2 = scaled
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), eager(y))
+
+
+def _freeze_batch_norms(module: nn.Module) -> None:
+    """torchvision's detection fine-tuning swap: every BatchNorm2d -> FrozenBatchNorm2d with its state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features).double()
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_batch_norms(child)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_norms_replaced_by_frozen_batchnorm_after_conversion(training, grad):
+    """A post-activation block whose BatchNorms became FrozenBatchNorm2d runs the original block's forward."""
+    eager = _resnet18()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # eval: the blocks' folds and chains are kept, and must not be run again
+    for m in (eager, model):
+        _freeze_batch_norms(m)
+        m.train(training)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(model(x), eager(x))
+
+
+def test_hooks_added_after_conversion_run():
+    """A forward or backward hook put on a block's child after conversion, or a global one, makes the block
+    run the original forward, also in eval mode after a forward that recorded the block's chain."""
+    eager = _resnet18()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x), model(x)  # the blocks' chains recorded and replayed
+    seen = {}
+    for name, m in (("eager", eager), ("fused", model)):
+        handle = m.layer4[1].conv2.register_forward_hook(lambda mod, i, out, name=name: seen.update({name: out}))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), eager(x))
+        handle.remove()
+    torch.testing.assert_close(seen["fused"], seen["eager"])
+
+    grads = {}
+    for name, m in (("eager", eager), ("fused", model)):
+        m.layer2[0].downsample[1].register_full_backward_hook(
+            lambda mod, grad_in, grad_out, name=name: grads.update({name: grad_out[0]}))
+        m(x).sum().backward()
+    torch.testing.assert_close(grads["fused"], grads["eager"])
+
+    calls = {"eager": [], "fused": []}
+    for name, m in (("eager", eager), ("fused", model)):
+        handle = nn.modules.module.register_module_forward_hook(lambda mod, i, out, name=name: calls[name].append(
+            type(mod).__name__))
+        try:
+            with torch.no_grad():
+                m(x)
+        finally:
+            handle.remove()
+    assert calls["fused"].count("Conv2d") == calls["eager"].count("Conv2d") == 20
+
+
+def test_activations_replaced_after_conversion_are_applied():
+    """A block's ReLU, or the stem's (now the placeholder of the ReLU fused into bn1), replaced after conversion
+    is applied as eager applies it; a hook on the fused bn1 sees the BatchNorm's output, before the ReLU."""
+    eager = _resnet18()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(2, 3, 32, 32)
+    mins = {}
+    for name, m in (("eager", eager), ("fused", model)):
+        handle = m.bn1.register_forward_hook(lambda mod, i, out, name=name: mins.update({name: out.min()}))
+        with torch.no_grad():
+            m(x)
+        handle.remove()
+    assert mins["eager"] < 0
+    torch.testing.assert_close(mins["fused"], mins["eager"])
+    for m in (eager, model):
+        m.layer1[0].relu = nn.LeakyReLU(0.5)
+        m.relu = nn.LeakyReLU(0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(model.relu(model.bn1(model.conv1(x))), eager.relu(eager.bn1(eager.conv1(x))))
+        torch.testing.assert_close(model(x), eager(x))
+
+
+def test_torch_fx_traces_a_converted_model_as_the_original():
+    """symbolic_trace and torchvision's create_feature_extractor trace the original modules' computation: the
+    graphs compute eager's outputs, count batches as eager in training mode, and the model keeps its mode."""
+    eager = _resnet18()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # eval: folds and chains kept, which a trace must not run
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), eager(x))
+        torch.testing.assert_close(torch.fx.symbolic_trace(model.layer2[0])(_x(2, 64, 8, 8)),
+                                   eager.layer2[0](_x(2, 64, 8, 8)))
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu)
+        torch.testing.assert_close(torch.fx.symbolic_trace(stem)(x), eager.relu(eager.bn1(eager.conv1(x))))
+    extractors = [create_feature_extractor(m, {"layer3": "f"}) for m in (eager, model)]
+    assert not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(extractors[1](x)["f"], extractors[0](x)["f"])
+    for extractor in extractors:
+        extractor.train()(x)
+    torch.testing.assert_close(model.state_dict(), eager.state_dict())
+    assert model.bn1.num_batches_tracked == 1
+
+
+def test_a_forward_that_raises_leaves_the_batchnorm_counters_as_eager_does():
+    """Eager's conv raises before its BatchNorm counts the batch, and its BatchNorm raises on a 3-D input before
+    it counts it, but after counting it on one value per channel; so do the fused blocks."""
+    eager = BasicBlock(8, 8).double().train()
+    for bn in (eager.bn1, eager.bn2):
+        bn.momentum = None  # the cumulative average: a wrong count changes the next step's statistics
+    fused = fusedres.convert(copy.deepcopy(eager)).model
+    for bad in (_x(2, 4, 6, 6), _x(8, 6, 6), _x(1, 8, 1, 1)):
+        for block in (eager, fused):
+            with pytest.raises((RuntimeError, ValueError)):
+                block(bad)
+        torch.testing.assert_close(fused.state_dict(), eager.state_dict())
+    assert eager.bn1.num_batches_tracked == 1  # the last bad input was counted
+    x = _x(2, 8, 6, 6)
+    torch.testing.assert_close(fused(x), eager(x))
+    torch.testing.assert_close(fused.state_dict(), eager.state_dict())
+
+
+def test_an_empty_batch_runs_the_blocks_own_hooks_once():
+    calls = {}
+    for name in ("eager", "fused"):
+        block = BasicBlock(8, 8).double()
+        forward, backward = [], []
+        block.register_forward_hook(lambda *args: forward.append(1))
+        block.register_full_backward_hook(lambda *args: backward.append(1))
+        if name == "fused":
+            block = fusedres.convert(block).model
+        x = torch.zeros(0, 8, 4, 4, dtype=F64, requires_grad=True)
+        block(x).sum().backward()
+        calls[name] = (len(forward), len(backward))
+    assert calls["fused"] == calls["eager"] == (1, 1)
+
+
+def test_converting_a_block_itself_leaves_its_norms_to_it():
+    """convert(block) fuses the block and leaves its timm norms as they are (the block runs them): they are
+    inside a residual block, as they would be in a model."""
+    block = PreActBasic(8, 8, norm_layer=BatchNormAct2d, conv_layer=_plain_conv)
+    report = fusedres.convert(block)
+    assert report.converted == [("", "PreActBasic -> FusedPreActBasic")]
+    assert type(report.model.norm1) is BatchNormAct2d and type(report.model.norm2) is BatchNormAct2d
+
+
+def test_torch_fx_traces_a_converted_timm_resnet():
+    """timm's ResNet (its stem a deep one with BatchNorm + ReLU pairs in a Sequential) traces with torch.fx."""
+    torch.manual_seed(0)
+    eager = timm.create_model("resnet26d", num_classes=5).double().eval()
+    randomise_bn(eager, seed=6)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), eager(x))
