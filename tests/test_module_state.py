@@ -267,3 +267,113 @@ def test_torch_fx_traces_a_converted_timm_resnet():
     x = _x(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), eager(x))
+
+
+def _tiny_resnetv2() -> nn.Module:
+    """A two-stage timm pre-activation ResNet, fp64 with random BN state, whose deep stem's two norms and final
+    norm are BatchNormAct2d with a ReLU outside residual blocks (convert makes them FusedTimmBatchNormAct2d)."""
+    torch.manual_seed(0)
+    model = timm.models.resnetv2.ResNetV2(
+        layers=[1, 1], channels=(8, 16), num_classes=5, stem_chs=8, stem_type="deep", basic=True, bottle_ratio=1.0,
+        conv_layer=timm.layers.create_conv2d, norm_layer=BatchNormAct2d, avg_down=True).double().eval()
+    randomise_bn(model, seed=11)
+    return model
+
+
+def _fused_timm_norms(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if type(m).__name__ == "FusedTimmBatchNormAct2d"]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_timm_norm_activations_replaced_after_conversion_are_applied(training):
+    """A converted timm norm's act replaced after conversion (another activation, or none instead of its ReLU) is
+    applied as timm applies it: the outputs, the gradients and the running statistics are eager's."""
+    eager = _tiny_resnetv2()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    assert _fused_timm_norms(model) == ["stem.norm1", "stem.norm2", "norm"]
+    for m in (eager, model):
+        m.stem.norm1.act = nn.SiLU()
+        m.stem.norm2.act = nn.Identity()
+        m.norm.act = nn.LeakyReLU(0.5)
+        m.train(training)
+    x = _x(2, 3, 16, 16)
+    outs = [m(x) for m in (eager, model)]
+    torch.testing.assert_close(outs[1], outs[0])
+    grads = [torch.autograd.grad(out.square().sum(), m.stem.conv1.weight) for out, m in zip(outs, (eager, model))]
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(model.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("apply_act", [True, False])
+def test_timm_norm_drop_and_act_replaced_after_conversion_with_and_without_a_residual(apply_act):
+    """A converted timm norm follows a drop (a Dropout, in training mode) and an act (a ReLU where it had none, a
+    LeakyReLU where it had a ReLU) put in after conversion: act(drop(batch_norm(x))), and with a residual
+    act(drop(batch_norm(x)) + residual), with timm's random draws and running statistics."""
+    bn = BatchNormAct2d(6, apply_act=apply_act).double().train()
+    randomise_bn(bn, seed=12)
+    fused = fusedres.convert(nn.Sequential(copy.deepcopy(bn))).model[0]
+    assert _fused_timm_norms(nn.Sequential(fused)) == ["0"]
+    for m in (bn, fused):
+        m.drop = nn.Dropout(0.5)
+        m.act = nn.LeakyReLU(0.5) if apply_act else nn.ReLU()
+    x, residual = _x(3, 6, 5, 4), _x(3, 6, 5, 4, seed=2)
+    outs = []
+    for m in (bn, fused):
+        torch.manual_seed(5)
+        outs.append(m(x))
+    torch.testing.assert_close(outs[1], outs[0])
+    reference = copy.deepcopy(bn)
+    reference.act = nn.Identity()  # the act after the residual add, by hand
+    torch.manual_seed(6)
+    expected = bn.act(reference(x) + residual)
+    torch.manual_seed(6)
+    torch.testing.assert_close(fused(x, residual), expected)
+    torch.testing.assert_close(fused.state_dict(), reference.state_dict())
+
+
+def test_hooks_added_after_conversion_on_timm_norm_children_run():
+    """Forward-pre, forward and backward hooks put on a converted timm norm's act or drop after conversion run
+    and see eager's values, and a global hook sees the act and drop calls eager makes."""
+    eager = _tiny_resnetv2()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(2, 3, 16, 16)
+    seen = {"eager": {}, "fused": {}}
+    for name, m in (("eager", eager), ("fused", model)):
+        m.norm.act.register_forward_pre_hook(lambda mod, i, name=name: seen[name].update(act_input=i[0].clone()))
+        m.stem.norm1.drop.register_forward_hook(lambda mod, i, out, name=name: seen[name].update(drop_output=out))
+        m.stem.norm2.act.inplace = False  # a full backward hook takes no in-place module
+        m.stem.norm2.act.register_full_backward_hook(
+            lambda mod, grad_in, grad_out, name=name: seen[name].update(act_grad=grad_out[0]))
+        m(x).square().sum().backward()
+    assert set(seen["fused"]) == {"act_input", "drop_output", "act_grad"}
+    torch.testing.assert_close(seen["fused"], seen["eager"])
+
+    calls = {"eager": [], "fused": []}
+    for name, m in (("eager", eager), ("fused", model)):
+        handle = nn.modules.module.register_module_forward_hook(lambda mod, i, out, name=name: calls[name].append(
+            type(mod).__name__))
+        try:
+            with torch.no_grad():
+                m(x)
+        finally:
+            handle.remove()
+    acts = {name: [n for n in names if n in ("Identity", "ReLU")] for name, names in calls.items()}
+    assert acts["fused"] == acts["eager"] and len(acts["eager"]) == 18
+
+
+def test_torch_fx_traces_converted_timm_norms_as_the_original():
+    """symbolic_trace of a model with converted timm norms records timm's forward, as the original's trace does:
+    in training mode the graphs compute the same outputs and running statistics (the batch counter is bumped at
+    trace time, not by the graph), and an act replaced after conversion is in the graph."""
+    eager = _tiny_resnetv2().train()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(2, 3, 16, 16)
+    graphs = [torch.fx.symbolic_trace(m) for m in (eager, model)]
+    for _ in range(2):
+        torch.testing.assert_close(graphs[1](x), graphs[0](x))
+    torch.testing.assert_close(model.state_dict(), eager.state_dict())
+    for m in (eager, model):
+        m.norm.act = nn.LeakyReLU(0.5)
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), eager(x))

@@ -6,6 +6,11 @@ so that ``timm.layers.convert_sync_batchnorm`` turns it into timm's ``SyncBatchN
 the activation kept, and ``revert`` gives the timm module back. Imports timm: the converter loads
 this module only for models that hold timm modules.
 
+It checks its ``drop`` and ``act`` children at each forward, as timm's forward calls them: where one was
+replaced by a module it does not fuse (any drop but ``nn.Identity``, any act but the one it was converted
+with), one has hooks or a global hook is registered, the batch is empty or ``torch.fx`` traces it, it runs
+timm's forward on them (``_unfused_forward``), so a trace records what the original's does.
+
 Torch's own ``nn.SyncBatchNorm.convert_sync_batchnorm`` knows nothing of an activation inside a
 norm: it drops the activation of every timm ``BatchNormAct2d`` outside a residual block,
 converted or not (the fused pre-activation blocks keep theirs; see ``preact.py``). Use timm's
@@ -14,11 +19,12 @@ converter for timm models, as timm itself says.
 
 from typing import Optional
 
+import torch
 from timm.layers import BatchNormAct2d
-from torch import nn
+from torch import Tensor, nn
 
-from .hooks import hooks_reason
-from .norm import FusedBatchNormAct2d
+from .hooks import any_run_hooks, hooks_reason
+from .norm import FusedBatchNormAct2d, _batch_norm
 
 
 def unsupported_reason(bn: nn.Module) -> Optional[str]:
@@ -45,3 +51,23 @@ class FusedTimmBatchNormAct2d(FusedBatchNormAct2d, BatchNormAct2d):
         if reason is not None:
             raise ValueError(f"{cls.__name__}.from_module: cannot convert: {reason}")
         return super().from_module(bn, relu=type(bn.act) is nn.ReLU, backend=backend)
+
+    def _runs_fused(self, x: Tensor) -> bool:
+        """Whether this forward on ``x`` may run fused: x is a non-empty tensor (not a ``torch.fx`` proxy), the
+        drop is an ``nn.Identity`` and the act the ReLU or ``nn.Identity`` it was converted with (``relu``),
+        and neither has hooks nor is a global hook registered (``any_run_hooks``)."""
+        drop, act = self._modules.get("drop"), self._modules.get("act")
+        return (not isinstance(x, torch.fx.Proxy) and x.numel() != 0 and type(drop) is nn.Identity
+                and type(act) is (nn.ReLU if self.relu else nn.Identity) and not any_run_hooks((drop, act)))
+
+    def _unfused_forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """timm's forward on this module's current children, act(drop(batch_norm(x))), the residual added before
+        the act: eager's result, hook calls and bookkeeping, and a trace of timm's calls."""
+        if residual is None:
+            return BatchNormAct2d.forward(self, x)
+        return self.act(self.drop(_batch_norm(self, x)) + residual)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if self._runs_fused(x):
+            return super().forward(x, residual)
+        return self._unfused_forward(x, residual)
