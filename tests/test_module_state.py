@@ -16,6 +16,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fusedres
+from fusedres.nn.timm_norm import FusedTimmBatchNormAct2d
 from model_helpers import randomise_bn
 
 F64 = torch.float64
@@ -377,3 +378,20 @@ def test_torch_fx_traces_converted_timm_norms_as_the_original():
         m.eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), eager(x))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+def test_a_timm_norm_constructed_directly_is_timms_with_its_activation(relu):
+    """FusedTimmBatchNormAct2d(C, ...) made by its constructor (not from_module) has timm's children for ``relu``
+    (a ReLU act where it applies one), its device and dtype where asked, and computes what timm's module does:
+    device and dtype were passed by position into timm's apply_act and act_layer (act an Identity, relu True)."""
+    torch.manual_seed(0)
+    fused = FusedTimmBatchNormAct2d(6, relu=relu, dtype=torch.float64).eval()
+    eager = BatchNormAct2d(6, apply_act=relu, dtype=torch.float64).eval()
+    assert type(fused.act) is type(eager.act) is (nn.ReLU if relu else nn.Identity)
+    assert fused.weight.dtype == torch.float64
+    randomise_bn(eager, seed=7)
+    fused.load_state_dict(eager.state_dict())
+    x = _x(2, 6, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x))

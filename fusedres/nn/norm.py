@@ -43,9 +43,16 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, relu: bool = True, backend: str = "auto"):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype,
+                         **self._source_activation(relu))
         self.relu = relu
         self.backend = backend
+
+    @staticmethod
+    def _source_activation(relu: bool) -> dict:
+        """What the source class's constructor takes for the activation ``relu`` says (nn.BatchNorm2d: nothing)."""
+        return {}
 
     @classmethod
     def from_module(cls, bn: nn.BatchNorm2d, *, relu: bool = True,

@@ -44,6 +44,11 @@ class FusedTimmBatchNormAct2d(FusedBatchNormAct2d, BatchNormAct2d):
     source_class = BatchNormAct2d
     carried_children = ("drop", "act")
 
+    @staticmethod
+    def _source_activation(relu: bool) -> dict:
+        """timm's constructor makes ``act`` a ReLU where it applies one, else an ``nn.Identity``."""
+        return dict(apply_act=relu)
+
     @classmethod
     def from_module(cls, bn: BatchNormAct2d, *, backend: str = "auto") -> "FusedTimmBatchNormAct2d":
         """A fused module sharing ``bn``'s parameters, buffers and drop/act children."""
