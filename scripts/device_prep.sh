@@ -24,7 +24,8 @@ cache=/tmp/fusedres-triton-cache
 mkdir -p .device
 
 if [ ! -x "$venv/bin/python" ]; then
-  python=${FUSEDRES_DEVICE_PYTHON:-$(ls -d "$HOME"/.pyenv/versions/3.12.*/bin/python3 2>/dev/null | tail -1)}
+  # (no match: empty, not an exit of set -e before the message below)
+  python=${FUSEDRES_DEVICE_PYTHON:-$( { ls -d "$HOME"/.pyenv/versions/3.12.*/bin/python3 2>/dev/null || true; } | tail -1)}
   [ -n "$python" ] || { echo "device_prep.sh: no python3.12 found; set FUSEDRES_DEVICE_PYTHON" >&2; exit 1; }
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q torch==2.11.0 triton==3.6.0 numpy ninja pybind11 setuptools wheel

@@ -49,6 +49,9 @@
 #                           (scripts/ncu_convs.py; speed of light, occupancy, launch, warp-state and memory sections;
 #                           stopped after GPU_CHECK_NCU_TIMEOUT seconds, default 90)
 #   GPU_CHECK_BUILD         auto (default): use a carried extension that imports, else build; 1: build; 0: never
+#   GPU_CHECK_DEADLINE      seconds after the start by which every step has ended (default 570, under the device
+#                           call's 600): each step's limit is cut to the time left, and a step with under 20 s left
+#                           is skipped, so a slow start (a build) costs the last steps' time, not the whole call's rows
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/gpu_check}
@@ -57,11 +60,13 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} FUSEDRES
 py=${PYTHON:-python3}
 declare -A result
 steps=()
+deadline=$((SECONDS + ${GPU_CHECK_DEADLINE:-570}))
 summary() {  # the summary table (last in the output), written after every step with everything packed into $OUT, so
-  {            # a call stopped by its time limit still brings back what ran
-    for i in "${!bench_runs[@]}"; do
-      echo; cat "$out/bench$i/results.md" 2>/dev/null | head -80
-      echo; cat "$out/bench$i/compare.md" 2>/dev/null | head -80
+  local run step  # a call stopped by its time limit still brings back what ran
+  {
+    for run in "${!bench_runs[@]}"; do  # whole tables: a convs table's verdicts come after its ~140 rows
+      echo; cat "$out/bench$run/results.md" 2>/dev/null | head -250
+      echo; cat "$out/bench$run/compare.md" 2>/dev/null | head -250
     done
     echo
     grep -E "(^| )(FAILED|ERROR)( |$)" "$out/tests.log" 2>/dev/null | cut -c1-300 | sort -u | head -40
@@ -71,14 +76,25 @@ summary() {  # the summary table (last in the output), written after every step 
     for step in "${steps[@]}"; do printf '%-10s %s\n' "$step" "${result[$step]}"; done
     printf '%-10s %s\n' kernels "Triton kernels: $carried; $(($(kernels) - kernels_before)) compiled on this machine"
   } > "$out/summary.txt"
-  if [ -n "${OUT:-}" ] && [ "$out" != "$OUT" ]; then
-    tar czf "$OUT/gpu_check.tgz" -C "$out" . && cp "$out/summary.txt" "$OUT/summary.txt"
+  if [ -n "${OUT:-}" ] && [ "$out" != "$OUT" ]; then  # replaced whole: a call stopped while packing keeps the last
+    tar czf "$OUT/gpu_check.tgz.part" -C "$out" . && mv "$OUT/gpu_check.tgz.part" "$OUT/gpu_check.tgz" \
+      && cp "$out/summary.txt" "$OUT/summary.txt"
   fi
 }
 note() { steps+=("$1"); result[$1]=$2; summary; }
 # a step past its limit gets SIGINT (pytest and the benchmarks then stop as on Ctrl-C, printing what they have), and
-# SIGKILL 15 s later
-limit() { if [ -n "${1:-}" ] && [ "$1" != 0 ]; then echo "timeout -s INT -k 15 $1"; fi; }
+# SIGKILL 15 s later; the limit asked for (0 or none: no limit of its own) is cut to the time left before the deadline
+left() { echo $((deadline - SECONDS - 15)); }
+limit() {
+  local seconds=${1:-0}
+  if [ "$seconds" = 0 ] || [ "$seconds" -gt "$(left)" ]; then seconds=$(left); fi
+  echo "timeout -s INT -k 15 $((seconds > 1 ? seconds : 1))"
+}
+fits() {  # whether step $1 has 20 s left, else noted as skipped
+  [ "$(left)" -ge 20 ] && return 0
+  note "$1" "skipped: $(( deadline - SECONDS )) s left before the deadline (GPU_CHECK_DEADLINE)"
+  return 1
+}
 
 models="--levels models --models resnet50 --backends auto --precompile --modes"  # fused: precompile, then timed
 IFS=';' read -ra bench_runs <<< "${GPU_CHECK_BENCH:-100 --levels convs --models resnet50 --modes fwd; 100 $models infer --batch 256,1; 190 $models train}"
@@ -87,7 +103,8 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 # Triton kernels: one cache folder, the carried kernels unpacked into it; what is compiled here lands there too
 export TRITON_CACHE_DIR=/tmp/fusedres-triton-cache
 mkdir -p "$TRITON_CACHE_DIR"
-kernels() { find "$TRITON_CACHE_DIR" -name '__grp__*.json' | wc -l; }
+# fusedres's kernels (torch.compile's Inductor, whose kernels are named triton_*, shares the cache folder)
+kernels() { find "$TRITON_CACHE_DIR" -name '__grp__*.json' ! -name '__grp__triton_*' | wc -l; }
 if [ -f .device/triton-cache.tgz ]; then
   tar xzf .device/triton-cache.tgz -C "$(dirname "$TRITON_CACHE_DIR")"
   here=$("$py" -c "from triton.runtime.cache import triton_key; import hashlib; print(hashlib.sha256(triton_key().encode()).hexdigest())")
@@ -109,7 +126,7 @@ elif [ "$build" = 0 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   note build "skipped (GPU_CHECK_BUILD=0): ${extension:-no extension}"
 else
-  "$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
+  $(limit 0) "$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
   rc=$?
   why=$([ "$build" = auto ] && [ -n "$extension" ] && echo " (the carried $extension did not import: carried_import.log)")
   note build "rc=$rc in $((SECONDS - start)) s$why"
@@ -133,7 +150,7 @@ rc=$?
 note tests "rc=$rc in $((SECONDS - start)) s: $(tail -1 "$out/tests.log" | cut -c1-160) ($(grep -c ' PASSED' \
   "$out/tests.log") passed, $(grep -c ' FAILED' "$out/tests.log") failed lines)"
 
-if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then  # each conv config alone: err/bound per launch, and usable or not
+if [ "${GPU_CHECK_SWEEP:-0}" = 1 ] && fits sweep; then  # each conv config alone: err/bound per launch, usable or not
   $(limit 180) "$py" scripts/conv_config_sweep.py > "$out/sweep.log" 2>&1
   note sweep "rc=$? $(grep -c ' BAD' "$out/sweep.log") wrong, of which usable: $(grep -cE ' yes +BAD' "$out/sweep.log")"
 fi
@@ -144,6 +161,7 @@ if [ "$profiles" != 0 ]; then  # does the GPU wait for the host? which kernels t
   for entry in ${profiles//,/ }; do  # MODE or MODE@BATCH
     mode=${entry%@*} batch=256 name=$mode
     [ "$entry" != "$mode" ] && batch=${entry#*@} name=${mode}_b$batch
+    fits "prof_$name" || continue
     $(limit 150) "$py" scripts/profile_model.py --mode "$mode" --batch "$batch" --out "$out/profile_$name" \
       > "$out/profile_$name.log" 2>&1
     note "prof_$name" "rc=$? $(grep -E '^(host|gpu) ms' "$out/profile_$name.log" | sed -E 's/ a .*: / /; s/ \(.*//' | tr '\n' ' ')(profile_$name/profile.txt)"
@@ -152,18 +170,19 @@ fi
 
 if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 99 "$py" -m pytest tests/test_cuda_backend.py -q -x -m "not host_emulation" \
-      -k "not large" > "$out/sanitizer_$tool.log" 2>&1
+    fits "$tool" || continue
+    $(limit "${GPU_CHECK_SANITIZER_TIMEOUT:-120}") compute-sanitizer --tool "$tool" --error-exitcode 99 "$py" -m pytest \
+      tests/test_cuda_backend.py -q -x -m "not host_emulation" -k "not large" > "$out/sanitizer_$tool.log" 2>&1
     note "$tool" "rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
   done
 fi
 
-if [ "${GPU_CHECK_HOST:-0}" = 1 ]; then  # host time per Triton conv call, real kernels and stubbed ones
-  "$py" -m benchmarks.host_overhead > "$out/host_overhead.txt" 2>&1
+if [ "${GPU_CHECK_HOST:-0}" = 1 ] && fits host; then  # host time per Triton conv call, real kernels and stubbed ones
+  $(limit 90) "$py" -m benchmarks.host_overhead > "$out/host_overhead.txt" 2>&1
   note host "rc=$? $(tail -1 "$out/host_overhead.txt" | tr -s ' ')"
 fi
 
-if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then  # hardware counters of cuDNN's and the Triton conv's kernels, a few shapes
+if [ "${GPU_CHECK_NCU:-0}" = 1 ] && fits ncu; then  # hardware counters of cuDNN's and the Triton conv's kernels
   # the report is kept (ncu_convs.ncu-rep) and printed twice: the sections' details, and every metric collected
   # (raw: the warp-state section's stall reasons, per kernel, which the details page leaves out)
   $(limit "${GPU_CHECK_NCU_TIMEOUT:-90}") ncu --profile-from-start off --clock-control none --nvtx --section SpeedOfLight \
@@ -180,6 +199,7 @@ fi
 for i in "${!bench_runs[@]}"; do
   read -ra run_args <<< "${bench_runs[$i]}"
   [ "${#run_args[@]}" -gt 0 ] || continue
+  fits "bench$i" || continue
   start=$SECONDS
   TRITON_PRINT_AUTOTUNING=1 $(limit "${run_args[0]}") "$py" -m benchmarks "${run_args[@]:1}" --out "$out/bench$i" \
     > "$out/bench$i.log" 2>&1

@@ -7,10 +7,11 @@ The benchmarks' models level measured ResNet-50 inference at batch 256 (bf16 aut
 waited for the host about 3 ms a forward, which that level cannot show (its host time tracks the median once the
 launch queue is full). This runs the converted model ("auto" backend, as the benchmarks do) and, per forward
 (``--mode train``: per training step, forward, cross-entropy, backward and SGD step, as the benchmarks' models
-level runs it) with the GPU synchronised between them so neither hides the other:
+level runs it), timed so that neither the host nor the GPU hides the other:
 
 - ``host ms``: the time the Python call takes to return (every launch queued), and ``gpu ms``: CUDA events
-  around it. host > gpu means the host bounds the forward;
+  around it, the call's launches queued behind a wait (``benchmarks.timing.time_ms(queue_ahead=True)``) so that
+  they time the GPU's work alone. host > gpu means the host bounds the forward;
 - the host time of each top-level child module's forward (forward pre/post hooks): where that time goes;
 - torch.profiler over a few of them: the ops by self CPU time and by self GPU time (in training: which kernels the
   step's time goes to, the convs' or the BatchNorm passes around them), and the calls that can make the host wait
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import timing  # noqa: E402
 from benchmarks.cases import convert_copy, infer_step, sgd_step  # noqa: E402
 from benchmarks.common import pristine_model  # noqa: E402
 
@@ -82,19 +84,11 @@ def main() -> None:
     sync()
 
     times, handles = _child_host_times(model)
-    host, gpu = [], []
-    for _ in range(args.repeats):
-        sync()
-        start_event, end_event = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
-        if cuda:
-            start_event.record()
-        start = time.perf_counter()
-        run()
-        host.append((time.perf_counter() - start) * 1e3)
-        if cuda:
-            end_event.record()
-            end_event.synchronize()
-            gpu.append(start_event.elapsed_time(end_event))
+    # GPU time: the events time the GPU's work alone, the host's launches queued behind a wait before it
+    # (queue_ahead), so that host > gpu means the host bounds the step; without the wait the events would time the
+    # GPU's idle gaps too, never less than the host's time
+    measured = timing.time_ms(run, device, 0, args.repeats, flush=False, queue_ahead=cuda)
+    host, gpu = measured.host_ms, measured.ms if cuda else []
     for handle in handles:
         handle.remove()
 
@@ -112,8 +106,10 @@ def main() -> None:
              f", backend {args.backend}, bf16 autocast, channels_last, {args.repeats} {unit}s, each alone",
              f"host ms a {unit} (median, min-max): {statistics.median(host):.3f} ({min(host):.3f}-{max(host):.3f})"]
     if cuda:
+        late = (f"; {measured.late} of {len(gpu)} outlasted the wait queued before them, their times include host "
+                f"time" if measured.late else "")
         lines.append(f"gpu ms a {unit} (median, min-max): {statistics.median(gpu):.3f} ({min(gpu):.3f}-{max(gpu):.3f})"
-                     f"  -> {'HOST-BOUND' if statistics.median(host) > statistics.median(gpu) else 'gpu-bound'}")
+                     f"  -> {'HOST-BOUND' if statistics.median(host) > statistics.median(gpu) else 'gpu-bound'}{late}")
     lines += ["", "host ms per top-level module's forward (median):"]
     lines += [f"  {name:24} {statistics.median(t) * 1e3:8.3f}" for name, t in times.items() if t]
     waits = [e for e in averages if e.key in _WAITS or e.key.startswith("cudaMemcpy")]
