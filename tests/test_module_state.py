@@ -160,16 +160,20 @@ def test_hooks_added_after_conversion_run():
         m(x).sum().backward()
     torch.testing.assert_close(grads["fused"], grads["eager"])
 
-    calls = {"eager": [], "fused": []}
-    for name, m in (("eager", eager), ("fused", model)):
-        handle = nn.modules.module.register_module_forward_hook(lambda mod, i, out, name=name: calls[name].append(
-            type(mod).__name__))
-        try:
-            with torch.no_grad():
-                m(x)
-        finally:
-            handle.remove()
+    calls = {"eager": _modules_called(eager, x), "fused": _modules_called(model, x)}
     assert calls["fused"].count("Conv2d") == calls["eager"].count("Conv2d") == 20
+
+
+def _modules_called(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The class names of the modules a global forward hook sees called in ``model(x)`` (no grad), in order."""
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, i, out: calls.append(type(mod).__name__))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return calls
 
 
 def test_activations_replaced_after_conversion_are_applied():
@@ -349,15 +353,7 @@ def test_hooks_added_after_conversion_on_timm_norm_children_run():
     assert set(seen["fused"]) == {"act_input", "drop_output", "act_grad"}
     torch.testing.assert_close(seen["fused"], seen["eager"])
 
-    calls = {"eager": [], "fused": []}
-    for name, m in (("eager", eager), ("fused", model)):
-        handle = nn.modules.module.register_module_forward_hook(lambda mod, i, out, name=name: calls[name].append(
-            type(mod).__name__))
-        try:
-            with torch.no_grad():
-                m(x)
-        finally:
-            handle.remove()
+    calls = {"eager": _modules_called(eager, x), "fused": _modules_called(model, x)}
     acts = {name: [n for n in names if n in ("Identity", "ReLU")] for name, names in calls.items()}
     assert acts["fused"] == acts["eager"] and len(acts["eager"]) == 18
 
