@@ -23,8 +23,10 @@ _HOOK_ATTRIBUTES = _RUN_HOOKS + (
 
 
 def has_run_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has a forward, forward-pre or backward hook of its own."""
-    return any(getattr(module, name, None) for name in _RUN_HOOKS)
+    """Whether ``module`` has a forward, forward-pre or backward hook of its own (``_RUN_HOOKS``, read directly:
+    asked at every forward of a fused module, and torch >= 2.4 has them all)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
 
 
 def global_run_hooks() -> bool:
@@ -35,12 +37,10 @@ def global_run_hooks() -> bool:
 
 
 def any_run_hooks(modules: Iterable[Optional[nn.Module]]) -> bool:
-    """Whether a module of ``modules`` (None skipped) has a forward, forward-pre or backward hook, or a global one
-    is registered. Asked at every forward of a fused module: the four registries are read directly, not through
-    ``has_run_hooks``' loop over their names (torch >= 2.4 has them all)."""
+    """Whether a module of ``modules`` (None skipped) has a forward, forward-pre or backward hook
+    (``has_run_hooks``), or a global one is registered."""
     for module in modules:
-        if module is not None and (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                                   or module._backward_pre_hooks):
+        if module is not None and has_run_hooks(module):
             return True
     return global_run_hooks()
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .blocks import pending_bn
-from .hooks import global_run_hooks, has_run_hooks, share_hooks
+from .hooks import any_run_hooks, share_hooks
 
 _PLACEHOLDER = "_relu_placeholder"  # the plain attribute of a fused norm holding its ReLUFusedIntoNorm, if any
 
@@ -133,7 +133,7 @@ class ReLUFusedIntoNorm(nn.ReLU):
         modules = self._parent._modules
         norm = self._fused_norm
         return (modules.get(self.norm_name) is norm and modules.get(self.act_name) is self
-                and not (has_run_hooks(norm) or has_run_hooks(self) or global_run_hooks()))
+                and not any_run_hooks((norm, self)))
 
     def forward(self, x: Tensor) -> Tensor:
         return x if not isinstance(x, torch.fx.Proxy) and self.passes_through() else super().forward(x)
