@@ -261,6 +261,13 @@ def mismatch(what: str, reference: Tensor, result: Tensor, scale: Optional[float
     return None
 
 
+def _current(device: torch.device):
+    """A context in which ``device`` (a CUDA device) is torch's current one, as for a call on tensors of a GPU
+    other than the current one (a model moved to "cuda:1" without ``torch.cuda.set_device``); nothing before CUDA
+    has started, when no tensor is on a GPU (the tests' stand-in devices on CPU)."""
+    return torch.cuda.device(device) if torch.cuda.is_initialized() else contextlib.nullcontext()
+
+
 def _capturing_or_compiling() -> bool:
     # No capture can be under way before CUDA is initialised, and asking would fail without a driver.
     return torch.compiler.is_compiling() or (torch.cuda.is_initialized()
@@ -320,7 +327,8 @@ class MeasuredDispatch:
                     raise RuntimeError(f"{self.op}: no implementation can run this call ({text})")
                 return available[0]  # not kept: measured once capturing or compiling is over
             else:
-                _TABLE[key] = entry = self._measure(text, unavailable_reason, run, compare)
+                with _current(device):  # the timing's events, wait and synchronize go to the current device
+                    _TABLE[key] = entry = self._measure(text, unavailable_reason, run, compare)
                 if path:
                     _save(path, key, entry)
         _CHOSEN[self.op, device.index, signature, _graph_replay] = entry["choice"]

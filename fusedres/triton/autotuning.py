@@ -30,7 +30,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from ._host import next_power_of_2
-from .relaunch import Relaunches
+from .relaunch import Relaunches, on_tensors_device
 
 
 _SCALARS = (int, bool, float)
@@ -135,7 +135,7 @@ def fast_path_and_record(tuner, keep, constants):
                     timings={} if new_timings is timings else new_timings)
         return result
 
-    tuner.run = run
+    tuner.run = on_tensors_device(run)  # the tuning too: it times and compiles on the current device
     return tuner
 
 
@@ -163,6 +163,7 @@ def _with_best_config_per_thread(autotuner: type) -> type:
     return type(autotuner.__name__, (autotuner,), {"best_config": property(get, set_)})
 
 
+@functools.partial(on_tensors_device, tensor_of=lambda args: args[3][0])  # the relaunch of a kept launch too
 def keyed_launch(kernel, grid, key, tensors: tuple, kwargs: dict):
     """``kernel[grid](*tensors, **kwargs)``, where ``key`` (hashable) with the dtypes and 16-byte alignments of
     ``tensors`` decides everything else about the launch: ``kwargs``, the grid's value, and so the autotuner's

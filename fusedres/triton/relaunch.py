@@ -19,9 +19,14 @@ Left to the JIT path: a launch while a launch hook is set (a profiler such as pr
 hook's metadata), a warm-up, a launch with an unhashable argument, any launch under TRITON_INTERPRET=1, and
 every launch with triton < 3.4. Not checked again: that the kernel's globals keep the values they were
 compiled with (ours are constants; the JIT path raises if one changed).
+
+Every launch, relaunched or not, runs on its tensors' GPU (``on_tensors_device``).
 """
 
+import functools
 import inspect
+
+import torch
 
 from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
@@ -34,6 +39,24 @@ except ImportError:  # triton < 3.4, whose launch path this does not know: every
 
 # launches kept per kernel, by signature and by key each: beyond it (shapes that keep changing) they take the JIT path
 _MAX_KEPT = 4096
+
+
+def on_tensors_device(launch, tensor_of=lambda args: args[0]):
+    """``launch`` (a kernel's launch, ``tensor_of(args)`` one of its tensors) run with that tensor's GPU made the
+    current CUDA device where it is not. Triton launches on the current device: it compiles for it, loads the
+    kernel into its context and queues on its stream. A model moved to "cuda:1" without
+    ``torch.cuda.set_device(1)`` would otherwise have its kernels run in cuda:0's context on cuda:1's memory,
+    where torch's own ops (and fusedres's CUDA extension) run on the tensors' device. ~0.2 us a launch on the
+    development CPU; nothing on CPU tensors (TRITON_INTERPRET=1)."""
+    @functools.wraps(launch)
+    def launch_on_tensors_device(*args, **kwargs):
+        index = tensor_of(args).get_device()  # -1 for a CPU tensor
+        if index < 0 or index == torch.cuda.current_device():
+            return launch(*args, **kwargs)
+        with torch.cuda.device(index):
+            return launch(*args, **kwargs)
+
+    return launch_on_tensors_device
 
 
 def _silent(hook) -> bool:
@@ -165,7 +188,8 @@ def _run(kernel: CompiledKernel, device, grid: tuple, arguments) -> None:
 
 def relaunched(jit_fn):
     """``jit_fn`` (a ``@triton.jit`` kernel), its launches relaunched where an earlier one had their signature
-    (``Relaunches``); under TRITON_INTERPRET=1 (no JITFunction) as it is."""
+    (``Relaunches``), each on its first argument's GPU (``on_tensors_device``); under TRITON_INTERPRET=1 (no
+    JITFunction) as it is."""
     if not isinstance(jit_fn, JITFunction):
         return jit_fn
     relaunches, jit_run = Relaunches(jit_fn), jit_fn.run
@@ -177,5 +201,5 @@ def relaunched(jit_fn):
             relaunches.remember(signature, kernel)
         return kernel
 
-    jit_fn.run = run
+    jit_fn.run = on_tensors_device(run)
     return jit_fn
