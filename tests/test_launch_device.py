@@ -112,3 +112,44 @@ def test_the_dispatch_times_a_call_on_its_gpu(devices, fresh_dispatch, monkeypat
     op = fresh_dispatch.MeasuredDispatch("launch_device_test", ("a",))
     assert op.choose(torch.device("cuda", 1), "signature", lambda name: None, lambda name: None) == "a"
     assert timed_on == [1] and devices.current == [0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_a_triton_unit_on_the_second_gpu_matches_eager_there():
+    """A training unit (BN + ReLU prologue, conv, statistics, BN + ReLU) on the Triton backend, its tensors on
+    cuda:1 while cuda:0 is current: forward and backward as eager computes them in float32 on cuda:1."""
+    from fusedres.ops import functional
+
+    torch.cuda.set_device(0)
+    gen = torch.Generator(device="cuda:1").manual_seed(11)
+    device = torch.device("cuda", 1)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+
+    x = rand(3, 16, 9, 11).to(memory_format=torch.channels_last)
+    weight, bias, conv_weight, weight2, bias2 = rand(16), rand(16), rand(24, 16, 3, 3) / 12, rand(24), rand(24)
+    leaves = [t.requires_grad_() for t in (x, weight, bias, conv_weight, weight2, bias2)]
+    grad = rand(3, 24, 5, 6)
+
+    def fused():
+        source = functional.batch_norm_stats(x.bfloat16(), weight, bias, None, None, batch_stats=True,
+                                             momentum=0.1, eps=1e-5, backend="triton")
+        pending = functional.conv_batch_norm_stats(source, conv_weight.bfloat16(), None, 2, 1, 1, 1, weight2,
+                                                   bias2, None, None, batch_stats=True, momentum=0.1, eps=1e-5,
+                                                   backend="triton")
+        return functional.bn_act(pending, backend="triton")
+
+    def eager():
+        y = torch.relu(torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.1, 1e-5))
+        y = torch.nn.functional.conv2d(y, conv_weight, None, 2, 1)
+        return torch.relu(torch.nn.functional.batch_norm(y, None, None, weight2, bias2, True, 0.1, 1e-5))
+
+    results = []
+    for forward in (fused, eager):
+        out = forward()
+        results.append((out.detach().float(), *torch.autograd.grad(out.float(), leaves, grad)))
+    assert torch.cuda.current_device() == 0
+    for got, expected in zip(*results):
+        assert got.device == device
+        torch.testing.assert_close(got, expected, atol=0.05 * float(expected.abs().max()), rtol=0)
