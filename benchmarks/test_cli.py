@@ -200,6 +200,30 @@ def test_host_overhead_counts_the_torch_ops_that_compute_or_copy():
     assert _torch_ops_with_work(three.function_events) == 4
 
 
+def test_host_overhead_behind_the_stand_in_lets_the_triton_backends_take_cpu_tensors():
+    """``host_overhead``'s stand-in set-up (``--resnet50`` and the launch rows on CPU): the kernels compile for
+    sm_90, not interpreted, and the ops' triton backends accept CPU tensors. It set a name the backends no longer
+    read, so ``--resnet50`` raised "backend 'triton' is not available". Run in a process of its own (it replaces
+    triton's driver)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import torch\n"
+              "from benchmarks import host_overhead\n"
+              "host_overhead._behind_stand_in()\n"
+              "from fusedres.ops import backends\n"
+              "from triton.runtime.jit import JITFunction\n"
+              "from fusedres.triton import partials\n"
+              "assert backends.unavailable_reason('triton', torch.device('cpu')) is None\n"
+              "assert isinstance(partials._finish_partials_kernel, JITFunction), 'compiled, not interpreted'\n")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # as it is run
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_queue_ahead_puts_a_wait_of_twice_the_host_time_before_each_timed_call(monkeypatch):
     """``time_ms(queue_ahead=True)``'s CUDA path behind stand-ins for torch.cuda (events that report 2 ms,
     a recorded ``_sleep``): it calibrates the sleep's cycles per ms, then queues before each timed call's
