@@ -7,12 +7,14 @@
 // bn_act_kernels.cuh, included below: one translation unit.
 
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -421,6 +423,8 @@ OptTensor float_vector(const char* fn, const char* name, const OptTensor& t, con
 
 // The number of channels C of the (C,) vector mean, checked; and the device guard's device.
 int vector_channels(const char* fn, const at::Tensor& mean) {
+  // first: channel() takes C from a 1-D mean only (of another, size(1), which a 0-D one has not)
+  TORCH_CHECK(mean.dim() == 1, fn, ": expected mean to be a (C,) vector, got shape ", mean.sizes());
   channel(fn, "mean", mean, mean);
   TORCH_CHECK(mean.numel() <= INT32_MAX, fn, ": too many channels (", mean.numel(), ")");
   return static_cast<int>(mean.numel());
@@ -504,6 +508,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "per-channel arithmetic, with the same "
       "functions, arguments and results as fusedres.ops.torch_backend. CUDA tensors, storage "
       "fp32/fp16/bf16 in NCHW or channels_last, per-channel vectors contiguous fp32.";
+  // The torch these bindings were compiled against. torch's C++ ABI changes between releases:
+  // a build for another torch may import and then misread every tensor, so
+  // fusedres/_extension.py refuses one whose release differs.
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                            std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
   m.def("channel_stats", &channel_stats, py::arg("y"),
         "channel_stats(y) -> (mean, var): per-channel mean and biased variance over (N, H, W), "
         "fp32 (C,). Welford partials merged with Chan's formula in a fixed order.");

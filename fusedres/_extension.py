@@ -47,19 +47,49 @@ def _source_dir() -> Path | None:
     return None
 
 
+# What the CUDA backend calls (ops/backends.py): a build from older sources may lack some.
+_FUNCTIONS = ("channel_stats", "act_forward", "backward_reduce", "backward_apply", "affine",
+              "finish_batch_stats", "backward_coefficients")
+_REBUILD = "rebuild it (pip install --no-build-isolation -e .) or call fusedres.build_extension()"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a torch version such as "2.11.0+cu130" or "2.14.0a0+git1234"."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+
+
+def _unusable_reason(module: ModuleType, torch_version: str) -> str | None:
+    """Why a compiled fusedres._C cannot serve this torch, or None. torch's C++ ABI changes between
+    releases: a build for another one can import and then misread every tensor (or crash)."""
+    built = getattr(module, "torch_version", None)  # absent from builds older than the attribute
+    if built is not None and _release(built) != _release(torch_version):
+        return f"fusedres._C was built for torch {built}, but torch {torch_version} is running; {_REBUILD}"
+    missing = [name for name in _FUNCTIONS if not hasattr(module, name)]
+    if missing:
+        return f"fusedres._C is out of date (it has no {', '.join(missing)}); {_REBUILD}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _import_built() -> tuple[ModuleType | None, str]:
     if os.environ.get("FUSEDRES_DISABLE_CUDA_EXT", "0") == "1":
         return None, "disabled by FUSEDRES_DISABLE_CUDA_EXT=1"
     try:
-        import torch  # noqa: F401  (the extension links against torch's libraries)
+        import torch  # (the extension links against torch's libraries)
 
-        return importlib.import_module("fusedres._C"), "compiled extension fusedres._C"
+        module = importlib.import_module("fusedres._C")
     except ImportError as exc:
-        return None, (
-            f"fusedres._C is not built ({exc}); install with CUDA torch and nvcc present, "
-            "or call fusedres.build_extension()"
-        )
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "fusedres._C":
+            return None, (
+                f"fusedres._C is not built ({exc}); install with CUDA torch and nvcc present, "
+                "or call fusedres.build_extension()"
+            )
+        # built, but it does not load: an undefined symbol of another torch, say
+        return None, f"fusedres._C is built but cannot be imported ({exc}); {_REBUILD}"
+    reason = _unusable_reason(module, torch.__version__)
+    if reason is not None:
+        return None, reason
+    return module, "compiled extension fusedres._C"
 
 
 def extension_status() -> tuple[ModuleType | None, str]:

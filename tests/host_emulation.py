@@ -27,11 +27,10 @@ def gpu_extension():
 
     if not torch.cuda.is_available():
         return None, "needs a CUDA device"
-    try:
-        import fusedres._C as ext
-    except ImportError as exc:
-        return None, f"fusedres._C cannot be imported ({exc})"
-    return ext, ""
+    from fusedres._extension import extension_status
+
+    ext, why = extension_status()  # refuses a build for another torch, which would misread the tensors
+    return (ext, "") if ext is not None else (None, why)
 
 
 def unavailable_reason():

@@ -455,3 +455,23 @@ def test_rejects_wrong_dtypes(bad, backend):
     with pytest.raises(RuntimeError, match=r"backward_apply: grad_out must be float32, float16"):
         ext.backward_apply(y_bad, y, s, s, None, None, None, True, torch.stack([s] * 4), None,
                            False)
+
+
+def test_rejects_per_channel_vectors_of_the_wrong_shape(backend):
+    """A mean that is not (C,) named as such (a 0-D one raised torch's IndexError about a dimension 1, a
+    (C, 1) one was compared with C = 1); per-channel vectors of y's functions against y's C."""
+    ext = backend.ext
+    y, s = _small(backend.device)
+    for mean in (s[0], s.view(3, 1), s.view(1, 3)):
+        with pytest.raises(RuntimeError, match=r"fusedres.affine: expected mean to be a \(C,\) vector, got shape"):
+            ext.affine(mean, mean, None, None)
+        with pytest.raises(RuntimeError, match=r"fusedres.finish_batch_stats: expected mean to be a \(C,\) vector"):
+            ext.finish_batch_stats(mean, mean, None, None, 0.1, 1e-5, 4)
+        with pytest.raises(RuntimeError, match=r"fusedres.backward_coefficients: expected mean to be a \(C,\)"):
+            ext.backward_coefficients(s, s, s, s, mean, s, None, None, 4, True)
+    with pytest.raises(RuntimeError, match=r"act_forward: scale has shape \[3, 1\], expected \(C,\) with C = 3"):
+        ext.act_forward(y, s.view(3, 1), s, None, None, None, True)
+    with pytest.raises(RuntimeError, match=r"backward_apply: coef has shape \[3, 3\], expected \(4, C\) with C = 3"):
+        ext.backward_apply(y, y, s, s, None, None, None, True, torch.stack([s] * 3), None, False)
+    with pytest.raises(RuntimeError, match=r"affine: weight has 4 elements, expected one per channel \(3\)"):
+        ext.affine(s, s, torch.ones(4, device=backend.device), None)
