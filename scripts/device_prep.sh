@@ -7,7 +7,8 @@
 #    PyPI) at $FUSEDRES_DEVICE_VENV (default /tmp/fusedres-py312); set FUSEDRES_DEVICE_PYTHON to a python3.12
 #    where pyenv has none.
 # 2. The CUDA extension built against it for sm_90: fusedres/_C.cpython-312-x86_64-linux-gnu.so (~97 s of the
-#    GPU machine's time when built there). gpu_check.sh uses it where it imports, else builds.
+#    GPU machine's time when built there). gpu_check.sh uses it where fusedres takes it and it was built from the
+#    same setup.py and csrc/ (.device/extension-sources), else builds.
 # 3. The Triton kernels of the GPU check's ResNet-50 runs (scripts/resnet50_compiles.py: training and the
 #    convs level at batch 256, inference at 1, 32, 256), compiled for sm_90 into the Triton cache
 #    /tmp/fusedres-triton-cache and packed as .device/triton-cache.tgz; .device/triton-key says which triton
@@ -42,6 +43,7 @@ if [ ! -f "$extension" ] || [ -n "$(find setup.py csrc -newer "$extension" -prin
     || { tail -30 .device/build.log; echo "device_prep.sh: extension build failed"; exit 1; }
   echo "device_prep.sh: $extension built in $((SECONDS - start)) s"
 fi
+cat setup.py csrc/* | sha256sum | cut -d' ' -f1 > .device/extension-sources  # what gpu_check.sh compares
 
 packed=.device/triton-cache.tgz
 if [ ! -f "$packed" ] || [ -n "$(find fusedres/triton scripts/resnet50_compiles.py tests/triton_conv_helpers.py \

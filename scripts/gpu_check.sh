@@ -115,20 +115,27 @@ else
 fi
 kernels_before=$(kernels)
 
+extension_sources() { cat setup.py csrc/* | sha256sum | cut -d' ' -f1; }  # as device_prep.sh writes it
 start=$SECONDS
 extension=$(ls fusedres/_C.cpython-"$("$py" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.so 2>/dev/null)
 build=${GPU_CHECK_BUILD:-auto}
+# the carried build serves if device_prep.sh built it from these sources and fusedres takes it (a build for another
+# torch release imports, then misreads tensors: fusedres._extension refuses it)
 if [ "$build" = auto ] && [ -n "$extension" ] \
-    && "$py" -c "import sys; sys.path.insert(0, '.'); import torch, fusedres._C" > "$out/carried_import.log" 2>&1; then
+    && { [ "$(extension_sources)" = "$(cat .device/extension-sources 2>/dev/null)" ] \
+         || { echo "built from other sources than these (.device/extension-sources)"; false; }; } \
+       > "$out/carried_import.log" 2>&1 \
+    && "$py" -c "import sys; sys.path.insert(0, '.'); from fusedres._extension import _import_built
+module, why = _import_built(); print(why); sys.exit(module is None)" >> "$out/carried_import.log" 2>&1; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  note build "carried $extension (imports)"
+  note build "carried $extension (imports, built from these sources)"
 elif [ "$build" = 0 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   note build "skipped (GPU_CHECK_BUILD=0): ${extension:-no extension}"
 else
   $(limit 0) "$py" -m pip install --no-build-isolation --no-deps -v -e . > "$out/build.log" 2>&1
   rc=$?
-  why=$([ "$build" = auto ] && [ -n "$extension" ] && echo " (the carried $extension did not import: carried_import.log)")
+  why=$([ "$build" = auto ] && [ -n "$extension" ] && echo " (the carried $extension did not serve: carried_import.log)")
   note build "rc=$rc in $((SECONDS - start)) s$why"
 fi
 "$py" -m fusedres info 2>&1 | tee "$out/info.txt"
