@@ -207,11 +207,12 @@ void run(Kernel k, const Plan& p, Args a, Outs outs = {}) {
 // ------------------------------------------------------------------ host: argument checks
 using OptTensor = std::optional<at::Tensor>;
 
+// y: the call's activation, or for the per-channel functions (which have none) their (C,) mean.
 void check_device(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& y) {
   TORCH_CHECK(t.device().type() == platform::kDeviceType, fn, ": expected ", name, " to be a ",
               c10::DeviceTypeName(platform::kDeviceType), " tensor, got ", t.device());
-  TORCH_CHECK(t.device() == y.device(), fn, ": expected ", name, " on ", y.device(),
-              " (like y), got ", t.device());
+  TORCH_CHECK(t.device() == y.device(), fn, ": expected ", name, " on ", y.device(), " (like ",
+              y.dim() == 1 ? "mean" : "y", "), got ", t.device());
 }
 
 void check_activation(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& y) {
