@@ -262,10 +262,11 @@ def mismatch(what: str, reference: Tensor, result: Tensor, scale: Optional[float
 
 
 def _current(device: torch.device):
-    """A context in which ``device`` (a CUDA device) is torch's current one, as for a call on tensors of a GPU
-    other than the current one (a model moved to "cuda:1" without ``torch.cuda.set_device``); nothing before CUDA
-    has started, when no tensor is on a GPU (the tests' stand-in devices on CPU)."""
-    return torch.cuda.device(device) if torch.cuda.is_initialized() else contextlib.nullcontext()
+    """A context in which ``device`` is torch's current CUDA device, as for a call on tensors of a GPU other than
+    the current one (a model moved to "cuda:1" without ``torch.cuda.set_device``); nothing for another device type
+    or before CUDA has started, when no tensor is on a GPU (the tests' stand-ins for a GPU on CPU)."""
+    cuda = device.type == "cuda" and torch.cuda.is_initialized()
+    return torch.cuda.device(device) if cuda else contextlib.nullcontext()
 
 
 def _capturing_or_compiling() -> bool:
