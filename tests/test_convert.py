@@ -109,16 +109,31 @@ def test_unknown_module_with_block_like_children_is_never_touched():
 
 
 def test_revert_restores_original_classes_and_state():
+    """The original classes again, holding the converted model's current state: its parameters and BatchNorm
+    buffers as a training step after the conversion left them (not fresh ones, nor those of the conversion)."""
+    torch.manual_seed(0)
     eager = torchvision.models.resnet18(num_classes=10)
+    randomise_bn(eager, seed=2)
     model = copy.deepcopy(eager)
     fusedres.convert(model)
+    x = torch.randn(2, 3, 32, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).square().mean().backward()
+    optimizer.step()
     model.eval()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
     reverted = fusedres.revert(model)
     assert [type(m) for m in reverted.modules()] == [type(m) for m in eager.modules()]
     assert not any(m.training for m in reverted.modules())
-    x = torch.randn(2, 3, 32, 32)
+    after = reverted.state_dict()
+    assert list(after) == list(state)
+    for name, value in state.items():
+        assert torch.equal(after[name], value), name
+    assert not torch.equal(state["bn1.running_var"], eager.bn1.running_var)  # the step moved it
     with torch.no_grad():
-        torch.testing.assert_close(reverted(x), eager.eval()(x))
+        torch.testing.assert_close(reverted(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_filter_fn_and_root_block_conversion():

@@ -39,12 +39,15 @@ def _block(kind: str, seed: int) -> nn.Module:
         ds = nn.Sequential(nn.Conv2d(12, 24, 1, 2, bias=False), nn.BatchNorm2d(24))
         block = torchvision.models.resnet.Bottleneck(12, 6, stride=2, downsample=ds)
     gen = torch.Generator().manual_seed(seed)
+    mean_gen = torch.Generator().manual_seed(seed + 10_000)  # its own: the other values as they were
     for m in block.modules():
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                # not 0: an eval forward folding a BatchNorm without its running mean would pass
+                m.running_mean.copy_(torch.rand(m.num_features, generator=mean_gen) - 0.5)
     return block
 
 
@@ -476,7 +479,7 @@ def test_eval_forward_rejects_a_wrong_input_as_eager_would(kind):
 def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
     """Every Triton kernel of a training step (BN stages, the convs forward, the unit convs' input and
     weight gradients) on CPU, fp32."""
-    from fusedres.triton import conv, conv_dgrad, conv_wgrad
+    from fusedres.triton import bn_act, conv, conv_dgrad, conv_wgrad
 
     calls = []
 
@@ -487,8 +490,15 @@ def test_triton_backend_blocks_under_the_interpreter(kind, monkeypatch):
     count(conv, "conv2d_fused")
     count(conv_dgrad, "conv2d_input_grad")
     count(conv_wgrad, "conv2d_weight_grad")
+    for name in ("channel_stats", "act_forward", "backward_reduce", "backward_apply", "affine", "finish_batch_stats",
+                 "backward_coefficients"):
+        count(bn_act, name)
     _assert_no_worse_than_eager(_runs(kind, [4], backend="triton"))
-    assert {"conv2d_fused", "conv2d_input_grad", "conv2d_weight_grad"} <= set(calls), set(calls)
+    # the BN stages too (not torch's in their place): a post-activation block's last unit applies its BatchNorms
+    # in one bn_act pass; a pre-activation block's convs apply every BatchNorm, its input's statistics a pass
+    stages = {"affine", "finish_batch_stats", "backward_coefficients", "backward_apply"} | (
+        {"channel_stats"} if kind.startswith("preact-") else {"act_forward", "backward_reduce"})
+    assert {"conv2d_fused", "conv2d_input_grad", "conv2d_weight_grad"} | stages <= set(calls), set(calls)
 
 
 @pytest.mark.host_emulation

@@ -179,10 +179,14 @@ def test_fused_timm_batchnormact_with_and_without_residual(relu, training):
     expected = reference(x) + residual
     expected = expected.relu() if relu else expected
     torch.testing.assert_close(out, expected)
-    grads = torch.autograd.grad(out.square().sum(), (x, residual))
-    expected_grads = torch.autograd.grad(expected.square().sum(), (x, residual))
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e)
+    # the input's, the residual's, and the BatchNorm's weight and bias gradients
+    grads = torch.autograd.grad(out.square().sum(), (x, residual, fused.weight, fused.bias))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, residual, reference.weight, reference.bias))
+    for name, g, e in zip(("x", "residual", "weight", "bias"), grads, expected_grads):
+        torch.testing.assert_close(g, e, msg=name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):  # updated as timm's, in training
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), rtol=1e-12, atol=1e-12,
+                                   msg=name)
     torch.testing.assert_close(fused(x), copy.deepcopy(bn)(x) if not training else bn(x))
 
 
