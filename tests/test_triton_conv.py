@@ -753,6 +753,26 @@ def test_stats_about_a_non_finite_shift_are_the_batch_statistics(channels_last):
     _check_stats(out, mean, var)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_stats_of_a_mean_far_from_the_shift_keep_the_variance(kernel, channels_last):
+    """y's mean ~1000 of its standard deviations from the shift (0: no running mean, or a running mean still at
+    its start): the variance to y's own precision, where sums of d and d*d about the shift lost its digits (20% off
+    at 1200 std in fp32); a NaN in x makes the variance NaN, as eager's (the max(var, 0) of those sums made it 0)."""
+    gen = seeded(f"far-mean-{kernel}-{channels_last}")
+    x = rand_act(gen, (2, 16, 7, 5), F32, channels_last) + 300.0
+    w = (1 / (16 * kernel * kernel) + 0.01 * torch.randn(24, 16, kernel, kernel, generator=gen)).to(DEVICE)
+    out, mean, var = conv.conv2d_fused(x, w, compute_stats=True)  # unpadded: padding would spread y
+    y = out.double()
+    want_mean, want_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    assert (want_mean.abs() > 500 * want_var.sqrt()).all(), "the case: a mean far from the shift"
+    assert ((mean.double() - want_mean).abs() <= 1e-6 * want_mean.abs()).all(), f"{mean} != {want_mean}"
+    assert ((var.double() - want_var).abs() <= 1e-3 * want_var).all(), f"{var} != {want_var}"
+    x[1, 3, 2, 2] = float("nan")
+    _, mean, var = conv.conv2d_fused(x, w, compute_stats=True)
+    assert mean.isnan().all() and var.isnan().all(), (mean, var)
+
+
 def test_residual_layout_and_dtype():
     """bf16 channels_last output with an fp32 NCHW residual that is a strided view."""
     gen = seeded("residual")
@@ -1220,8 +1240,7 @@ for flags in (dict(off, PROLOGUE=True, IN_RELU=True, COMPUTE_STATS=True),
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 finish = partials._finish_partials_kernel  # each mode, with the GPU's tile, not the interpreter's
-for mode, planes in ((partials.SUMS, 2), (partials.SUMS, 3), (partials.SHIFTED_MOMENTS, 2),
-                     (partials.CHAN_MOMENTS, 3)):
+for mode, planes in ((partials.SUMS, 2), (partials.SUMS, 3), (partials.CHAN_MOMENTS, 3)):
     consts = dict(MODE=mode, PLANES=planes, BLOCK_R=partials._BLOCK_R, BLOCK_C=partials._BLOCK_C)
     sig = {a: "constexpr" if a in consts else "*bf16" if a == "centre_ptr" else "*fp32" if a.endswith("_ptr")
            else "i32" for a in finish.arg_names}
@@ -1780,8 +1799,7 @@ def into_out(x):  # forward(scale)'s launch as conv2d_fused makes it, into a cha
     k = out.shape[1]
     return launched(lambda: conv._launch(
         x, conv._packed_weight(w, 2), conv._geometry(x, w, 1, 1, 1, 2), 2, out, in_scale=scale, in_shift=shift,
-        in_relu=True, compute_stats=True, stats_shift=torch.zeros(k), stats_out=(torch.empty(k), torch.empty(k)),
-        moments=True))
+        in_relu=True, compute_stats=True, stats_shift=torch.zeros(k), stats_out=(torch.empty(k), torch.empty(k))))
 
 
 # x's values with other strides (pixels 136 channels apart): the same tuning key, another launch plan

@@ -99,14 +99,15 @@ ResNet's layer1 1x1 convs or the 4 channel blocks of layer2's strided 1x1, are o
 the dot's x tile is in registers (a box of several positions, or the prologue's transform) ptxas serialises that
 loop's wgmma (warning C7515).
 
-Statistics without a second pass: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
-x's dtype, in registers to per-channel sums of d = y - stats_shift and d*d, and writes them to row pid_m
-of an fp32 workspace (2, rows, K); every row is written by exactly one program, so no atomics and no
-zero-fill are needed, and one more launch (``partials.finish``, rows added in a fixed order, so
-deterministic) turns them into mean = shift + sum(d)/M and var = sum(d*d)/M - (sum(d)/M)^2, where torch
-took five small ops. Any shift gives these up to rounding; one near the mean (a
-BatchNorm's running mean) keeps the sum of squares from cancelling when |mean| >> std; a non-finite shift counts
-as 0 (``partials.finite_shift``: a running mean left inf or NaN by an overflowed step). On the tensor cores'
+Statistics without a second pass over y: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
+x's dtype, in registers to per-channel (count, mean, M2) of d = y - stats_shift, M2 the sum of squared
+deviations from the tile's own mean, and writes them to row pid_m of an fp32 workspace (3, rows, K); every row
+is written by exactly one program, so no atomics and no zero-fill are needed, and one more launch
+(``partials.finish``, Chan's merge, rows added in a fixed order, so deterministic) turns them into the batch's
+mean and biased variance, where torch took five small ops. Nothing cancels when |mean| >> std, whatever the
+shift (sums of d and d*d about a running mean far from the batch's lost most digits of the variance: 20% at
+|mean| = 1200 std in fp32); a non-finite shift counts as 0 (``partials.finite_shift``: a running mean left inf or
+NaN by an overflowed step), and a NaN in y gives a NaN variance, as eager's. On the tensor cores'
 accumulator layout a column's values lie across the lanes and warps of the tile's rows, so these column sums
 took shuffles and a reduction across warps through shared memory (2088 sm_90 instructions a thread against the
 prologue variant's 960 on layer1's 64->256 1x1, TMA 128x128). CHANNEL_ROWS configs compute the tile as its
@@ -171,7 +172,7 @@ def _conv_kernel(
     out_scale_ptr, out_shift_ptr,  # (K,) fp32, read if HAS_OUT_SCALE / HAS_OUT_SHIFT
     res_ptr,  # (N, K, P, Q) any float dtype and strides: the residual if HAS_RESIDUAL, the unit input if PROLOGUE_GRAD
     stats_shift_ptr,  # (K,) fp32, read if COMPUTE_STATS
-    ws_ptr,  # (2, WS_ROWS, K) fp32 out if COMPUTE_STATS: row pid_m = this tile's sums of d, d*e (WS_ROWS >= m_tiles)
+    ws_ptr,  # (3, WS_ROWS, K) fp32 out if COMPUTE_STATS (2 if PROLOGUE_GRAD): row pid_m = this tile's partials
     N, C, H, W, K, P, Q, M, Cg, Kg, WS_ROWS,  # M = N*P*Q, Cg = C/G, Kg = K/G (N and C: autotune key only)
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_on, stride_ok, stride_op, stride_oq,
@@ -398,16 +399,21 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
             acc = acc + tl.load(out_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
         y = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_offs, y, mask=mask)
+        # rows pid_m of the planes; int args equal to 1 arrive as constants, so no .to() on WS_ROWS or K
+        row = pid_m.to(tl.int64)
         if PROLOGUE_GRAD:  # sum dz and sum dz * (x - mean): BatchNorm's backward reduction
             d = tl.where(mask, y.to(tl.float32), 0.0)
-            e = x_in - shift
-        else:  # sum d and sum d*d, d = y - shift: the batch statistics of y as stored
+            tl.store(ws_ptr + row * K + k_out, tl.sum(d, axis=0), mask=col_mask)
+            tl.store(ws_ptr + (row + WS_ROWS) * K + k_out, tl.sum(d * (x_in - shift), axis=0), mask=col_mask)
+        else:  # the batch statistics of y as stored: (count, mean, M2) of d = y - shift over the tile's rows,
+            # M2 about the tile's own mean, for Chan's merge (nothing cancels however far shift is from the mean)
             d = tl.where(mask, y.to(tl.float32) - shift, 0.0)
-            e = d
-        # rows pid_m of planes 0 and 1; int args equal to 1 arrive as constants, so no .to() on WS_ROWS or K
-        row = pid_m.to(tl.int64)
-        tl.store(ws_ptr + row * K + k_out, tl.sum(d, axis=0), mask=col_mask)
-        tl.store(ws_ptr + (row + WS_ROWS) * K + k_out, tl.sum(d * e, axis=0), mask=col_mask)
+            count = tl.sum(row_mask.to(tl.float32), axis=0)
+            tile_mean = tl.sum(d, axis=0) / tl.maximum(count, 1.0)
+            deviation = tl.where(mask, d - tile_mean[None, :], 0.0)
+            tl.store(ws_ptr + row * K + k_out, tl.zeros_like(tile_mean) + count, mask=col_mask)
+            tl.store(ws_ptr + (row + WS_ROWS) * K + k_out, tile_mean, mask=col_mask)
+            tl.store(ws_ptr + (row + 2 * WS_ROWS) * K + k_out, tl.sum(deviation * deviation, axis=0), mask=col_mask)
     else:
         z = acc
         if HAS_OUT_SCALE:
@@ -481,16 +487,16 @@ def _start(plan: _Plan, x: Tensor, packed_weight: Tensor, out: Tensor, in_scale=
 
 def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
             in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
-            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(),
-            moments=False, flat=False):
+            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(), flat=False):
     """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
-    compute_stats, also ``partials.finish`` into stats_out, two (K,) fp32 tensors: the per-channel sums of
-    d and d*e over all M rows (see the kernel), or with ``moments`` the mean and variance of y. The reduction
-    is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``."""
+    compute_stats, also ``partials.finish`` into stats_out, two (K,) fp32 tensors: the mean and variance of y,
+    or with prologue_grad the per-channel sums of dz and dz * (x - stats_shift) over all M rows (see the kernel).
+    The reduction is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``."""
     flags = _flags(in_scale, in_relu, out_scale, out_shift, residual, out_relu, compute_stats, prologue_grad, flat,
                    geo)
     plan = _planned(x, out, out if residual is None else residual, geo, groups, flags)
-    ws = torch.empty((2, plan.ws_rows, geo["K"]), device=x.device, dtype=torch.float32) if compute_stats else None
+    ws = (torch.empty((2 if prologue_grad else 3, plan.ws_rows, geo["K"]), device=x.device, dtype=torch.float32)
+          if compute_stats else None)
     if in_scale is None:  # read only by the prologue: passed as out, as the launch's kernel was specialised on
         in_shift = None
     _start(plan, x, packed_weight, out, in_scale, in_shift, out_scale, out_shift, residual,
@@ -498,7 +504,7 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     if compute_stats:  # the rows the launch wrote: one per row tile of the config the autotuner ran
         best = _conv_kernel.best_config.kwargs
         partials.finish(ws, _row_tiles(plan.geo, plan.box, best["BLOCK_M"], best["USE_TMA"]), stats_out,
-                        partials.SHIFTED_MOMENTS if moments else partials.SUMS, count=geo["M"], centre=stats_shift)
+                        partials.SUMS if prologue_grad else partials.CHAN_MOMENTS, count=geo["M"], centre=stats_shift)
 
 
 def _check_residual(fn: str, residual: Optional[Tensor], geo: dict, x: Tensor) -> None:
@@ -570,7 +576,7 @@ def conv2d_fused(
     _launch(x, packed, _merged(geo, merge), groups // merge, out,
             in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, out_scale=out_scale, out_shift=out_shift,
             residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift,
-            stats_out=(mean, var), moments=True, flat=bool(space_to_depth))
+            stats_out=(mean, var), flat=bool(space_to_depth))
     return out, mean, var
 
 

@@ -6,9 +6,6 @@ no atomics and no zero-fill. ``finish`` turns the rows written into the (C,) res
 channel's rows added in a fixed order (deterministic), where torch took 2-11 small ops:
 
 - ``SUMS``: the sum of each plane's rows (2 or 3 planes).
-- ``SHIFTED_MOMENTS``: planes sum d and sum d*d of d = y - centre over ``count`` elements: mean = centre +
-  s/count and variance max(ss/count - (s/count)^2, 0). With a centre near the mean (a BatchNorm's running
-  mean) nothing cancels.
 - ``CHAN_MOMENTS``: planes (count, mean, M2) of y - centre per program: mean = centre + sum(count_i * mean_i)
   / count and variance sum(M2_i + count_i * (mean_i - mean)^2) / count, the deviations taken about the mean in
   a second pass over the rows (Chan's merge; nothing cancels whatever the centre).
@@ -31,8 +28,8 @@ from .conv_args import _INTERPRET
 from .relaunch import relaunched
 
 # the modes, as the kernel reads them (a jit function reads only constexpr globals) and as callers name them
-_SUMS, _SHIFTED_MOMENTS, _CHAN_MOMENTS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-SUMS, SHIFTED_MOMENTS, CHAN_MOMENTS = _SUMS.value, _SHIFTED_MOMENTS.value, _CHAN_MOMENTS.value
+_SUMS, _CHAN_MOMENTS = tl.constexpr(0), tl.constexpr(1)
+SUMS, CHAN_MOMENTS = _SUMS.value, _CHAN_MOMENTS.value
 
 # the tile: narrow, so a reduction over few channels (64) still spreads over several programs, and tall, so
 # each adds its rows (6272 for ResNet-50's layer1 conv at batch 256) in few steps: the loop's loads are not
@@ -62,7 +59,7 @@ def _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R: tl.constexpr):
 def _finish_partials_kernel(
     ws_ptr,  # (PLANES, >= ROWS, C) fp32 partials, planes PLANE elements apart: rows [0, ROWS) read
     first_ptr, second_ptr, third_ptr,  # (C,) fp32 out: the sums (third if PLANES == 3), or mean and variance
-    centre_ptr,  # C elements CENTRE_STRIDE apart, any float dtype: read by the moment modes
+    centre_ptr,  # C elements CENTRE_STRIDE apart, any float dtype: read by CHAN_MOMENTS
     ROWS, PLANE, C, COUNT, CENTRE_STRIDE,  # COUNT: the elements each channel's moments are over
     MODE: tl.constexpr, PLANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -77,7 +74,7 @@ def _finish_partials_kernel(
         p1 = tl.load(ws_ptr + PLANE + offs, mask=mask, other=0.0)
         if MODE == _CHAN_MOMENTS:  # sum count_i * mean_i here, the deviations in a second pass
             a += tl.sum(p0 * p1, axis=0)
-        else:
+        else:  # _SUMS
             a += tl.sum(p0, axis=0)
             b += tl.sum(p1, axis=0)
             if PLANES == 3:
@@ -89,16 +86,13 @@ def _finish_partials_kernel(
             tl.store(third_ptr + cols, c, mask=col_mask)
     else:
         mean = a / COUNT  # of y - centre
-        if MODE == _CHAN_MOMENTS:
-            for first_row in range(0, ROWS, BLOCK_R):
-                offs, mask = _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R)
-                count = tl.load(ws_ptr + offs, mask=mask, other=0.0)  # rows past ROWS: 0, adding nothing
-                deviation = tl.load(ws_ptr + PLANE + offs, mask=mask, other=0.0) - mean[None, :]
-                b += tl.sum(tl.load(ws_ptr + 2 * PLANE + offs, mask=mask, other=0.0)
-                            + count * deviation * deviation, axis=0)
-            variance = b / COUNT
-        else:
-            variance = tl.maximum(b / COUNT - mean * mean, 0.0)
+        for first_row in range(0, ROWS, BLOCK_R):
+            offs, mask = _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R)
+            count = tl.load(ws_ptr + offs, mask=mask, other=0.0)  # rows past ROWS: 0, adding nothing
+            deviation = tl.load(ws_ptr + PLANE + offs, mask=mask, other=0.0) - mean[None, :]
+            b += tl.sum(tl.load(ws_ptr + 2 * PLANE + offs, mask=mask, other=0.0)
+                        + count * deviation * deviation, axis=0)
+        variance = b / COUNT
         centre = finite_shift(tl.load(centre_ptr + cols.to(tl.int64) * CENTRE_STRIDE, mask=col_mask,
                                       other=0.0).to(tl.float32))
         tl.store(first_ptr + cols, centre + mean, mask=col_mask)
