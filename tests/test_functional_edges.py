@@ -174,6 +174,37 @@ def test_conv_arguments_out_of_range_raise_as_f_conv2d(conv, call):
             conv_stats(x, w, torch.zeros(4), torch.ones(4), batch_stats=call == "batch statistics", **conv)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_conv_bias_of_another_dtype_raises_as_f_conv2d(backend):
+    """The triton backend cast a float64 bias to the float32 unit's dtype where F.conv2d (and the torch backend)
+    refuses it."""
+    gen = torch.Generator().manual_seed(7)
+    x, w, b = randn(gen, 2, 3, 5, 5, dtype=F32), randn(gen, 4, 3, 3, 3, dtype=F32), randn(gen, 4)
+    expected = torch_message(lambda: F.conv2d(x, w, b, padding=1))
+    assert "bias type" in expected
+    with pytest.raises(RuntimeError, match=r"input type \(torch.float32\) and bias type \(torch.float64\)"):
+        functional.conv_batch_norm_stats(x, w, b, 1, 1, 1, 1, None, None, None, None, batch_stats=True,
+                                         momentum=MOMENTUM, eps=EPS, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_float64_residual_of_a_float32_unit_is_added_alike_on_every_backend(backend):
+    """bn_act's result has y's dtype; a float64 residual (which no kernel reads: the triton backend raised
+    TypeError) is added in fp32, as eager's sum rounded to float32, its gradient float64."""
+    gen = torch.Generator().manual_seed(8)
+    y = randn(gen, 2, 3, 5, 5, dtype=F32)
+    residual = randn(gen, 2, 3, 5, 5, requires_grad=True)
+    pending = functional.batch_norm_stats(y, None, None, None, None, batch_stats=True, momentum=MOMENTUM, eps=EPS,
+                                          backend=backend)
+    out = functional.bn_act(pending, residual, backend=backend)
+    expected = (F.batch_norm(y.double(), None, None, training=True, eps=EPS) + residual).relu()
+    assert out.dtype == F32
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+    grad, = torch.autograd.grad(out, residual, torch.ones_like(out))
+    assert grad.dtype == F64
+    torch.testing.assert_close(grad, (expected > 0).double())
+
+
 # --------------------------------------------------------------------------- 0 channels, empty batches
 @pytest.mark.parametrize("batch_stats", [False, True])
 def test_zero_channels_forward_and_backward_as_torch(batch_stats):

@@ -237,7 +237,8 @@ def bn_act(
     relu: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """act(bn(y) + residual); ``residual`` may be a tensor or another pending BatchNorm."""
+    """act(bn(y) + residual); ``residual`` may be a tensor or another pending BatchNorm. The result has y's dtype
+    (where eager's sum would take the wider of y's and the residual's), computed in fp32 or y's float64."""
     fn = "fusedres.bn_act"
     y = pending.y
     identity = sc = None
@@ -249,6 +250,8 @@ def bn_act(
         sc = residual._replace(y=same_layout(residual.y, y))
     elif residual is not None:
         _check_like(fn, "residual", residual, y)
+        if residual.dtype == torch.float64 and y.dtype != torch.float64:  # no kernel reads float64: added in fp32
+            residual = residual.float()  # as other dtypes are, on every backend alike
         identity = same_layout(residual, y)
     sc_args = (None,) * 5 if sc is None else (sc.y, sc.mean, sc.invstd, sc.weight, sc.bias)
     return registry.bn_act(
@@ -312,6 +315,8 @@ def _checked_conv_args(fn: str, y: Tensor, conv_weight: Tensor, conv_bias: Optio
     if conv_weight.dtype != input_dtype:
         raise RuntimeError(f"{fn}: input type ({input_dtype}) and weight type ({conv_weight.dtype}) "
                            "should be the same")
+    if conv_bias is not None and conv_bias.dtype != input_dtype:
+        raise RuntimeError(f"{fn}: input type ({input_dtype}) and bias type ({conv_bias.dtype}) should be the same")
     return conv_weight, conv_bias, stride, padding, dilation
 
 
