@@ -37,13 +37,15 @@ py=$venv/bin/python
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 extension=fusedres/_C.cpython-312-x86_64-linux-gnu.so
-if [ ! -f "$extension" ] || [ -n "$(find setup.py csrc -newer "$extension" -print -quit)" ]; then
+sources=$(cat setup.py csrc/* | sha256sum | cut -d' ' -f1)  # what gpu_check.sh compares
+if [ ! -f "$extension" ] || [ "$sources" != "$(cat .device/extension-sources 2>/dev/null)" ]; then
   start=$SECONDS
+  rm -f .device/extension-sources
   FUSEDRES_BUILD_CUDA=1 "$py" setup.py -q build_ext --inplace > .device/build.log 2>&1 \
     || { tail -30 .device/build.log; echo "device_prep.sh: extension build failed"; exit 1; }
+  echo "$sources" > .device/extension-sources
   echo "device_prep.sh: $extension built in $((SECONDS - start)) s"
 fi
-cat setup.py csrc/* | sha256sum | cut -d' ' -f1 > .device/extension-sources  # what gpu_check.sh compares
 
 packed=.device/triton-cache.tgz
 if [ ! -f "$packed" ] || [ -n "$(find fusedres/triton scripts/resnet50_compiles.py tests/triton_conv_helpers.py \

@@ -192,8 +192,9 @@ def test_a_float64_residual_of_a_float32_unit_is_added_alike_on_every_backend(ba
     """bn_act's result has y's dtype; a float64 residual (which no kernel reads: the triton backend raised
     TypeError) is added in fp32, as eager's sum rounded to float32, its gradient float64."""
     gen = torch.Generator().manual_seed(8)
-    y = randn(gen, 2, 3, 5, 5, dtype=F32)
-    residual = randn(gen, 2, 3, 5, 5, requires_grad=True)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # interpreted only without CUDA
+    y = randn(gen, 2, 3, 5, 5, dtype=F32).to(device)
+    residual = randn(gen, 2, 3, 5, 5).to(device).requires_grad_()
     pending = functional.batch_norm_stats(y, None, None, None, None, batch_stats=True, momentum=MOMENTUM, eps=EPS,
                                           backend=backend)
     out = functional.bn_act(pending, residual, backend=backend)

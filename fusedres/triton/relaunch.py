@@ -50,7 +50,10 @@ def on_tensors_device(launch, tensor_of=lambda args: args[0]):
     development CPU; nothing on CPU tensors (TRITON_INTERPRET=1)."""
     @functools.wraps(launch)
     def launch_on_tensors_device(*args, **kwargs):
-        index = tensor_of(args).get_device()  # -1 for a CPU tensor
+        try:
+            index = tensor_of(args).get_device()  # -1 for a CPU tensor
+        except AttributeError:  # not a tensor: triton's warmup() passes stand-ins for them
+            index = -1
         if index < 0 or index == torch.cuda.current_device():
             return launch(*args, **kwargs)
         with torch.cuda.device(index):
