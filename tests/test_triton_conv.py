@@ -968,6 +968,10 @@ INPUT_GRAD_CASES = [
     # TMA configs (channels_last grad_out with 16-byte strides, C a multiple of 8): stride 1 and strided phases
     (24, 16, 6, 3, 1, 1, 1, 1, BF16, True, True, "relu"),
     (16, 24, 9, 3, 2, 1, 1, 1, F16, True, True, "relu"),  # phase convs that crop grad_out (negative padding)
+    # phases alike but for their sizes (9 = 5 + 4 rows and columns), which the autotuner's key must tell apart:
+    # the second ran the first's TMA box on a grid sized for its own, leaving most of dz unwritten
+    (8, 16, 9, 2, 2, 0, 1, 1, F32, True, True, "relu"),
+    (8, 16, 10, 3, 3, 0, 1, 1, F16, True, True, "linear"),  # 3x3/3: phases of one tap, 4 and 3 rows
     (16, 32, 7, 1, 1, 0, 1, 1, F32, False, True, "linear"),  # NCHW x and dz
     (32, 16, 6, 1, 1, 0, 1, 1, BF16, True, True, "relu"),  # 1x1: a GEMM over the pixels (conv_plan._gemm_view)
     # narrow groups run several as one (conv_args._merge_factor): the transposed weight block-diagonal too

@@ -70,7 +70,9 @@ _MAX_BOX = min(c.kwargs["BLOCK_M"] for c in _CONFIGS if c.kwargs["USE_TMA"])
 _ONE_POSITION_BOX_WASTE = 1 / 8  # the share of its rows past N a tile of images at one position may have (_box)
 _ROW_TILINGS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["USE_TMA"]) for c in _CONFIGS})  # the configs' row tiles
 _TMA_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _CONFIGS if c.kwargs["USE_TMA"])
-_AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
+# P and Q too: a conv's other fields decide them, but the input gradient's phase convs (conv_dgrad) set their own,
+# and a TMA config's box (its constants, kept with the key's config) follows them (_config_box)
+_AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "P", "Q", "Cg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "stride_xc",
                  "PROLOGUE", "IN_RELU", "HAS_OUT_SCALE", "HAS_OUT_SHIFT", "HAS_RESIDUAL", "OUT_RELU",
                  "COMPUTE_STATS", "PROLOGUE_GRAD", "FLAT_K", "TMA_OK", "GEMM_VIEW"]
 
