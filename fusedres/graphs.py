@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .ops import dispatch
+from .ops import backends, dispatch
 
 _VERSION = operator.attrgetter("_version")
 _TRAINING = operator.attrgetter("training")
@@ -89,7 +89,7 @@ class CudaGraphedForward:
         batch_norms = [(name, m) for name, m in named if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._batch_norm_names, self._batch_norms = [name for name, _ in batch_norms], [m for _, m in batch_norms]
         device = inputs[0].device
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # the inputs' GPU
+        with backends.on_device(device):  # the inputs' GPU
             with dispatch.for_graph_replay():  # choices timed by their GPU work: a replay runs no host work
                 with _side_stream(device):  # the warm-up's one-off work (allocations, cuDNN set-up) away from it
                     for _ in range(warmup):

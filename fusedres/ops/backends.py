@@ -14,6 +14,7 @@ cuda, triton, torch for the tensor's device and dtype. A dtype a kernel does not
 (fp64) falls back to ``torch``. Asking by name for a backend that cannot run raises.
 """
 
+import contextlib
 import functools
 import importlib
 import os
@@ -88,6 +89,14 @@ def capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on ``device``'s current stream: a tensor made then is filled only
     when the graph replays, so it may serve that call alone (nothing made then is kept for later calls)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def on_device(device: torch.device):
+    """A context in which ``device`` is torch's current CUDA device (``torch.cuda.device``), for work on tensors of a
+    GPU that may not be the current one (a model moved to "cuda:1" without ``torch.cuda.set_device``); nothing for
+    another device type, or before CUDA has started, when no tensor is on a GPU (the tests' stand-ins for one)."""
+    cuda = device.type == "cuda" and torch.cuda.is_initialized()
+    return torch.cuda.device(device) if cuda else contextlib.nullcontext()
 
 
 def conv_allows_tf32() -> bool:

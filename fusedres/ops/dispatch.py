@@ -61,6 +61,8 @@ from typing import Callable, Hashable, Optional, Union
 import torch
 from torch import Tensor
 
+from . import backends
+
 try:
     import fcntl
 except ImportError:  # Windows: the cache file's writers are serialised within each process only
@@ -261,14 +263,6 @@ def mismatch(what: str, reference: Tensor, result: Tensor, scale: Optional[float
     return None
 
 
-def _current(device: torch.device):
-    """A context in which ``device`` is torch's current CUDA device, as for a call on tensors of a GPU other than
-    the current one (a model moved to "cuda:1" without ``torch.cuda.set_device``); nothing for another device type
-    or before CUDA has started, when no tensor is on a GPU (the tests' stand-ins for a GPU on CPU)."""
-    cuda = device.type == "cuda" and torch.cuda.is_initialized()
-    return torch.cuda.device(device) if cuda else contextlib.nullcontext()
-
-
 def _capturing_or_compiling() -> bool:
     # No capture can be under way before CUDA is initialised, and asking would fail without a driver.
     return torch.compiler.is_compiling() or (torch.cuda.is_initialized()
@@ -328,7 +322,7 @@ class MeasuredDispatch:
                     raise RuntimeError(f"{self.op}: no implementation can run this call ({text})")
                 return available[0]  # not kept: measured once capturing or compiling is over
             else:
-                with _current(device):  # the timing's events, wait and synchronize go to the current device
+                with backends.on_device(device):  # the timing's events, wait and synchronize: the current device's
                     _TABLE[key] = entry = self._measure(text, unavailable_reason, run, compare)
                 if path:
                     _save(path, key, entry)
