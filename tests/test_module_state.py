@@ -73,6 +73,14 @@ class _ScaledBNAct(BatchNormAct2d):
         return super().forward(x) * 2.0
 
 
+def _put_in_with_the_same_state(models, name: str, norm_class: type) -> None:
+    """Replace each model's norm ``name`` by a float64 eval-mode ``norm_class`` holding that norm's state."""
+    for model in models:
+        norm = norm_class(getattr(model, name).num_features).double().eval()
+        norm.load_state_dict(getattr(model, name).state_dict())
+        setattr(model, name, norm)
+
+
 def test_batchnorm_subclasses_with_a_forward_of_their_own_are_not_fused():
     """The stem and the pre-activation blocks fuse exactly nn.BatchNorm2d / SyncBatchNorm (and timm's
     BatchNormAct2d): a subclass, there at conversion or put in afterwards, is called as a module."""
@@ -86,10 +94,7 @@ def test_batchnorm_subclasses_with_a_forward_of_their_own_are_not_fused():
         torch.testing.assert_close(model(x), eager(x))
     # put in after conversion: in the stem, and in a converted pre-activation block
     eager, model = _resnet18(), fusedres.convert(_resnet18()).model
-    for m in (eager, model):
-        scaled = _ScaledBN(64).double().eval()
-        scaled.load_state_dict(m.bn1.state_dict())
-        m.bn1 = scaled
+    _put_in_with_the_same_state((eager, model), "bn1", _ScaledBN)
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager(x))
 
@@ -101,10 +106,7 @@ def test_batchnorm_subclasses_with_a_forward_of_their_own_are_not_fused():
     randomise_bn(eager, seed=4)
     fused = fusedres.convert(copy.deepcopy(eager)).model
     y = _x(2, 8, 6, 6)
-    for m in (eager, fused):
-        scaled = _ScaledBNAct(8).double().eval()
-        scaled.load_state_dict(m.norm2.state_dict())
-        m.norm2 = scaled
+    _put_in_with_the_same_state((eager, fused), "norm2", _ScaledBNAct)
     with torch.no_grad():
         torch.testing.assert_close(fused(y), eager(y))
 
