@@ -233,7 +233,7 @@ def main() -> None:
     n, c, k, hw = 2, 256, 1024, 14  # ResNet-50's layer3 1x1 expand, at batch 2 (no size matters here)
     x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
     w = torch.randn(k, c, 1, 1, dtype=torch.bfloat16, device=device)
-    ones_c, zeros_k = torch.ones(c, device=device), torch.zeros(k, device=device)
+    ones_c = torch.ones(c, device=device)
     bn = (torch.zeros(c, device=device), torch.ones(c, device=device), ones_c, torch.zeros(c, device=device))
     unit = (x, *bn, w, None, [1, 1], [0, 0], [1, 1], 1, True, True)
     # x needing its gradient makes the call record autograd's graph; w does not (a trained weight is packed anew
@@ -245,12 +245,12 @@ def main() -> None:
         "conv2d_fused, bare": lambda: conv.conv2d_fused(x, w),
         "conv2d_fused, BN + ReLU prologue": lambda: conv.conv2d_fused(x, w, in_scale=ones_c, in_shift=ones_c),
         "conv2d_fused, prologue + statistics": lambda: conv.conv2d_fused(
-            x, w, in_scale=ones_c, in_shift=ones_c, compute_stats=True, stats_shift=zeros_k),
+            x, w, in_scale=ones_c, in_shift=ones_c, compute_stats=True),
         # the ops as the package calls them (eager.entry: the body, without the dispatcher), and the op itself
         "bn_act_conv2d (triton)": lambda: unit_conv.bn_act_conv2d(*unit, "triton"),
-        "conv2d_stats (triton)": lambda: unit_conv.conv2d_stats(*unit, "triton", "", 0, zeros_k),
-        "conv2d_stats (triton), with autograd": lambda: unit_conv.conv2d_stats(*unit_grad, "triton", "", 0, zeros_k),
-        "op conv2d_stats, with autograd": lambda: torch.ops.fusedres.conv2d_stats(*unit_grad, "triton", "", 0, zeros_k),
+        "conv2d_stats (triton)": lambda: unit_conv.conv2d_stats(*unit, "triton", "", 0),
+        "conv2d_stats (triton), with autograd": lambda: unit_conv.conv2d_stats(*unit_grad, "triton", "", 0),
+        "op conv2d_stats, with autograd": lambda: torch.ops.fusedres.conv2d_stats(*unit_grad, "triton", "", 0),
         # an inference unit (folded BN as a bias, + residual, ReLU) as a converted block runs it
         "conv_bias_act, residual (triton)": lambda: inference.conv_bias_act(x_k, w_k, bias_k, x_k, backend="triton"),
         # the same unit replayed in a block's chain: its launch checked and planned once (conv2d_fused_launcher)

@@ -146,7 +146,7 @@ def run_convs(model: str, mode: str, batch: int, only=None) -> None:
         elif mode == "train":
             for kind in sorted({prologues[m] for m in fused}):
                 prologue = {} if kind == "none" else dict(in_scale=c, in_shift=c, in_relu=kind == "bn+relu")
-                conv.conv2d_fused(x, weight, **spec.args, **prologue, compute_stats=True, stats_shift=k)
+                conv.conv2d_fused(x, weight, **spec.args, **prologue, compute_stats=True)
                 if prologue:
                     conv_dgrad.conv2d_input_grad(grad, weight, x, **spec.args, **prologue, mean=c)
                 conv_wgrad.conv2d_weight_grad(x, grad, spec.weight_shape, **spec.args, **prologue)

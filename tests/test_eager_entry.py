@@ -80,7 +80,7 @@ def _results_and_grads(fn, args):
 @pytest.mark.parametrize("case", [
     ("bn_act", registry.bn_act, _bn_act_args, ("", 0)),
     ("bn_act_conv2d", unit_conv.bn_act_conv2d, _unit_args, ("", 0)),
-    ("conv2d_stats", unit_conv.conv2d_stats, _unit_args, ("", 0, None)),
+    ("conv2d_stats", unit_conv.conv2d_stats, _unit_args, ("", 0)),
 ], ids=lambda case: case[0])
 def test_entry_gives_the_op_results_and_gradients(case):
     """The entry (body + autograd.Function) and the op (dispatcher + its registered autograd) agree bit for
@@ -131,7 +131,7 @@ def test_conv2d_stats_backward_fills_no_statistics_gradients(through):
     """conv2d_stats' statistics are not differentiable: its backward gets None for them, not two tensors of
     zeros filled at every backward (two launches per unit on a GPU), and runs on its output's gradient. An
     output reached with no gradient at all leaves the inputs' gradients None, as torch's conv would."""
-    args = _unit_args(torch.Generator().manual_seed(6)) + ("torch", "", 0, None)
+    args = _unit_args(torch.Generator().manual_seed(6)) + ("torch", "", 0)
     call = unit_conv.conv2d_stats if through == "entry" else torch.ops.fusedres.conv2d_stats
     out, mean, var = call(*args)
     with _OpNames() as mode:

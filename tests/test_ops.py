@@ -197,20 +197,19 @@ def test_opcheck_bn_act_conv2d(case):
 
 
 CONV2D_STATS_CASES = {
-    "prologue-relu-3x3-shift": dict(shift=True),
+    "prologue-relu-3x3": dict(),
     "prologue-norelu-s2-convbias": dict(relu=False, stride=2, conv_bias=True),
     "eval-prologue": dict(batch_stats=False),
-    "no-prologue-cl-shift": dict(dtype=F32, channels_last=True, prologue=False, shift=True),
+    "no-prologue-cl": dict(dtype=F32, channels_last=True, prologue=False),
     "no-prologue-grouped": dict(prologue=False, groups=3, cout=6),
 }
 
 
-def conv2d_stats_args(gen, *, prologue=True, shift=False, **kwargs):
+def conv2d_stats_args(gen, *, prologue=True, **kwargs):
     args = bn_act_conv2d_args(gen, **kwargs)
     if not prologue:
         args = args[:1] + (None,) * 4 + args[5:]
-    stats_shift = randn(gen, args[5].shape[0], dtype=args[0].dtype) if shift else None
-    return args + ("", 0, stats_shift)
+    return args + ("", 0)
 
 
 @pytest.mark.parametrize("case", list(CONV2D_STATS_CASES), ids=list(CONV2D_STATS_CASES))

@@ -715,57 +715,19 @@ def test_prologue_rounds_to_dtype_before_the_dot(channels_last):
     assert torch.equal(out, F.conv2d(xp.double(), w.double()).half())
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_stats_about_a_shift_near_the_mean(channels_last):
-    """|mean| ~ 1000 std: sum(y*y)/M - mean^2 about 0 cancels most of fp32's digits; about a shift near
-    the mean (a running mean) the variance is exact to fp32 rounding, and the mean the same either way."""
-    gen = seeded(f"shifted-stats-{channels_last}")
-    x = rand_act(gen, (2, 16, 7, 5), F32, channels_last) + 1000.0
-    w = rand_act(gen, (24, 16, 1, 1), F32) / 64 + 1 / 16  # every output ~ 1000 + O(1)
-    y = F.conv2d(x.double(), w.double())
-    want_mean, want_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
-    shift = (want_mean + torch.randn(24, generator=gen, dtype=F64).to(DEVICE)).float()  # within ~1 std
-    out, mean, var = conv.conv2d_fused(x, w, compute_stats=True, stats_shift=shift)
-    _check_out(out, x, w, {})
-    stored = out.double()
-    want_mean, want_var = stored.mean((0, 2, 3)), stored.var((0, 2, 3), unbiased=False)
-    assert ((var.double() - want_var).abs() <= 1e-5 * want_var + 1e-6).all(), f"{var} != {want_var}"
-    assert ((mean.double() - want_mean).abs() <= 1e-6 * want_mean.abs()).all()
-    _, mean_unshifted, _ = conv.conv2d_fused(x, w, compute_stats=True)
-    torch.testing.assert_close(mean_unshifted, mean, rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="stats_shift is only used with compute_stats=True"):
-        conv.conv2d_fused(x, w, stats_shift=shift)
-    with pytest.raises(ValueError, match=r"stats_shift must have shape \(24,\)"):
-        conv.conv2d_fused(x, w, compute_stats=True, stats_shift=shift[:3])
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_stats_about_a_non_finite_shift_are_the_batch_statistics(channels_last):
-    """A running mean left inf or NaN by an overflowed step (which eager's batch statistics never read) counts as a
-    shift of 0 in those channels: the statistics are y's, where about it they were NaN in every later step."""
-    gen = seeded(f"non-finite-shift-{channels_last}")
-    x = rand_act(gen, (2, 16, 7, 5), BF16, channels_last)
-    w = rand_act(gen, (24, 16, 3, 3), BF16) / 12
-    shift = rand_vec(gen, 24)
-    shift[[1, 5, 9]] = torch.tensor([float("nan"), float("inf"), -float("inf")], device=shift.device)
-    out, mean, var = conv.conv2d_fused(x, w, padding=1, compute_stats=True, stats_shift=shift)
-    _check_out(out, x, w, dict(padding=1))
-    _check_stats(out, mean, var)
-
-
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_stats_of_a_mean_far_from_the_shift_keep_the_variance(kernel, channels_last):
-    """y's mean ~1000 of its standard deviations from the shift (0: no running mean, or a running mean still at
-    its start): the variance to y's own precision, where sums of d and d*d about the shift lost its digits (20% off
-    at 1200 std in fp32); a NaN in x makes the variance NaN, as eager's (the max(var, 0) of those sums made it 0)."""
+def test_stats_of_a_mean_far_from_zero_keep_the_variance(kernel, channels_last):
+    """y's mean ~1000 of its standard deviations from 0: the mean and variance to y's own precision, where sums of
+    y and y*y lost the variance's digits (20% off at 1200 std in fp32); a NaN in x makes the variance NaN, as
+    eager's (the max(var, 0) of those sums made it 0)."""
     gen = seeded(f"far-mean-{kernel}-{channels_last}")
     x = rand_act(gen, (2, 16, 7, 5), F32, channels_last) + 300.0
     w = (1 / (16 * kernel * kernel) + 0.01 * torch.randn(24, 16, kernel, kernel, generator=gen)).to(DEVICE)
     out, mean, var = conv.conv2d_fused(x, w, compute_stats=True)  # unpadded: padding would spread y
     y = out.double()
     want_mean, want_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
-    assert (want_mean.abs() > 500 * want_var.sqrt()).all(), "the case: a mean far from the shift"
+    assert (want_mean.abs() > 500 * want_var.sqrt()).all(), "the case: a mean far from 0"
     assert ((mean.double() - want_mean).abs() <= 1e-6 * want_mean.abs()).all(), f"{mean} != {want_mean}"
     assert ((var.double() - want_var).abs() <= 1e-3 * want_var).all(), f"{var} != {want_var}"
     x[1, 3, 2, 2] = float("nan")
@@ -1803,7 +1765,7 @@ def into_out(x):  # forward(scale)'s launch as conv2d_fused makes it, into a cha
     k = out.shape[1]
     return launched(lambda: conv._launch(
         x, conv._packed_weight(w, 2), conv._geometry(x, w, 1, 1, 1, 2), 2, out, in_scale=scale, in_shift=shift,
-        in_relu=True, compute_stats=True, stats_shift=torch.zeros(k), stats_out=(torch.empty(k), torch.empty(k))))
+        in_relu=True, compute_stats=True, stats_out=(torch.empty(k), torch.empty(k))))
 
 
 # x's values with other strides (pixels 136 channels apart): the same tuning key, another launch plan

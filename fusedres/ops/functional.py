@@ -366,8 +366,9 @@ def conv_batch_norm_stats(
 
     With batch statistics the conv and the statistics of its output are one op (``conv2d_stats``):
     with the Triton conv (the triton backend where it supports the conv; "auto" on CUDA when it
-    measured faster) one launch that also reduces its output to the statistics as it stores it
-    (about the running mean, when tracked); with cuDNN's, the conv and then the statistics pass.
+    measured faster) one launch that also reduces its output to the statistics as it stores it,
+    and one that merges them; with cuDNN's, the conv and then the statistics pass. The running
+    statistics are only updated: the batch's do not depend on them.
     """
     fn = "fusedres.conv_batch_norm_stats"
     pending = isinstance(source, PendingBN)
@@ -400,7 +401,6 @@ def conv_batch_norm_stats(
             out = torch.nn.functional.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
         return batch_norm_stats(out, weight, bias, running_mean, running_var, batch_stats=batch_stats,
                                 momentum=momentum, eps=eps, backend=backend, process_group=process_group)
-    stats_shift = None if running_mean is None else running_mean.detach()
-    out, mean, var = unit_conv.conv2d_stats(y, *conv, *flags, stats_shift)
+    out, mean, var = unit_conv.conv2d_stats(y, *conv, *flags)
     return _pending_bn(out, (mean, var), weight, bias, running_mean, running_var, momentum, eps,
                        process_group, backend)

@@ -23,12 +23,11 @@ dilation, groups, batch_stats, relu, backend, sync_group="", count=0)``
     torch.compile, or recorded for a second backward (``create_graph=True``), takes torch's (only
     ops: the graph would hold the Triton kernels' results as constants).
 
-``conv2d_stats(<bn_act_conv2d's arguments>, stats_shift?)``
+``conv2d_stats(<bn_act_conv2d's arguments>)``
     -> (out, out_mean, out_var): bn_act_conv2d's out and the per-channel mean and biased
     variance of out (as channel_stats gives them, not differentiable), the start of the next
     BatchNorm. With the Triton conv (chosen as for bn_act_conv2d) one launch: it reduces its output
-    tiles to per-channel sums about ``stats_shift`` (the BatchNorm's running mean: any value is
-    exact up to rounding, one near the mean avoids cancellation) as it stores them; with cuDNN's,
+    tiles to per-channel moments as it stores them, and one more launch merges them; with cuDNN's,
     the conv and then channel_stats. Same backward as bn_act_conv2d.
 
 Inputs reach these ops already validated and in kernel layout (see ``functional.py``).
@@ -85,10 +84,9 @@ def _conv2d_stats(
     backend: str,
     sync_group: str = "",
     count: int = 0,
-    stats_shift: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding,
-                            dilation, groups, relu, backend, compute_stats=True, stats_shift=stats_shift)
+                            dilation, groups, relu, backend, compute_stats=True)
 
 
 bn_act_conv2d_op = custom_op("fusedres::bn_act_conv2d", mutates_args=())(_bn_act_conv2d)
@@ -96,7 +94,7 @@ conv2d_stats_op = custom_op("fusedres::conv2d_stats", mutates_args=())(_conv2d_s
 
 
 def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation,
-                     groups, relu, backend, *, compute_stats, stats_shift=None):
+                     groups, relu, backend, *, compute_stats):
     """(out, out_mean, out_var) of bn_act_conv2d / conv2d_stats; the statistics are None unless
     ``compute_stats``. No prologue when ``mean`` is None."""
     kernels = backends.select(backend, y)
@@ -109,8 +107,7 @@ def _prologue_conv2d(y, mean, invstd, weight, bias, conv_weight, conv_bias, stri
             return backends.triton_conv()[0].conv2d_fused(
                 y, conv_weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
                 in_scale=in_scale, in_shift=in_shift, in_relu=relu,
-                out_shift=None if conv_bias is None else conv_bias.float(), compute_stats=compute_stats,
-                stats_shift=None if stats_shift is None else stats_shift.float())
+                out_shift=None if conv_bias is None else conv_bias.float(), compute_stats=compute_stats)
         act = y if prologue is None else kernels.act_forward(y, *prologue, None, None, None, relu)
         out = F.conv2d(act.to(conv_weight.dtype), conv_weight, conv_bias, *conv_args)
         if not compute_stats:
@@ -236,7 +233,7 @@ def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, di
 
 @conv2d_stats_op.register_fake
 def _(y, mean, invstd, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
-      batch_stats, relu, backend, sync_group="", count=0, stats_shift=None):
+      batch_stats, relu, backend, sync_group="", count=0):
     out = _conv_out_fake(y, conv_weight, conv_bias, stride, padding, dilation, groups)
     stat = out.new_empty((out.shape[1],), dtype=compute_dtype(out))
     return out, stat, torch.empty_like(stat)

@@ -99,22 +99,21 @@ ResNet's layer1 1x1 convs or the 4 channel blocks of layer2's strided 1x1, are o
 the dot's x tile is in registers (a box of several positions, or the prologue's transform) ptxas serialises that
 loop's wgmma (warning C7515).
 
-Statistics without a second pass over y: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in
-x's dtype, in registers to per-channel (count, mean, M2) of d = y - stats_shift, M2 the sum of squared
-deviations from the tile's own mean, and writes them to row pid_m of an fp32 workspace (3, rows, K); every row
-is written by exactly one program, so no atomics and no zero-fill are needed, and one more launch
-(``partials.finish``, Chan's merge, rows added in a fixed order, so deterministic) turns them into the batch's
-mean and biased variance, where torch took five small ops. Nothing cancels when |mean| >> std, whatever the
-shift (sums of d and d*d about a running mean far from the batch's lost most digits of the variance: 20% at
-|mean| = 1200 std in fp32); a non-finite shift counts as 0 (``partials.finite_shift``: a running mean left inf or
-NaN by an overflowed step), and a NaN in y gives a NaN variance, as eager's. On the tensor cores'
-accumulator layout a column's values lie across the lanes and warps of the tile's rows, so these column sums
-took shuffles and a reduction across warps through shared memory (2088 sm_90 instructions a thread against the
-prologue variant's 960 on layer1's 64->256 1x1, TMA 128x128). CHANNEL_ROWS configs compute the tile as its
-transpose, (channels, positions) = w^T x^T, and transpose it back (a change of layout, no data moved): a
-channel's values then lie in one warp, its sums within a thread and its lane quad (1424 instructions; 8
-shuffles a thread where there were 216). The dot then takes x's tile from shared memory, so with the prologue
-the transformed tile goes there and back each step: the autotuner times both on GEMM views with statistics.
+Statistics without a second pass over y: each program reduces its (BLOCK_M, BLOCK_N) tile of y, as stored in x's
+dtype, in registers to per-channel (count, mean, M2), M2 the sum of squared deviations from the tile's own mean,
+and writes them to row pid_m of an fp32 workspace (3, rows, K); every row is written by exactly one program, so no
+atomics and no zero-fill are needed, and one more launch (``partials.finish``, Chan's merge, rows added in a fixed
+order, so deterministic) turns them into the batch's mean and biased variance, where torch took five small ops.
+Nothing cancels when |mean| >> std (sums of y and y*y about a running mean far from the batch's had lost most
+digits of the variance: 20% at |mean| = 1200 std in fp32), the mean is as exact as eager's, ~ulp(|mean|) (sums
+about a shift made it ~ulp(|y - shift|)), and a NaN in y gives a NaN variance, as eager's. On the tensor cores'
+accumulator layout a column's values lie across the lanes and warps of the tile's rows, so these column sums took
+shuffles and a reduction across warps through shared memory (2088 sm_90 instructions a thread against the prologue
+variant's 960 on layer1's 64->256 1x1, TMA 128x128). CHANNEL_ROWS configs compute the tile as its transpose,
+(channels, positions) = w^T x^T, and transpose it back (a change of layout, no data moved): a channel's values then
+lie in one warp, its sums within a thread and its lane quad (1424 instructions; 8 shuffles a thread where there
+were 216). The dot then takes x's tile from shared memory, so with the prologue the transformed tile goes there and
+back each step: the autotuner times both on GEMM views with statistics.
 
 The same kernel runs the input side of the training backward (PROLOGUE_GRAD; see conv_dgrad.py): the
 unit input x is read where a residual would be, and the epilogue applies the prologue's ReLU mask and
@@ -146,7 +145,6 @@ from .conv_args import (_DTYPES, _INTERPRET, _geometry, _limit, _memory_format, 
                         _vector)
 from .conv_configs import _AUTOTUNE_KEY, _CONFIGS, _MAX_BLOCK_M, _config_box, _reduction_size, _usable
 from .conv_plan import _flags, _Plan, _planned, _row_tiles
-from .partials import finite_shift
 
 
 _DOT_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32")  # TF32 only matters for fp32
@@ -171,7 +169,7 @@ def _conv_kernel(
     row_ones_ptr,  # (>= BLOCK_M,) fp32 ones, read if PROLOGUE, not FLAT_K, not GEMM_VIEW: padding row factors
     out_scale_ptr, out_shift_ptr,  # (K,) fp32, read if HAS_OUT_SCALE / HAS_OUT_SHIFT
     res_ptr,  # (N, K, P, Q) any float dtype and strides: the residual if HAS_RESIDUAL, the unit input if PROLOGUE_GRAD
-    stats_shift_ptr,  # (K,) fp32, read if COMPUTE_STATS
+    x_mean_ptr,  # (K,) fp32, read if PROLOGUE_GRAD: the batch mean of the unit input x (at res_ptr)
     ws_ptr,  # (3, WS_ROWS, K) fp32 out if COMPUTE_STATS (2 if PROLOGUE_GRAD): row pid_m = this tile's partials
     N, C, H, W, K, P, Q, M, Cg, Kg, WS_ROWS,  # M = N*P*Q, Cg = C/G, Kg = K/G (N and C: autotune key only)
     stride_xn, stride_xc, stride_xh, stride_xw,
@@ -355,14 +353,14 @@ def _conv_kernel(
         _epilogue(acc, g * Kg + cols, col_mask, row_mask,
                   n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq,
                   n * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq,  # unused without res_ptr
-                  pid_m, out_ptr, out_scale_ptr, out_shift_ptr, res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok,
+                  pid_m, out_ptr, out_scale_ptr, out_shift_ptr, res_ptr, x_mean_ptr, ws_ptr, K, WS_ROWS, stride_ok,
                   stride_rk, HAS_OUT_SCALE, HAS_OUT_SHIFT, HAS_RESIDUAL, OUT_RELU, COMPUTE_STATS, PROLOGUE_GRAD,
                   EPILOGUE_PARTS)
 
 
 @triton.jit
 def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr, out_scale_ptr, out_shift_ptr,
-              res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok, stride_rk,
+              res_ptr, x_mean_ptr, ws_ptr, K, WS_ROWS, stride_ok, stride_rk,
               HAS_OUT_SCALE: tl.constexpr, HAS_OUT_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
               OUT_RELU: tl.constexpr, COMPUTE_STATS: tl.constexpr, PROLOGUE_GRAD: tl.constexpr, PARTS: tl.constexpr):
     """_conv_kernel's epilogue on its accumulator tile acc (rows: output positions at offsets out_rows into
@@ -376,20 +374,18 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
         mask_halves = tl.split(col_mask.reshape(2, half).permute(1, 0))
         for i in tl.static_range(2):
             _epilogue(acc_halves[i], k_halves[i], mask_halves[i], row_mask, out_rows, res_rows, pid_m, out_ptr,
-                      out_scale_ptr, out_shift_ptr, res_ptr, stats_shift_ptr, ws_ptr, K, WS_ROWS, stride_ok,
+                      out_scale_ptr, out_shift_ptr, res_ptr, x_mean_ptr, ws_ptr, K, WS_ROWS, stride_ok,
                       stride_rk, HAS_OUT_SCALE, HAS_OUT_SHIFT, HAS_RESIDUAL, OUT_RELU, COMPUTE_STATS,
                       PROLOGUE_GRAD, PARTS // 2)
         return
     mask = row_mask[:, None] & col_mask[None, :]
     out_offs = out_rows[:, None] + k_out.to(tl.int64)[None, :] * stride_ok
     res_offs = res_rows[:, None] + k_out.to(tl.int64)[None, :] * stride_rk
-    if COMPUTE_STATS:  # store y (or dz) and this tile's per-channel sums of d and d*e
-        # loaded before y's store, so no load of the epilogue queues behind the tile's stores (the lead on the
-        # statistics' cost in benchmarks/RESULTS.md)
-        shift = tl.load(stats_shift_ptr + k_out, mask=col_mask, other=0.0)[None, :]
-        if not PROLOGUE_GRAD:  # the statistics' shift, as partials.finish takes it (the backward's: the batch mean)
-            shift = finite_shift(shift)
+    if COMPUTE_STATS:  # store y (or dz) and this tile's per-channel statistics of it
         if PROLOGUE_GRAD:  # acc = d act: dz = acc * act'(z), z = x*out_scale + out_shift recomputed from the input x
+            # loaded before dz's store, so no load of the epilogue queues behind the tile's stores (the lead on
+            # the statistics' cost in benchmarks/RESULTS.md)
+            x_mean = tl.load(x_mean_ptr + k_out, mask=col_mask, other=0.0)[None, :]
             x_in = tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
             if OUT_RELU:
                 z = (x_in * tl.load(out_scale_ptr + k_out, mask=col_mask, other=0.0)[None, :]
@@ -404,13 +400,12 @@ def _epilogue(acc, k_out, col_mask, row_mask, out_rows, res_rows, pid_m, out_ptr
         if PROLOGUE_GRAD:  # sum dz and sum dz * (x - mean): BatchNorm's backward reduction
             d = tl.where(mask, y.to(tl.float32), 0.0)
             tl.store(ws_ptr + row * K + k_out, tl.sum(d, axis=0), mask=col_mask)
-            tl.store(ws_ptr + (row + WS_ROWS) * K + k_out, tl.sum(d * (x_in - shift), axis=0), mask=col_mask)
-        else:  # the batch statistics of y as stored: (count, mean, M2) of d = y - shift over the tile's rows,
-            # M2 about the tile's own mean, for Chan's merge (nothing cancels however far shift is from the mean)
-            d = tl.where(mask, y.to(tl.float32) - shift, 0.0)
+            tl.store(ws_ptr + (row + WS_ROWS) * K + k_out, tl.sum(d * (x_in - x_mean), axis=0), mask=col_mask)
+        else:  # the batch statistics of y as stored: (count, mean, M2) over the tile's rows, M2 about the tile's
+            # own mean, for Chan's merge (nothing cancels however large |mean| / std)
             count = tl.sum(row_mask.to(tl.float32), axis=0)
-            tile_mean = tl.sum(d, axis=0) / tl.maximum(count, 1.0)
-            deviation = tl.where(mask, d - tile_mean[None, :], 0.0)
+            tile_mean = tl.sum(tl.where(mask, y.to(tl.float32), 0.0), axis=0) / tl.maximum(count, 1.0)
+            deviation = tl.where(mask, y.to(tl.float32) - tile_mean[None, :], 0.0)
             tl.store(ws_ptr + row * K + k_out, tl.zeros_like(tile_mean) + count, mask=col_mask)
             tl.store(ws_ptr + (row + WS_ROWS) * K + k_out, tile_mean, mask=col_mask)
             tl.store(ws_ptr + (row + 2 * WS_ROWS) * K + k_out, tl.sum(deviation * deviation, axis=0), mask=col_mask)
@@ -467,14 +462,14 @@ def _with_descriptor_scratch(launch):
 
 
 def _start(plan: _Plan, x: Tensor, packed_weight: Tensor, out: Tensor, in_scale=None, in_shift=None,
-           out_scale=None, out_shift=None, res=None, stats_shift=None, ws=None) -> None:
+           out_scale=None, out_shift=None, res=None, x_mean=None, ws=None) -> None:
     """Launch _conv_kernel by ``plan`` (``_planned``) on these tensors (res: the residual, or None; ws: the
     statistics' workspace where the plan's flags compute them); absent ones are passed as out. A launch of a plan
     launched before relaunches that one's kernel and config (``autotuning.keyed_launch``, the plan its key)."""
     tensors = (x, packed_weight, out, out if in_scale is None else in_scale, out if in_shift is None else in_shift,
                _row_ones(x.device) if plan.row_ones else out, out if out_scale is None else out_scale,
                out if out_shift is None else out_shift, out if res is None else res,
-               out if stats_shift is None else stats_shift, out if ws is None else ws)
+               out if x_mean is None else x_mean, out if ws is None else ws)
 
     def launch():
         return keyed_launch(_conv_kernel, plan.grid, plan, tensors, plan.constants)
@@ -487,10 +482,10 @@ def _start(plan: _Plan, x: Tensor, packed_weight: Tensor, out: Tensor, in_scale=
 
 def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tensor, *,
             in_scale=None, in_shift=None, in_relu=False, out_scale=None, out_shift=None, residual=None,
-            out_relu=False, compute_stats=False, prologue_grad=False, stats_shift=None, stats_out=(), flat=False):
+            out_relu=False, compute_stats=False, prologue_grad=False, x_mean=None, stats_out=(), flat=False):
     """Run _conv_kernel on validated arguments into out ((N, K, P, Q) in x's dtype, any strides). With
     compute_stats, also ``partials.finish`` into stats_out, two (K,) fp32 tensors: the mean and variance of y,
-    or with prologue_grad the per-channel sums of dz and dz * (x - stats_shift) over all M rows (see the kernel).
+    or with prologue_grad the per-channel sums of dz and dz * (x - x_mean) over all M rows (see the kernel).
     The reduction is flat over (r, s, c) where Cg < _FLAT_K_BELOW, or ``flat``."""
     flags = _flags(in_scale, in_relu, out_scale, out_shift, residual, out_relu, compute_stats, prologue_grad, flat,
                    geo)
@@ -500,11 +495,11 @@ def _launch(x: Tensor, packed_weight: Tensor, geo: dict, groups: int, out: Tenso
     if in_scale is None:  # read only by the prologue: passed as out, as the launch's kernel was specialised on
         in_shift = None
     _start(plan, x, packed_weight, out, in_scale, in_shift, out_scale, out_shift, residual,
-           stats_shift if compute_stats else None, ws)
+           x_mean if prologue_grad else None, ws)
     if compute_stats:  # the rows the launch wrote: one per row tile of the config the autotuner ran
         best = _conv_kernel.best_config.kwargs
         partials.finish(ws, _row_tiles(plan.geo, plan.box, best["BLOCK_M"], best["USE_TMA"]), stats_out,
-                        partials.SUMS if prologue_grad else partials.CHAN_MOMENTS, count=geo["M"], centre=stats_shift)
+                        partials.SUMS if prologue_grad else partials.CHAN_MOMENTS, count=geo["M"])
 
 
 def _check_residual(fn: str, residual: Optional[Tensor], geo: dict, x: Tensor) -> None:
@@ -523,7 +518,7 @@ def conv2d_fused(
     x: Tensor, weight: Tensor, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
     in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = True,
     out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-    out_relu: bool = False, compute_stats: bool = False, stats_shift: Optional[Tensor] = None,
+    out_relu: bool = False, compute_stats: bool = False,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """out = act_out(conv2d(act_in(x*in_scale+in_shift)) * out_scale + out_shift + residual); returns
     (out, mean, var).
@@ -534,10 +529,9 @@ def conv2d_fused(
     residual: (N, K, P, Q) of any supported float dtype; act_out is ReLU if out_relu. out has x's dtype
     and memory format. With compute_stats, out is the conv output y (+ out_shift, a conv bias; no
     other epilogue argument allowed) and mean / var are the fp32 (K,) mean and biased variance over
-    (N, P, Q) of y as stored in x's dtype, accumulated about ``stats_shift`` ((K,) fp32, default 0;
-    see the module docstring);
-    else both are None. Raises TypeError / ValueError for invalid arguments and RuntimeError with
-    ``unsupported_reason``'s sentence for valid convs this kernel does not run.
+    (N, P, Q) of y as stored in x's dtype (see the module docstring); else both are None. Raises TypeError /
+    ValueError for invalid arguments and RuntimeError with ``unsupported_reason``'s sentence for valid convs this
+    kernel does not run.
     """
     fn = "conv2d_fused"
     geo = _geometry(x, weight, stride, padding, dilation, groups)
@@ -547,8 +541,6 @@ def conv2d_fused(
     if compute_stats and (out_scale is not None or residual is not None or out_relu):
         raise ValueError(f"{fn}: compute_stats returns the conv output (+ out_shift, a conv bias); "
                          "out_scale, residual and out_relu must be absent")
-    if stats_shift is not None and not compute_stats:
-        raise ValueError(f"{fn}: stats_shift is only used with compute_stats=True")
     n, k, p, q = geo["N"], geo["K"], geo["P"], geo["Q"]
     if in_scale is not None:
         in_scale, in_shift = (_vector(fn, "in_scale", in_scale, geo["C"], x),
@@ -557,9 +549,6 @@ def conv2d_fused(
         out_scale = _vector(fn, "out_scale", out_scale, k, x)
     if out_shift is not None:
         out_shift = _vector(fn, "out_shift", out_shift, k, x)
-    if compute_stats:
-        stats_shift = (x.new_zeros(k, dtype=torch.float32) if stats_shift is None
-                       else _vector(fn, "stats_shift", stats_shift, k, x))
     _check_residual(fn, residual, geo, x)
     out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
     mean = var = None
@@ -575,7 +564,7 @@ def conv2d_fused(
         packed = _packed_weight(weight, groups, merge=merge)
     _launch(x, packed, _merged(geo, merge), groups // merge, out,
             in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, out_scale=out_scale, out_shift=out_shift,
-            residual=residual, out_relu=out_relu, compute_stats=compute_stats, stats_shift=stats_shift,
+            residual=residual, out_relu=out_relu, compute_stats=compute_stats,
             stats_out=(mean, var), flat=bool(space_to_depth))
     return out, mean, var
 

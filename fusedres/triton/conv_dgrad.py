@@ -142,5 +142,5 @@ def conv2d_input_grad(
         _launch(grad_out, _packed_weight(weight, groups, transposed=True, taps=phase.taps, merge=merge), phase.geo,
                 groups // merge, dz_part, out_scale=in_scale, out_shift=in_shift,
                 residual=x[:, :, phase.rows, phase.cols], out_relu=in_relu, compute_stats=True, prologue_grad=True,
-                stats_shift=mean, stats_out=sums[-1].unbind(0))
+                x_mean=mean, stats_out=sums[-1].unbind(0))
     return dz, functools.reduce(torch.add, sums) if sums else x.new_zeros((2, c), dtype=torch.float32)

@@ -8,12 +8,9 @@ channel's rows added in a fixed order (deterministic), where torch took 2-11 sma
 - ``SUMS``: the sum of each plane's rows (2 or 3 planes).
 - ``CHAN_MOMENTS``: planes (count, mean, M2) of y - centre per program: mean = centre + sum(count_i * mean_i)
   / count and variance sum(M2_i + count_i * (mean_i - mean)^2) / count, the deviations taken about the mean in
-  a second pass over the rows (Chan's merge; nothing cancels whatever the centre).
-
-The centre is a (C,) tensor of any stride and float dtype (a shift vector, or a view of an activation's first
-pixel), converted to fp32. A non-finite centre counts as 0 (``finite_shift``), as it does for the conv's
-statistics epilogue, whose sums it finishes: a BatchNorm's running mean left inf or NaN by an overflowed step
-(one GradScaler then skips) would otherwise make every later batch's statistics NaN, where eager's ignore it.
+  a second pass over the rows (Chan's merge; nothing cancels whatever the centre). The centre is 0 (the conv's
+  statistics epilogue) or a (C,) tensor of any stride and float dtype, converted to fp32 (bn_act's: a view of
+  the activation's first pixel).
 """
 
 from typing import Optional
@@ -37,16 +34,6 @@ SUMS, CHAN_MOMENTS = _SUMS.value, _CHAN_MOMENTS.value
 _BLOCK_R, _BLOCK_C, _WARPS = (16, 8, 4) if _INTERPRET else (1024, 8, 8)
 
 
-_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
-
-
-@triton.jit
-def finite_shift(shift):
-    """A statistics shift (or centre) as the kernels use it: its non-finite values as 0. Any finite shift gives the
-    same moments up to rounding; the conv's epilogue and ``finish`` must use the same one."""
-    return tl.where(tl.abs(shift) <= _FLOAT32_MAX, shift, 0.0)
-
-
 @triton.jit
 def _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R: tl.constexpr):
     """Offsets into a plane and mask of rows [first_row, first_row + BLOCK_R) x cols, rows past ROWS masked."""
@@ -59,9 +46,9 @@ def _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R: tl.constexpr):
 def _finish_partials_kernel(
     ws_ptr,  # (PLANES, >= ROWS, C) fp32 partials, planes PLANE elements apart: rows [0, ROWS) read
     first_ptr, second_ptr, third_ptr,  # (C,) fp32 out: the sums (third if PLANES == 3), or mean and variance
-    centre_ptr,  # C elements CENTRE_STRIDE apart, any float dtype: read by CHAN_MOMENTS
+    centre_ptr,  # C elements CENTRE_STRIDE apart, any float dtype: read by CHAN_MOMENTS if CENTRED
     ROWS, PLANE, C, COUNT, CENTRE_STRIDE,  # COUNT: the elements each channel's moments are over
-    MODE: tl.constexpr, PLANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, CENTRED: tl.constexpr, PLANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -85,7 +72,7 @@ def _finish_partials_kernel(
         if PLANES == 3:
             tl.store(third_ptr + cols, c, mask=col_mask)
     else:
-        mean = a / COUNT  # of y - centre
+        mean = a / COUNT  # of y - centre, so far
         for first_row in range(0, ROWS, BLOCK_R):
             offs, mask = _row_block(first_row, ROWS, cols, col_mask, C, BLOCK_R)
             count = tl.load(ws_ptr + offs, mask=mask, other=0.0)  # rows past ROWS: 0, adding nothing
@@ -93,21 +80,21 @@ def _finish_partials_kernel(
             b += tl.sum(tl.load(ws_ptr + 2 * PLANE + offs, mask=mask, other=0.0)
                         + count * deviation * deviation, axis=0)
         variance = b / COUNT
-        centre = finite_shift(tl.load(centre_ptr + cols.to(tl.int64) * CENTRE_STRIDE, mask=col_mask,
-                                      other=0.0).to(tl.float32))
-        tl.store(first_ptr + cols, centre + mean, mask=col_mask)
+        if CENTRED:
+            mean += tl.load(centre_ptr + cols.to(tl.int64) * CENTRE_STRIDE, mask=col_mask).to(tl.float32)
+        tl.store(first_ptr + cols, mean, mask=col_mask)
         tl.store(second_ptr + cols, variance, mask=col_mask)
 
 
 def finish(ws: Tensor, rows: int, out: tuple, mode: int, count: int = 1, centre: Optional[Tensor] = None) -> None:
     """Writes the results of rows [0, rows) of the (planes, >= rows, C) fp32 workspace ``ws`` (contiguous
     rows) into ``out``: one (C,) fp32 tensor per plane for SUMS, else (mean, variance) of the ``count``
-    elements, about ``centre`` (a (C,) tensor of any stride and float dtype)."""
+    elements, about ``centre`` (a (C,) tensor of any stride and float dtype; None: 0)."""
     planes, _, channels = ws.shape
     _finish_partials_kernel[(cdiv(channels, _BLOCK_C),)](
         ws, out[0], out[1], out[-1], ws if centre is None else centre, rows, ws.stride(0), channels, count,
-        1 if centre is None else centre.stride(0), MODE=mode, PLANES=planes, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
-        num_warps=_WARPS)
+        1 if centre is None else centre.stride(0), MODE=mode, CENTRED=centre is not None, PLANES=planes,
+        BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_WARPS)
 
 
 def finished(ws: Tensor, rows: int, mode: int, count: int = 1,
