@@ -61,8 +61,10 @@ def _release(version: str) -> tuple[int, ...]:
 def _unusable_reason(module: ModuleType, torch_version: str) -> str | None:
     """Why a compiled fusedres._C cannot serve this torch, or None. torch's C++ ABI changes between
     releases: a build for another one can import and then misread every tensor (or crash)."""
-    built = getattr(module, "torch_version", None)  # absent from builds older than the attribute
-    if built is not None and _release(built) != _release(torch_version):
+    built = getattr(module, "torch_version", None)
+    if built is None:  # a build from sources older than the attribute: for which torch, nothing says
+        return f"fusedres._C does not record the torch it was built for (it predates that check); {_REBUILD}"
+    if _release(built) != _release(torch_version):
         return f"fusedres._C was built for torch {built}, but torch {torch_version} is running; {_REBUILD}"
     missing = [name for name in _FUNCTIONS if not hasattr(module, name)]
     if missing:

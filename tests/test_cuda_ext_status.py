@@ -61,10 +61,18 @@ def test_a_build_for_another_torch_is_refused(fake_import):
     assert "build_extension" in why
 
 
-@pytest.mark.parametrize("built", [None, "this release", "this release, another patch"])
+def test_a_build_that_records_no_torch_is_refused(fake_import):
+    """A build from sources older than the torch_version attribute: it may be for any torch."""
+    fake_import(_module(None))
+    module, why = _extension._import_built()
+    assert module is None
+    assert "does not record the torch it was built for" in why and "build_extension" in why
+
+
+@pytest.mark.parametrize("built", ["this release", "this release, another patch"])
 def test_a_build_for_this_torch_release_is_used(built, fake_import):
-    """Patch releases keep the ABI; builds older than the version attribute are taken as they are."""
-    version = {None: None, "this release": _this_release(), "this release, another patch": _this_release("9")}
+    """Patch releases keep the ABI."""
+    version = {"this release": _this_release(), "this release, another patch": _this_release("9")}
     module = _module(version[built])
     fake_import(module)
     assert _extension._import_built() == (module, "compiled extension fusedres._C")
