@@ -12,6 +12,7 @@ Traced by ``torch.fx`` the fused norm records nn.BatchNorm2d's forward as one ca
 its placeholder a ReLU: the graph computes, and counts batches, as the original modules do.
 """
 
+import copy
 from typing import Optional
 
 import torch
@@ -95,6 +96,27 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
 
+    def __deepcopy__(self, memo: dict) -> "FusedBatchNormAct2d":
+        """A copy made with the model holding its ReLU placeholder keeps the placeholder (both copied); one made
+        out of that model leaves it, and the model it refers to, behind: the copy applies its ReLU itself."""
+        placeholder = self.__dict__.get(_PLACEHOLDER)
+        if placeholder is None or _copied_with_its_model(placeholder, memo):
+            return _module_copy(self, vars(self), memo)
+        return _module_copy(self, {key: value for key, value in vars(self).items() if key != _PLACEHOLDER}, memo)
+
+
+def _module_copy(module: nn.Module, state: dict, memo: dict) -> nn.Module:
+    """What ``copy.deepcopy(module, memo)`` makes of a module whose ``__dict__`` were ``state``."""
+    clone = type(module).__new__(type(module))
+    memo[id(module)] = clone
+    clone.__setstate__(copy.deepcopy(state, memo))
+    return clone
+
+
+def _copied_with_its_model(placeholder: "ReLUFusedIntoNorm", memo: dict) -> bool:
+    """Whether the deep copy whose ``memo`` this is copies the module holding ``placeholder`` and its norm."""
+    return id(placeholder._parent) in memo
+
 
 def _copy_batch_norm_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
     """Initialise the bare module ``target`` with ``source``'s settings and the very same
@@ -137,3 +159,10 @@ class ReLUFusedIntoNorm(nn.ReLU):
 
     def forward(self, x: Tensor) -> Tensor:
         return x if not isinstance(x, torch.fx.Proxy) and self.passes_through() else super().forward(x)
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        """Copied with its model: this placeholder's copy, in the copied model. Copied out of it: the ReLU it
+        stands for (a copy of ``original``), not the model it refers to."""
+        if _copied_with_its_model(self, memo):
+            return _module_copy(self, vars(self), memo)
+        return copy.deepcopy(self.original, memo)
