@@ -543,8 +543,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"),
         py::arg("count"),
         "finish_batch_stats(mean, var, running_mean, running_var, momentum, eps, count) -> invstd "
-        "= 1 / sqrt(var + eps); the running statistics (optional, any float dtype) lerped in place "
-        "toward mean and var * count / (count - 1).");
+        "= 1 / sqrt(var + eps); the running statistics (optional, any float dtype) updated in "
+        "place as eager's BatchNorm does, r = momentum * stat + (1 - momentum) * r in fp32, "
+        "rounded once to r's dtype; stat = mean and var * count / (count - 1).");
   m.def("backward_coefficients", &backward_coefficients, py::arg("sum_dz"), py::arg("sum_dz_yc"),
         py::arg("group_sum_dz"), py::arg("group_sum_dz_yc"), py::arg("mean"), py::arg("invstd"),
         py::arg("weight"), py::arg("bias"), py::arg("count"), py::arg("batch_stats"),

@@ -15,7 +15,7 @@
 // and BatchNorm's per-channel arithmetic between the stages, one thread per channel, fp32 vectors
 // (the host converts weight, bias and running statistics of other dtypes):
 //   affine_kernel                 (scale, shift) with bn(y) = y * scale + shift.
-//   finish_batch_stats_kernel     invstd of the batch variance; running statistics lerped in place.
+//   finish_batch_stats_kernel     invstd of the batch variance; running statistics updated in place
 //   backward_coefficients_kernel  backward_apply's coef, shift, dweight and dbias from the sums.
 // Flags (relu, residual kind, residual-gradient kind, residual sum) are template parameters.
 //
@@ -393,9 +393,10 @@ __device__ __forceinline__ void affine_of(const float* __restrict__ weight, cons
   shift = bias ? bias[c] - mean * scale : -(mean * scale);
 }
 
-// torch.lerp's formula (c10/util/lerp.h), fp32.
-__device__ __forceinline__ float lerp(float start, float end, float weight) {
-  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.f - weight);
+// Eager BatchNorm's update of a running statistic toward the batch's (ATen's batch_norm), fp32:
+// an infinite one stays infinite, where a lerp, running + momentum * (stat - running), is NaN.
+__device__ __forceinline__ float updated_running(float running, float stat, float momentum) {
+  return momentum * stat + (1.f - momentum) * running;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -416,8 +417,8 @@ __global__ void __launch_bounds__(kThreads)
   if (c >= C) return;
   invstd[c] = 1.f / sqrtf(var[c] + eps);  // IEEE division and square root, as torch's rsqrt rounds
   if (running_mean) {
-    running_mean[c] = lerp(running_mean[c], mean[c], momentum);
-    running_var[c] = lerp(running_var[c], var[c] * bessel, momentum);
+    running_mean[c] = updated_running(running_mean[c], mean[c], momentum);
+    running_var[c] = updated_running(running_var[c], var[c] * bessel, momentum);
   }
 }
 

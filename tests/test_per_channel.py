@@ -5,8 +5,7 @@ Each backend runs on seeded random non-zero vectors: "triton" (``fusedres.triton
 Triton's interpreter), "host" (csrc/ built for the CPU, its kernels run by csrc/host_emulation.h) and "cuda"
 (the built extension on a GPU). Channel counts reach one and several programs (Triton's 1024-channel blocks,
 the CUDA kernels' 256 threads); weight, bias and running statistics come absent, in fp32/fp16/bf16 and strided,
-as the kernels' hosts take any; the running statistics' lerp is taken on both sides of torch.lerp's switch
-of formula at weight 0.5.
+as the kernels' hosts take any; the running statistics are updated with momenta 0.1, 0.7 and 1.
 """
 
 import pytest

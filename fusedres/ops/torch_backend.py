@@ -24,6 +24,7 @@ format; per-channel vectors are contiguous fp32 (fp64 when ``y`` is fp64). Resul
 (fp64 for fp64 inputs) whatever the storage dtype.
 """
 
+import struct
 from typing import Optional
 
 import torch
@@ -64,12 +65,28 @@ def affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optiona
 def finish_batch_stats(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                        momentum: float, eps: float, count: int) -> Tensor:
     """invstd = 1 / sqrt(var + eps) of a batch's per-channel mean and biased variance over ``count`` values per
-    channel; with running statistics (both or neither, any float dtype), each lerped in place toward the batch's,
-    r = r + momentum * (stat - r) as ``torch.lerp``, the variance's stat unbiased: var * count / (count - 1)."""
-    if running_mean is not None:  # one launch for both on a GPU (foreach)
-        torch._foreach_lerp_([running_mean, running_var], [
-            mean.to(running_mean.dtype), (var * (count / (count - 1))).to(running_var.dtype)], momentum)
+    channel; with running statistics (both or neither, any float dtype), each updated in place as eager's
+    BatchNorm updates them, r = momentum * stat + (1 - momentum) * r in the statistics' dtype (fp32, fp64 for
+    fp64 ones; momentum rounded to it first, as torch's kernels take it) and rounded once to r's dtype, the
+    variance's stat unbiased: var * count / (count - 1)."""
+    if running_mean is not None:  # a few launches for both on a GPU (foreach)
+        if torch.compiler.is_compiling():  # a symbolic float, which struct cannot take: rounded in the graph
+            momentum = torch.tensor(momentum, dtype=mean.dtype, device=mean.device)
+        elif mean.dtype == torch.float32:
+            momentum = _round_to_fp32(momentum)
+        # the buffers themselves where they have the statistics' dtype, else fp32 copies written back at the end
+        work = [r if r.dtype == mean.dtype else r.to(mean.dtype) for r in (running_mean, running_var)]
+        torch._foreach_mul_(work, 1.0 - momentum)  # rounded as eager's (1 - momentum) * r: no fused multiply-add
+        torch._foreach_add_(work, torch._foreach_mul([mean, var * (count / (count - 1))], momentum))
+        copies = [(r, w) for r, w in zip((running_mean, running_var), work) if w is not r]
+        if copies:
+            torch._foreach_copy_([r for r, _ in copies], [w for _, w in copies])
     return torch.rsqrt(var + eps)
+
+
+def _round_to_fp32(x: float) -> float:
+    """x rounded to the nearest float32 (as a Python float): 1 - x then rounds once, as in fp32 arithmetic."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def backward_coefficients(sum_dz: Tensor, sum_dz_yc: Tensor, group_sum_dz: Tensor, group_sum_dz_yc: Tensor,

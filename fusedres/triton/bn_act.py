@@ -263,13 +263,12 @@ def _affine(mean, invstd, weight_ptr, bias_ptr, cols, mask, HAS_WEIGHT: tl.const
 
 
 @triton.jit
-def _lerp_in_place(ptr, cols, mask, end, weight):
-    """ptr[cols] = torch.lerp(ptr[cols], end, weight) in ptr's dtype (end rounded to it first, as torch's
-    update is given it), fp32 arithmetic."""
-    start = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    end = end.to(ptr.dtype.element_ty).to(tl.float32)
-    lerped = tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
-    tl.store(ptr + cols, lerped.to(ptr.dtype.element_ty), mask=mask)
+def _update_running(ptr, cols, mask, stat, momentum):
+    """ptr[cols] = momentum * stat + (1 - momentum) * ptr[cols], eager BatchNorm's update of a running statistic:
+    the fp32 stat, fp32 arithmetic on ptr's value (any float dtype), rounded once to ptr's dtype."""
+    running = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    updated = momentum * stat + (1.0 - momentum) * running
+    tl.store(ptr + cols, updated.to(ptr.dtype.element_ty), mask=mask)
 
 
 @relaunched
@@ -298,8 +297,8 @@ def _finish_batch_stats_kernel(
     var = tl.load(var_ptr + cols, mask=mask, other=1.0)
     tl.store(invstd_ptr + cols, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=mask)  # rounded as torch's rsqrt
     if RUNNING:
-        _lerp_in_place(running_mean_ptr, cols, mask, tl.load(mean_ptr + cols, mask=mask), momentum)
-        _lerp_in_place(running_var_ptr, cols, mask, var * bessel, momentum)
+        _update_running(running_mean_ptr, cols, mask, tl.load(mean_ptr + cols, mask=mask), momentum)
+        _update_running(running_var_ptr, cols, mask, var * bessel, momentum)
 
 
 @relaunched
@@ -537,8 +536,8 @@ def affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optiona
 
 def finish_batch_stats(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                        momentum: float, eps: float, count: int) -> Tensor:
-    """fp32 invstd of the batch variance, the running statistics (any float dtype) lerped toward the batch's in
-    place, in one launch."""
+    """fp32 invstd of the batch variance, the running statistics (any float dtype) updated in place as eager's
+    BatchNorm does, r = momentum * stat + (1 - momentum) * r in fp32 rounded once to r's dtype, in one launch."""
     channels, device = mean.numel(), mean.device
     _check_vec("mean", mean, channels, device)
     _check_vec("var", var, channels, device)
