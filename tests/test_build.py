@@ -69,7 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _source_tree(tmp_path: Path) -> Path:
     """What an sdist needs of this checkout, copied: setup.py runs there without touching the tree."""
     tree = tmp_path / "src"
-    for name in ("setup.py", "pyproject.toml", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tree / name)
     shutil.copytree(ROOT / "csrc", tree / "csrc")
@@ -86,16 +86,19 @@ def _setup(tree: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 def test_a_wheel_builds_from_the_sdist(tmp_path):
     """The sdist carries csrc/ (build_py copies it into the package for build_extension()); without it a
     wheel built from the sdist (python -m build, pip install fusedres-*.tar.gz) failed, even with
-    FUSEDRES_BUILD_CUDA=0."""
+    FUSEDRES_BUILD_CUDA=0. It carries the license, named in no deprecated form (pyproject's license table, an
+    error in setuptools from 2027-02-18)."""
     tree = _source_tree(tmp_path)
     made = _setup(tree, "-q", "sdist", "--dist-dir", str(tmp_path / "dist"), FUSEDRES_BUILD_CUDA="0")
     assert made.returncode == 0, made.stderr[-2000:]
+    assert "project.license" not in made.stderr, made.stderr[-2000:]
     (sdist,) = (tmp_path / "dist").glob("fusedres-*.tar.gz")
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (unpacked,) = (tmp_path / "unpacked").iterdir()
     for name in ("bn_act.cu", "bn_act_kernels.cuh"):
         assert (unpacked / "csrc" / name).is_file(), f"csrc/{name} is not in the sdist"
+    assert (unpacked / "LICENSE").is_file()
     built = _setup(unpacked, "-q", "build_py", "--build-lib", str(tmp_path / "lib"), FUSEDRES_BUILD_CUDA="0")
     assert built.returncode == 0, built.stderr[-2000:]
     assert (tmp_path / "lib" / "fusedres" / "_csrc" / "bn_act.cu").is_file()
