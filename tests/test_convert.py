@@ -301,9 +301,10 @@ def test_stem_batchnorm_relu_is_fused_and_reverted():
 
 
 def test_a_fused_norm_or_its_placeholder_copied_out_of_the_model_copies_that_module_alone():
-    """copy.deepcopy of a fused stem norm (or of the ReLU placeholder) alone copies that module, not the model its
-    placeholder refers to (once a hidden copy of every parameter): the norm's copy applies the ReLU itself, the
-    placeholder's is the ReLU it stands for. Copied with the model, both are copied fused."""
+    """copy.deepcopy or pickling of a fused stem norm alone (deepcopy of the ReLU placeholder too) copies that
+    module, not the model its placeholder refers to (once a hidden copy of every parameter): the norm's copy
+    applies the ReLU itself, the placeholder's is the ReLU it stands for. Copied or pickled with the model, both
+    come back fused."""
     torch.manual_seed(0)
     eager = timm.create_model("resnet26d", num_classes=10).eval()
     randomise_bn(eager, seed=6)
@@ -313,13 +314,22 @@ def test_a_fused_norm_or_its_placeholder_copied_out_of_the_model_copies_that_mod
     norm = copy.deepcopy(model.bn1, memo)
     assert [m for m in memo.values() if isinstance(m, nn.Module)] == [norm]
     assert [type(m) for m in (norm, copy.deepcopy(model.act1))] == [FusedBatchNormAct2d, type(eager.act1)]
+    pickled = io.BytesIO()
+    torch.save(model.bn1, pickled)
+    assert pickled.tell() < 8192, pickled.tell()  # the norm's 5 small tensors
+    pickled.seek(0)
+    image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(norm(x), eager.act1(eager.bn1(x)), rtol=1e-5, atol=1e-5)
-        clone = copy.deepcopy(model)
-        assert isinstance(clone.act1, ReLUFusedIntoNorm) and clone.act1.passes_through()
-        assert clone.act1._fused_norm is clone.bn1 and clone.act1._parent is clone
-        image = torch.randn(2, 3, 64, 64)
-        torch.testing.assert_close(clone(image), model(image), rtol=0, atol=0)
+        for alone in (norm, torch.load(pickled, weights_only=False)):
+            torch.testing.assert_close(alone(x), eager.act1(eager.bn1(x)), rtol=1e-5, atol=1e-5)
+        pickled = io.BytesIO()
+        torch.save(model, pickled)
+        pickled.seek(0)
+        for clone in (copy.deepcopy(model), torch.load(pickled, weights_only=False)):
+            assert isinstance(clone.act1, ReLUFusedIntoNorm) and clone.act1.passes_through()
+            assert clone.act1._fused_norm is clone.bn1 and clone.act1._parent is clone
+            assert clone.bn1.applies_relu(x)
+            torch.testing.assert_close(clone(image), model(image), rtol=0, atol=0)
 
 
 def test_report_says_which_backend_runs_and_why():

@@ -96,26 +96,13 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
 
-    def __deepcopy__(self, memo: dict) -> "FusedBatchNormAct2d":
-        """A copy made with the model holding its ReLU placeholder keeps the placeholder (both copied); one made
-        out of that model leaves it, and the model it refers to, behind: the copy applies its ReLU itself."""
-        placeholder = self.__dict__.get(_PLACEHOLDER)
-        if placeholder is None or _copied_with_its_model(placeholder, memo):
-            return _module_copy(self, vars(self), memo)
-        return _module_copy(self, {key: value for key, value in vars(self).items() if key != _PLACEHOLDER}, memo)
-
-
-def _module_copy(module: nn.Module, state: dict, memo: dict) -> nn.Module:
-    """What ``copy.deepcopy(module, memo)`` makes of a module whose ``__dict__`` were ``state``."""
-    clone = type(module).__new__(type(module))
-    memo[id(module)] = clone
-    clone.__setstate__(copy.deepcopy(state, memo))
-    return clone
-
-
-def _copied_with_its_model(placeholder: "ReLUFusedIntoNorm", memo: dict) -> bool:
-    """Whether the deep copy whose ``memo`` this is copies the module holding ``placeholder`` and its norm."""
-    return id(placeholder._parent) in memo
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without its ReLU placeholder, which refers to the model holding both and would
+        take the whole model along: copied with the model, the placeholder's copy links itself to this norm's
+        (``ReLUFusedIntoNorm.__setstate__``); copied alone, the norm applies its ReLU itself."""
+        state = super().__getstate__()
+        state.pop(_PLACEHOLDER, None)
+        return state
 
 
 def _copy_batch_norm_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
@@ -160,9 +147,16 @@ class ReLUFusedIntoNorm(nn.ReLU):
     def forward(self, x: Tensor) -> Tensor:
         return x if not isinstance(x, torch.fx.Proxy) and self.passes_through() else super().forward(x)
 
+    def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: the norm's copy lacks its placeholder
+        super().__setstate__(state)
+        vars(self._fused_norm)[_PLACEHOLDER] = self
+
     def __deepcopy__(self, memo: dict) -> nn.Module:
-        """Copied with its model: this placeholder's copy, in the copied model. Copied out of it: the ReLU it
-        stands for (a copy of ``original``), not the model it refers to."""
-        if _copied_with_its_model(self, memo):
-            return _module_copy(self, vars(self), memo)
-        return copy.deepcopy(self.original, memo)
+        """Copied with the model holding it (a copy of it in ``memo``): this placeholder's copy, in the model's
+        copy. Copied out of it: the ReLU it stands for (a copy of ``original``), not the model it refers to."""
+        if id(self._parent) not in memo:
+            return copy.deepcopy(self.original, memo)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
