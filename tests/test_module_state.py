@@ -139,6 +139,22 @@ def test_norms_replaced_by_frozen_batchnorm_after_conversion(training, grad):
         torch.testing.assert_close(model(x), eager(x))
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("padding", [dict(padding_mode="reflect"), dict(padding="same")], ids=["reflect", "same"])
+def test_a_conv_padding_we_do_not_fuse_set_after_a_forward_runs_the_original_forward(padding, training):
+    """A block's conv given a padding_mode or a padding string after the block ran fused (which convert would
+    have refused): the block runs the original forward, eager's result (it had kept the fused one)."""
+    eager = _resnet18()
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(2, 3, 32, 32)
+    with torch.no_grad():
+        for m in (eager, model):
+            m.train(training)(x), m(x)  # in eval: the blocks' folds and chains kept
+            for name, value in padding.items():
+                setattr(m.layer1[1].conv1, name, value)
+        torch.testing.assert_close(model(x), eager(x))
+
+
 def test_hooks_added_after_conversion_run():
     """A forward or backward hook put on a block's child after conversion, or a global one, makes the block
     run the original forward, also in eval mode after a forward that recorded the block's chain."""

@@ -190,7 +190,13 @@ def _downsample_unsupported(downsample: Optional[nn.Module]) -> Optional[str]:
     return _conv_unsupported("downsample conv", conv) or _bn_unsupported("downsample norm", bn)
 
 
-_FUSABLE = "_fusable_modules"  # the plain attribute holding the modules a forward last found fusable
+_FUSABLE = "_fusable_modules"  # plain attribute: (modules, _conv_paddings) a forward last found fusable
+
+
+def _conv_paddings(modules: tuple) -> tuple:
+    """What ``_conv_unsupported`` reads of the convs among ``modules`` besides their class: their padding and
+    padding_mode, plain attributes that a caller may set at any time."""
+    return tuple((m.padding, m.padding_mode) for m in modules if type(m) is nn.Conv2d)
 
 
 class _FusedResidualBlock(FoldingModule):
@@ -283,15 +289,16 @@ class _FusedResidualBlock(FoldingModule):
     def _runs_fused(self, x: Tensor, modules: tuple) -> bool:
         """Whether this forward may run fused, where ``modules`` are ``_fused_modules()``: x is a non-empty tensor
         (not a ``torch.fx`` proxy, which no kernel takes), no hook would miss a call (``any_run_hooks``), and
-        the modules are still ones this block fuses (``_structure_reason``, asked once for the same modules:
-        a module's class does not change)."""
+        the modules are still ones this block fuses (``_structure_reason``, asked once for the same modules
+        with the same convs' padding: a module's class does not change, a conv's padding_mode may)."""
         if isinstance(x, torch.fx.Proxy) or x.numel() == 0 or any_run_hooks(modules):
             return False
-        if self.__dict__.get(_FUSABLE) == modules:
+        fusable = (modules, _conv_paddings(modules))
+        if self.__dict__.get(_FUSABLE) == fusable:
             return True
         if self._structure_reason(self) is not None:
             return False
-        self.__dict__[_FUSABLE] = modules
+        self.__dict__[_FUSABLE] = fusable
         return True
 
     def _unfused_forward(self, x: Tensor) -> Tensor:
