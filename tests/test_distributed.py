@@ -392,13 +392,38 @@ def ddp_sync_preact(rank: int) -> None:
     assert_same_model(model, ref, "resnetv2_18", 1e-9)
 
 
+def sync_batchnorm_with_an_empty_rank(rank: int) -> None:
+    """A converted ResNet-18 with SyncBatchNorm everywhere (the stem's run by the stem unit), one training forward
+    and backward on batches of 3 and 0 images: the empty rank runs the fused blocks and stem too, taking part in
+    their all-gathers and all-reduces with a count of 0 (it ran torch's SyncBatchNorm, whose exchanges differ
+    from ours: a mix that hangs or misreads). Against plain BatchNorm on the whole batch: the output, the input
+    gradient, the parameter gradients summed over the ranks and the running statistics."""
+    sizes = (3, 0)
+    x, _ = global_batch(sizes)
+    grad = torch.randn(sum(sizes), 10, generator=torch.Generator().manual_seed(4), dtype=F64)
+    ref, x_ref = resnet18().train(), leaf(x)
+    out_ref = ref(x_ref)
+    out_ref.backward(grad)
+    model = fusedres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(resnet18())).model.train()
+    mine = rank_slice(rank, sizes)
+    x_mine = leaf(x[mine])
+    out = model(x_mine)
+    out.backward(grad[mine])
+    what = f"rank {rank} of batch sizes {sizes}"
+    assert_close(out, out_ref[mine], f"{what}: output")
+    assert_close(x_mine.grad, x_ref.grad[mine], f"{what}: input grad")
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert_close(summed_over_ranks(p.grad), p_ref.grad, f"{what}: {name} grad")
+    assert_same_model(model, ref, what, 1e-10)
+
+
 def functional_ops(rank: int) -> None:
     functional_bn_act(rank)
     functional_bn_act_conv2d(rank)
 
 
 SCENARIOS = {f.__name__: f for f in (functional_ops, ddp_sync_batchnorm, ddp_plain_batchnorm,
-                                     ddp_sync_preact)}
+                                     ddp_sync_preact, sync_batchnorm_with_an_empty_rank)}
 
 
 # --------------------------------------------------------------------------- tests
@@ -416,3 +441,7 @@ def test_converted_resnet_under_ddp_matches_unconverted():
 
 def test_converted_preact_resnet_with_timm_sync_batchnorm_matches_whole_batch_training():
     run_on_two_ranks("ddp_sync_preact")
+
+
+def test_sync_batchnorm_with_an_empty_rank_matches_whole_batch_training():
+    run_on_two_ranks("sync_batchnorm_with_an_empty_rank")

@@ -56,6 +56,15 @@ def _sync_group(bn: nn.modules.batchnorm._BatchNorm):
     return bn.process_group or dist.group.WORLD
 
 
+def runs_empty_batch_fused(modules) -> bool:
+    """Whether a module that fuses ``modules`` runs an empty batch fused too, where it otherwise runs the original
+    forward: when one of them is a BatchNorm that synchronises now (``_sync_group``). The other ranks' fused
+    BatchNorms exchange their statistics and gradient sums through our collectives, torch's SyncBatchNorm through
+    others (an input-dtype (mean, invstd, count) where ours is an fp64 (mean, var, count)): an empty rank must
+    take part in ours, with a count of 0, or its group would hang or mix the two."""
+    return any(_sync_group(m) is not None for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
 def _batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple[tuple, dict]:
     """The BatchNorm arguments of ``ops.batch_norm_stats`` / ``conv_batch_norm_stats`` that make
     them do what ``bn``'s forward would: nn.BatchNorm2d's (or nn.SyncBatchNorm's) buffer
@@ -287,11 +296,13 @@ class _FusedResidualBlock(FoldingModule):
         return modules
 
     def _runs_fused(self, x: Tensor, modules: tuple) -> bool:
-        """Whether this forward may run fused, where ``modules`` are ``_fused_modules()``: x is a non-empty tensor
-        (not a ``torch.fx`` proxy, which no kernel takes), no hook would miss a call (``any_run_hooks``), and
-        the modules are still ones this block fuses (``_structure_reason``, asked once for the same modules
-        with the same convs' padding: a module's class does not change, a conv's padding_mode may)."""
-        if isinstance(x, torch.fx.Proxy) or x.numel() == 0 or any_run_hooks(modules):
+        """Whether this forward may run fused, where ``modules`` are ``_fused_modules()``: x is a tensor (not a
+        ``torch.fx`` proxy, which no kernel takes), non-empty unless a BatchNorm synchronises
+        (``runs_empty_batch_fused``), no hook would miss a call (``any_run_hooks``), and the modules are still
+        ones this block fuses (``_structure_reason``, asked once for the same modules with the same convs'
+        padding: a module's class does not change, a conv's padding_mode may)."""
+        if (isinstance(x, torch.fx.Proxy) or (x.numel() == 0 and not runs_empty_batch_fused(modules))
+                or any_run_hooks(modules)):
             return False
         fusable = (modules, _conv_paddings(modules))
         if self.__dict__.get(_FUSABLE) == fusable:

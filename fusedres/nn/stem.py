@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .blocks import FoldingModule, conv_pending_bn, folded_conv_bias_act, folding_allowed
+from .blocks import FoldingModule, conv_pending_bn, folded_conv_bias_act, folding_allowed, runs_empty_batch_fused
 from .hooks import global_run_hooks, has_run_hooks
 from .norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 
@@ -46,10 +46,12 @@ class _FusedStemModel(FoldingModule):
     def _fused_stem(self, x: Tensor) -> Optional[Tensor]:
         """relu(bn1(conv1(x))) run as a unit (see the module docstring), or None where the original forward
         must run instead."""
-        if (isinstance(x, torch.fx.Proxy) or x.numel() == 0 or global_run_hooks()
+        if (isinstance(x, torch.fx.Proxy) or global_run_hooks()
                 or stem_unsupported_reason(self, self.act_name) is not None):
             return None
         conv1, bn, act = self._modules["conv1"], self._modules["bn1"], self._modules[self.act_name]
+        if x.numel() == 0 and not runs_empty_batch_fused((bn,)):
+            return None
         before, conv = _stem_conv(conv1)
         for module in before:
             x = module(x)
