@@ -253,3 +253,68 @@ def test_an_empty_batch_with_batch_statistics_is_what_f_batch_norm_makes_of_it(s
     expected = torch.autograd.grad(eager_unit.sum(), (y, w1, w2, weight, bias))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- arguments of the wrong type
+def _bad_type_calls(gen):
+    """{what: (call, the message it must raise)} for arguments of a wrong type: each a TypeError naming it."""
+    from fusedres.ops import inference
+
+    y, w = randn(gen, 2, 4, 6, 6), randn(gen, 4, 4, 3, 3)
+    pending = stats(y, None, None)
+    return {
+        "momentum None": (lambda: functional.batch_norm_stats(
+            y, None, None, None, None, batch_stats=True, momentum=None, eps=EPS),
+         "batch_norm_stats: expected momentum to be a float, got None"),
+        "eps a string": (lambda: functional.conv_batch_norm_stats(
+            y, w, None, 1, 1, 1, 1, None, None, None, None, batch_stats=True, momentum=0.1, eps="1e-5"),
+         "conv_batch_norm_stats: expected eps to be a float, got '1e-5'"),
+        "a float stride": (lambda: conv_stats(y, w, None, None, stride=1.5),
+         r"expected stride to be an int or a pair of ints, got 1.5"),
+        "a float in padding": (lambda: conv_stats(y, w, None, None, padding=(1, 1.0)),
+         r"expected padding to be an int or a pair of ints, got \(1, 1.0\)"),
+        "a float groups": (lambda: functional.bn_act_conv2d(pending, w, groups=1.0),
+         "bn_act_conv2d: expected groups to be an int, got 1.0"),
+        "a float groups (inference)": (lambda: inference.conv_bias_act(y, w[:, :2], groups=2.0),
+         "conv_bias_act: expected groups to be an int, got 2.0"),
+        "no conv weight": (lambda: functional.bn_act_conv2d(pending, None),
+         "bn_act_conv2d: expected conv_weight to be a Tensor, got NoneType"),
+        "no pending BatchNorm": (lambda: functional.bn_act(y),
+         r"bn_act: expected a PendingBN \(from batch_norm_stats or conv_batch_norm_stats\), got Tensor"),
+        "no pending BatchNorm before a conv": (lambda: functional.bn_act_conv2d(None, w),
+         "bn_act_conv2d: expected a PendingBN"),
+        "an integer weight to fold": (lambda: inference.fold_batch_norm(
+            w.long(), None, y[0, :, 0, 0], y[1, :, 0, 0].abs(), None, None, EPS),
+         "fold_batch_norm: expected conv_weight to be of a floating dtype, got torch.int64"),
+        "an integer fold": (lambda: inference.fold_batch_norm(
+            w, None, y[0, :, 0, 0], y[1, :, 0, 0].abs(), None, None, EPS, dtype=torch.int32),
+         "fold_batch_norm: expected dtype to be of a floating dtype, got torch.int32"),
+    }
+
+
+_BAD_TYPES = ("momentum None", "eps a string", "a float stride", "a float in padding", "a float groups",
+              "a float groups (inference)", "no conv weight", "no pending BatchNorm",
+              "no pending BatchNorm before a conv", "an integer weight to fold", "an integer fold")
+
+
+@pytest.mark.parametrize("case", _BAD_TYPES)
+def test_an_argument_of_a_wrong_type_raises_a_type_error_naming_it(case):
+    """Where these raised an error naming something else (struct.error for momentum=None, "'float' object is not
+    iterable", "groups=2.0 must divide ...", AttributeError on None) or, folding an integer weight, returned a
+    truncated fold."""
+    calls = _bad_type_calls(torch.Generator().manual_seed(5))
+    assert set(calls) == set(_BAD_TYPES)
+    call, message = calls[case]
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_integer_conv_arguments_of_other_integer_types_are_taken():
+    """numpy integers are integers, as F.conv2d takes them."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(6)
+    y, w = randn(gen, 2, 4, 6, 6), randn(gen, 4, 4, 3, 3)
+    pending = stats(y, None, None)
+    out = functional.bn_act_conv2d(pending, w, None, np.int64(1), (np.int32(1), 1), 1, np.int64(1))
+    torch.testing.assert_close(out, F.conv2d(functional.bn_act(pending), w, padding=1))

@@ -10,6 +10,7 @@ argument.
 """
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -64,6 +65,17 @@ def _check_activation(fn: str, name: str, t: Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: expected {name} to have a floating dtype (float16, bfloat16, "
                         f"float32 or float64), got {t.dtype}")
+
+
+def _check_pending(fn: str, pending) -> None:
+    if not isinstance(pending, PendingBN):
+        raise TypeError(f"{fn}: expected a PendingBN (from batch_norm_stats or conv_batch_norm_stats), got "
+                        f"{type(pending).__name__}")
+
+
+def _is_int(value) -> bool:
+    """Whether ``value`` is an integer as torch's conv arguments take one (int, a numpy or symbolic integer)."""
+    return hasattr(type(value), "__index__") and not isinstance(value, Tensor)
 
 
 def _check_channel_vector(fn: str, name: str, v: Optional[Tensor], channels: int,
@@ -160,7 +172,7 @@ def batch_norm_stats(
     fn = "fusedres.batch_norm_stats"
     _check_activation(fn, "input", y)
     _check_batch_norm_args(fn, y.shape, y.device, y.dtype, weight, bias, running_mean, running_var,
-                           batch_stats, process_group)
+                           batch_stats, momentum, eps, process_group)
     y = _kernel_layout(y)
     if batch_stats and y.numel() == 0 and not _synchronises(process_group):
         return _empty_batch(y, weight, bias)
@@ -175,9 +187,13 @@ def _synchronises(process_group) -> bool:
 
 
 def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, weight,
-                           bias, running_mean, running_var, batch_stats: bool, process_group) -> None:
+                           bias, running_mean, running_var, batch_stats: bool, momentum, eps,
+                           process_group) -> None:
     """Raises for BatchNorm arguments that do not fit its input of size ``shape``, on ``device`` in ``dtype``,
     before anything runs: so a call that raises leaves the running statistics as they were."""
+    for name, value in (("momentum", momentum), ("eps", eps)):  # (symbolic ones under torch.compile)
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+            raise TypeError(f"{fn}: expected {name} to be a float, got {value!r}")
     channels = shape[1]
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
@@ -240,6 +256,7 @@ def bn_act(
     """act(bn(y) + residual); ``residual`` may be a tensor or another pending BatchNorm. The result has y's dtype
     (where eager's sum would take the wider of y's and the residual's), computed in fp32 or y's float64."""
     fn = "fusedres.bn_act"
+    _check_pending(fn, pending)
     y = pending.y
     identity = sc = None
     if isinstance(residual, PendingBN):
@@ -262,7 +279,9 @@ def bn_act(
 def _conv_tuple(fn: str, name: str, value: Union[int, Sequence[int]]) -> list[int]:
     if isinstance(value, str):
         raise ValueError(f"{fn}: padding={value!r} is not supported; give explicit integers")
-    values = [value, value] if isinstance(value, int) else list(value)
+    values = [value, value] if _is_int(value) else list(value) if isinstance(value, (tuple, list)) else None
+    if values is None or not all(_is_int(v) for v in values):
+        raise TypeError(f"{fn}: expected {name} to be an int or a pair of ints, got {value!r}")
     if len(values) != 2:
         raise ValueError(f"{fn}: expected {name} to have 2 elements, got {values}")
     return values
@@ -281,6 +300,10 @@ def _checked_conv_args(fn: str, y: Tensor, conv_weight: Tensor, conv_bias: Optio
     """(conv_weight, conv_bias, stride, padding, dilation) checked against the conv input ``y``,
     in autocast's dtype under autocast (float64 ones left alone, as autocast does), as lists of two ints."""
     in_channels = y.shape[1]
+    if not isinstance(conv_weight, Tensor):
+        raise TypeError(f"{fn}: expected conv_weight to be a Tensor, got {type(conv_weight).__name__}")
+    if not _is_int(groups):
+        raise TypeError(f"{fn}: expected groups to be an int, got {groups!r}")
     if conv_weight.dim() != 4:
         raise ValueError(f"{fn}: expected a 4D conv weight, got size {tuple(conv_weight.shape)}")
     if conv_weight.device != y.device:
@@ -333,6 +356,7 @@ def bn_act_conv2d(
     backend: str = "auto",
 ) -> Tensor:
     """conv2d(act(bn(y))) with the activation recomputed in backward instead of saved."""
+    _check_pending("fusedres.bn_act_conv2d", pending)
     conv_args = _checked_conv_args("fusedres.bn_act_conv2d", pending.y, conv_weight, conv_bias,
                                    stride, padding, dilation, groups)
     return unit_conv.bn_act_conv2d(
@@ -392,7 +416,7 @@ def conv_batch_norm_stats(
             raise ValueError(f"{fn}: input of size {tuple(y.shape)} is too small for a conv weight of size "
                              f"{tuple(conv_weight.shape)} (output size {tuple(out_size)})")
         _check_batch_norm_args(fn, out_size, y.device, conv_weight.dtype, weight, bias, running_mean, running_var,
-                               True, process_group)
+                               True, momentum, eps, process_group)
     if not batch_stats or (math.prod(out_size) == 0 and not _synchronises(process_group)):
         # The conv alone; batch_norm_stats then takes the running statistics, or an empty batch's.
         if pending:

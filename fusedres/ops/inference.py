@@ -33,7 +33,7 @@ from torch.library import custom_op
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, dispatch, eager
-from .functional import _check_activation, _conv_tuple, conv_output_size
+from .functional import _check_activation, _conv_tuple, _is_int, conv_output_size
 
 IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
 _CUDNN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,6 +48,9 @@ def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], running_me
     Computed in float32 (float64 for a float64 weight), cast to ``dtype`` (default: the conv weight's)
     only at the end. ``bn_weight`` and ``bn_bias`` are None for ``affine=False``.
     """
+    for name, kind in (("conv_weight", conv_weight.dtype), ("dtype", dtype or torch.float32)):
+        if not kind.is_floating_point:  # an integer fold would be truncated
+            raise TypeError(f"fold_batch_norm: expected {name} to be of a floating dtype, got {kind}")
     out_channels = conv_weight.shape[0]
     for name, v in (("conv_bias", conv_bias), ("running_mean", running_mean), ("running_var", running_var),
                     ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
@@ -437,7 +440,9 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
         raise ValueError(f"{fn}: stride and dilation must be positive and padding non-negative, got "
                          f"stride={stride}, padding={padding}, dilation={dilation}")
     out_channels, in_channels = weight.shape[0], x.shape[1]
-    if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
+    if not _is_int(groups):
+        raise TypeError(f"{fn}: expected groups to be an int, got {groups!r}")
+    if groups < 1 or in_channels % groups or out_channels % groups:
         raise ValueError(f"{fn}: groups={groups} must divide the {in_channels} input and {out_channels} "
                          "output channels")
     return _checked_call(fn, x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
