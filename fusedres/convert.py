@@ -32,7 +32,7 @@ from .nn.hooks import has_run_hooks
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
 from .nn.stem import _FusedStemModel, fused_stem_class, stem_unsupported_reason
-from .ops.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
+from .ops.backends import BACKENDS, KERNEL_DTYPES, requested_backend, unavailable_reason
 
 FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck)
 # timm's normalisation layers other than BatchNormAct2d (GroupNormAct, EvoNorm, FRN, ...) live in
@@ -103,6 +103,9 @@ def convert(
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"fusedres.convert: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    if requested_backend(backend) not in ("auto",) + BACKENDS:
+        raise ValueError(f"fusedres.convert: FUSEDRES_BACKEND={requested_backend(backend)!r} is no backend; "
+                         f"expected 'auto' or one of {BACKENDS}")
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport(model, already_fused=sum(
@@ -224,8 +227,12 @@ def _backend_note(model: nn.Module, backend: str) -> str:
     param = next(model.parameters(), None)
     if param is None:
         return "no parameters"
-    if backend != "auto":
-        return f"backend {backend!r} requested"
+    requested = requested_backend(backend)
+    if requested != "auto":
+        source = "" if requested == backend else " (FUSEDRES_BACKEND)"
+        reason = unavailable_reason(requested, param.device)
+        return (f"backend {requested!r} requested{source}"
+                + ("" if reason is None else f", which cannot run here ({reason}): the forward will raise"))
     reasons = {name: unavailable_reason(name, param.device) for name in BACKENDS}
     if param.device.type == "cpu":
         reasons["triton"] = reasons["triton"] or "the Triton interpreter is never chosen automatically"

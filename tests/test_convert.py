@@ -339,6 +339,22 @@ def test_report_says_which_backend_runs_and_why():
     assert report.backend_note in str(report)
 
 
+def test_report_names_the_backend_fusedres_backend_or_the_call_asks_for(monkeypatch):
+    """FUSEDRES_BACKEND stands in for "auto", so the report names it (it said "auto" would run the torch backend
+    where every call then asked for triton); a backend that cannot run on the model's device is said to, and an
+    unknown FUSEDRES_BACKEND is refused before the model changes (it raised only at the first forward)."""
+    monkeypatch.setenv("FUSEDRES_BACKEND", "torch")
+    note = fusedres.convert(torchvision.models.resnet18(num_classes=10)).backend_note
+    assert note == "backend 'torch' requested (FUSEDRES_BACKEND)"
+    note = fusedres.convert(torchvision.models.resnet18(num_classes=10), backend="cuda").backend_note  # on CPU
+    assert note.startswith("backend 'cuda' requested, which cannot run here (") and "the forward will raise" in note
+    monkeypatch.setenv("FUSEDRES_BACKEND", "bogus")
+    model = torchvision.models.resnet18(num_classes=10)
+    with pytest.raises(ValueError, match="FUSEDRES_BACKEND='bogus' is no backend; expected 'auto' or one of"):
+        fusedres.convert(model)
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+
+
 def test_sync_batchnorm_conversion_after_convert_never_loses_the_stem_relu():
     """convert_sync_batchnorm replaces our fused stem norm by a plain SyncBatchNorm: the ReLU
     placeholder must turn back into a ReLU (timm's converter once lost such activations)."""
