@@ -31,7 +31,7 @@ from .nn.blocks import FOLDS, FusedBasicBlock, FusedBottleneck, _FusedResidualBl
 from .nn.hooks import has_run_hooks
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
-from .nn.stem import _FusedStemModel, fused_stem_class, stem_unsupported_reason
+from .nn.stem import _FusedStemModel, fused_stem_class, stem_unsupported_reason, subclassed_stem_model
 from .ops.backends import BACKENDS, KERNEL_DTYPES, requested_backend, unavailable_reason
 
 FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck)
@@ -175,9 +175,13 @@ def _convert_stems(report, backend, filter_fn) -> None:
     ReLU as a unit (``fusedres/nn/stem.py``)."""
     for name, model in report.model.named_modules():
         stem_class = fused_stem_class(type(model))
-        if stem_class is None:
-            continue
         conv_name = f"{name}.conv1" if name else "conv1"
+        if stem_class is None:
+            base = subclassed_stem_model(type(model))
+            if base is not None:
+                report.skipped.append((conv_name, f"the stem is not run as a unit: {type(model).__name__} subclasses "
+                                                  f"{base}, whose forward it may change"))
+            continue
         reason = stem_unsupported_reason(model, stem_class.act_name)
         if reason is None and filter_fn is not None and not filter_fn(model.conv1, conv_name):
             reason = "rejected by filter_fn"

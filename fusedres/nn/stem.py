@@ -114,6 +114,15 @@ def fused_stem_class(model_cls: type) -> Optional[type]:
     return None if entry is None else _made_class(entry[0])
 
 
+def subclassed_stem_model(model_cls: type) -> Optional[str]:
+    """The name of the class of _FUSED_STEM_CLASSES that ``model_cls`` (not one of ours) strictly subclasses, or
+    None: a model whose stem is not run as a unit, since its forward may differ."""
+    if issubclass(model_cls, _FusedStemModel):
+        return None
+    return next((base.__qualname__ for base in model_cls.__mro__[1:]
+                 if f"{base.__module__}.{base.__qualname__}" in _FUSED_STEM_CLASSES), None)
+
+
 def stem_unsupported_reason(model: nn.Module, act_name: str) -> Optional[str]:
     """Why the stem of ``model`` (a model of one of _FUSED_STEM_CLASSES, or ours; ``act_name``: its ReLU's
     attribute) cannot run as a unit, or None: asked by ``convert``, and by the forward at every call (a stem
