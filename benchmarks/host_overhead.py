@@ -34,6 +34,7 @@ that compute or copy (each a kernel launch at least) and the Triton kernels:
     PYTHONPATH=. TRITON_INTERPRET=1 python -m benchmarks.host_overhead --train
 """
 
+import argparse
 import os
 import statistics
 import sys
@@ -210,8 +211,21 @@ def _training_step_ms() -> dict[str, tuple[float, float, int, int]]:
         interpreted.run = launch
 
 
+def _arguments():
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true", help="a training step's host time (TRITON_INTERPRET=1)")
+    mode.add_argument("--inference-blocks", action="store_true",
+                      help="the Python around a converted ResNet-50's convs at batch-1 inference (CPU)")
+    mode.add_argument("--resnet50", action="store_true",
+                      help="also a converted ResNet-50's blocks at batch-1 inference behind the stand-in (CPU)")
+    return parser.parse_args()
+
+
 def main() -> None:
-    if "--train" in sys.argv[1:]:
+    args = _arguments()
+    if args.train:
         if not conv._INTERPRET:
             raise SystemExit("--train stubs the kernels in Triton's interpreter: run it with TRITON_INTERPRET=1")
         print(f"host ms of a training step, ResNet-50's 16 blocks at 1/16 width, batch 2, every Triton kernel "
@@ -220,7 +234,7 @@ def main() -> None:
             print(f"  {name:14s} forward {forward:6.2f}  backward {backward:6.2f}  step {forward + backward:6.2f}"
                   f"   launches: {torch_ops} torch ops + {triton_launches} Triton kernels")
         return
-    if "--inference-blocks" in sys.argv[1:]:
+    if args.inference_blocks:
         print(f"host ms of a converted ResNet-50's 16 blocks, inference at batch 1, conv implementation stubbed "
               f"(cpu, torch {torch.__version__}):")
         for name, ms in _inference_blocks_ms().items():
@@ -265,7 +279,7 @@ def main() -> None:
         for name, fn in rows.items():
             fn()
             print(f"  {name:40s} {_microseconds(fn):7.1f}")
-        if device == "cpu" and "--resnet50" in sys.argv[1:]:
+        if device == "cpu" and args.resnet50:
             print(f"host ms, ResNet-50's 16 blocks, inference forward at batch 1: {_resnet50_blocks_ms():.2f}")
     conv._conv_kernel = partials._finish_partials_kernel = _NoLaunch()
     print(f"host us per call, conv kernels stubbed ({device}, torch {torch.__version__}):")
