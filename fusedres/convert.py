@@ -276,9 +276,12 @@ def refold(model: nn.Module) -> nn.Module:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name`` inside ``model``; returns the (possibly new) root."""
+    """Put ``new`` at ``name`` inside ``model``, and wherever else the module there is too (a block shared by
+    several places stays one module); returns the (possibly new) root."""
     if not name:
         return new
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, new)
+    old = model.get_submodule(name)
+    for path in [path for path, module in model.named_modules(remove_duplicate=False) if module is old]:
+        parent_name, _, child_name = path.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, new)
     return model

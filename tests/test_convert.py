@@ -332,6 +332,22 @@ def test_a_fused_norm_or_its_placeholder_copied_out_of_the_model_copies_that_mod
             torch.testing.assert_close(clone(image), model(image), rtol=0, atol=0)
 
 
+def test_a_block_shared_by_two_places_is_converted_and_reverted_as_one_module():
+    """A block registered at two places (one module, named_modules names it once) is replaced at both by one fused
+    block, and reverted to one block again: it was fused at its first place only, and revert made the two places
+    two different modules."""
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(num_classes=10).eval()
+    eager.layer1[1] = eager.layer1[0]
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    assert model.layer1[1] is model.layer1[0] and isinstance(model.layer1[0], FusedBasicBlock)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
+    fusedres.revert(model)
+    assert model.layer1[1] is model.layer1[0] and type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+
+
 def test_report_says_which_backend_runs_and_why():
     report = fusedres.convert(torchvision.models.resnet18(num_classes=10).double())
     assert "the 'torch' backend runs" in report.backend_note
