@@ -34,10 +34,10 @@ def collect() -> dict:
                         f"{props.total_memory / 2**30:.0f} GiB)")
     for name in BACKENDS:
         reason = unavailable_reason(name, device)
-        facts["backends"][name] = {
-            "available": reason is None,
-            "detail": _load(name)[1] if reason is None else reason,
-        }
+        detail = _load(name)[1] if reason is None else reason
+        if reason is None and name == "triton" and device.type != "cuda":  # backends.select's rule
+            detail += " in its interpreter (TRITON_INTERPRET=1): for backend='triton' only, never chosen by 'auto'"
+        facts["backends"][name] = {"available": reason is None, "detail": detail}
     return facts
 
 

@@ -52,6 +52,16 @@ def test_info_reports_every_backend_with_a_reason():
         assert status["detail"]
 
 
+def test_info_says_the_triton_interpreter_is_never_chosen_by_auto(monkeypatch):
+    """On a machine without a GPU, TRITON_INTERPRET=1 makes the triton backend available to backend='triton'
+    calls only: info said "available" as if "auto" could pick it."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the triton backend runs compiled kernels")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton = fusedres.info(print_out=False)["backends"]["triton"]
+    assert triton["available"] and "never chosen by 'auto'" in triton["detail"], triton
+
+
 @pytest.mark.parametrize("value,interpreted", [("1", True), ("true", True), ("On", True), ("0", False), ("", False)])
 def test_the_triton_backend_reads_triton_interpret_as_triton_does(value, interpreted, monkeypatch):
     """TRITON_INTERPRET=true runs triton's interpreter as =1 does: the Triton backend is then available on CPU
