@@ -330,6 +330,16 @@ def test_a_fused_norm_or_its_placeholder_copied_out_of_the_model_copies_that_mod
             assert clone.act1._fused_norm is clone.bn1 and clone.act1._parent is clone
             assert clone.bn1.applies_relu(x)
             torch.testing.assert_close(clone(image), model(image), rtol=0, atol=0)
+        model.act1 = nn.LeakyReLU(0.1)  # the placeholder replaced: the norm applies no ReLU, nor may its copies
+        pickled = io.BytesIO()
+        torch.save(model, pickled)
+        pickled.seek(0)
+        clones = (copy.deepcopy(model), torch.load(pickled, weights_only=False))
+        assert model.bn1(x).min() < 0  # (copies applied a ReLU here and the LeakyReLU after it)
+        for norm in (clones[0].bn1, clones[1].bn1, copy.deepcopy(model.bn1)):
+            torch.testing.assert_close(norm(x), model.bn1(x), rtol=0, atol=0)
+        for clone in clones:
+            torch.testing.assert_close(clone(image), model(image), rtol=0, atol=0)
 
 
 def test_a_block_shared_by_two_places_is_converted_and_reverted_as_one_module():

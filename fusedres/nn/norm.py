@@ -99,9 +99,12 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without its ReLU placeholder, which refers to the model holding both and would
         take the whole model along: copied with the model, the placeholder's copy links itself to this norm's
-        (``ReLUFusedIntoNorm.__setstate__``); copied alone, the norm applies its ReLU itself."""
+        (``ReLUFusedIntoNorm.__setstate__``); copied alone, the norm applies its ReLU itself. Where the placeholder
+        was replaced (by a LeakyReLU, say), this norm applies no ReLU, and neither does its copy."""
         state = super().__getstate__()
-        state.pop(_PLACEHOLDER, None)
+        placeholder = state.pop(_PLACEHOLDER, None)
+        if placeholder is not None and not placeholder.in_place():
+            state["relu"] = False
         return state
 
 
@@ -136,12 +139,15 @@ class ReLUFusedIntoNorm(nn.ReLU):
         vars(self).update(_parent=parent, _fused_norm=fused_norm, original=original)
         vars(fused_norm)[_PLACEHOLDER] = self  # what the norm asks whether to apply the ReLU
 
+    def in_place(self) -> bool:
+        """Whether this module still stands where the ReLU it replaced was."""
+        return self._parent._modules.get(self.act_name) is self
+
     def passes_through(self) -> bool:
         """Whether this module is the identity now (its fused norm applies the ReLU): the fused norm and
         this module are still in place, and no hook would see the norm's output or this module's input."""
-        modules = self._parent._modules
         norm = self._fused_norm
-        return (modules.get(self.norm_name) is norm and modules.get(self.act_name) is self
+        return (self._parent._modules.get(self.norm_name) is norm and self.in_place()
                 and not any_run_hooks((norm, self)))
 
     def forward(self, x: Tensor) -> Tensor:
