@@ -318,3 +318,16 @@ def test_integer_conv_arguments_of_other_integer_types_are_taken():
     pending = stats(y, None, None)
     out = functional.bn_act_conv2d(pending, w, None, np.int64(1), (np.int32(1), 1), 1, np.int64(1))
     torch.testing.assert_close(out, F.conv2d(functional.bn_act(pending), w, padding=1))
+
+
+@pytest.mark.parametrize("momentum", [torch.tensor(0.25), True, 1], ids=["0-dim tensor", "bool", "int"])
+def test_a_momentum_f_batch_norm_takes_is_taken(momentum):
+    """A 0-dim tensor, a bool or an int momentum (nn.BatchNorm2d.momentum set to a tensor, say) as F.batch_norm
+    takes it: the running statistics as eager's."""
+    gen = torch.Generator().manual_seed(7)
+    y = randn(gen, 3, 4, 5, 5)
+    ours, eager = ([torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64)] for _ in range(2))
+    functional.batch_norm_stats(y, None, None, *ours, batch_stats=True, momentum=momentum, eps=EPS)
+    F.batch_norm(y, *eager, training=True, momentum=momentum, eps=EPS)
+    for got, want in zip(ours, eager):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

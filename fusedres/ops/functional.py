@@ -191,8 +191,9 @@ def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, 
                            process_group) -> None:
     """Raises for BatchNorm arguments that do not fit its input of size ``shape``, on ``device`` in ``dtype``,
     before anything runs: so a call that raises leaves the running statistics as they were."""
-    for name, value in (("momentum", momentum), ("eps", eps)):  # (symbolic ones under torch.compile)
-        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+    for name, value in (("momentum", momentum), ("eps", eps)):  # as F.batch_norm takes them (symbolic too)
+        if not (isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))
+                or (isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex())):
             raise TypeError(f"{fn}: expected {name} to be a float, got {value!r}")
     channels = shape[1]
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
@@ -228,6 +229,7 @@ def _pending_bn(y: Tensor, stats: Optional[tuple[Tensor, Tensor]], weight, bias,
     from the running statistics when ``stats`` is None; see ``batch_norm_stats``."""
     synced = _synchronises(process_group)
     count = y.numel() // max(y.shape[1], 1)
+    momentum, eps = (float(v) if isinstance(v, Tensor) else v for v in (momentum, eps))  # a 0-dim tensor's value
     with torch.no_grad():  # the consumer op owns the whole BatchNorm backward
         if stats is not None:
             mean, var = stats
