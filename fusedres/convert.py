@@ -235,8 +235,8 @@ def _backend_note(model: nn.Module, backend: str) -> str:
     if requested != "auto":
         source = "" if requested == backend else " (FUSEDRES_BACKEND)"
         reason = unavailable_reason(requested, param.device)
-        return (f"backend {requested!r} requested{source}"
-                + ("" if reason is None else f", which cannot run here ({reason}): the forward will raise"))
+        return (f"backend {requested!r} requested{source}" + ("" if reason is None else
+                f", which cannot run on the model's device now, {param.device} ({reason}): a forward there raises"))
     reasons = {name: unavailable_reason(name, param.device) for name in BACKENDS}
     if param.device.type == "cpu":
         reasons["triton"] = reasons["triton"] or "the Triton interpreter is never chosen automatically"

@@ -310,13 +310,18 @@ def test_bn_act_conv2d_on_triton_runs_the_prologue_conv_and_matches_the_torch_ba
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_conv_batch_statistics_do_not_depend_on_the_running_mean(channels_last):
+def test_conv_batch_statistics_do_not_depend_on_the_running_mean(channels_last, monkeypatch):
     """The Triton conv's batch statistics are y's alone, whatever the running mean: one ~3000 of the batch's
     standard deviations away (the conv's sums about it made the mean only as exact as ulp(|y - running_mean|),
     so a constant channel, variance 0 and invstd 1/sqrt(eps), came out of the BatchNorm ~0.04 off, where eager
     gives 0), inf or NaN, or none. The mean to y's precision, the constant channel's output ~0."""
     from fusedres.ops import functional
+    from fusedres.triton import conv
 
+    stats_calls = []  # the Triton conv computing the statistics, at each of the three calls
+    conv_fused = conv.conv2d_fused
+    monkeypatch.setattr(conv, "conv2d_fused", lambda *a, **k: stats_calls.append(k["compute_stats"])
+                        or conv_fused(*a, **k))
     gen = torch.Generator().manual_seed(41)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 8, 7, 5, generator=gen).to(DEVICE).contiguous(memory_format=fmt)
@@ -332,6 +337,7 @@ def test_conv_batch_statistics_do_not_depend_on_the_running_mean(channels_last):
             x, conv_weight, conv_bias, 1, 1, 1, 1, None, None, *running, batch_stats=True, momentum=0.1,
             eps=1e-5, backend="triton")
         results.append((pending.mean, pending.invstd, functional.bn_act(pending, relu=False, backend="triton")))
+    assert stats_calls == [True] * 3
     mean, invstd, out = results[0]
     for other in results[1:]:  # the statistics do not read the running mean
         assert torch.equal(other[0], mean) and torch.equal(other[1], invstd) and torch.equal(other[2], out)
