@@ -15,7 +15,7 @@ def _version(package: str) -> str:
 
 def collect() -> dict:
     """Everything ``info()`` prints, as a dict (also written into benchmark results)."""
-    from .ops.backends import BACKENDS, unavailable_reason, _load
+    from .ops.backends import BACKENDS, INTERPRETER_NOT_AUTO, interpreted_only, unavailable_reason, _load
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     facts = {
@@ -35,8 +35,8 @@ def collect() -> dict:
     for name in BACKENDS:
         reason = unavailable_reason(name, device)
         detail = _load(name)[1] if reason is None else reason
-        if reason is None and name == "triton" and device.type != "cuda":  # backends.select's rule
-            detail += " in its interpreter (TRITON_INTERPRET=1): for backend='triton' only, never chosen by 'auto'"
+        if reason is None and interpreted_only(name, device):
+            detail += f"; {INTERPRETER_NOT_AUTO}"
         facts["backends"][name] = {"available": reason is None, "detail": detail}
     return facts
 

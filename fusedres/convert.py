@@ -32,7 +32,8 @@ from .nn.hooks import has_run_hooks
 from .nn.norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 from .nn.preact import FusedPreActBasic, FusedPreActBottleneck
 from .nn.stem import _FusedStemModel, fused_stem_class, stem_unsupported_reason, subclassed_stem_model
-from .ops.backends import BACKENDS, KERNEL_DTYPES, requested_backend, unavailable_reason
+from .ops.backends import (BACKENDS, INTERPRETER_NOT_AUTO, KERNEL_DTYPES, interpreted_only, requested_backend,
+                           unavailable_reason)
 
 FUSED_BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck)
 # timm's normalisation layers other than BatchNormAct2d (GroupNormAct, EvoNorm, FRN, ...) live in
@@ -103,8 +104,9 @@ def convert(
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"fusedres.convert: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-    if requested_backend(backend) not in ("auto",) + BACKENDS:
-        raise ValueError(f"fusedres.convert: FUSEDRES_BACKEND={requested_backend(backend)!r} is no backend; "
+    requested = requested_backend(backend)
+    if requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"fusedres.convert: FUSEDRES_BACKEND={requested!r} is no backend; "
                          f"expected 'auto' or one of {BACKENDS}")
     if not inplace:
         model = copy.deepcopy(model)
@@ -238,8 +240,8 @@ def _backend_note(model: nn.Module, backend: str) -> str:
         return (f"backend {requested!r} requested{source}" + ("" if reason is None else
                 f", which cannot run on the model's device now, {param.device} ({reason}): a forward there raises"))
     reasons = {name: unavailable_reason(name, param.device) for name in BACKENDS}
-    if param.device.type == "cpu":
-        reasons["triton"] = reasons["triton"] or "the Triton interpreter is never chosen automatically"
+    if interpreted_only("triton", param.device):
+        reasons["triton"] = reasons["triton"] or INTERPRETER_NOT_AUTO
     if param.dtype not in KERNEL_DTYPES:
         reasons = {name: reasons[name] or f"kernels do not support {param.dtype}" for name in BACKENDS[:-1]}
     chosen = next(name for name in BACKENDS if name == "torch" or reasons.get(name) is None)

@@ -134,6 +134,17 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
+# why "auto" takes no backend that would run in Triton's interpreter (``interpreted_only``)
+INTERPRETER_NOT_AUTO = ("Triton's interpreter (TRITON_INTERPRET=1) runs for backend='triton' only, "
+                        "never chosen by 'auto'")
+
+
+def interpreted_only(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` would run on ``device`` in Triton's interpreter, which is for tests: available to
+    calls naming it, never an automatic choice (INTERPRETER_NOT_AUTO)."""
+    return name == "triton" and device.type != "cuda"
+
+
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
     if name not in BACKENDS:
@@ -163,8 +174,8 @@ def select(requested: str, tensor: torch.Tensor) -> ModuleType:
             if unavailable_reason(candidate, tensor.device) is None and (
                 candidate == "torch" or tensor.dtype in KERNEL_DTYPES
             ):
-                if candidate == "triton" and tensor.device.type != "cuda":
-                    continue  # the interpreter is for tests, never an automatic choice
+                if interpreted_only(candidate, tensor.device):
+                    continue
                 return _load(candidate)[0]
     reason = unavailable_reason(name, tensor.device)
     if reason is not None:
