@@ -43,8 +43,8 @@ def compare(old: dict, new: dict, contenders=None, changed=None) -> list[str]:
              f"{old.get('environment', {}).get('GPU', '?')}, torch {old.get('environment', {}).get('torch', '?')})",
              f"- new: `{new.get('command', '?')}` ({new.get('git', '?')}, {new.get('date', '?')}, "
              f"{new.get('environment', {}).get('GPU', '?')}, torch {new.get('environment', {}).get('torch', '?')})",
-             "", "| case | batch | contender | old ms | new ms | new/old | agree old/new | config old -> new |",
-             "|---|---:|---|---:|---:|---:|---|---|"]
+             "", "| case | mode | batch | contender | old ms | new ms | new/old | agree old/new | config old -> new |",
+             "|---|---|---:|---|---:|---:|---:|---|---|"]
     old_rows = {_key(r): r for r in old["rows"]}
     new_rows = {_key(r): r for r in new["rows"]}
     for key, row in new_rows.items():
@@ -57,14 +57,14 @@ def compare(old: dict, new: dict, contenders=None, changed=None) -> list[str]:
             continue
         configs = (_chosen(before), _chosen(row))
         config = "" if configs[0] == configs[1] else f"{configs[0] or '-'} -> {configs[1] or '-'}"
-        lines.append(f"| {key[1]} | {key[3]} | {key[4]} | {old_ms or float('nan'):.3f} | {new_ms or float('nan'):.3f}"
+        lines.append(f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {old_ms or float('nan'):.3f} | {new_ms or float('nan'):.3f}"
                      f" | {'' if ratio is None else f'{ratio:.2f}'} | {_agreement(before)}/{_agreement(row)} |"
                      f" {config} |")
     for name, only in (("new run only", new_rows.keys() - old_rows.keys()),
                        ("old run only", old_rows.keys() - new_rows.keys())):
         rows = sorted(k for k in only if not contenders or k[4] in contenders)
         if rows:
-            lines += ["", f"{name}: " + ", ".join(f"{k[1]} b{k[3]} {k[4]}" for k in rows)]
+            lines += ["", f"{name}: " + ", ".join(f"{k[1]} {k[2]} b{k[3]} {k[4]}" for k in rows)]
     return lines
 
 

@@ -290,9 +290,13 @@ def test_compare_sets_two_runs_rows_side_by_side():
                        _row("l5", "triton", 0.050)])
     lines = compare(old, new)
     assert "aaa" in lines[0] and "bbb" in lines[1]
-    (l3,) = [line for line in lines if line.startswith("| l3 | 256 | triton |")]
+    (l3,) = [line for line in lines if line.startswith("| l3 | fwd | 256 | triton |")]
     assert "| 0.200 | 0.120 | 0.60 | ok/ok | 128x256 ptr warps=8 stages=3 -> 128x256 tma warps=8 stages=3 |" in l3
-    assert any(line.startswith("| l3 | 256 | cudnn | 0.100 | 0.101 | 1.01 | ref/ref |") for line in lines)
-    assert "new run only: l5 b256 triton" in lines and "old run only: l4 b256 triton" in lines
+    assert any(line.startswith("| l3 | fwd | 256 | cudnn | 0.100 | 0.101 | 1.01 | ref/ref |") for line in lines)
+    assert "new run only: l5 fwd b256 triton" in lines and "old run only: l4 fwd b256 triton" in lines
     assert not any("| cudnn |" in line for line in compare(old, new, contenders={"triton"}))
-    assert not any("| l3 | 256 | cudnn |" in line for line in compare(old, new, changed=0.05))
+    assert not any("| l3 | fwd | 256 | cudnn |" in line for line in compare(old, new, changed=0.05))
+    # the same case and contender in two modes: two rows, told apart by the mode column
+    backward = dict(_row("l3", "triton", 0.300), mode="bwd")
+    lines = compare(_run("aaa", old["rows"] + [backward]), _run("bbb", new["rows"] + [dict(backward, median_ms=0.150)]))
+    assert any(line.startswith("| l3 | bwd | 256 | triton | 0.300 | 0.150 | 0.50 |") for line in lines)
