@@ -193,8 +193,8 @@ def _convert_stems(report, backend, filter_fn) -> None:
         vars(model)["fusedres_stem_backend"] = backend
         source_name = type(model).__name__
         model.__class__ = stem_class
-        report.converted.append((conv_name, f"{source_name} -> {stem_class.__name__} (the stem conv1 + bn1 + ReLU "
-                                            "as a unit)"))
+        report.converted.append((conv_name, f"the stem conv1 + bn1 + ReLU run as a unit (the model's class "
+                                            f"{source_name} -> {stem_class.__name__})"))
 
 
 def _convert_timm_norms(report, backend, filter_fn) -> None:
