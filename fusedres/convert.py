@@ -269,9 +269,11 @@ def revert(model: nn.Module) -> nn.Module:
 
 def refold(model: nn.Module) -> nn.Module:
     """Forget the BatchNorm folds that a converted model's eval forwards keep (in place); returns model. A fold is
-    made again by itself when a tensor it came from is replaced or changed in place (its version counter), but
-    not after a write through ``.data`` (``p.data.copy_(...)``, as some EMA and manual-update code does), which
-    changes neither: call this after such writes, or write the tensors themselves under ``torch.no_grad()``."""
+    made again by itself when a tensor it came from is replaced or changed in place (its version counter), and
+    after every step of a ``torch.optim`` optimizer with ``fused=True`` (whose writes move no version counter), but
+    not after a write through ``.data`` (``p.data.copy_(...)``, as some EMA and manual-update code does) or by a
+    collective (``torch.distributed.broadcast``), which change neither: call this after such writes, or write the
+    tensors themselves under ``torch.no_grad()``."""
     for module in model.modules():
         vars(module).pop(FOLDS, None)
     return model

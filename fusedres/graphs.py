@@ -22,8 +22,9 @@ replays them all from one call, so the forward costs what the GPU takes. This is
 - The graph computes with the model as it was when it was captured: its modules, their weights (for a converted
   model: the folded conv weights, made from them) and their settings. A call raises when any of these changed
   since: a module, parameter or buffer replaced, put where there was None, or removed; a parameter or
-  buffer changed in place (an optimizer step, ``load_state_dict``, ``.to``); a module's training flag
-  (``model.train()``); a BatchNorm's ``eps``, ``momentum`` or ``track_running_stats``. Capture again then.
+  buffer changed in place (an optimizer step, ``load_state_dict``, ``.to``); any step of an optimizer with
+  ``fused=True``, whose writes move no version counter (even one that trained another model); a module's training
+  flag (``model.train()``); a BatchNorm's ``eps``, ``momentum`` or ``track_running_stats``. Capture again then.
   Writes through ``.data`` and other attributes of the modules (a conv's ``stride``, a new ``forward``) are not
   seen.
 - Inference only: the model and every module in it must be in eval mode, and the forward runs without
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import backends, dispatch
+from .ops.inference import fused_optimizer_steps
 
 _VERSION = operator.attrgetter("_version")
 _TRAINING = operator.attrgetter("training")
@@ -97,16 +99,17 @@ class CudaGraphedForward:
                 self._replay, self._outputs = capture(forward)
         self._snapshot = self._state()
 
-    def _state(self) -> tuple[list, list, list, list, list]:
+    def _state(self) -> tuple[list, list, list, list, list, int]:
         """What a change since the capture shows in: the parameters' and buffers' version counters and addresses
-        (``.to`` swaps a parameter's ``.data``), the modules' training flags, the BatchNorms' settings and the
-        modules' numbers of children.
+        (``.to`` swaps a parameter's ``.data``), the modules' training flags, the BatchNorms' settings, the
+        modules' numbers of children and the steps of fused optimizers (``fused=True``, whose writes move no
+        version counter: any such step counts, whichever parameters it updated).
         With the check that each child module, parameter and buffer is still the one captured, ~75 us for a
         converted ResNet-50 (135 modules, 320 tensors) on a 2-core CPU, where launching its 16 blocks' kernels
         one by one takes ~3.8 ms (``python -m benchmarks.host_overhead --resnet50``)."""
         return (list(map(_VERSION, self._tensors)), list(map(Tensor.data_ptr, self._tensors)),
                 list(map(_TRAINING, self._modules)), list(map(_BATCH_NORM_SETTINGS, self._batch_norms)),
-                list(map(len, self._children)))
+                list(map(len, self._children)), fused_optimizer_steps())
 
     def _changes(self) -> Iterator[str]:
         """What differs from the capture, for the error."""
@@ -115,7 +118,9 @@ class CudaGraphedForward:
                 yield f"{name} was {'removed' if now is None else 'added' if held is None else 'replaced'}"
         for prefix, children, keys in zip(self._prefixes, self._children, self._child_keys):
             yield from (f"{_qualified(prefix, key)} was added" for key in children.keys() - keys)
-        (versions, pointers, training, settings, _), captured = self._state(), self._snapshot
+        (versions, pointers, training, settings, _, steps), captured = self._state(), self._snapshot
+        if steps != captured[5]:
+            yield "an optimizer with fused=True took a step, which moves no version counter"
         for name, now, then in zip(self._tensor_names, zip(versions, pointers), zip(*captured[:2])):
             if now != then:
                 yield f"{name} was changed in place or given new data"
