@@ -16,6 +16,8 @@ import pytest
 import timm
 import torch
 import torchvision
+from timm.layers import BatchNormAct2d, create_conv2d
+from timm.models.resnetv2 import PreActBasic
 from torch import nn
 
 import fusedres
@@ -89,6 +91,32 @@ def test_unsupported_timm_blocks_are_left_alone_with_a_reason():
     assert len(report.skipped) == 10
     assert all("se" in why for name, why in report.skipped if name not in ("bn1", "conv1")), str(report)
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("tie", ["conv2 is conv1", "downsample holds conv1", "preact conv2 is conv1"])
+def test_a_block_whose_parts_share_a_conv_or_batchnorm_is_left_alone(tie):
+    """One conv or BatchNorm at two places of a block: the block is left as it is (its own forward runs each use in
+    its order), its state_dict keys and outputs unchanged, where it had converted into a block missing conv2's keys
+    and failing its forward, or one whose eval forward added the shared BatchNorm's bias twice."""
+    torch.manual_seed(3)
+    if tie == "preact conv2 is conv1":
+        block = PreActBasic(8, 8, stride=1, conv_layer=create_conv2d, norm_layer=BatchNormAct2d)
+        block.conv2, expected = block.conv1, "conv2 is conv1 too"
+    else:
+        block = torchvision.models.resnet.BasicBlock(8, 8, stride=2 if tie == "downsample holds conv1" else 1)
+        if tie == "conv2 is conv1":
+            block.conv2, block.bn2, expected = block.conv1, block.bn1, "conv2 is conv1 too"
+        else:
+            block.downsample, expected = nn.Sequential(block.conv1, block.bn1), "downsample.0 is conv1 too"
+    randomise_bn(block, 3)
+    model = nn.Sequential(block).eval()
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        before, keys = model(x), set(model.state_dict())
+        report = fusedres.convert(model)
+        assert report.converted == [] and expected in report.skipped[0][1], str(report)
+        assert model[0] is block and set(model.state_dict()) == keys
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
 def test_unknown_module_with_block_like_children_is_never_touched():

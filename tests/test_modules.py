@@ -296,7 +296,32 @@ def test_eval_forwards_under_inference_mode_replay_like_no_grad_ones(kind, repla
             assert replays == ([1] if replayed else []), step
             replays.clear()
     units = [unit for unit in fused.__dict__["_folded"].values() if isinstance(unit, folded_units.FoldedUnit)]
-    assert units and all(not t.is_inference() for unit in units for t in unit.fold.last)
+    assert units and all(not t.is_inference() for unit in units for t in unit.fold._last[3])  # the fold kept
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_a_chain_records_the_plans_its_own_forward_ran(kind, monkeypatch, replays, fresh_dispatch):
+    """A block shared by two threads: another thread's bf16 autocast forward runs after this forward's units and
+    before its chain is recorded, replacing the units' last plans and folds with its own. The chain recorded is this
+    forward's or none, never this guard with the other forward's bf16 plans; every later fp32 forward is eager's."""
+    eager = _block(kind, seed=17).eval()
+    fused = fusedres.convert(copy.deepcopy(eager)).model.eval()
+    x = torch.randn(2, 12, 9, 7)
+    record = folded_units.FoldedChain.record.__func__
+    interleaved = []
+
+    def record_after_another_forward(cls, *args):
+        if not interleaved:
+            interleaved.append(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fused(x.bfloat16())
+        return record(cls, *args)
+
+    monkeypatch.setattr(folded_units.FoldedChain, "record", classmethod(record_after_another_forward))
+    with torch.no_grad():
+        for step in range(3):
+            torch.testing.assert_close(fused(x + step), eager(x + step), rtol=1e-5, atol=1e-5)
+    assert interleaved and replays == [1]  # none recorded at step 0 (its folds were replaced); step 1's at step 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="test_gpu_replayed_eval_forwards_match_eager runs the GPU's")

@@ -208,6 +208,18 @@ def _conv_paddings(modules: tuple) -> tuple:
     return tuple((m.padding, m.padding_mode) for m in modules if type(m) is nn.Conv2d)
 
 
+def _shared_part_reason(block: nn.Module) -> Optional[str]:
+    """Why ``block`` is not fused if one conv or BatchNorm is two of its parts (``conv2`` set to ``conv1``, a
+    downsample holding ``conv1``), else None: the fused block runs each part as its own unit, in its own order."""
+    names: dict[int, str] = {}
+    for name, module in block.named_modules(remove_duplicate=False):
+        if isinstance(module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+            first = names.setdefault(id(module), name)
+            if first != name:
+                return f"{name} is {first} too (a conv or BatchNorm shared by two parts of the block)"
+    return None
+
+
 class _FusedResidualBlock(FoldingModule):
     """Base of every fused block: holds the very children of the block it replaces, in their order.
 
@@ -242,7 +254,7 @@ class _FusedResidualBlock(FoldingModule):
             return f"{type(block).__name__} is not a known {cls.family} block"
         if kind != cls.kind:
             return f"{type(block).__name__} is a {kind} block, not a {cls.kind} block"
-        return hooks_reason(block) or cls._structure_reason(block)
+        return hooks_reason(block) or _shared_part_reason(block) or cls._structure_reason(block)
 
     @classmethod
     def _structure_reason(cls, block: nn.Module) -> Optional[str]:
@@ -409,9 +421,10 @@ class _FusedPostActBlock(_FusedResidualBlock):
             runner = folded_unit(self, conv, bn)
             weight, own_bias = runner.folded(values[source], conv, bn)
             bias = own_bias if moved_bias is None else runner.summed_bias(own_bias, moved_bias)
-            values.append(runner(values[source], conv, bn, None if residual is None else values[residual], relu,
-                                 backend, folded=(weight, bias if keep_bias else None)))
-            units.append((runner, conv, bn, source, residual, relu))
+            out, plan = runner.planned_call(values[source], conv, bn, None if residual is None else values[residual],
+                                            relu, backend, folded=(weight, bias if keep_bias else None))
+            values.append(out)
+            units.append((runner, conv, bn, source, residual, relu, plan))
             return len(values) - 1, own_bias
 
         # The downsample's folded bias is added to the last unit's instead (relu(conv3 + b3 + (conv_ds + b_ds)) is

@@ -75,10 +75,18 @@ class FoldedUnit:
                  backend: str, folded: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
         """act(conv(x) [bn folded in] + residual); with ``folded``, (W', b') to compute with instead of
         ``folded(x, conv, bn)``'s (a block that moves a unit's bias to another unit, ``summed_bias``)."""
+        return self.planned_call(x, conv, bn, residual, relu, backend, folded)[0]
+
+    def planned_call(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
+                     backend: str, folded: Optional[tuple[Tensor, Optional[Tensor]]] = None
+                     ) -> tuple[Tensor, Optional[tuple]]:
+        """The call's output and the plan this call ran or kept, None where it kept none: what
+        ``FoldedChain.record`` takes for this call (not the unit's last plan, which a later call of the same unit in
+        the forward, or another thread's call, may have replaced)."""
         autocast = backends.autocast_dtype(x.device.type)
         weight, bias = self._fold(conv, bn, autocast) if folded is None else folded
         if not eager.plain_mode() or torch.is_grad_enabled() or torch.autograd._profiler_enabled():
-            return conv_module_bias_act(x, conv, weight, bias, residual, relu, backend)
+            return conv_module_bias_act(x, conv, weight, bias, residual, relu, backend), None
         conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         guard = (_layout(x), _layout(residual), conv_args, relu, backend, autocast, backends.conv_flags(x.dtype),
                  dispatch.resets(), dispatch.graph_replay())
@@ -89,12 +97,13 @@ class FoldedUnit:
                 bound = bound_implementation(plan[3], x, weight, bias, residual, plan[5], relu)
                 if not backends.capturing(x.device):  # bound while captured, a fp32 bias would be the graph's
                     self._plan = (*plan[:6], bound)
-            return run_dense(bound, plan[4], (x, residual))
+            return run_dense(bound, plan[4], (x, residual)), plan
         tensors = checked_module_tensors(x, weight, bias, residual, conv_args)
         out, launch = module_unit_call(tensors, conv_args, relu, backend)
         cast = any(map(operator.is_not, tensors, (x, weight, bias, residual)))
-        self._plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args, None)
-        return out
+        plan = None if launch is None or cast else (guard, weight, bias, *launch, conv_args, None)
+        self._plan = plan
+        return out, plan
 
 
 class FoldedChain:
@@ -129,12 +138,14 @@ class FoldedChain:
     @classmethod
     def record(cls, guard: tuple, modules: tuple, units: Sequence[tuple]) -> Optional["FoldedChain"]:
         """The chain of a forward that just ran ``units`` in order, each (its FoldedUnit, conv, BatchNorm, the
-        index of the value it read, of its residual or None, ReLU): values are numbered 0 for x, then k for the
-        k-th unit's output. ``guard``: ``chain_guard`` at the forward's start (not None); ``modules``: what the
-        owner holds, as its calls will pass them. None where a unit has no plan."""
+        index of the value it read, of its residual or None, ReLU, the plan its call ran: ``planned_call``'s):
+        values are numbered 0 for x, then k for the k-th unit's output. ``guard``: ``chain_guard`` at the forward's
+        start (not None); ``modules``: what the owner holds, as its calls will pass them. None where a call kept no
+        plan, or where its fold no longer holds (another thread's call may have folded the same modules in
+        another dtype since)."""
         steps = []
-        for unit, conv, bn, source, residual, relu in units:
-            plan, folded = unit._plan, unit.fold.last
+        for unit, conv, bn, source, residual, relu, plan in units:
+            folded = unit.fold.kept(conv, bn)
             if plan is None or folded is None or folded[0] is not plan[1]:
                 return None
             bias, name, channels_last, conv_args = plan[2:6]  # bias: the fold's, None or summed with one
