@@ -139,6 +139,26 @@ def test_fused_preact_block_matches_timm_forward_backward_and_buffers(
     assert type(fused.to_module()) is type(block)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_drop_path_left_in_training_mode_in_an_eval_block_drops_as_timms(grad):
+    """block.eval() then block.drop_path.train(): timm's block drops paths in its eval forward. The fused block
+    does the same draws, with autograd and without (where its folded inference forward had left drop_path out)."""
+    block = _block("basic", 8, 8, 1, seed=12, drop_path_rate=0.5).eval()
+    fused = FusedPreActBasic.from_module(copy.deepcopy(block)).eval()
+    for module in (block, fused):
+        module.drop_path.train()
+    x = torch.randn(4, 8, 6, 6, dtype=F64)
+    with torch.set_grad_enabled(grad):
+        outputs = []
+        for module in (block, fused):
+            torch.manual_seed(13)  # the same drop-path draws
+            outputs.append(module(x))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # what was dropped: a draw differs from the forward without drop-path
+        block.drop_path.eval()
+        assert not torch.allclose(outputs[0], block(x))
+
+
 def test_norm_replaced_after_conversion_runs_as_a_module():
     """A norm swapped for one the block cannot fuse (here GroupNormAct) is called as it is."""
     block = _block("basic", 8, 8, 1, seed=7)

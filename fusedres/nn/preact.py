@@ -147,7 +147,7 @@ class _FusedPreActBlock(_FusedResidualBlock):
         modules = self._fused_modules()
         if not self._runs_fused(x, modules):
             return self._unfused_forward(x)
-        if self._folding_applies(modules):
+        if self._folding_applies(modules) and not self.drop_path.training:  # the folded forward drops no path
             return self._inference_forward(x)
         source = self._pre_activation(x, self.norm1)
         shortcut = x
