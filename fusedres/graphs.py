@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import backends, dispatch
-from .ops.inference import fused_optimizer_steps
+from .ops.writes import fused_optimizer_steps
 
 _VERSION = operator.attrgetter("_version")
 _TRAINING = operator.attrgetter("training")

@@ -1047,6 +1047,20 @@ def test_packed_weight_cache_follows_in_place_updates():
     torch.testing.assert_close(second, -2.0 * first, rtol=1e-6, atol=1e-5)
 
 
+def test_packed_weight_cache_sees_a_fused_optimizer_step():
+    """A detached view of a trained weight (a fold without a BatchNorm) is packed once; a fused optimizer's step,
+    which moves no version counter (torch 2.14, CPU), is seen at the next call all the same."""
+    gen = seeded("fused-step")
+    x = rand_act(gen, (2, 8, 5, 5), F32)
+    w = torch.nn.Parameter(rand_act(gen, (4, 8, 3, 3), F32))
+    assert conv._packed_weight(w.detach(), 1) is conv._packed_weight(w.detach(), 1)
+    first, _, _ = conv.conv2d_fused(x, w.detach(), padding=1)
+    w.grad = -w.detach()  # lr 1: w - grad = 2 w
+    torch.optim.SGD([w], lr=1.0, fused=True).step()
+    second, _, _ = conv.conv2d_fused(x, w.detach(), padding=1)
+    torch.testing.assert_close(second, 2.0 * first, rtol=1e-6, atol=1e-5)
+
+
 def test_a_weight_that_needs_a_gradient_is_packed_at_every_call():
     """A trained weight is not cached packed: a manual update through ``.data`` (its version counter unmoved)
     is seen at the next call, forward and input gradient alike; a weight needing no gradient (a folded one)

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.library import custom_op
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, dispatch, eager
+from . import backends, dispatch, eager, writes
 from .functional import _check_activation, _conv_tuple, _is_int, conv_output_size
 
 IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
@@ -91,26 +90,6 @@ def _member(module: nn.Module, name: str):
     return getattr(module, name) if t is _ABSENT else t  # e.g. a parametrized weight (a property)
 
 
-# torch's fused optimizers (fused=True) write their parameters without moving the version counters (torch 2.14, CPU:
-# SGD, Adam and AdamW), which is how a fold (FoldedWeights) and a captured graph (fusedres.cuda_graphed) see a change
-# in place: their steps are counted instead, and a fold made before one is made again
-_fused_steps = 0
-
-
-def fused_optimizer_steps() -> int:
-    """The steps optimizers with ``fused=True`` took in this process since fusedres was imported."""
-    return _fused_steps
-
-
-def _count_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    global _fused_steps
-    if any(group.get("fused") for group in optimizer.param_groups):
-        _fused_steps += 1
-
-
-register_optimizer_step_post_hook(_count_fused_step)
-
-
 def _snapshot(t: Optional[Tensor]) -> Optional[tuple]:
     """What must stay the same for ``t``'s folded value to stay valid: its storage (weakly referenced: a
     storage freed and another allocated at the same address, as a caching allocator does after
@@ -161,9 +140,8 @@ class FoldedWeights:
 
     ``get`` folds again when a source tensor was replaced (object or storage: ``.to``, a new Parameter)
     or changed in place (version counter: optimizer steps, ``load_state_dict``; not writes through
-    ``.data``), after any step of an optimizer with ``fused=True`` (whose writes move no version counter:
-    ``fused_optimizer_steps``), or when ``bn.eps`` or the dtype asked for changed; else it returns the very same
-    tensors.
+    ``.data``), after any step of an optimizer with ``fused=True`` (whose writes move no version counter,
+    ``writes.py``), or when ``bn.eps`` or the dtype asked for changed; else it returns the very same tensors.
     Tensors made under ``torch.inference_mode`` have no version counter and are folded on every call,
     as is everything under ``torch.compile`` (traced into the graph); a fold made while a CUDA graph is captured
     (written only when the graph replays) serves that call alone. The fold itself is made outside
@@ -198,7 +176,7 @@ class FoldedWeights:
             return _folded(sources, bn, key[0])
         last = self._last
         if last is None or key != last[0] or not _holds(last, sources):
-            steps = _fused_steps
+            steps = writes.fused_optimizer_steps()
             with made_to_keep():
                 folded = _folded(sources, bn, key[0])
             if backends.capturing(folded[0].device):  # filled only when the graph replays: for this call alone
@@ -218,7 +196,7 @@ class FoldedWeights:
 
 def _holds(last: tuple, sources: tuple) -> bool:
     """Whether ``sources`` are the tensors of the fold ``last`` (``FoldedWeights._last``), unchanged since."""
-    return (last[4] == _fused_steps and all(map(operator.is_, sources, last[1]))
+    return (last[4] == writes.fused_optimizer_steps() and all(map(operator.is_, sources, last[1]))
             and all(map(_unchanged, sources, last[2])))
 
 

@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.backends import capturing, channels_last, conv_allows_tf32, triton_interpreted
+from ..ops.writes import fused_optimizer_steps
 from ._host import cdiv
 from .relaunch import relaunched
 
@@ -200,8 +201,9 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
 
     Cached per (data_ptr, shape, strides, dtype, device, groups, transposed, taps, merge, space_to_depth) and
     checked against the weight's storage (weakly referenced: an entry goes when its weight's storage is freed, so a
-    weight made anew at every call, a cast say, leaves nothing behind) and its version counter, so in-place updates
-    repack; only for a weight that needs no gradient
+    weight made anew at every call, a cast say, leaves nothing behind), its version counter and the steps of fused
+    optimizers (which move no version counter, ``ops/writes.py``), so in-place updates repack: a fold without a
+    BatchNorm is a detached view of the trained weight itself; only for a weight that needs no gradient
     (a BatchNorm-folded weight, a frozen layer's). A trained weight is packed at every call: each optimizer step
     changes it anyway, autocast hands the conv a new copy of it each step (entries that never hit again, each
     holding its weight and packing), and a write through ``.data`` (a manual update) leaves its version counter
@@ -210,7 +212,7 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     when the graph replays). Not seen: writes through ``.data`` to a weight that needs no gradient."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
            taps, merge, space_to_depth)
-    version = weight._version if _packing_kept(weight) else None
+    version = (weight._version, fused_optimizer_steps()) if _packing_kept(weight) else None
     with _PACK_LOCK:
         hit = _PACK_CACHE.get(key)
         if hit is not None and version is not None and hit[1] == version and hit[0]() is weight.untyped_storage():
