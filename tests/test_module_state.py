@@ -11,6 +11,7 @@ import torchvision
 from timm.layers import BatchNormAct2d
 from timm.models.resnetv2 import PreActBasic
 from torch import nn
+from torch.autograd import forward_ad
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -214,6 +215,32 @@ def test_activations_replaced_after_conversion_are_applied():
     with torch.no_grad():
         torch.testing.assert_close(model.relu(model.bn1(model.conv1(x))), eager.relu(eager.bn1(eager.conv1(x))))
         torch.testing.assert_close(model(x), eager(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm resnet18d", "timm resnetv2_18"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_runs_the_original_modules(name, training):
+    """Inside torch.autograd.forward_ad.dual_level the converted modules (blocks, the stem, fused norms and timm's
+    norms) compute with torch's own modules, which have forward derivatives: the primal and tangent are eager's and
+    the buffers end as eager's, where the fused ops raised NotImplementedError (no jvp) having counted a batch."""
+    if name == "resnet18":
+        eager = _resnet18()
+    else:
+        torch.manual_seed(0)
+        eager = timm.create_model(name.split()[1], num_classes=5).double()
+        randomise_bn(eager, seed=3)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x, tangent = _x(2, 3, 32, 32), _x(2, 3, 32, 32, seed=2)
+    outputs = []
+    for m in (eager, model):
+        m.train(training)
+        with forward_ad.dual_level():
+            out = forward_ad.unpack_dual(m(forward_ad.make_dual(x, tangent)))
+        outputs.append((out.primal, out.tangent))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.state_dict(), eager.state_dict(), rtol=0, atol=0)
+    with torch.no_grad():  # outside, the fused forward again
+        torch.testing.assert_close(model.eval()(x), eager.eval()(x), rtol=1e-10, atol=1e-12)
 
 
 def test_torch_fx_traces_a_converted_model_as_the_original():

@@ -35,7 +35,7 @@ from .. import ops
 from ..ops import folded_units
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
-from .hooks import any_run_hooks, hooks_reason, share_hooks
+from .hooks import any_run_hooks, hooks_reason, runs_torch_modules, share_hooks
 
 
 def _qualified_name(module: nn.Module) -> str:
@@ -308,12 +308,12 @@ class _FusedResidualBlock(FoldingModule):
         return modules
 
     def _runs_fused(self, x: Tensor, modules: tuple) -> bool:
-        """Whether this forward may run fused, where ``modules`` are ``_fused_modules()``: x is a tensor (not a
-        ``torch.fx`` proxy, which no kernel takes), non-empty unless a BatchNorm synchronises
-        (``runs_empty_batch_fused``), no hook would miss a call (``any_run_hooks``), and the modules are still
-        ones this block fuses (``_structure_reason``, asked once for the same modules with the same convs'
+        """Whether this forward may run fused, where ``modules`` are ``_fused_modules()``: x needs no torch
+        modules (``runs_torch_modules``: a ``torch.fx`` proxy, forward-mode AD), is non-empty unless a BatchNorm
+        synchronises (``runs_empty_batch_fused``), no hook would miss a call (``any_run_hooks``), and the modules are
+        still ones this block fuses (``_structure_reason``, asked once for the same modules with the same convs'
         padding: a module's class does not change, a conv's padding_mode may)."""
-        if (isinstance(x, torch.fx.Proxy) or (x.numel() == 0 and not runs_empty_batch_fused(modules))
+        if (runs_torch_modules(x) or (x.numel() == 0 and not runs_empty_batch_fused(modules))
                 or any_run_hooks(modules)):
             return False
         fusable = (modules, _conv_paddings(modules))

@@ -6,12 +6,15 @@ they are and says why (``hooks_reason``). Hooks on the converted module itself k
 module takes the very hook dictionaries of the module it replaces (``share_hooks``), so handles returned by
 ``register_*_hook`` before conversion still remove them, and ``revert`` hands them back the same way. Hooks
 registered after conversion on a module a fused module stands in for, or globally, make that module's forward run
-the original computation (``any_run_hooks``, asked at each call).
+the original computation (``any_run_hooks``, asked at each call), as do a ``torch.fx`` trace and forward-mode AD
+(``runs_torch_modules``).
 """
 
 from typing import Iterable, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.modules import module as torch_module
 
 _RUN_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -27,6 +30,13 @@ def has_run_hooks(module: nn.Module) -> bool:
     asked at every forward of a fused module, and torch >= 2.4 has them all)."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
                 or module._backward_hooks)
+
+
+def runs_torch_modules(x: Tensor) -> bool:
+    """Whether a fused module's forward on ``x`` must compute with torch's own modules and ops: ``x`` is a
+    ``torch.fx`` proxy (the trace records them), or forward-mode AD is on (inside
+    ``torch.autograd.forward_ad.dual_level``: the fused ops have no forward derivative, torch's do)."""
+    return isinstance(x, torch.fx.Proxy) or forward_ad._current_level >= 0
 
 
 def global_run_hooks() -> bool:

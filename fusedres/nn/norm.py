@@ -9,7 +9,8 @@ ours included, into a plain SyncBatchNorm) or a hook would see the norm's output
 never lost nor applied twice. ``revert`` restores both modules.
 
 Traced by ``torch.fx`` the fused norm records nn.BatchNorm2d's forward as one call (``_batch_norm``) and
-its placeholder a ReLU: the graph computes, and counts batches, as the original modules do.
+its placeholder a ReLU: the graph computes, and counts batches, as the original modules do. Under forward-mode
+AD (``torch.autograd.forward_ad``) both compute so too, with torch's ops, which have forward derivatives.
 """
 
 import copy
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .blocks import pending_bn
-from .hooks import any_run_hooks, share_hooks
+from .hooks import any_run_hooks, runs_torch_modules, share_hooks
 
 _PLACEHOLDER = "_relu_placeholder"  # the plain attribute of a fused norm holding its ReLUFusedIntoNorm, if any
 
@@ -82,11 +83,11 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         placeholder = self.__dict__.get(_PLACEHOLDER)
         if placeholder is None:
             return self.relu
-        return self.relu and not isinstance(x, torch.fx.Proxy) and placeholder.passes_through()
+        return self.relu and not runs_torch_modules(x) and placeholder.passes_through()
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         relu = self.applies_relu(x)
-        if isinstance(x, torch.fx.Proxy) or x.numel() == 0:
+        if runs_torch_modules(x) or x.numel() == 0:
             # torch's own BatchNorm: eager's result and buffers, a traceable graph, no kernel on an empty tensor
             out = _batch_norm(self, x)
             out = out if residual is None else out + residual
@@ -151,7 +152,7 @@ class ReLUFusedIntoNorm(nn.ReLU):
                 and not any_run_hooks((norm, self)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if not isinstance(x, torch.fx.Proxy) and self.passes_through() else super().forward(x)
+        return x if not runs_torch_modules(x) and self.passes_through() else super().forward(x)
 
     def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: the norm's copy lacks its placeholder
         super().__setstate__(state)

@@ -15,7 +15,8 @@ the rest of the original forward:
   pass, as in a block.
 
 Where the stem's modules are not what convert saw (hooks on one of them or global ones, one replaced by
-something else), the batch is empty or ``torch.fx`` traces the model, it runs the original forward unchanged.
+something else), the batch is empty, ``torch.fx`` traces the model or forward-mode AD is on, it runs the original
+forward unchanged.
 The class adds no parameters, buffers, children or hooks: the state_dict, the module tree and ``isinstance``
 checks are the model's own, and ``revert`` puts the original class back.
 
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .blocks import FoldingModule, conv_pending_bn, folded_conv_bias_act, folding_allowed, runs_empty_batch_fused
-from .hooks import global_run_hooks, has_run_hooks
+from .hooks import global_run_hooks, has_run_hooks, runs_torch_modules
 from .norm import FusedBatchNormAct2d, ReLUFusedIntoNorm
 
 
@@ -46,7 +47,7 @@ class _FusedStemModel(FoldingModule):
     def _fused_stem(self, x: Tensor) -> Optional[Tensor]:
         """relu(bn1(conv1(x))) run as a unit (see the module docstring), or None where the original forward
         must run instead."""
-        if (isinstance(x, torch.fx.Proxy) or global_run_hooks()
+        if (runs_torch_modules(x) or global_run_hooks()
                 or stem_unsupported_reason(self, self.act_name) is not None):
             return None
         conv1, bn, act = self._modules["conv1"], self._modules["bn1"], self._modules[self.act_name]

@@ -8,8 +8,8 @@ this module only for models that hold timm modules.
 
 It checks its ``drop`` and ``act`` children at each forward, as timm's forward calls them: where one was
 replaced by a module it does not fuse (any drop but ``nn.Identity``, any act but the one it was converted
-with), one has hooks or a global hook is registered, the batch is empty or ``torch.fx`` traces it, it runs
-timm's forward on them (``_unfused_forward``), so a trace records what the original's does.
+with), one has hooks or a global hook is registered, the batch is empty, ``torch.fx`` traces it or forward-mode
+AD is on, it runs timm's forward on them (``_unfused_forward``), so a trace records what the original's does.
 
 Torch's own ``nn.SyncBatchNorm.convert_sync_batchnorm`` knows nothing of an activation inside a
 norm: it drops the activation of every timm ``BatchNormAct2d`` outside a residual block,
@@ -19,11 +19,10 @@ converter for timm models, as timm itself says.
 
 from typing import Optional
 
-import torch
 from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 
-from .hooks import any_run_hooks, hooks_reason
+from .hooks import any_run_hooks, hooks_reason, runs_torch_modules
 from .norm import FusedBatchNormAct2d, _batch_norm
 
 
@@ -58,11 +57,12 @@ class FusedTimmBatchNormAct2d(FusedBatchNormAct2d, BatchNormAct2d):
         return super().from_module(bn, relu=type(bn.act) is nn.ReLU, backend=backend)
 
     def _runs_fused(self, x: Tensor) -> bool:
-        """Whether this forward on ``x`` may run fused: x is a non-empty tensor (not a ``torch.fx`` proxy), the
+        """Whether this forward on ``x`` may run fused: x is a non-empty tensor needing no torch
+        modules (``runs_torch_modules``: a ``torch.fx`` proxy, forward-mode AD), the
         drop is an ``nn.Identity`` and the act the ReLU or ``nn.Identity`` it was converted with (``relu``),
         and neither has hooks nor is a global hook registered (``any_run_hooks``)."""
         drop, act = self._modules.get("drop"), self._modules.get("act")
-        return (not isinstance(x, torch.fx.Proxy) and x.numel() != 0 and type(drop) is nn.Identity
+        return (not runs_torch_modules(x) and x.numel() != 0 and type(drop) is nn.Identity
                 and type(act) is (nn.ReLU if self.relu else nn.Identity) and not any_run_hooks((drop, act)))
 
     def _unfused_forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
