@@ -402,7 +402,8 @@ def test_report_names_the_backend_fusedres_backend_or_the_call_asks_for(monkeypa
     assert note == "backend 'torch' requested (FUSEDRES_BACKEND)"
     note = fusedres.convert(torchvision.models.resnet18(num_classes=10), backend="cuda").backend_note  # on CPU
     assert note.startswith("backend 'cuda' requested, which cannot run on the model's device now, cpu (")
-    assert note.endswith("): a forward there raises")
+    assert note.endswith("): a forward there raises (in eval mode without autograd, blocks and stems, whose "
+                         "BatchNorms fold into their convs, run all the same)")
     monkeypatch.setenv("FUSEDRES_BACKEND", "bogus")
     model = torchvision.models.resnet18(num_classes=10)
     with pytest.raises(ValueError, match="FUSEDRES_BACKEND='bogus' is no backend; expected 'auto' or one of"):

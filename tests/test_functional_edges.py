@@ -331,3 +331,30 @@ def test_a_momentum_f_batch_norm_takes_is_taken(momentum):
     F.batch_norm(y, *eager, training=True, momentum=momentum, eps=EPS)
     for got, want in zip(ours, eager):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_stats, eps", [(True, 0.0), (True, -1e-5), (False, -1e-5)])
+def test_an_eps_f_batch_norm_refuses_raises_its_error_before_anything_changes(batch_stats, eps):
+    """eps <= 0 with batch statistics, < 0 with running ones: F.batch_norm's ValueError (torch 2.14's; torch 2.11
+    refuses these too, in other words, and eps 0 with running statistics as well), from both statistics ops and from
+    fold_batch_norm, with the running statistics left as they were."""
+    from fusedres.ops.inference import fold_batch_norm
+    gen = torch.Generator().manual_seed(5)
+    y = randn(gen, 2, 3, 4, 4, dtype=F32)
+    mean, var = randn(gen, 3, dtype=F32), positive(gen, 3, dtype=F32)
+    before = (mean.clone(), var.clone())
+    assert "eps must be" in torch_message(lambda: F.batch_norm(y, mean, var, training=batch_stats, eps=eps))
+    message = (f"batch_norm eps must be {'positive during training' if batch_stats else 'non-negative'}, "
+               f"but got {eps}")
+    calls = [lambda: functional.batch_norm_stats(y, None, None, mean, var, batch_stats=batch_stats,
+                                                 momentum=MOMENTUM, eps=eps),
+             lambda: functional.conv_batch_norm_stats(y, randn(gen, 3, 3, 1, 1, dtype=F32), None, 1, 0, 1, 1, None,
+                                                      None, mean, var, batch_stats=batch_stats, momentum=MOMENTUM,
+                                                      eps=eps)]
+    if not batch_stats:
+        calls.append(lambda: fold_batch_norm(randn(gen, 3, 3, 1, 1, dtype=F32), None, mean, var, None, None, eps))
+    for call in calls:
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == message
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])

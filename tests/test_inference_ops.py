@@ -851,6 +851,14 @@ def test_cudnn_backend_on_cpu_raises_clearly(no_kernels):
         conv_bias_act(args.pop("x"), args.pop("weight"), **args, backend="cudnn")
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "triton", "torch"])
+def test_float64_runs_on_torch_whatever_backend_is_named(backend):
+    """As every op's backend does (README: fp64 always runs on torch), where a named kernel backend raised."""
+    args = {name: t.double() if isinstance(t, torch.Tensor) else t for name, t in good_args().items()}
+    expected = torch.relu(F.conv2d(args["x"], args["weight"], args["bias"], padding=1) + args["residual"])
+    torch.testing.assert_close(conv_bias_act(args.pop("x"), args.pop("weight"), **args, backend=backend), expected)
+
+
 # --------------------------------------------------------------------------- GPU
 RTOL = {torch.float16: 1e-3, BF16: 8e-3}
 

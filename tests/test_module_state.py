@@ -7,6 +7,7 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from timm.layers import BatchNormAct2d
 from timm.models.resnetv2 import PreActBasic
@@ -282,6 +283,74 @@ def test_a_forward_that_raises_leaves_the_batchnorm_counters_as_eager_does():
     x = _x(2, 8, 6, 6)
     torch.testing.assert_close(fused(x), eager(x))
     torch.testing.assert_close(fused.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.0])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_batchnorm_eps_that_torch_refuses_raises_its_error(eps, training, grad):
+    """A BatchNorm eps <= 0 in training, < 0 in eval, raises F.batch_norm's ValueError (torch 2.14), in a block and in
+    the stem, with the buffers left as eager leaves them; where fusedres computed NaN (a negative variance + eps under
+    the square root) or, at eps 0 in training, a finite output eager refuses."""
+    refuses = eps < 0 or training
+    try:
+        F.batch_norm(_x(2, 3, 2, 2), torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64), training=training, eps=eps)
+        if refuses:
+            pytest.skip("this torch's F.batch_norm takes this eps")
+    except ValueError:
+        if not refuses:
+            pytest.skip("this torch's F.batch_norm refuses this eps (torch < 2.14: eps 0 in eval too)")
+    eager = _resnet18().train(training)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    x = _x(2, 3, 32, 32)
+    for name in ("layer1.0.bn1", "bn1"):
+        for m in (eager, model):
+            m.get_submodule(name).eps = eps
+        errors = []
+        for m in (eager, model):
+            with torch.set_grad_enabled(grad):
+                if refuses:
+                    with pytest.raises(ValueError) as error:
+                        m(x)
+                    errors.append(str(error.value))
+                else:
+                    errors.append(m(x))
+        if refuses:
+            assert "eps must be" in errors[0] and errors[1] == (
+                f"batch_norm eps must be {'positive during training' if training else 'non-negative'}, but got {eps}")
+        else:
+            torch.testing.assert_close(errors[1], errors[0])
+        torch.testing.assert_close(model.state_dict(), eager.state_dict())
+        for m in (eager, model):
+            m.get_submodule(name).eps = 1e-5
+
+
+def test_a_forward_on_a_backend_that_cannot_run_counts_no_batch():
+    """A converted model told to run a backend that cannot run on its device (the CUDA kernels, on CPU tensors)
+    raises fusedres's error, and its BatchNorms count no batch: eager would not have failed."""
+    model = fusedres.convert(_resnet18().train(), backend="cuda").model
+    before = copy.deepcopy(model.state_dict())
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            model(_x(2, 3, 32, 32))
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_an_input_that_is_no_tensor_gets_torchs_error(training):
+    """A list for x: the converted stem, blocks and fused norm raise what torch's modules raise (the conv's
+    TypeError; BatchNorm's AttributeError), where the stem had raised AttributeError ('list' object has no attribute
+    'numel')."""
+    eager = _resnet18().train(training)
+    model = fusedres.convert(copy.deepcopy(eager)).model
+    for name in ("", "layer1.0", "layer2.0", "bn1"):
+        raised = []
+        for m in (eager, model):
+            with pytest.raises(Exception) as error:
+                m.get_submodule(name)([[1.0]])
+            raised.append(type(error.value))
+        assert raised[1] is raised[0] and raised[0] in (TypeError, AttributeError), (name, raised)
+    torch.testing.assert_close(model.state_dict(), eager.state_dict(), rtol=0, atol=0)
 
 
 def test_an_empty_batch_runs_the_blocks_own_hooks_once():

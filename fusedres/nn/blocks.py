@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import folded_units
+from ..ops import backends, folded_units
 from ..ops.functional import PendingBN
 from ..reference import batch_norm_momentum
 from .hooks import any_run_hooks, hooks_reason, runs_torch_modules, share_hooks
@@ -79,13 +79,15 @@ def _counted(bn: nn.modules.batchnorm._BatchNorm, op: Callable[[tuple, dict], Pe
              counts: Callable[[], bool]) -> PendingBN:
     """``op(*_batch_norm_args(bn))``. Where ``op`` raises, the batch that ``_batch_norm_args`` counted in
     ``bn.num_batches_tracked`` is uncounted again unless ``counts()``: eager's BatchNorm counts a batch once its
-    input is there and 4-D (the conv before it ran, and its dimension check passed), before its other checks."""
+    input is there and 4-D (the conv before it ran, and its dimension check passed), before its other checks.
+    Where the backend asked for cannot run at all (``BackendUnavailableError``), which eager would not have
+    failed on, the module is left as it was: uncounted."""
     counter = bn.num_batches_tracked if bn.training and bn.track_running_stats else None
     args, kwargs = _batch_norm_args(bn)
     try:
         return op(args, kwargs)
-    except Exception:
-        if counter is not None and not counts():
+    except Exception as error:
+        if counter is not None and (isinstance(error, backends.BackendUnavailableError) or not counts()):
             counter.sub_(1)
         raise
 

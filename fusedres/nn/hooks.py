@@ -12,7 +12,6 @@ the original computation (``any_run_hooks``, asked at each call), as do a ``torc
 
 from typing import Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.modules import module as torch_module
@@ -33,10 +32,11 @@ def has_run_hooks(module: nn.Module) -> bool:
 
 
 def runs_torch_modules(x: Tensor) -> bool:
-    """Whether a fused module's forward on ``x`` must compute with torch's own modules and ops: ``x`` is a
-    ``torch.fx`` proxy (the trace records them), or forward-mode AD is on (inside
-    ``torch.autograd.forward_ad.dual_level``: the fused ops have no forward derivative, torch's do)."""
-    return isinstance(x, torch.fx.Proxy) or forward_ad._current_level >= 0
+    """Whether a fused module's forward on ``x`` must compute with torch's own modules and ops: ``x`` is no
+    tensor (a ``torch.fx`` proxy, whose trace records them; anything else, which they reject in their words), or
+    forward-mode AD is on (inside ``torch.autograd.forward_ad.dual_level``: the fused ops have no forward
+    derivative, torch's do)."""
+    return not isinstance(x, Tensor) or forward_ad._current_level >= 0
 
 
 def global_run_hooks() -> bool:

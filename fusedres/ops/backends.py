@@ -159,6 +159,11 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
+class BackendUnavailableError(RuntimeError):
+    """A call named a backend that cannot run on its device (``select``): a failure of fusedres's set-up, not of
+    the call's arguments, which eager torch would have run."""
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
@@ -179,7 +184,7 @@ def select(requested: str, tensor: torch.Tensor) -> ModuleType:
                 return _load(candidate)[0]
     reason = unavailable_reason(name, tensor.device)
     if reason is not None:
-        raise RuntimeError(f"fusedres: backend {name!r} is not available: {reason}")
+        raise BackendUnavailableError(f"fusedres: backend {name!r} is not available: {reason}")
     if tensor.dtype not in KERNEL_DTYPES:
         return torch_backend
     return _load(name)[0]

@@ -213,6 +213,10 @@ def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, 
     if batch_stats and not _synchronises(process_group) and shape[0] * math.prod(shape[2:]) == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(shape)}")
+    if batch_stats and eps <= 0:  # as F.batch_norm (torch 2.14), in its words: a zero eps divides by 0
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _empty_batch(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> PendingBN:

@@ -51,6 +51,8 @@ def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], running_me
     for name, kind in (("conv_weight", conv_weight.dtype), ("dtype", dtype or torch.float32)):
         if not kind.is_floating_point:  # an integer fold would be truncated
             raise TypeError(f"fold_batch_norm: expected {name} to be of a floating dtype, got {kind}")
+    if eps < 0:  # as F.batch_norm in eval mode (torch 2.14), in its words
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     out_channels = conv_weight.shape[0]
     for name, v in (("conv_bias", conv_bias), ("running_mean", running_mean), ("running_var", running_var),
                     ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
@@ -322,6 +324,8 @@ def _choose(backend: str, channels_last: bool, args, replayed: bool = False) -> 
     not so for a choice made while a graph is captured or a prepare pass runs, which the dispatch does not keep).
     ``replayed``: the call is a module unit's, whose later calls replay it bound to its arguments (``FoldedUnit``,
     ``FoldedChain``), so the dispatch times each implementation that way (``_replays``); else as the op runs it."""
+    if backend != "auto" and args[0].dtype not in backends.KERNEL_DTYPES:  # as every op: fp64 runs on torch
+        return "torch", True
     if backend != "auto":
         reason = unavailable_reason(backend, *args)
         if reason is not None:
@@ -425,7 +429,8 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
 
     ``weight`` and ``bias`` are typically ``fold_batch_norm``'s. Under autocast the tensors are cast to
     autocast's dtype first, as autocast does for conv2d. ``backend``: "auto", "cudnn", "triton" or
-    "torch" (see the module docstring); a named one that cannot run this call raises RuntimeError.
+    "torch" (see the module docstring); a named one that cannot run this call raises RuntimeError, but float64,
+    which only torch runs, runs on torch whatever is named (as every op's backend does).
     """
     fn = "fusedres.conv_bias_act"
     _check_activation(fn, "input", x)
