@@ -58,8 +58,8 @@ def compare(old: dict, new: dict, contenders=None, changed=None) -> list[str]:
         configs = (_chosen(before), _chosen(row))
         config = "" if configs[0] == configs[1] else f"{configs[0] or '-'} -> {configs[1] or '-'}"
         lines.append(f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {old_ms or float('nan'):.3f}"
-                     f" | {new_ms or float('nan'):.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {_agreement(before)}/{_agreement(row)} |"
-                     f" {config} |")
+                     f" | {new_ms or float('nan'):.3f} | {'' if ratio is None else f'{ratio:.2f}'}"
+                     f" | {_agreement(before)}/{_agreement(row)} | {config} |")
     for name, only in (("new run only", new_rows.keys() - old_rows.keys()),
                        ("old run only", old_rows.keys() - new_rows.keys())):
         rows = sorted(k for k in only if not contenders or k[4] in contenders)

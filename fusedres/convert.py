@@ -239,8 +239,8 @@ def _backend_note(model: nn.Module, backend: str) -> str:
         reason = unavailable_reason(requested, param.device)
         return (f"backend {requested!r} requested{source}" + ("" if reason is None else
                 f", which cannot run on the model's device now, {param.device} ({reason}): a forward there raises "
-                "(in eval mode without autograd, blocks and stems, whose BatchNorms fold into their convs, run all "
-                "the same)"))
+                "(but in eval mode without autograd where every module it runs folds its BatchNorms into convs, "
+                "as post-activation blocks and ResNet stems do)"))
     reasons = {name: unavailable_reason(name, param.device) for name in BACKENDS}
     if interpreted_only("triton", param.device):
         reasons["triton"] = reasons["triton"] or INTERPRETER_NOT_AUTO

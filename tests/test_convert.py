@@ -119,6 +119,28 @@ def test_a_block_whose_parts_share_a_conv_or_batchnorm_is_left_alone(tie):
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+def test_an_activation_shared_by_two_parts_of_a_block_keeps_both_names():
+    """timm's BasicBlock with act2 set to act1: the fused block holds it under both names (it had lost act2, so a
+    forward that ran the original computation, here for a hook, and the reverted block raised AttributeError)."""
+    torch.manual_seed(4)
+    block = timm.models.resnet.BasicBlock(8, 8).eval()
+    block.act2 = block.act1
+    randomise_bn(block, 4)
+    eager = copy.deepcopy(block)
+    model = nn.Sequential(block)
+    assert len(fusedres.convert(model).converted) == 1
+    fused = model[0]
+    assert fused.act2 is fused.act1 and set(model.state_dict()) == {f"0.{key}" for key in eager.state_dict()}
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x))
+        fused.act1.register_forward_hook(lambda module, args, out: None)  # the original computation, by the hook
+        torch.testing.assert_close(model(x), eager(x))
+        fusedres.revert(model)
+        assert type(model[0]) is type(eager) and model[0].act2 is model[0].act1
+        torch.testing.assert_close(model(x), eager(x))
+
+
 def test_unknown_module_with_block_like_children_is_never_touched():
     class LookAlike(nn.Module):
         def __init__(self):
@@ -402,8 +424,8 @@ def test_report_names_the_backend_fusedres_backend_or_the_call_asks_for(monkeypa
     assert note == "backend 'torch' requested (FUSEDRES_BACKEND)"
     note = fusedres.convert(torchvision.models.resnet18(num_classes=10), backend="cuda").backend_note  # on CPU
     assert note.startswith("backend 'cuda' requested, which cannot run on the model's device now, cpu (")
-    assert note.endswith("): a forward there raises (in eval mode without autograd, blocks and stems, whose "
-                         "BatchNorms fold into their convs, run all the same)")
+    assert note.endswith("): a forward there raises (but in eval mode without autograd where every module it runs "
+                         "folds its BatchNorms into convs, as post-activation blocks and ResNet stems do)")
     monkeypatch.setenv("FUSEDRES_BACKEND", "bogus")
     model = torchvision.models.resnet18(num_classes=10)
     with pytest.raises(ValueError, match="FUSEDRES_BACKEND='bogus' is no backend; expected 'auto' or one of"):

@@ -851,6 +851,25 @@ def test_cudnn_backend_on_cpu_raises_clearly(no_kernels):
         conv_bias_act(args.pop("x"), args.pop("weight"), **args, backend="cudnn")
 
 
+def test_float64_with_an_unknown_backend_raises(no_kernels):
+    args = {name: t.double() if isinstance(t, torch.Tensor) else t for name, t in good_args().items()}
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        conv_bias_act(args.pop("x"), args.pop("weight"), **args, backend="bogus")
+
+
+def test_the_triton_convs_fp32_bias_sees_a_fused_optimizer_step(monkeypatch):
+    """A bias in x's dtype is handed to the Triton conv as a kept fp32 copy; a fused optimizer's step on it, which
+    moves no version counter, gives a new copy, as an in-place write does."""
+    from fusedres.ops import inference
+    monkeypatch.setattr(inference, "_FLOAT_BIASES", inference.WeakIdKeyDictionary())
+    bias = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    first = inference._float_bias(bias)
+    assert inference._float_bias(bias) is first
+    bias.grad = -torch.ones_like(bias)
+    torch.optim.SGD([bias], lr=1.0, fused=True).step()
+    torch.testing.assert_close(inference._float_bias(bias), torch.ones(4))
+
+
 @pytest.mark.parametrize("backend", ["cudnn", "triton", "torch"])
 def test_float64_runs_on_torch_whatever_backend_is_named(backend):
     """As every op's backend does (README: fp64 always runs on torch), where a named kernel backend raised."""

@@ -299,6 +299,29 @@ def test_eval_forwards_under_inference_mode_replay_like_no_grad_ones(kind, repla
     assert units and all(not t.is_inference() for unit in units for t in unit.fold._last[3])  # the fold kept
 
 
+@pytest.mark.parametrize("tie", ["conv2 is conv1", "downsample holds conv1"])
+def test_a_conv_and_batchnorm_tied_after_conversion_replay_each_use(tie, replays, fresh_dispatch):
+    """conv1 and bn1 made a second part of the converted block after conversion: one folded unit runs both uses, with
+    a ReLU and its bias in one and without either in the other (the downsample's bias moves to the last unit). The
+    replayed chain runs each use as its own call ran it, where it had replayed the unit's last plan for both (the
+    shared bias counted twice)."""
+    torch.manual_seed(3)
+    eager = torchvision.models.resnet.BasicBlock(12, 12, stride=1 if tie == "conv2 is conv1" else 2, downsample=(
+        None if tie == "conv2 is conv1" else nn.Sequential(nn.Conv2d(12, 12, 1, 2, bias=False), nn.BatchNorm2d(12))))
+    randomise_bn(eager, 3)
+    fused = fusedres.convert(nn.Sequential(copy.deepcopy(eager))).model[0].eval()
+    for block in (eager.eval(), fused):
+        if tie == "conv2 is conv1":
+            block.conv2, block.bn2 = block.conv1, block.bn1
+        else:
+            block.downsample = nn.Sequential(block.conv1, block.bn1)
+    x = torch.randn(2, 12, 8, 8)
+    with torch.no_grad():
+        for step in range(3):
+            torch.testing.assert_close(fused(x + step), eager(x + step), rtol=1e-5, atol=1e-5)
+    assert replays == [1, 1]
+
+
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_a_chain_records_the_plans_its_own_forward_ran(kind, monkeypatch, replays, fresh_dispatch):
     """A block shared by two threads: another thread's bf16 autocast forward runs after this forward's units and

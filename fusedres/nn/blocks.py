@@ -20,8 +20,8 @@ it synchronises when and over what torch's would.
 
 A fused block holds every child of the original, its ReLUs too, and checks them at each forward: where one was
 replaced by a module it does not fuse (a ``FrozenBatchNorm2d``, a ``LeakyReLU``), one of them has hooks, a global
-hook is registered, the batch is empty or ``torch.fx`` traces the block, it runs the original block's forward on
-them (``_unfused_forward``).
+hook is registered, the batch is empty, ``torch.fx`` traces the block or forward-mode AD is on
+(``hooks.runs_torch_modules``), it runs the original block's forward on them (``_unfused_forward``).
 """
 
 from typing import Callable, Optional, Union
@@ -210,6 +210,12 @@ def _conv_paddings(modules: tuple) -> tuple:
     return tuple((m.padding, m.padding_mode) for m in modules if type(m) is nn.Conv2d)
 
 
+def _children(block: nn.Module) -> dict[str, nn.Module]:
+    """``block``'s child modules by name, a module held under two names under both (``named_children`` gives it
+    once: a block converted without its second name, an activation used twice say, lost it)."""
+    return {name: child for name, child in block._modules.items() if child is not None}
+
+
 def _shared_part_reason(block: nn.Module) -> Optional[str]:
     """Why ``block`` is not fused if one conv or BatchNorm is two of its parts (``conv2`` set to ``conv1``, a
     downsample holding ``conv1``), else None: the fused block runs each part as its own unit, in its own order."""
@@ -272,7 +278,7 @@ class _FusedResidualBlock(FoldingModule):
         reason = cls.unsupported_reason(block)
         if reason is not None:
             raise ValueError(f"{cls.__name__}.from_module: cannot convert: {reason}")
-        children = dict(block.named_children())
+        children = _children(block)
         fused = cls(children, backend=backend, memory_efficient=memory_efficient)
         fused.training = block.training  # not .train(): that would set every child's mode too
         share_hooks(block, fused)
@@ -389,7 +395,7 @@ class _FusedPostActBlock(_FusedResidualBlock):
                       or _bn_unsupported(bn_name, getattr(block, bn_name)))
             if reason:
                 return reason
-        for name, child in block.named_children():
+        for name, child in _children(block).items():
             if name in cls.child_names or isinstance(child, nn.Identity):
                 continue
             if type(child) is not nn.ReLU:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.functional import PendingBN
-from .blocks import _conv_unsupported, _FusedResidualBlock, _qualified_name, pending_bn
+from .blocks import _children, _conv_unsupported, _FusedResidualBlock, _qualified_name, pending_bn
 
 _DOWNSAMPLE_CLASSES = ("timm.models.resnetv2.DownsampleConv", "timm.models.resnetv2.DownsampleAvg")
 # the norms whose forward is batch_norm, then act (timm's), exactly: a subclass may compute something else
@@ -100,7 +100,7 @@ class _FusedPreActBlock(_FusedResidualBlock):
         drop_path = block.drop_path
         if not (isinstance(drop_path, nn.Identity) or _qualified_name(drop_path) in _DROP_PATH_CLASSES):
             return f"drop_path is {type(drop_path).__name__}, not timm's DropPath"
-        extra = [name for name in dict(block.named_children()) if name not in cls.child_names]
+        extra = [name for name in _children(block) if name not in cls.child_names]
         if extra:
             return f"{', '.join(extra)} not fused"
         return _downsample_unsupported(block.downsample)

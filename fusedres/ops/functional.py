@@ -213,7 +213,15 @@ def _check_batch_norm_args(fn: str, shape: Sequence[int], device: torch.device, 
     if batch_stats and not _synchronises(process_group) and shape[0] * math.prod(shape[2:]) == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(shape)}")
-    if batch_stats and eps <= 0:  # as F.batch_norm (torch 2.14), in its words: a zero eps divides by 0
+    _check_eps(eps, batch_stats)
+
+
+def _check_eps(eps, batch_stats: bool) -> None:
+    """F.batch_norm's checks of eps (torch 2.14), in its words: positive with batch statistics (a zero eps divides by
+    0), non-negative with running ones. Not of a tensor eps inside a compiled graph, where its value is not known."""
+    if isinstance(eps, Tensor) and torch.compiler.is_compiling():
+        return
+    if batch_stats and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")

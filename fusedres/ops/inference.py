@@ -33,7 +33,7 @@ from torch.library import custom_op
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, dispatch, eager, writes
-from .functional import _check_activation, _conv_tuple, _is_int, conv_output_size
+from .functional import _check_activation, _check_eps, _conv_tuple, _is_int, conv_output_size
 
 IMPLEMENTATIONS = ("cudnn", "triton", "torch")  # also the fixed order when nothing is measured
 _CUDNN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,8 +51,7 @@ def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], running_me
     for name, kind in (("conv_weight", conv_weight.dtype), ("dtype", dtype or torch.float32)):
         if not kind.is_floating_point:  # an integer fold would be truncated
             raise TypeError(f"fold_batch_norm: expected {name} to be of a floating dtype, got {kind}")
-    if eps < 0:  # as F.batch_norm in eval mode (torch 2.14), in its words
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_eps(eps, batch_stats=False)
     out_channels = conv_weight.shape[0]
     for name, v in (("conv_bias", conv_bias), ("running_mean", running_mean), ("running_var", running_var),
                     ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
@@ -229,17 +228,17 @@ def _run_triton(x, weight, bias, residual, conv, relu):
         out_shift=None if bias is None else _float_bias(bias), residual=residual, out_relu=relu)[0]
 
 
-_FLOAT_BIASES = WeakIdKeyDictionary()  # bias -> (its version, its fp32 copy)
+_FLOAT_BIASES = WeakIdKeyDictionary()  # bias -> ((its version, fused optimizer steps), its fp32 copy)
 
 
 def _float_bias(bias: Tensor) -> Tensor:
     """``bias`` in fp32, as the Triton conv takes it: itself, or its copy, kept while bias is the same tensor
-    unchanged (a fold's bias is, call after call; under autocast it is in autocast's dtype), else a new copy: for
-    an inference tensor (no version counter to tell), and while a CUDA graph is captured (the copy is filled only
-    when the graph replays)."""
+    unchanged (a fold's bias is, call after call; under autocast it is in autocast's dtype; by its version counter
+    and the steps of fused optimizers, which move none: ``writes.py``), else a new copy: for an inference tensor (no
+    version counter to tell), and while a CUDA graph is captured (the copy is filled only when the graph replays)."""
     if bias.dtype == torch.float32:
         return bias
-    version = None if bias.is_inference() else bias._version
+    version = None if bias.is_inference() else (bias._version, writes.fused_optimizer_steps())
     kept = _FLOAT_BIASES.get(bias)
     if kept is not None and version is not None and kept[0] == version:
         return kept[1]
@@ -324,10 +323,10 @@ def _choose(backend: str, channels_last: bool, args, replayed: bool = False) -> 
     not so for a choice made while a graph is captured or a prepare pass runs, which the dispatch does not keep).
     ``replayed``: the call is a module unit's, whose later calls replay it bound to its arguments (``FoldedUnit``,
     ``FoldedChain``), so the dispatch times each implementation that way (``_replays``); else as the op runs it."""
-    if backend != "auto" and args[0].dtype not in backends.KERNEL_DTYPES:  # as every op: fp64 runs on torch
-        return "torch", True
     if backend != "auto":
-        reason = unavailable_reason(backend, *args)
+        reason = unavailable_reason(backend, *args)  # raises for an unknown name
+        if args[0].dtype not in backends.KERNEL_DTYPES:  # as every op's backend: fp64 runs on torch
+            return "torch", True
         if reason is not None:
             raise RuntimeError(f"fusedres.conv_bias_act: backend {backend!r} cannot run this call: {reason}")
         return backend, True

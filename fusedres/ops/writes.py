@@ -1,10 +1,12 @@
 """Writes that move no version counter: the steps of torch's fused optimizers.
 
 What fusedres keeps across calls from a tensor (a BatchNorm fold, the Triton conv's packed weight, a captured
-CUDA graph) sees the tensor changed in place by its version counter. torch's fused optimizers (``fused=True``:
-SGD, Adam and AdamW in torch 2.14, CPU) write their parameters without moving it, so their steps are counted here
-instead, by a global optimizer-step hook, and what was made before one is made again (or refused). Writes through
-``.data`` and by collectives (``torch.distributed.broadcast``) move no counter either, and are not seen.
+CUDA graph) sees the tensor changed in place by its version counter. torch's fused optimizers (``fused=True``: SGD,
+Adam, AdamW and Adagrad in torch 2.14, CPU) write their parameters without moving it, so their steps are counted here
+instead, by a global optimizer-step hook, and what was made before one is made again (or refused): after any fused
+step, whichever parameters it updated (so a frozen conv's packing for the Triton conv is made again too; a count per
+parameter would cost every check a lookup). Writes through ``.data`` and by collectives
+(``torch.distributed.broadcast``) move no counter either, and are not seen.
 """
 
 import torch

@@ -35,11 +35,11 @@ GEMM view (per group g of G): rows m = (n, p, q) are the M = N*P*Q output positi
 the Kg = K/G output channels of the group, and the reduction runs over (r, s, c) with c one of the
 Cg = C/G input channels of the group. The weight is packed on the host to (G, R*S*Cg, Kg), row
 (r*S + s)*Cg + c, so each (BLOCK_K, BLOCK_N) weight tile is contiguous along its columns; packed
-weights are cached per weight tensor and version counter. Narrow groups (ResNeXt's 4-32 channels) run
-several consecutive groups as one (``conv_args._merge_factor``: up to 64 channels, 16 groups) with a
-block-diagonal weight: a column tile of 64 computes what it would compute for one narrow group anyway, and
-a merged group's input channels are contiguous rows of x, loaded whole; where all groups merge into one,
-the TMA configs may run it. x, residual and out are addressed
+weights are cached per weight tensor, version counter and fused optimizer steps (``conv_args._packed_weight``).
+Narrow groups (ResNeXt's 4-32 channels) run several consecutive groups as one (``conv_args._merge_factor``: up to
+64 channels, 16 groups) with a block-diagonal weight: a column tile of 64 computes what it would compute for one
+narrow group anyway, and a merged group's input channels are contiguous rows of x, loaded whole; where all groups
+merge into one, the TMA configs may run it. x, residual and out are addressed
 through their four strides, so NCHW, channels_last and other layouts all work; out takes x's
 memory format, as with F.conv2d. channels_last is the fast case: with channels contiguous along the
 reduction (and C/G, K/G multiples of 16) the compiler turns the input loads into pipelined async
