@@ -36,13 +36,26 @@ BENCH_BACKENDS = ("auto",) + BACKENDS  # auto: what a user gets by default
 
 
 def _csv(choices=None, cast=str):
-    def parse(text: str):
+    def comma_separated(text: str):
         values = [cast(v) for v in text.split(",") if v.strip()]
         bad = [v for v in values if choices is not None and v not in choices]
         if bad or not values:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {choices}, got {text!r}")
         return values
-    return parse
+    return comma_separated
+
+
+def _at_least(least: int):
+    """An argparse type: an integer >= ``least``."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+    return integer
 
 
 def _model_name(text: str) -> list[str]:
@@ -81,13 +94,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="bf16/fp16 run under autocast (default: bf16 on "
                                                    "CUDA, fp32 on CPU)")
     p.add_argument("--layout", choices=LAYOUTS, default="channels_last")
-    p.add_argument("--batch", type=_csv(cast=int), help="batch size(s) for every level, e.g. 1,32 "
+    p.add_argument("--batch", type=_csv(cast=_at_least(1)), help="batch size(s) for every level, e.g. 1,32 "
                    "(default: 256 on CUDA, models inference 1,32,256, --quick convs 32; CPU: 2, "
                    "inference 1,4)")
-    p.add_argument("--size", type=int, help="image size in px (default: 224 on CUDA, 64 on CPU)")
-    p.add_argument("--repeats", type=int, help="timed iterations per contender (default: 30 on CUDA, "
+    p.add_argument("--size", type=_at_least(1), help="image size in px (default: 224 on CUDA, 64 on CPU)")
+    p.add_argument("--repeats", type=_at_least(1), help="timed iterations per contender (default: 30 on CUDA, "
                                                "5 on CPU; --quick: 10 / 3)")
-    p.add_argument("--warmup", type=int, help="untimed iterations first (default: 5 CUDA, 2 CPU; --quick: 3 / 1)")
+    p.add_argument("--warmup", type=_at_least(0),
+                   help="untimed iterations first (default: 5 CUDA, 2 CPU; --quick: 3 / 1)")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
                                help="include torch.compile (default on CUDA only)")
@@ -95,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
                                help="skip the torch.compile contender")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (default on CPU: 1, the least "
+    p.add_argument("--threads", type=_at_least(1), help="CPU intra-op threads (default on CPU: 1, the least "
                                                "noisy on a shared machine; on CUDA: torch's default)")
     p.add_argument("--quick", action="store_true",
                    help="small subset (2 op shapes, 1 block per model, first model only, one 1x1 "
@@ -109,7 +123,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    try:  # where the results go, made before anything is measured
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        p.error(f"argument --out: cannot make the folder {str(args.out)!r}: {error.strerror or error}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser().error("--device cuda, but torch sees no CUDA device")
@@ -149,8 +168,8 @@ def make_settings(argv: Optional[list[str]] = None) -> harness.Settings:
     return settings
 
 
-def markdown_tables(rows: list[dict]) -> str:
-    """One Markdown table per level, and the level's summary lines under it."""
+def markdown_tables(rows: list[dict], gpu: bool) -> str:
+    """One Markdown table per level, and the level's summary lines under it (``gpu``: the timings are a GPU's)."""
     out = []
     for level, title in harness.LEVEL_TITLES.items():
         level_rows = [r for r in rows if r["level"] == level]
@@ -166,7 +185,7 @@ def markdown_tables(rows: list[dict]) -> str:
             cells = [why.replace("|", "/")] + [""] * (len(cols) - 1) if why else [c(r) for _, _, c in cols]
             out.append(f"| {r['case']} | {r['shape']} | {r['mode']} | {r['batch']} | "
                        f"{r['contender']} | " + " | ".join(cells) + " |")
-        out += [""] + [line + "\n" for line in cases.LEVEL_SUMMARIES.get(level, lambda _: [])(level_rows)]
+        out += [""] + [line + "\n" for line in cases.LEVEL_SUMMARIES.get(level, lambda *_: [])(level_rows, gpu)]
     return "\n".join(out)
 
 
@@ -213,7 +232,7 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> tuple[Path, Pa
               "for the contenders with the BN + ReLU prologue), on the conv output and the +stats "
               "contenders' per-channel mean and variance (fwd), or the conv backward written out in torch "
               "ops (bwd).", "",
-              markdown_tables(rows)]
+              markdown_tables(rows, meta["timings"].startswith("GPU"))]
     md_path.write_text("\n".join(lines))
     return json_path, md_path
 
@@ -272,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("no cases selected")
         return
     json_path, md_path = write_results(settings.out, meta, rows)
-    print("\n" + markdown_tables(rows))
+    print("\n" + markdown_tables(rows, settings.cuda))
     print(f"wrote {json_path} and {md_path}")
     failed = [r for r in rows if r.get("error") or r.get("agree") is False]
     if failed:

@@ -16,6 +16,19 @@ import json
 from pathlib import Path
 
 
+def read_results(path: Path) -> dict:
+    """The results.json at ``path`` that ``python -m benchmarks`` wrote, or ValueError saying why it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} is no results.json of python -m benchmarks (it has no rows)")
+    return data
+
+
 def _key(row: dict) -> tuple:
     return row["level"], row["case"], row["mode"], row["batch"], row["contender"]
 
@@ -36,6 +49,19 @@ def _agreement(row: dict) -> str:
     return {True: "ok", False: "DIFF", None: "ref"}.get(row.get("agree"), "?")
 
 
+_SHAPE_SETTINGS = ("device", "dtype", "size", "layout")  # what changes every row's work, case names alike
+
+
+def _setting_differences(old: dict, new: dict) -> list[str]:
+    """A warning line where the runs' settings that decide the rows' shapes and dtype differ: the rows, matched by
+    case name, then time different work."""
+    before, after = old.get("settings", {}), new.get("settings", {})
+    differ = [f"{name} {before.get(name)!r} -> {after.get(name)!r}" for name in _SHAPE_SETTINGS
+              if before.get(name) != after.get(name)]
+    return [f"- **warning: the runs differ in {', '.join(differ)}; each row below compares different work**"] \
+        if differ else []
+
+
 def compare(old: dict, new: dict, contenders=None, changed=None) -> list[str]:
     """The comparison's lines (markdown): ``contenders`` (names) limits the rows; ``changed`` (a fraction) keeps
     only the rows whose new/old differs from 1 by more than that."""
@@ -43,6 +69,7 @@ def compare(old: dict, new: dict, contenders=None, changed=None) -> list[str]:
              f"{old.get('environment', {}).get('GPU', '?')}, torch {old.get('environment', {}).get('torch', '?')})",
              f"- new: `{new.get('command', '?')}` ({new.get('git', '?')}, {new.get('date', '?')}, "
              f"{new.get('environment', {}).get('GPU', '?')}, torch {new.get('environment', {}).get('torch', '?')})",
+             *_setting_differences(old, new),
              "", "| case | mode | batch | contender | old ms | new ms | new/old | agree old/new | config old -> new |",
              "|---|---|---:|---|---:|---:|---:|---|---|"]
     old_rows = {_key(r): r for r in old["rows"]}
@@ -69,14 +96,17 @@ def compare(old: dict, new: dict, contenders=None, changed=None) -> list[str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
     parser.add_argument("--contenders", help="comma-separated contender names (default: all)")
     parser.add_argument("--changed", type=float,
                         help="only rows whose new/old differs from 1 by more than this (e.g. 0.05)")
     args = parser.parse_args(argv)
-    old, new = (json.loads(path.read_text()) for path in (args.old, args.new))
+    try:
+        old, new = (read_results(path) for path in (args.old, args.new))
+    except ValueError as error:
+        parser.error(str(error))
     contenders = set(args.contenders.split(",")) if args.contenders else None
     print("\n".join(compare(old, new, contenders, args.changed)))
 

@@ -244,6 +244,8 @@ def main() -> None:
     launches = device == "cuda" or not conv._INTERPRET
     if device == "cpu" and launches:
         _behind_stand_in()
+    if args.resnet50 and not (device == "cpu" and launches):
+        print("note: --resnet50 times ResNet-50's blocks behind the stand-in driver: on CPU without TRITON_INTERPRET")
     n, c, k, hw = 2, 256, 1024, 14  # ResNet-50's layer3 1x1 expand, at batch 2 (no size matters here)
     x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
     w = torch.randn(k, c, 1, 1, dtype=torch.bfloat16, device=device)
@@ -282,6 +284,8 @@ def main() -> None:
         if device == "cpu" and args.resnet50:
             print(f"host ms, ResNet-50's 16 blocks, inference forward at batch 1: {_resnet50_blocks_ms():.2f}")
     conv._conv_kernel = partials._finish_partials_kernel = _NoLaunch()
+    if not launches:  # in the interpreter, the other Triton kernels (bn_act's) would run too: every kernel stubbed
+        triton.runtime.interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
     print(f"host us per call, conv kernels stubbed ({device}, torch {torch.__version__}):")
     for name, fn in rows.items():
         print(f"  {name:40s} {_microseconds(fn):7.1f}")

@@ -9,10 +9,11 @@ matplotlib is optional: without it this prints a message and exits without error
 """
 
 import argparse
-import json
 import sys
 import textwrap
 from pathlib import Path
+
+from .compare import read_results
 
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, list], ylabel: str, ref_line=None):
@@ -71,7 +72,7 @@ def plot(results_path: Path, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads(results_path.read_text())
+    data = read_results(results_path)
     rows, settings = data["rows"], data["settings"]
     where = f"{data['timings']}, {settings['dtype']}, {settings['layout']} — {data['date']}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not args.results.is_file():
         sys.exit(f"benchmarks.plot: {args.results} does not exist; run python -m benchmarks first")
-    plot(args.results, args.out or args.results.parent)
+    try:
+        plot(args.results, args.out or args.results.parent)
+    except (ValueError, OSError) as error:  # not a results.json; an --out that cannot be made
+        p.error(str(error))
 
 
 if __name__ == "__main__":

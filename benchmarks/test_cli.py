@@ -133,6 +133,9 @@ def test_the_models_summary_checks_the_inference_targets_against_compile():
         "no target at this batch.",
         "resnet50 inference, batch 4: no torch.compile time to compare (the targets need both).",
         "resnet50 inference, batch 8: no fused time to compare (the targets need both)."]
+    assert cases.model_summary(rows[:3], gpu=False) == [  # CPU timings: no verdict either way
+        "resnet50 inference, batch 256, speed over torch.compile (29.000 ms): fused[auto] 1.45x (20.000 ms); "
+        "the targets are for GPU timings, not judged on these CPU ones."]
 
 
 def test_results_md_counts_the_dispatch_choices_and_the_implementations_that_disagreed(monkeypatch, tmp_path):
@@ -300,3 +303,53 @@ def test_compare_sets_two_runs_rows_side_by_side():
     backward = dict(_row("l3", "triton", 0.300), mode="bwd")
     lines = compare(_run("aaa", old["rows"] + [backward]), _run("bbb", new["rows"] + [dict(backward, median_ms=0.150)]))
     assert any(line.startswith("| l3 | bwd | 256 | triton | 0.300 | 0.150 | 0.50 |") for line in lines)
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--batch=0", "argument --batch: expected an integer >= 1, got 0"),
+    ("--batch=4,-3", "argument --batch: expected an integer >= 1, got -3"),
+    ("--batch=x", "argument --batch: expected an integer, got 'x'"),
+    ("--repeats=0", "argument --repeats: expected an integer >= 1, got 0"),
+    ("--size=-5", "argument --size: expected an integer >= 1, got -5"),
+    ("--threads=0", "argument --threads: expected an integer >= 1, got 0"),
+    ("--warmup=-1", "argument --warmup: expected an integer >= 0, got -1"),
+])
+def test_numbers_out_of_range_are_refused_by_the_parser(argument, message, capsys):
+    """Each had run (batch 0), ended in a traceback (negative sizes, repeats, threads) or quietly become its
+    default (0 for repeats, size, threads)."""
+    from benchmarks import __main__ as main
+    with pytest.raises(SystemExit):
+        main.make_settings(["--levels", "ops", argument])
+    assert message in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_path, capsys):
+    from benchmarks import __main__ as main
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        main.make_settings(["--levels", "ops", "--out", str(blocker)])
+    assert "argument --out: cannot make the folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"), ("garbage", "is not JSON"), ('{"a": 1}', "is no results.json of python -m benchmarks")])
+def test_compare_refuses_a_file_that_is_no_results_json(content, message, tmp_path, capsys):
+    from benchmarks.compare import main
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        main([str(path), str(path)])
+    assert message in capsys.readouterr().err
+
+
+def test_compare_warns_where_the_runs_time_different_work():
+    """Rows are matched by case name; runs of another size, dtype, layout or device time other work under it."""
+    from benchmarks.compare import compare
+    old, new = _run("aaa", [_row("l3", "cudnn", 0.1)]), _run("bbb", [_row("l3", "cudnn", 0.2)])
+    old["settings"] = {"device": "cpu", "dtype": "float32", "size": 64, "layout": "channels_last"}
+    new["settings"] = dict(old["settings"], size=128, dtype="bfloat16")
+    assert "- **warning: the runs differ in dtype 'float32' -> 'bfloat16', size 64 -> 128; each row below compares " \
+           "different work**" in compare(old, new)
+    assert not any("warning" in line for line in compare(old, dict(new, settings=old["settings"])))
