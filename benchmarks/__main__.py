@@ -112,8 +112,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_at_least(1), help="CPU intra-op threads (default on CPU: 1, the least "
                                                "noisy on a shared machine; on CUDA: torch's default)")
     p.add_argument("--quick", action="store_true",
-                   help="small subset (2 op shapes, 1 block per model, first model only, one 1x1 "
-                        "and one 3x3 conv at batch 32, fewer repeats): a smoke run")
+                   help="small subset (2 op shapes, 1 block per model, the models level's first model only, "
+                        "one 1x1 and one 3x3 conv at batch 32, fewer repeats): a smoke run")
     p.add_argument("--precompile", action="store_true",
                    help="the blocks' and models' fused contenders run fusedres.precompile before their first "
                         "call: the rows get precompile_s and precompile_compiles, and first_call_s is what is "
