@@ -228,7 +228,7 @@ def _run_triton(x, weight, bias, residual, conv, relu):
         out_shift=None if bias is None else _float_bias(bias), residual=residual, out_relu=relu)[0]
 
 
-_FLOAT_BIASES = WeakIdKeyDictionary()  # bias -> ((its version, fused optimizer steps), its fp32 copy)
+_FLOAT_BIASES = WeakIdKeyDictionary()  # bias -> (its writes.version_stamp, its fp32 copy)
 
 
 def _float_bias(bias: Tensor) -> Tensor:
@@ -238,7 +238,7 @@ def _float_bias(bias: Tensor) -> Tensor:
     version counter to tell), and while a CUDA graph is captured (the copy is filled only when the graph replays)."""
     if bias.dtype == torch.float32:
         return bias
-    version = None if bias.is_inference() else (bias._version, writes.fused_optimizer_steps())
+    version = None if bias.is_inference() else writes.version_stamp(bias)
     kept = _FLOAT_BIASES.get(bias)
     if kept is not None and version is not None and kept[0] == version:
         return kept[1]

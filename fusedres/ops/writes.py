@@ -20,6 +20,12 @@ def fused_optimizer_steps() -> int:
     return _fused_steps
 
 
+def version_stamp(t: torch.Tensor) -> tuple[int, int]:
+    """What moves when ``t`` is written in place, fused optimizers' steps included: its version counter and
+    ``fused_optimizer_steps()``. For a tensor with a version counter (no inference tensor)."""
+    return t._version, _fused_steps
+
+
 def _count_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     global _fused_steps
     if any(group.get("fused") for group in optimizer.param_groups):

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.backends import capturing, channels_last, conv_allows_tf32, triton_interpreted
-from ..ops.writes import fused_optimizer_steps
+from ..ops.writes import version_stamp
 from ._host import cdiv
 from .relaunch import relaunched
 
@@ -212,7 +212,7 @@ def _packed_weight(weight: Tensor, groups: int, transposed: bool = False, taps=N
     when the graph replays). Not seen: writes through ``.data`` to a weight that needs no gradient."""
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, groups, transposed,
            taps, merge, space_to_depth)
-    version = (weight._version, fused_optimizer_steps()) if _packing_kept(weight) else None
+    version = version_stamp(weight) if _packing_kept(weight) else None
     with _PACK_LOCK:
         hit = _PACK_CACHE.get(key)
         if hit is not None and version is not None and hit[1] == version and hit[0]() is weight.untyped_storage():
